@@ -1,0 +1,12 @@
+"""lipnet: provably L2-robust neural networks in PyTorch.
+
+Layers (:mod:`lipnet.nn`) divide their weights by sound Gram-iteration bounds on their
+operator norms (:mod:`lipnet.bounds`), so networks built from them are 1-Lipschitz and
+their predictions come with certified L2 robustness radii.
+"""
+
+from lipnet.nn import GramConv2d, GramLinear
+
+__version__ = "0.1.0"
+
+__all__ = ["GramConv2d", "GramLinear", "__version__"]

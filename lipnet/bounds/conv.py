@@ -1,0 +1,182 @@
+"""Spectral-norm bounds for the exact operator that ``F.conv2d`` applies.
+
+The convolution ``x -> F.conv2d(pad(x), W, stride, dilation, groups)`` on inputs of a
+given spatial size is embedded, axis by axis, into a multi-channel circular convolution
+(see :mod:`lipnet.bounds.circulant`). A circular convolution is block-diagonalised by the
+2-D DFT, so its norm is the largest singular value among the per-frequency *symbol*
+matrices ``K(f) = sum_{taps} W[:, :, a, b] exp(-2 pi i (f_h b_a / N_h + f_w b_b / N_w))``
+(one column block per input phase). Each symbol is bounded by Gram iteration
+(:func:`lipnet.bounds.gram.matrix_spectral_norm`), and
+
+    ||conv|| <= sqrt(row_copies * input_copies) * max_f  gram_bound(K(f)),
+
+with equality of the two sides (up to Gram convergence) for circular 'same' convolutions.
+Groups give a block-diagonal operator: the maximum over groups is taken.
+
+For real kernels ``K(-f) = conj(K(f))`` has the same singular values, so only the
+half-plane of frequencies ``0 <= f_w <= N_w // 2`` is evaluated (as ``rfft2`` does).
+
+References:
+    Sedghi, Gupta, Long. "The Singular Values of Convolutional Layers", ICLR 2019.
+    Delattre et al. "Efficient Bound of Lipschitz Constant for Convolutional Layers by
+    Gram Iteration", ICML 2023. Delattre et al. "Spectral Norm of Convolutional Layers
+    with Circular and Zero Paddings", 2024.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from lipnet.bounds.circulant import AxisEmbedding, axis_embedding, pair, resolve_padding
+from lipnet.bounds.gram import DEFAULT_N_CANDIDATES, DEFAULT_N_ITER, DEFAULT_SCREEN_ITER, max_matrix_spectral_norm
+
+
+class ConvEmbedding(NamedTuple):
+    """The circulant embeddings of both spatial axes of one convolution."""
+
+    height: AxisEmbedding
+    width: AxisEmbedding
+
+    @property
+    def norm_factor(self) -> float:
+        """``||R|| * ||P||``: the bound is this factor times the circulant's norm."""
+        return math.sqrt(self.height.norm_factor_squared * self.width.norm_factor_squared)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the operator norm equals the circulant's norm."""
+        return self.height.exact and self.width.exact
+
+
+def conv2d_embedding(
+    kernel_size,
+    input_size,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    padding_mode: str = "zeros",
+) -> ConvEmbedding:
+    """Circulant embedding of a 2-D convolution (arguments as in ``nn.Conv2d``)."""
+    kernel_size, input_size = pair(kernel_size), pair(input_size)
+    stride, dilation = pair(stride), pair(dilation)
+    pads = resolve_padding(padding, kernel_size, dilation, stride)
+    axes = [
+        axis_embedding(n, k, s, d, lo, hi, padding_mode)
+        for n, k, s, d, (lo, hi) in zip(input_size, kernel_size, stride, dilation, pads)
+    ]
+    return ConvEmbedding(*axes)
+
+
+def conv2d_symbol(weight: torch.Tensor, embedding: ConvEmbedding, groups: int = 1) -> torch.Tensor:
+    """Per-frequency symbol matrices of the circulant embedding of a convolution.
+
+    Args:
+        weight: real kernel of shape ``(c_out, c_in // groups, k_h, k_w)``.
+        embedding: from :func:`conv2d_embedding`.
+        groups: as in ``nn.Conv2d``.
+
+    Returns:
+        Complex tensor of shape ``(groups, F, c_out // groups, (c_in // groups) * s_h * s_w)``
+        over the ``F = N_h * (N_w // 2 + 1)`` frequencies of the half-plane.
+    """
+    c_out, c_in_g, k_h, k_w = weight.shape
+    if c_out % groups:
+        raise ValueError(f"out_channels ({c_out}) must be divisible by groups ({groups})")
+    h, w = embedding
+    if len(h.tap_phase) != k_h or len(w.tap_phase) != k_w:
+        raise ValueError(f"embedding was built for a {len(h.tap_phase)}x{len(w.tap_phase)} kernel, got {k_h}x{k_w}")
+    complex_dtype = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
+    dft_h = _tap_dft(h, half=False, dtype=complex_dtype, device=weight.device)
+    dft_w = _tap_dft(w, half=True, dtype=complex_dtype, device=weight.device)
+    kernel = weight.reshape(groups, c_out // groups, c_in_g, k_h, k_w).to(complex_dtype)
+    symbol = torch.einsum("goiab,arx,bsy->gxyoirs", kernel, dft_h, dft_w)
+    g, n_h, n_w, o, i, s_h, s_w = symbol.shape
+    return symbol.reshape(g, n_h * n_w, o, i * s_h * s_w)
+
+
+def conv2d_spectral_norm(
+    weight: torch.Tensor,
+    input_size,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    n_iter: int = DEFAULT_N_ITER,
+    screen_iter: int = DEFAULT_SCREEN_ITER,
+    n_candidates: int = DEFAULT_N_CANDIDATES,
+) -> torch.Tensor:
+    """Upper bound on the operator norm of ``nn.Conv2d(...)(x)`` (without bias).
+
+    The operator is exactly ``F.conv2d(pad(x), weight, stride=stride, dilation=dilation,
+    groups=groups)`` for inputs of spatial size ``input_size``, with ``pad`` as
+    ``nn.Conv2d`` applies ``padding`` and ``padding_mode``. Every combination is sound:
+
+    * ``'zeros'``: FFT size chosen so that nothing wraps onto the input (``n + p`` for
+      stride 1), stride handled by the polyphase rewrite of the kernel;
+    * ``'circular'``: exact circulant spectrum when the output is a permutation of the
+      circulant's (stride 1 'same', or stride dividing ``n`` with ``n / s`` outputs);
+    * ``'reflect'``, ``'replicate'``: the padding copies input samples; the bound is the
+      valid convolution's times ``sqrt`` of the largest copy count (sound, not tight).
+
+    Args:
+        weight: kernel ``(c_out, c_in // groups, k_h, k_w)``, real.
+        input_size: spatial size ``n`` or ``(h, w)`` of the input.
+        stride, padding, dilation, groups, padding_mode: as in ``nn.Conv2d``.
+        n_iter: Gram iterations of the frequencies that may hold the maximum.
+        screen_iter, n_candidates: every frequency gets ``screen_iter`` Gram steps and the
+            ``n_candidates`` largest continue to ``n_iter`` (see
+            :func:`lipnet.bounds.gram.max_matrix_spectral_norm`); the result is an upper
+            bound whatever these are.
+
+    Returns:
+        0-dim tensor, differentiable with respect to ``weight``. The bound is computed in
+        float32 for half-precision weights and never under autocast.
+
+    Example:
+        >>> w = torch.randn(8, 4, 3, 3)
+        >>> bound = conv2d_spectral_norm(w, 16, padding=1)
+        >>> x = torch.randn(1, 4, 16, 16)
+        >>> bool(torch.nn.functional.conv2d(x, w, padding=1).norm() <= bound * x.norm())
+        True
+    """
+    if weight.dim() != 4:
+        raise ValueError(f"conv2d weight must have shape (c_out, c_in // groups, k_h, k_w), got {tuple(weight.shape)}")
+    if weight.is_complex():
+        raise TypeError("conv2d_spectral_norm expects a real kernel")
+    embedding = conv2d_embedding(weight.shape[-2:], input_size, stride=stride, padding=padding,
+                                 dilation=dilation, padding_mode=padding_mode)
+    with torch.autocast(weight.device.type, enabled=False):
+        if weight.dtype not in (torch.float32, torch.float64):
+            weight = weight.float()
+        symbol = conv2d_symbol(weight, embedding, groups).flatten(0, 1)
+        return embedding.norm_factor * max_matrix_spectral_norm(symbol, n_iter, screen_iter, n_candidates)
+
+
+_DFT_CACHE: dict = {}
+
+
+def _tap_dft(axis: AxisEmbedding, half: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``E[a, r, f] = [r == r_a] exp(-2 pi i f b_a / N)`` (zero for dead taps): taps to (phase, frequency)."""
+    key = (axis, half, dtype, device)
+    cached = _DFT_CACHE.get(key)
+    if cached is not None:
+        return cached
+    n = axis.fft_size
+    freqs = torch.arange(n // 2 + 1 if half else n, dtype=torch.float64)
+    shifts = torch.tensor(axis.tap_shift, dtype=torch.float64)
+    # Reduce f * b modulo N in integers before the angle, for accurate large products.
+    angle = -2 * math.pi * torch.remainder(shifts[:, None] * freqs[None, :], n) / n
+    phase = torch.nn.functional.one_hot(torch.tensor(axis.tap_phase), axis.phases).to(torch.float64)
+    phase = phase * torch.tensor(axis.tap_live, dtype=torch.float64)[:, None]
+    dft = phase[:, :, None] * torch.polar(torch.ones_like(angle), angle)[:, None, :]
+    dft = dft.to(device=device, dtype=dtype)
+    if len(_DFT_CACHE) > 256:
+        _DFT_CACHE.clear()
+    _DFT_CACHE[key] = dft
+    return dft

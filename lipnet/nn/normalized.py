@@ -1,0 +1,101 @@
+"""Shared machinery of the Gram-normalized layers: normalize, cache, certify.
+
+A Gram-normalized layer applies ``W / bound(W)`` where ``bound`` is an upper bound on the
+operator norm of the layer with weight ``W`` (for the input size actually seen), so the
+layer is 1-Lipschitz by construction. Gradients flow through the bound.
+
+In eval mode, when no gradient with respect to the weight is wanted, the normalized
+weight is cached per input size and refreshed whenever the weight changes (tracked by
+its version counter and storage), so inference computes no bound per batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lipnet.bounds.rounding import relative_rounding_margin
+
+#: Bounds below this are treated as this value: ``W / max(bound, TINY)`` keeps zero and
+#: tiny weights finite and is still 1-Lipschitz (its norm is ``bound / max(bound, TINY)``).
+TINY = 1e-12
+
+#: Gram iterations of the float64 certification bound.
+CERTIFICATION_N_ITER = 14
+
+
+class GramNormalized:
+    """Mixin for modules with a ``weight`` normalized by a Gram-iteration bound.
+
+    Subclasses implement :meth:`_operator_norm` and :meth:`_matrix_shape`.
+    """
+
+    n_iter: int
+    #: Raise if the bound is not finite (costs a host sync per forward on accelerators).
+    check_finite: bool = True
+
+    def _operator_norm(self, weight: torch.Tensor, input_size, n_iter: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _matrix_shape(self) -> tuple[int, int, int]:
+        """``(rows, cols, taps)`` of the matrices whose norms are bounded."""
+        raise NotImplementedError
+
+    def _init_normalization(self, n_iter: int) -> None:
+        if not isinstance(n_iter, int) or n_iter < 1:
+            raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
+        self.n_iter = n_iter
+        self._eval_cache: dict = {}
+
+    def weight_norm_bound(self, input_size=None) -> torch.Tensor:
+        """Differentiable upper bound on the operator norm of the raw weight."""
+        bound = self._operator_norm(self.weight, input_size, self.n_iter)
+        if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(bound)):
+            if bool(torch.isnan(self.weight).any()):
+                state = "contains NaN"
+            elif bool(torch.isinf(self.weight).any()):
+                state = "contains inf"
+            else:
+                state = "is finite but too large for its dtype"
+            raise FloatingPointError(
+                f"{type(self).__name__}: the weight {state}, so its spectral bound is {float(bound.detach())}. "
+                "Training has probably diverged: lower the learning rate or restore the last checkpoint."
+            )
+        return bound
+
+    def normalized_weight(self, input_size=None) -> torch.Tensor:
+        """``weight / max(bound, TINY)``: the weight the layer actually applies."""
+        cacheable = not self.training and not (torch.is_grad_enabled() and self.weight.requires_grad)
+        cacheable = cacheable and not torch.compiler.is_compiling()
+        if cacheable:
+            key = (input_size, self.weight._version, self.weight.data_ptr(), self.weight.device, self.weight.dtype)
+            cached = self._eval_cache.get(input_size)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        bound = self.weight_norm_bound(input_size)
+        weight = self.weight / bound.clamp_min(TINY).to(self.weight.dtype)
+        if cacheable:
+            if len(self._eval_cache) > 16:
+                self._eval_cache.clear()
+            self._eval_cache[input_size] = (key, weight.detach())
+        return weight
+
+    @torch.no_grad()
+    def lipschitz_bound(self, input_size=None) -> float:
+        """Certified float64 upper bound on the Lipschitz constant of the layer as applied.
+
+        The bound is computed on the normalized weight exactly as the forward pass uses
+        it, in float64 with :data:`CERTIFICATION_N_ITER` Gram iterations, and multiplied
+        by ``1 + relative_rounding_margin(...)``. For a normalized layer it is 1 up to
+        that margin (slightly below 1 when the training bound was loose).
+        """
+        weight = self.normalized_weight(input_size).detach().to(torch.float64)
+        bound = float(self._operator_norm(weight, input_size, CERTIFICATION_N_ITER))
+        rows, cols, taps = self._matrix_shape()
+        log_bound = abs(torch.log(torch.tensor(bound)).item()) if bound > 0 else 0.0
+        margin = relative_rounding_margin(torch.float64, inner=max(rows, cols), rank=min(rows, cols), taps=taps,
+                                          n_iter=CERTIFICATION_N_ITER, log_bound=log_bound)
+        return bound * (1 + margin)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._eval_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)

@@ -1,0 +1,263 @@
+"""Soundness and tightness of conv2d_spectral_norm against the exact operator norm.
+
+The exact norm comes from the dense operator built from impulse responses of
+F.conv2d in float64 (lipnet.bounds.reference), i.e. from PyTorch itself.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+from lipnet.bounds import (
+    conv2d_embedding,
+    conv2d_power_iteration,
+    conv2d_spectral_norm,
+    conv2d_symbol,
+    exact_conv2d_spectral_norm,
+)
+from lipnet.bounds.reference import conv2d_operator_matrix
+
+MODES = ["zeros", "circular", "reflect", "replicate"]
+
+
+def adversarial_kernel(kind, c_out, c_in_g, kh, kw, gen):
+    """Kernels that stress the frequency grid, the borders and the stride phases."""
+    shape = (c_out, c_in_g, kh, kw)
+    if kind == "gaussian":
+        return torch.randn(shape, dtype=torch.float64, generator=gen)
+    if kind == "constant":  # all energy at frequency 0
+        return torch.ones(shape, dtype=torch.float64)
+    if kind == "alternating":  # energy at the Nyquist frequency
+        sign_h = (-1.0) ** torch.arange(kh, dtype=torch.float64)
+        sign_w = (-1.0) ** torch.arange(kw, dtype=torch.float64)
+        return torch.ones(shape, dtype=torch.float64) * sign_h[:, None] * sign_w[None, :]
+    if kind == "off_grid":  # a cosine whose peak falls between FFT grid points
+        w0 = math.pi / (2.37 + torch.rand(1, generator=gen).item())
+        a = torch.arange(kh, dtype=torch.float64)[:, None]
+        b = torch.arange(kw, dtype=torch.float64)[None, :]
+        base = torch.cos(w0 * (a + b))
+        return base * torch.randn(c_out, c_in_g, 1, 1, dtype=torch.float64, generator=gen)
+    if kind == "rank_one":  # identical channel mixing at every tap
+        u = torch.randn(c_out, 1, 1, 1, dtype=torch.float64, generator=gen)
+        v = torch.randn(1, c_in_g, 1, 1, dtype=torch.float64, generator=gen)
+        return u * v * torch.randn(1, 1, kh, kw, dtype=torch.float64, generator=gen)
+    if kind == "corner":  # a single tap in a corner: reads mostly padding
+        kernel = torch.zeros(shape, dtype=torch.float64)
+        kernel[..., -1, -1] = torch.randn(c_out, c_in_g, dtype=torch.float64, generator=gen)
+        return kernel
+    raise ValueError(kind)
+
+
+KINDS = ["gaussian", "constant", "alternating", "off_grid", "rank_one", "corner"]
+
+
+def random_case(rng):
+    groups = rng.choice([1, 1, 2, 3])
+    c_in = groups * rng.randint(1, 3)
+    c_out = groups * rng.randint(1, 3)
+    kernel = (rng.randint(1, 5), rng.randint(1, 5))
+    stride = (rng.choice([1, 2, 3]), rng.choice([1, 2, 3]))
+    dilation = (rng.choice([1, 1, 2, 3]), rng.choice([1, 1, 2]))
+    mode = rng.choice(MODES)
+    size = (rng.randint(1, 12), rng.randint(1, 12))
+    if stride == (1, 1) and rng.random() < 0.25:
+        padding = rng.choice(["same", "valid"])
+    else:
+        padding = (rng.randint(0, 4), rng.randint(0, 4))
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=mode)
+    return c_in, c_out, kernel, size, kw
+
+
+def accepted_by_pytorch(c_in, c_out, kernel, size, kw):
+    try:
+        layer = torch.nn.Conv2d(c_in, c_out, kernel, bias=False, **kw)
+        layer(torch.zeros(1, c_in, *size))
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_sound_on_random_and_adversarial_kernels(seed):
+    """bound >= exact norm for every supported combination (~15 cases per seed)."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    checked = 0
+    while checked < 15:
+        c_in, c_out, kernel, size, kw = random_case(rng)
+        if not accepted_by_pytorch(c_in, c_out, kernel, size, kw):
+            with pytest.raises(ValueError):
+                conv2d_spectral_norm(torch.randn(c_out, c_in // kw["groups"], *kernel), size, **kw)
+            continue
+        kind = KINDS[checked % len(KINDS)]
+        weight = adversarial_kernel(kind, c_out, c_in // kw["groups"], *kernel, gen)
+        exact = exact_conv2d_spectral_norm(weight, size, **kw)
+        for n_iter, screen, k in [(10, 5, 8), (3, 1, 1), (0, 0, 1)]:
+            bound = conv2d_spectral_norm(weight, size, n_iter=n_iter, screen_iter=screen, n_candidates=k, **kw).item()
+            assert bound >= exact * (1 - 1e-12), (kind, c_in, c_out, kernel, size, kw, n_iter, bound, exact)
+        bound32 = conv2d_spectral_norm(weight.float(), size, **kw).item()
+        assert bound32 >= exact * (1 - 1e-5)
+        checked += 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("kernel", [(3, 3), (2, 2), (1, 4), (5, 2)])
+def test_sound_on_grid_of_geometries(mode, stride, kernel):
+    gen = torch.Generator().manual_seed(stride * 10 + kernel[0])
+    for size in [(1, 1), (2, 5), (4, 4), (7, 3), (12, 12)]:
+        for padding in [0, 1, (2, 1), 3]:
+            kw = dict(stride=stride, padding=padding, padding_mode=mode)
+            if not accepted_by_pytorch(3, 2, kernel, size, kw):
+                continue
+            weight = torch.randn(2, 3, *kernel, dtype=torch.float64, generator=gen)
+            exact = exact_conv2d_spectral_norm(weight, size, **kw)
+            assert conv2d_spectral_norm(weight, size, **kw).item() >= exact * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("c_in,c_out", [(1, 1), (4, 8), (8, 4), (5, 3)])
+@pytest.mark.parametrize("n", [3, 4, 7, 10])
+@pytest.mark.parametrize("kernel", [3, 5, (3, 1)])
+def test_circular_same_is_tight(c_in, c_out, n, kernel):
+    """The default float32 training bound is within 1e-5 of the exact circular norm."""
+    weight = torch.randn(c_out, c_in, *((kernel, kernel) if isinstance(kernel, int) else kernel))
+    kw = dict(padding="same", padding_mode="circular")
+    exact = exact_conv2d_spectral_norm(weight, n, **kw)
+    bound = conv2d_spectral_norm(weight, n, **kw).item()
+    assert abs(bound / exact - 1) < 1e-5
+    assert conv2d_embedding(weight.shape[-2:], n, **kw).exact
+
+
+@pytest.mark.parametrize("c", [16, 32, 64])
+def test_circular_same_is_tight_for_wider_layers(c):
+    weight = torch.randn(c, c, 3, 3)
+    exact = exact_conv2d_spectral_norm(weight, 8, padding=1, padding_mode="circular")
+    bound = conv2d_spectral_norm(weight, 8, padding=1, padding_mode="circular").item()
+    assert abs(bound / exact - 1) < 1e-5
+
+
+def test_circular_stride_dividing_input_is_exact():
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    kw = dict(stride=2, padding=1, padding_mode="circular")
+    assert conv2d_embedding(3, 8, stride=2, padding=1, padding_mode="circular").exact
+    exact = exact_conv2d_spectral_norm(weight, 8, **kw)
+    assert conv2d_spectral_norm(weight, 8, n_iter=14, **kw).item() == pytest.approx(exact, rel=1e-10)
+
+
+@pytest.mark.parametrize("n,limit", [(4, 1.25), (8, 1.06), (12, 1.03)])
+def test_zero_padding_ratio_to_exact(n, limit):
+    """Zero padding: the bound exceeds the exact norm only by the border effect."""
+    ratios = []
+    for _ in range(4):
+        weight = torch.randn(4, 4, 3, 3, dtype=torch.float64)
+        exact = exact_conv2d_spectral_norm(weight, n, padding=1)
+        ratios.append(conv2d_spectral_norm(weight, n, padding=1).item() / exact)
+    assert min(ratios) >= 1 - 1e-12
+    assert max(ratios) <= limit, ratios
+
+
+def test_strided_zero_padding_is_tight_via_polyphase():
+    """Non-overlapping strided convolutions are exactly the polyphase circulant."""
+    weight = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    exact = exact_conv2d_spectral_norm(weight, 8, stride=2)
+    assert conv2d_spectral_norm(weight, 8, stride=2, n_iter=14).item() == pytest.approx(exact, rel=1e-10)
+    # Ignoring the stride (the stride-1 bound) would be far looser.
+    assert conv2d_spectral_norm(weight, 8, stride=1).item() > 1.3 * exact
+
+
+def test_fft_at_input_size_is_unsound_for_zero_padding():
+    """The check can fail: the naive FFT at size n undershoots the exact norm."""
+    n = 2
+    found = False
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        weight = torch.randn(1, 1, 3, 3, dtype=torch.float64, generator=gen)
+        exact = exact_conv2d_spectral_norm(weight, n, padding=1)
+        naive = conv2d_spectral_norm(weight, n, padding=1, padding_mode="circular").item()
+        if naive < exact * (1 - 1e-3):
+            found = True
+            break
+    assert found
+    assert conv2d_spectral_norm(weight, n, padding=1).item() >= exact * (1 - 1e-12)
+
+
+def test_fft_size_for_zero_padding():
+    assert conv2d_embedding(3, 32, padding=1).height.fft_size == 33
+    assert conv2d_embedding(5, 16, padding=2).height.fft_size == 18
+    assert conv2d_embedding(3, 16, padding=0).height.fft_size == 16  # valid: no wrap needed
+    assert conv2d_embedding(3, 16, stride=2, padding=1).height.phases == 2
+
+
+def test_groups_take_the_maximum_not_the_product():
+    weight = torch.zeros(4, 1, 1, 1, dtype=torch.float64)
+    weight[:, 0, 0, 0] = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    bound = conv2d_spectral_norm(weight, 5, groups=4).item()
+    assert bound == pytest.approx(3.0, rel=1e-9)
+
+
+def test_reflect_and_replicate_bounds_account_for_copies():
+    """Reflect/replicate padding copies border samples: a delta kernel shows the effect."""
+    weight = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    weight[0, 0, 0, 0] = 1.0
+    for mode in ["reflect", "replicate"]:
+        exact = exact_conv2d_spectral_norm(weight, 6, padding=1, padding_mode=mode)
+        assert exact > 1.0  # a copied sample enters the output twice
+        assert conv2d_spectral_norm(weight, 6, padding=1, padding_mode=mode).item() >= exact
+
+
+def test_symbol_shape_and_half_plane():
+    weight = torch.randn(6, 2, 3, 3)
+    emb = conv2d_embedding(3, (8, 9), stride=(2, 1), padding=1)
+    symbol = conv2d_symbol(weight, emb, groups=2)
+    n_h, n_w = emb.height.fft_size, emb.width.fft_size
+    assert symbol.shape == (2, n_h * (n_w // 2 + 1), 3, 2 * 2)
+
+
+def test_differentiable_and_gradcheck():
+    weight = torch.randn(3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    fn = lambda w: conv2d_spectral_norm(w, (5, 6), stride=(2, 1), padding=1, n_iter=6)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (weight,))
+
+
+def test_half_precision_and_autocast():
+    weight = torch.randn(4, 4, 3, 3)
+    ref = conv2d_spectral_norm(weight, 8, padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = conv2d_spectral_norm(weight, 8, padding=1)
+    assert auto.dtype == torch.float32
+    assert auto.item() == pytest.approx(ref.item(), rel=1e-6)
+    half = conv2d_spectral_norm(weight.bfloat16(), 8, padding=1)
+    assert half.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(padding_mode="mirror"), "padding_mode"),
+        (dict(padding="same", stride=2), "same"),
+        (dict(padding="full"), "padding"),
+        (dict(padding=5, padding_mode="circular"), "wraps"),
+        (dict(padding=4, padding_mode="reflect"), "reflect"),
+    ],
+)
+def test_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        conv2d_spectral_norm(torch.randn(2, 2, 3, 3), 4, **kwargs)
+
+
+def test_empty_output_is_an_error():
+    with pytest.raises(ValueError, match="too small"):
+        conv2d_spectral_norm(torch.randn(2, 2, 5, 5), 3)
+
+
+def test_references_agree_and_power_iteration_is_below():
+    weight = torch.randn(3, 4, 3, 3, dtype=torch.float64)
+    fft = exact_conv2d_spectral_norm(weight, 6, padding=1, padding_mode="circular")
+    dense = torch.linalg.matrix_norm(conv2d_operator_matrix(weight, 6, padding=1, padding_mode="circular"), 2)
+    assert fft == pytest.approx(dense.item(), rel=1e-12)
+    exact = exact_conv2d_spectral_norm(weight, 6, padding=1)
+    lower = conv2d_power_iteration(weight, 6, padding=1, n_iter=200)
+    assert lower <= exact * (1 + 1e-12)
+    assert lower == pytest.approx(exact, rel=1e-3)

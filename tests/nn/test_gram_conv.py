@@ -1,0 +1,191 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lipnet import GramConv2d
+from lipnet.bounds import exact_conv2d_spectral_norm
+from lipnet.nn.normalized import TINY
+
+CONFIGS = [
+    dict(in_channels=3, out_channels=8, kernel_size=3, padding=1),
+    dict(in_channels=4, out_channels=2, kernel_size=(3, 2), stride=2, padding=(1, 0), bias=False),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding="same", padding_mode="circular"),
+    dict(in_channels=4, out_channels=4, kernel_size=2, padding="same", dilation=2, groups=2),
+    dict(in_channels=2, out_channels=3, kernel_size=3, stride=3, padding=2, padding_mode="reflect"),
+    dict(in_channels=2, out_channels=2, kernel_size=4, padding=1, padding_mode="replicate"),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_is_a_conv2d_with_the_same_state_dict(cfg):
+    layer = GramConv2d(**cfg)
+    plain = nn.Conv2d(**cfg)
+    assert isinstance(layer, nn.Conv2d)
+    assert list(layer.state_dict()) == list(plain.state_dict())
+    layer.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(layer.weight, plain.weight)
+    plain.load_state_dict(layer.state_dict())
+    assert layer.kernel_size == plain.kernel_size and layer.padding == plain.padding
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_forward_applies_the_normalized_weight(cfg):
+    layer = GramConv2d(**cfg)
+    x = torch.randn(2, cfg["in_channels"], 9, 9)
+    out = layer(x)
+    plain = nn.Conv2d(**cfg)
+    plain.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        plain.weight.copy_(layer.normalized_weight((9, 9)))
+    torch.testing.assert_close(out, plain(x))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("size", [(5, 5), (9, 7)])
+def test_normalized_operator_norm_is_at_most_one(cfg, size):
+    layer = GramConv2d(**cfg).double()
+    weight = layer.normalized_weight(size)
+    kw = {k: v for k, v in cfg.items() if k in ("stride", "padding", "dilation", "groups", "padding_mode")}
+    exact = exact_conv2d_spectral_norm(weight, size, **kw)
+    assert exact <= 1 + 1e-12
+    certified = layer.lipschitz_bound(size)
+    assert exact <= certified <= 1 + 1e-5
+
+
+def test_train_and_eval_agree_and_eval_is_cached():
+    layer = GramConv2d(3, 5, 3, padding=1)
+    x = torch.randn(4, 3, 8, 8)
+    train_out = layer(x)
+    layer.eval()
+    calls = []
+    original = layer.weight_norm_bound
+    layer.weight_norm_bound = lambda *a: calls.append(1) or original(*a)
+    with torch.no_grad():
+        first = layer(x)
+        second = layer(x)
+    torch.testing.assert_close(first, train_out)
+    torch.testing.assert_close(second, train_out)
+    assert len(calls) == 1  # computed once, then cached
+    with torch.no_grad():
+        layer(torch.randn(1, 3, 6, 6))  # another input size gets its own bound
+    assert len(calls) == 2
+
+
+def test_eval_cache_refreshes_when_weights_change():
+    layer = GramConv2d(3, 5, 3, padding=1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    x = torch.randn(4, 3, 8, 8)
+    layer(x).square().sum().backward()
+    layer.eval()
+    with torch.no_grad():
+        before = layer(x)
+    opt.step()
+    with torch.no_grad():
+        after_step = layer(x)
+    assert not torch.allclose(before, after_step)
+    layer.train()
+    torch.testing.assert_close(after_step, layer(x).detach())
+    layer.eval()
+    layer.load_state_dict(nn.Conv2d(3, 5, 3, padding=1).state_dict())
+    with torch.no_grad():
+        after_load = layer(x)
+    layer.train()
+    torch.testing.assert_close(after_load, layer(x).detach())
+
+
+def test_eval_with_weight_gradients_is_not_cached():
+    layer = GramConv2d(2, 2, 3, padding=1).eval()
+    layer(torch.randn(1, 2, 5, 5)).sum().backward()
+    assert layer.weight.grad is not None and layer._eval_cache == {}
+
+
+def test_gradient_flows_through_the_bound():
+    layer = GramConv2d(2, 3, 3, padding=1).double()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    fn = lambda w: nn.functional.conv2d(x, w / layer._operator_norm(w, (6, 6), 8), padding=1)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (layer.weight.detach().clone().requires_grad_(),))
+    # The layer's own gradient equals the one through the bound, not through W alone.
+    out = layer(x).sum()
+    (g_layer,) = torch.autograd.grad(out, layer.weight)
+    w = layer.weight.detach().clone().requires_grad_()
+    (g_manual,) = torch.autograd.grad(fn(w).sum(), w)
+    assert torch.allclose(g_layer, g_manual, rtol=1e-6, atol=1e-9)
+
+
+def test_gradcheck_wrt_input_and_weight():
+    layer = GramConv2d(2, 2, 3, stride=2, padding=1).double()
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda inp: layer(inp), (x,))
+    params = (layer.weight,)
+    assert torch.autograd.gradcheck(
+        lambda w: nn.functional.conv2d(x.detach(), w / layer._operator_norm(w, (5, 5), 10), stride=2, padding=1),
+        params,
+    )
+
+
+def test_zero_and_tiny_weights_stay_finite():
+    layer = GramConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6)
+    for scale in [0.0, 1e-30, 1e-20]:
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn_like(layer.weight) * scale)
+        out = layer(x)
+        out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(layer.weight.grad).all()
+        layer.weight.grad = None
+    assert layer.lipschitz_bound((6, 6)) <= 1 + 1e-5
+    with torch.no_grad():
+        layer.weight.zero_()
+    assert layer.weight_norm_bound((6, 6)).item() == 0.0
+    assert layer.normalized_weight((6, 6)).abs().max().item() == 0.0
+    assert TINY > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_raise(bad):
+    layer = GramConv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        layer.weight[0, 0, 0, 0] = bad
+    with pytest.raises(FloatingPointError, match="diverged"):
+        layer(torch.randn(1, 3, 5, 5))
+
+
+def test_bound_needs_an_input_size():
+    layer = GramConv2d(3, 4, 3, padding=1)
+    with pytest.raises(ValueError, match="input_size"):
+        layer.lipschitz_bound()
+    layer(torch.randn(1, 3, 7, 7))
+    assert layer.lipschitz_bound() == layer.lipschitz_bound((7, 7))
+
+
+def test_unsupported_geometry_fails_at_construction():
+    with pytest.raises(ValueError):
+        GramConv2d(3, 3, 3, padding="same", stride=2)
+    with pytest.raises(ValueError):
+        GramConv2d(3, 3, 3, padding_mode="mirror")
+
+
+def test_constructor_signature_matches_conv2d():
+    layer = GramConv2d(3, 6, 3, 1, 1, 1, 3, False, "circular", "cpu", torch.float64, n_iter=4)
+    assert layer.groups == 3 and layer.bias is None and layer.weight.dtype == torch.float64
+    assert layer.n_iter == 4 and "n_iter=4" in repr(layer)
+    with pytest.raises(ValueError, match="n_iter"):
+        GramConv2d(3, 3, 3, n_iter=0)
+
+
+def test_deepcopy_and_pickle_state():
+    layer = GramConv2d(3, 4, 3, padding=1)
+    clone = copy.deepcopy(layer)
+    x = torch.randn(1, 3, 5, 5)
+    torch.testing.assert_close(layer(x), clone(x))
+
+
+def test_autocast_keeps_bound_in_float32():
+    layer = GramConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        assert layer.weight_norm_bound((8, 8)).dtype == torch.float32
+    torch.testing.assert_close(out.float(), layer(x), atol=5e-2, rtol=5e-2)
