@@ -98,13 +98,13 @@ class _MaxGramBound(torch.autograd.Function):
         screen_iter = min(screen_iter, n_iter)
         if batch <= 2 * n_candidates:
             screen_iter = n_iter
-        g, log_scale = _gram_first(mat, screen_iter)
-        g, log_scale = _gram_steps(g, log_scale, screen_iter - 1)
+        g, log_scale = _gram_first_inplace(mat, screen_iter)
+        g, log_scale = _gram_steps_inplace(g, log_scale, screen_iter - 1)
         bounds = _gram_bound(g, log_scale, screen_iter)
         steps = torch.full((batch,), screen_iter, dtype=torch.int64, device=mat.device)
         if screen_iter < n_iter:
             idx = bounds.topk(n_candidates).indices
-            g, log_scale = _gram_steps(g[idx], log_scale[idx], n_iter - screen_iter)
+            g, log_scale = _gram_steps_inplace(g[idx], log_scale[idx], n_iter - screen_iter, screen_iter > 0)
             bounds = bounds.scatter(0, idx, _gram_bound(g, log_scale, n_iter))
             steps = steps.scatter(0, idx, torch.full_like(idx, n_iter))
         best = bounds.argmax()
@@ -168,6 +168,37 @@ def _gram_steps(g: torch.Tensor, log_scale: torch.Tensor, steps: int):
     return g, log_scale
 
 
+def _real_view(g: torch.Tensor) -> torch.Tensor:
+    """Real tensor sharing ``g``'s memory, with the real/imaginary pair as the last axis."""
+    return torch.view_as_real(g) if g.is_complex() else g.unsqueeze(-1)
+
+
+def _gram_first_inplace(mat: torch.Tensor, n_iter: int):
+    """:func:`_gram_first` without autograd, with fewer passes over memory.
+
+    Any positive scale works for the first rescaling; the largest real or imaginary
+    part (within sqrt(2) of the largest modulus) is cheaper to find than the modulus.
+    """
+    scale = _nonzero(_real_view(mat).abs().amax(dim=(-3, -2, -1)))
+    a = mat / scale[..., None, None]
+    if n_iter == 0:
+        return a, torch.log(scale)
+    g = a @ a.mH if mat.shape[-2] <= mat.shape[-1] else a.mH @ a
+    return g, 2 * torch.log(scale)
+
+
+def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, hermitian: bool = True):
+    """:func:`_gram_steps` without autograd: in-place rescaling, and ``g @ g`` once the
+    iterate is a Gram matrix (``G^H G = G^2`` for Hermitian ``G``; the rounding-level
+    asymmetry of a computed Gram matrix changes the bound only at rounding level)."""
+    for step in range(steps):
+        frob = _nonzero(torch.linalg.vector_norm(_real_view(g), dim=(-3, -2, -1)))
+        _real_view(g).div_(frob[..., None, None, None])
+        log_scale = 2 * (log_scale + torch.log(frob))
+        g = g @ g if hermitian or step > 0 else g.mH @ g
+    return g, log_scale
+
+
 def _gram_bound(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int) -> torch.Tensor:
     """``||G_t||_F^(1/2^t)`` from its rescaled form; exactly 0 (finite gradient) for zero."""
     sq = _squared_frobenius(g)
@@ -177,9 +208,7 @@ def _gram_bound(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int) -> torch.
 
 
 def _squared_frobenius(g: torch.Tensor) -> torch.Tensor:
-    if g.is_complex():
-        return (g.real.square() + g.imag.square()).sum(dim=(-2, -1))
-    return g.square().sum(dim=(-2, -1))
+    return _real_view(g).square().sum(dim=(-3, -2, -1))
 
 
 def _nonzero(x: torch.Tensor) -> torch.Tensor:

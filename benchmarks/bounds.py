@@ -1,0 +1,216 @@
+"""Cost and accuracy of the Gram bound, side by side with plain layers and peers.
+
+    python benchmarks/bounds.py                      # CPU, all sections
+    python benchmarks/bounds.py --device cuda --compile
+    python benchmarks/bounds.py --sections accuracy  # only bound vs exact
+
+Sections (all in one run, so the ratios compare like with like):
+  accuracy  bound vs exact for c_in = c_out = c, input n x n, 3x3 kernel, zero padding 1:
+            the default training bound, the exact norm of the circulant embedding it
+            bounds (float64 SVD of every frequency: the Gram convergence gap) and a
+            power-iteration lower bound of the true zero-padded operator (so
+            bound / lower >= bound / exact: the looseness from the border).
+  layer     time of the bound (forward, forward+backward) and of a training step
+            (forward, backward, SGD) of one layer at batch 256, as ratios over nn.Conv2d;
+            peers: lipnet with autograd through every iteration and frequency (the 2023
+            algorithm's cost model), torch's spectral_norm parametrization (power
+            iteration on the reshaped kernel: cheap but not a bound of the conv
+            operator), deel-torchlip's SpectralConv2d if installed.
+  network   training throughput (images/s) of the reference ConvNet (3x3 convs, widths
+            64-128-256-512, two per stage, strided convs between stages, MaxMin, linear
+            head: 5.5M parameters) with plain vs Gram layers, eager and (--compile)
+            compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from lipnet.bounds import conv2d_embedding, conv2d_power_iteration, conv2d_spectral_norm, conv2d_symbol
+from lipnet.bounds.gram import matrix_spectral_norm
+from lipnet.nn import GramConv2d, GramLinear, MaxMin
+
+SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]
+
+
+def timed(fn, device, repeat: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in milliseconds (device-synchronized)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bound_accuracy(c: int, n: int, device) -> dict:
+    weight = torch.randn(c, c, 3, 3, device=device)
+    bound = conv2d_spectral_norm(weight, n, padding=1).item()
+    embedding = conv2d_embedding(3, n, padding=1)
+    symbol = conv2d_symbol(weight.double(), embedding).flatten(0, 1)
+    circulant = torch.linalg.matrix_norm(symbol, ord=2).max().item()
+    lower = conv2d_power_iteration(weight.double(), n, padding=1, n_iter=300)
+    return dict(c=c, n=n, bound=bound, circulant_exact=circulant, gram_gap=bound / circulant - 1,
+                power_lower=lower, ratio_to_lower=bound / lower)
+
+
+def autograd_all_frequencies(weight, n):
+    """Cost model of the 2023 reference: autograd through n_iter=6 steps on every frequency."""
+    symbol = conv2d_symbol(weight, conv2d_embedding(3, n, padding=1))
+    return matrix_spectral_norm(symbol, 6).amax()
+
+
+def layer_times(c: int, n: int, batch: int, device, repeat: int) -> dict:
+    x = torch.randn(batch, c, n, n, device=device)
+    grad_out = torch.randn(batch, c, n, n, device=device)
+    weight = torch.randn(c, c, 3, 3, device=device, requires_grad=True)
+    out = dict(c=c, n=n)
+    out["bound_fwd_ms"] = timed(lambda: conv2d_spectral_norm(weight.detach(), n, padding=1), device, repeat)
+    out["bound_fwd_bwd_ms"] = timed(lambda: conv2d_spectral_norm(weight, n, padding=1).backward(), device, repeat)
+
+    def step_of(layer):
+        opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            layer(x).backward(grad_out)
+            opt.step()
+        return step
+
+    layers = {"conv2d": nn.Conv2d(c, c, 3, padding=1), "gram": GramConv2d(c, c, 3, padding=1)}
+    layers["spectral_norm"] = nn.utils.parametrizations.spectral_norm(nn.Conv2d(c, c, 3, padding=1))
+    try:
+        from deel.torchlip import SpectralConv2d
+        layers["deel_torchlip"] = SpectralConv2d(c, c, 3, padding=1)
+    except ImportError:
+        pass
+
+    class AutogradAll(nn.Conv2d):
+        def forward(self, inp):
+            return self._conv_forward(inp, self.weight / autograd_all_frequencies(self.weight, n), self.bias)
+
+    layers["autograd_all"] = AutogradAll(c, c, 3, padding=1)
+    for name, layer in layers.items():
+        out[f"{name}_step_ms"] = timed(step_of(layer.to(device)), device, repeat)
+    base = out["conv2d_step_ms"]
+    for name in layers:
+        out[f"{name}_ratio"] = out[f"{name}_step_ms"] / base
+    return out
+
+
+def reference_convnet(gram: bool, num_classes: int = 10) -> nn.Sequential:
+    conv = GramConv2d if gram else nn.Conv2d
+    linear = GramLinear if gram else nn.Linear
+    act = MaxMin if gram else nn.ReLU
+    layers, c_prev = [], 3
+    widths = [64, 128, 256, 512]
+    for i, c in enumerate(widths):
+        layers += [conv(c_prev, c, 3, padding=1), act(), conv(c, c, 3, padding=1), act()]
+        if i < len(widths) - 1:
+            layers += [conv(c, c, 3, stride=2, padding=1), act()]
+        c_prev = c
+    layers += [nn.Flatten(), linear(512 * 4 * 4, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def network_throughput(batch: int, device, repeat: int, compile_: bool) -> dict:
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    out = {}
+    for gram in (False, True):
+        net = reference_convnet(gram).to(device)
+        out["params"] = sum(p.numel() for p in net.parameters())
+        variants = [("eager", net)] + ([("compiled", torch.compile(net))] if compile_ else [])
+        for mode, model in variants:
+            opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            ms = timed(step, device, repeat, warmup=3 if mode == "compiled" else 1)
+            out[f"{'gram' if gram else 'plain'}_{mode}_img_per_s"] = batch / ms * 1e3
+    for mode in ("eager", "compiled") if compile_ else ("eager",):
+        out[f"{mode}_gram_over_plain"] = out[f"gram_{mode}_img_per_s"] / out[f"plain_{mode}_img_per_s"]
+    return out
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sections", default="accuracy,layer,network")
+    parser.add_argument("--batch", type=int, default=256, help="batch of the layer benchmark")
+    parser.add_argument("--net-batch", type=int, default=None, help="batch of the network benchmark (512 on GPU, 64 on CPU)")
+    parser.add_argument("--repeat", type=int, default=None, help="timed repetitions (median)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
+    parser.add_argument("--shapes", default=",".join(f"{c}x{n}" for c, n in SHAPES))
+    parser.add_argument("--json", default=None, help="write all numbers to this file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cpu = device.type == "cpu"
+    repeat = args.repeat or (3 if cpu else 50)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    sections = set(args.sections.split(","))
+    torch.manual_seed(0)
+    results = dict(machine=machine(), torch=torch.__version__, device=str(device))
+    print(f"# lipnet bound benchmark on {results['machine']} (torch {torch.__version__})")
+
+    if "accuracy" in sections:
+        rows = [bound_accuracy(c, n, device) for c, n in shapes]
+        results["accuracy"] = rows
+        print("\n## bound vs exact (zero padding 1, 3x3, random Gaussian kernel)")
+        print(f"{'c':>4} {'n':>3} {'bound':>10} {'circulant exact':>16} {'gram gap':>9} {'zero-pad lower':>15} {'bound/lower':>11}")
+        for r in rows:
+            print(f"{r['c']:>4} {r['n']:>3} {r['bound']:>10.5f} {r['circulant_exact']:>16.5f} {r['gram_gap']:>9.1e} "
+                  f"{r['power_lower']:>15.5f} {r['ratio_to_lower']:>11.5f}")
+
+    if "layer" in sections:
+        rows = [layer_times(c, n, args.batch, device, repeat) for c, n in shapes]
+        results["layer"] = rows
+        peers = [k[: -len("_ratio")] for k in rows[0] if k.endswith("_ratio") and k != "conv2d_ratio"]
+        print(f"\n## one layer, batch {args.batch}: bound time and training step over nn.Conv2d")
+        print(f"{'c':>4} {'n':>3} {'bound fwd':>10} {'fwd+bwd':>9} {'conv2d step':>12} " + " ".join(f"{p:>14}" for p in peers))
+        for r in rows:
+            print(f"{r['c']:>4} {r['n']:>3} {r['bound_fwd_ms']:>8.2f}ms {r['bound_fwd_bwd_ms']:>7.2f}ms {r['conv2d_step_ms']:>10.2f}ms "
+                  + " ".join(f"{r[p + '_ratio']:>13.2f}x" for p in peers))
+
+    if "network" in sections:
+        batch = args.net_batch or (64 if cpu else 512)
+        r = network_throughput(batch, device, max(2, repeat // 5) if cpu else repeat, args.compile)
+        results["network"] = dict(batch=batch, **r)
+        print(f"\n## reference ConvNet ({r['params'] / 1e6:.2f}M parameters), training images/s, batch {batch}")
+        for mode in ("eager", "compiled") if args.compile else ("eager",):
+            print(f"{mode:>9}: plain {r[f'plain_{mode}_img_per_s']:9.1f}  gram {r[f'gram_{mode}_img_per_s']:9.1f}  "
+                  f"gram/plain {r[f'{mode}_gram_over_plain']:.2f}")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
