@@ -4,5 +4,19 @@ from lipnet.nn.activations import MaxMin, max_min
 from lipnet.nn.gram_conv import GramConv2d
 from lipnet.nn.gram_linear import GramLinear
 from lipnet.nn.normalization import InputNormalization
+from lipnet.nn.pooling import GlobalL2NormPool2d, GlobalScaledAvgPool2d, L2NormPool2d, ScaledAvgPool2d
+from lipnet.nn.residual import ConvexResidual, GramResidualConv2d
 
-__all__ = ["GramConv2d", "GramLinear", "InputNormalization", "MaxMin", "max_min"]
+__all__ = [
+    "ConvexResidual",
+    "GlobalL2NormPool2d",
+    "GlobalScaledAvgPool2d",
+    "GramConv2d",
+    "GramLinear",
+    "GramResidualConv2d",
+    "InputNormalization",
+    "L2NormPool2d",
+    "MaxMin",
+    "ScaledAvgPool2d",
+    "max_min",
+]

@@ -26,7 +26,8 @@ CERTIFICATION_N_ITER = 14
 class GramNormalized:
     """Mixin for modules with a ``weight`` normalized by a Gram-iteration bound.
 
-    Subclasses implement :meth:`_operator_norm` and :meth:`_matrix_shape`.
+    Subclasses implement :meth:`_operator_norm` and :meth:`_matrix_shape`, and may override
+    :meth:`_operator_weight` to normalize a weight derived from the parameter.
     """
 
     n_iter: int
@@ -40,6 +41,10 @@ class GramNormalized:
         """``(rows, cols, taps)`` of the matrices whose norms are bounded."""
         raise NotImplementedError
 
+    def _operator_weight(self) -> torch.Tensor:
+        """The weight whose operator is bounded and normalized (``self.weight`` by default)."""
+        return self.weight
+
     def _init_normalization(self, n_iter: int) -> None:
         if not isinstance(n_iter, int) or n_iter < 1:
             raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
@@ -48,7 +53,7 @@ class GramNormalized:
 
     def weight_norm_bound(self, input_size=None) -> torch.Tensor:
         """Differentiable upper bound on the operator norm of the raw weight."""
-        bound = self._operator_norm(self.weight, input_size, self.n_iter)
+        bound = self._operator_norm(self._operator_weight(), input_size, self.n_iter)
         if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(bound)):
             if bool(torch.isnan(self.weight).any()):
                 state = "contains NaN"
@@ -72,7 +77,7 @@ class GramNormalized:
             if cached is not None and cached[0] == key:
                 return cached[1]
         bound = self.weight_norm_bound(input_size)
-        weight = self.weight / bound.clamp_min(TINY).to(self.weight.dtype)
+        weight = self._operator_weight() / bound.clamp_min(TINY).to(self.weight.dtype)
         if cacheable:
             if len(self._eval_cache) > 16:
                 self._eval_cache.clear()

@@ -1,0 +1,129 @@
+"""Residual blocks with sound Lipschitz bounds.
+
+Two constructions:
+
+* :class:`GramResidualConv2d` computes ``(x + conv(x)) / bound(I + conv)``. The identity is
+  a convolution too: adding a centered delta kernel ``D`` to the weight gives a kernel
+  ``W + D`` with ``F.conv2d(x, W + D) = x + F.conv2d(x, W)`` exactly (stride 1, 'same'
+  padding, as many output as input channels). Its operator norm is bounded by
+  :func:`lipnet.bounds.conv2d_spectral_norm` like any convolution, so the block is
+  1-Lipschitz with no triangle-inequality slack (``||I + K||`` can be far below
+  ``1 + ||K||``).
+* :class:`ConvexResidual` computes ``(1 - alpha) x + alpha f(x)`` with ``alpha`` in
+  ``[0, 1]``; it is ``(1 - alpha) + alpha * Lip(f)``-Lipschitz by the triangle inequality,
+  so 1-Lipschitz whenever ``f`` is.
+
+References:
+    He et al. "Deep Residual Learning for Image Recognition", CVPR 2016. Meunier et al.
+    "A Dynamical System Perspective for Lipschitz Neural Networks", ICML 2022 (convex
+    combinations of 1-Lipschitz maps). Delattre et al., ICML 2023 (Gram bounds of convolutions).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lipnet.bounds.circulant import pair
+from lipnet.bounds.gram import DEFAULT_N_ITER
+from lipnet.nn.gram_conv import GramConv2d
+
+
+def identity_kernel(channels: int, kernel_size, groups: int = 1, *, dtype=None, device=None) -> torch.Tensor:
+    """The kernel ``D`` with ``F.conv2d(x, D, padding='same', groups=groups) == x``.
+
+    Shape ``(channels, channels // groups, k_h, k_w)``: a one at the tap that 'same' padding
+    aligns with the output position, ``((k_h - 1) // 2, (k_w - 1) // 2)`` (PyTorch puts the
+    extra zero of an even kernel after the input), for the channel's own input.
+    """
+    k_h, k_w = pair(kernel_size)
+    if channels % groups:
+        raise ValueError(f"channels ({channels}) must be divisible by groups ({groups})")
+    per_group = channels // groups
+    kernel = torch.zeros(channels, per_group, k_h, k_w, dtype=dtype, device=device)
+    index = torch.arange(channels, device=device)
+    kernel[index, index % per_group, (k_h - 1) // 2, (k_w - 1) // 2] = 1
+    return kernel
+
+
+class GramResidualConv2d(GramConv2d):
+    """``x -> (x + conv(x)) / bound(I + conv) + bias``: a 1-Lipschitz residual convolution.
+
+    The layer stores the plain residual-branch kernel ``W`` as ``weight`` (``state_dict``
+    keys as ``nn.Conv2d``) and applies the kernel ``(W + D) / bound(W + D)``, where ``D`` is
+    :func:`identity_kernel` and ``bound`` the Gram bound of the convolution ``I + conv_W``
+    on the input size seen. ``lipschitz_bound(input_size)`` certifies that operator in float64.
+
+    Args:
+        channels: input and output channels.
+        kernel_size: int or pair; 'same' padding and stride 1 are implied.
+        groups, bias, padding_mode, device, dtype: as in ``nn.Conv2d``.
+        n_iter: Gram iterations of the training-time bound.
+
+    Example:
+        >>> block = GramResidualConv2d(8, 3)
+        >>> y = block(torch.randn(2, 8, 16, 16))
+        >>> block.lipschitz_bound((16, 16)) <= 1 + 1e-5
+        True
+    """
+
+    def __init__(self, channels, kernel_size, groups=1, bias=True, padding_mode="zeros", device=None, dtype=None,
+                 *, n_iter: int = DEFAULT_N_ITER):
+        super().__init__(channels, channels, kernel_size, stride=1, padding="same", groups=groups, bias=bias,
+                         padding_mode=padding_mode, device=device, dtype=dtype, n_iter=n_iter)
+
+    def _operator_weight(self) -> torch.Tensor:
+        identity = identity_kernel(self.out_channels, self.kernel_size, self.groups,
+                                   dtype=self.weight.dtype, device=self.weight.device)
+        return self.weight + identity
+
+    def extra_repr(self) -> str:
+        return "residual, " + super().extra_repr()
+
+
+class ConvexResidual(nn.Module):
+    """``x -> (1 - alpha) x + alpha f(x)`` with ``alpha = sigmoid(alpha_logit)`` in ``(0, 1)``.
+
+    Lipschitz constant at most ``(1 - alpha) + alpha * Lip(f)``; :mod:`lipnet.certify`
+    composes it with the bound of ``f`` computed for the same input shape.
+
+    Args:
+        branch: a module mapping inputs to outputs of the same shape.
+        alpha: initial mixing weight, strictly between 0 and 1.
+        learnable: whether ``alpha`` is trained (stored as the logit ``alpha_logit``).
+
+    Example:
+        >>> block = ConvexResidual(nn.Sequential(GramConv2d(4, 4, 3, padding=1), nn.ReLU()), alpha=0.25)
+        >>> block(torch.randn(1, 4, 8, 8)).shape
+        torch.Size([1, 4, 8, 8])
+    """
+
+    def __init__(self, branch: nn.Module, alpha: float = 0.5, learnable: bool = True):
+        super().__init__()
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be strictly between 0 and 1, got {alpha}")
+        self.branch = branch
+        logit = torch.tensor(math.log(alpha / (1 - alpha)))
+        if learnable:
+            self.alpha_logit = nn.Parameter(logit)
+        else:
+            self.register_buffer("alpha_logit", logit)
+
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1 - alpha, alpha)`` exactly as the forward pass applies them."""
+        alpha = torch.sigmoid(self.alpha_logit)
+        return 1 - alpha, alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branch(x)
+        if out.shape != x.shape:
+            raise ValueError(f"ConvexResidual: the branch maps shape {tuple(x.shape)} to {tuple(out.shape)}; "
+                             "it must preserve the shape")
+        keep, alpha = self.coefficients()
+        return keep.to(x.dtype) * x + alpha.to(out.dtype) * out
+
+    def extra_repr(self) -> str:
+        keep, alpha = self.coefficients()
+        return f"alpha={float(alpha):.4g}"

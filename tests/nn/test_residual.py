@@ -1,0 +1,117 @@
+"""Residual blocks: the identity kernel, exact norms of the applied operator, the convex block."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipnet.bounds import exact_conv2d_spectral_norm
+from lipnet.nn import ConvexResidual, GramConv2d, GramResidualConv2d
+from lipnet.nn.residual import identity_kernel
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 2, (3, 4), 5])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular", "reflect"])
+def test_identity_kernel_is_the_identity(kernel_size, groups, padding_mode):
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    conv = nn.Conv2d(4, 4, kernel_size, padding="same", groups=groups, bias=False, padding_mode=padding_mode)
+    conv = conv.double()
+    with torch.no_grad():
+        conv.weight.copy_(identity_kernel(4, kernel_size, groups, dtype=torch.float64))
+    torch.testing.assert_close(conv(x), x, rtol=0, atol=0)
+
+
+BLOCKS = [
+    dict(channels=4, kernel_size=3),
+    dict(channels=4, kernel_size=2, bias=False),
+    dict(channels=4, kernel_size=3, groups=2, padding_mode="circular"),
+    dict(channels=2, kernel_size=(3, 1), padding_mode="reflect"),
+]
+
+
+@pytest.mark.parametrize("cfg", BLOCKS)
+def test_forward_is_x_plus_conv_over_the_bound(cfg):
+    block = GramResidualConv2d(**cfg).double()
+    x = torch.randn(3, cfg["channels"], 6, 5, dtype=torch.float64)
+    plain = nn.Conv2d(cfg["channels"], cfg["channels"], cfg["kernel_size"], padding="same", bias=False,
+                      groups=cfg.get("groups", 1), padding_mode=cfg.get("padding_mode", "zeros")).double()
+    with torch.no_grad():
+        plain.weight.copy_(block.weight)
+    scale = block.weight_norm_bound((6, 5))
+    bias = 0 if block.bias is None else block.bias[None, :, None, None]
+    torch.testing.assert_close(block(x), (x + plain(x)) / scale + bias)
+
+
+@pytest.mark.parametrize("cfg", BLOCKS)
+@pytest.mark.parametrize("size", [(5, 5), (6, 4)])
+def test_applied_operator_norm_at_most_certified_bound(cfg, size):
+    block = GramResidualConv2d(**cfg).double()
+    weight = block.normalized_weight(size)
+    exact = exact_conv2d_spectral_norm(weight, size, padding="same", groups=cfg.get("groups", 1),
+                                       padding_mode=cfg.get("padding_mode", "zeros"))
+    assert exact <= 1 + 1e-12
+    assert exact <= block.lipschitz_bound(size) <= 1 + 1e-5
+
+
+def test_bound_includes_the_identity_without_triangle_slack():
+    block = GramResidualConv2d(3, 3, bias=False).double()
+    with torch.no_grad():
+        block.weight.copy_(-0.5 * identity_kernel(3, 3, dtype=torch.float64))
+    # I + K = I / 2: a triangle-inequality bound would give 1.5 (the Gram bound of the
+    # screened frequencies is within 3^(1/64) of the exact 0.5).
+    bound = block.weight_norm_bound((8, 8)).item()
+    assert 0.5 <= bound <= 0.5 * 3 ** (1 / 64)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(block(x), x * (0.5 / bound))
+
+
+def test_state_dict_holds_the_plain_branch_kernel():
+    block = GramResidualConv2d(4, 3)
+    plain = nn.Conv2d(4, 4, 3, padding="same")
+    assert isinstance(block, GramConv2d)
+    assert list(block.state_dict()) == list(plain.state_dict())
+    block.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(block.weight, plain.weight)
+
+
+def test_training_keeps_the_block_one_lipschitz_and_eval_caches():
+    block = GramResidualConv2d(4, 3)
+    opt = torch.optim.Adam(block.parameters(), lr=5e-2)
+    x, target = torch.randn(8, 4, 6, 6), torch.randn(8, 4, 6, 6)
+    for _ in range(5):
+        loss = F.mse_loss(block(x), 3 * target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    exact = exact_conv2d_spectral_norm(block.normalized_weight((6, 6)), 6, padding="same")
+    assert exact <= block.lipschitz_bound((6, 6)) <= 1 + 1e-5
+    block.eval()
+    with torch.no_grad():
+        first = block(x)
+        assert block._eval_cache
+        torch.testing.assert_close(block(x), first)
+
+
+def test_convex_residual_forward_and_coefficients():
+    branch = nn.Sequential(GramConv2d(4, 4, 3, padding=1), nn.ReLU())
+    block = ConvexResidual(branch, alpha=0.25)
+    x = torch.randn(2, 4, 5, 5)
+    keep, alpha = block.coefficients()
+    assert alpha.item() == pytest.approx(0.25) and (keep + alpha).item() == pytest.approx(1.0)
+    torch.testing.assert_close(block(x), 0.75 * x + 0.25 * branch(x))
+    assert isinstance(block.alpha_logit, nn.Parameter)
+    fixed = ConvexResidual(branch, alpha=0.5, learnable=False)
+    assert "alpha_logit" in dict(fixed.named_buffers())
+
+
+def test_convex_residual_rejects_bad_input():
+    with pytest.raises(ValueError, match="strictly between"):
+        ConvexResidual(nn.Identity(), alpha=1.0)
+    with pytest.raises(ValueError, match="preserve the shape"):
+        ConvexResidual(nn.Conv2d(2, 3, 1))(torch.randn(1, 2, 3, 3))
+
+
+def test_identity_kernel_rejects_bad_groups():
+    with pytest.raises(ValueError, match="divisible"):
+        identity_kernel(3, 3, groups=2)
