@@ -1,0 +1,140 @@
+"""Self-describing checkpoints: written atomically, read with ``torch.load(weights_only=True)``.
+
+A checkpoint is a dict of plain Python values and tensors::
+
+    {"format": "lipnet-checkpoint", "version": 1,
+     "model": {"name": <registered architecture>, "kwargs": {...}},   # see lipnet.models
+     "state_dict": {...},                                             # the model's weights
+     "info": {...},                                                   # data set, config, metrics
+     "training": {...}}                                               # optional: optimizer, RNG, epoch
+
+so :func:`load_model` rebuilds the model without the code that trained it, and nothing in
+it needs unpickling arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lipnet.models import build_model, model_spec, unwrap
+
+FORMAT = "lipnet-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, not a lipnet checkpoint, or holds non-finite weights."""
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` to ``path`` atomically.
+
+    The bytes go to a temporary file in the same folder, which is flushed, fsynced and then
+    renamed over ``path`` (``os.replace``), and the folder is fsynced: a crash at any moment
+    leaves either the old checkpoint or the new one, never a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
+    """Read and validate a checkpoint written by :func:`save_checkpoint` / :func:`save_model`.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, or not a lipnet checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path.absolute()}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means the file is unusable
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a torch file "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a lipnet checkpoint (no format tag {FORMAT!r}); "
+                              "save models with lipnet.checkpoint.save_model")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {payload.get('version')!r}; this lipnet reads {VERSION}")
+    spec = payload.get("model")
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("kwargs"), dict)
+            and isinstance(payload.get("state_dict"), dict)):
+        raise CheckpointError(f"{path} lacks a model spec ({{'name', 'kwargs'}}) or a state_dict")
+    return payload
+
+
+def model_payload(model: nn.Module, **info) -> dict:
+    """The checkpoint dict of a model built by :func:`lipnet.models.build_model`."""
+    model = unwrap(model)
+    return {"format": FORMAT, "version": VERSION, "model": model_spec(model),
+            "state_dict": model.state_dict(), "info": info}
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, **info) -> Path:
+    """Save a model (spec + weights + plain ``info``) atomically; :func:`load_model` reads it back.
+
+    Example:
+        >>> from lipnet.models import build_model
+        >>> net = build_model("convnet-xs", in_channels=1, num_classes=10, input_size=28)
+        >>> path = save_model(tmp_path / "net.pt", net, dataset="fashion-mnist")  # doctest: +SKIP
+        >>> model, info = load_model(path)                                         # doctest: +SKIP
+    """
+    return save_checkpoint(path, model_payload(model, **info))
+
+
+def load_model(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model from a checkpoint: ``(model in eval mode, info)``.
+
+    Works on the final ``model.pt`` of a run and on its training ``checkpoint.pt``. ``info``
+    holds what the writer stored (data set, config, metrics, epoch).
+
+    Raises:
+        CheckpointError: unreadable file, unknown architecture, weights that do not fit the
+            architecture, or weights that are NaN or infinite.
+    """
+    payload = load_checkpoint(path, map_location=map_location)
+    spec = payload["model"]
+    try:
+        model = build_model(spec["name"], **spec["kwargs"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild model {spec['name']!r} from {spec['kwargs']}: {exc}") from exc
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: the weights do not fit model {spec['name']!r}: {exc}") from exc
+    bad = [name for name, t in payload["state_dict"].items()
+           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{path}: non-finite (NaN or inf) values in {', '.join(bad)}; the run that wrote it "
+                              "had diverged: use an earlier checkpoint or retrain with a lower learning rate")
+    info = dict(payload.get("info") or {})
+    return model.to(map_location).eval(), info
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory descriptors
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

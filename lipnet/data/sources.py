@@ -1,0 +1,244 @@
+"""Finding and reading a data set from local files, or downloading it with torchvision.
+
+Three on-disk formats are read, in this order, in each folder searched:
+
+* ``.npz`` arrays: ``{split}.npz`` or shards ``{split}-1-of-3.npz`` ... with keys ``x``
+  (uint8, ``NHWC`` or ``NHW``) and ``y`` (integer labels);
+* torchvision's layout under ``root``: ``FashionMNIST/raw/``, ``MNIST/raw/`` (gzip or plain
+  IDX files), ``cifar-10-batches-py/``, ``cifar-100-python/`` (pickled batches);
+* the four IDX files directly in the folder (as Debian's ``dataset-fashion-mnist`` installs them).
+
+The folders searched are ``data_dir`` (default ``$LIPNET_DATA_DIR`` or ``./data``), then
+``data_dir/<name>``, then the system folders of the data set.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import pickle
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lipnet.data.registry import DatasetInfo, ImageDataset, dataset_info
+
+SPLITS = ("train", "test")
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_CIFAR_FILES = {
+    "cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+    "cifar100": {"train": ["train"], "test": ["test"]},
+}
+_CIFAR_LABEL_KEY = {"cifar10": "labels", "cifar100": "fine_labels"}
+
+
+class DatasetError(RuntimeError):
+    """A data set file exists but cannot be read (truncated, corrupt, wrong shape)."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """No copy of the data set was found in any of the folders searched."""
+
+
+def default_data_dir() -> Path:
+    """``$LIPNET_DATA_DIR`` if set, else ``./data``."""
+    return Path(os.environ.get("LIPNET_DATA_DIR", "data"))
+
+
+def load_dataset(name: str, split: str = "test", *, data_dir: str | os.PathLike | None = None,
+                 download: bool = False) -> ImageDataset:
+    """Load a whole split of a registered data set into memory.
+
+    Args:
+        name: ``"fashion-mnist"``, ``"mnist"``, ``"cifar10"`` or ``"cifar100"``.
+        split: ``"train"`` or ``"test"``.
+        data_dir: folder to search first (and to download into); default
+            ``$LIPNET_DATA_DIR`` or ``./data``.
+        download: when no local copy is found, download it with torchvision into ``data_dir``.
+
+    Returns:
+        :class:`ImageDataset` with ``images`` (uint8 ``(N, C, H, W)``), ``labels`` (int64
+        ``(N,)``), ``info`` (shape, classes, mean, std) and ``source`` (where it was read).
+
+    Raises:
+        DatasetNotFoundError: nothing found; the message lists every folder searched and
+            how to get the data.
+        DatasetError: a file was found but is corrupt or has the wrong shape.
+
+    Example:
+        >>> test = load_dataset("fashion-mnist", "test")  # doctest: +SKIP
+        >>> test.images.shape, test.num_classes            # doctest: +SKIP
+        (torch.Size([10000, 1, 28, 28]), 10)
+    """
+    info = dataset_info(name)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    folders = search_folders(info, root)
+    found = _find(info, split, folders)
+    if found is None and download:
+        error = _download(info, split, root)
+        found = _find(info, split, [root])
+        if found is None:
+            raise DatasetNotFoundError(_not_found_message(info, split, folders, download_error=error))
+    if found is None:
+        raise DatasetNotFoundError(_not_found_message(info, split, folders))
+    reader, path = found
+    try:
+        images, labels = reader(info, split, path)
+    except DatasetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to parse a file is reported with its path
+        raise DatasetError(f"cannot read {info.name} {split} from {path}: {type(exc).__name__}: {exc}. "
+                           "The file is probably truncated or corrupt: delete it and get it again "
+                           f"({info.how_to_get}).") from exc
+    source = ", ".join(map(str, path)) if isinstance(path, list) else str(path)
+    return ImageDataset(images, labels, info, split, source)
+
+
+def search_folders(info: DatasetInfo, root: Path) -> list[Path]:
+    """The folders :func:`load_dataset` looks in, in order."""
+    folders = [root, root / info.name] + [Path(d) for d in info.system_dirs]
+    return list(dict.fromkeys(folders))
+
+
+def _find(info: DatasetInfo, split: str, folders: list[Path]):
+    """``(reader, path)`` of the first format found in the first folder that has one."""
+    for folder in folders:
+        shards = _npz_files(folder, split)
+        if shards:
+            return _read_npz, shards
+        tv = folder / info.torchvision_folder
+        if info.name in _CIFAR_FILES:
+            if all((tv / f).is_file() for f in _CIFAR_FILES[info.name][split]):
+                return _read_cifar, tv
+        else:
+            for candidate in (tv / "raw", folder):
+                if all(_idx_path(candidate, f) is not None for f in _IDX_FILES[split]):
+                    return _read_idx_pair, candidate
+    return None
+
+
+def _npz_files(folder: Path, split: str) -> list[Path] | None:
+    single = folder / f"{split}.npz"
+    if single.is_file():
+        return [single]
+    shards = {}
+    for path in folder.glob(f"{split}-*-of-*.npz") if folder.is_dir() else []:
+        match = re.fullmatch(rf"{split}-(\d+)-of-(\d+)\.npz", path.name)
+        if match:
+            shards[(int(match[1]), int(match[2]))] = path
+    if not shards:
+        return None
+    totals = {total for _, total in shards}
+    total = max(totals)
+    missing = [f"{split}-{i}-of-{total}.npz" for i in range(1, total + 1) if (i, total) not in shards]
+    if len(totals) > 1 or missing:
+        raise DatasetError(f"incomplete shards of {split} in {folder}: have {sorted(p.name for p in shards.values())}, "
+                           f"missing {missing or 'a consistent shard count'}")
+    return [shards[(i, total)] for i in range(1, total + 1)]
+
+
+def _read_npz(info: DatasetInfo, split: str, paths: list[Path]):
+    images, labels = [], []
+    for path in paths:
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                if "x" not in arrays or "y" not in arrays:
+                    raise DatasetError(f"{path} must hold arrays 'x' (uint8 NHWC images) and 'y' (labels), "
+                                       f"found {sorted(arrays.keys())}")
+                x, y = arrays["x"], arrays["y"]
+        except DatasetError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise DatasetError(f"cannot read {path}: {type(exc).__name__}: {exc}. The file is probably truncated "
+                               "or corrupt: get it again.") from exc
+        if x.dtype != np.uint8:
+            raise DatasetError(f"{path}: 'x' must be uint8 pixels, got {x.dtype}")
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.ndim != 4 or len(x) != len(y):
+            raise DatasetError(f"{path}: expected 'x' (N, H, W, C) and 'y' (N,), got {x.shape} and {y.shape}")
+        images.append(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+        labels.append(torch.from_numpy(y.astype(np.int64).reshape(-1)))
+    return torch.cat(images), torch.cat(labels)
+
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    for path in (folder / f"{stem}.gz", folder / stem):
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_idx_pair(info: DatasetInfo, split: str, folder: Path):
+    image_file, label_file = (_idx_path(folder, stem) for stem in _IDX_FILES[split])
+    images = read_idx(image_file)
+    labels = read_idx(label_file)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DatasetError(f"IDX files in {folder} do not match: images {images.shape}, labels {labels.shape}")
+    return torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (gzip-compressed if its name ends in ``.gz``)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise DatasetError(f"cannot read {path}: {exc}. The file is probably truncated or corrupt: get it again.") \
+            from exc
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != math.prod(dims):
+        raise DatasetError(f"{path} is truncated: its header says {dims} bytes, it holds {array.size}")
+    return array.reshape(dims)
+
+
+def _read_cifar(info: DatasetInfo, split: str, folder: Path):
+    images, labels = [], []
+    for name in _CIFAR_FILES[info.name][split]:
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")  # the format torchvision downloads and reads
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, *info.shape))
+        labels.append(np.asarray(batch[_CIFAR_LABEL_KEY[info.name]], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def _download(info: DatasetInfo, split: str, root: Path) -> str | None:
+    """Download with torchvision into ``root``; the error text if it failed."""
+    import torchvision
+
+    try:
+        getattr(torchvision.datasets, info.torchvision_class)(str(root), train=split == "train", download=True)
+    except Exception as exc:  # noqa: BLE001 - reported in the not-found message
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _not_found_message(info: DatasetInfo, split: str, folders: list[Path], download_error: str | None = None) -> str:
+    looked = "\n".join(f"  - {folder.absolute()}" for folder in folders)
+    idx = " + ".join(_IDX_FILES[split]) if info.name not in _CIFAR_FILES else None
+    formats = [f"{split}.npz or {split}-K-of-M.npz (arrays x: uint8 NHWC, y: labels)"]
+    if idx:
+        formats += [f"{info.torchvision_folder}/raw/ with {idx} (.gz or not)", f"{idx} directly in the folder"]
+    else:
+        formats.append(f"{info.torchvision_folder}/ (torchvision's layout)")
+    message = (f"{info.name} ({split} split) not found. Looked in:\n{looked}\nfor any of:\n"
+               + "\n".join(f"  - {f}" for f in formats)
+               + f"\nTo get it: {info.how_to_get}; or point --data-dir (or $LIPNET_DATA_DIR) at a folder that has it.")
+    if download_error:
+        message += f"\nThe download failed: {download_error}"
+    return message

@@ -1,0 +1,95 @@
+"""A plain 1-Lipschitz ConvNet: GramConv2d + MaxMin stages, strided downsampling, GramLinear head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from lipnet.bounds.gram import DEFAULT_N_ITER
+from lipnet.models.init import orthogonal_init_
+from lipnet.models.registry import register_model
+from lipnet.nn import GramConv2d, GramLinear, InputNormalization, MaxMin
+
+
+class ConvNet(nn.Sequential):
+    """``normalize -> stem -> [conv x depth, downsample] per stage -> flatten -> dense -> logits``.
+
+    Every layer is a Gram layer or MaxMin, so the network is ``1 / min(std)``-Lipschitz from
+    pixels to logits (the input normalization is inside the model, making certified radii
+    radii in pixel space). Convolutions are 3x3 with zero 'same' padding; the stem and the
+    downsampling between stages are patchifying convolutions (kernel = stride = 2) that
+    halve the resolution; all weights start orthogonal (:func:`orthogonal_init_`).
+
+    Args:
+        in_channels, num_classes: of the data.
+        input_size: height (= width) of the images; sets the flattened feature size.
+        mean, std: per-channel input statistics (``None``: 0 and 1).
+        widths: channels of each stage (even, for MaxMin).
+        depths: 3x3 convolutions in each stage.
+        dense: widths of the hidden fully connected layers.
+        stem_stride: 1 for a 3x3 stem at full resolution, 2 for a 2x2 patchifying stem.
+        n_iter: Gram iterations of the training-time bounds.
+
+    Example:
+        >>> net = ConvNet(1, 10, 28, widths=(8, 16), depths=(1, 1), dense=(32,))
+        >>> net(torch.rand(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, input_size: int, *,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 widths: Sequence[int] = (32, 64), depths: Sequence[int] = (1, 1), dense: Sequence[int] = (256,),
+                 stem_stride: int = 2, n_iter: int = DEFAULT_N_ITER):
+        if len(widths) != len(depths) or not widths:
+            raise ValueError(f"widths and depths need one entry per stage, got {widths} and {depths}")
+        if any(w % 2 for w in (*widths, *dense)):
+            raise ValueError(f"MaxMin needs even widths, got widths={widths}, dense={dense}")
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+        size = input_size // stem_stride
+        if size >> (len(widths) - 1) < 1 or input_size % (stem_stride << (len(widths) - 1)):
+            raise ValueError(f"input_size {input_size} cannot be halved {len(widths) - 1} time(s) after a stem of "
+                             f"stride {stem_stride}")
+        mean = [0.0] * in_channels if mean is None else mean
+        std = [1.0] * in_channels if std is None else std
+        if stem_stride == 1:
+            stem = GramConv2d(in_channels, widths[0], 3, padding=1, n_iter=n_iter)
+        else:
+            stem = GramConv2d(in_channels, widths[0], 2, stride=2, n_iter=n_iter)
+        layers: list[nn.Module] = [InputNormalization(mean, std), stem, MaxMin()]
+        for stage, (width, depth) in enumerate(zip(widths, depths)):
+            for _ in range(depth):
+                layers += [GramConv2d(width, width, 3, padding=1, n_iter=n_iter), MaxMin()]
+            if stage + 1 < len(widths):
+                layers += [GramConv2d(width, widths[stage + 1], 2, stride=2, n_iter=n_iter), MaxMin()]
+                size //= 2
+        layers.append(nn.Flatten())
+        features = widths[-1] * size * size
+        for hidden in dense:
+            layers += [GramLinear(features, hidden, n_iter=n_iter), MaxMin()]
+            features = hidden
+        layers.append(GramLinear(features, num_classes, n_iter=n_iter))
+        super().__init__(*layers)
+        orthogonal_init_(self)
+
+
+_SIZES = {
+    "xs": dict(widths=(16, 32), depths=(1, 1), dense=(128,), stem_stride=2),
+    "s": dict(widths=(32, 64), depths=(1, 1), dense=(256,), stem_stride=2),
+    "m": dict(widths=(32, 64, 128), depths=(2, 2, 2), dense=(512,), stem_stride=1),
+    "l": dict(widths=(64, 128, 256), depths=(3, 3, 3), dense=(1024,), stem_stride=1),
+}
+
+
+def _sized(size: str):
+    def build(in_channels: int, num_classes: int, input_size: int, **kwargs) -> ConvNet:
+        return ConvNet(in_channels, num_classes, input_size, **{**_SIZES[size], **kwargs})
+
+    build.__doc__ = f"ConvNet of size {size!r}: {_SIZES[size]} (any of them can be overridden)."
+    return build
+
+
+register_model("convnet")(ConvNet)
+for _size in _SIZES:
+    register_model(f"convnet-{_size}")(_sized(_size))

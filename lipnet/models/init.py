@@ -1,0 +1,39 @@
+"""Orthogonal initialization of Gram layers, so that deep 1-Lipschitz stacks start norm-preserving."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def orthogonal_init_(module: nn.Module) -> nn.Module:
+    """Initialize every ``nn.Conv2d`` / ``nn.Linear`` in ``module`` as an (semi-)orthogonal map.
+
+    A spectrally normalized layer with a random weight shrinks most directions (its typical
+    singular value is far below the largest), and a deep stack of such layers loses the
+    signal. Orthogonal starting points avoid this:
+
+    * ``nn.Linear``: ``nn.init.orthogonal_``;
+    * patchifying convolutions (``kernel_size == stride``): the weight reshaped to
+      ``(c_out, c_in * k_h * k_w)`` is orthogonal, so the map on each patch is;
+    * other convolutions: the central tap is an orthogonal ``c_out x c_in`` matrix and the
+      other taps are zero (a 1x1 orthogonal convolution, an isometry up to its shape).
+
+    Biases are set to zero. Returns ``module``.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            weight = layer.weight
+            if tuple(layer.kernel_size) == tuple(layer.stride):
+                nn.init.orthogonal_(weight.view(weight.shape[0], -1))
+            else:
+                weight.zero_()
+                nn.init.orthogonal_(weight[:, :, layer.kernel_size[0] // 2, layer.kernel_size[1] // 2])
+        elif isinstance(layer, nn.Linear):
+            nn.init.orthogonal_(layer.weight)
+        else:
+            continue
+        if layer.bias is not None:
+            layer.bias.zero_()
+    return module

@@ -1,0 +1,65 @@
+"""Batched crop/flip augmentation and the device-resident loader."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lipnet.data import DATASETS, DeviceLoader, ImageDataset, random_crop_flip
+
+
+def test_each_output_is_a_shifted_and_possibly_mirrored_window():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 6, 5), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(3)
+    out = random_crop_flip(x, padding=2, flip=True, generator=g)
+    padded = F.pad(x, (2, 2, 2, 2))
+    shifts, flips = set(), 0
+    for i in range(len(x)):
+        matches = [(dy, dx, m) for dy in range(5) for dx in range(5) for m in (False, True)
+                   if torch.equal(out[i], (lambda w: w.flip(-1) if m else w)(padded[i, :, dy:dy + 6, dx:dx + 5]))]
+        assert matches, f"image {i} is not a window of its padded input"
+        shifts.add(matches[0][:2])
+        flips += matches[0][2]
+    assert len(shifts) > 10 and 16 <= flips <= 48
+    again = random_crop_flip(x, padding=2, flip=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)
+
+
+def test_no_augmentation_is_identity():
+    x = torch.randint(0, 256, (4, 1, 7, 7), dtype=torch.uint8)
+    assert torch.equal(random_crop_flip(x), x)
+
+
+def toy(n=40):
+    info = DATASETS["mnist"]
+    return ImageDataset(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8), torch.arange(n) % 10, info,
+                        "train", "toy")
+
+
+def test_loader_order_depends_on_epoch_and_seed_only():
+    data = toy()
+    a = DeviceLoader(data, 8, seed=1)
+    b = DeviceLoader(data, 8, seed=1)
+    ya = [y for _, y in a.epoch(3)]
+    assert len(ya) == len(a) == 5
+    assert all(torch.equal(u, v) for u, v in zip(ya, [y for _, y in b.epoch(3)]))
+    assert not all(torch.equal(u, v) for u, v in zip(ya, [y for _, y in a.epoch(4)]))
+    x, _ = next(a.epoch(0))
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+
+
+def test_ranks_split_each_epoch_into_disjoint_equal_shards():
+    data = toy(42)
+    data.images = torch.arange(42, dtype=torch.uint8).view(42, 1, 1, 1).expand(42, 1, 28, 28).contiguous()
+    shards = []
+    for rank in range(3):
+        loader = DeviceLoader(data, 4, seed=0, rank=rank, world_size=3, drop_last=False)
+        batches = [x for x, _ in loader.epoch(0)]
+        assert len(loader) == len(batches) == 4 and sum(len(b) for b in batches) == 14
+        shards.append(torch.cat(batches)[:, 0, 0, 0].mul(255).round().long())
+    assert sorted(torch.cat(shards).tolist()) == list(range(42))
+
+
+def test_too_little_data_for_a_batch_is_an_error():
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        DeviceLoader(toy(10), 8, world_size=2)

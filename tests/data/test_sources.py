@@ -1,0 +1,147 @@
+"""Finding and reading data sets: every local format, corrupt files, and the not-found message."""
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lipnet.data import DatasetError, DatasetNotFoundError, load_dataset, read_idx
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def mnist_like(folder: Path, n_train=12, n_test=6, compress=True, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, n, dtype=np.uint8)
+        suffix = ".gz" if compress else ""
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", x, compress)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", y, compress)
+        arrays[split] = (x, y)
+    return arrays
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "flat", "plain-idx"])
+def test_mnist_like_layouts(tmp_path, layout):
+    folder = tmp_path / "MNIST" / "raw" if layout == "torchvision" else tmp_path
+    arrays = mnist_like(folder, compress=layout != "plain-idx")
+    for split in ("train", "test"):
+        data = load_dataset("mnist", split, data_dir=tmp_path)
+        x, y = arrays[split]
+        assert data.images.dtype == torch.uint8 and data.images.shape == (len(x), 1, 28, 28)
+        assert np.array_equal(data.images[:, 0].numpy(), x)
+        assert np.array_equal(data.labels.numpy(), y.astype(np.int64))
+        assert data.num_classes == 10 and data.shape == (1, 28, 28) and len(data.mean) == 1
+
+
+def test_npz_shards_are_concatenated_in_order_and_converted_to_nchw(tmp_path):
+    rng = np.random.default_rng(0)
+    parts = [(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)) for n in (3, 4)]
+    for i, (x, y) in enumerate(reversed(parts)):  # written out of order on purpose
+        np.savez(tmp_path / f"train-{2 - i}-of-2.npz", x=x, y=y.astype(np.uint8))
+    data = load_dataset("cifar10", "train", data_dir=tmp_path)
+    x = np.concatenate([p[0] for p in parts])
+    assert data.images.shape == (7, 3, 32, 32)
+    assert np.array_equal(data.images.numpy(), x.transpose(0, 3, 1, 2))
+    assert np.array_equal(data.labels.numpy(), np.concatenate([p[1] for p in parts]))
+
+
+def test_missing_shard_is_an_error(tmp_path):
+    np.savez(tmp_path / "train-1-of-3.npz", x=np.zeros((2, 32, 32, 3), np.uint8), y=np.zeros(2, np.uint8))
+    np.savez(tmp_path / "train-3-of-3.npz", x=np.zeros((2, 32, 32, 3), np.uint8), y=np.zeros(2, np.uint8))
+    with pytest.raises(DatasetError, match="train-2-of-3.npz"):
+        load_dataset("cifar10", "train", data_dir=tmp_path)
+
+
+def test_cifar_pickled_batches(tmp_path):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    x = rng.integers(0, 256, (5, 3 * 32 * 32), dtype=np.uint8)
+    labels = [0, 99, 5, 7, 42]
+    with open(folder / "test", "wb") as f:
+        pickle.dump({"data": x, "fine_labels": labels, "coarse_labels": [0] * 5}, f)
+    data = load_dataset("cifar100", "test", data_dir=tmp_path)
+    assert data.num_classes == 100
+    assert np.array_equal(data.images.numpy(), x.reshape(5, 3, 32, 32))
+    assert data.labels.tolist() == labels
+
+
+def test_missing_data_message_lists_folders_and_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("LIPNET_DATA_DIR", raising=False)
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("mnist", "train", data_dir=tmp_path / "nowhere")
+    message = str(err.value)
+    assert str((tmp_path / "nowhere").absolute()) in message
+    assert str((tmp_path / "nowhere" / "mnist").absolute()) in message
+    assert "--download" in message and "MNIST/raw" in message and "train.npz" in message
+
+
+def test_failed_download_is_reported(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DatasetNotFoundError, match="download failed: RuntimeError: no network"):
+        load_dataset("cifar10", "test", data_dir=tmp_path, download=True)
+
+
+def test_corrupt_and_truncated_files_give_clear_errors(tmp_path):
+    mnist_like(tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte.gz"):
+        load_dataset("mnist", "test", data_dir=tmp_path)
+    raw = tmp_path / "raw-images"
+    write_idx(raw, np.zeros((4, 28, 28), np.uint8), compress=False)
+    raw.write_bytes(raw.read_bytes()[:-10])
+    with pytest.raises(DatasetError, match="truncated"):
+        read_idx(raw)
+    (tmp_path / "test.npz").write_bytes(b"PK\x03\x04 broken zip")
+    with pytest.raises(DatasetError, match="test.npz"):
+        load_dataset("cifar10", "test", data_dir=tmp_path)
+
+
+def test_wrong_shape_or_labels_are_rejected(tmp_path):
+    np.savez(tmp_path / "test.npz", x=np.zeros((2, 28, 28, 1), np.uint8), y=np.zeros(2, np.uint8))
+    with pytest.raises(ValueError, match=r"\(3, 32, 32\)"):
+        load_dataset("cifar10", "test", data_dir=tmp_path)
+    np.savez(tmp_path / "test.npz", x=np.zeros((2, 32, 32, 3), np.uint8), y=np.array([0, 10]))
+    with pytest.raises(ValueError, match="labels must lie in"):
+        load_dataset("cifar10", "test", data_dir=tmp_path)
+    np.savez(tmp_path / "test.npz", x=np.zeros((2, 32, 32, 3), np.float32), y=np.zeros(2))
+    with pytest.raises(DatasetError, match="uint8"):
+        load_dataset("cifar10", "test", data_dir=tmp_path)
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="known: fashion-mnist"):
+        load_dataset("imagenet", "test")
+    with pytest.raises(ValueError, match="split"):
+        load_dataset("mnist", "validation")
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist_from_the_debian_package(tmp_path):
+    data = load_dataset("fashion-mnist", "test", data_dir=tmp_path)
+    assert data.source == str(FASHION_DIR)
+    assert data.images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(data.labels).tolist() == [1000] * 10

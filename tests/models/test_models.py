@@ -1,0 +1,72 @@
+"""Registered architectures: construction, spec round trip, 1-Lipschitz, orthogonal start."""
+
+import pytest
+import torch
+from torch import nn
+
+from lipnet.models import MODELS, ConvNet, build_model, model_spec, orthogonal_init_
+from lipnet.nn import GramConv2d, GramLinear, InputNormalization
+
+SMALL = {"convnet": dict(widths=(4, 8), depths=(1, 1), dense=(16,))}
+
+
+def build(name, **kwargs):
+    return build_model(name, in_channels=3, num_classes=10, input_size=16, mean=(0.5, 0.4, 0.3),
+                       std=(0.25, 0.2, 0.3), **{**SMALL.get(name, {}), **kwargs})
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registered_model_builds_runs_and_rebuilds_from_its_spec(name):
+    model = build(name)
+    x = torch.rand(2, 3, 16, 16)
+    assert model(x).shape == (2, 10)
+    spec = model_spec(model)
+    assert spec["name"] == name
+    clone = build_model(spec["name"], **spec["kwargs"])
+    clone.load_state_dict(model.state_dict())
+    model.eval(), clone.eval()
+    assert torch.equal(model(x), clone(x))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_are_built_only_from_lipnet_layers(name):
+    allowed = (GramConv2d, GramLinear, InputNormalization, nn.Flatten, nn.Sequential)
+    for module in build(name).modules():
+        assert isinstance(module, allowed) or type(module).__module__.startswith("lipnet."), type(module)
+
+
+def test_convnet_gradient_norm_never_exceeds_the_normalization_constant():
+    torch.manual_seed(0)
+    model = build("convnet").double()
+    for p in model.parameters():  # away from the orthogonal start
+        p.data.add_(0.3 * torch.randn_like(p))
+    x = torch.rand(16, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    worst = 0.0
+    for _ in range(5):
+        u = torch.nn.functional.normalize(torch.randn(16, 10, dtype=torch.float64), dim=1)
+        (grad,) = torch.autograd.grad((model(x) * u).sum(), x)
+        worst = max(worst, grad.flatten(1).norm(dim=1).max().item())
+    assert 0 < worst <= 1 / 0.2 * (1 + 1e-9)
+
+
+def test_orthogonal_init_makes_same_and_patchifying_convolutions_isometries():
+    conv = orthogonal_init_(GramConv2d(8, 8, 3, padding=1))
+    patch = orthogonal_init_(GramConv2d(4, 16, 2, stride=2))
+    for layer, channels in ((conv, 8), (patch, 4)):
+        x = torch.randn(3, channels, 10, 10)
+        raw = layer._conv_forward(x, layer.weight, None)
+        torch.testing.assert_close(raw.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1))
+    assert conv.bias.abs().max() == 0
+
+
+def test_spec_errors():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("resnet-9000")
+    with pytest.raises(TypeError, match="plain Python"):
+        build_model("convnet-xs", in_channels=1, num_classes=10, input_size=28, mean=torch.zeros(1))
+    with pytest.raises(ValueError, match="no spec"):
+        model_spec(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="even"):
+        ConvNet(1, 10, 28, widths=(5,), depths=(1,))
+    with pytest.raises(ValueError, match="halved"):
+        ConvNet(1, 10, 28, widths=(4, 4, 4, 4), depths=(1, 1, 1, 1))

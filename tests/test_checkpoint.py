@@ -1,0 +1,78 @@
+"""Checkpoints: round trip, atomic writes, and clear errors for anything unusable."""
+
+import os
+
+import pytest
+import torch
+
+from lipnet import checkpoint
+from lipnet.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, save_model
+from lipnet.models import build_model
+
+
+def net():
+    return build_model("convnet-xs", in_channels=1, num_classes=10, input_size=28, mean=[0.3], std=[0.4])
+
+
+def test_round_trip_rebuilds_the_same_function(tmp_path):
+    model = net()
+    path = save_model(tmp_path / "m.pt", model, dataset="fashion-mnist", epoch=3)
+    loaded, info = load_model(path)
+    assert info == {"dataset": "fashion-mnist", "epoch": 3}
+    assert not loaded.training
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(loaded(x), model.eval()(x))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_checkpoints_give_a_clear_error(tmp_path, damage):
+    path = save_model(tmp_path / "m.pt", net())
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match="truncated, corrupt"):
+        load_model(path)
+
+
+def test_missing_foreign_and_mismatched_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_model(tmp_path / "nothing.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a lipnet checkpoint"):
+        load_model(tmp_path / "foreign.pt")
+    payload = checkpoint.model_payload(net())
+    payload["state_dict"].pop(next(iter(payload["state_dict"])))
+    save_checkpoint(tmp_path / "bad.pt", payload)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(tmp_path / "bad.pt")
+
+
+def test_nan_weights_are_refused(tmp_path):
+    model = net()
+    with torch.no_grad():
+        model[1].weight[0, 0, 0, 0] = float("nan")
+    save_model(tmp_path / "nan.pt", model)
+    with pytest.raises(CheckpointError, match=r"NaN or inf.*1\.weight"):
+        load_model(tmp_path / "nan.pt")
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = save_model(tmp_path / "m.pt", net(), epoch=1)
+    before = path.read_bytes()
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(path, net(), epoch=2)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    assert load_checkpoint(path)["info"] == {"epoch": 1}
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    path = save_model(tmp_path / "m.pt", net(), config={"lr": 0.1, "eps": [0.1, 0.5]})
+    payload = torch.load(path, weights_only=True)
+    assert payload["model"]["name"] == "convnet-xs"
