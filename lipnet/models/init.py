@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lipnet.nn import GramResidualConv2d
+
 
 @torch.no_grad()
 def orthogonal_init_(module: nn.Module) -> nn.Module:
@@ -17,13 +19,17 @@ def orthogonal_init_(module: nn.Module) -> nn.Module:
     * ``nn.Linear``: ``nn.init.orthogonal_``;
     * patchifying convolutions (``kernel_size == stride``): the weight reshaped to
       ``(c_out, c_in * k_h * k_w)`` is orthogonal, so the map on each patch is;
+    * residual convolutions (:class:`lipnet.nn.GramResidualConv2d`): the branch is zero, so
+      the block starts as the identity;
     * other convolutions: the central tap is an orthogonal ``c_out x c_in`` matrix and the
       other taps are zero (a 1x1 orthogonal convolution, an isometry up to its shape).
 
     Biases are set to zero. Returns ``module``.
     """
     for layer in module.modules():
-        if isinstance(layer, nn.Conv2d):
+        if isinstance(layer, GramResidualConv2d):
+            layer.weight.zero_()
+        elif isinstance(layer, nn.Conv2d):
             weight = layer.weight
             if tuple(layer.kernel_size) == tuple(layer.stride):
                 nn.init.orthogonal_(weight.view(weight.shape[0], -1))

@@ -5,19 +5,31 @@ import torch
 from torch import nn
 
 from lipnet.models import MODELS, ConvNet, build_model, model_spec, orthogonal_init_
-from lipnet.nn import GramConv2d, GramLinear, InputNormalization
+from lipnet.nn import GramConv2d, GramLinear, GramResidualConv2d, InputNormalization
 
-SMALL = {"convnet": dict(widths=(4, 8), depths=(1, 1), dense=(16,))}
+CONVNET = dict(widths=(4, 8), depths=(1, 1), dense=(16,))
+LIRESNET = dict(width=8, depth=2, dense=(16,))
+
+
+def small(name):
+    """Overrides that keep every registered model cheap to run (the real sizes only construct)."""
+    return CONVNET if name.startswith("convnet") else LIRESNET
 
 
 def build(name, **kwargs):
     return build_model(name, in_channels=3, num_classes=10, input_size=16, mean=(0.5, 0.4, 0.3),
-                       std=(0.25, 0.2, 0.3), **{**SMALL.get(name, {}), **kwargs})
+                       std=(0.25, 0.2, 0.3), **kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_registered_model_builds_runs_and_rebuilds_from_its_spec(name):
-    model = build(name)
+def test_every_registered_size_constructs(name):
+    model = build_model(name, in_channels=3, num_classes=100, input_size=16)
+    assert model[-1].out_features == 100
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registered_model_runs_and_rebuilds_from_its_spec(name):
+    model = build(name, **small(name))
     x = torch.rand(2, 3, 16, 16)
     assert model(x).shape == (2, 10)
     spec = model_spec(model)
@@ -31,13 +43,14 @@ def test_every_registered_model_builds_runs_and_rebuilds_from_its_spec(name):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_models_are_built_only_from_lipnet_layers(name):
     allowed = (GramConv2d, GramLinear, InputNormalization, nn.Flatten, nn.Sequential)
-    for module in build(name).modules():
+    for module in build(name, **small(name)).modules():
         assert isinstance(module, allowed) or type(module).__module__.startswith("lipnet."), type(module)
 
 
-def test_convnet_gradient_norm_never_exceeds_the_normalization_constant():
+@pytest.mark.parametrize("name", ["convnet", "liresnet"])
+def test_gradient_norm_never_exceeds_the_normalization_constant(name):
     torch.manual_seed(0)
-    model = build("convnet").double()
+    model = build(name, **small(name)).double()
     for p in model.parameters():  # away from the orthogonal start
         p.data.add_(0.3 * torch.randn_like(p))
     x = torch.rand(16, 3, 16, 16, dtype=torch.float64, requires_grad=True)
@@ -57,6 +70,10 @@ def test_orthogonal_init_makes_same_and_patchifying_convolutions_isometries():
         raw = layer._conv_forward(x, layer.weight, None)
         torch.testing.assert_close(raw.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1))
     assert conv.bias.abs().max() == 0
+    block = orthogonal_init_(GramResidualConv2d(4, 3))
+    assert block.weight.abs().max() == 0  # the block starts as the identity, divided by its bound
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(block(x), x / block.weight_norm_bound((6, 6)))
 
 
 def test_spec_errors():
