@@ -1,0 +1,235 @@
+"""Empirical audit of certificates with AutoAttack (L2).
+
+A certificate says that no input within the certified radius changes the prediction. An
+attack that finds such an input proves the certificate (hence the Lipschitz bound, a layer
+or the radius formula) wrong. :func:`audit` attacks the correctly classified points,
+recomputes every adversarial example's prediction and L2 distance itself, and counts the
+*soundness failures*: points misclassified at a distance below their certified radius.
+It also reports the empirical robust accuracy, which a sound certificate never exceeds
+from above (robust accuracy >= certified accuracy).
+
+Reference:
+    Croce, Hein. "Reliable evaluation of adversarial robustness with an ensemble of diverse
+    parameter-free attacks", ICML 2020 (AutoAttack; the ``pyautoattack`` package).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from pyautoattack import AutoAttack
+from torch import nn
+
+from lipnet.certify.accuracy import CertificationResult, certified_accuracy
+
+#: Attacks of each audit version (the targeted ones need enough classes; see ``_attacks``).
+VERSIONS = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "apgd": ("apgd-ce", "apgd-t"),
+}
+
+
+class SoundnessError(AssertionError):
+    """An attack broke a certified prediction: some certificate is false."""
+
+
+class SoundnessWarning(UserWarning):
+    """Warning form of :class:`SoundnessError` (``audit(..., on_failure="warn")``)."""
+
+
+@dataclass
+class AuditResult:
+    """Outcome of :func:`audit` at one radius ``eps``.
+
+    Attributes:
+        eps: the attack radius (L2).
+        version: ``"standard"`` AutoAttack or ``"apgd"`` (APGD-CE + APGD-T only).
+        n: examples audited.
+        clean_accuracy, certified_accuracy: as certified (radius ``> eps``).
+        robust_accuracy: fraction still correctly classified after the attack (``None``
+            when only the certified points were attacked).
+        n_attacked: points attacked.
+        n_broken: attacked points the attack misclassified.
+        failures: indices of soundness failures (misclassified at a distance below their
+            certified radius).
+        failure_distances, failure_radii: their distances and certified radii.
+    """
+
+    eps: float
+    version: str
+    n: int
+    clean_accuracy: float
+    certified_accuracy: float
+    robust_accuracy: float | None
+    n_attacked: int
+    n_broken: int
+    failures: torch.Tensor = field(repr=False)
+    failure_distances: torch.Tensor = field(repr=False)
+    failure_radii: torch.Tensor = field(repr=False)
+
+    @property
+    def n_certified(self) -> int:
+        return round(self.certified_accuracy * self.n)
+
+    @property
+    def n_failures(self) -> int:
+        return int(self.failures.numel())
+
+    @property
+    def sound(self) -> bool:
+        """No certified point was broken, and robust accuracy is at least certified accuracy."""
+        robust_ok = self.robust_accuracy is None or self.robust_accuracy >= self.certified_accuracy
+        return self.n_failures == 0 and robust_ok
+
+    def to_dict(self) -> dict:
+        return {
+            "eps": self.eps, "version": self.version, "n": self.n, "clean_accuracy": self.clean_accuracy,
+            "certified_accuracy": self.certified_accuracy, "robust_accuracy": self.robust_accuracy,
+            "n_certified": self.n_certified, "n_attacked": self.n_attacked, "n_broken": self.n_broken,
+            "n_certified_broken": self.n_failures, "sound": self.sound,
+            "failures": self.failures.tolist(),
+        }
+
+
+def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, version: str = "standard",
+          certification: CertificationResult | None = None, attack: str = "correct",
+          on_failure: str = "raise", batch_size: int = 250, device: torch.device | str | None = None,
+          seed: int = 0) -> AuditResult:
+    """Attack the model with L2 AutoAttack at radius ``eps`` and check the certificates.
+
+    Args:
+        model: maps inputs in ``[0, 1]`` (AutoAttack clips to that box) to logits.
+        x, y: inputs (float in ``[0, 1]``, or uint8 images scaled by 1/255) and labels.
+        eps: L2 attack radius.
+        version: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square) or ``"apgd"`` (APGD-CE and
+            APGD-T: a quick check).
+        certification: result of :func:`certified_accuracy` on exactly ``(x, y)``; computed
+            if not given.
+        attack: ``"correct"`` attacks every correctly classified point (gives the robust
+            accuracy); ``"certified"`` only those certified at ``eps`` (faster).
+        on_failure: ``"raise"`` a :class:`SoundnessError` or ``"warn"`` with a
+            :class:`SoundnessWarning` when a certified point is broken.
+        batch_size, device, seed: passed to AutoAttack.
+
+    Parameters are frozen (``requires_grad=False``) and the model is in eval mode during
+    the attack, so Gram layers use their cached normalized weights; both are restored.
+    """
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {sorted(VERSIONS)}, got {version!r}")
+    if attack not in ("correct", "certified"):
+        raise ValueError(f"attack must be 'correct' or 'certified', got {attack!r}")
+    if on_failure not in ("raise", "warn"):
+        raise ValueError(f"on_failure must be 'raise' or 'warn', got {on_failure!r}")
+    if not eps > 0 or math.isinf(eps):
+        raise ValueError(f"eps must be a finite radius > 0, got {eps}")
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    x, y = x.detach().float().cpu(), y.detach().cpu()
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError("AutoAttack clips inputs to [0, 1], but x lies in "
+                         f"[{float(x.min()):.3g}, {float(x.max()):.3g}]; put the input normalization inside the model")
+    if certification is None:
+        certification = certified_accuracy(model, (x, y), [eps], device=device, progress=False)
+    elif certification.n != x.shape[0]:
+        raise ValueError(f"certification covers {certification.n} examples but x has {x.shape[0]}")
+    radii = certification.radii.double().cpu()
+    targets = certification.correct if attack == "correct" else radii > eps
+    index = targets.nonzero().flatten()
+
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    model.eval()
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        attacked = _FloatLogits(model)
+        if index.numel():
+            x_adv = _run_autoattack(attacked, x[index], y[index], eps, version, batch_size, device, seed)
+        else:
+            x_adv = x[index]
+        with torch.no_grad():
+            predictions = torch.cat([attacked(x_adv[i:i + batch_size].to(device)).argmax(dim=1).cpu()
+                                     for i in range(0, x_adv.shape[0], batch_size)]) if index.numel() else y[index]
+    finally:
+        for p, requires_grad in frozen:
+            p.requires_grad_(requires_grad)
+        model.train(training)
+
+    broken = predictions != y[index]
+    distances = (x_adv.double() - x[index].double()).flatten(1).norm(dim=1)
+    unsound = broken & (distances < radii[index])
+    n = x.shape[0]
+    result = AuditResult(
+        eps=float(eps),
+        version=version,
+        n=n,
+        clean_accuracy=certification.clean_accuracy,
+        certified_accuracy=float((radii > eps).double().mean()),
+        robust_accuracy=float((certification.correct.sum() - broken.sum()) / n) if attack == "correct" else None,
+        n_attacked=int(index.numel()),
+        n_broken=int(broken.sum()),
+        failures=index[unsound],
+        failure_distances=distances[unsound],
+        failure_radii=radii[index][unsound],
+    )
+    if not result.sound:
+        _report(result, on_failure)
+    return result
+
+
+class _FloatLogits(nn.Module):
+    """The model on float32 inputs (AutoAttack's dtype), cast to the model's dtype and back."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype)).float()
+
+
+def _attacks(version: str, n_classes: int) -> list[str]:
+    """The attacks of ``version`` that make sense with ``n_classes`` (DLR losses need >= 3 or 4)."""
+    attacks = list(VERSIONS[version])
+    if n_classes < 4:
+        attacks = [a for a in attacks if a not in ("apgd-t",)]
+    return attacks
+
+
+def _run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str,
+                    batch_size: int, device, seed: int) -> torch.Tensor:
+    with torch.no_grad():
+        n_classes = model(x[:1].to(device)).shape[1]
+    adversary = AutoAttack(model, norm="L2", eps=float(eps), version="custom", seed=seed, device=device,
+                           attacks=_attacks(version, n_classes))
+    # The settings of AutoAttack's standard L2 version, with as many targets as there are classes.
+    adversary.apgd.n_restarts = 1
+    adversary.apgd_targeted.n_restarts = 1
+    adversary.apgd_targeted.n_target_classes = min(9, n_classes - 1)
+    adversary.fab.n_restarts = 1
+    adversary.fab.n_target_classes = min(9, n_classes - 1)
+    adversary.square.n_queries = 5000
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+    x_adv = adversary.run_standard_evaluation(x.to(device), y.to(device), batch_size=batch_size)[0]
+    return x_adv.detach().float().cpu()
+
+
+def _report(result: AuditResult, on_failure: str) -> None:
+    worst = ", ".join(f"#{int(i)} at distance {float(d):.6g} < radius {float(r):.6g}"
+                      for i, d, r in zip(result.failures[:5], result.failure_distances[:5], result.failure_radii[:5]))
+    message = (
+        f"SOUNDNESS FAILURE at eps={result.eps:.6g}: AutoAttack ({result.version}) broke {result.n_failures} "
+        f"certified prediction(s) ({worst}); certified accuracy {result.certified_accuracy:.4f}, robust accuracy "
+        f"{result.robust_accuracy}. Some Lipschitz bound in the model is wrong: check custom layers and registered "
+        "bounds (lipnet.certify.register_lipschitz_bound)."
+    )
+    if on_failure == "raise":
+        raise SoundnessError(message)
+    warnings.warn(message, SoundnessWarning, stacklevel=3)

@@ -1,0 +1,297 @@
+"""A sound float64 upper bound on the L2 Lipschitz constant of a whole network.
+
+The bound is composed from per-module bounds: for ``f = f_n o ... o f_1``,
+``Lip(f) <= prod_i Lip(f_i)``, where each ``Lip(f_i)`` is taken for the input shape that
+``f_i`` actually receives (found by a dry run on a zero input of batch size 1, since
+convolution bounds depend on the spatial size). Every product and sum is rounded upwards
+(``math.nextafter``), so the float64 result is never below the exact value of the
+composition of the per-module bounds, which are themselves certified upper bounds.
+
+How a module's bound is found, first match wins:
+
+1. a function registered for its type with :func:`register_lipschitz_bound` (also used for
+   subclasses that do not override ``forward``);
+2. its own ``lipschitz_bound`` method, called with the spatial size of its input
+   (``input_shape[1:]``) when it takes an argument (Gram layers, pooling, residual blocks,
+   input normalization);
+3. for ``nn.Sequential`` and :class:`~lipnet.nn.ConvexResidual` (and subclasses that keep
+   their ``forward``), the composition of their children's bounds.
+
+A module matching neither raises :class:`UnknownModuleError`, naming the module's path in
+the model and its type: there is no default of 1. Bounds are for the model in eval mode
+(dropout is the identity), the mode in which it is certified.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from fractions import Fraction
+
+import torch
+from torch import nn
+
+from lipnet.bounds.circulant import pair
+from lipnet.nn.activations import MaxMin
+from lipnet.nn.pooling import adaptive_pooling_lipschitz_bound, pooling_lipschitz_bound, sqrt_up, window_multiplicity
+from lipnet.nn.residual import ConvexResidual
+
+#: ``fn(module, input_shape) -> float``: a sound upper bound on the module's L2 Lipschitz
+#: constant for inputs of ``input_shape`` (one example, no batch dimension).
+BoundFunction = Callable[[nn.Module, tuple[int, ...]], float]
+
+_REGISTRY: dict[type, BoundFunction] = {}
+#: Containers whose bound composes their children's: ``fn(module, x) -> (bound, output)``.
+_COMPOSITES: dict[type, Callable] = {}
+
+
+class LipschitzBoundError(ValueError):
+    """No sound bound could be computed for a module; ``path`` locates it in the model."""
+
+    def __init__(self, module: nn.Module, reason: str):
+        super().__init__(reason)
+        self.module = module
+        self.reason = reason
+        self.path: str | None = None
+
+    def __str__(self) -> str:
+        where = f"module '{self.path}'" if self.path else "the model itself" if self.path == "" else "a module"
+        return f"{where} ({type(self.module).__module__}.{type(self.module).__qualname__}): {self.reason}"
+
+
+class UnknownModuleError(LipschitzBoundError, TypeError):
+    """No Lipschitz bound is registered or defined for a module type."""
+
+    def __init__(self, module: nn.Module):
+        name = type(module).__name__
+        super().__init__(module, (
+            f"no Lipschitz bound is known for {name}. Register one with "
+            f"lipnet.certify.register_lipschitz_bound({name}, fn), where fn(module, input_shape) returns a sound "
+            f"float upper bound on its L2 Lipschitz constant for inputs of that shape, or give {name} a "
+            "lipschitz_bound(input_size) method. A container with a custom forward needs a bound that accounts for "
+            "how it combines its children (lipnet.certify.lipschitz_bound(child, shape) bounds each child)."
+        ))
+
+
+def register_lipschitz_bound(module_type: type, fn: BoundFunction | None = None):
+    """Register ``fn(module, input_shape) -> float`` as the Lipschitz bound of ``module_type``.
+
+    Replaces any earlier registration of the type, including the built-in ones. Usable as a
+    decorator. The function must return a *sound* upper bound: certificates are only as true
+    as it is.
+
+    Example:
+        >>> class Half(nn.Module):
+        ...     def forward(self, x):
+        ...         return x / 2
+        >>> register_lipschitz_bound(Half, lambda module, shape: 0.5)  # doctest: +ELLIPSIS
+        <function <lambda> at ...>
+        >>> lipschitz_bound(nn.Sequential(Half(), nn.ReLU()), (3,))
+        0.5
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+
+    def decorator(function: BoundFunction) -> BoundFunction:
+        if not callable(function):
+            raise TypeError(f"the bound of {module_type.__name__} must be callable (module, input_shape) -> float")
+        _REGISTRY[module_type] = function
+        return function
+
+    return decorator if fn is None else decorator(fn)
+
+
+def lipschitz_bound(model: nn.Module, input_shape) -> float:
+    """Certified float64 upper bound on the L2 Lipschitz constant of ``model`` in eval mode.
+
+    Args:
+        model: a network of modules with known bounds (``nn.Sequential`` and
+            :class:`~lipnet.nn.ConvexResidual` containers compose their children's).
+        input_shape: shape of one input, without the batch dimension, e.g. ``(3, 32, 32)``.
+
+    Returns:
+        A float ``L`` with ``||model(x) - model(x')|| <= L ||x - x'||`` for all inputs of that
+        shape, in exact arithmetic on the weights the layers apply.
+
+    Raises:
+        UnknownModuleError: a module has no known bound (the message names it and says how
+            to register one).
+        LipschitzBoundError: a bound function returned a negative, NaN or non-number value.
+
+    Example:
+        >>> from lipnet.nn import GramConv2d, GramLinear, MaxMin
+        >>> net = nn.Sequential(GramConv2d(1, 4, 3, padding=1), MaxMin(), nn.Flatten(), GramLinear(64, 10))
+        >>> lipschitz_bound(net, (1, 4, 4)) <= 1 + 1e-5
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"input_shape must be the shape of one input without the batch dimension, e.g. "
+                         f"(3, 32, 32), got {tuple(input_shape)}")
+    dtype, device = _dtype_and_device(model)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            bound, _ = _module_bound(model, torch.zeros((1, *shape), dtype=dtype, device=device))
+    except LipschitzBoundError as error:
+        names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+        if id(error.module) in names:
+            error.path = names[id(error.module)]
+        raise
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    return bound
+
+
+def mul_up(a: float, b: float) -> float:
+    """The smallest float ``>= a * b`` (``a, b >= 0``): the product rounded upwards, exactly."""
+    return _round_up_exact(a * b, Fraction(a) * Fraction(b))
+
+
+def add_up(a: float, b: float) -> float:
+    """The smallest float ``>= a + b`` (``a, b >= 0``): the sum rounded upwards, exactly."""
+    return _round_up_exact(a + b, Fraction(a) + Fraction(b))
+
+
+def _round_up_exact(rounded: float, exact: Fraction) -> float:
+    if math.isinf(rounded) or Fraction(rounded) >= exact:
+        return rounded
+    return math.nextafter(rounded, math.inf)
+
+
+def _module_bound(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """``(bound, module(x))`` for the dummy input ``x``."""
+    shape = tuple(x.shape[1:])
+    fn = _lookup(_REGISTRY, module)
+    if fn is not None:
+        value = fn(module, shape)
+    elif callable(getattr(module, "lipschitz_bound", None)):
+        method = module.lipschitz_bound
+        value = method(shape[1:]) if inspect.signature(method).parameters else method()
+    elif (composite := _lookup(_COMPOSITES, module)) is not None:
+        return composite(module, x)
+    else:
+        raise UnknownModuleError(module)
+    return _checked(module, value), module(x)
+
+
+def _lookup(table: dict, module: nn.Module):
+    """The entry of the nearest registered base class whose ``forward`` the module still uses."""
+    cls = type(module)
+    for base in cls.__mro__:
+        if base in table and (base is cls or getattr(cls, "forward", None) is getattr(base, "forward", None)):
+            return table[base]
+    return None
+
+
+def _checked(module: nn.Module, value) -> float:
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            raise LipschitzBoundError(module, f"the Lipschitz bound must be a number, got a tensor of shape "
+                                              f"{tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | float | Fraction):
+        raise LipschitzBoundError(module, f"the Lipschitz bound must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not value >= 0 or math.isinf(value):
+        raise LipschitzBoundError(module, f"the Lipschitz bound must be finite and >= 0, got {value}")
+    return value
+
+
+def _dtype_and_device(model: nn.Module):
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype, tensor.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- containers
+
+
+def _sequential_bound(module: nn.Sequential, x: torch.Tensor):
+    bound = 1.0
+    for child in module:
+        child_bound, x = _module_bound(child, x)
+        bound = mul_up(bound, child_bound)
+    return bound, x
+
+
+def _convex_residual_bound(module: ConvexResidual, x: torch.Tensor):
+    """``|1 - alpha| + |alpha| * Lip(branch)`` with the coefficients the forward applies."""
+    branch_bound, _ = _module_bound(module.branch, x)
+    keep, alpha = (abs(float(c.detach().double())) for c in module.coefficients())
+    return add_up(keep, mul_up(alpha, branch_bound)), module(x)
+
+
+_COMPOSITES[nn.Sequential] = _sequential_bound
+_COMPOSITES[ConvexResidual] = _convex_residual_bound
+
+
+# ----------------------------------------------------------------------------- built-in bounds
+
+
+def _constant(value: float) -> BoundFunction:
+    return lambda module, shape: value
+
+
+# Shape changes, and maps that are the identity in eval mode.
+for _type in (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+              nn.AlphaDropout, nn.FeatureAlphaDropout):
+    register_lipschitz_bound(_type, _constant(1.0))
+# Activations with derivative in [-1, 1]; MaxMin permutes each pair of channels.
+for _type in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, nn.Softsign, MaxMin):
+    register_lipschitz_bound(_type, _constant(1.0))
+register_lipschitz_bound(nn.Sigmoid, _constant(0.25))
+
+
+@register_lipschitz_bound(nn.LeakyReLU)
+def _leaky_relu(module: nn.LeakyReLU, shape) -> float:
+    """Slopes 1 and ``negative_slope``."""
+    return max(1.0, abs(float(module.negative_slope)))
+
+
+@register_lipschitz_bound(nn.ELU)
+def _elu(module: nn.ELU, shape) -> float:
+    """Derivative 1 for ``x > 0`` and ``alpha * exp(x) <= alpha`` for ``x <= 0``."""
+    return max(1.0, abs(float(module.alpha)))
+
+
+@register_lipschitz_bound(nn.MaxPool2d)
+def _max_pool(module: nn.MaxPool2d, shape) -> float:
+    """``sqrt(m)`` (see :mod:`lipnet.nn.pooling`); valid for any padding and ceil_mode."""
+    return pooling_lipschitz_bound(module.kernel_size, module.stride, module.dilation)
+
+
+@register_lipschitz_bound(nn.AvgPool2d)
+def _avg_pool(module: nn.AvgPool2d, shape) -> float:
+    """``sqrt(m) * sqrt(k_h k_w) / divisor``: average pooling is a scaled sum over each window."""
+    kernel = pair(module.kernel_size)
+    stride = kernel if module.stride is None else pair(module.stride)
+    padding = pair(module.padding)
+    if module.ceil_mode or (not module.count_include_pad and any(padding)):
+        raise LipschitzBoundError(module, "AvgPool2d with ceil_mode=True, or with padding and "
+                                          "count_include_pad=False, divides some windows by fewer entries; "
+                                          "use ceil_mode=False and count_include_pad=True (or lipnet.nn.ScaledAvgPool2d)")
+    divisor = module.divisor_override or math.prod(kernel)
+    m = math.prod(window_multiplicity(k, s) for k, s in zip(kernel, stride))
+    return sqrt_up(Fraction(m * math.prod(kernel), divisor**2))
+
+
+def _adaptive_output_size(module, shape) -> tuple[int, int]:
+    out = module.output_size if isinstance(module.output_size, tuple | list) else (module.output_size,) * 2
+    return tuple(n if o is None else int(o) for o, n in zip(out, shape[-2:]))
+
+
+@register_lipschitz_bound(nn.AdaptiveAvgPool2d)
+def _adaptive_avg_pool(module: nn.AdaptiveAvgPool2d, shape) -> float:
+    return adaptive_pooling_lipschitz_bound(shape[-2:], _adaptive_output_size(module, shape), average=True)
+
+
+@register_lipschitz_bound(nn.AdaptiveMaxPool2d)
+def _adaptive_max_pool(module: nn.AdaptiveMaxPool2d, shape) -> float:
+    return adaptive_pooling_lipschitz_bound(shape[-2:], _adaptive_output_size(module, shape), average=False)

@@ -1,0 +1,142 @@
+"""Certified L2 radii from logits and a Lipschitz bound.
+
+If the logit map ``f`` is ``L``-Lipschitz in L2, then for any ``j != y`` the difference
+``f_y - f_j = <e_y - e_j, f>`` is ``sqrt(2) L``-Lipschitz, so the prediction ``y`` cannot
+change within
+
+    r = (f_y - max_{j != y} f_j) / (sqrt(2) L)                          (generic form)
+
+(Tsuzuku, Sato, Sugiyama, "Lipschitz-Margin Training", NeurIPS 2018, Prop. 1). When the
+last layer is linear, ``f = W h + b`` with ``h`` an ``L_h``-Lipschitz body, the difference
+``f_y - f_j = <w_y - w_j, h> + b_y - b_j`` is ``L_h ||w_y - w_j||``-Lipschitz, giving
+
+    r = min_{j != y} (f_y - f_j) / (L_h ||w_y - w_j||)                   (last-layer form),
+
+never smaller than the generic radius since ``||w_y - w_j|| <= sqrt(2) ||W||``.
+
+Rounding: the logits come from a floating-point forward pass. Each logit is treated as
+uncertain by ``delta = LOGIT_ROUNDING_ULPS * eps(dtype) * max(1, max_j |f_j|)`` (relative
+1.2e-4 in float32: a generous allowance, measured to be orders of magnitude above the
+actual float32-vs-float64 discrepancy of lipnet networks), so margins are reduced by
+``2 delta``. All arithmetic is in float64, with the denominators rounded up and the
+quotients rounded down.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+#: Units of the logits' machine epsilon by which each logit is assumed uncertain.
+LOGIT_ROUNDING_ULPS = 1024
+
+
+def logit_rounding_margin(logits: torch.Tensor) -> torch.Tensor:
+    """Per-example uncertainty ``delta`` of the logits (float64, shape ``(N,)``)."""
+    eps = torch.finfo(logits.dtype).eps if logits.is_floating_point() else 0.0
+    scale = logits.detach().double().abs().amax(dim=1).clamp_min(1.0)
+    return LOGIT_ROUNDING_ULPS * eps * scale
+
+
+def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz: float | None = None, *,
+                     last_layer: nn.Linear | torch.Tensor | None = None,
+                     body_lipschitz: float | None = None) -> torch.Tensor:
+    """Certified L2 radius of every prediction; 0 where the prediction is wrong.
+
+    Give either ``lipschitz`` (a sound bound on the Lipschitz constant of the logit map:
+    generic form) or ``last_layer`` and ``body_lipschitz`` (last-layer form; see the module
+    docstring). The radius is a lower bound on the distance to the nearest input where the
+    model's prediction differs from ``labels``.
+
+    Args:
+        logits: ``(N, K)`` logits, ``K >= 2``, of any floating dtype.
+        labels: ``(N,)`` integer labels in ``[0, K)``.
+        lipschitz: certified bound ``L`` of the whole model (from :func:`lipschitz_bound`).
+        last_layer: the final linear layer (a :class:`~lipnet.nn.GramLinear` contributes its
+            normalized weight, as applied) or its applied ``(K, features)`` weight.
+        body_lipschitz: certified bound of everything before ``last_layer``.
+
+    Returns:
+        float64 tensor ``(N,)`` of radii on the logits' device.
+
+    Example:
+        >>> logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+        >>> certified_radius(logits, torch.tensor([0, 0]), lipschitz=1.0).round(decimals=3)
+        tensor([1.4140, 0.0000], dtype=torch.float64)
+    """
+    _check_logits(logits, labels)
+    if (lipschitz is None) == (last_layer is None):
+        raise ValueError("give either lipschitz=L (generic form) or last_layer=... and body_lipschitz=L_body "
+                         "(last-layer form)")
+    f = logits.detach().double()
+    labels = labels.to(f.device)
+    margins = f.gather(1, labels[:, None]) - f - 2 * logit_rounding_margin(logits)[:, None]  # (N, K)
+    own = torch.nn.functional.one_hot(labels, f.shape[1]).bool()
+    if last_layer is None:
+        denominator = torch.full_like(f, _round_up(math.sqrt(2) * _check_bound(lipschitz, "lipschitz")))
+    else:
+        if body_lipschitz is None:
+            raise ValueError("the last-layer form needs body_lipschitz, a certified bound of the model without its "
+                             "last layer")
+        distances = row_distance_upper_bound(applied_weight(last_layer).to(f.device))
+        if distances.shape[0] != f.shape[1]:
+            raise ValueError(f"last_layer has {distances.shape[0]} outputs but the logits have {f.shape[1]} classes")
+        denominator = _round_up(_check_bound(body_lipschitz, "body_lipschitz") * distances[labels])
+    radii = torch.nextafter(margins / denominator, torch.zeros_like(margins))  # rounded towards 0
+    # A zero denominator means f_y - f_j never changes: no constraint if its margin is positive.
+    radii = torch.where(denominator == 0, torch.where(margins > 0, math.inf, 0.0), radii)
+    # A wrong (or tied) prediction has a margin <= -2 delta < 0 for some j, hence radius 0.
+    return radii.masked_fill(own, math.inf).amin(dim=1).clamp_min(0.0)
+
+
+def applied_weight(layer: nn.Linear | torch.Tensor) -> torch.Tensor:
+    """The ``(out, in)`` weight a linear layer applies, detached, in float64."""
+    if torch.is_tensor(layer):
+        weight = layer
+    elif isinstance(layer, nn.Linear):
+        with torch.no_grad():
+            weight = layer.normalized_weight() if hasattr(layer, "normalized_weight") else layer.weight
+    else:
+        raise TypeError(f"last_layer must be an nn.Linear (e.g. GramLinear) or a weight tensor, got "
+                        f"{type(layer).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"a linear weight must have shape (out, in), got {tuple(weight.shape)}")
+    return weight.detach().double()
+
+
+def row_distance_upper_bound(weight: torch.Tensor) -> torch.Tensor:
+    """``D[y, j] >= ||w_y - w_j||_2`` for the rows of a float64 ``(K, n)`` matrix.
+
+    The differences, squares and sums are computed in float64 (relative error below
+    ``(n + 2) u``) and the result is multiplied by ``1 + (n + 4) * 2^-52``.
+    """
+    weight = weight.double()
+    norms = torch.stack([(weight - row).square().sum(dim=1).sqrt() for row in weight])
+    return norms * (1 + (weight.shape[1] + 4) * 2.0**-52)
+
+
+def _round_up(x):
+    if torch.is_tensor(x):
+        return torch.nextafter(x, torch.full_like(x, math.inf))
+    return math.nextafter(x, math.inf)
+
+
+def _check_bound(value, name: str) -> float:
+    value = float(value)
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite Lipschitz bound >= 0, got {value}")
+    return value
+
+
+def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must have shape (N, K) with K >= 2 classes, got {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:1] or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be {logits.shape[0]} integer labels, got {labels.dtype} {tuple(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+        raise ValueError(f"labels must lie in [0, {logits.shape[1]}), got values from {int(labels.min())} to "
+                         f"{int(labels.max())}")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("logits contain NaN or inf: no radius can be certified; check the model and its input")

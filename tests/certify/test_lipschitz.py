@@ -1,0 +1,247 @@
+"""lipschitz_bound: never below the empirical or exact Lipschitz constant; unknown modules raise."""
+
+import math
+import random
+from fractions import Fraction
+
+import pytest
+import torch
+from torch import nn
+
+from lipnet.certify import LipschitzBoundError, UnknownModuleError, lipschitz_bound, register_lipschitz_bound
+from lipnet.certify.lipschitz import add_up, mul_up
+from lipnet.nn import (
+    ConvexResidual,
+    GlobalL2NormPool2d,
+    GlobalScaledAvgPool2d,
+    GramConv2d,
+    GramLinear,
+    GramResidualConv2d,
+    InputNormalization,
+    L2NormPool2d,
+    MaxMin,
+    ScaledAvgPool2d,
+)
+
+
+def zoo():
+    """Networks covering every built-in bound, with input shapes."""
+    return {
+        "convnet": (nn.Sequential(
+            InputNormalization([0.4, 0.5], [0.5, 0.3]),
+            GramConv2d(2, 8, 3, padding=1), MaxMin(),
+            GramConv2d(8, 8, 2, stride=2), nn.ReLU(),
+            nn.Flatten(), nn.Dropout(0.5), GramLinear(8 * 4 * 4, 16), nn.Tanh(), GramLinear(16, 5),
+        ), (2, 8, 8)),
+        "pooling": (nn.Sequential(
+            GramConv2d(1, 6, 3, padding=1), nn.LeakyReLU(0.1),
+            L2NormPool2d(2), GramConv2d(6, 6, 3, padding=1, padding_mode="circular"), MaxMin(),
+            ScaledAvgPool2d(3, 1, 1), nn.MaxPool2d(2, 1), nn.AvgPool2d(2), GlobalL2NormPool2d(),
+            nn.Flatten(), GramLinear(6, 4),
+        ), (1, 9, 9)),
+        "residual": (nn.Sequential(
+            GramConv2d(3, 8, 3, padding=1), MaxMin(),
+            GramResidualConv2d(8, 3), nn.ELU(),
+            ConvexResidual(nn.Sequential(GramConv2d(8, 8, 3, padding=1), MaxMin(), GramResidualConv2d(8, 3)), 0.3),
+            nn.AdaptiveAvgPool2d((3, 2)), nn.AdaptiveMaxPool2d(2), GlobalScaledAvgPool2d(), nn.Flatten(),
+            nn.Identity(), GramLinear(8, 6),
+        ), (3, 7, 6)),
+        "expanding": (nn.Sequential(  # Lipschitz constant above 1: normalization and overlapping pools
+            InputNormalization([0.0], [0.2]), nn.LeakyReLU(1.5), ScaledAvgPool2d(2, 1),
+            GramConv2d(1, 4, 3), nn.Sigmoid(), nn.Flatten(), GramLinear(4 * 3 * 3, 3),
+        ), (1, 6, 6)),
+    }
+
+
+def empirical_lipschitz(net, shape, n=32, steps=40):
+    """A lower bound on Lip(net): Jacobian norms (power iteration) and ascent on pair ratios."""
+    net = net.double().eval()
+    x = torch.randn(n, *shape, dtype=torch.float64) * 0.5 + 0.5
+    best = 0.0
+    v = torch.randn_like(x)
+    for _ in range(steps):  # power iteration on J^T J at every point
+        v = v / v.flatten(1).norm(dim=1).view(-1, *[1] * len(shape))
+        jv = torch.autograd.functional.jvp(net, x, v)[1]
+        best = max(best, jv.flatten(1).norm(dim=1).max().item())
+        v = torch.autograd.functional.vjp(net, x, jv)[1]
+    a = x.clone()
+    b = (a + 0.05 * torch.randn_like(a)).requires_grad_()
+    opt = torch.optim.Adam([b], lr=1e-2)
+    for _ in range(steps):
+        ratio = (net(a) - net(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
+        opt.zero_grad()
+        (-ratio.sum()).backward()
+        opt.step()
+    with torch.no_grad():
+        ratio = (net(a) - net(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
+    return max(best, ratio.max().item())
+
+
+@pytest.mark.parametrize("name", list(zoo()))
+def test_bound_at_least_empirical_on_random_models(name):
+    net, shape = zoo()[name]
+    bound = lipschitz_bound(net, shape)
+    empirical = empirical_lipschitz(net, shape)
+    assert empirical <= bound
+    assert empirical > 0.02 * bound  # the check is not vacuous
+
+
+@pytest.mark.parametrize("name", ["convnet", "residual"])
+def test_bound_at_least_empirical_after_training(name):
+    net, shape = zoo()[name]
+    x = torch.rand(64, *shape)
+    y = torch.randint(0, net[-1].out_features, (64,))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-2)
+    for _ in range(15):
+        loss = nn.functional.cross_entropy(net(x) * 10, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    bound = lipschitz_bound(net, shape)
+    assert empirical_lipschitz(net, shape) <= bound
+    assert bound <= (1 / 0.3 if name == "convnet" else 1.0) * (1 + 1e-4)
+
+
+def test_bound_of_a_linear_network_is_tight_against_the_exact_norm():
+    net = nn.Sequential(GramConv2d(2, 4, 3, padding=1), ScaledAvgPool2d(2), GramConv2d(4, 4, 3, stride=2, padding=1),
+                        nn.Flatten(), GramLinear(16, 3)).double()
+    jac = torch.autograd.functional.jacobian(net, torch.zeros(1, 2, 8, 8, dtype=torch.float64))
+    exact = torch.linalg.matrix_norm(jac.reshape(3, -1), ord=2).item()
+    bound = lipschitz_bound(net, (2, 8, 8))
+    assert exact <= bound <= 1 + 1e-4
+
+
+def test_bound_is_the_rounded_up_product_at_the_sizes_each_layer_sees():
+    conv1, conv2, fc = GramConv2d(3, 4, 3, padding=1), GramConv2d(4, 4, 3, stride=2, padding=1), GramLinear(64, 2)
+    net = nn.Sequential(InputNormalization([0.5] * 3, [0.2, 0.25, 0.5]), conv1, MaxMin(), conv2, nn.Flatten(), fc)
+    factors = [net[0].lipschitz_bound(), conv1.lipschitz_bound((8, 8)), conv2.lipschitz_bound((8, 8)), fc.lipschitz_bound()]
+    bound = lipschitz_bound(net, (3, 8, 8))
+    exact_product = math.prod(Fraction(f) for f in factors)
+    assert Fraction(bound) >= exact_product
+    assert bound == pytest.approx(float(exact_product), rel=1e-14)
+
+
+def test_leaky_relu_with_a_large_slope_and_input_normalization():
+    assert lipschitz_bound(nn.LeakyReLU(3.0), (4,)) == 3.0
+    assert lipschitz_bound(nn.Sequential(InputNormalization([0.0], [0.5]), nn.LeakyReLU(-2.0)), (1, 2, 2)) >= 4.0
+
+
+def test_rounding_helpers_round_up():
+    rng = random.Random(0)
+    for _ in range(1000):
+        a, b = rng.uniform(0, 3), rng.uniform(0, 3)
+        assert Fraction(mul_up(a, b)) >= Fraction(a) * Fraction(b)
+        assert Fraction(add_up(a, b)) >= Fraction(a) + Fraction(b)
+    assert mul_up(0.0, 5.0) == 0.0
+
+
+class Mystery(nn.Module):
+    def forward(self, x):
+        return 3 * x
+
+
+class Combine(nn.Module):
+    """A container whose forward combines its children: its bound is not a product."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_unknown_module_raises_with_its_path_type_and_a_fix():
+    net = nn.Sequential(nn.ReLU(), nn.Sequential(nn.Flatten(), Mystery()))
+    with pytest.raises(UnknownModuleError) as info:
+        lipschitz_bound(net, (3,))
+    message = str(info.value)
+    assert "'1.1'" in message and "Mystery" in message and "register_lipschitz_bound(Mystery" in message
+    assert "lipschitz_bound(input_size)" in message
+    with pytest.raises(UnknownModuleError, match="Combine"):
+        lipschitz_bound(nn.Sequential(Combine()), (3,))
+    with pytest.raises(UnknownModuleError, match="Conv2d"):  # plain layers are not assumed 1-Lipschitz
+        lipschitz_bound(nn.Conv2d(1, 1, 3), (1, 5, 5))
+
+
+def test_subclasses_inherit_a_bound_only_if_they_keep_forward():
+    class PlainReLU(nn.ReLU):
+        pass
+
+    class DoubledReLU(nn.ReLU):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert lipschitz_bound(PlainReLU(), (3,)) == 1.0
+    with pytest.raises(UnknownModuleError, match="DoubledReLU"):
+        lipschitz_bound(DoubledReLU(), (3,))
+
+    class Stack(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) + x
+
+    with pytest.raises(UnknownModuleError, match="Stack"):
+        lipschitz_bound(Stack(nn.ReLU()), (3,))
+
+
+def test_registration_as_decorator_and_method_protocol():
+    class Scale(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c = c
+
+        def forward(self, x):
+            return self.c * x
+
+    @register_lipschitz_bound(Scale)
+    def _scale(module, shape):
+        return abs(module.c)
+
+    class SizeAware(nn.Module):
+        def forward(self, x):
+            return x
+
+        def lipschitz_bound(self, input_size):
+            self.seen = input_size
+            return 1.0
+
+    net = nn.Sequential(Scale(-2.5), SizeAware())
+    assert lipschitz_bound(net, (2, 5, 7)) == 2.5
+    assert net[1].seen == (5, 7)
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_lipschitz_bound(int, _scale)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf"), "one", torch.ones(2)])
+def test_invalid_bounds_are_rejected_with_the_module_path(bad):
+    class Bad(nn.Module):
+        def forward(self, x):
+            return x
+
+        def lipschitz_bound(self):
+            return bad
+
+    with pytest.raises(LipschitzBoundError, match=r"'0'.*Bad"):
+        lipschitz_bound(nn.Sequential(Bad()), (2,))
+
+
+def test_avg_pool_configurations():
+    pool = nn.AvgPool2d(3, 2, 1)
+    bound = lipschitz_bound(pool, (1, 9, 9))
+    jac = torch.autograd.functional.jacobian(pool, torch.zeros(1, 1, 9, 9, dtype=torch.float64))
+    assert torch.linalg.matrix_norm(jac.reshape(25, 81), ord=2).item() <= bound
+    assert lipschitz_bound(nn.AvgPool2d(2), (1, 4, 4)) == pytest.approx(0.5)
+    assert lipschitz_bound(nn.AvgPool2d(2, divisor_override=1), (1, 4, 4)) == pytest.approx(2.0)
+    with pytest.raises(LipschitzBoundError, match="ceil_mode"):
+        lipschitz_bound(nn.AvgPool2d(2, ceil_mode=True), (1, 5, 5))
+
+
+def test_modes_are_restored_and_bad_shapes_rejected():
+    net, shape = zoo()["convnet"]
+    net.train()
+    net[1].eval()
+    lipschitz_bound(net, shape)
+    assert net.training and not net[1].training and net[2].training
+    assert all(p.grad is None for p in net.parameters())
+    with pytest.raises(ValueError, match="without the batch dimension"):
+        lipschitz_bound(net, ())
