@@ -4,6 +4,7 @@ from lipnet.data.augment import random_crop_flip
 from lipnet.data.loader import DeviceLoader, epoch_generator
 from lipnet.data.registry import DATASETS, DatasetInfo, ImageDataset, dataset_info
 from lipnet.data.sources import DatasetError, DatasetNotFoundError, default_data_dir, load_dataset, read_idx
+from lipnet.data.synthetic import synthetic_dataset, write_npz
 
 __all__ = [
     "DATASETS",
@@ -18,4 +19,6 @@ __all__ = [
     "load_dataset",
     "random_crop_flip",
     "read_idx",
+    "synthetic_dataset",
+    "write_npz",
 ]

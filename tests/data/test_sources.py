@@ -145,3 +145,12 @@ def test_real_fashion_mnist_from_the_debian_package(tmp_path):
     assert data.source == str(FASHION_DIR)
     assert data.images.shape == (10000, 1, 28, 28)
     assert torch.bincount(data.labels).tolist() == [1000] * 10
+
+
+def test_synthetic_data_round_trips_through_npz(tmp_path):
+    from lipnet.data import synthetic_dataset, write_npz
+
+    data = synthetic_dataset("cifar100", 30, split="test", seed=2)
+    write_npz(data, tmp_path / "test.npz")
+    loaded = load_dataset("cifar100", "test", data_dir=tmp_path)
+    assert torch.equal(loaded.images, data.images) and torch.equal(loaded.labels, data.labels)

@@ -1,0 +1,180 @@
+"""The knobs of a training run, as one flat dataclass that recipes fill in and the CLI overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on. A recipe is one of these; ``--key value`` overrides a field.
+
+    Data
+        dataset: registry name (``lipnet.data.DATASETS``). data_dir: folder to search first.
+        download: fetch with torchvision when not found. train_subset / test_subset: use only
+        the first N examples (development runs). crop_padding / flip: augmentation.
+    Model
+        model: registry name (``lipnet.models.MODELS``). model_kwargs: extra arguments.
+        input_std: ``None`` normalizes by the data set's per-channel std (the model is then
+        ``1 / min(std)``-Lipschitz in pixels); a number uses that std for every channel.
+    Optimization
+        epochs, batch_size (global, over all processes), lr (peak), weight_decay,
+        warmup_epochs (linear warm-up, then ``schedule``: "cosine", "linear" or "constant").
+    Loss (see :mod:`lipnet.training.losses`)
+        loss: "ce" (offset cross-entropy) or "hinge" (multi-margin hinge). train_eps: the L2
+        radius, in pixels, trained for; the margin asked of the logits is
+        ``offset = sqrt(2) * train_eps * L`` unless ``offset`` is given. temperature: of the
+        cross-entropy.
+    Evaluation
+        eval_eps: the radii of the final certification report. eval_batch_size.
+    Operations
+        seed, threads (CPU threads of torch; ``None``: its default), device ("auto": CUDA when available), amp ("auto": bf16 autocast on CUDA only),
+        compile (torch.compile the model), out_dir, resume, certify (final report),
+        progress (bars).
+    """
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = False
+    train_subset: int | None = None
+    test_subset: int | None = None
+    crop_padding: int = 0
+    flip: bool = False
+
+    model: str = "convnet-s"
+    model_kwargs: dict = field(default_factory=dict)
+    input_std: float | None = None
+
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_epochs: float = 1.0
+    schedule: str = "cosine"
+
+    loss: str = "ce"
+    train_eps: float = 0.5
+    offset: float | None = None
+    temperature: float = 0.25
+
+    eval_eps: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
+    eval_batch_size: int = 1000
+
+    seed: int = 0
+    threads: int | None = None
+    device: str = "auto"
+    amp: str = "auto"
+    compile: bool = False
+    out_dir: str = "runs/run"
+    resume: bool = False
+    certify: bool = True
+    progress: bool = True
+
+    #: Fields that may change when a run is resumed (they do not change what is computed).
+    OPERATIONAL: typing.ClassVar[frozenset] = frozenset(
+        {"data_dir", "download", "threads", "device", "compile", "out_dir", "resume", "certify", "progress", "eval_batch_size"})
+
+    def __post_init__(self):
+        choices = {"loss": ("ce", "hinge"), "schedule": ("cosine", "linear", "constant"),
+                   "amp": ("auto", "bf16", "none")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.temperature <= 0 or self.train_eps < 0:
+            raise ValueError("lr and temperature must be > 0 and train_eps >= 0")
+        object.__setattr__(self, "eval_eps", tuple(float(e) for e in self.eval_eps))
+        object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with some fields changed (``model_kwargs`` is merged, not replaced)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown setting(s) {sorted(unknown)}; known: {', '.join(self.to_dict())}")
+        if "model_kwargs" in changes:
+            changes["model_kwargs"] = {**self.model_kwargs, **changes["model_kwargs"]}
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain-Python form (stored in checkpoints and reports)."""
+        out = dataclasses.asdict(self)
+        out["eval_eps"] = list(self.eval_eps)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        return cls(**values)
+
+    def changed_fields(self, other: "TrainConfig") -> list[str]:
+        """Names of the non-operational fields that differ from ``other``."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [k for k in mine if k not in self.OPERATIONAL and mine[k] != theirs[k]]
+
+    def with_overrides(self, args: list[str]) -> "TrainConfig":
+        """Apply ``["--key", "value", ...]`` (``--key`` alone sets a boolean to true).
+
+        Keys are field names with ``-`` or ``_``. Values are parsed by the field's type:
+        numbers accept fractions (``36/255``), lists are comma separated, ``none`` clears an
+        optional field, ``model_kwargs`` takes JSON (``'{"width": 64}'``, merged).
+        """
+        types_ = typing.get_type_hints(type(self))
+        changes, i = {}, 0
+        while i < len(args):
+            arg = args[i]
+            if not arg.startswith("--"):
+                raise ValueError(f"expected --key, got {arg!r}")
+            key = arg[2:].replace("-", "_")
+            if key not in types_ or key == "OPERATIONAL":
+                raise ValueError(f"unknown setting --{arg[2:]}; known: "
+                                 + ", ".join("--" + k.replace("_", "-") for k in self.to_dict()))
+            has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+            if has_value:
+                changes[key] = _parse(args[i + 1], types_[key], key)
+                i += 2
+            elif types_[key] is bool:
+                changes[key] = True
+                i += 1
+            else:
+                raise ValueError(f"--{arg[2:]} needs a value")
+        return self.replace(**changes)
+
+
+def parse_number(text: str) -> float:
+    """``"0.5"``, ``"36/255"`` -> float."""
+    return float(Fraction(text.strip())) if "/" in text else float(text)
+
+
+def _parse(text: str, kind, key: str):
+    optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
+    if optional:
+        if text.lower() == "none":
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError("expected true or false")
+            return text.lower() in ("true", "1", "yes")
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return parse_number(text)
+        if kind is str:
+            return text
+        if kind is dict:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError("expected a JSON object")
+            return value
+        if typing.get_origin(kind) is tuple:
+            return tuple(parse_number(t) for t in text.split(",") if t.strip())
+    except (ValueError, ZeroDivisionError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--{key.replace('_', '-')}: cannot parse {text!r}: {exc}") from exc
+    raise TypeError(f"no parser for {key}: {kind}")

@@ -1,0 +1,310 @@
+"""The training loop shared by every recipe: device-resident data, exact resume, DDP, final report.
+
+One call, :func:`train`, runs a :class:`~lipnet.training.TrainConfig` end to end and writes to
+``config.out_dir``:
+
+* ``checkpoint.pt`` after every epoch (atomic): model spec and weights, optimizer, scheduler,
+  RNG states, epoch and metric history; ``--resume`` continues from it exactly;
+* ``metrics.jsonl``: one JSON object per epoch (training-time float32 estimates);
+* ``model.pt`` at the end (for :func:`lipnet.checkpoint.load_model` and ``python -m lipnet.certify``);
+* the certification report (:func:`lipnet.training.report.certification_report`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lipnet.checkpoint import load_checkpoint, model_payload, save_checkpoint, save_model
+from lipnet.data import DatasetInfo, DeviceLoader, ImageDataset, load_dataset
+from lipnet.models import build_model
+from lipnet.nn import InputNormalization
+from lipnet.nn.normalized import GramNormalized
+from lipnet.training.config import TrainConfig
+from lipnet.training.distributed import Distributed, init_distributed, shutdown_distributed
+from lipnet.training.losses import CertifiedMarginLoss
+from lipnet.training.schedule import make_scheduler
+
+CHECKPOINT, MODEL, METRICS = "checkpoint.pt", "model.pt", "metrics.jsonl"
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns: the trained model (unwrapped, eval mode) and what it measured."""
+
+    out_dir: Path
+    model: nn.Module
+    history: list[dict]
+    report: dict | None
+    train_seconds: float
+
+
+def train(config: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None = None,
+          log: Callable[[str], None] = print) -> RunResult:
+    """Train ``config`` (under ``torchrun``: with DDP) and, on the main process, certify the result.
+
+    Args:
+        config: the run's settings (a recipe with overrides).
+        on_epoch_end: called as ``on_epoch_end(epoch, metrics)`` on every process after each
+            epoch's checkpoint is written (``epoch`` counts from 1).
+        log: where the main process prints its one-line summaries.
+    """
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    env = init_distributed(config.device)
+    try:
+        return _Run(config, env, log).run(on_epoch_end)
+    finally:
+        if env.enabled:
+            shutdown_distributed()
+
+
+def build_run_model(config: TrainConfig, info: DatasetInfo) -> nn.Module:
+    """The model of ``config`` for data set ``info``, with its input normalization inside."""
+    channels, height, width = info.shape
+    if height != width:
+        raise ValueError(f"square images expected, got {height}x{width}")
+    std = list(info.std) if config.input_std is None else [float(config.input_std)] * channels
+    return build_model(config.model, in_channels=channels, num_classes=info.num_classes, input_size=height,
+                       mean=list(info.mean), std=std, **config.model_kwargs)
+
+
+def nominal_lipschitz(model: nn.Module) -> float:
+    """Training-time Lipschitz estimate: ``1 / min(std)`` of each input normalization.
+
+    The Gram layers and activations are 1-Lipschitz by construction, so only the input
+    normalization scales the constant. This sets the loss margin; certificates use
+    :func:`lipnet.certify.lipschitz_bound` instead.
+    """
+    return math.prod(float(1 / m.std.min()) for m in model.modules() if isinstance(m, InputNormalization))
+
+
+def logit_margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``f_y - max_{j != y} f_j`` per example (negative when the prediction is wrong)."""
+    true = logits.gather(1, targets[:, None]).squeeze(1)
+    others = logits.scatter(1, targets[:, None], -math.inf)
+    return true - others.amax(dim=1)
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, env: Distributed, log: Callable[[str], None]):
+        self.config, self.env = config, env
+        self.log = log if env.is_main else (lambda message: None)
+        self.out_dir = Path(config.out_dir)
+        if config.batch_size % env.world_size:
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the {env.world_size} processes")
+        torch.manual_seed(config.seed)
+        self.train_data, self.test_data = self._load_data()
+        self.model = build_run_model(config, self.train_data.info).to(env.device)
+        self.loss_fn = CertifiedMarginLoss(config.loss, config.train_eps, nominal_lipschitz(self.model),
+                                           config.offset, config.temperature)
+        self.margin = self.loss_fn.offset
+        self.loader = DeviceLoader(self.train_data, config.batch_size // env.world_size, device=env.device,
+                                   padding=config.crop_padding, flip=config.flip, seed=config.seed,
+                                   rank=env.rank, world_size=env.world_size)
+        self.test_loader = DeviceLoader(self.test_data, config.eval_batch_size, device=env.device, shuffle=False,
+                                        drop_last=False, rank=env.rank, world_size=env.world_size)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        steps = len(self.loader)
+        self.scheduler = make_scheduler(self.optimizer, config.epochs * steps, round(config.warmup_epochs * steps),
+                                        config.schedule)
+        self.amp_dtype = torch.bfloat16 if config.amp == "bf16" or (
+            config.amp == "auto" and env.device.type == "cuda") else None
+        if env.device.type == "cuda":
+            # The per-forward finiteness check costs a host sync per layer; divergence is caught
+            # once per epoch instead (loss and weights), before any checkpoint is written.
+            for layer in self.model.modules():
+                if isinstance(layer, GramNormalized):
+                    layer.check_finite = False
+
+    def _load_data(self) -> tuple[ImageDataset, ImageDataset]:
+        config = self.config
+        if config.download and self.env.enabled and not self.env.is_main:
+            self.env.barrier()  # let the main process download first
+        train = load_dataset(config.dataset, "train", data_dir=config.data_dir, download=config.download)
+        test = load_dataset(config.dataset, "test", data_dir=config.data_dir, download=config.download)
+        if config.download and self.env.enabled and self.env.is_main:
+            self.env.barrier()
+        return train.subset(config.train_subset), test.subset(config.test_subset)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, on_epoch_end) -> RunResult:
+        config, env = self.config, self.env
+        start_epoch, history = self._restore()
+        if start_epoch:
+            self.log(f"resumed {self.out_dir / CHECKPOINT} after epoch {start_epoch}")
+        forward = self.model
+        if env.enabled:
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            forward = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        if config.compile:
+            forward = torch.compile(forward)
+        self.log(f"{config.dataset}: {len(self.train_data)} train / {len(self.test_data)} test images, model "
+                 f"{config.model}, {sum(p.numel() for p in self.model.parameters()):,} parameters, {env.world_size} "
+                 f"process(es) on {env.device}, margin {self.margin:.4g} (train eps {config.train_eps:g})")
+        train_seconds = sum(h["train_seconds"] for h in history)
+        for epoch in range(start_epoch, config.epochs):
+            record = self._epoch(forward, epoch)
+            history.append(record)
+            train_seconds += record["train_seconds"]
+            if env.is_main:
+                self._save(epoch + 1, history)
+            self.log(_summary(record, config))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
+            env.barrier()
+        self.model.eval()
+        report = None
+        if env.is_main:
+            save_model(self.out_dir / MODEL, self.model, **self._info(config.epochs, history))
+            if config.certify:
+                from lipnet.training.report import certification_report
+
+                start = time.perf_counter()
+                report = certification_report(self.model, self.test_data, config.eval_eps, self.out_dir,
+                                              history=history, device=env.device,
+                                              batch_size=config.eval_batch_size, progress=config.progress)
+                report["certify_seconds"] = time.perf_counter() - start
+                report["train_seconds"] = train_seconds
+                self.log(report.pop("table"))
+                self.log(f"trained in {train_seconds:.0f} s, certified in {report['certify_seconds']:.0f} s; "
+                         f"wrote {self.out_dir}")
+        env.barrier()
+        return RunResult(self.out_dir, self.model, history, report, train_seconds)
+
+    def _epoch(self, forward: nn.Module, epoch: int) -> dict:
+        config, env = self.config, self.env
+        self.model.train()
+        totals = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss sum, correct, margin ok
+        count = 0
+        start = time.perf_counter()
+        bar = tqdm(self.loader.epoch(epoch), total=len(self.loader), desc=f"epoch {epoch + 1}/{config.epochs}",
+                   leave=False, disable=not (config.progress and env.is_main))
+        for step, (x, y) in enumerate(bar):
+            with torch.autocast(env.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                                enabled=self.amp_dtype is not None):
+                logits = forward(x)
+            loss = self.loss_fn(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            with torch.no_grad():
+                margins = logit_margins(logits.detach().float(), y)
+                totals += torch.stack([loss.detach().double() * len(y), (margins > 0).sum().double(),
+                                       (margins >= self.margin).sum().double()])
+            count += len(y)
+            if step % 25 == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{float(totals[0]) / count:.4f}")
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        train_seconds = time.perf_counter() - start
+        loss_sum, correct, margin_ok, count = env.sum([*totals.tolist(), count])
+        self._check_finite(epoch, loss_sum)
+        start = time.perf_counter()
+        test_correct, test_margin_ok, test_count = self._evaluate()
+        return {
+            "epoch": epoch + 1,
+            "lr": self.scheduler.get_last_lr()[0],
+            "train_loss": loss_sum / count,
+            "train_acc": correct / count,
+            "train_margin_acc": margin_ok / count,
+            "test_acc": test_correct / test_count,
+            "test_margin_acc": test_margin_ok / test_count,
+            "margin": self.margin,
+            "train_seconds": train_seconds,
+            "eval_seconds": time.perf_counter() - start,
+            "images_per_second": count / train_seconds,
+        }
+
+    @torch.no_grad()
+    def _evaluate(self) -> list[float]:
+        """Clean accuracy and margin accuracy on the test set (float32 estimates, not certificates)."""
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        count = 0
+        for x, y in self.test_loader.epoch(0):
+            with torch.autocast(self.env.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                                enabled=self.amp_dtype is not None):
+                logits = self.model(x)
+            margins = logit_margins(logits.float(), y)
+            totals += torch.stack([(margins > 0).sum().double(), (margins >= self.margin).sum().double()])
+            count += len(y)
+        return self.env.sum([*totals.tolist(), count])
+
+    def _check_finite(self, epoch: int, loss_sum: float) -> None:
+        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad or not math.isfinite(loss_sum):
+            where = self.out_dir / CHECKPOINT
+            kept = f"the checkpoint of epoch {epoch} is kept at {where}" if epoch else "no checkpoint was written"
+            raise FloatingPointError(
+                f"training diverged in epoch {epoch + 1} (loss sum {loss_sum}, non-finite weights: {bad or 'none'}); "
+                f"{kept}. Lower --lr (or raise --temperature) and start again in a new --out-dir.")
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _info(self, epochs_done: int, history: list[dict]) -> dict:
+        return {"dataset": self.train_data.info.to_dict(), "config": self.config.to_dict(), "epoch": epochs_done,
+                "metrics": history[-1] if history else {}}
+
+    def _save(self, epochs_done: int, history: list[dict]) -> None:
+        payload = model_payload(self.model, **self._info(epochs_done, history))
+        rng = {"torch": torch.get_rng_state()}
+        if self.env.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.env.device)
+        payload["training"] = {"epochs_done": epochs_done, "optimizer": self.optimizer.state_dict(),
+                               "scheduler": self.scheduler.state_dict(), "rng": rng, "history": history,
+                               "world_size": self.env.world_size}
+        save_checkpoint(self.out_dir / CHECKPOINT, payload)
+        # After the checkpoint, so the metrics never run ahead of what --resume restores.
+        lines = "".join(json.dumps(record) + "\n" for record in history)
+        tmp = self.out_dir / f".{METRICS}.tmp"
+        tmp.write_text(lines)
+        tmp.replace(self.out_dir / METRICS)
+
+    def _restore(self) -> tuple[int, list[dict]]:
+        path = self.out_dir / CHECKPOINT
+        if not self.config.resume:
+            if path.exists():
+                raise FileExistsError(f"{path} holds an earlier run: pass --resume to continue it, or choose "
+                                      "another --out-dir (nothing was overwritten)")
+            return 0, []
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: there is no checkpoint at {path.absolute()} to continue")
+        payload = load_checkpoint(path, map_location=self.env.device)
+        training = payload.get("training")
+        if not isinstance(training, dict):
+            raise ValueError(f"{path} is a model checkpoint without training state; it cannot be resumed")
+        saved = TrainConfig.from_dict(payload["info"]["config"])
+        changed = saved.changed_fields(self.config)
+        if changed:
+            old, new = saved.to_dict(), self.config.to_dict()
+            diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
+            raise ValueError(f"--resume with different settings ({diff}); resume with the settings of the run, or "
+                             "start a new run in another --out-dir")
+        if training["world_size"] != self.env.world_size:
+            self.log(f"warning: the run used {training['world_size']} process(es), now {self.env.world_size}: it "
+                     "continues, but the data order differs from an uninterrupted run")
+        self.model.load_state_dict(payload["state_dict"])
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        torch.set_rng_state(training["rng"]["torch"].cpu())
+        if "cuda" in training["rng"] and self.env.device.type == "cuda":
+            torch.cuda.set_rng_state(training["rng"]["cuda"].cpu(), self.env.device)
+        return training["epochs_done"], list(training["history"])
+
+
+def _summary(record: dict, config: TrainConfig) -> str:
+    return (f"epoch {record['epoch']:>3}/{config.epochs}  loss {record['train_loss']:.4f}  "
+            f"train acc {100 * record['train_acc']:5.2f}%  test acc {100 * record['test_acc']:5.2f}%  "
+            f"test margin>={record['margin']:.3g} {100 * record['test_margin_acc']:5.2f}% (estimate)  "
+            f"{record['train_seconds']:.1f}s  {record['images_per_second']:.0f} img/s")

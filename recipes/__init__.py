@@ -1,0 +1,27 @@
+"""Recipes: one short :class:`~lipnet.training.TrainConfig` per task, run by ``python -m recipes.train``."""
+
+from lipnet.training import TrainConfig
+from recipes import cifar10, cifar10_long, cifar100, fashion_mnist, mnist
+
+_MODULES = {
+    "fashion-mnist": fashion_mnist,
+    "mnist": mnist,
+    "cifar10": cifar10,
+    "cifar10-long": cifar10_long,
+    "cifar100": cifar100,
+}
+RECIPES: dict[str, TrainConfig] = {name: module.RECIPE for name, module in _MODULES.items()}
+DEFAULT = "fashion-mnist"
+
+
+def describe(name: str) -> str:
+    """The one-line description of a recipe (its module's docstring)."""
+    return _MODULES[name].__doc__.strip().splitlines()[0]
+
+
+def get_recipe(name: str) -> TrainConfig:
+    """The recipe registered as ``name``, with a clear error for unknown names."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(RECIPES)}") from None

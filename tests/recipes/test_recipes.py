@@ -1,0 +1,69 @@
+"""Recipes: every one constructs; the default trains end to end on tiny synthetic data."""
+
+import json
+
+import pytest
+
+from lipnet.certify.cli import main as certify_main
+from lipnet.data import DATASETS, synthetic_dataset, write_npz
+from lipnet.models import MODELS, model_spec
+from lipnet.training import build_run_model
+from recipes import DEFAULT, RECIPES, get_recipe
+from recipes.train import main, parse
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_constructs(name):
+    config = RECIPES[name]
+    info = DATASETS[config.dataset]
+    assert config.model in MODELS and config.eval_eps and config.out_dir.endswith(name)
+    model = build_run_model(config, info)
+    assert model_spec(model)["name"] == config.model
+    assert model[-1].out_features == info.num_classes
+    assert model[0].mean.tolist() == pytest.approx(list(info.mean))
+
+
+def test_command_line_picks_the_recipe_and_applies_overrides():
+    assert parse([]) == ("fashion-mnist", RECIPES[DEFAULT])
+    name, config = parse(["cifar10", "--epochs", "2", "--eval-eps", "36/255"])
+    assert name == "cifar10" and config.epochs == 2 and config.eval_eps == (36 / 255,)
+    assert config.model == get_recipe("cifar10").model
+    with pytest.raises(ValueError, match="available: fashion-mnist"):
+        get_recipe("imagenet")
+
+
+def test_default_recipe_trains_and_certifies_on_tiny_synthetic_data(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_npz(synthetic_dataset("fashion-mnist", 64, split="train"), data / "train.npz")
+    write_npz(synthetic_dataset("fashion-mnist", 32, split="test", seed=1), data / "test.npz")
+    out = tmp_path / "run"
+    code = main(["--data-dir", str(data), "--out-dir", str(out), "--epochs", "1", "--batch-size", "32",
+                 "--progress", "false", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "certified" in printed and "0.25" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert [c["eps"] for c in report["certified_accuracy"]] == [0.1, 0.25, 0.5, 1.0]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    # The checkpoint is self-describing: the certification CLI rebuilds the model from it alone.
+    assert certify_main(["--checkpoint", str(out / "model.pt"), "--data", "fashion-mnist", "--data-dir", str(data),
+                         "--eps", "0.1", "--no-progress", "--out", str(tmp_path / "cert")]) == 0
+    again = json.loads((tmp_path / "cert" / "certify.json").read_text())
+    assert again["clean_accuracy"] == report["clean_accuracy"]
+
+
+def test_missing_data_and_bad_settings_exit_with_a_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LIPNET_DATA_DIR", raising=False)
+    assert main(["mnist", "--data-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "mnist (train split) not found" in err and str(tmp_path / "none") in err and "--download" in err
+    assert not (tmp_path / "run").exists()
+    assert main(["--epochs", "many"]) == 2
+    assert "cannot parse 'many'" in capsys.readouterr().err
+    assert main(["cifar10", "--help"]) == 0
+    assert "cifar10-long" in capsys.readouterr().out
+
+
+def test_recipes_hold_plain_settings():
+    for config in RECIPES.values():
+        assert json.loads(json.dumps(config.to_dict())) == config.to_dict()

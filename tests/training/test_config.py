@@ -1,0 +1,43 @@
+"""TrainConfig: command-line overrides, validation, and what may change on resume."""
+
+import pytest
+
+from lipnet.training import TrainConfig, lr_factor
+
+
+def test_overrides_are_parsed_by_field_type():
+    config = TrainConfig(model_kwargs={"width": 8, "depth": 2}).with_overrides(
+        ["--epochs", "3", "--lr", "1/1000", "--eval-eps", "36/255,0.5", "--flip", "--train_subset", "100",
+         "--offset", "none", "--model-kwargs", '{"width": 16}', "--amp", "none", "--progress", "false"])
+    assert config.epochs == 3 and config.lr == 0.001 and config.flip is True and config.train_subset == 100
+    assert config.eval_eps == (36 / 255, 0.5) and config.offset is None and config.progress is False
+    assert config.model_kwargs == {"width": 16, "depth": 2}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epoch", "3"], "unknown setting --epoch"),
+    (["--epochs"], "needs a value"),
+    (["--epochs", "three"], "cannot parse 'three'"),
+    (["--flip", "maybe"], "expected true or false"),
+    (["--loss", "mse"], "loss must be one of"),
+    (["--model-kwargs", "[1]"], "JSON object"),
+    (["epochs", "3"], "expected --key"),
+])
+def test_bad_overrides_are_explained(args, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig().with_overrides(args)
+
+
+def test_changed_fields_ignore_operational_settings():
+    a = TrainConfig()
+    assert a.changed_fields(a.replace(out_dir="elsewhere", resume=True, device="cpu", progress=False)) == []
+    assert a.changed_fields(a.replace(lr=0.5, epochs=2)) == ["epochs", "lr"]
+    assert TrainConfig.from_dict(a.to_dict()) == a
+
+
+def test_lr_schedule_shapes():
+    assert [lr_factor(s, 10, 0, "linear") for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    assert lr_factor(3, 10, 0, "constant") == 1.0
+    assert lr_factor(0, 10, 4) == 0.25 and lr_factor(4, 10, 4) == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(5, 10, 0, "step")

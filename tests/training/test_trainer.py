@@ -1,0 +1,127 @@
+"""The training loop on tiny synthetic data: it learns, it resumes exactly, it loses nothing, DDP agrees."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lipnet.checkpoint import load_checkpoint, load_model
+from lipnet.data import synthetic_dataset, write_npz
+from lipnet.training import CertifiedMarginLoss, TrainConfig, train
+
+TIMING = {"train_seconds", "eval_seconds", "images_per_second"}
+
+
+def quiet(message):
+    pass
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    write_npz(synthetic_dataset("mnist", 192, split="train", seed=0), folder / "train.npz")
+    write_npz(synthetic_dataset("mnist", 40, split="test", seed=1), folder / "test.npz")
+    return folder
+
+
+def tiny(data_dir, out_dir, **changes):
+    return TrainConfig(dataset="mnist", data_dir=str(data_dir), model="convnet",
+                       model_kwargs={"widths": [4, 8], "depths": [1, 1], "dense": [16]}, epochs=3, batch_size=32,
+                       lr=5e-3, warmup_epochs=0.5, crop_padding=1, train_eps=0.1, temperature=1.0,
+                       eval_eps=(0.05, 0.1), out_dir=str(out_dir), progress=False, threads=1).replace(**changes)
+
+
+def without_timing(history):
+    return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
+
+
+def test_a_run_learns_and_writes_every_artifact(data_dir, tmp_path):
+    result = train(tiny(data_dir, tmp_path / "run", epochs=4), log=quiet)
+    out = tmp_path / "run"
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and history == result.history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["test_acc"] > 0.6  # 10 classes: chance is 0.1
+    model, info = load_model(out / "model.pt")
+    assert info["epoch"] == 4 and info["dataset"]["name"] == "mnist" and info["config"]["epochs"] == 4
+    x = synthetic_dataset("mnist", 8, seed=5).images.float() / 255
+    assert torch.equal(model(x), result.model(x))
+    report = json.loads((out / "report.json").read_text())
+    assert report["n"] == 40
+    certified = [c["accuracy"] for c in report["certified_accuracy"]]
+    assert report["clean_accuracy"] >= certified[0] >= certified[1]
+    assert sum(report["radius_histogram"]["counts"]) + report["radius_histogram"]["misclassified"] == 40
+    for png in ("certified_accuracy.png", "radius_histogram.png", "training_curves.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(data_dir, tmp_path):
+    full = train(tiny(data_dir, tmp_path / "full", certify=False, flip=True), log=quiet)
+
+    def interrupt(epoch, record):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(data_dir, tmp_path / "cut", certify=False, flip=True), on_epoch_end=interrupt, log=quiet)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["training"]["epochs_done"] == 2
+    resumed = train(tiny(data_dir, tmp_path / "cut", certify=False, flip=True, resume=True), log=quiet)
+
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    opt_a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["training"]["optimizer"]["state"]
+    opt_b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["training"]["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
+    assert without_timing(full.history) == without_timing(resumed.history)
+
+
+def test_resume_refuses_other_settings_and_runs_never_overwrite(data_dir, tmp_path):
+    train(tiny(data_dir, tmp_path / "run", epochs=1, certify=False), log=quiet)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny(data_dir, tmp_path / "run", epochs=1), log=quiet)
+    with pytest.raises(ValueError, match=r"lr: 0.005 -> 0.5"):
+        train(tiny(data_dir, tmp_path / "run", epochs=1, lr=0.5, resume=True), log=quiet)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(tiny(data_dir, tmp_path / "empty", resume=True), log=quiet)
+
+
+def test_divergence_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = CertifiedMarginLoss.forward
+
+    def poisoned(self, logits, targets):
+        calls["n"] += 1
+        loss = original(self, logits, targets)
+        return loss * float("nan") if calls["n"] > 6 else loss  # 6 steps per epoch
+
+    monkeypatch.setattr(CertifiedMarginLoss, "forward", poisoned)
+    with pytest.raises(FloatingPointError):
+        train(tiny(data_dir, tmp_path / "run"), log=quiet)
+    model, info = load_model(tmp_path / "run" / "checkpoint.pt")  # refuses NaN weights, so these are finite
+    assert info["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes_keeps_identical_weights(data_dir, tmp_path):
+    config = tiny(data_dir, tmp_path / "run", epochs=2, device="cpu", threads=None)
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import json, os, sys, torch\n"
+        "from lipnet.training import TrainConfig, train\n"
+        "torch.set_num_threads(1)\n"
+        "result = train(TrainConfig.from_dict(json.loads(sys.argv[1])))\n"
+        "torch.save(result.model.state_dict(), sys.argv[2] + f\"/rank{os.environ['RANK']}.pt\")\n"
+    )
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), json.dumps(config.to_dict()), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es) on cpu" in done.stdout
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    saved, info = load_model(tmp_path / "run" / "model.pt")
+    assert all(torch.equal(saved.state_dict()[k], ranks[0][k]) for k in ranks[0])
+    history = info["metrics"]
+    assert history["epoch"] == 2 and history["train_acc"] > 0
