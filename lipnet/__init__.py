@@ -5,8 +5,10 @@ operator norms (:mod:`lipnet.bounds`), so networks built from them are 1-Lipschi
 their predictions come with certified L2 robustness radii.
 """
 
+from lipnet.convert import convert
+from lipnet.export import export
 from lipnet.nn import GramConv2d, GramLinear
 
 __version__ = "0.1.0"
 
-__all__ = ["GramConv2d", "GramLinear", "__version__"]
+__all__ = ["GramConv2d", "GramLinear", "__version__", "convert", "export"]

@@ -1,0 +1,817 @@
+"""Convert an existing PyTorch model to lipnet layers, and say what still stands in the way.
+
+:func:`convert` swaps every ``nn.Conv2d`` for a :class:`~lipnet.nn.GramConv2d` and every
+``nn.Linear`` for a :class:`~lipnet.nn.GramLinear` (same arguments, same weights), and
+optionally every ``nn.ReLU`` for :class:`~lipnet.nn.MaxMin`. It returns the converted copy
+and a :class:`ConversionReport` listing each change and each module that keeps the model
+from being certifiably 1-Lipschitz, with the 1-Lipschitz replacement lipnet offers.
+
+Containers with their own ``forward`` (torchvision's ``ResNet`` and ``BasicBlock``, user
+modules) are analysed with ``torch.fx``: :func:`traced_lipschitz_bound` bounds them from the
+graph of their forward, and :func:`convert` registers it with
+:func:`lipnet.certify.register_lipschitz_bound` for such types, so that
+:func:`lipnet.certify.lipschitz_bound` can certify the converted model. Residual additions
+are not compositions: ``x + f(x)`` is bounded by ``1 + Lip(f)``, so a network of ``k`` plain
+residual blocks may have a bound of ``2^k``; the report says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipnet.bounds.gram import DEFAULT_N_ITER
+from lipnet.certify import LipschitzBoundError, UnknownModuleError, lipschitz_bound, register_lipschitz_bound
+from lipnet.certify.lipschitz import add_up, mul_up
+from lipnet.nn.activations import MaxMin
+from lipnet.nn.gram_conv import GramConv2d
+from lipnet.nn.gram_linear import GramLinear
+from lipnet.nn.pooling import pooling_lipschitz_bound, sqrt_up
+from lipnet.nn.residual import ConvexResidual
+
+ACTIVATIONS = ("maxmin", None)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One module replaced by :func:`convert`: its path in the model, old and new ``repr``."""
+
+    path: str
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class Obstacle:
+    """A module that keeps the converted model from being certifiably 1-Lipschitz.
+
+    Attributes:
+        path: where it is in the model (``""`` for the model itself).
+        module: its type, ``module.qualname``.
+        problem: what is wrong, and its known Lipschitz bound where it has one.
+        fix: the suggested 1-Lipschitz replacement, or ``None`` when lipnet has none.
+        blocking: ``True`` when no sound bound can be computed at all (not even a loose one).
+    """
+
+    path: str
+    module: str
+    problem: str
+    fix: str | None
+    blocking: bool
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` changed, and what still keeps the model from a 1-Lipschitz certificate.
+
+    Attributes:
+        changes: the replaced modules.
+        obstacles: modules that are not certifiably 1-Lipschitz (blocking: no bound at all;
+            non-blocking: a sound bound above 1, or a condition such as eval mode).
+        notes: everything else worth knowing (modules left unchanged and why).
+        registered: module types whose bound :func:`convert` registered with
+            :func:`lipnet.certify.register_lipschitz_bound` (:func:`traced_lipschitz_bound`).
+        lipschitz_bound: :func:`lipnet.certify.lipschitz_bound` of the converted model at
+            conversion time (weights change in training: certify again after it), or ``None``.
+        bound_error: why no bound could be computed (``None`` when it was, or when no
+            ``input_shape`` was given).
+    """
+
+    changes: list[Change] = field(default_factory=list)
+    obstacles: list[Obstacle] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    registered: list[str] = field(default_factory=list)
+    lipschitz_bound: float | None = None
+    bound_error: str | None = None
+
+    @property
+    def certifiable(self) -> bool:
+        """Whether :func:`lipnet.certify.lipschitz_bound` bounded the converted model."""
+        return self.lipschitz_bound is not None
+
+    def __str__(self) -> str:
+        lines = [f"Converted {len(self.changes)} module(s):"]
+        lines += [f"  {c.path or '<model>'}: {c.old} -> {c.new}" for c in self.changes]
+        groups: dict[tuple, list[str]] = {}
+        for o in self.obstacles:
+            groups.setdefault((o.blocking, o.module, o.problem, o.fix), []).append(o.path or "<model>")
+        if groups:
+            lines.append(f"{len(self.obstacles)} module(s) keep the model from being certifiably 1-Lipschitz:")
+        for (blocking, module, problem, fix), paths in groups.items():
+            where = ", ".join(paths[:6]) + (f" and {len(paths) - 6} more" if len(paths) > 6 else "")
+            lines.append(f"  [{'no bound' if blocking else 'bound > 1'}] {module} at {where}: {problem}")
+            if fix:
+                lines.append(f"      fix: {fix}")
+        if self.registered:
+            lines.append("Registered lipnet.convert.traced_lipschitz_bound for: " + ", ".join(self.registered))
+        lines += [f"Note: {note}" for note in self.notes]
+        if self.lipschitz_bound is not None:
+            lines.append(f"Certified Lipschitz bound of the converted model, as converted: {self.lipschitz_bound:.6g}")
+        elif self.bound_error is not None:
+            lines.append(f"Not certifiable as converted: {self.bound_error}")
+        return "\n".join(lines)
+
+
+class Conversion(NamedTuple):
+    """Result of :func:`convert`; unpacks as ``model, report = convert(...)``."""
+
+    model: nn.Module
+    report: ConversionReport
+
+
+def convert(
+    model: nn.Module,
+    *,
+    activation: str | None = "maxmin",
+    input_shape: Sequence[int] | None = None,
+    replace: Mapping[type, Callable[[nn.Module], nn.Module]] | None = None,
+    n_iter: int = DEFAULT_N_ITER,
+    inplace: bool = False,
+    certify: bool = True,
+) -> Conversion:
+    """Swap ``nn.Conv2d`` / ``nn.Linear`` (and ``nn.ReLU``) for lipnet layers, and report the rest.
+
+    Args:
+        model: any ``nn.Module`` tree (e.g. a torchvision model).
+        activation: ``"maxmin"`` replaces each ``nn.ReLU`` by :class:`~lipnet.nn.MaxMin`
+            (1-Lipschitz *and* gradient-norm preserving; pairs channels along dim 1). A ReLU
+            whose input has an odd number of channels is kept (ReLU is 1-Lipschitz too), and
+            the report says so; without ``input_shape`` the channel counts cannot be checked
+            and every ReLU is replaced. ``None`` keeps the ReLUs.
+        input_shape: shape of one input without the batch dimension, e.g. ``(3, 32, 32)``.
+            Enables the channel check above, the analysis of containers with their own
+            forward, and the certified bound of the converted model in the report.
+        replace: extra replacements ``{module type: fn(module) -> new module}``, applied
+            first (the type and its subclasses), e.g. ``{nn.BatchNorm2d: lambda m: nn.Identity()}``
+            or ``{nn.MaxPool2d: lambda m: L2NormPool2d(2)}``.
+        n_iter: Gram iterations of the new layers.
+        inplace: modify ``model`` itself instead of a deep copy.
+        certify: with ``input_shape``, put :func:`lipnet.certify.lipschitz_bound` of the
+            converted model in the report (float64 bounds of every layer: seconds for a
+            ResNet-18 on a CPU, minutes for VGG's 25088 x 4096 dense layer).
+
+    Returns:
+        ``(model, report)``: the converted model (same device, dtype and train/eval mode,
+        weights carried over) and its :class:`ConversionReport`.
+
+    Only modules of exactly type ``nn.Conv2d`` / ``nn.Linear`` are converted; subclasses
+    (which may have their own ``forward``) and layers with hooks or parametrizations are
+    left alone and reported. Converting a pretrained model keeps its weights, but the Gram
+    layers apply ``W / ||W||``, so the function changes: fine-tune it.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        ...                     nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+        >>> converted, report = convert(net, input_shape=(3, 4, 4))
+        >>> type(converted[0]).__name__, type(converted[2]).__name__
+        ('GramConv2d', 'MaxMin')
+        >>> [o.module for o in report.obstacles]
+        ['torch.nn.BatchNorm2d']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if input_shape is not None:
+        input_shape = _check_shape(input_shape)
+    replace = dict(replace or {})
+    for key, fn in replace.items():
+        if not (isinstance(key, type) and issubclass(key, nn.Module)) or not callable(fn):
+            raise TypeError(f"replace must map nn.Module types to callables, got {key!r}: {fn!r}")
+    if not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
+
+    report = ConversionReport()
+    target = model if inplace else copy.deepcopy(model)
+    shapes = _input_shapes(target, input_shape) if input_shape is not None else None
+    if activation is not None and shapes is None:
+        report.notes.append("input_shape not given: ReLU channel counts were not checked; MaxMin raises at the "
+                            "first forward pass if a ReLU input has an odd number of channels")
+    plan = _plan(target, activation, replace, n_iter, shapes, report)  # builds everything before changing anything
+    for path, module in list(target.named_modules(remove_duplicate=False)):
+        if path and id(module) in plan:
+            target.set_submodule(path, plan[id(module)])
+    target = plan.get(id(target), target)
+
+    if input_shape is None:
+        report.notes.append("input_shape not given: pass it to check every module against lipnet.certify, analyse "
+                            "containers with their own forward and compute the certified bound")
+        _diagnose(target, None, report)
+        return Conversion(target, report)
+    shapes = _input_shapes(target, input_shape)
+    _register_traced_bounds(target, shapes, report)
+    _diagnose(target, shapes, report)
+    if certify:
+        try:
+            report.lipschitz_bound = lipschitz_bound(target, input_shape)
+        except LipschitzBoundError as error:
+            report.bound_error = str(error)
+    return Conversion(target, report)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _check_shape(input_shape) -> tuple[int, ...]:
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        shape = ()
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+        raise ValueError(f"input_shape must be a non-empty sequence of positive ints without the batch dimension, "
+                         f"e.g. (3, 32, 32); got {input_shape!r}")
+    return shape
+
+
+def _input_shapes(model: nn.Module, input_shape) -> dict[int, list[tuple[int, ...]]]:
+    """Shapes (batch included) of the first tensor argument of every module call, by module ``id``.
+
+    One eval-mode forward pass on a zero batch of 2, without gradients; the train/eval
+    modes are restored afterwards (in eval mode nothing else changes, except that the Gram
+    layers cache their normalized weights, which later passes reuse).
+    """
+    shapes: dict[int, list[tuple[int, ...]]] = {}
+
+    def record(module, args):
+        if args and torch.is_tensor(args[0]):
+            shapes.setdefault(id(module), []).append(tuple(args[0].shape))
+
+    tensor = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+    dtype = torch.get_default_dtype() if tensor is None else tensor.dtype
+    device = torch.device("cpu") if tensor is None else tensor.device
+    modes = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_pre_hook(record) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((2, *input_shape), dtype=dtype, device=device))
+    except Exception as error:
+        raise ValueError(f"the model does not accept inputs of shape (batch, {', '.join(map(str, input_shape))}): "
+                         f"{type(error).__name__}: {error}") from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.train(training)
+    return shapes
+
+
+def _plan(model, activation, replace, n_iter, shapes, report) -> dict[int, nn.Module]:
+    """``{id(old module): new module}``, and the report's changes and notes."""
+    plan: dict[int, nn.Module] = {}
+    opaque: list[str] = []  # modules whose descendants are not visited
+    for path, module in model.named_modules(remove_duplicate=False):
+        if _inside(path, opaque):
+            continue
+        if id(module) not in plan:
+            new = _replacement(path, module, activation, replace, n_iter, shapes, report)
+            if new is None:
+                if isinstance(module, (nn.MultiheadAttention, GramConv2d, GramLinear)):
+                    opaque.append(path)  # uses its children's weights directly / already converted
+                continue
+            plan[id(module)] = new
+        report.changes.append(Change(path, _short(module), _short(plan[id(module)])))
+        opaque.append(path)
+    return plan
+
+
+def _inside(path: str, prefixes: list[str]) -> bool:
+    """Whether ``path`` is strictly below one of ``prefixes`` (``""`` is the root)."""
+    return any((p == "" and path != "") or path.startswith(p + ".") for p in prefixes)
+
+
+def _replacement(path, module, activation, replace, n_iter, shapes, report) -> nn.Module | None:
+    for cls in type(module).__mro__:
+        if cls in replace:
+            new = replace[cls](module)
+            if not isinstance(new, nn.Module):
+                raise TypeError(f"replace[{cls.__name__}] returned {type(new).__name__} for {path or 'the model'}, "
+                                "not an nn.Module")
+            return new
+    if type(module) in (nn.Conv2d, nn.Linear):
+        reason = _unconvertible(module)
+        if reason is not None:
+            report.notes.append(f"{type(module).__name__} at '{path}' not converted: {reason}")
+            return None
+        try:
+            return _gram_layer(module, n_iter)
+        except ValueError as error:
+            report.notes.append(f"{type(module).__name__} at '{path}' not converted: {error}")
+            return None
+    if activation == "maxmin" and type(module) is nn.ReLU:
+        calls = None if shapes is None else shapes.get(id(module))
+        if shapes is not None and not calls:
+            report.notes.append(f"ReLU at '{path}' kept: it is not called on inputs of the given shape")
+            return None
+        if calls and any(len(s) < 2 or s[1] % 2 for s in calls):
+            counts = sorted({s[1] if len(s) > 1 else 0 for s in calls})
+            report.notes.append(f"ReLU at '{path}' kept: MaxMin pairs the channels along dim 1 and this ReLU sees "
+                                f"{', '.join(map(str, counts))} channel(s), an odd count (ReLU is 1-Lipschitz too, "
+                                "just not gradient-norm preserving)")
+            return None
+        new = MaxMin(dim=1)
+        new.train(module.training)
+        return new
+    return None
+
+
+def _unconvertible(module: nn.Module) -> str | None:
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return "it has parametrizations (remove them first, e.g. torch.nn.utils.parametrize.remove_parametrizations)"
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+        return "it has hooks, which would be lost (remove them, convert, then register them again)"
+    if module.weight.is_meta:
+        return "its weight is on the meta device (materialize the model first)"
+    return None
+
+
+def _gram_layer(module: nn.Module, n_iter: int) -> nn.Module:
+    factory = dict(device=module.weight.device, dtype=module.weight.dtype)
+    if isinstance(module, nn.Conv2d):
+        new = GramConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                         module.padding, module.dilation, module.groups, module.bias is not None,
+                         module.padding_mode, n_iter=n_iter, **factory)
+    else:
+        new = GramLinear(module.in_features, module.out_features, module.bias is not None, n_iter=n_iter, **factory)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            old = getattr(module, name)
+            if old is not None:
+                getattr(new, name).copy_(old)
+                getattr(new, name).requires_grad_(old.requires_grad)
+    new.train(module.training)
+    return new
+
+
+def _short(module: nn.Module) -> str:
+    text = repr(module)
+    return text if "\n" not in text else f"{type(module).__name__}(...)"
+
+
+def _qualname(module: nn.Module) -> str:
+    cls = type(module)
+    prefix = "torch.nn" if cls.__module__.startswith("torch.nn.modules") else cls.__module__
+    return f"{prefix}.{cls.__qualname__}"
+
+
+# ----------------------------------------------------------------------------- diagnosis
+
+_POOL_FIX = ("lipnet.nn.L2NormPool2d(k) or lipnet.nn.ScaledAvgPool2d(k), stride k (non-overlapping windows: "
+             "1-Lipschitz), e.g. replace={nn.MaxPool2d: lambda m: L2NormPool2d(2)}")
+_RESIDUAL_FIX = ("lipnet.nn.GramResidualConv2d (bounds I + conv itself: 1-Lipschitz) or lipnet.nn.ConvexResidual "
+                 "((1 - a) x + a f(x): 1-Lipschitz when f is)")
+_ATTENTION = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
+              nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+#: ``(types, problem, fix)``: what is known to be wrong with a module type, and the way out.
+_ADVICE = (
+    (nn.modules.batchnorm._BatchNorm,
+     "scales each channel by weight / sqrt(running_var + eps), an unconstrained factor, and normalizes by batch "
+     "statistics in train mode",
+     "remove it: Gram layers need no normalization (replace={nn.BatchNorm2d: lambda m: nn.Identity()}); to keep a "
+     "pretrained scale, fold it into the previous convolution before converting "
+     "(torch.nn.utils.fusion.fuse_conv_bn_eval)"),
+    ((nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm),
+     "divides by a statistic of its input, which is not Lipschitz near zero variance",
+     "remove it (replace={<its type>: lambda m: nn.Identity()})"),
+    ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool3d, nn.LPPool1d, nn.LPPool2d),
+     "pooling that is not 1-Lipschitz (overlapping windows put inputs in several windows)", _POOL_FIX),
+    (_ATTENTION, "dot-product attention is not Lipschitz (Kim, Papamakarios, Mnih, ICML 2021)", None),
+    ((nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.CELU, nn.SELU, nn.Hardswish, nn.Hardsigmoid, nn.PReLU, nn.RReLU,
+      nn.Threshold, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.GLU),
+     "an activation that is not 1-Lipschitz or has no bound in lipnet.certify",
+     "lipnet.nn.MaxMin (convert(..., activation='maxmin') replaces nn.ReLU only)"),
+    ((nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear, nn.Embedding),
+     "a linear layer that lipnet has no Gram normalization for", None),
+    ((nn.Conv2d, nn.Linear), "an unnormalized linear layer (see the notes for why it was not converted)",
+     "lipnet.nn.GramConv2d / lipnet.nn.GramLinear"),
+)
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _diagnose(model: nn.Module, shapes, report: ConversionReport) -> None:
+    """Add an :class:`Obstacle` for every module that is not certifiably 1-Lipschitz.
+
+    With ``shapes`` (an ``input_shape`` was given), each module called in the forward pass
+    is checked against :func:`lipnet.certify.lipschitz_bound` for the input shape it sees:
+    an error is a blocking obstacle, a bound above 1 a non-blocking one. Containers with
+    their own forward are traced for residual sums. Without shapes, known problem types
+    are reported from their type alone.
+    """
+    opaque: list[str] = []
+    for path, module in model.named_modules():
+        if _inside(path, opaque):
+            continue
+        if isinstance(module, (GramConv2d, GramLinear) + _ATTENTION) or callable(getattr(module, "lipschitz_bound",
+                                                                                           None)):
+            opaque.append(path)  # analysed as a whole
+        obstacle = _obstacle(path, module, shapes)
+        if obstacle is not None:
+            report.obstacles.append(obstacle)
+
+
+def _obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None:
+    name = _qualname(module)
+    if isinstance(module, (GramConv2d, GramLinear, MaxMin, nn.ReLU, nn.Identity, nn.Flatten)):
+        return None
+    if isinstance(module, _DROPOUT):
+        if not module.training:
+            return None
+        return Obstacle(path, name, "random in train mode: certificates hold for the eval-mode model (lipnet.certify "
+                        "evaluates in eval mode, where dropout is the identity)", "call model.eval() before "
+                        "certifying", blocking=False)
+    if _is_custom_container(module):
+        return _container_obstacle(path, module, shapes)
+    if isinstance(module, (nn.Sequential, ConvexResidual)) or type(module).__name__ == "InputNormalization":
+        return None  # composed from their children / a bound > 1 by design (certificates in pixel space)
+    problem, fix = next(((p, f) for types, p, f in _ADVICE if isinstance(module, types)), (None, None))
+    calls = shapes.get(id(module)) if shapes is not None else None
+    if calls is None:
+        if shapes is not None or problem is None:
+            return None  # not called by the forward pass / nothing known from the type alone
+        if isinstance(module, nn.MaxPool2d):
+            bound = pooling_lipschitz_bound(module.kernel_size, module.stride, module.dilation)
+            return None if bound <= 1 else Obstacle(path, name, f"{problem}: Lipschitz bound {bound:.4g}, not 1", fix,
+                                                    blocking=False)
+        return Obstacle(path, name, problem, fix, blocking=True)
+    try:
+        bound = max(lipschitz_bound(module, shape[1:]) for shape in calls)
+    except LipschitzBoundError as error:
+        return Obstacle(path, name, problem or f"lipnet.certify has no Lipschitz bound for it ({error.reason})",
+                        fix or "replace it by a lipnet layer, or register a sound bound with "
+                        "lipnet.certify.register_lipschitz_bound", blocking=True)
+    if bound > 1 + 1e-6:
+        return Obstacle(path, name, f"{problem + ': ' if problem else ''}Lipschitz bound {bound:.4g}, not 1", fix,
+                        blocking=False)
+    return None
+
+
+def _is_custom_container(module: nn.Module) -> bool:
+    """A module with children whose bound lipnet.certify cannot derive from theirs by itself."""
+    if not any(True for _ in module.children()) or callable(getattr(module, "lipschitz_bound", None)):
+        return False
+    for known in (nn.Sequential, ConvexResidual):
+        if isinstance(module, known):
+            return type(module).forward is not known.forward
+    return not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+
+
+def _container_obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None:
+    """A container with its own forward: its residual sums, or why it cannot be analysed."""
+    name = _qualname(module)
+    if isinstance(module, _ATTENTION):
+        return Obstacle(path, name, _ADVICE[3][1], None, blocking=True)
+    try:
+        graph = _trace(module)
+    except Exception as error:
+        return Obstacle(path, name, f"its forward cannot be traced by torch.fx ({type(error).__name__}: {error}), so "
+                        "how it combines its children is unknown", "register a sound bound with "
+                        "lipnet.certify.register_lipschitz_bound, or rebuild it from lipnet containers", blocking=True)
+    sums = [node for node in graph.nodes
+            if _key(node) in _SUMS and sum(_depends_on_input(a) for a in _tensor_args(node)) > 1]
+    calls = shapes.get(id(module)) if shapes is not None else None
+    if calls:
+        # Check the operations of its forward only: children get bound 1 here (they are diagnosed on their own).
+        modes = {m: m.training for m in module.modules()}
+        module.eval()
+        try:
+            _traced_bound(module, calls[0][1:], child_bound=lambda child, shape: 1.0)
+        except LipschitzBoundError as error:
+            return Obstacle(path, name, f"its Lipschitz bound cannot be derived from its forward: {error.reason}",
+                            "register a sound bound with lipnet.certify.register_lipschitz_bound, or rebuild it "
+                            "from lipnet containers", blocking=True)
+        finally:
+            for m, training in modes.items():
+                m.train(training)
+    if sums:
+        return Obstacle(path, name, f"adds {len(sums)} pair(s) of branches computed from its input (a residual "
+                        "connection): a sum is bounded by the sum of the branches' bounds, x + f(x) by 1 + Lip(f), "
+                        "2 for a 1-Lipschitz f, so k such blocks in a row can give 2^k", _RESIDUAL_FIX,
+                        blocking=False)
+    return None
+
+
+# ----------------------------------------------------------------------------- traced bounds
+
+
+class _ChildrenAsLeaves(torch.fx.Tracer):
+    """Trace one module's own forward: every submodule call is a leaf."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return True
+
+
+def _trace(module: nn.Module) -> torch.fx.Graph:
+    """The graph of ``module.forward`` with its children as leaves; extra arguments take their defaults."""
+    import inspect
+
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    if not parameters or parameters[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
+                                                    inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        raise TypeError("forward must take the input tensor as its first argument")
+    concrete = {}
+    for p in parameters[1:]:
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise TypeError(f"forward takes a second required argument {p.name!r}: only one input is supported")
+        concrete[p.name] = p.default
+    return _ChildrenAsLeaves().trace(module, concrete_args=concrete or None)
+
+
+_SUMS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, "add", "sub", "add_", "sub_"}
+_SCALINGS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", operator.truediv, operator.itruediv, torch.div,
+             "div", "div_"}
+_ONE_LIPSCHITZ = {torch.relu, F.relu, "relu", "relu_", torch.tanh, F.tanh, "tanh", F.hardtanh, operator.neg,
+                  torch.neg, "neg", F.dropout}
+_REARRANGEMENTS = {torch.flatten, "flatten", "view", "reshape", torch.reshape, "permute", torch.permute,
+                   "transpose", torch.transpose, "contiguous", "squeeze", torch.squeeze, "unsqueeze", torch.unsqueeze,
+                   "clone"}
+_SPLITS = {torch.chunk, "chunk", torch.split, "split", torch.unbind, "unbind"}
+_CATS = {torch.cat, torch.concat}
+_SHAPE_METHODS = ("size", "dim", "numel")
+_SHAPE_ATTRIBUTES = ("shape", "ndim", "dtype", "device")
+
+
+def _key(node: torch.fx.Node):
+    return node.target if node.op in ("call_function", "call_method") else None
+
+
+def _is_sum(node: torch.fx.Node) -> bool:
+    return _key(node) in _SUMS
+
+
+def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    found = []
+    torch.fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return found
+
+
+def _depends_on_input(node: torch.fx.Node) -> bool:
+    """Whether a node's value can depend on the values of the graph's input."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen or (n.op == "call_method" and n.target in _SHAPE_METHODS) or (
+                n.target is getattr and len(n.args) == 2 and n.args[1] in _SHAPE_ATTRIBUTES):
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        stack.extend(_tensor_args(n))
+    return False
+
+
+def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
+    """Sound Lipschitz bound of a module with its own ``forward``, from its ``torch.fx`` graph.
+
+    The forward is traced with every child as a leaf, run in eval mode on two batches (of
+    sizes 2 and 3, to see which operations keep the batch dimension), and each node ``v``
+    gets a bound ``L(v)`` on the Lipschitz constant of its value as a function of the input:
+
+    * input: 1; constants (parameters read directly, shapes): 0;
+    * child ``m`` applied to ``u``: ``lipschitz_bound(m, shape of u) * L(u)``;
+    * ``u + w``, ``u - w``: ``L(u) + L(w)`` (triangle inequality; no broadcasting of a
+      non-constant operand, which would copy entries);
+    * ``c * u``, ``u / c`` with ``c`` a constant number or tensor: ``max|c| L(u)``,
+      ``L(u) / min|c|``;
+    * ReLU, tanh, hardtanh, negation, eval-mode dropout: ``L(u)``;
+    * per-example rearrangements (flatten, view, reshape, permute, transpose, squeeze,
+      unsqueeze, contiguous, clone) and selections (chunk, split, basic slicing): ``L(u)``,
+      provided every tensor involved keeps the batch as its first dimension;
+    * concatenation along a non-batch dimension: ``sqrt(sum L(u_i)^2)``.
+
+    Any other operation raises :class:`~lipnet.certify.LipschitzBoundError`; so do an
+    in-place operation on a value used elsewhere, and a graph that does not reproduce the
+    module's output. All float arithmetic rounds upwards.
+
+    Args:
+        module: e.g. a torchvision ``BasicBlock``.
+        input_shape: shape of one input without the batch dimension.
+    """
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        return _traced_bound(module, tuple(int(s) for s in input_shape))
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
+def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=lipschitz_bound) -> float:
+    """:func:`traced_lipschitz_bound` in eval mode; ``child_bound(child, shape)`` bounds the leaves."""
+    try:
+        graph = _trace(module)
+    except Exception as error:
+        raise LipschitzBoundError(module, f"its forward cannot be traced by torch.fx ({type(error).__name__}: "
+                                          f"{error}); register a bound with lipnet.certify.register_lipschitz_bound"
+                                  ) from error
+    traced = torch.fx.GraphModule(module, graph)
+    cache: dict = {}
+
+    def cached_child_bound(child, shape):
+        key = (id(child), shape)
+        if key not in cache:
+            cache[key] = child_bound(child, shape)
+        return cache[key]
+
+    bound = math.inf
+    for batch in (2, 3):
+        run = _BoundInterpreter(traced, module, batch, cached_child_bound)
+        x = _random_input(module, batch, input_shape)
+        with torch.no_grad():
+            out = run.run(x.clone())
+            expected = module(x.clone())
+        if not (torch.is_tensor(out) and torch.is_tensor(expected) and out.shape == expected.shape
+                and torch.allclose(out, expected, rtol=1e-5, atol=1e-6)):
+            raise LipschitzBoundError(module, "the torch.fx graph of its forward does not reproduce its output "
+                                              "(in-place operations on shared tensors?); register a bound with "
+                                              "lipnet.certify.register_lipschitz_bound")
+        bound = run.result
+    return bound
+
+
+def _random_input(module: nn.Module, batch: int, input_shape) -> torch.Tensor:
+    tensor = next((t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()), None)
+    dtype = torch.get_default_dtype() if tensor is None else tensor.dtype
+    device = torch.device("cpu") if tensor is None else tensor.device
+    generator = torch.Generator().manual_seed(batch)
+    return torch.randn((batch, *input_shape), generator=generator, dtype=dtype).to(device)
+
+
+class _BoundInterpreter(torch.fx.Interpreter):
+    """Runs the graph and propagates the bounds of :func:`traced_lipschitz_bound`."""
+
+    def __init__(self, traced: torch.fx.GraphModule, module: nn.Module, batch: int, child_bound):
+        super().__init__(traced)
+        self.module = module
+        self.batch = batch
+        self.child_bound = child_bound
+        self.bound: dict[torch.fx.Node, float] = {}
+        self.result: float | None = None
+
+    def fail(self, node: torch.fx.Node, reason: str):
+        raise LipschitzBoundError(self.module, f"node {node.format_node()}: {reason}")
+
+    def run_node(self, node: torch.fx.Node):
+        value = super().run_node(node)
+        if node.op == "output":
+            (out,) = node.args
+            if not isinstance(out, torch.fx.Node) or not torch.is_tensor(self.env[out]):
+                self.fail(node, "the forward must return one tensor")
+            self.result = self.bound[out]
+        else:
+            self.bound[node] = self._node_bound(node, value)
+        return value
+
+    def _in_place_check(self, node, target):
+        in_place = (isinstance(target, str) and target.endswith("_")) or node.kwargs.get("inplace") is True or \
+            target in (operator.iadd, operator.isub, operator.imul, operator.itruediv) or \
+            (node.op == "call_module" and getattr(self.module.get_submodule(node.target), "inplace", False))
+        if in_place and node.args and isinstance(node.args[0], torch.fx.Node) and len(node.args[0].users) > 1:
+            self.fail(node, "an in-place operation on a value that is also used elsewhere")
+
+    def _batched(self, node, *values):
+        for v in values:
+            if torch.is_tensor(v) and (v.dim() == 0 or v.shape[0] != self.batch):
+                self.fail(node, f"a tensor of shape {tuple(v.shape)} does not keep the batch (of {self.batch}) as its "
+                                "first dimension, so this operation may mix examples")
+
+    def _node_bound(self, node: torch.fx.Node, value) -> float:
+        args = _tensor_args(node)
+        dependent = [a for a in args if self.bound.get(a, 0.0) > 0]
+        if node.op == "placeholder":
+            return 1.0
+        target = node.target
+        if node.op == "get_attr" or not dependent or (node.op == "call_method" and target in _SHAPE_METHODS) or (
+                target is getattr and len(node.args) == 2 and node.args[1] in _SHAPE_ATTRIBUTES):
+            return 0.0  # constant, or a property of the input's shape (not of its values)
+        self._in_place_check(node, target)
+        if node.op == "call_module":
+            child = self.module.get_submodule(target)
+            first = node.args[0] if node.args else None
+            if dependent != [first] or len(node.args) != 1 or node.kwargs:
+                self.fail(node, "a child called with more than its input tensor")
+            x = self.env[first]
+            self._batched(node, x, value)
+            return mul_up(self.child_bound(child, tuple(x.shape[1:])), self.bound[first])
+        if target in _SUMS:
+            operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+            alpha = node.kwargs.get("alpha", 1)
+            if set(dependent) - set(operands) or not isinstance(alpha, (int, float)) or len(node.args) > 2:
+                self.fail(node, "a sum with unsupported arguments")
+            total = 0.0
+            for i, a in enumerate(operands):
+                if self.bound[a] > 0:
+                    if self.env[a].shape != value.shape:
+                        self.fail(node, "a non-constant operand is broadcast (its entries are copied)")
+                    scale = abs(float(alpha)) if i == 1 and node.args[1] is a else 1.0
+                    total = add_up(total, mul_up(scale, self.bound[a]))
+            return total
+        if target in _SCALINGS:
+            if len(dependent) != 1 or len(node.args) != 2 or node.kwargs:
+                self.fail(node, "a product or quotient of two values that depend on the input")
+            u = dependent[0]
+            other = node.args[1] if node.args[0] is u else node.args[0]
+            constant = self.env[other] if isinstance(other, torch.fx.Node) else other
+            if torch.is_tensor(constant):
+                magnitudes = constant.detach().abs()
+                if magnitudes.numel() == 0:
+                    self.fail(node, "an empty factor")
+                big, small = float(magnitudes.max()), float(magnitudes.min())
+            elif isinstance(constant, (int, float)) and not isinstance(constant, bool):
+                big = small = abs(float(constant))
+            else:
+                self.fail(node, f"a factor of type {type(constant).__name__}")
+            if self.env[u].shape != value.shape:
+                self.fail(node, "a non-constant operand is broadcast (its entries are copied)")
+            if target in (operator.truediv, operator.itruediv, torch.div, "div", "div_"):
+                if node.args[0] is not u or node.kwargs.get("rounding_mode") is not None:
+                    self.fail(node, "division by a value that depends on the input")
+                factor = math.inf if small == 0 else math.nextafter(1 / small, math.inf)
+            else:
+                factor = big
+            if math.isinf(factor) or math.isnan(factor):
+                self.fail(node, "an unbounded factor")
+            return mul_up(factor, self.bound[u])
+        single = len(dependent) == 1 and node.args and node.args[0] is dependent[0]
+        if target in _ONE_LIPSCHITZ and single:
+            if target is F.dropout and not (node.kwargs.get("training") is False or
+                                            (len(node.args) > 2 and node.args[2] is False)):
+                self.fail(node, "dropout that may be active (training not False)")
+            return self.bound[dependent[0]]
+        if target in _REARRANGEMENTS and single:
+            self._batched(node, self.env[dependent[0]], value)
+            return self.bound[dependent[0]]
+        if target in _SPLITS and single:
+            self._batched(node, self.env[dependent[0]], *value)
+            return self.bound[dependent[0]]
+        if target is operator.getitem and single:
+            source = self.env[dependent[0]]
+            index = node.args[1]
+            if isinstance(source, (tuple, list)):
+                if not isinstance(index, int):
+                    self.fail(node, "an index into a sequence that is not an int")
+                return self.bound[dependent[0]]
+            indices = index if isinstance(index, tuple) else (index,)
+            if not indices or not all(i is Ellipsis or i is None or isinstance(i, slice) and all(
+                    not isinstance(b, torch.fx.Node) for b in (i.start, i.stop, i.step)) or
+                    isinstance(i, int) for i in indices) or indices[0] != slice(None):
+                self.fail(node, "an index other than basic slicing that keeps the whole batch")
+            self._batched(node, source, value)
+            return self.bound[dependent[0]]
+        if target in _CATS and len(node.args) >= 1 and isinstance(node.args[0], (list, tuple)):
+            parts = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if set(dependent) - set(parts) or not isinstance(dim, int) or dim % value.dim() == 0:
+                self.fail(node, "a concatenation along the batch dimension")
+            self._batched(node, value, *(self.env[p] for p in parts if isinstance(p, torch.fx.Node)))
+            total = 0.0
+            for p in parts:
+                if isinstance(p, torch.fx.Node) and self.bound[p] > 0:
+                    total = add_up(total, mul_up(self.bound[p], self.bound[p]))
+            return sqrt_up(total) if total > 0 else 0.0
+        self.fail(node, "no Lipschitz rule for this operation")
+
+
+#: Types :func:`convert` registered :func:`traced_lipschitz_bound` for (in this process).
+_TRACED_TYPES: set[type] = set()
+
+
+def _register_traced_bounds(model: nn.Module, shapes, report: ConversionReport) -> None:
+    """Register :func:`traced_lipschitz_bound` for the container types lipnet.certify does not know.
+
+    A type is registered when lipnet.certify raises :class:`~lipnet.certify.UnknownModuleError`
+    for the module itself (not for a descendant) and its forward can be traced. The bound
+    is computed from each instance's own graph, so it is sound for every instance.
+    """
+    seen: set[type] = set()
+    for module in model.modules():
+        if type(module) in seen | _TRACED_TYPES or not _is_custom_container(module) or isinstance(module, _ATTENTION):
+            continue
+        calls = shapes.get(id(module))
+        if not calls:
+            continue
+        seen.add(type(module))
+        try:
+            lipschitz_bound(module, calls[0][1:])
+        except UnknownModuleError as error:
+            if error.module is not module:
+                continue
+            try:
+                _trace(module)
+            except Exception:
+                continue  # reported as an obstacle
+            register_lipschitz_bound(type(module), traced_lipschitz_bound)
+            _TRACED_TYPES.add(type(module))
+            report.registered.append(_qualname(module))
+        except LipschitzBoundError:
+            continue

@@ -1,0 +1,308 @@
+"""Export a lipnet model to plain PyTorch with its certified Lipschitz bound.
+
+The export is a snapshot of the function the model computes *now*, in eval mode, on
+inputs of one shape:
+
+1. The model is deep-copied and put in eval mode; the input's spatial size at each
+   :class:`~lipnet.nn.GramConv2d` is recorded on a probe batch.
+2. Every Gram layer is replaced by a plain ``nn.Conv2d`` / ``nn.Linear`` holding a copy of
+   ``layer.normalized_weight(input_size)``: the exact tensor its forward pass applies,
+   computed from the current weight (no state but the weight is involved, so exporting
+   before or after loading a checkpoint, in train or eval mode, can only give the function
+   of the weights the model holds at that moment).
+3. The certified bound is computed by :func:`lipnet.certify.lipschitz_bound`, whose Gram
+   layers bound, in float64, exactly the tensors that were baked.
+4. The plain copy is traced with ``torch.export`` (batch dimension dynamic) and written as
+   an archive of plain data and tensors (:mod:`lipnet.export.runtime`); convolutions and
+   dense layers become ``nn.Conv2d`` / ``nn.Linear`` modules again.
+5. The archive is rebuilt by the runtime exactly as a deployment would, and its outputs
+   are compared with the original model's; any difference raises.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+import lipnet
+from lipnet.certify import LipschitzBoundError, lipschitz_bound
+from lipnet.export import runtime
+from lipnet.nn.gram_conv import GramConv2d
+from lipnet.nn.gram_linear import GramLinear
+
+#: Tolerance of the self-check, in units of the dtype's epsilon times the output scale.
+#: The exported graph runs the same kernels as the model, so it is exact on CPU; the
+#: slack covers kernels that are not bitwise reproducible on accelerators.
+_CHECK_ULPS = 8
+
+# Graph-signature kinds of lifted tensors.
+_TENSOR_INPUTS = ("PARAMETER", "BUFFER", "CONSTANT_TENSOR")
+# Operators dropped from the graph: metadata assertions that pin the export device.
+_DROPPED_OPS = ("_assert_tensor_metadata",)
+
+
+def export(model: nn.Module, input_shape: Sequence[int], *, certify: bool = True) -> runtime.ExportedModel:
+    """Plain-PyTorch copy of ``model`` with the normalized weights baked in.
+
+    Args:
+        model: a network of lipnet and ``torch.nn`` layers taking one tensor. It is not
+            modified (its train/eval mode included); the eval-mode function is exported.
+        input_shape: shape of one input without the batch dimension, e.g. ``(3, 32, 32)``.
+            A Gram convolution's normalized weight depends on its input's spatial size
+            (zero padding), so the export is valid, and only accepts inputs, of this shape.
+        certify: compute the certified Lipschitz bound of the exported weights with
+            :func:`lipnet.certify.lipschitz_bound` (which raises on layers it cannot bound).
+            ``False`` exports for inference only: ``lipschitz_bound`` is ``None``.
+
+    Returns:
+        A :class:`~lipnet.export.runtime.ExportedModel` (a plain ``nn.Module``): call it,
+        read ``lipschitz_bound``, ``save(path)`` it. The saved file loads with
+        ``torch.load(path, weights_only=True)`` and runs without lipnet through the
+        single-file runtime :mod:`lipnet.export.runtime`.
+
+    Raises:
+        ValueError: bad ``input_shape``, a model that does not accept it, a layer applied
+            to two spatial sizes, or an operator outside the runtime's allowlist.
+        RuntimeError: the rebuilt model does not reproduce the original (a bug: report it).
+
+    Example:
+        >>> from lipnet.nn import GramConv2d, GramLinear, MaxMin
+        >>> net = nn.Sequential(GramConv2d(1, 4, 3, padding=1), MaxMin(), nn.Flatten(), GramLinear(4 * 8 * 8, 10))
+        >>> exported = export(net, input_shape=(1, 8, 8))
+        >>> exported.lipschitz_bound <= 1 + 1e-5
+        True
+        >>> x = torch.randn(5, 1, 8, 8)
+        >>> float((exported(x) - net(x)).abs().max())
+        0.0
+    """
+    input_shape = _check_input_shape(input_shape)
+    reference = copy.deepcopy(model).eval()
+    probe = _probe(reference, input_shape, batch=2, seed=0)
+    plain = _bake(reference, probe)
+    bound = _certified_bound(reference, input_shape) if certify else None
+    archive = _archive(plain, probe, input_shape, bound, type(model).__qualname__)
+    exported = runtime.build(archive)
+    with torch.no_grad():
+        for batch, seed in ((2, 1), (3, 2)):
+            x = _probe(reference, input_shape, batch=batch, seed=seed)
+            _check_same(exported(x), reference(x), "the exported model")
+            _check_same(plain(x), reference(x), "the baked copy")
+    return exported
+
+
+def _check_input_shape(input_shape) -> tuple[int, ...]:
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        shape = None
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+        raise ValueError(f"input_shape must be a non-empty sequence of positive ints without the batch dimension, "
+                         f"e.g. (3, 32, 32); got {input_shape!r}")
+    return shape
+
+
+def _probe(model: nn.Module, input_shape, *, batch: int, seed: int) -> torch.Tensor:
+    tensor = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+    dtype = torch.get_default_dtype() if tensor is None else tensor.dtype
+    device = torch.device("cpu") if tensor is None else tensor.device
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *input_shape, generator=generator, dtype=dtype).to(device)
+
+
+def _input_sizes(model: nn.Module, probe: torch.Tensor) -> dict[int, tuple[int, int]]:
+    """Spatial size of the input of each Gram convolution (by ``id``) on ``probe``."""
+    sizes: dict[int, tuple[int, int]] = {}
+    names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+
+    def record(module, args):
+        size = tuple(int(s) for s in args[0].shape[-2:])
+        if sizes.setdefault(id(module), size) != size:
+            raise ValueError(f"layer {names[id(module)]!r} is applied to inputs of spatial sizes "
+                             f"{sizes[id(module)]} and {size}: its normalized weight differs between them, so it "
+                             "cannot be baked into one nn.Conv2d")
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, GramConv2d)]
+    try:
+        with torch.no_grad():
+            model(probe)
+    except Exception as error:
+        if isinstance(error, ValueError) and "cannot be baked" in str(error):
+            raise
+        raise ValueError(f"the model does not accept inputs of shape (batch, {', '.join(map(str, probe.shape[1:]))}): "
+                         f"{type(error).__name__}: {error}") from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sizes
+
+
+def _bake(reference: nn.Module, probe: torch.Tensor) -> nn.Module:
+    """Copy of ``reference`` with every Gram layer replaced by a plain layer of its normalized weight."""
+    sizes = _input_sizes(reference, probe)
+    replacements = {}
+    with torch.no_grad():
+        for layer in reference.modules():
+            if isinstance(layer, GramLinear) or (isinstance(layer, GramConv2d) and id(layer) in sizes):
+                replacements[id(layer)] = _plain_layer(layer, sizes.get(id(layer)))
+    # deepcopy substitutes the objects its memo already maps, wherever (and however often) they occur.
+    return copy.deepcopy(reference, memo=replacements)
+
+
+def _plain_layer(layer: nn.Module, input_size) -> nn.Module:
+    weight = layer.normalized_weight(input_size).detach().clone()
+    factory = dict(device=weight.device, dtype=weight.dtype)
+    if isinstance(layer, GramConv2d):
+        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                          layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, **factory)
+    else:
+        plain = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, **factory)
+    plain.weight = nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        plain.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return plain
+
+
+def _certified_bound(reference: nn.Module, input_shape) -> float:
+    """:func:`lipnet.certify.lipschitz_bound` of the model, whose Gram layers bound exactly the
+    tensors that were baked: ``layer.lipschitz_bound(size)`` certifies ``normalized_weight(size)``."""
+    try:
+        return float(lipschitz_bound(reference, input_shape))
+    except LipschitzBoundError as error:
+        raise ValueError(f"cannot certify the exported model: {error}. export(..., certify=False) exports it "
+                         "without a Lipschitz bound, for inference only") from error
+
+
+def _archive(plain: nn.Module, probe: torch.Tensor, input_shape, bound, model_name: str) -> dict:
+    """Trace ``plain`` with ``torch.export`` and describe it as plain data (see :mod:`lipnet.export.runtime`)."""
+    try:
+        program = torch.export.export(plain, (probe,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
+    except Exception as error:
+        raise ValueError(f"torch.export could not trace the model with a dynamic batch dimension: "
+                         f"{type(error).__name__}: {error}") from error
+    signature = program.graph_signature
+    if any(spec.kind.name != "USER_OUTPUT" for spec in signature.output_specs):
+        raise ValueError("the model mutates its buffers in eval mode; export needs a pure function")
+    tensors = {**program.state_dict, **program.constants}
+    lifted = {spec.arg.name: spec.target for spec in signature.input_specs if spec.kind.name in _TENSOR_INPUTS}
+    layers = _layers(program.graph, lifted)
+    modules, nodes, state_dict = {}, [], {}
+
+    def encode(value):
+        """Encode a node argument; a lifted tensor becomes a ``get_attr`` node at its first use."""
+        def register(node):
+            target = lifted.get(node.name)
+            if target is not None and target not in state_dict:
+                state_dict[target] = tensors[target].detach().clone()
+                nodes.append({"name": node.name, "op": "get_attr", "target": target, "args": [], "kwargs": {}})
+            return node
+
+        torch.fx.node.map_arg(value, register)
+        return runtime.encode(value)
+
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            if node.name not in lifted:
+                nodes.append({"name": node.name, "op": "placeholder", "target": node.name, "args": [], "kwargs": {}})
+        elif node.op == "output":
+            outputs = torch.utils._pytree.tree_unflatten(list(node.args[0]), program.call_spec.out_spec)
+            nodes.append({"name": node.name, "op": "output", "target": "output", "args": [encode(outputs)],
+                          "kwargs": {}})
+        elif node.op == "call_function" and node in layers:
+            path, spec, operand = layers[node]
+            modules[path] = spec
+            for key in ("weight", "bias"):
+                if f"{path}.{key}" in tensors:
+                    state_dict[f"{path}.{key}"] = tensors[f"{path}.{key}"].detach().clone()
+            nodes.append({"name": node.name, "op": "call_module", "target": path, "args": [encode(operand)],
+                          "kwargs": {}})
+        elif node.op == "call_function":
+            if isinstance(node.target, torch._ops.OpOverload) and node.target._opname in _DROPPED_OPS:
+                continue
+            name = runtime.function_name(node.target)
+            if name is None:
+                raise ValueError(f"operator {node.target} (in {_origin(node)}) is not supported by the export runtime; "
+                                 f"its ATen allowlist is: {' '.join(sorted(runtime.ATEN_OPS))}")
+            nodes.append({"name": node.name, "op": "call_function", "target": name, "args": encode(list(node.args)),
+                          "kwargs": encode(dict(node.kwargs))})
+        else:
+            raise ValueError(f"unsupported graph node {node.op} {node.target} (in {_origin(node)})")
+
+    metadata = {"lipnet_version": str(lipnet.__version__), "torch_version": str(torch.__version__), "model": model_name,
+                "dtype": str(probe.dtype).removeprefix("torch."), "certificate": runtime.CERTIFICATE}
+    return {"format": runtime.FORMAT, "format_version": runtime.FORMAT_VERSION, "input_shape": tuple(input_shape),
+            "lipschitz_bound": bound, "modules": modules, "nodes": nodes, "state_dict": state_dict,
+            "metadata": metadata}
+
+
+_LAYER_OPS = {
+    torch.ops.aten.conv2d.default: "torch.nn.Conv2d",
+    torch.ops.aten.conv2d.padding: "torch.nn.Conv2d",
+    torch.ops.aten.linear.default: "torch.nn.Linear",
+}
+
+
+def _layers(graph: torch.fx.Graph, lifted: dict[str, str]) -> dict:
+    """``{node: (module path, module spec, input node)}`` for the convolution and linear calls
+    whose weight and bias are the ``<path>.weight`` / ``<path>.bias`` of one module, used by
+    that call only: these become ``nn.Conv2d`` / ``nn.Linear`` modules (any other call stays
+    a function of ``get_attr`` tensors)."""
+    layers = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _LAYER_OPS:
+            continue
+        args = _bind(node)
+        weight, bias = args["weight"], args["bias"]
+        params = [p for p in (weight, bias) if p is not None]
+        if not all(isinstance(p, torch.fx.Node) and p.name in lifted and len(p.users) == 1 for p in params):
+            continue
+        path, _, leaf = lifted[weight.name].rpartition(".")
+        if not path or leaf != "weight" or (bias is not None and lifted[bias.name] != f"{path}.bias"):
+            continue
+        shape = weight.meta["val"].shape
+        if _LAYER_OPS[node.target] == "torch.nn.Linear":
+            kwargs = {"in_features": shape[1], "out_features": shape[0], "bias": bias is not None}
+        else:
+            padding = args["padding"] if isinstance(args["padding"], str) else tuple(args["padding"])
+            kwargs = {"in_channels": shape[1] * args["groups"], "out_channels": shape[0],
+                      "kernel_size": tuple(shape[2:]), "stride": tuple(args["stride"]), "padding": padding,
+                      "dilation": tuple(args["dilation"]), "groups": args["groups"], "bias": bias is not None}
+        spec = {"type": _LAYER_OPS[node.target], "kwargs": {k: runtime.encode(v) for k, v in kwargs.items()}}
+        layers[node] = (path, spec, args["input"])
+    return layers
+
+
+def _bind(node: torch.fx.Node) -> dict:
+    """Arguments of an ATen call by name, defaults filled in from its schema."""
+    values = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            values[arg.name] = node.args[i]
+        else:
+            values[arg.name] = node.kwargs.get(arg.name, arg.default_value)
+    return values
+
+
+def _origin(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "the model's forward"
+    path, kind = list(stack.values())[-1]
+    return f"{path or 'the model'} ({kind})"
+
+
+def _check_same(actual, expected, what: str) -> None:
+    actual, expected = torch.utils._pytree.tree_leaves(actual), torch.utils._pytree.tree_leaves(expected)
+    if len(actual) != len(expected):
+        raise RuntimeError(f"{what} returns {len(actual)} outputs instead of {len(expected)}")
+    for a, e in zip(actual, expected):
+        if not isinstance(e, torch.Tensor):
+            continue
+        scale = 1 + float(e.detach().abs().max()) if e.numel() else 1.0
+        tolerance = _CHECK_ULPS * torch.finfo(e.dtype).eps * scale if e.is_floating_point() else 0.0
+        difference = float((a.detach() - e.detach()).abs().max()) if e.numel() else 0.0
+        if a.shape != e.shape or a.dtype != e.dtype or not difference <= tolerance:
+            raise RuntimeError(f"{what} does not reproduce the lipnet model (max abs difference {difference:.3g}, "
+                               f"shapes {tuple(a.shape)} vs {tuple(e.shape)}); please report this as a bug")

@@ -1,0 +1,288 @@
+"""Run a network exported by :func:`lipnet.export` with plain PyTorch.
+
+This file imports only ``torch`` and the standard library, so it runs where lipnet is not
+installed: copy it next to your code (e.g. as ``lipnet_runtime.py``) and::
+
+    from lipnet_runtime import load
+    model = load("model.pt")                  # torch.load(..., weights_only=True) inside
+    logits = model(x)                         # x of shape (batch, *model.input_shape)
+    radius = model.certified_radius(logits)   # certified L2 radius of each prediction
+
+Archive format (version 1)
+--------------------------
+An archive is a ``dict`` that ``torch.load(path, weights_only=True)`` reads (strings,
+numbers, booleans, ``None``, lists, tuples, dicts and tensors only):
+
+* ``format``, ``format_version``: ``"lipnet-export"`` and ``1``;
+* ``input_shape``: the input shape without the batch dimension, e.g. ``(3, 32, 32)``. The
+  baked-in weights (and so the certificate) are only valid for this shape;
+* ``lipschitz_bound``: certified float64 upper bound on the L2 Lipschitz constant of the
+  network on inputs of that shape, computed on the exported weights (``None`` if the model
+  was exported without a certificate);
+* ``modules``: ``{qualified name: {"type": "torch.nn.Conv2d", "kwargs": {...}}}``, the
+  convolutions and dense layers, with their constructor arguments;
+* ``nodes``: a ``torch.fx`` graph, one dict per node (``name``, ``op``, ``target``, ``args``,
+  ``kwargs``), at the level of ATen operators (as ``torch.export`` records them). Node
+  references are written ``{"$node": name}``; tuples, slices, dtypes and devices are
+  tagged the same way (see :func:`encode`);
+* ``state_dict``: the tensors of the modules and of ``get_attr`` nodes;
+* ``metadata``: strings (versions, the certificate formula).
+
+Nothing in an archive is executed when it is loaded: operators are looked up by name in
+the allowlist :data:`FUNCTIONS`, and layers are instantiated from ``torch.nn`` by name.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch import nn
+
+FORMAT = "lipnet-export"
+FORMAT_VERSION = 1
+
+#: How a prediction is certified; stored in each archive's metadata.
+CERTIFICATE = ("an input x whose logits z = model(x) have top class c is certified at L2 radius "
+               "(z_c - max_{j != c} z_j) / (sqrt(2) * lipschitz_bound)")
+
+#: Units of the logits' machine epsilon by which each logit is assumed uncertain (the
+#: value of ``lipnet.certify.radius.LOGIT_ROUNDING_ULPS``).
+LOGIT_ROUNDING_ULPS = 1024
+
+#: Layer types the archive's ``modules`` may name.
+MODULES = {"torch.nn.Conv2d": nn.Conv2d, "torch.nn.Linear": nn.Linear}
+
+#: ATen operator packets an archive may call (any overload): pure tensor computations.
+ATEN_OPS = frozenset("""
+    _adaptive_avg_pool2d _assert_scalar _native_batch_norm_legit_no_training _softmax _to_copy _log_softmax
+    abs adaptive_avg_pool2d adaptive_max_pool2d add add_ addmm alias amax amin arange avg_pool2d
+    batch_norm bmm cat chunk clamp clamp_ clamp_max clamp_max_ clamp_min clamp_min_ clone constant_pad_nd
+    contiguous conv1d conv2d convolution cumsum detach div div_ dropout elu elu_ eq erf exp expand expm1
+    flatten flip full full_like ge gelu gt hardsigmoid hardswish hardtanh hardtanh_ index_select
+    layer_norm le leaky_relu leaky_relu_ lift_fresh_copy linalg_vector_norm linear log log1p log_softmax
+    logsumexp lt matmul max max_pool2d max_pool2d_with_indices maximum mean min minimum mm mul mul_
+    native_batch_norm native_layer_norm ne neg norm ones ones_like pad permute pixel_shuffle pixel_unshuffle
+    pow reciprocal reflection_pad2d relu relu_ repeat replication_pad2d reshape roll rsqrt rsub
+    scalar_tensor select sigmoid sigmoid_ sign silu silu_ slice softmax softplus sort split split_with_sizes
+    sqrt square squeeze stack sub sub_ sum sym_numel sym_size sym_stride t tanh tanh_ to topk transpose
+    type_as unbind unflatten unsqueeze upsample_bilinear2d upsample_nearest2d view where zeros zeros_like
+""".split())
+
+_PYTHON_FUNCTIONS = {f"operator.{name}": getattr(operator, name)
+                     for name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "neg", "getitem", "eq", "ne",
+                                  "lt", "le", "gt", "ge")}
+
+
+def function_name(target) -> str | None:
+    """Archive name of a graph function (``"aten.conv2d.default"``), or ``None`` if not allowed."""
+    if isinstance(target, torch._ops.OpOverload):
+        if target.namespace == "aten" and target._opname in ATEN_OPS:
+            return f"aten.{target._opname}.{target._overloadname}"
+        return None
+    for name, function in _PYTHON_FUNCTIONS.items():
+        if function is target:
+            return name
+    return None
+
+
+def resolve_function(name: str):
+    """The callable an archive names (inverse of :func:`function_name`)."""
+    if name in _PYTHON_FUNCTIONS:
+        return _PYTHON_FUNCTIONS[name]
+    namespace, _, rest = name.partition(".")
+    packet, _, overload = rest.partition(".")
+    if namespace != "aten" or packet not in ATEN_OPS:
+        raise ValueError(f"operator {name!r} is not in the runtime's allowlist")
+    try:
+        return getattr(getattr(torch.ops.aten, packet), overload)
+    except AttributeError:
+        raise ValueError(f"operator {name!r} does not exist in torch {torch.__version__}") from None
+
+
+class ExportedModel(nn.Module):
+    """A frozen plain-PyTorch network with its certified Lipschitz bound.
+
+    ``network`` is a ``torch.fx.GraphModule`` whose convolutions and dense layers are
+    ``nn.Conv2d`` and ``nn.Linear`` holding the normalized weights. The model is always in
+    eval mode, its parameters do not require gradients, and it only accepts inputs of shape
+    ``(batch, *input_shape)``, the shape the weights were normalized and certified for.
+
+    Attributes:
+        input_shape: input shape without the batch dimension.
+        lipschitz_bound: certified upper bound on the L2 Lipschitz constant (float64), or
+            ``None`` when the model was exported without one.
+        metadata: strings recorded at export time.
+    """
+
+    def __init__(self, network: torch.fx.GraphModule, *, input_shape, lipschitz_bound, metadata: dict,
+                 modules: dict, nodes: list):
+        super().__init__()
+        self.network = network
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.lipschitz_bound = None if lipschitz_bound is None else float(lipschitz_bound)
+        self.metadata = dict(metadata)
+        self._spec = {"modules": modules, "nodes": nodes}
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor):
+        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"this exported model takes inputs of shape (batch, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(x.shape)}: its weights and certificate are only valid for that shape"
+            )
+        return self.network(x)
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError("an exported model is a frozen inference snapshot: train the lipnet model and "
+                               "export it again")
+        return super().train(False)
+
+    def certified_radius(self, logits: torch.Tensor) -> torch.Tensor:
+        """Certified L2 radius of each prediction (the arg-max of its logits), float64.
+
+        The same computation as ``lipnet.certify.certified_radius(logits, logits.argmax(1),
+        lipschitz_bound)``: each logit is treated as uncertain by
+        ``delta = LOGIT_ROUNDING_ULPS * eps(dtype) * max(1, max_j |z_j|)`` (the forward pass
+        is in floating point), and the radius ``(z_top - z_second - 2 delta) / (sqrt(2) L)``
+        is computed in float64 with the denominator rounded up and the quotient rounded
+        down. A tie, or a margin below ``2 delta``, gives radius 0.
+        """
+        if self.lipschitz_bound is None:
+            raise ValueError("this model was exported with certify=False: it has no Lipschitz bound")
+        if logits.dim() != 2 or logits.shape[1] < 2:
+            raise ValueError(f"expected logits of shape (batch, classes >= 2), got {tuple(logits.shape)}")
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("logits contain NaN or inf: no radius can be certified")
+        f = logits.detach().double()
+        delta = LOGIT_ROUNDING_ULPS * torch.finfo(logits.dtype).eps * f.abs().amax(dim=1).clamp_min(1.0)
+        top = f.topk(2, dim=1).values
+        margin = top[:, 0] - top[:, 1] - 2 * delta
+        denominator = math.nextafter(math.sqrt(2) * self.lipschitz_bound, math.inf)
+        if denominator == 0:
+            return torch.where(margin > 0, math.inf, 0.0)
+        return torch.nextafter(margin / denominator, torch.zeros_like(margin)).clamp_min(0.0)
+
+    def archive(self) -> dict:
+        """The archive (see the module docstring), with tensors copied to the CPU."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "input_shape": self.input_shape,
+            "lipschitz_bound": self.lipschitz_bound,
+            "modules": self._spec["modules"],
+            "nodes": self._spec["nodes"],
+            "state_dict": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
+            "metadata": self.metadata,
+        }
+
+    def save(self, f) -> None:
+        """``torch.save`` the archive; read it back with :func:`load`."""
+        torch.save(self.archive(), f)
+
+    def extra_repr(self) -> str:
+        return f"input_shape={self.input_shape}, lipschitz_bound={self.lipschitz_bound}"
+
+
+def load(f, map_location=None) -> ExportedModel:
+    """Read an archive with ``torch.load(f, weights_only=True)`` and :func:`build` it."""
+    return build(torch.load(f, map_location=map_location, weights_only=True))
+
+
+def build(archive: dict) -> ExportedModel:
+    """Instantiate the network an archive describes (nothing in the archive is executed)."""
+    if not isinstance(archive, dict) or archive.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} archive (expected a dict with format={FORMAT!r})")
+    if archive.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"archive format version {archive.get('format_version')!r} is not supported by this "
+                         f"runtime (version {FORMAT_VERSION})")
+    state_dict = archive["state_dict"]
+    root: dict = {}
+    for name, spec in archive["modules"].items():
+        if spec["type"] not in MODULES:
+            raise ValueError(f"module {name!r}: type {spec['type']!r} is not one of {sorted(MODULES)}")
+        root[name] = MODULES[spec["type"]](**{k: decode(v) for k, v in spec["kwargs"].items()})
+    graph = torch.fx.Graph()
+    env: dict = {}
+    for spec in archive["nodes"]:
+        env[spec["name"]] = _make_node(graph, spec, env, root, state_dict)
+    network = torch.fx.GraphModule(root, graph, class_name="ExportedNetwork")
+    network.load_state_dict(state_dict, strict=True, assign=True)
+    return ExportedModel(network, input_shape=archive["input_shape"], lipschitz_bound=archive["lipschitz_bound"],
+                         metadata=archive.get("metadata", {}), modules=archive["modules"], nodes=archive["nodes"])
+
+
+def _make_node(graph: torch.fx.Graph, spec: dict, env: dict, root: dict, state_dict: dict) -> torch.fx.Node:
+    op, target, name = spec["op"], spec["target"], spec["name"]
+    args = tuple(decode(spec["args"], env))
+    kwargs = decode(spec["kwargs"], env)
+    if op == "placeholder":
+        return graph.placeholder(name)
+    if op == "output":
+        return graph.output(args[0])
+    if op == "call_function":
+        target = resolve_function(target)
+    elif op == "call_module":
+        if target not in root or not isinstance(root[target], nn.Module):
+            raise ValueError(f"node {name!r} calls module {target!r}, which the archive does not define")
+    elif op == "get_attr":
+        if target not in state_dict:
+            raise ValueError(f"node {name!r} reads tensor {target!r}, which the state dict does not hold")
+        root[target] = state_dict[target]
+    else:
+        raise ValueError(f"node {name!r}: unsupported op {op!r}")
+    return graph.create_node(op, target, args, kwargs, name=name)
+
+
+def encode(value):
+    """Plain-data form of a graph argument (inverse of :func:`decode`)."""
+    if isinstance(value, torch.fx.Node):
+        return {"$node": value.name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [encode(v) for v in value]
+        return {"$tuple": items} if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) and not k.startswith("$") for k in value):
+            raise TypeError(f"cannot encode a dict with keys {list(value)}")
+        return {k: encode(v) for k, v in value.items()}
+    if isinstance(value, slice):
+        return {"$slice": [encode(value.start), encode(value.stop), encode(value.step)]}
+    for tag, kind in _TAGGED_TYPES.items():
+        if isinstance(value, kind):
+            return {tag: str(value).removeprefix("torch.")}
+    raise TypeError(f"cannot encode {type(value).__name__} {value!r} as plain data")
+
+
+_TAGGED_TYPES = {"$dtype": torch.dtype, "$layout": torch.layout, "$memory_format": torch.memory_format,
+                 "$device": torch.device}
+
+
+def decode(value, env: dict | None = None):
+    """Python value of an encoded graph argument; ``env`` maps node names to graph nodes."""
+    if isinstance(value, list):
+        return [decode(v, env) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        (tag, payload), = value.items()
+        if tag == "$node":
+            if env is None or payload not in env:
+                raise ValueError(f"reference to undefined node {payload!r}")
+            return env[payload]
+        if tag == "$tuple":
+            return tuple(decode(v, env) for v in payload)
+        if tag == "$slice":
+            return slice(*(decode(v, env) for v in payload))
+        if tag == "$device":
+            return torch.device(payload)
+        if tag in _TAGGED_TYPES:
+            result = getattr(torch, payload, None)
+            if not isinstance(result, _TAGGED_TYPES[tag]):
+                raise ValueError(f"unknown {tag[1:]} {payload!r}")
+            return result
+    return {k: decode(v, env) for k, v in value.items()}

@@ -1,0 +1,277 @@
+"""lipnet.export: plain-PyTorch round trip, stored certified bound, loading without lipnet."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lipnet import export
+from lipnet.bounds.reference import exact_conv2d_spectral_norm
+from lipnet.certify import certified_radius, lipschitz_bound
+from lipnet.export import ExportedModel, load, runtime
+from lipnet.nn import (
+    ConvexResidual,
+    GlobalL2NormPool2d,
+    GramConv2d,
+    GramLinear,
+    GramResidualConv2d,
+    InputNormalization,
+    L2NormPool2d,
+    MaxMin,
+)
+
+SHAPE = (3, 8, 8)
+
+
+def every_layer_net():
+    """One of each lipnet layer, strides, circular padding, a residual and a convex residual."""
+    return nn.Sequential(
+        InputNormalization([0.4, 0.5, 0.6], [0.2, 0.25, 0.3]),
+        GramConv2d(3, 8, 3, padding=1),
+        MaxMin(),
+        GramConv2d(8, 8, 3, padding=1, padding_mode="circular"),
+        L2NormPool2d(2),
+        ConvexResidual(nn.Sequential(GramConv2d(8, 8, 3, padding=1), MaxMin()), alpha=0.3),
+        GramResidualConv2d(8, 3),
+        GramConv2d(8, 16, 3, stride=2, padding=1),
+        MaxMin(),
+        GlobalL2NormPool2d(),
+        nn.Flatten(),
+        GramLinear(16, 10),
+    )
+
+
+def plain_net():
+    return nn.Sequential(GramConv2d(3, 4, 3, padding=1), MaxMin(), GramConv2d(4, 4, 3, stride=2, padding=1),
+                         MaxMin(), nn.Flatten(), GramLinear(4 * 4 * 4, 10))
+
+
+def train_steps(net, steps=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, *SHAPE, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-2)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net
+
+
+def max_diff(a, b):
+    return float((a - b).detach().abs().max())
+
+
+def test_round_trip_matches_the_model_and_stores_its_bound():
+    net = train_steps(every_layer_net())
+    exported = export(net, SHAPE)
+    assert isinstance(exported, ExportedModel) and not isinstance(exported, type(net))
+    x = torch.randn(5, *SHAPE)
+    assert max_diff(exported(x), net.eval()(x)) <= 1e-6
+    assert exported.lipschitz_bound == lipschitz_bound(net, SHAPE)
+    assert 1 <= exported.lipschitz_bound <= 5 * (1 + 1e-4)  # input normalization: 1 / min std = 5
+    # Plain torch layers with the normalized weights baked in, frozen, in eval mode.
+    assert all(type(m).__module__.startswith("torch") for m in exported.network.modules())
+    convs = [m for m in exported.modules() if type(m) is nn.Conv2d]
+    assert len(convs) == 5 and sum(type(m) is nn.Linear for m in exported.modules()) == 1
+    torch.testing.assert_close(convs[0].weight, net[1].normalized_weight((8, 8)), rtol=0, atol=0)
+    assert not exported.training and not any(p.requires_grad for p in exported.parameters())
+
+
+def test_stored_bound_is_sound_for_the_exported_weights():
+    """Product of the exact (dense SVD) norms of the exported layers <= the stored bound."""
+    net = train_steps(plain_net())
+    exported = export(net, SHAPE)
+    convs = [m for m in exported.modules() if type(m) is nn.Conv2d]
+    linear = next(m for m in exported.modules() if type(m) is nn.Linear)
+    exact = exact_conv2d_spectral_norm(convs[0].weight, (8, 8), padding=1)
+    exact *= exact_conv2d_spectral_norm(convs[1].weight, (8, 8), stride=2, padding=1)
+    exact *= float(torch.linalg.matrix_norm(linear.weight.double(), ord=2))
+    assert exact <= exported.lipschitz_bound
+    assert exported.lipschitz_bound <= 1 + 1e-4
+
+
+def test_batch_size_is_free_but_the_input_shape_is_enforced():
+    exported = export(plain_net(), SHAPE)
+    assert exported(torch.randn(1, *SHAPE)).shape == (1, 10)
+    assert exported(torch.randn(7, *SHAPE)).shape == (7, 10)
+    with pytest.raises(ValueError, match=r"inputs of shape \(batch, 3, 8, 8\)"):
+        exported(torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="inputs of shape"):
+        exported(torch.randn(3, 8, 8))
+
+
+def test_export_before_loading_weights_and_in_train_mode_is_correct():
+    """deel-torchlip #17: an export right after load_state_dict (no forward pass) lost accuracy."""
+    trained = train_steps(plain_net()).eval()
+    fresh = plain_net()
+    fresh.eval()
+    fresh(torch.randn(2, *SHAPE))  # fills the eval caches with the random weights' normalization
+    fresh.train()
+    fresh.load_state_dict(trained.state_dict())
+    exported = export(fresh, SHAPE)
+    x = torch.randn(6, *SHAPE)
+    assert max_diff(exported(x), trained(x)) <= 1e-6
+    assert fresh.training and all(m.training for m in fresh.modules())  # mode untouched
+    assert exported.lipschitz_bound == lipschitz_bound(trained, SHAPE)
+
+
+def test_export_is_a_snapshot_independent_of_later_training():
+    net = plain_net()
+    exported = export(net, SHAPE)
+    x = torch.randn(4, *SHAPE)
+    before = exported(x)
+    train_steps(net)
+    assert torch.equal(exported(x), before)
+    assert max_diff(export(net, SHAPE)(x), net.eval()(x)) <= 1e-6
+
+
+def test_export_leaves_the_model_untouched():
+    net = nn.Sequential(GramConv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), MaxMin(), nn.Flatten(),
+                        GramLinear(4 * 64, 10)).train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    exported = export(net, SHAPE, certify=False)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert all(m.training for m in net.modules())
+    x = torch.randn(3, *SHAPE)
+    assert max_diff(exported(x), net.eval()(x)) <= 1e-6  # the eval-mode function
+
+
+def test_uncertifiable_models_need_certify_false():
+    net = nn.Sequential(GramConv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), GramLinear(4 * 64, 10))
+    with pytest.raises(ValueError, match="certify=False"):
+        export(net, SHAPE)
+    exported = export(net, SHAPE, certify=False)
+    assert exported.lipschitz_bound is None
+    with pytest.raises(ValueError, match="no Lipschitz bound"):
+        exported.certified_radius(torch.randn(2, 10))
+
+
+def test_certified_radius_matches_lipnet_certify():
+    net = train_steps(plain_net())
+    exported = export(net, SHAPE)
+    logits = exported(torch.randn(32, *SHAPE))
+    expected = certified_radius(logits, logits.argmax(1), exported.lipschitz_bound)
+    assert torch.equal(exported.certified_radius(logits), expected)
+    assert exported.certified_radius(torch.tensor([[1.0, 1.0, 0.0]])).item() == 0.0  # a tie
+
+
+def test_float64_models_export_in_float64():
+    net = train_steps(plain_net()).double()
+    exported = export(net, SHAPE)
+    x = torch.randn(3, *SHAPE, dtype=torch.float64)
+    assert exported(x).dtype == torch.float64
+    assert max_diff(exported(x), net.eval()(x)) <= 1e-12
+
+
+def test_bad_inputs_get_clear_errors():
+    net = plain_net()
+    for shape in [(), (3, 0, 8), "3x8x8", (3.0, 8, 8), None]:
+        with pytest.raises(ValueError, match="input_shape"):
+            export(net, shape)
+    with pytest.raises(ValueError, match=r"does not accept inputs of shape \(batch, 1, 8, 8\)"):
+        export(net, (1, 8, 8))
+    exported = export(net, SHAPE)
+    with pytest.raises(RuntimeError, match="frozen"):
+        exported.train()
+    exported.eval()
+
+
+def test_a_convolution_applied_at_two_sizes_cannot_be_baked():
+    conv = GramConv2d(3, 3, 3, padding=1)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            return self.conv(self.conv(x)[..., ::2, ::2])
+
+    with pytest.raises(ValueError, match="spatial sizes"):
+        export(Twice(), SHAPE, certify=False)
+
+
+def test_archives_are_checked_and_never_executed():
+    archive = export(plain_net(), SHAPE).archive()
+    with pytest.raises(ValueError, match="not a lipnet-export archive"):
+        runtime.build({"format": "other"})
+    with pytest.raises(ValueError, match="version"):
+        runtime.build({**archive, "format_version": 99})
+    for target in ("builtins.eval", "aten._print.default", "os.system"):
+        nodes = [dict(n, target=target) if n["op"] == "call_function" else n for n in archive["nodes"]]
+        with pytest.raises(ValueError, match="allowlist"):
+            runtime.build({**archive, "nodes": nodes})
+    modules = {name: dict(spec, type="collections.Counter") for name, spec in archive["modules"].items()}
+    with pytest.raises(ValueError, match="not one of"):
+        runtime.build({**archive, "modules": modules})
+
+
+def test_save_then_load(tmp_path):
+    exported = export(train_steps(plain_net()), SHAPE)
+    path = tmp_path / "model.pt"
+    exported.save(path)
+    archive = torch.load(path, weights_only=True)
+    assert archive["format"] == "lipnet-export" and archive["lipschitz_bound"] == exported.lipschitz_bound
+    loaded = load(path)
+    x = torch.randn(4, *SHAPE)
+    assert torch.equal(loaded(x), exported(x))
+    assert loaded.input_shape == SHAPE and loaded.metadata["lipnet_version"]
+
+
+_WITHOUT_LIPNET = r"""
+import importlib.util, json, sys
+sys.modules["lipnet"] = None  # any `import lipnet...` now raises ImportError
+try:
+    import lipnet
+except ImportError:
+    pass
+else:
+    raise SystemExit("lipnet is importable")
+import torch
+runtime_path, model_path, data_path = sys.argv[1:4]
+spec = importlib.util.spec_from_file_location("lipnet_runtime", runtime_path)
+lipnet_runtime = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lipnet_runtime)
+archive = torch.load(model_path, weights_only=True)
+model = lipnet_runtime.build(archive)
+data = torch.load(data_path, weights_only=True)
+logits = model(data["x"])
+print(json.dumps({
+    "max_diff": float((logits - data["logits"]).abs().max()),
+    "bound": model.lipschitz_bound,
+    "radius_diff": float((model.certified_radius(logits) - data["radius"]).abs().max()),
+    "lipnet_modules": sorted(name for name in sys.modules if name.startswith("lipnet") and sys.modules[name]),
+}))
+"""
+
+
+def test_saved_model_runs_in_a_process_where_lipnet_cannot_be_imported(tmp_path):
+    net = train_steps(every_layer_net())
+    exported = export(net, SHAPE)
+    exported.save(tmp_path / "model.pt")
+    x = torch.randn(8, *SHAPE)
+    logits = net.eval()(x).detach()
+    torch.save({"x": x, "logits": logits, "radius": exported.certified_radius(logits)}, tmp_path / "data.pt")
+    script = tmp_path / "deploy.py"
+    script.write_text(_WITHOUT_LIPNET)
+    result = subprocess.run([sys.executable, str(script), runtime.__file__, str(tmp_path / "model.pt"),
+                             str(tmp_path / "data.pt")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["max_diff"] <= 1e-6
+    assert report["bound"] == exported.lipschitz_bound and math.isfinite(report["bound"])
+    assert report["radius_diff"] == 0.0
+    assert report["lipnet_modules"] == []
+
+
+def test_runtime_file_imports_only_torch_and_the_standard_library():
+    source = Path(runtime.__file__).read_text()
+    imports = {line.split()[1].split(".")[0] for line in source.splitlines()
+               if line.startswith(("import ", "from "))}
+    assert imports <= {"__future__", "math", "operator", "torch"}
