@@ -394,6 +394,8 @@ _ADVICE = (
     ((nn.Conv2d, nn.Linear), "an unnormalized linear layer (see the notes for why it was not converted)",
      "lipnet.nn.GramConv2d / lipnet.nn.GramLinear"),
 )
+#: Bounds up to this count as 1 (they are 1 up to the rounding margins of float64 bounds).
+_ONE = 1 + 1e-6
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
@@ -439,8 +441,8 @@ def _obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None:
             return None  # not called by the forward pass / nothing known from the type alone
         if isinstance(module, nn.MaxPool2d):
             bound = pooling_lipschitz_bound(module.kernel_size, module.stride, module.dilation)
-            return None if bound <= 1 else Obstacle(path, name, f"{problem}: Lipschitz bound {bound:.4g}, not 1", fix,
-                                                    blocking=False)
+            return None if bound <= _ONE else Obstacle(path, name, f"{problem}: Lipschitz bound {bound:.4g}, not 1",
+                                                       fix, blocking=False)
         return Obstacle(path, name, problem, fix, blocking=True)
     try:
         bound = max(lipschitz_bound(module, shape[1:]) for shape in calls)
@@ -448,7 +450,7 @@ def _obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None:
         return Obstacle(path, name, problem or f"lipnet.certify has no Lipschitz bound for it ({error.reason})",
                         fix or "replace it by a lipnet layer, or register a sound bound with "
                         "lipnet.certify.register_lipschitz_bound", blocking=True)
-    if bound > 1 + 1e-6:
+    if bound > _ONE:
         return Obstacle(path, name, f"{problem + ': ' if problem else ''}Lipschitz bound {bound:.4g}, not 1", fix,
                         blocking=False)
     return None
@@ -704,16 +706,17 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self._batched(node, x, value)
             return mul_up(self.child_bound(child, tuple(x.shape[1:])), self.bound[first])
         if target in _SUMS:
-            operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
             alpha = node.kwargs.get("alpha", 1)
-            if set(dependent) - set(operands) or not isinstance(alpha, (int, float)) or len(node.args) > 2:
+            operands = [a for a in node.args if isinstance(a, torch.fx.Node)]
+            if len(node.args) != 2 or set(dependent) - set(operands) or set(node.kwargs) - {"alpha"} or \
+                    isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
                 self.fail(node, "a sum with unsupported arguments")
             total = 0.0
-            for i, a in enumerate(operands):
-                if self.bound[a] > 0:
+            for position, a in enumerate(node.args):
+                if isinstance(a, torch.fx.Node) and self.bound[a] > 0:
                     if self.env[a].shape != value.shape:
                         self.fail(node, "a non-constant operand is broadcast (its entries are copied)")
-                    scale = abs(float(alpha)) if i == 1 and node.args[1] is a else 1.0
+                    scale = abs(float(alpha)) if position == 1 else 1.0
                     total = add_up(total, mul_up(scale, self.bound[a]))
             return total
         if target in _SCALINGS:

@@ -1,0 +1,342 @@
+"""lipnet.convert: layer swaps, the obstacle report, traced bounds of custom containers."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from lipnet import convert
+from lipnet.certify import LipschitzBoundError, certified_accuracy, lipschitz_bound
+from lipnet.convert import Conversion, ConversionReport, traced_lipschitz_bound
+from lipnet.nn import GramConv2d, GramLinear, L2NormPool2d, MaxMin
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                         nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+
+
+def no_bn(module):
+    return nn.Identity()
+
+
+def obstacle(report, module_name):
+    return [o for o in report.obstacles if o.module == module_name]
+
+
+class Block(nn.Module):
+    """A residual block written the torchvision way: relu(f(x) + x)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = GramConv2d(channels, channels, 3, padding=1)
+        self.conv2 = GramConv2d(channels, channels, 3, padding=1)
+        self.act = MaxMin()
+
+    def forward(self, x):
+        out = self.conv2(self.act(self.conv1(x)))
+        out += x
+        return self.act(out)
+
+
+def test_swaps_layers_and_carries_everything_over():
+    net = small_cnn().double()
+    net[2].weight.requires_grad_(False)
+    net.eval()
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+    converted, report = convert(net, input_shape=(3, 8, 8))
+    assert [type(m) for m in converted] == [GramConv2d, MaxMin, GramConv2d, MaxMin, nn.Flatten, GramLinear]
+    for key, value in converted.state_dict().items():
+        assert torch.equal(value, original[key]) and value.dtype == torch.float64
+    assert converted[0].stride == (1, 1) and converted[2].stride == (2, 2) and converted[2].padding == (1, 1)
+    assert not converted[2].weight.requires_grad and converted[0].weight.requires_grad
+    assert not any(m.training for m in converted.modules())
+    # The input is untouched.
+    assert [type(m) for m in net] == [nn.Conv2d, nn.ReLU, nn.Conv2d, nn.ReLU, nn.Flatten, nn.Linear]
+    assert all(torch.equal(v, original[k]) for k, v in net.state_dict().items())
+    assert [c.path for c in report.changes] == ["0", "1", "2", "3", "5"]
+    assert report.changes[0].old.startswith("Conv2d(3, 8") and report.changes[0].new.startswith("GramConv2d(3, 8")
+    assert report.obstacles == [] and report.certifiable and report.lipschitz_bound <= 1 + 1e-5
+    assert isinstance(report, ConversionReport) and "Converted 5 module(s)" in str(report)
+
+
+def test_inplace_converts_the_model_itself():
+    net = small_cnn()
+    converted, _ = convert(net, inplace=True)
+    assert converted is net and isinstance(net[0], GramConv2d)
+
+
+def test_relu_on_odd_channel_counts_is_kept():
+    net = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    converted, report = convert(net, input_shape=(3, 4, 4))
+    assert type(converted[1]) is nn.ReLU and type(converted[3]) is MaxMin
+    assert any("ReLU at '1' kept" in note and "3 channel" in note for note in report.notes)
+    converted(torch.randn(2, 3, 4, 4))
+    # Without an input shape the counts cannot be checked: all ReLUs are replaced, and the report says so.
+    converted, report = convert(net)
+    assert type(converted[1]) is MaxMin and any("not checked" in note for note in report.notes)
+    converted, _ = convert(net, activation=None)
+    assert type(converted[3]) is nn.ReLU
+
+
+def test_report_names_batchnorm_and_maxpool_with_their_fixes():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 2 * 2, 10))
+    for shape in (None, (3, 8, 8)):
+        _, report = convert(net, input_shape=shape)
+        (bn,) = obstacle(report, "torch.nn.BatchNorm2d")
+        assert bn.path == "1" and bn.blocking and "nn.Identity()" in bn.fix
+        (pool,) = obstacle(report, "torch.nn.MaxPool2d")  # the 2x2 stride-2 one is 1-Lipschitz
+        assert pool.path == "3" and not pool.blocking and "bound 2" in pool.problem and "L2NormPool2d" in pool.fix
+        assert "BatchNorm2d" in str(report) and "MaxPool2d" in str(report)
+    assert not report.certifiable and "BatchNorm2d" in report.bound_error
+
+
+def test_replace_removes_the_obstacles():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                        nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    converted, report = convert(net, input_shape=(3, 8, 8),
+                                replace={nn.BatchNorm2d: no_bn, nn.MaxPool2d: lambda m: L2NormPool2d(2)})
+    assert type(converted[1]) is nn.Identity and type(converted[3]) is L2NormPool2d
+    assert {c.path for c in report.changes} == {"0", "1", "2", "3", "5"}
+    assert report.obstacles == [] and report.lipschitz_bound <= 1 + 1e-5
+
+
+def test_torchvision_resnet18_report_names_batchnorm_maxpool_and_residuals():
+    net = torchvision.models.resnet18(weights=None, num_classes=10)
+    converted, report = convert(net)
+    assert not any(type(m) in (nn.Conv2d, nn.Linear, nn.ReLU) for m in converted.modules())
+    assert sum(isinstance(m, GramConv2d) for m in converted.modules()) == 20
+    assert torch.equal(converted.layer3[0].downsample[0].weight, net.layer3[0].downsample[0].weight)
+    bns = obstacle(report, "torch.nn.BatchNorm2d")
+    assert len(bns) == 20 and all(o.blocking for o in bns)
+    (pool,) = obstacle(report, "torch.nn.MaxPool2d")
+    assert pool.path == "maxpool" and "bound 2" in pool.problem
+    blocks = obstacle(report, "torchvision.models.resnet.BasicBlock")
+    assert len(blocks) == 8 and all("1 + Lip(f)" in o.problem and not o.blocking for o in blocks)
+
+
+def test_torchvision_vgg():
+    net = torchvision.models.vgg11(weights=None, num_classes=10)
+    converted, report = convert(net)
+    kinds = [type(m) for m in converted.modules()]
+    assert kinds.count(GramConv2d) == 8 and kinds.count(GramLinear) == 3 and kinds.count(MaxMin) == 10
+    assert nn.Conv2d not in kinds and nn.Linear not in kinds and nn.ReLU not in kinds
+    assert torch.equal(converted.classifier[6].weight, net.classifier[6].weight)
+    # 2x2 stride-2 max pooling is 1-Lipschitz: not an obstacle; dropout only matters in train mode.
+    assert obstacle(report, "torch.nn.MaxPool2d") == []
+    assert {o.path for o in obstacle(report, "torch.nn.Dropout")} == {"classifier.2", "classifier.5"}
+
+
+@pytest.mark.slow
+def test_vgg_with_a_small_input_gets_an_honest_bound():
+    """Adaptive pooling of a 1x1 map to 7x7 copies each input 49 times: Lipschitz 7."""
+    net = torchvision.models.vgg11(weights=None, num_classes=10)
+    net.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 10))
+    converted, report = convert(net, input_shape=(3, 32, 32), certify=False)
+    assert "torchvision.models.vgg.VGG" in report.registered
+    (pool,) = obstacle(report, "torch.nn.AdaptiveAvgPool2d")
+    assert "bound 7" in pool.problem
+
+
+@pytest.mark.slow
+def test_torchvision_resnet18_convert_train_certify():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=10)
+    converted, report = convert(net, input_shape=(3, 32, 32), replace={nn.BatchNorm2d: no_bn}, certify=False)
+    assert {"torchvision.models.resnet.ResNet", "torchvision.models.resnet.BasicBlock"} <= set(report.registered)
+    assert [o.module for o in report.obstacles].count("torchvision.models.resnet.BasicBlock") == 8
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    opt = torch.optim.SGD(converted.parameters(), lr=0.05)
+    converted.train()
+    for _ in range(2):
+        loss = nn.functional.cross_entropy(converted(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    result = certified_accuracy(converted, (x, y), eps=[0.0, 36 / 255], progress=False)
+    # Max pooling (2) times eight residual blocks (1 + 1 each): at most 2^9, a sound but loose bound.
+    assert 1 <= result.lipschitz <= 2**9 * (1 + 1e-4)
+    assert result.certified[1] <= result.certified[0] <= result.clean_accuracy
+    # Soundness spot check: the local gradient norm of a logit difference never exceeds sqrt(2) L.
+    x.requires_grad_(True)
+    logits = converted.eval()(x)
+    (grad,) = torch.autograd.grad((logits[:, 0] - logits[:, 1]).sum(), x)
+    assert grad.flatten(1).norm(dim=1).max() <= 2**0.5 * result.lipschitz
+
+
+def test_traced_bound_of_a_residual_block_is_one_plus_the_branch():
+    block = Block(4)
+    shape = (4, 6, 6)
+    branch = block.conv1.lipschitz_bound((6, 6)) * block.conv2.lipschitz_bound((6, 6))
+    bound = traced_lipschitz_bound(block, shape)
+    assert branch + 1 <= bound <= (branch + 1) * (1 + 1e-12)
+    # Sound: no pair of inputs is further apart at the output than the bound allows.
+    a, b = torch.randn(64, *shape), torch.randn(64, *shape)
+    ratio = (block(a) - block(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
+    assert ratio.max() <= bound
+
+
+class Ops(nn.Module):
+    """Scaling by constants, concatenation, slicing, flatten, view with a size query."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = GramConv2d(2, 2, 3, padding=1)
+        self.register_buffer("scale", torch.tensor([0.5, -2.0]).view(1, 2, 1, 1))
+
+    def forward(self, x):
+        y = torch.cat([x, self.conv(x) * self.scale], dim=1) / 4
+        y = torch.relu(y[:, :3])
+        return y.view(y.size(0), -1) - 1.0
+
+
+def test_traced_bound_rules():
+    module = Ops()
+    conv = module.conv.lipschitz_bound((5, 5))
+    expected = (1 + (2 * conv) ** 2) ** 0.5 / 4
+    bound = traced_lipschitz_bound(module, (2, 5, 5))
+    assert expected <= bound <= expected * (1 + 1e-12)
+
+
+class Square(nn.Module):
+    def forward(self, x):
+        return x * x
+
+
+class MixesExamples(nn.Module):
+    def forward(self, x):
+        return x.flatten().view(x.shape[0], -1)
+
+
+class Broadcast(nn.Module):
+    def forward(self, x):
+        return x[:, :1] + x
+
+
+class SharedInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = x * 1.0
+        return self.relu(y) + y
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+@pytest.mark.parametrize("module, message", [
+    (Square(), "two values that depend on the input"),
+    (MixesExamples(), "batch"),
+    (Broadcast(), "broadcast"),
+    (SharedInPlace(), "in-place"),
+    (DataDependent(), "cannot be traced"),
+])
+def test_traced_bound_refuses_what_it_cannot_bound(module, message):
+    with pytest.raises(LipschitzBoundError, match=message):
+        traced_lipschitz_bound(module, (2, 4, 4))
+
+
+def test_custom_containers_get_registered_bounds():
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), Block(4), nn.Flatten(), nn.Linear(64, 3))
+    converted, report = convert(net, input_shape=(4, 4, 4))
+    assert f"{__name__}.Block" in report.registered or Block in _registered_types()
+    (residual,) = obstacle(report, f"{__name__}.Block")
+    assert not residual.blocking and "1 + Lip(f)" in residual.problem
+    expected = converted[0].lipschitz_bound((4, 4)) * traced_lipschitz_bound(converted[1], (4, 4, 4))
+    expected *= converted[3].lipschitz_bound()
+    assert report.lipschitz_bound == pytest.approx(expected, rel=1e-12)
+    assert report.lipschitz_bound == lipschitz_bound(converted, (4, 4, 4))
+
+
+def _registered_types():
+    from lipnet.convert import _TRACED_TYPES
+
+    return _TRACED_TYPES
+
+
+def test_untraceable_containers_are_blocking_obstacles():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            return self.conv(x) if x.mean() > 0 else x
+
+    net = nn.Sequential(Branchy())
+    _, report = convert(net, input_shape=(2, 3, 3))
+    (found,) = [o for o in report.obstacles if o.module.endswith("Branchy")]
+    assert found.blocking and "torch.fx" in found.problem
+    assert not report.certifiable
+
+
+def test_modules_left_alone_are_reported():
+    class MyConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    hooked = nn.Conv2d(2, 2, 1)
+    hooked.register_forward_hook(lambda *args: None)
+    net = nn.Sequential(MyConv(2, 2, 1), hooked, nn.GELU(), nn.Conv1d(2, 2, 1))
+    converted, report = convert(net)
+    assert type(converted[0]) is MyConv and type(converted[1]) is nn.Conv2d
+    assert any("'1' not converted" in note and "hooks" in note for note in report.notes)
+    names = {o.module for o in report.obstacles}
+    assert {"torch.nn.Conv2d", "torch.nn.GELU", "torch.nn.Conv1d"} <= names
+
+
+def test_attention_is_reported_and_left_whole():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    converted, report = convert(layer)
+    assert type(converted.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert type(converted.linear1) is GramLinear
+    assert any(o.module == "torch.nn.TransformerEncoderLayer" and o.blocking and "attention" in o.problem
+               for o in report.obstacles)
+
+
+def test_shared_modules_stay_shared():
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    net = nn.Sequential(conv, nn.ReLU(), conv)
+    converted, report = convert(net)
+    assert converted[0] is converted[2] and isinstance(converted[0], GramConv2d)
+
+
+def test_bad_arguments_raise_and_change_nothing():
+    net = small_cnn()
+    with pytest.raises(ValueError, match="activation"):
+        convert(net, activation="relu")
+    with pytest.raises(ValueError, match="input_shape"):
+        convert(net, input_shape=(3, -1, 8))
+    with pytest.raises(TypeError, match="replace"):
+        convert(net, replace={"Conv2d": no_bn})
+    with pytest.raises(ValueError, match="n_iter"):
+        convert(net, n_iter=0)
+    with pytest.raises(TypeError, match="nn.Module"):
+        convert(lambda x: x)
+    with pytest.raises(ValueError, match=r"does not accept inputs of shape \(batch, 1, 8, 8\)"):
+        convert(net, input_shape=(1, 8, 8))
+
+    def broken(module):
+        raise RuntimeError("user error")
+
+    with pytest.raises(RuntimeError, match="user error"):
+        convert(net, replace={nn.Flatten: broken}, inplace=True)
+    assert type(net[0]) is nn.Conv2d and type(net[1]) is nn.ReLU  # nothing was half-converted
+    with pytest.raises(TypeError, match="not an nn.Module"):
+        convert(net, replace={nn.ReLU: lambda m: "relu"})
+
+
+def test_result_unpacks_and_converted_models_train():
+    result = convert(small_cnn())
+    assert isinstance(result, Conversion)
+    model, report = result
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = model(torch.randn(4, 3, 8, 8)).square().mean()
+    loss.backward()
+    opt.step()
+    assert lipschitz_bound(model, (3, 8, 8)) <= 1 + 1e-5
