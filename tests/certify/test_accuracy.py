@@ -10,38 +10,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lipnet.certify.accuracy as accuracy_module
 from lipnet.certify import certified_accuracy, certified_radius, lipschitz_bound, split_last_linear
-from lipnet.nn import GramConv2d, GramLinear, InputNormalization, MaxMin
+from lipnet.nn import GramLinear, MaxMin
 
 
-def small_net():
-    return nn.Sequential(InputNormalization([0.5], [0.5]), GramConv2d(1, 8, 3, padding=1), MaxMin(),
-                         GramConv2d(8, 8, 2, stride=2), MaxMin(), nn.Flatten(), GramLinear(8 * 4 * 4, 4))
-
-
-def blobs(n=256, seed=0):
-    """Four well-separated classes of 1x8x8 images in [0, 1]."""
-    centers = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    gen = torch.Generator().manual_seed(seed + 1)
-    y = torch.randint(0, 4, (n,), generator=gen)
-    x = (centers[y] + 0.05 * torch.randn(n, 1, 8, 8, generator=gen)).clamp(0, 1)
-    return x, y
-
-
-def trained_net():
-    torch.manual_seed(0)
-    net = small_net()
-    x, y = blobs()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(60):
-        loss = nn.functional.cross_entropy(net(x) * 8, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval()
-
-
-def test_matches_the_radii_of_the_whole_data_and_is_consistent():
-    net = trained_net()
+def test_matches_the_radii_of_the_whole_data_and_is_consistent(trained_net, blobs):
+    net = trained_net
     x, y = blobs(seed=1)
     result = certified_accuracy(net, (x, y), eps=[0.0, 0.05, 0.2], batch_size=50, progress=False)
     body, last = split_last_linear(net)
@@ -58,8 +31,8 @@ def test_matches_the_radii_of_the_whole_data_and_is_consistent():
     assert result.lipschitz >= result.body_lipschitz and result.lipschitz == lipschitz_bound(net, (1, 8, 8))
 
 
-def test_radii_hold_against_random_perturbations():
-    net = trained_net()
+def test_radii_hold_against_random_perturbations(trained_net, blobs):
+    net = trained_net
     x, y = blobs(64, seed=2)
     result = certified_accuracy(net, (x, y), eps=[0.1], progress=False)
     with torch.no_grad():
@@ -70,8 +43,8 @@ def test_radii_hold_against_random_perturbations():
             assert torch.all((moved == y) | (result.radii == 0))
 
 
-def test_generic_form_is_never_tighter_than_last_layer_form():
-    net = trained_net()
+def test_generic_form_is_never_tighter_than_last_layer_form(trained_net, blobs):
+    net = trained_net
     x, y = blobs(seed=3)
     auto = certified_accuracy(net, (x, y), eps=[0.1], progress=False)
     generic = certified_accuracy(net, (x, y), eps=[0.1], last_layer="none", progress=False)
@@ -80,8 +53,8 @@ def test_generic_form_is_never_tighter_than_last_layer_form():
     assert generic.to_dict()["radius"] == "generic"
 
 
-def test_every_data_form_gives_the_same_result():
-    net = trained_net()
+def test_every_data_form_gives_the_same_result(trained_net, blobs):
+    net = trained_net
     x, y = blobs(100, seed=4)
     images = (x * 255).round().to(torch.uint8)
     reference = certified_accuracy(net, (images.float() / 255, y), eps=[0.1], progress=False)
@@ -97,8 +70,8 @@ def test_every_data_form_gives_the_same_result():
         torch.testing.assert_close(result.radii, reference.radii, rtol=0, atol=1e-12)
 
 
-def test_bounds_are_computed_once_and_modes_restored(monkeypatch):
-    net = small_net().train()
+def test_bounds_are_computed_once_and_modes_restored(monkeypatch, small_net, blobs):
+    net = small_net.train()
     calls = []
     original = accuracy_module.lipschitz_bound
     monkeypatch.setattr(accuracy_module, "lipschitz_bound", lambda *a: calls.append(a) or original(*a))
@@ -109,8 +82,8 @@ def test_bounds_are_computed_once_and_modes_restored(monkeypatch):
     assert all(p.grad is None for p in net.parameters())
 
 
-def test_progress_bar_can_be_disabled(capsys):
-    net = small_net()
+def test_progress_bar_can_be_disabled(capsys, small_net, blobs):
+    net = small_net
     x, y = blobs(20)
     certified_accuracy(net, (x, y), progress=False)
     assert capsys.readouterr().err == ""
@@ -118,22 +91,22 @@ def test_progress_bar_can_be_disabled(capsys):
     assert "certify" in capsys.readouterr().err
 
 
-def test_to_dict_is_json():
-    net = small_net()
+def test_to_dict_is_json(small_net, blobs):
+    net = small_net
     x, y = blobs(20)
     summary = certified_accuracy(net, (x, y), eps=[36 / 255], progress=False).to_dict()
     assert json.loads(json.dumps(summary))["certified_accuracy"][0]["eps"] == pytest.approx(36 / 255)
     assert summary["n"] == 20 and summary["input_shape"] == [1, 8, 8]
 
 
-def test_model_without_a_last_linear_layer_uses_the_generic_form():
+def test_model_without_a_last_linear_layer_uses_the_generic_form(blobs):
     net = nn.Sequential(nn.Flatten(), GramLinear(64, 4), MaxMin())
     result = certified_accuracy(net, blobs(20), progress=False)
     assert result.body_lipschitz is None and split_last_linear(net) is None
 
 
-def test_bad_input_is_rejected():
-    net = small_net()
+def test_bad_input_is_rejected(small_net, blobs):
+    net = small_net
     x, y = blobs(20)
     with pytest.raises(ValueError, match="one input shape"):
         certified_accuracy(net, [(x, y), (torch.rand(4, 1, 6, 6), y[:4])], progress=False)
@@ -148,8 +121,8 @@ def test_bad_input_is_rejected():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_gpu_matches_cpu():
-    net = trained_net()
+def test_gpu_matches_cpu(trained_net, blobs):
+    net = trained_net
     x, y = blobs(seed=5)
     cpu = certified_accuracy(net, (x, y), eps=[0.1], progress=False)
     gpu = certified_accuracy(net.cuda(), (x, y), eps=[0.1], progress=False)

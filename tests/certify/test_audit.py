@@ -1,0 +1,94 @@
+"""AutoAttack audit: a sound model passes, a falsely registered layer makes the audit fail."""
+
+import pytest
+import torch
+from torch import nn
+
+from lipnet.certify import SoundnessError, SoundnessWarning, audit, certified_accuracy, register_lipschitz_bound
+from lipnet.nn import GramConv2d
+
+
+class Amplify(nn.Module):
+    """Multiplies by 20 but is (falsely) registered below as 1-Lipschitz."""
+
+    def forward(self, x):
+        return 20 * x
+
+
+register_lipschitz_bound(Amplify, lambda module, shape: 1.0)
+
+
+def test_sound_model_passes_and_the_attack_is_not_toothless(trained_net, blobs):
+    x, y = blobs(48, seed=11)
+    result = audit(trained_net, x, y, 0.1, version="apgd")
+    assert result.sound and result.n_failures == 0
+    assert result.certified_accuracy > 0.3
+    assert result.robust_accuracy >= result.certified_accuracy
+    assert result.n_attacked == round(result.clean_accuracy * 48)
+    # At a radius far beyond the certificates the same attack does break points.
+    large = audit(trained_net, x, y, 3.0, version="apgd")
+    assert large.n_broken > 0 and large.sound and large.certified_accuracy < large.clean_accuracy
+
+
+def test_a_falsely_certified_layer_makes_the_audit_fail(trained_net, blobs):
+    broken = nn.Sequential(*list(trained_net)[:-1], Amplify(), trained_net[-1]).eval()
+    x, y = blobs(32, seed=12)
+    certification = certified_accuracy(broken, (x, y), eps=[1.0], progress=False)
+    assert certification.certified[0] > 0.5  # the false bound certifies a lot
+    with pytest.raises(SoundnessError, match="SOUNDNESS FAILURE"):
+        audit(broken, x, y, 1.0, version="apgd", certification=certification)
+    with pytest.warns(SoundnessWarning, match="broke"):
+        result = audit(broken, x, y, 1.0, version="apgd", on_failure="warn")
+    assert not result.sound and result.n_failures > 0
+    assert result.robust_accuracy < result.certified_accuracy
+    assert torch.all(result.failure_distances < result.failure_radii)
+    assert torch.all(result.failure_distances <= 1.0 * (1 + 1e-5))
+    assert result.to_dict()["n_certified_broken"] == result.n_failures
+
+
+def test_parameters_and_modes_are_restored_and_the_eval_cache_is_used(trained_net, blobs):
+    net = trained_net.train()
+    net[1].weight.requires_grad_(False)
+    x, y = blobs(16, seed=13)
+    audit(net, x, y, 0.1, version="apgd", attack="certified")
+    assert net.training
+    assert not net[1].weight.requires_grad and net[3].weight.requires_grad
+    assert all(p.grad is None for p in net.parameters())
+    assert isinstance(net[3], GramConv2d) and net[3]._eval_cache  # normalized weight cached during the attack
+
+
+def test_attack_only_certified_points(trained_net, blobs):
+    x, y = blobs(32, seed=14)
+    result = audit(trained_net, x, y, 0.1, version="apgd", attack="certified")
+    assert result.robust_accuracy is None and result.n_attacked == result.n_certified
+    assert result.sound
+
+
+def test_uint8_images_are_scaled(trained_net, blobs):
+    x, y = blobs(16, seed=15)
+    images = (x * 255).round().to(torch.uint8)
+    result = audit(trained_net, images, y, 0.1, version="apgd", attack="certified")
+    reference = certified_accuracy(trained_net, (images.float() / 255, y), eps=[0.1], progress=False)
+    assert result.certified_accuracy == reference.certified[0]
+
+
+@pytest.mark.slow
+def test_standard_autoattack_on_a_few_points(trained_net, blobs):
+    x, y = blobs(8, seed=16)
+    result = audit(trained_net, x, y, 0.3, version="standard")
+    assert result.version == "standard" and result.sound
+
+
+def test_bad_arguments(trained_net, blobs):
+    x, y = blobs(8)
+    with pytest.raises(ValueError, match="version"):
+        audit(trained_net, x, y, 0.1, version="fast")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        audit(trained_net, x * 2 - 1, y, 0.1)
+    with pytest.raises(ValueError, match="eps"):
+        audit(trained_net, x, y, 0.0)
+    with pytest.raises(ValueError, match="on_failure"):
+        audit(trained_net, x, y, 0.1, on_failure="ignore")
+    other = certified_accuracy(trained_net, blobs(9), eps=[0.1], progress=False)
+    with pytest.raises(ValueError, match="9 examples"):
+        audit(trained_net, x, y, 0.1, certification=other)
