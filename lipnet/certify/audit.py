@@ -5,8 +5,8 @@ attack that finds such an input proves the certificate (hence the Lipschitz boun
 or the radius formula) wrong. :func:`audit` attacks the correctly classified points,
 recomputes every adversarial example's prediction and L2 distance itself, and counts the
 *soundness failures*: points misclassified at a distance below their certified radius.
-It also reports the empirical robust accuracy, which a sound certificate never exceeds
-from above (robust accuracy >= certified accuracy).
+It also reports the empirical robust accuracy (points not broken within ``eps``), which
+can only be below the certified accuracy if some certified point was broken.
 
 Reference:
     Croce, Hein. "Reliable evaluation of adversarial robustness with an ensemble of diverse
@@ -49,11 +49,11 @@ class AuditResult:
         eps: the attack radius (L2).
         version: ``"standard"`` AutoAttack or ``"apgd"`` (APGD-CE + APGD-T only).
         n: examples audited.
-        clean_accuracy, certified_accuracy: as certified (radius ``> eps``).
-        robust_accuracy: fraction still correctly classified after the attack (``None``
-            when only the certified points were attacked).
+        n_correct, n_certified: correctly classified, and certified at ``eps`` (radius ``> eps``).
+        n_robust: correct points the attack did not break within ``eps`` (``None`` when only
+            the certified points were attacked).
         n_attacked: points attacked.
-        n_broken: attacked points the attack misclassified.
+        n_broken: attacked points misclassified at an L2 distance ``<= eps``.
         failures: indices of soundness failures (misclassified at a distance below their
             certified radius).
         failure_distances, failure_radii: their distances and certified radii.
@@ -62,9 +62,9 @@ class AuditResult:
     eps: float
     version: str
     n: int
-    clean_accuracy: float
-    certified_accuracy: float
-    robust_accuracy: float | None
+    n_correct: int
+    n_certified: int
+    n_robust: int | None
     n_attacked: int
     n_broken: int
     failures: torch.Tensor = field(repr=False)
@@ -72,8 +72,17 @@ class AuditResult:
     failure_radii: torch.Tensor = field(repr=False)
 
     @property
-    def n_certified(self) -> int:
-        return round(self.certified_accuracy * self.n)
+    def clean_accuracy(self) -> float:
+        return self.n_correct / self.n
+
+    @property
+    def certified_accuracy(self) -> float:
+        return self.n_certified / self.n
+
+    @property
+    def robust_accuracy(self) -> float | None:
+        """Empirical robust accuracy; at least the certified accuracy when the audit is sound."""
+        return None if self.n_robust is None else self.n_robust / self.n
 
     @property
     def n_failures(self) -> int:
@@ -81,17 +90,16 @@ class AuditResult:
 
     @property
     def sound(self) -> bool:
-        """No certified point was broken, and robust accuracy is at least certified accuracy."""
-        robust_ok = self.robust_accuracy is None or self.robust_accuracy >= self.certified_accuracy
-        return self.n_failures == 0 and robust_ok
+        """No certified prediction was broken (which implies ``n_robust >= n_certified``)."""
+        return self.n_failures == 0
 
     def to_dict(self) -> dict:
         return {
             "eps": self.eps, "version": self.version, "n": self.n, "clean_accuracy": self.clean_accuracy,
             "certified_accuracy": self.certified_accuracy, "robust_accuracy": self.robust_accuracy,
-            "n_certified": self.n_certified, "n_attacked": self.n_attacked, "n_broken": self.n_broken,
-            "n_certified_broken": self.n_failures, "sound": self.sound,
-            "failures": self.failures.tolist(),
+            "n_correct": self.n_correct, "n_certified": self.n_certified, "n_robust": self.n_robust,
+            "n_attacked": self.n_attacked, "n_broken": self.n_broken, "n_certified_broken": self.n_failures,
+            "sound": self.sound, "failures": self.failures.tolist(),
         }
 
 
@@ -161,17 +169,19 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, ver
             p.requires_grad_(requires_grad)
         model.train(training)
 
-    broken = predictions != y[index]
+    misclassified = predictions != y[index]
     distances = (x_adv.double() - x[index].double()).flatten(1).norm(dim=1)
-    unsound = broken & (distances < radii[index])
-    n = x.shape[0]
+    broken = misclassified & (distances <= eps)
+    # A certified point has radius > eps, so a break within eps is always a failure.
+    unsound = misclassified & (distances < radii[index])
+    n_correct = int(certification.correct.sum())
     result = AuditResult(
         eps=float(eps),
         version=version,
-        n=n,
-        clean_accuracy=certification.clean_accuracy,
-        certified_accuracy=float((radii > eps).double().mean()),
-        robust_accuracy=float((certification.correct.sum() - broken.sum()) / n) if attack == "correct" else None,
+        n=x.shape[0],
+        n_correct=n_correct,
+        n_certified=int((radii > eps).sum()),
+        n_robust=n_correct - int(broken.sum()) if attack == "correct" else None,
         n_attacked=int(index.numel()),
         n_broken=int(broken.sum()),
         failures=index[unsound],
@@ -226,9 +236,9 @@ def _report(result: AuditResult, on_failure: str) -> None:
                       for i, d, r in zip(result.failures[:5], result.failure_distances[:5], result.failure_radii[:5]))
     message = (
         f"SOUNDNESS FAILURE at eps={result.eps:.6g}: AutoAttack ({result.version}) broke {result.n_failures} "
-        f"certified prediction(s) ({worst}); certified accuracy {result.certified_accuracy:.4f}, robust accuracy "
-        f"{result.robust_accuracy}. Some Lipschitz bound in the model is wrong: check custom layers and registered "
-        "bounds (lipnet.certify.register_lipschitz_bound)."
+        f"certified prediction(s) ({worst}); {result.n_certified} of {result.n} points were certified, "
+        f"{result.n_robust} survived the attack. Some Lipschitz bound in the model is wrong: check custom layers "
+        "and registered bounds (lipnet.certify.register_lipschitz_bound)."
     )
     if on_failure == "raise":
         raise SoundnessError(message)

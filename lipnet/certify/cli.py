@@ -1,0 +1,181 @@
+"""``python -m lipnet.certify``: certify a checkpoint on a data set, optionally audit with AutoAttack.
+
+Example::
+
+    python -m lipnet.certify --checkpoint runs/cifar10/model.pt --data cifar10 \\
+        --eps 36/255,72/255,108/255 --autoattack --out runs/cifar10/certify
+
+prints a table (clean accuracy, certified accuracy per eps, AutoAttack robust accuracy per
+eps if asked), and writes ``certify.json`` and ``certified_accuracy.png`` to ``--out``.
+The exit status is 0 on success, 1 if AutoAttack broke a certified prediction (a soundness
+failure) and 2 for bad arguments, a missing checkpoint or missing data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from lipnet.certify.accuracy import DEFAULT_EPS, CertificationResult, certified_accuracy
+from lipnet.certify.audit import VERSIONS, AuditResult, audit
+
+
+def parse_eps(text: str) -> list[float]:
+    """``"36/255,0.5"`` -> ``[0.1411..., 0.5]``; fractions and decimals, comma-separated, > 0."""
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            value = float(Fraction(item))
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"cannot read {item!r} as a radius: use numbers or fractions like "
+                                             "36/255, separated by commas") from None
+        if not value > 0 or math.isinf(value):
+            raise argparse.ArgumentTypeError(f"radii must be finite and > 0, got {item!r}")
+        values.append(value)
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lipnet.certify", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="model checkpoint written by lipnet.checkpoint")
+    parser.add_argument("--data", required=True, help="data set name (fashion-mnist, mnist, cifar10, cifar100)")
+    parser.add_argument("--data-dir", default=None, help="folder searched first for the data set")
+    parser.add_argument("--split", default="test", choices=("train", "test"))
+    parser.add_argument("--eps", type=parse_eps, default=list(DEFAULT_EPS),
+                        help="L2 radii, comma-separated; fractions allowed (default 36/255,72/255,108/255)")
+    parser.add_argument("--limit", type=int, default=None, help="certify only the first N examples")
+    parser.add_argument("--autoattack", action="store_true", help="audit the certificates with L2 AutoAttack")
+    parser.add_argument("--attack-version", choices=sorted(VERSIONS), default="standard",
+                        help="standard AutoAttack, or apgd (APGD-CE + APGD-T) for a quick check")
+    parser.add_argument("--attack-limit", type=int, default=1000,
+                        help="attack only the first N examples (default 1000; AutoAttack is slow)")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for certify.json and certified_accuracy.png")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lipnet.checkpoint import CheckpointError, load_model
+    from lipnet.data import DatasetError, DatasetNotFoundError, load_dataset
+
+    for name in ("limit", "attack_limit", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return _fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        model, info = load_model(args.checkpoint, map_location=device)
+        data = load_dataset(args.data, args.split, data_dir=args.data_dir)
+    except (CheckpointError, DatasetError, DatasetNotFoundError, ValueError) as error:
+        return _fail(str(error))
+    trained_on = info.get("dataset")
+    if isinstance(trained_on, dict):
+        trained_on = trained_on.get("name")
+    if isinstance(trained_on, str) and trained_on != data.info.name:
+        print(f"warning: the checkpoint was trained on {trained_on!r}, certifying on {data.info.name!r}",
+              file=sys.stderr)
+    images, labels = data.images, data.labels
+    if args.limit is not None:
+        images, labels = images[:args.limit], labels[:args.limit]
+
+    start = time.perf_counter()
+    result = certified_accuracy(model, (images, labels), args.eps, device=device, batch_size=args.batch_size,
+                                progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    audits = []
+    if args.autoattack:
+        x, y = images[:args.attack_limit], labels[:args.attack_limit]
+        subset = certified_accuracy(model, (x, y), args.eps, device=device, batch_size=args.batch_size,
+                                    progress=False)
+        for eps in args.eps:
+            audits.append(audit(model, x, y, eps, version=args.attack_version, certification=subset,
+                                attack="correct", on_failure="warn", batch_size=min(args.batch_size, 250),
+                                device=device))
+    print(format_table(result, audits))
+    summary = {"checkpoint": str(args.checkpoint), "data": data.info.name, "split": args.split,
+               "device": str(device), "seconds": seconds, **result.to_dict(),
+               "autoattack": [a.to_dict() for a in audits]}
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "certify.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_certified_accuracy(result, audits, args.out / "certified_accuracy.png",
+                                title=f"{Path(args.checkpoint).name} on {data.info.name} ({args.split})")
+        print(f"wrote {args.out / 'certify.json'} and {args.out / 'certified_accuracy.png'}")
+    failures = sum(a.n_failures for a in audits)
+    if failures:
+        print(f"SOUNDNESS FAILURE: AutoAttack broke {failures} certified prediction(s); see the warnings above",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def format_table(result: CertificationResult, audits: list[AuditResult] = ()) -> str:
+    """Plain-text table: one row per eps (certified, and AutoAttack robust accuracy if run)."""
+    lines = [f"examples: {result.n}   clean accuracy: {100 * result.clean_accuracy:.2f}%   "
+             f"Lipschitz bound: {result.lipschitz:.6f}"
+             + (f" (body {result.body_lipschitz:.6f}, last-layer radius)" if result.body_lipschitz is not None else "")]
+    by_eps = {a.eps: a for a in audits}
+    header = f"{'eps':>12} {'certified':>10}"
+    if audits:
+        header += f" | AutoAttack on the first {audits[0].n}: {'robust':>7} {'certified':>10} {'cert. broken':>12}"
+    lines.append(header)
+    pad = " " * len(f" | AutoAttack on the first {audits[0].n}:") if audits else ""
+    for eps, certified in zip(result.eps, result.certified):
+        row = f"{_eps_label(eps):>12} {100 * certified:>9.2f}%"
+        a = by_eps.get(eps)
+        if a is not None:
+            row += f"{pad} {100 * a.robust_accuracy:>6.2f}% {100 * a.certified_accuracy:>9.2f}% {a.n_failures:>12}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def plot_certified_accuracy(result: CertificationResult, audits: list[AuditResult], path: Path,
+                            title: str = "") -> None:
+    """Certified accuracy against eps (PNG, matplotlib's Agg canvas; no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    finite = result.radii[torch.isfinite(result.radii)]
+    top = max([*result.eps, float(finite.max()) if finite.numel() else 0.0]) * 1.05 or 1.0
+    grid = torch.linspace(0, top, 400, dtype=torch.float64)
+    curve = [(result.radii > e).double().mean().item() * 100 for e in grid]
+    figure = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.plot(grid.tolist(), curve, label="certified")
+    ax.plot(result.eps, [100 * c for c in result.certified], "o", color="C0")
+    if audits:
+        ax.plot([a.eps for a in audits], [100 * a.robust_accuracy for a in audits], "x", color="C3", markersize=8,
+                label=f"AutoAttack ({audits[0].version}, {audits[0].n} examples)")
+    ax.axhline(100 * result.clean_accuracy, color="gray", linestyle="--", linewidth=1, label="clean")
+    ax.set_xlabel("L2 radius eps")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(0, top)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def _eps_label(eps: float) -> str:
+    steps = round(eps * 255)
+    return f"{steps}/255" if abs(steps / 255 - eps) < 1e-12 else f"{eps:.4g}"
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2

@@ -1,0 +1,96 @@
+"""``python -m lipnet.certify`` on a tiny checkpoint and the Fashion-MNIST test set."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lipnet.certify.cli import format_table, main, parse_eps
+from lipnet.checkpoint import save_model
+from lipnet.data import DatasetNotFoundError, load_dataset
+from lipnet.models import build_model
+
+
+def fashion_mnist_available():
+    try:
+        load_dataset("fashion-mnist", "test")
+        return True
+    except DatasetNotFoundError:
+        return False
+
+
+needs_data = pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST not found")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("convnet", in_channels=1, num_classes=10, input_size=28, widths=[8], depths=[0],
+                        dense=[16], mean=[0.29], std=[0.35])
+    return save_model(tmp_path / "model.pt", model, dataset="fashion-mnist")
+
+
+def test_parse_eps():
+    assert parse_eps("36/255, 0.5,1") == [36 / 255, 0.5, 1.0]
+    for bad in ("abc", "1/0", "-0.1", "0", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_eps(bad)
+
+
+@needs_data
+def test_cli_writes_table_json_and_plot(checkpoint, tmp_path, capsys):
+    out = tmp_path / "certify"
+    code = main(["--checkpoint", str(checkpoint), "--data", "fashion-mnist", "--eps", "36/255,0.5", "--limit", "64",
+                 "--autoattack", "--attack-version", "apgd", "--attack-limit", "16", "--out", str(out),
+                 "--no-progress", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "36/255" in printed and "0.5" in printed and "clean accuracy" in printed and "AutoAttack" in printed
+    summary = json.loads((out / "certify.json").read_text())
+    assert summary["n"] == 64 and summary["data"] == "fashion-mnist"
+    assert [e["eps"] for e in summary["certified_accuracy"]] == [36 / 255, 0.5]
+    assert len(summary["autoattack"]) == 2
+    for attack, certified in zip(summary["autoattack"], summary["certified_accuracy"]):
+        assert attack["n"] == 16 and attack["n_certified_broken"] == 0 and attack["sound"]
+    png = (out / "certified_accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+@needs_data
+def test_module_entry_point(checkpoint, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "lipnet.certify", "--checkpoint", str(checkpoint), "--data",
+                          "fashion-mnist", "--limit", "32", "--no-progress", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "108/255" in run.stdout
+
+
+def test_errors_exit_with_status_2_and_a_message(tmp_path, checkpoint, capsys):
+    assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--data", "fashion-mnist"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["--checkpoint", str(checkpoint), "--data", "imagenet-21k"]) == 2
+    assert "imagenet-21k" in capsys.readouterr().err
+    assert main(["--checkpoint", str(checkpoint), "--data", "fashion-mnist", "--limit", "0"]) == 2
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(checkpoint), "--data", "fashion-mnist", "--eps", "x"])
+
+
+def test_format_table_without_attacks(small_net, blobs):
+    from lipnet.certify import certified_accuracy
+
+    result = certified_accuracy(small_net, blobs(10), eps=[72 / 255, 0.3], progress=False)
+    table = format_table(result)
+    assert "72/255" in table and "0.3" in table and "AutoAttack" not in table
+
+
+def test_plot_with_infinite_radii(tmp_path, small_net, blobs):
+    from lipnet.certify import certified_accuracy
+    from lipnet.certify.cli import plot_certified_accuracy
+
+    result = certified_accuracy(small_net, blobs(10), eps=[0.1], progress=False)
+    result.radii[0] = float("inf")
+    plot_certified_accuracy(result, [], tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
