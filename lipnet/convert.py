@@ -37,6 +37,9 @@ from lipnet.nn.gram_linear import GramLinear
 from lipnet.nn.pooling import pooling_lipschitz_bound, sqrt_up
 from lipnet.nn.residual import ConvexResidual
 
+__all__ = ["Change", "Conversion", "ConversionReport", "Obstacle", "convert", "traced_lipschitz_bound"]
+
+#: Values of ``convert(..., activation=...)``.
 ACTIVATIONS = ("maxmin", None)
 
 

@@ -40,6 +40,9 @@ import operator
 import torch
 from torch import nn
 
+__all__ = ["ATEN_OPS", "CERTIFICATE", "FORMAT", "FORMAT_VERSION", "LOGIT_ROUNDING_ULPS", "MODULES", "ExportedModel",
+           "build", "decode", "encode", "function_name", "load", "resolve_function"]
+
 FORMAT = "lipnet-export"
 FORMAT_VERSION = 1
 
