@@ -35,7 +35,7 @@ from lipnet.nn.activations import MaxMin
 from lipnet.nn.gram_conv import GramConv2d
 from lipnet.nn.gram_linear import GramLinear
 from lipnet.nn.pooling import pooling_lipschitz_bound, sqrt_up
-from lipnet.nn.residual import ConvexResidual
+from lipnet.nn.residual import ConvexResidual, GramResidualConv2d
 
 __all__ = ["Change", "Conversion", "ConversionReport", "Obstacle", "convert", "traced_lipschitz_bound"]
 
@@ -156,7 +156,8 @@ def convert(
             first (the type and its subclasses), e.g. ``{nn.BatchNorm2d: lambda m: nn.Identity()}``
             or ``{nn.MaxPool2d: lambda m: L2NormPool2d(2)}``.
         n_iter: Gram iterations of the new layers.
-        inplace: modify ``model`` itself instead of a deep copy.
+        inplace: modify ``model`` itself instead of a deep copy (the returned model is
+            ``model``, unless ``model`` is itself a layer that gets replaced).
         certify: with ``input_shape``, put :func:`lipnet.certify.lipschitz_bound` of the
             converted model in the report (float64 bounds of every layer: seconds for a
             ResNet-18 on a CPU, minutes for VGG's 25088 x 4096 dense layer).
@@ -397,6 +398,10 @@ _ADVICE = (
     ((nn.Conv2d, nn.Linear), "an unnormalized linear layer (see the notes for why it was not converted)",
      "lipnet.nn.GramConv2d / lipnet.nn.GramLinear"),
 )
+#: lipnet and torch modules that are 1-Lipschitz by construction (exact types: a subclass may
+#: change the forward, and is checked against lipnet.certify instead).
+_ONE_LIPSCHITZ_MODULES = (GramConv2d, GramLinear, GramResidualConv2d, MaxMin, nn.ReLU, nn.Identity, nn.Flatten)
+
 #: Bounds up to this count as 1 (they are 1 up to the rounding margins of float64 bounds).
 _ONE = 1 + 1e-6
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -425,7 +430,7 @@ def _diagnose(model: nn.Module, shapes, report: ConversionReport) -> None:
 
 def _obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None:
     name = _qualname(module)
-    if isinstance(module, (GramConv2d, GramLinear, MaxMin, nn.ReLU, nn.Identity, nn.Flatten)):
+    if type(module) in _ONE_LIPSCHITZ_MODULES:
         return None
     if isinstance(module, _DROPOUT):
         if not module.training:
