@@ -31,6 +31,7 @@ from torch import nn
 from lipnet.bounds.gram import DEFAULT_N_ITER
 from lipnet.certify import LipschitzBoundError, UnknownModuleError, lipschitz_bound, register_lipschitz_bound
 from lipnet.certify.lipschitz import add_up, mul_up
+from lipnet.export.exporter import check_input_shape, example_input
 from lipnet.nn.activations import MaxMin
 from lipnet.nn.gram_conv import GramConv2d
 from lipnet.nn.gram_linear import GramLinear
@@ -185,7 +186,7 @@ def convert(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if input_shape is not None:
-        input_shape = _check_shape(input_shape)
+        input_shape = check_input_shape(input_shape)
     replace = dict(replace or {})
     for key, fn in replace.items():
         if not (isinstance(key, type) and issubclass(key, nn.Module)) or not callable(fn):
@@ -224,21 +225,10 @@ def convert(
 # ----------------------------------------------------------------------------- conversion
 
 
-def _check_shape(input_shape) -> tuple[int, ...]:
-    try:
-        shape = tuple(input_shape)
-    except TypeError:
-        shape = ()
-    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
-        raise ValueError(f"input_shape must be a non-empty sequence of positive ints without the batch dimension, "
-                         f"e.g. (3, 32, 32); got {input_shape!r}")
-    return shape
-
-
 def _input_shapes(model: nn.Module, input_shape) -> dict[int, list[tuple[int, ...]]]:
     """Shapes (batch included) of the first tensor argument of every module call, by module ``id``.
 
-    One eval-mode forward pass on a zero batch of 2, without gradients; the train/eval
+    One eval-mode forward pass on a random batch of 2, without gradients; the train/eval
     modes are restored afterwards (in eval mode nothing else changes, except that the Gram
     layers cache their normalized weights, which later passes reuse).
     """
@@ -248,15 +238,13 @@ def _input_shapes(model: nn.Module, input_shape) -> dict[int, list[tuple[int, ..
         if args and torch.is_tensor(args[0]):
             shapes.setdefault(id(module), []).append(tuple(args[0].shape))
 
-    tensor = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
-    dtype = torch.get_default_dtype() if tensor is None else tensor.dtype
-    device = torch.device("cpu") if tensor is None else tensor.device
+    x = example_input(model, input_shape, batch=2, seed=0)
     modes = {m: m.training for m in model.modules()}
     handles = [m.register_forward_pre_hook(record) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros((2, *input_shape), dtype=dtype, device=device))
+            model(x)
     except Exception as error:
         raise ValueError(f"the model does not accept inputs of shape (batch, {', '.join(map(str, input_shape))}): "
                          f"{type(error).__name__}: {error}") from error
@@ -300,7 +288,7 @@ def _replacement(path, module, activation, replace, n_iter, shapes, report) -> n
                 raise TypeError(f"replace[{cls.__name__}] returned {type(new).__name__} for {path or 'the model'}, "
                                 "not an nn.Module")
             return new
-    if type(module) in (nn.Conv2d, nn.Linear):
+    if isinstance(module, (nn.Conv2d, nn.Linear)) and not isinstance(module, (GramConv2d, GramLinear)):
         reason = _unconvertible(module)
         if reason is not None:
             report.notes.append(f"{type(module).__name__} at '{path}' not converted: {reason}")
@@ -328,8 +316,12 @@ def _replacement(path, module, activation, replace, n_iter, shapes, report) -> n
 
 
 def _unconvertible(module: nn.Module) -> str | None:
+    """Why an ``nn.Conv2d`` / ``nn.Linear`` cannot be swapped for a Gram layer, or ``None``."""
     if torch.nn.utils.parametrize.is_parametrized(module):
         return "it has parametrizations (remove them first, e.g. torch.nn.utils.parametrize.remove_parametrizations)"
+    if type(module) not in (nn.Conv2d, nn.Linear):
+        return (f"{type(module).__qualname__} subclasses {type(module).__mro__[1].__name__} and may have its own "
+                "forward (convert it by hand, or with replace=...)")
     if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
         return "it has hooks, which would be lost (remove them, convert, then register them again)"
     if module.weight.is_meta:
@@ -374,6 +366,7 @@ _RESIDUAL_FIX = ("lipnet.nn.GramResidualConv2d (bounds I + conv itself: 1-Lipsch
                  "((1 - a) x + a f(x): 1-Lipschitz when f is)")
 _ATTENTION = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
               nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_ATTENTION_PROBLEM = "dot-product attention is not Lipschitz (Kim, Papamakarios, Mnih, ICML 2021)"
 
 #: ``(types, problem, fix)``: what is known to be wrong with a module type, and the way out.
 _ADVICE = (
@@ -388,15 +381,13 @@ _ADVICE = (
      "remove it (replace={<its type>: lambda m: nn.Identity()})"),
     ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool3d, nn.LPPool1d, nn.LPPool2d),
      "pooling that is not 1-Lipschitz (overlapping windows put inputs in several windows)", _POOL_FIX),
-    (_ATTENTION, "dot-product attention is not Lipschitz (Kim, Papamakarios, Mnih, ICML 2021)", None),
+    (_ATTENTION, _ATTENTION_PROBLEM, None),
     ((nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.CELU, nn.SELU, nn.Hardswish, nn.Hardsigmoid, nn.PReLU, nn.RReLU,
       nn.Threshold, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.GLU),
      "an activation that is not 1-Lipschitz or has no bound in lipnet.certify",
      "lipnet.nn.MaxMin (convert(..., activation='maxmin') replaces nn.ReLU only)"),
     ((nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear, nn.Embedding),
      "a linear layer that lipnet has no Gram normalization for", None),
-    ((nn.Conv2d, nn.Linear), "an unnormalized linear layer (see the notes for why it was not converted)",
-     "lipnet.nn.GramConv2d / lipnet.nn.GramLinear"),
 )
 #: lipnet and torch modules that are 1-Lipschitz by construction (exact types: a subclass may
 #: change the forward, and is checked against lipnet.certify instead).
@@ -420,8 +411,8 @@ def _diagnose(model: nn.Module, shapes, report: ConversionReport) -> None:
     for path, module in model.named_modules():
         if _inside(path, opaque):
             continue
-        if isinstance(module, (GramConv2d, GramLinear) + _ATTENTION) or callable(getattr(module, "lipschitz_bound",
-                                                                                           None)):
+        if isinstance(module, (nn.Conv2d, nn.Linear) + _ATTENTION) or callable(getattr(module, "lipschitz_bound",
+                                                                                       None)):
             opaque.append(path)  # analysed as a whole
         obstacle = _obstacle(path, module, shapes)
         if obstacle is not None:
@@ -438,6 +429,9 @@ def _obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None:
         return Obstacle(path, name, "random in train mode: certificates hold for the eval-mode model (lipnet.certify "
                         "evaluates in eval mode, where dropout is the identity)", "call model.eval() before "
                         "certifying", blocking=False)
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        return Obstacle(path, name, "an unnormalized linear layer (see the notes for why it was not converted)",
+                        "lipnet.nn.GramConv2d / lipnet.nn.GramLinear", blocking=True)
     if _is_custom_container(module):
         return _container_obstacle(path, module, shapes)
     if isinstance(module, (nn.Sequential, ConvexResidual)) or type(module).__name__ == "InputNormalization":
@@ -478,7 +472,7 @@ def _container_obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None
     """A container with its own forward: its residual sums, or why it cannot be analysed."""
     name = _qualname(module)
     if isinstance(module, _ATTENTION):
-        return Obstacle(path, name, _ADVICE[3][1], None, blocking=True)
+        return Obstacle(path, name, _ATTENTION_PROBLEM, None, blocking=True)
     try:
         graph = _trace(module)
     except Exception as error:
@@ -636,7 +630,7 @@ def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=l
     bound = math.inf
     for batch in (2, 3):
         run = _BoundInterpreter(traced, module, batch, cached_child_bound)
-        x = _random_input(module, batch, input_shape)
+        x = example_input(module, input_shape, batch=batch, seed=batch)
         with torch.no_grad():
             out = run.run(x.clone())
             expected = module(x.clone())
@@ -647,14 +641,6 @@ def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=l
                                               "lipnet.certify.register_lipschitz_bound")
         bound = run.result
     return bound
-
-
-def _random_input(module: nn.Module, batch: int, input_shape) -> torch.Tensor:
-    tensor = next((t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()), None)
-    dtype = torch.get_default_dtype() if tensor is None else tensor.dtype
-    device = torch.device("cpu") if tensor is None else tensor.device
-    generator = torch.Generator().manual_seed(batch)
-    return torch.randn((batch, *input_shape), generator=generator, dtype=dtype).to(device)
 
 
 class _BoundInterpreter(torch.fx.Interpreter):

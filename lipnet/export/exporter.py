@@ -78,22 +78,23 @@ def export(model: nn.Module, input_shape: Sequence[int], *, certify: bool = True
         >>> float((exported(x) - net(x)).abs().max())
         0.0
     """
-    input_shape = _check_input_shape(input_shape)
+    input_shape = check_input_shape(input_shape)
     reference = copy.deepcopy(model).eval()
-    probe = _probe(reference, input_shape, batch=2, seed=0)
+    probe = example_input(reference, input_shape, batch=2, seed=0)
     plain = _bake(reference, probe)
     bound = _certified_bound(reference, input_shape) if certify else None
     archive = _archive(plain, probe, input_shape, bound, type(model).__qualname__)
     exported = runtime.build(archive)
     with torch.no_grad():
         for batch, seed in ((2, 1), (3, 2)):
-            x = _probe(reference, input_shape, batch=batch, seed=seed)
+            x = example_input(reference, input_shape, batch=batch, seed=seed)
             _check_same(exported(x), reference(x), "the exported model")
             _check_same(plain(x), reference(x), "the baked copy")
     return exported
 
 
-def _check_input_shape(input_shape) -> tuple[int, ...]:
+def check_input_shape(input_shape) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of positive ints, or a ``ValueError`` saying what is expected."""
     try:
         shape = tuple(input_shape)
     except TypeError:
@@ -104,7 +105,8 @@ def _check_input_shape(input_shape) -> tuple[int, ...]:
     return shape
 
 
-def _probe(model: nn.Module, input_shape, *, batch: int, seed: int) -> torch.Tensor:
+def example_input(model: nn.Module, input_shape, *, batch: int, seed: int) -> torch.Tensor:
+    """A seeded standard normal batch on the device and in the dtype of ``model``'s tensors."""
     tensor = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
     dtype = torch.get_default_dtype() if tensor is None else tensor.dtype
     device = torch.device("cpu") if tensor is None else tensor.device
