@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from lipnet import convert
+from lipnet import convert, export
 from lipnet.certify import LipschitzBoundError, certified_accuracy, lipschitz_bound
 from lipnet.convert import Conversion, ConversionReport, traced_lipschitz_bound
 from lipnet.nn import GramConv2d, GramLinear, L2NormPool2d, MaxMin
@@ -163,6 +163,10 @@ def test_torchvision_resnet18_convert_train_certify():
     logits = converted.eval()(x)
     (grad,) = torch.autograd.grad((logits[:, 0] - logits[:, 1]).sum(), x)
     assert grad.flatten(1).norm(dim=1).max() <= 2**0.5 * result.lipschitz
+    # The trained model exports to plain PyTorch (its bound was just checked above).
+    exported = export(converted, (3, 32, 32), certify=False)
+    with torch.no_grad():
+        assert float((exported(x) - converted(x)).abs().max()) <= 1e-6
 
 
 def test_traced_bound_of_a_residual_block_is_one_plus_the_branch():

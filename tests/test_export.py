@@ -83,6 +83,29 @@ def test_round_trip_matches_the_model_and_stores_its_bound():
     assert not exported.training and not any(p.requires_grad for p in exported.parameters())
 
 
+class Residual(nn.Module):
+    """A user-written residual block, bounded through lipnet.convert's traced bound."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv(x) + x)
+
+
+def test_converted_models_with_custom_containers_export_with_their_bound():
+    from lipnet import convert
+
+    model, report = convert(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Residual(), nn.Flatten(),
+                                          nn.Linear(4 * 64, 10)), input_shape=SHAPE)
+    exported = export(model, SHAPE)
+    assert exported.lipschitz_bound == report.lipschitz_bound and 2 <= exported.lipschitz_bound <= 2 * (1 + 1e-4)
+    x = torch.randn(4, *SHAPE)
+    assert max_diff(exported(x), model.eval()(x)) <= 1e-6
+
+
 def test_stored_bound_is_sound_for_the_exported_weights():
     """Product of the exact (dense SVD) norms of the exported layers <= the stored bound."""
     net = train_steps(plain_net())
