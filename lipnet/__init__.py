@@ -5,10 +5,12 @@ operator norms (:mod:`lipnet.bounds`), so networks built from them are 1-Lipschi
 their predictions come with certified L2 robustness radii.
 """
 
-from lipnet.convert import convert
-from lipnet.export import export
 from lipnet.nn import GramConv2d, GramLinear
 
 __version__ = "0.1.0"
+
+# After the layers and the version: convert and export import lipnet.certify, which uses them.
+from lipnet.convert import convert  # noqa: E402
+from lipnet.export import export  # noqa: E402
 
 __all__ = ["GramConv2d", "GramLinear", "__version__", "convert", "export"]
