@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lipnet.certify.lipschitz import lipschitz_bound
+from lipnet.certify.modes import evaluating
 from lipnet.certify.radius import certified_radius
 
 #: The L2 radii (pixels in [0, 1]) most papers report on CIFAR-10.
@@ -86,7 +87,8 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] = DEFAULT_EP
         last_layer: ``"auto"`` uses the tighter last-layer radius when the model is an
             ``nn.Sequential`` ending in an ``nn.Linear`` (e.g. ``GramLinear``); ``"none"``
             always uses the generic radius ``margin / (sqrt(2) L)``.
-        device: where the model and batches run (default: the model's device).
+        device: where the batches are sent; the model must already be there (default: the
+            model's device).
         batch_size: batch size when ``data`` is a pair of tensors or a data set.
         progress: show a tqdm progress bar.
 
@@ -103,34 +105,32 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] = DEFAULT_EP
         raise ValueError(f"eps must be finite radii >= 0, got {eps}")
     if last_layer not in ("auto", "none"):
         raise ValueError(f"last_layer must be 'auto' or 'none', got {last_layer!r}")
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model_device = next((p.device for p in model.parameters()), None)
+    device = torch.device(device) if device is not None else model_device or torch.device("cpu")
+    if model_device is not None and model_device != device and not (
+            device.index is None and model_device.type == device.type):
+        raise ValueError(f"the model is on {model_device} but device={device}: move it with model.to(device) first")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     split = split_last_linear(model) if last_layer == "auto" else None
-    training = model.training
-    model.eval()
     radii, correct = [], []
     bounds = None
-    try:
-        batches = _batches(data, batch_size)
-        with torch.no_grad():
-            for x, y in tqdm(batches, desc="certify", disable=not progress, total=_length(data, batch_size)):
-                x = _as_input(x, dtype).to(device)
-                y = y.to(device)
-                if bounds is None:
-                    bounds = _bounds(model, split, tuple(x.shape[1:]))
-                elif tuple(x.shape[1:]) != bounds["input_shape"]:
-                    raise ValueError(f"inputs of shape {tuple(x.shape[1:])} after inputs of shape "
-                                     f"{bounds['input_shape']}: the Lipschitz bound holds for one input shape")
-                logits = model(x)
-                if split is None:
-                    r = certified_radius(logits, y, bounds["lipschitz"])
-                else:
-                    r = certified_radius(logits, y, last_layer=split[1], body_lipschitz=bounds["body_lipschitz"])
-                radii.append(r.cpu())
-                correct.append((logits.argmax(dim=1) == y).cpu())
-    finally:
-        model.train(training)
+    batches = _batches(data, batch_size)
+    with evaluating(model), torch.no_grad():
+        for x, y in tqdm(batches, desc="certify", disable=not progress, total=_length(data, batch_size)):
+            x = _as_input(x, dtype).to(device)
+            y = y.to(device)
+            if bounds is None:
+                bounds = _bounds(model, split, tuple(x.shape[1:]))
+            elif tuple(x.shape[1:]) != bounds["input_shape"]:
+                raise ValueError(f"inputs of shape {tuple(x.shape[1:])} after inputs of shape "
+                                 f"{bounds['input_shape']}: the Lipschitz bound holds for one input shape")
+            logits = model(x)
+            if split is None:
+                r = certified_radius(logits, y, bounds["lipschitz"])
+            else:
+                r = certified_radius(logits, y, last_layer=split[1], body_lipschitz=bounds["body_lipschitz"])
+            radii.append(r.cpu())
+            correct.append((logits.argmax(dim=1) == y).cpu())
     if bounds is None:
         raise ValueError("data is empty: nothing to certify")
     radii, correct = torch.cat(radii), torch.cat(correct)

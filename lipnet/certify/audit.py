@@ -25,6 +25,7 @@ from pyautoattack import AutoAttack
 from torch import nn
 
 from lipnet.certify.accuracy import CertificationResult, certified_accuracy
+from lipnet.certify.modes import evaluating, frozen
 
 #: Attacks of each audit version (the targeted ones need enough classes; see ``_attacks``).
 VERSIONS = {
@@ -150,24 +151,15 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, ver
     targets = certification.correct if attack == "correct" else radii > eps
     index = targets.nonzero().flatten()
 
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    model.eval()
-    try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        attacked = _FloatLogits(model)
+    attacked = _FloatLogits(model)
+    with evaluating(model), frozen(model):
         if index.numel():
             x_adv = _run_autoattack(attacked, x[index], y[index], eps, version, batch_size, device, seed)
         else:
             x_adv = x[index]
         with torch.no_grad():
             predictions = torch.cat([attacked(x_adv[i:i + batch_size].to(device)).argmax(dim=1).cpu()
-                                     for i in range(0, x_adv.shape[0], batch_size)]) if index.numel() else y[index]
-    finally:
-        for p, requires_grad in frozen:
-            p.requires_grad_(requires_grad)
-        model.train(training)
+                                     for i in range(0, x_adv.shape[0], batch_size)] or [y[:0]])
 
     misclassified = predictions != y[index]
     distances = (x_adv.double() - x[index].double()).flatten(1).norm(dim=1)

@@ -173,7 +173,7 @@ def plot_certified_accuracy(result: CertificationResult, audits: list[AuditResul
 
 def _eps_label(eps: float) -> str:
     steps = round(eps * 255)
-    return f"{steps}/255" if abs(steps / 255 - eps) < 1e-12 else f"{eps:.4g}"
+    return f"{steps}/255" if steps % 255 and abs(steps / 255 - eps) < 1e-12 else f"{eps:.4g}"
 
 
 def _fail(message: str) -> int:

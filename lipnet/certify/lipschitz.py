@@ -13,7 +13,8 @@ How a module's bound is found, first match wins:
    subclasses that do not override ``forward``);
 2. its own ``lipschitz_bound`` method, called with the spatial size of its input
    (``input_shape[1:]``) when it takes an argument (Gram layers, pooling, residual blocks,
-   input normalization);
+   input normalization); an inherited method is refused when the subclass overrides
+   ``forward``;
 3. for ``nn.Sequential`` and :class:`~lipnet.nn.ConvexResidual` (and subclasses that keep
    their ``forward``), the composition of their children's bounds.
 
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from lipnet.bounds.circulant import pair
+from lipnet.certify.modes import evaluating
 from lipnet.nn.activations import MaxMin
 from lipnet.nn.pooling import adaptive_pooling_lipschitz_bound, pooling_lipschitz_bound, sqrt_up, window_multiplicity
 from lipnet.nn.residual import ConvexResidual
@@ -127,24 +129,20 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model = _unwrap(model)
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"input_shape must be the shape of one input without the batch dimension, e.g. "
                          f"(3, 32, 32), got {tuple(input_shape)}")
     dtype, device = _dtype_and_device(model)
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             bound, _ = _module_bound(model, torch.zeros((1, *shape), dtype=dtype, device=device))
     except LipschitzBoundError as error:
         names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
         if id(error.module) in names:
             error.path = names[id(error.module)]
         raise
-    finally:
-        for module, training in modes.items():
-            module.train(training)
     return bound
 
 
@@ -171,6 +169,7 @@ def _module_bound(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tens
     if fn is not None:
         value = fn(module, shape)
     elif callable(getattr(module, "lipschitz_bound", None)):
+        _check_method_matches_forward(module)
         method = module.lipschitz_bound
         value = method(shape[1:]) if inspect.signature(method).parameters else method()
     elif (composite := _lookup(_COMPOSITES, module)) is not None:
@@ -178,6 +177,27 @@ def _module_bound(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tens
     else:
         raise UnknownModuleError(module)
     return _checked(module, value), module(x)
+
+
+def _check_method_matches_forward(module: nn.Module) -> None:
+    """Refuse an inherited ``lipschitz_bound`` whose class's ``forward`` was overridden.
+
+    The method's owner is the class defining it, or, for a mixin that is not a module
+    (like :class:`~lipnet.nn.normalized.GramNormalized`), the nearest module class using it.
+    An owner without a ``forward`` of its own is an abstract base whose bound is declared
+    for the ``forward`` of its subclasses.
+    """
+    mro = type(module).__mro__
+    defining = next(i for i, cls in enumerate(mro) if "lipschitz_bound" in vars(cls))
+    owner = next((cls for cls in reversed(mro[:defining + 1]) if issubclass(cls, nn.Module)), None)
+    owner_forward = getattr(owner, "forward", None)
+    if owner_forward is nn.Module.forward:  # an abstract base: the bound is declared for its subclasses
+        return
+    if owner is not None and getattr(type(module), "forward", None) is not owner_forward:
+        raise LipschitzBoundError(module, (
+            f"{type(module).__name__} overrides the forward of {owner.__name__} but inherits its lipschitz_bound, "
+            f"which bounds {owner.__name__}.forward; define {type(module).__name__}.lipschitz_bound or register a "
+            "bound with lipnet.certify.register_lipschitz_bound"))
 
 
 def _lookup(table: dict, module: nn.Module):
@@ -201,6 +221,17 @@ def _checked(module: nn.Module, value) -> float:
     if not value >= 0 or math.isinf(value):
         raise LipschitzBoundError(module, f"the Lipschitz bound must be finite and >= 0, got {value}")
     return value
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` and (Distributed)DataParallel wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 
 def _dtype_and_device(model: nn.Module):

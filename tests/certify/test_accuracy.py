@@ -118,6 +118,8 @@ def test_bad_input_is_rejected(small_net, blobs):
         certified_accuracy(net, (x, y[:5]), progress=False)
     with pytest.raises(ValueError, match="last_layer"):
         certified_accuracy(net, (x, y), last_layer="yes", progress=False)
+    with pytest.raises(ValueError, match="model.to"):
+        certified_accuracy(net, (x, y), device="meta", progress=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -129,3 +131,10 @@ def test_gpu_matches_cpu(trained_net, blobs):
     assert gpu.clean_accuracy == cpu.clean_accuracy
     torch.testing.assert_close(gpu.radii, cpu.radii, rtol=1e-4, atol=1e-5)
     assert abs(gpu.lipschitz - cpu.lipschitz) <= 1e-6
+
+
+def test_mixed_train_and_eval_modes_are_restored_exactly(small_net, blobs):
+    small_net.train()
+    small_net[1].eval()
+    certified_accuracy(small_net, blobs(8), progress=False)
+    assert [m.training for m in small_net.modules()] == [True, True, False, True, True, True, True, True]

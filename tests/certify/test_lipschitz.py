@@ -245,3 +245,27 @@ def test_modes_are_restored_and_bad_shapes_rejected():
     assert all(p.grad is None for p in net.parameters())
     with pytest.raises(ValueError, match="without the batch dimension"):
         lipschitz_bound(net, ())
+
+
+def test_an_inherited_method_is_refused_when_forward_changes():
+    class Doubled(GramConv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class DoubledWithBound(Doubled):
+        def lipschitz_bound(self, input_size=None):
+            return 2 * super().lipschitz_bound(input_size)
+
+    with pytest.raises(LipschitzBoundError, match="overrides the forward of GramConv2d"):
+        lipschitz_bound(nn.Sequential(Doubled(1, 2, 3, padding=1)), (1, 5, 5))
+    layer = DoubledWithBound(1, 2, 3, padding=1)
+    assert lipschitz_bound(layer, (1, 5, 5)) == 2 * GramConv2d.lipschitz_bound(layer, (5, 5))
+    # GramResidualConv2d keeps GramConv2d.forward (it changes the weight the bound sees).
+    assert lipschitz_bound(GramResidualConv2d(2, 3), (2, 5, 5)) <= 1 + 1e-5
+
+
+def test_compiled_and_data_parallel_wrappers_are_unwrapped():
+    net, shape = zoo()["convnet"]
+    expected = lipschitz_bound(net, shape)
+    assert lipschitz_bound(nn.DataParallel(net), shape) == expected
+    assert lipschitz_bound(torch.compile(net), shape) == expected
