@@ -11,7 +11,7 @@ RECIPE = TrainConfig(
     warmup_epochs=0.5,
     loss="ce",
     train_eps=0.5,
-    temperature=0.25,
+    temperature=1.0,
     eval_eps=(0.1, 0.25, 0.5, 1.0),
     out_dir="runs/fashion-mnist",
 )

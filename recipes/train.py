@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
             FloatingPointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the last finished epoch is saved in {config.out_dir}/checkpoint.pt: run the same "
+              "command with --resume to continue", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -32,6 +32,7 @@ class ConvNet(nn.Sequential):
         n_iter: Gram iterations of the training-time bounds.
 
     Example:
+        >>> import torch
         >>> net = ConvNet(1, 10, 28, widths=(8, 16), depths=(1, 1), dense=(32,))
         >>> net(torch.rand(2, 1, 28, 28)).shape
         torch.Size([2, 10])

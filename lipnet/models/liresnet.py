@@ -37,6 +37,7 @@ class LiResNet(nn.Sequential):
         ImageNet" (LiResNet), NeurIPS 2023.
 
     Example:
+        >>> import torch
         >>> net = LiResNet(3, 10, 16, width=8, depth=2, neck_stride=4, dense=(32,))
         >>> net(torch.rand(2, 3, 16, 16)).shape
         torch.Size([2, 10])

@@ -33,9 +33,10 @@ class TrainConfig:
     Evaluation
         eval_eps: the radii of the final certification report. eval_batch_size.
     Operations
-        seed, threads (CPU threads of torch; ``None``: its default), device ("auto": CUDA when available), amp ("auto": bf16 autocast on CUDA only),
-        compile (torch.compile the model), out_dir, resume, certify (final report),
-        progress (bars).
+        seed, threads (CPU threads of torch; ``None``: its default), device ("auto": CUDA when
+        available), amp ("auto": bf16 autocast on CUDA only), compile (torch.compile the training
+        forward on CUDA; ignored on CPU, where compiling costs more than it saves), out_dir,
+        resume, certify (final report), progress (bars).
     """
 
     dataset: str = "fashion-mnist"
@@ -77,7 +78,8 @@ class TrainConfig:
 
     #: Fields that may change when a run is resumed (they do not change what is computed).
     OPERATIONAL: typing.ClassVar[frozenset] = frozenset(
-        {"data_dir", "download", "threads", "device", "compile", "out_dir", "resume", "certify", "progress", "eval_batch_size"})
+        {"data_dir", "download", "threads", "device", "compile", "out_dir", "resume", "certify", "progress",
+         "eval_batch_size"})
 
     def __post_init__(self):
         choices = {"loss": ("ce", "hinge"), "schedule": ("cosine", "linear", "constant"),

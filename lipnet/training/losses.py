@@ -33,8 +33,8 @@ def offset_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, offset: fl
         Networks", ECCV 2022 (Eq. 7); Prach et al., "1-Lipschitz Layers Compared", CVPR 2024.
 
     Example:
-        >>> z = torch.tensor([[3.0, 0.0]])
-        >>> bool(offset_cross_entropy(z, torch.tensor([0]), offset=4.0) > offset_cross_entropy(z, torch.tensor([0]), 0.0))
+        >>> z, y = torch.tensor([[3.0, 0.0]]), torch.tensor([0])
+        >>> bool(offset_cross_entropy(z, y, offset=4.0) > offset_cross_entropy(z, y, offset=0.0))
         True
     """
     shifted = logits - offset * F.one_hot(targets, logits.shape[-1]).to(logits.dtype)

@@ -49,7 +49,7 @@ def test_a_run_learns_and_writes_every_artifact(data_dir, tmp_path):
     x = synthetic_dataset("mnist", 8, seed=5).images.float() / 255
     assert torch.equal(model(x), result.model(x))
     report = json.loads((out / "report.json").read_text())
-    assert report["n"] == 40
+    assert report["n"] == 40 and report["train_seconds"] > 0 and report["certify_seconds"] > 0
     certified = [c["accuracy"] for c in report["certified_accuracy"]]
     assert report["clean_accuracy"] >= certified[0] >= certified[1]
     assert sum(report["radius_histogram"]["counts"]) + report["radius_histogram"]["misclassified"] == 40
