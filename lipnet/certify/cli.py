@@ -157,7 +157,9 @@ def plot_certified_accuracy(result: CertificationResult, audits: list[AuditResul
     ax.plot(result.eps, [100 * c for c in result.certified], "o", color="C0")
     if audits:
         ax.plot([a.eps for a in audits], [100 * a.robust_accuracy for a in audits], "x", color="C3", markersize=8,
-                label=f"AutoAttack ({audits[0].version}, {audits[0].n} examples)")
+                label=f"AutoAttack ({audits[0].version}, first {audits[0].n} examples)")
+        ax.plot([a.eps for a in audits], [100 * a.certified_accuracy for a in audits], "o", color="C3",
+                fillstyle="none", label=f"certified, first {audits[0].n} examples")
     ax.axhline(100 * result.clean_accuracy, color="gray", linestyle="--", linewidth=1, label="clean")
     ax.set_xlabel("L2 radius eps")
     ax.set_ylabel("accuracy (%)")

@@ -1,5 +1,7 @@
 """AutoAttack audit: a sound model passes, a falsely registered layer makes the audit fail."""
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -92,3 +94,17 @@ def test_bad_arguments(trained_net, blobs):
     other = certified_accuracy(trained_net, blobs(9), eps=[0.1], progress=False)
     with pytest.raises(ValueError, match="9 examples"):
         audit(trained_net, x, y, 0.1, certification=other)
+
+
+def test_breaks_just_past_eps_by_float32_projection_count(trained_net, blobs, monkeypatch):
+    audit_module = importlib.import_module("lipnet.certify.audit")  # the package exports the function audit
+
+    x, y = blobs(32, seed=17)
+    j = int((y != y[0]).nonzero()[0])  # an example of another class: misclassified as y[0]
+    distance = (x[j].double() - x[0].double()).norm().item()
+    monkeypatch.setattr(audit_module, "_run_autoattack", lambda model, xs, *args: x[j:j + 1].clone())
+    x0, y0 = x[:1], y[:1]
+    just_past = audit(trained_net, x0, y0, distance * (1 - 1e-7), version="apgd")
+    assert just_past.n_broken == 1 and just_past.robust_accuracy == 0.0 and just_past.sound
+    beyond = audit(trained_net, x0, y0, distance * (1 - 1e-3), version="apgd")
+    assert beyond.n_broken == 0 and beyond.robust_accuracy == 1.0
