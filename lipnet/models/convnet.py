@@ -77,7 +77,7 @@ class ConvNet(nn.Sequential):
 
 _SIZES = {
     "xs": dict(widths=(16, 32), depths=(1, 1), dense=(128,), stem_stride=2),
-    "s": dict(widths=(32, 64), depths=(1, 1), dense=(256,), stem_stride=2),
+    "s": dict(widths=(32, 64), depths=(1, 1), dense=(512,), stem_stride=2),
     "m": dict(widths=(32, 64, 128), depths=(2, 2, 2), dense=(512,), stem_stride=1),
     "l": dict(widths=(64, 128, 256), depths=(3, 3, 3), dense=(1024,), stem_stride=1),
 }

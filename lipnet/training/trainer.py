@@ -85,7 +85,7 @@ def nominal_lipschitz(model: nn.Module) -> float:
     normalization scales the constant. This sets the loss margin; certificates use
     :func:`lipnet.certify.lipschitz_bound` instead.
     """
-    return math.prod(float(1 / m.std.min()) for m in model.modules() if isinstance(m, InputNormalization))
+    return math.prod(m.lipschitz_bound() for m in model.modules() if isinstance(m, InputNormalization))
 
 
 def logit_margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,14 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(data_dir, tmp_
     assert without_timing(full.history) == without_timing(resumed.history)
 
 
+def test_the_seed_makes_cpu_runs_reproducible(data_dir, tmp_path):
+    runs = [train(tiny(data_dir, tmp_path / name, epochs=1, certify=False, flip=True, seed=seed), log=quiet).model
+            for name, seed in (("a", 7), ("b", 7), ("c", 8))]
+    a, b, c = (run.state_dict() for run in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_resume_refuses_other_settings_and_runs_never_overwrite(data_dir, tmp_path):
     train(tiny(data_dir, tmp_path / "run", epochs=1, certify=False), log=quiet)
     with pytest.raises(FileExistsError, match="--resume"):
