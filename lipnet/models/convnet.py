@@ -8,8 +8,9 @@ from torch import nn
 
 from lipnet.bounds.gram import DEFAULT_N_ITER
 from lipnet.models.init import orthogonal_init_
-from lipnet.models.registry import register_model
-from lipnet.nn import GramConv2d, GramLinear, InputNormalization, MaxMin
+from lipnet.models.parts import dense_head, input_layers
+from lipnet.models.registry import register_sizes
+from lipnet.nn import GramConv2d, MaxMin
 
 
 class ConvNet(nn.Sequential):
@@ -46,31 +47,18 @@ class ConvNet(nn.Sequential):
             raise ValueError(f"widths and depths need one entry per stage, got {widths} and {depths}")
         if any(w % 2 for w in (*widths, *dense)):
             raise ValueError(f"MaxMin needs even widths, got widths={widths}, dense={dense}")
-        if stem_stride not in (1, 2):
-            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+        layers = input_layers(in_channels, widths[0], mean=mean, std=std, stem_stride=stem_stride, n_iter=n_iter)
         size = input_size // stem_stride
         if size >> (len(widths) - 1) < 1 or input_size % (stem_stride << (len(widths) - 1)):
             raise ValueError(f"input_size {input_size} cannot be halved {len(widths) - 1} time(s) after a stem of "
                              f"stride {stem_stride}")
-        mean = [0.0] * in_channels if mean is None else mean
-        std = [1.0] * in_channels if std is None else std
-        if stem_stride == 1:
-            stem = GramConv2d(in_channels, widths[0], 3, padding=1, n_iter=n_iter)
-        else:
-            stem = GramConv2d(in_channels, widths[0], 2, stride=2, n_iter=n_iter)
-        layers: list[nn.Module] = [InputNormalization(mean, std), stem, MaxMin()]
         for stage, (width, depth) in enumerate(zip(widths, depths)):
             for _ in range(depth):
                 layers += [GramConv2d(width, width, 3, padding=1, n_iter=n_iter), MaxMin()]
             if stage + 1 < len(widths):
                 layers += [GramConv2d(width, widths[stage + 1], 2, stride=2, n_iter=n_iter), MaxMin()]
                 size //= 2
-        layers.append(nn.Flatten())
-        features = widths[-1] * size * size
-        for hidden in dense:
-            layers += [GramLinear(features, hidden, n_iter=n_iter), MaxMin()]
-            features = hidden
-        layers.append(GramLinear(features, num_classes, n_iter=n_iter))
+        layers += dense_head(widths[-1] * size * size, dense, num_classes, n_iter=n_iter)
         super().__init__(*layers)
         orthogonal_init_(self)
 
@@ -83,14 +71,4 @@ _SIZES = {
 }
 
 
-def _sized(size: str):
-    def build(in_channels: int, num_classes: int, input_size: int, **kwargs) -> ConvNet:
-        return ConvNet(in_channels, num_classes, input_size, **{**_SIZES[size], **kwargs})
-
-    build.__doc__ = f"ConvNet of size {size!r}: {_SIZES[size]} (any of them can be overridden)."
-    return build
-
-
-register_model("convnet")(ConvNet)
-for _size in _SIZES:
-    register_model(f"convnet-{_size}")(_sized(_size))
+register_sizes("convnet", ConvNet, _SIZES)

@@ -8,8 +8,9 @@ from torch import nn
 
 from lipnet.bounds.gram import DEFAULT_N_ITER
 from lipnet.models.init import orthogonal_init_
-from lipnet.models.registry import register_model
-from lipnet.nn import GramConv2d, GramLinear, GramResidualConv2d, InputNormalization, MaxMin
+from lipnet.models.parts import dense_head, input_layers
+from lipnet.models.registry import register_sizes
+from lipnet.nn import GramConv2d, GramResidualConv2d, MaxMin
 
 
 class LiResNet(nn.Sequential):
@@ -50,27 +51,15 @@ class LiResNet(nn.Sequential):
         neck_width = width if neck_width is None else neck_width
         if any(w % 2 for w in (width, neck_width, *dense)):
             raise ValueError(f"MaxMin needs even widths, got width={width}, neck_width={neck_width}, dense={dense}")
-        if stem_stride not in (1, 2):
-            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
-        if input_size % (stem_stride * neck_stride):
+        layers = input_layers(in_channels, width, mean=mean, std=std, stem_stride=stem_stride, n_iter=n_iter)
+        if neck_stride < 1 or input_size % (stem_stride * neck_stride):
             raise ValueError(f"input_size {input_size} is not divisible by stem_stride * neck_stride "
                              f"= {stem_stride * neck_stride}")
-        mean = [0.0] * in_channels if mean is None else mean
-        std = [1.0] * in_channels if std is None else std
-        if stem_stride == 1:
-            stem = GramConv2d(in_channels, width, 3, padding=1, n_iter=n_iter)
-        else:
-            stem = GramConv2d(in_channels, width, 2, stride=2, n_iter=n_iter)
-        layers: list[nn.Module] = [InputNormalization(mean, std), stem, MaxMin()]
         for _ in range(depth):
             layers += [GramResidualConv2d(width, 3, n_iter=n_iter), MaxMin()]
-        layers += [GramConv2d(width, neck_width, neck_stride, stride=neck_stride, n_iter=n_iter), MaxMin(),
-                   nn.Flatten()]
-        features = neck_width * (input_size // (stem_stride * neck_stride)) ** 2
-        for hidden in dense:
-            layers += [GramLinear(features, hidden, n_iter=n_iter), MaxMin()]
-            features = hidden
-        layers.append(GramLinear(features, num_classes, n_iter=n_iter))
+        layers += [GramConv2d(width, neck_width, neck_stride, stride=neck_stride, n_iter=n_iter), MaxMin()]
+        size = input_size // (stem_stride * neck_stride)
+        layers += dense_head(neck_width * size * size, dense, num_classes, n_iter=n_iter)
         super().__init__(*layers)
         orthogonal_init_(self)
 
@@ -83,14 +72,4 @@ _SIZES = {
 }
 
 
-def _sized(size: str):
-    def build(in_channels: int, num_classes: int, input_size: int, **kwargs) -> LiResNet:
-        return LiResNet(in_channels, num_classes, input_size, **{**_SIZES[size], **kwargs})
-
-    build.__doc__ = f"LiResNet of size {size!r}: {_SIZES[size]} (any of them can be overridden)."
-    return build
-
-
-register_model("liresnet")(LiResNet)
-for _size in _SIZES:
-    register_model(f"liresnet-{_size}")(_sized(_size))
+register_sizes("liresnet", LiResNet, _SIZES)

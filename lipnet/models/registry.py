@@ -28,6 +28,20 @@ def register_model(name: str):
     return decorator
 
 
+def register_sizes(family: str, factory: Callable[..., nn.Module], sizes: dict[str, dict]) -> None:
+    """Register ``family`` (all arguments explicit) and ``family-<size>`` for each preset of ``sizes``.
+
+    A sized name fills in its preset; the caller's keyword arguments override any of it.
+    """
+    register_model(family)(factory)
+    for size, preset in sizes.items():
+        def build(in_channels: int, num_classes: int, input_size: int, _preset=preset, **kwargs) -> nn.Module:
+            return factory(in_channels, num_classes, input_size, **{**_preset, **kwargs})
+
+        build.__doc__ = f"{family} of size {size!r}: {preset} (any of them can be overridden)."
+        register_model(f"{family}-{size}")(build)
+
+
 def build_model(name: str, **kwargs) -> nn.Module:
     """Build the registered architecture ``name`` and remember its spec on the model.
 

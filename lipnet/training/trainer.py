@@ -120,6 +120,7 @@ class _Run:
         self.amp_dtype = torch.bfloat16 if config.amp == "bf16" or (
             config.amp == "auto" and env.device.type == "cuda") else None
         if env.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
             # The per-forward finiteness check costs a host sync per layer; divergence is caught
             # once per epoch instead (loss and weights), before any checkpoint is written.
             for layer in self.model.modules():

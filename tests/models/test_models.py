@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lipnet.models import MODELS, ConvNet, build_model, model_spec, orthogonal_init_
+from lipnet.models import MODELS, ConvNet, LiResNet, build_model, model_spec, orthogonal_init_
 from lipnet.nn import GramConv2d, GramLinear, GramResidualConv2d, InputNormalization
 
 CONVNET = dict(widths=(4, 8), depths=(1, 1), dense=(16,))
@@ -87,3 +87,7 @@ def test_spec_errors():
         ConvNet(1, 10, 28, widths=(5,), depths=(1,))
     with pytest.raises(ValueError, match="halved"):
         ConvNet(1, 10, 28, widths=(4, 4, 4, 4), depths=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="stem_stride"):
+        ConvNet(1, 10, 28, stem_stride=0)
+    with pytest.raises(ValueError, match="divisible"):
+        LiResNet(3, 10, 32, width=8, depth=1, neck_stride=3)
