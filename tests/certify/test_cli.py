@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -63,7 +64,7 @@ def test_cli_writes_table_json_and_plot(checkpoint, tmp_path, capsys):
 def test_module_entry_point(checkpoint, tmp_path):
     run = subprocess.run([sys.executable, "-m", "lipnet.certify", "--checkpoint", str(checkpoint), "--data",
                           "fashion-mnist", "--limit", "32", "--no-progress", "--device", "cpu"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr
     assert "108/255" in run.stdout
 

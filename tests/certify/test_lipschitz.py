@@ -55,7 +55,7 @@ def zoo():
 
 def empirical_lipschitz(net, shape, n=32, steps=40):
     """A lower bound on Lip(net): Jacobian norms (power iteration) and ascent on pair ratios."""
-    net = net.double().eval()
+    net = net.double().eval().requires_grad_(False)  # Gram layers then cache their normalized weights
     x = torch.randn(n, *shape, dtype=torch.float64) * 0.5 + 0.5
     best = 0.0
     v = torch.randn_like(x)
