@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attack only the first N examples (default 1000; AutoAttack is slow)")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (1 is often fastest on a busy machine)")
     parser.add_argument("--out", type=Path, default=None, help="folder for certify.json and certified_accuracy.png")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -69,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     from lipnet.checkpoint import CheckpointError, load_model
     from lipnet.data import DatasetError, DatasetNotFoundError, load_dataset
 
-    for name in ("limit", "attack_limit", "batch_size"):
+    for name in ("limit", "attack_limit", "batch_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return _fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model, info = load_model(args.checkpoint, map_location=device)

@@ -46,7 +46,7 @@ def test_cli_writes_table_json_and_plot(checkpoint, tmp_path, capsys):
     out = tmp_path / "certify"
     code = main(["--checkpoint", str(checkpoint), "--data", "fashion-mnist", "--eps", "36/255,0.5", "--limit", "64",
                  "--autoattack", "--attack-version", "apgd", "--attack-limit", "16", "--out", str(out),
-                 "--no-progress", "--device", "cpu"])
+                 "--no-progress", "--device", "cpu", "--threads", "1"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "36/255" in printed and "0.5" in printed and "clean accuracy" in printed and "AutoAttack" in printed
