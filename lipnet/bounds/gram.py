@@ -9,13 +9,30 @@ the Schatten-``p`` norm of ``W``: an upper bound that decreases monotonically in
 converges to ``sigma_max`` superlinearly. The relative gap is at most
 ``rank^(1/p) - 1`` and, for a simple top singular value, about ``(sigma_2/sigma_1)^p / p``.
 
+The last iterate ``H = G_t`` is Hermitian, so its largest eigenvalue is also bounded by
+its trace statistics (Wolkowicz and Styan, 1980): with ``r`` its size, ``m = tr(H) / r`` and
+``s^2 = ||H - m I||_F^2 / r``,
+
+    lambda_max(H) <= m + sqrt(r - 1) s,
+
+which is never above ``||H||_F`` (Cauchy-Schwarz) and is exact when all eigenvalues are
+equal -- the case where the Frobenius bound is worst (``rank^(1/p)``), and the one
+approached by orthogonal or near-orthogonal (trained 1-Lipschitz) layers. The bound
+returned is ``min(||H||_F, m + sqrt(r - 1) s')^(1 / 2^t)`` with
+``s' = sqrt(s^2 + (tau m)^2) >= s``, ``tau = sqrt(eps)`` of the dtype: this keeps the
+bound smooth (its gradient stays bounded and accurate for nearly scalar ``H``) at a
+relative cost below ``sqrt(r) tau / 2^t``. ``s^2`` is summed from the off-diagonal
+entries and the diagonal deviations, which are non-negative, so there is no cancellation.
+
 Raw Gram iterates overflow after a few steps, so every iterate is divided by its
 Frobenius norm and the logarithm of the scale is carried separately. The scale factors
 cancel exactly in the bound, so they are treated as constants by autograd.
 
-Reference:
+References:
     Delattre, Barthelemy, Araujo, Allauzen. "Efficient Bound of Lipschitz Constant for
     Convolutional Layers by Gram Iteration", ICML 2023, Algorithm 1.
+    Wolkowicz, Styan. "Bounds for eigenvalues using traces", Linear Algebra and its
+    Applications 29, 1980, Theorem 2.1.
 """
 
 from __future__ import annotations
@@ -39,8 +56,9 @@ def matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER) -> tor
         n_iter: number of Gram steps ``t`` (``0`` gives the Frobenius norm).
 
     Returns:
-        Real tensor of shape ``(...)`` with ``bound >= sigma_max`` for every matrix (in
-        exact arithmetic; see :mod:`lipnet.bounds.rounding` for floating point).
+        Real tensor of shape ``(...)`` with ``sigma_max <= bound <= (sum_i sigma_i^p)^(1/p)``,
+        ``p = 2^(n_iter + 1)``, for every matrix (in exact arithmetic; see
+        :mod:`lipnet.bounds.rounding` for floating point).
         Differentiable by autograd. Zero matrices give exactly ``0`` with a finite
         gradient; NaN propagates. Entries from 1e-30 to 1e30 and any ``n_iter`` neither
         overflow nor underflow. The first Gram step is taken on the smaller side
@@ -54,7 +72,7 @@ def matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER) -> tor
     _check_matrices(mat, n_iter)
     g, log_scale = _gram_first(mat, n_iter)
     g, log_scale = _gram_steps(g, log_scale, n_iter - 1)
-    return _gram_bound(g, log_scale, n_iter)
+    return _gram_bound(g, log_scale, n_iter)[0]
 
 
 def max_matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER,
@@ -68,11 +86,13 @@ def max_matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER,
     maximum norm: the result is sound whatever the selection, and as tight as a full
     ``n_iter`` run whenever the true maximiser is among the candidates.
 
-    The backward pass is explicit and costs ``O(n_iter)`` products of one matrix: the
-    bound of a matrix after ``t`` steps is its Schatten-``p`` norm (``p = 2^(t+1)``),
-    whose gradient is ``A H_1 H_2 ... H_t`` with ``A = W / bound``, ``H_1 = A^H A``,
-    ``H_{s+1} = H_s^2`` (all of norm <= 1, so nothing overflows), and only the maximising
-    matrix receives a gradient.
+    The backward pass is explicit and costs ``O(n_iter)`` products of one matrix (only the
+    maximising matrix receives a gradient). With ``A = W / bound``, ``H_1 = A^H A``,
+    ``H_{s+1} = H_s^2`` (all of norm <= 1, so nothing overflows) and ``t`` steps:
+
+    * Frobenius form, the Schatten-``2^(t+1)`` norm: gradient ``A H_1 ... H_t``;
+    * trace form ``(m + c s')^(1/2^t)``, ``c = sqrt(r - 1)``, with ``m`` and ``s'`` those of
+      ``H_t``: gradient ``A [(1 - c (1 - tau^2) m / s') H_1 ... H_{t-1} + (c / s') H_1 ... H_t] / r``.
 
     Args:
         mat: tensor ``(B, m, n)``, real or complex.
@@ -100,16 +120,18 @@ class _MaxGramBound(torch.autograd.Function):
             screen_iter = n_iter
         g, log_scale = _gram_first_inplace(mat, screen_iter)
         g, log_scale = _gram_steps_inplace(g, log_scale, screen_iter - 1)
-        bounds = _gram_bound(g, log_scale, screen_iter)
+        bounds, trace_form = _gram_bound(g, log_scale, screen_iter)
         steps = torch.full((batch,), screen_iter, dtype=torch.int64, device=mat.device)
         if screen_iter < n_iter:
             idx = bounds.topk(n_candidates).indices
             g, log_scale = _gram_steps_inplace(g[idx], log_scale[idx], n_iter - screen_iter, screen_iter > 0)
-            bounds = bounds.scatter(0, idx, _gram_bound(g, log_scale, n_iter))
+            refined, refined_form = _gram_bound(g, log_scale, n_iter)
+            bounds = bounds.scatter(0, idx, refined)
+            trace_form = trace_form.scatter(0, idx, refined_form)
             steps = steps.scatter(0, idx, torch.full_like(idx, n_iter))
         best = bounds.argmax()
         value = bounds[best]
-        ctx.save_for_backward(mat[best], value, steps[best], best)
+        ctx.save_for_backward(mat[best], value, steps[best], trace_form[best], best)
         ctx.batch_shape = mat.shape
         ctx.n_iter = n_iter
         return value
@@ -117,17 +139,28 @@ class _MaxGramBound(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        w, value, steps, best = ctx.saved_tensors
+        w, value, steps, trace_form, best = ctx.saved_tensors
         zero = value == 0
         a = w / torch.where(zero, torch.ones_like(value), value).to(w.dtype)
         left = a.shape[-2] <= a.shape[-1]
         h = a @ a.mH if left else a.mH @ a
-        product = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+        eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+        # product: H_1 ... H_j over the steps taken; before: H_1 ... H_{t-1}; last: H_t.
+        product, before, last = eye, eye, eye
         for t in range(1, ctx.n_iter + 1):
             if t > 1:
-                h = h.mH @ h
+                h = h @ h
+            before = torch.where(steps == t, product, before)
+            last = torch.where(steps == t, h, last)
             product = torch.where(steps >= t, product @ h, product)
-        grad_w = product @ a if left else a @ product
+        r = h.shape[-1]
+        mean, spread = _trace_statistics(last)
+        c = (r - 1) ** 0.5
+        inv_spread = 1 / torch.where(spread == 0, torch.ones_like(spread), spread)
+        keep = 1 - c * (1 - _smoothing(h.dtype) ** 2) * mean * inv_spread
+        trace_weight = (keep * before + c * inv_spread * product) / r
+        weight = torch.where(trace_form, trace_weight.to(h.dtype), product)
+        grad_w = weight @ a if left else a @ weight
         grad_w = torch.where(zero, torch.zeros_like(grad_w), grad_w) * grad_output
         grad = torch.zeros(ctx.batch_shape, dtype=w.dtype, device=w.device)
         grad[best] = grad_w
@@ -199,12 +232,46 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
     return g, log_scale
 
 
-def _gram_bound(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int) -> torch.Tensor:
-    """``||G_t||_F^(1/2^t)`` from its rescaled form; exactly 0 (finite gradient) for zero."""
-    sq = _squared_frobenius(g)
-    zero = sq == 0
-    log_bound = (0.5 * torch.log(torch.where(zero, torch.ones_like(sq), sq)) + log_scale) / 2**n_iter
-    return torch.where(zero, torch.zeros_like(log_bound), torch.exp(log_bound))
+def _gram_bound(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int):
+    """``(bound, trace_form)``: the bound from ``G_t = exp(log_scale) g`` and whether its
+    trace form (module docstring) was below the Frobenius form. Exactly 0, with a finite
+    gradient, for zero matrices; NaN propagates."""
+    lam = _safe_sqrt(_squared_frobenius(g))
+    trace_form = torch.zeros_like(lam, dtype=torch.bool)
+    if n_iter > 0:  # g is Hermitian positive semi-definite
+        mean, spread = _trace_statistics(g)
+        trace = mean + (g.shape[-1] - 1) ** 0.5 * spread
+        trace_form = trace < lam
+        lam = torch.where(trace_form, trace, lam)
+    zero = lam == 0
+    log_bound = (torch.log(torch.where(zero, torch.ones_like(lam), lam)) + log_scale) / 2**n_iter
+    return torch.where(zero, torch.zeros_like(log_bound), torch.exp(log_bound)), trace_form
+
+
+def _smoothing(dtype: torch.dtype) -> float:
+    """``tau``: relative floor of the spread in the trace form (module docstring)."""
+    return torch.finfo(dtype).eps ** 0.5
+
+
+def _trace_statistics(h: torch.Tensor):
+    """``(m, s')`` of a Hermitian ``h``: ``m = tr(h) / r``, ``s'^2 = ||h - m I||_F^2 / r + (tau m)^2``.
+
+    ``s'^2`` is summed from non-negative terms (off-diagonal moduli and diagonal deviations),
+    so it is accurate to a few units of rounding even for nearly scalar ``h``.
+    """
+    r = h.shape[-1]
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    diag = diag.real if h.is_complex() else diag
+    mean = diag.sum(-1) / r
+    off_diagonal = _squared_frobenius(h - torch.diag_embed(torch.diagonal(h, dim1=-2, dim2=-1)))
+    var = (off_diagonal + (diag - mean[..., None]).square().sum(-1)) / r + (_smoothing(h.dtype) * mean).square()
+    return mean, _safe_sqrt(var)
+
+
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` for ``x >= 0`` with a zero (not infinite) gradient at 0; NaN stays NaN."""
+    zero = x == 0
+    return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
 
 
 def _squared_frobenius(g: torch.Tensor) -> torch.Tensor:

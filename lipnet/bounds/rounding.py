@@ -10,6 +10,9 @@ rounding. With unit roundoff ``u`` and standard error bounds for sums and produc
 * a Gram step ``fl(G^H G)`` on a Frobenius-normalised ``G`` has error ``<= gamma_inner``
   in Frobenius norm while ``sigma_max(G)^2 >= 1 / rank``: relative ``inner * u * rank``;
   through the ``2^-t`` roots the steps add up to at most that amount once more;
+* the final estimate of ``lambda_max(G_t)`` (its Frobenius norm, or the trace form
+  ``m + sqrt(r - 1) s'`` of :mod:`lipnet.bounds.gram`) is a sum of non-negative terms, so it
+  carries a relative error of at most ``~r u``, below the Gram-step term;
 * the carried log-scale, the logarithms and the final exponential lose a few units of
   ``u`` per step relative to ``|log bound|``.
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lipnet.bounds.conv import conv2d_embedding, conv2d_spectral_norm
-from lipnet.bounds.gram import DEFAULT_N_ITER
+from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
 from lipnet.nn.normalized import GramNormalized
 
 
@@ -55,7 +55,7 @@ class GramConv2d(GramNormalized, nn.Conv2d):
             sizes.append(max(1, d * (k - 1) + 1 - lo - hi, lo, hi) + (1 if self.padding_mode == "reflect" else 0))
         return tuple(sizes)
 
-    def _operator_norm(self, weight, input_size, n_iter):
+    def _operator_norm(self, weight, input_size, n_iter, exhaustive=False):
         if input_size is None:
             input_size = self._last_input_size
             if input_size is None:
@@ -65,7 +65,7 @@ class GramConv2d(GramNormalized, nn.Conv2d):
                 )
         return conv2d_spectral_norm(weight, input_size, stride=self.stride, padding=self.padding,
                                     dilation=self.dilation, groups=self.groups, padding_mode=self.padding_mode,
-                                    n_iter=n_iter)
+                                    n_iter=n_iter, screen_iter=n_iter if exhaustive else DEFAULT_SCREEN_ITER)
 
     def _matrix_shape(self):
         stride = self.stride[0] * self.stride[1]

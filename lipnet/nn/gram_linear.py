@@ -28,7 +28,7 @@ class GramLinear(GramNormalized, nn.Linear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_normalization(n_iter)
 
-    def _operator_norm(self, weight, input_size, n_iter):
+    def _operator_norm(self, weight, input_size, n_iter, exhaustive=False):
         with torch.autocast(weight.device.type, enabled=False):
             if weight.dtype not in (torch.float32, torch.float64):
                 weight = weight.float()
