@@ -39,6 +39,7 @@ def register_sizes(family: str, factory: Callable[..., nn.Module], sizes: dict[s
             return factory(in_channels, num_classes, input_size, **{**_preset, **kwargs})
 
         build.__doc__ = f"{family} of size {size!r}: {preset} (any of them can be overridden)."
+        build.preset = dict(preset)
         register_model(f"{family}-{size}")(build)
 
 
@@ -56,7 +57,10 @@ def build_model(name: str, **kwargs) -> nn.Module:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}") from None
     kwargs = {key: _plain(value, key) for key, value in kwargs.items()}
     model = factory(**kwargs)
-    setattr(model, _SPEC_ATTR, {"name": name, "kwargs": kwargs})
+    # Record a sized preset's values too, so the spec rebuilds this exact model even if the
+    # preset changes later.
+    resolved = {**getattr(factory, "preset", {}), **kwargs}
+    setattr(model, _SPEC_ATTR, {"name": name, "kwargs": resolved})
     return model
 
 
