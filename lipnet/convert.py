@@ -672,8 +672,17 @@ class _BoundInterpreter(torch.fx.Interpreter):
         in_place = (isinstance(target, str) and target.endswith("_")) or node.kwargs.get("inplace") is True or \
             target in (operator.iadd, operator.isub, operator.imul, operator.itruediv) or \
             (node.op == "call_module" and getattr(self.module.get_submodule(node.target), "inplace", False))
-        if in_place and node.args and isinstance(node.args[0], torch.fx.Node) and len(node.args[0].users) > 1:
+        if not (in_place and node.args and isinstance(node.args[0], torch.fx.Node)):
+            return
+        operand = node.args[0]
+        if len(operand.users) > 1:
             self.fail(node, "an in-place operation on a value that is also used elsewhere")
+        # Writing into a view changes its base (and the other views of it), and writing into
+        # the input changes the caller's tensor: values this trace has already bounded.
+        value = self.env.get(operand)
+        if operand.op == "placeholder" or (torch.is_tensor(value) and value._base is not None):
+            self.fail(node, "an in-place operation on the input or on a view of another value (it also changes "
+                            "that value); use the out-of-place form")
 
     def _batched(self, node, *values):
         for v in values:

@@ -228,6 +228,20 @@ class SharedInPlace(nn.Module):
         return self.relu(y) + y
 
 
+class InPlaceThroughView(nn.Module):
+    def forward(self, x):
+        h = x * 1.0
+        view = h[:, :]
+        view.mul_(10)  # scales h as well
+        return h
+
+
+class InPlaceOnInput(nn.Module):
+    def forward(self, x):
+        x.mul_(10)
+        return x
+
+
 class DataDependent(nn.Module):
     def forward(self, x):
         return x if x.sum() > 0 else -x
@@ -238,6 +252,8 @@ class DataDependent(nn.Module):
     (MixesExamples(), "batch"),
     (Broadcast(), "broadcast"),
     (SharedInPlace(), "in-place"),
+    (InPlaceThroughView(), "view of another value"),
+    (InPlaceOnInput(), "in-place"),
     (DataDependent(), "cannot be traced"),
 ])
 def test_traced_bound_refuses_what_it_cannot_bound(module, message):

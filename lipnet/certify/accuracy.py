@@ -10,9 +10,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lipnet.certify.lipschitz import lipschitz_bound
+from lipnet.certify.lipschitz import lipschitz_bound, module_lipschitz_bounds
+from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_error_bound, rounding_allowance
 from lipnet.certify.modes import evaluating
 from lipnet.certify.radius import certified_radius
+from lipnet.nn.gram_linear import GramLinear
 
 #: The L2 radii (pixels in [0, 1]) most papers report on CIFAR-10.
 DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
@@ -74,8 +76,13 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] = DEFAULT_EP
 
     The Lipschitz bound is computed once, in float64 with rounding margins
     (:func:`lipschitz_bound`), for the input shape of the first batch; every later batch
-    must have that shape. The model runs in eval mode without gradients (its mode is
-    restored afterwards).
+    must have that shape. The logits come from a float64 copy of the model that applies the
+    model's own weights (Gram layers: their normalized weights as the model applies them),
+    with TF32 and cuDNN off, and each radius accounts for a proven bound on that pass's
+    rounding error (:mod:`lipnet.certify.precision`): the certificates hold for the model in
+    exact arithmetic. The model runs in eval mode without gradients (its mode is restored
+    afterwards); predictions are those of the exact model, which can differ from a float32
+    forward pass only for inputs within rounding of a decision boundary.
 
     Args:
         model: the network, mapping inputs in the certified space (e.g. pixels in
@@ -111,24 +118,28 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] = DEFAULT_EP
             device.index is None and model_device.type == device.type):
         raise ValueError(f"the model is on {model_device} but device={device}: move it with model.to(device) first")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-    split = split_last_linear(model) if last_layer == "auto" else None
     radii, correct = [], []
     bounds = None
     batches = _batches(data, batch_size)
-    with evaluating(model), torch.no_grad():
+    with evaluating(model), torch.no_grad(), exact_kernels():
+        exact = float64_copy(model)
+        split = split_last_linear(exact) if last_layer == "auto" else None
         for x, y in tqdm(batches, desc="certify", disable=not progress, total=_length(data, batch_size)):
-            x = _as_input(x, dtype).to(device)
+            # The input the model would see (its dtype), then exactly in float64.
+            x = _as_input(x, dtype).to(device).double()
             y = y.to(device)
             if bounds is None:
-                bounds = _bounds(model, split, tuple(x.shape[1:]))
+                bounds = _bounds(exact, split, tuple(x.shape[1:]))
             elif tuple(x.shape[1:]) != bounds["input_shape"]:
                 raise ValueError(f"inputs of shape {tuple(x.shape[1:])} after inputs of shape "
                                  f"{bounds['input_shape']}: the Lipschitz bound holds for one input shape")
-            logits = model(x)
+            logits, err = forward_with_error_bound(exact, x, bounds["modules"])
+            rounding = rounding_allowance(logits, err)
             if split is None:
-                r = certified_radius(logits, y, bounds["lipschitz"])
+                r = certified_radius(logits, y, bounds["lipschitz"], rounding=rounding)
             else:
-                r = certified_radius(logits, y, last_layer=split[1], body_lipschitz=bounds["body_lipschitz"])
+                r = certified_radius(logits, y, last_layer=split[1], body_lipschitz=bounds["body_lipschitz"],
+                                     rounding=rounding)
             radii.append(r.cpu())
             correct.append((logits.argmax(dim=1) == y).cpu())
     if bounds is None:
@@ -154,13 +165,31 @@ def split_last_linear(model: nn.Module) -> tuple[nn.Sequential, nn.Linear] | Non
     if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward or len(model) < 1:
         return None
     *body, last = list(model)
-    if not isinstance(last, nn.Linear):
+    if not is_plain_linear(last):
         return None
     return nn.Sequential(*body), last
 
 
+def is_plain_linear(layer: nn.Module) -> bool:
+    """Whether ``layer`` computes exactly ``x W^T + b`` with the weight :func:`applied_weight` reads.
+
+    True for ``nn.Linear`` and :class:`~lipnet.nn.GramLinear` and subclasses that keep their
+    ``forward`` (and, for ``GramLinear``, the helpers its bound relies on) and have no forward
+    hooks. The last-layer radius reads the weight rows directly, so anything else falls back
+    to the generic radius.
+    """
+    if not isinstance(layer, nn.Linear) or layer._forward_hooks or layer._forward_pre_hooks:
+        return False
+    cls = type(layer)
+    if isinstance(layer, GramLinear):
+        names = ("forward", *GramLinear.LIPSCHITZ_BOUND_DEPENDS_ON)
+        return all(getattr(cls, name) is getattr(GramLinear, name) for name in names)
+    return cls.forward is nn.Linear.forward
+
+
 def _bounds(model: nn.Module, split, input_shape: tuple[int, ...]) -> dict:
-    bounds = {"input_shape": input_shape, "lipschitz": lipschitz_bound(model, input_shape)}
+    lipschitz, modules = module_lipschitz_bounds(model, input_shape)
+    bounds = {"input_shape": input_shape, "lipschitz": lipschitz, "modules": modules}
     if split is not None:
         bounds["body_lipschitz"] = lipschitz_bound(split[0], input_shape)
     return bounds

@@ -21,7 +21,6 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from pyautoattack import AutoAttack
 from torch import nn
 
 from lipnet.certify.accuracy import CertificationResult, certified_accuracy
@@ -214,6 +213,8 @@ def _attacks(version: str, n_classes: int) -> list[str]:
 
 def _run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str,
                     batch_size: int, device, seed: int) -> torch.Tensor:
+    from pyautoattack import AutoAttack  # imported here: ``import lipnet`` does not need it
+
     with torch.no_grad():
         n_classes = model(x[:1].to(device)).shape[1]
     adversary = AutoAttack(model, norm="L2", eps=float(eps), version="custom", seed=seed, device=device,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from contextvars import ContextVar
 from fractions import Fraction
 
 import torch
@@ -44,6 +45,8 @@ from lipnet.nn.residual import ConvexResidual
 BoundFunction = Callable[[nn.Module, tuple[int, ...]], float]
 
 _REGISTRY: dict[type, BoundFunction] = {}
+#: While set, ``{(id(module), input_shape): bound}`` of every module bounded as a unit.
+_RECORD: ContextVar[dict | None] = ContextVar("lipnet_module_bounds", default=None)
 #: Containers whose bound composes their children's: ``fn(module, x) -> (bound, output)``.
 _COMPOSITES: dict[type, Callable] = {}
 
@@ -164,6 +167,7 @@ def _round_up_exact(rounded: float, exact: Fraction) -> float:
 
 def _module_bound(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """``(bound, module(x))`` for the dummy input ``x``."""
+    check_no_forward_hooks(module)
     shape = tuple(x.shape[1:])
     fn = _lookup(_REGISTRY, module)
     if fn is not None:
@@ -176,7 +180,43 @@ def _module_bound(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tens
         return composite(module, x)
     else:
         raise UnknownModuleError(module)
-    return _checked(module, value), module(x)
+    value = _checked(module, value)
+    if (record := _RECORD.get()) is not None:
+        record[(id(module), shape)] = value
+    return value, module(x)
+
+
+def module_lipschitz_bounds(model: nn.Module, input_shape) -> tuple[float, dict]:
+    """:func:`lipschitz_bound` and the bound of each module it bounded as a unit.
+
+    Returns ``(L, bounds)`` with ``bounds[(id(module), shape)]`` the bound used for
+    ``module`` on inputs of ``shape`` (one example); containers that compose their children
+    (``nn.Sequential``, :class:`~lipnet.nn.ConvexResidual`) have no entry.
+    """
+    record: dict = {}
+    token = _RECORD.set(record)
+    try:
+        bound = lipschitz_bound(model, input_shape)
+    finally:
+        _RECORD.reset(token)
+    return bound, record
+
+
+def check_no_forward_hooks(module: nn.Module) -> None:
+    """Refuse a module with forward (pre-)hooks, its own or global: they change what it computes.
+
+    A hook can rescale a module's input or output, and no bound of the module accounts for
+    that; the certified model must compute exactly what its modules' bounds describe.
+    """
+    from torch.nn.modules import module as torch_module
+
+    own = bool(module._forward_hooks or module._forward_pre_hooks)
+    anywhere = bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+    if own or anywhere:
+        where = "has forward hooks" if own else "would run global forward hooks (nn.modules.module.register_module_forward_hook)"
+        raise LipschitzBoundError(module, (
+            f"{type(module).__name__} {where}, which may change its output, and no Lipschitz bound accounts for "
+            "them; remove the hooks (handle.remove()) before certifying"))
 
 
 def _check_method_matches_forward(module: nn.Module) -> None:
@@ -185,7 +225,9 @@ def _check_method_matches_forward(module: nn.Module) -> None:
     The method's owner is the class defining it, or, for a mixin that is not a module
     (like :class:`~lipnet.nn.normalized.GramNormalized`), the nearest module class using it.
     An owner without a ``forward`` of its own is an abstract base whose bound is declared
-    for the ``forward`` of its subclasses.
+    for the ``forward`` of its subclasses. The helpers that the owner's ``forward`` calls and
+    its bound relies on, listed in its ``LIPSCHITZ_BOUND_DEPENDS_ON``, must not be overridden
+    either.
     """
     mro = type(module).__mro__
     defining = next(i for i, cls in enumerate(mro) if "lipschitz_bound" in vars(cls))
@@ -193,11 +235,14 @@ def _check_method_matches_forward(module: nn.Module) -> None:
     owner_forward = getattr(owner, "forward", None)
     if owner_forward is nn.Module.forward:  # an abstract base: the bound is declared for its subclasses
         return
-    if owner is not None and getattr(type(module), "forward", None) is not owner_forward:
-        raise LipschitzBoundError(module, (
-            f"{type(module).__name__} overrides the forward of {owner.__name__} but inherits its lipschitz_bound, "
-            f"which bounds {owner.__name__}.forward; define {type(module).__name__}.lipschitz_bound or register a "
-            "bound with lipnet.certify.register_lipschitz_bound"))
+    if owner is None:
+        return
+    for name in ("forward", *getattr(owner, "LIPSCHITZ_BOUND_DEPENDS_ON", ())):
+        if getattr(type(module), name, None) is not getattr(owner, name, None):
+            raise LipschitzBoundError(module, (
+                f"{type(module).__name__} overrides {owner.__name__}.{name} but inherits its lipschitz_bound, "
+                f"which bounds {owner.__name__}.forward as written; define {type(module).__name__}.lipschitz_bound "
+                "or register a bound with lipnet.certify.register_lipschitz_bound"))
 
 
 def _lookup(table: dict, module: nn.Module):

@@ -14,12 +14,14 @@ last layer is linear, ``f = W h + b`` with ``h`` an ``L_h``-Lipschitz body, the 
 
 never smaller than the generic radius since ``||w_y - w_j|| <= sqrt(2) ||W||``.
 
-Rounding: the logits come from a floating-point forward pass. Each logit is treated as
-uncertain by ``delta = LOGIT_ROUNDING_ULPS * eps(dtype) * max(1, max_j |f_j|)`` (relative
-1.2e-4 in float32: a generous allowance, measured to be orders of magnitude above the
-actual float32-vs-float64 discrepancy of lipnet networks), so margins are reduced by
-``2 delta``. All arithmetic is in float64, with the denominators rounded up and the
-quotients rounded down.
+Rounding: the logits come from a floating-point forward pass, and each is treated as
+uncertain by ``delta``, so margins are reduced by ``2 delta``. :func:`certified_accuracy`
+passes a proven per-example ``delta`` (``rounding=``) from its float64 forward pass (see
+:mod:`lipnet.certify.precision`). For logits given without one, ``delta =
+LOGIT_ROUNDING_ULPS * eps(dtype) * max(1, max_j |f_j|)`` (relative 1.2e-4 in float32) is a
+heuristic: generous for lipnet's networks in float32, but it scales with the logits, not
+with the intermediate activations, and TF32 or bf16 forward passes can exceed it. All
+arithmetic is in float64, with the denominators rounded up and the quotients rounded down.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import math
 
 import torch
 from torch import nn
+
+from lipnet.nn.normalized import GramNormalized
 
 #: Units of the logits' machine epsilon by which each logit is assumed uncertain.
 LOGIT_ROUNDING_ULPS = 1024
@@ -42,7 +46,7 @@ def logit_rounding_margin(logits: torch.Tensor) -> torch.Tensor:
 
 def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz: float | None = None, *,
                      last_layer: nn.Linear | torch.Tensor | None = None,
-                     body_lipschitz: float | None = None) -> torch.Tensor:
+                     body_lipschitz: float | None = None, rounding: torch.Tensor | None = None) -> torch.Tensor:
     """Certified L2 radius of every prediction; 0 where the prediction is wrong.
 
     Give either ``lipschitz`` (a sound bound on the Lipschitz constant of the logit map:
@@ -57,6 +61,8 @@ def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz: floa
         last_layer: the final linear layer (a :class:`~lipnet.nn.GramLinear` contributes its
             normalized weight, as applied) or its applied ``(K, features)`` weight.
         body_lipschitz: certified bound of everything before ``last_layer``.
+        rounding: ``(N,)`` bound on the error of each logit (e.g. the L2 error bound of the
+            logit vector); default :func:`logit_rounding_margin`, a heuristic.
 
     Returns:
         float64 tensor ``(N,)`` of radii on the logits' device.
@@ -72,7 +78,12 @@ def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz: floa
                          "(last-layer form)")
     f = logits.detach().double()
     labels = labels.to(f.device)
-    margins = f.gather(1, labels[:, None]) - f - 2 * logit_rounding_margin(logits)[:, None]  # (N, K)
+    if rounding is None:
+        rounding = logit_rounding_margin(logits)
+    rounding = torch.as_tensor(rounding, dtype=torch.float64, device=f.device)
+    if rounding.shape != (f.shape[0],) or not bool((rounding >= 0).all()):
+        raise ValueError(f"rounding must hold one error bound >= 0 per example, shape ({f.shape[0]},)")
+    margins = f.gather(1, labels[:, None]) - f - 2 * rounding[:, None]  # (N, K)
     own = torch.nn.functional.one_hot(labels, f.shape[1]).bool()
     if last_layer is None:
         denominator = torch.full_like(f, _round_up(math.sqrt(2) * _check_bound(lipschitz, "lipschitz")))
@@ -97,7 +108,7 @@ def applied_weight(layer: nn.Linear | torch.Tensor) -> torch.Tensor:
         weight = layer
     elif isinstance(layer, nn.Linear):
         with torch.no_grad():
-            weight = layer.normalized_weight() if hasattr(layer, "normalized_weight") else layer.weight
+            weight = layer.normalized_weight() if isinstance(layer, GramNormalized) else layer.weight
     else:
         raise TypeError(f"last_layer must be an nn.Linear (e.g. GramLinear) or a weight tensor, got "
                         f"{type(layer).__name__}")

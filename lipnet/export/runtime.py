@@ -153,6 +153,12 @@ class ExportedModel(nn.Module):
         is in floating point), and the radius ``(z_top - z_second - 2 delta) / (sqrt(2) L)``
         is computed in float64 with the denominator rounded up and the quotient rounded
         down. A tie, or a margin below ``2 delta``, gives radius 0.
+
+        ``delta`` is a heuristic allowance for a float32 forward pass without TF32 or bf16
+        (generous on lipnet's networks, but it scales with the logits, not with the
+        intermediate activations). For certificates with a proven rounding bound, certify the
+        lipnet model with ``lipnet.certify.certified_accuracy``, which evaluates the same
+        weights in float64.
         """
         if self.lipschitz_bound is None:
             raise ValueError("this model was exported with certify=False: it has no Lipschitz bound")

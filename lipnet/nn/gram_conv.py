@@ -37,6 +37,8 @@ class GramConv2d(GramNormalized, nn.Conv2d):
         Gram Iteration", ICML 2023.
     """
 
+    LIPSCHITZ_BOUND_DEPENDS_ON = (*GramNormalized.LIPSCHITZ_BOUND_DEPENDS_ON, "_conv_forward")
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", device=None, dtype=None, *, n_iter: int = DEFAULT_N_ITER):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,

@@ -31,6 +31,11 @@ class GramNormalized:
     """
 
     n_iter: int
+    #: Methods the certified bound relies on: a subclass overriding one must define its own
+    #: ``lipschitz_bound`` (``lipnet.certify`` refuses the inherited one). Overriding
+    #: ``_operator_weight`` or ``normalized_weight`` is fine: the bound is computed on the weight
+    #: that ``normalized_weight`` returns, which is the one the forward applies.
+    LIPSCHITZ_BOUND_DEPENDS_ON: tuple[str, ...] = ("_operator_norm", "_matrix_shape")
     #: Raise if the bound is not finite (costs a host sync per forward on accelerators).
     check_finite: bool = True
 
@@ -106,3 +111,13 @@ class GramNormalized:
     def _load_from_state_dict(self, *args, **kwargs):
         self._eval_cache.clear()
         super()._load_from_state_dict(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        """As ``nn.Module.train``; also empties the eval-mode cache of normalized weights.
+
+        The cache notices optimizer steps, ``load_state_dict``, ``.to()`` and in-place
+        updates of the parameter (its version counter), but not writes through
+        ``weight.data``, which bypass that counter: call ``model.eval()`` after such writes.
+        """
+        self._eval_cache.clear()
+        return super().train(mode)

@@ -256,7 +256,7 @@ def test_an_inherited_method_is_refused_when_forward_changes():
         def lipschitz_bound(self, input_size=None):
             return 2 * super().lipschitz_bound(input_size)
 
-    with pytest.raises(LipschitzBoundError, match="overrides the forward of GramConv2d"):
+    with pytest.raises(LipschitzBoundError, match="overrides GramConv2d.forward"):
         lipschitz_bound(nn.Sequential(Doubled(1, 2, 3, padding=1)), (1, 5, 5))
     layer = DoubledWithBound(1, 2, 3, padding=1)
     assert lipschitz_bound(layer, (1, 5, 5)) == 2 * GramConv2d.lipschitz_bound(layer, (5, 5))
@@ -269,3 +269,33 @@ def test_compiled_and_data_parallel_wrappers_are_unwrapped():
     expected = lipschitz_bound(net, shape)
     assert lipschitz_bound(nn.DataParallel(net), shape) == expected
     assert lipschitz_bound(torch.compile(net), shape) == expected
+
+
+@pytest.mark.parametrize("kind", ["forward", "pre", "global"])
+def test_forward_hooks_are_refused(kind):
+    from torch.nn.modules.module import register_module_forward_hook
+
+    net = nn.Sequential(nn.Flatten(), GramLinear(4, 4), MaxMin(), GramLinear(4, 3))
+    assert lipschitz_bound(net, (4,)) <= 1 + 1e-5
+    if kind == "forward":
+        handle = net[1].register_forward_hook(lambda module, inputs, output: 100 * output)
+    elif kind == "pre":
+        handle = net[3].register_forward_pre_hook(lambda module, inputs: (100 * inputs[0],))
+    else:
+        handle = register_module_forward_hook(lambda module, inputs, output: output)
+    try:
+        with pytest.raises(LipschitzBoundError, match="hooks"):
+            lipschitz_bound(net, (4,))
+    finally:
+        handle.remove()
+    assert lipschitz_bound(net, (4,)) <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("helper", ["_conv_forward", "_operator_norm"])
+def test_overriding_a_helper_the_bound_relies_on_is_refused(helper):
+    def scaled(self, *args, **kwargs):
+        return 10 * getattr(GramConv2d, helper)(self, *args, **kwargs)
+
+    Tampered = type("Tampered", (GramConv2d,), {helper: scaled})
+    with pytest.raises(LipschitzBoundError, match=f"overrides GramConv2d.{helper}"):
+        lipschitz_bound(nn.Sequential(Tampered(2, 2, 3, padding=1)), (2, 6, 6))

@@ -95,6 +95,17 @@ def test_eval_cache_refreshes_when_weights_change():
     torch.testing.assert_close(after_load, layer(x).detach())
 
 
+def test_eval_after_writes_through_data_uses_the_new_weight():
+    layer = GramConv2d(3, 5, 3, padding=1).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = layer(x)
+    layer.weight.data.mul_(-1)  # bypasses the version counter the cache watches
+    layer.eval()  # documented: eval() again after such writes
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), -before + 2 * layer.bias[:, None, None])
+
+
 def test_eval_with_weight_gradients_is_not_cached():
     layer = GramConv2d(2, 2, 3, padding=1).eval()
     layer(torch.randn(1, 2, 5, 5)).sum().backward()

@@ -1,0 +1,147 @@
+"""The certification forward pass: the applied weights in float64, and a bound on its rounding error.
+
+A certificate is a statement about the network in exact arithmetic on the weights its layers
+apply (for a Gram layer, its normalized weight exactly as the forward pass uses it). Logits
+from a float32 pass, let alone TF32 or bf16, differ from those exact logits by rounding that
+grows with the intermediate activations, not with the logits; a margin below that error
+certifies nothing. So certification
+
+1. evaluates :func:`float64_copy`, a copy of the model in float64 whose Gram layers apply the
+   original's normalized weights, cast exactly (the same function in exact arithmetic, whose
+   Lipschitz bound is the original's);
+2. with TF32 and cuDNN off (:func:`exact_kernels`), so that every linear map is computed by
+   plain sums of products;
+3. bounds, per example, the L2 distance between the float64 logits and the exact ones by
+   propagating errors module by module (:func:`forward_with_error_bound`): a module with
+   Lipschitz bound ``lam`` fed an input with error ``e`` returns an output with error at most
+   ``lam * e + r``, where its own rounding is
+
+       r <= 4 u K^{3/2} (lam ||h|| + ||y||),    K = max(numel(h), numel(y)) + 1,
+
+   for input ``h``, output ``y`` (one example) and unit roundoff ``u = 2^-53``.
+
+Why ``r`` holds for a linear map ``y = A h + b`` (Higham, *Accuracy and Stability of
+Numerical Algorithms*, 2nd ed., 2002, section 3.1): each computed output is a sum of at most
+``K`` products, so ``|fl(y) - y| <= gamma_K (|A| |h| + |b|)`` elementwise, with
+``gamma_K = K u / (1 - K u)``. In L2, ``|| |A| ||_2 <= sqrt(||A||_1 ||A||_inf) <= sqrt(K) ||A||_2``
+(each row and each column has at most ``K`` entries), and ``||b|| <= ||y|| + ||A h||``. So
+``r <= gamma_K ((sqrt(K) + 1) lam ||h|| + ||y||) <= 4 u K^{3/2} (lam ||h|| + ||y||)`` for
+``K u < 1/2``. Elementwise activations (MaxMin, ReLU: exact; tanh and the like: a few ulps),
+pooling (sums of at most ``K`` terms) and input normalization are covered by the same
+expression. The model's rounding is thereby bounded for the modules lipnet knows; for a
+custom module with a registered bound, it assumes that module's forward is such a sum.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lipnet.certify.lipschitz import _unwrap
+from lipnet.nn.normalized import GramNormalized
+from lipnet.nn.residual import ConvexResidual
+
+#: Unit roundoff of float64.
+UNIT_ROUNDOFF = 2.0 ** -53
+
+
+def float64_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` computing, in exact arithmetic, the same function.
+
+    Gram layers of the copy apply the original's normalized weight (computed by the original
+    in its own dtype, cached in eval mode) cast exactly to float64, so the copy's
+    :func:`~lipnet.certify.lipschitz_bound` certifies the weights the original applies.
+    Everything else is cast with ``.double()`` (exact for float32, bfloat16 and float16).
+    """
+    model = _unwrap(model)
+    twin = copy.deepcopy(model)
+    for original, module in zip(model.modules(), twin.modules(), strict=True):
+        if isinstance(original, GramNormalized):
+            module.normalized_weight = _applied_by(original)
+    return twin.double()
+
+
+def _applied_by(layer: GramNormalized) -> Callable:
+    def normalized_weight(input_size=None) -> torch.Tensor:
+        with torch.no_grad():
+            return layer.normalized_weight(input_size).detach().double()
+
+    return normalized_weight
+
+
+@contextmanager
+def exact_kernels():
+    """TF32 off (CUDA matmuls and convolutions), highest float32 matmul precision, no cuDNN.
+
+    cuDNN may pick FFT or Winograd convolutions, whose rounding does not follow the
+    sum-of-products bound of this module; the native kernels do. Settings are restored.
+    """
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+              torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.backends.cudnn.flags(enabled=False, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[:2]
+        torch.set_float32_matmul_precision(before[2])
+
+
+def local_rounding_bound(h: torch.Tensor, y: torch.Tensor, lipschitz: float) -> torch.Tensor:
+    """Per-example bound on the float64 rounding error of one module, ``4 u K^1.5 (lam ||h|| + ||y||)``."""
+    terms = max(h[0].numel(), y[0].numel()) + 1
+    if terms * UNIT_ROUNDOFF >= 0.5:
+        raise ValueError(f"a module with {terms} inputs or outputs per example is too large for the rounding bound")
+    return 4 * UNIT_ROUNDOFF * terms ** 1.5 * (lipschitz * _norms(h) + _norms(y))
+
+
+def forward_with_error_bound(model: nn.Module, x: torch.Tensor, bounds: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(model(x), err)``: float64 outputs and a per-example bound on their L2 distance to the exact ones.
+
+    Args:
+        model: a float64 model (:func:`float64_copy`) in eval mode, run under :func:`exact_kernels`.
+        x: float64 inputs; they are taken as exact.
+        bounds: the per-module Lipschitz bounds of
+            :func:`~lipnet.certify.lipschitz.module_lipschitz_bounds` for this input shape.
+    """
+    if x.dtype != torch.float64:
+        raise TypeError(f"the certification forward pass runs in float64, got inputs of {x.dtype}")
+    return _propagate(model, x, torch.zeros(len(x), dtype=torch.float64, device=x.device), bounds)
+
+
+def _propagate(module: nn.Module, h: torch.Tensor, err: torch.Tensor, bounds: dict):
+    key = (id(module), tuple(h.shape[1:]))
+    if key in bounds:  # bounded as a unit
+        lam = bounds[key]
+        y = module(h)
+        return y, lam * err + local_rounding_bound(h, y, lam)
+    if isinstance(module, nn.Sequential):
+        for child in module:
+            h, err = _propagate(child, h, err, bounds)
+        return h, err
+    if isinstance(module, ConvexResidual):
+        out, branch_err = _propagate(module.branch, h, err, bounds)
+        keep, alpha = (float(c.detach().double()) for c in module.coefficients())
+        y = keep * h + alpha * out
+        # Two products and a sum per entry: at most 3 roundings of |keep h| + |alpha out| + |y|.
+        own = 3 * UNIT_ROUNDOFF * (abs(keep) * _norms(h) + abs(alpha) * _norms(out) + _norms(y))
+        return y, abs(keep) * err + abs(alpha) * branch_err + own
+    raise ValueError(f"no Lipschitz bound was recorded for {type(module).__name__} on inputs of shape "
+                     f"{tuple(h.shape[1:])}: compute the bounds with module_lipschitz_bounds on this model and shape")
+
+
+def _norms(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().double().flatten(1).norm(dim=1)
+
+
+def rounding_allowance(logits: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+    """Per-example uncertainty of each float64 logit: the propagated error plus the logit's own ulp."""
+    scale = logits.detach().double().abs().amax(dim=1).clamp_min(1.0)
+    return err + 4 * UNIT_ROUNDOFF * scale + math.ulp(0.0)

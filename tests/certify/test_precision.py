@@ -1,0 +1,95 @@
+"""The certification forward pass: float64 on the applied weights, and its rounding bound holds."""
+
+from fractions import Fraction
+
+import pytest
+import torch
+from torch import nn
+
+from lipnet.certify import certified_accuracy, lipschitz_bound
+from lipnet.certify.lipschitz import module_lipschitz_bounds
+from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_error_bound
+from lipnet.nn import GramConv2d, GramLinear, MaxMin
+
+
+def test_the_float64_copy_applies_the_original_weights(small_net, blobs):
+    net = small_net.eval()
+    x, _ = blobs(16)
+    twin = float64_copy(net)
+    assert all(p.dtype == torch.float64 for p in twin.parameters())
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # the original is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x.double()), net(x).double(), rtol=1e-5, atol=1e-6)
+        for original, copy in zip(net.modules(), twin.modules()):
+            if isinstance(original, GramLinear):
+                assert torch.equal(copy.normalized_weight(), original.normalized_weight().double())
+    assert lipschitz_bound(twin, (1, 8, 8)) == lipschitz_bound(net, (1, 8, 8))
+
+
+def _exact_logits(layers, x):
+    """Two affine layers in rational arithmetic on the float64 values (exact)."""
+    h = [[Fraction(float(v)) for v in row] for row in x]
+    for weight, bias in layers:
+        w = [[Fraction(float(v)) for v in row] for row in weight]
+        b = [Fraction(float(v)) for v in bias.detach()]
+        h = [[sum(wi * hi for wi, hi in zip(w_row, row)) + bj for w_row, bj in zip(w, b)] for row in h]
+    return h
+
+
+def test_the_error_bound_holds_against_exact_rational_arithmetic():
+    torch.manual_seed(0)
+    first, second = GramLinear(6, 6).double(), GramLinear(6, 3).double()
+    net = nn.Sequential(first, MaxMin(), second).eval()
+    with torch.no_grad():  # huge activations that cancel in the logits: a hard case for rounding
+        first.bias.fill_(1e12)
+        second.bias.copy_(-(second.normalized_weight() @ first.bias))
+    net = nn.Sequential(first, second).eval()
+    x = torch.randn(20, 6, dtype=torch.float64)
+    _, bounds = module_lipschitz_bounds(net, (6,))
+    with torch.no_grad(), exact_kernels():
+        logits, err = forward_with_error_bound(net, x, bounds)
+        layers = [(layer.normalized_weight(), layer.bias) for layer in (first, second)]
+    exact = _exact_logits(layers, x.tolist())
+    for i in range(len(x)):
+        actual = sum((Fraction(float(v)) - e) ** 2 for v, e in zip(logits[i], exact[i]))
+        assert actual <= Fraction(float(err[i])) ** 2
+    assert float(err.max()) > 1e-6  # the bound sees the 1e12 activations, not just the O(1) logits
+
+
+def test_cancelling_biases_never_inflate_a_certificate():
+    torch.manual_seed(0)
+    first, last = GramLinear(64, 64), GramLinear(64, 2)
+    net = nn.Sequential(first, last).eval()
+    with torch.no_grad():
+        first.bias.fill_(1e6)
+        last.bias.copy_(-(last.normalized_weight() @ first.bias))
+        w1, w2 = first.normalized_weight().double(), last.normalized_weight().double()
+    x = torch.randn(500, 64) * 0.05
+    exact = (x.double() @ w1.T + first.bias.double()) @ w2.T + last.bias.double()
+    y = exact.argmax(1)
+    result = certified_accuracy(net, (x, y), eps=[0.0], progress=False)
+    distance = (exact[:, 0] - exact[:, 1]).abs() / (w2[0] - w2[1]).norm()
+    assert torch.all(result.radii <= distance)
+    assert result.certified[0] > 0.9  # and the allowance still leaves real certificates
+
+
+def test_exact_kernels_restores_the_settings():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+              torch.get_float32_matmul_precision(), torch.backends.cudnn.enabled)
+    torch.set_float32_matmul_precision("high")
+    try:
+        with exact_kernels():
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cudnn.enabled
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cudnn.enabled == before[3]
+    finally:
+        torch.set_float32_matmul_precision(before[2])
+
+
+def test_inputs_must_be_float64_and_bounds_recorded():
+    net = nn.Sequential(GramConv2d(1, 2, 3, padding=1)).double().eval()
+    with pytest.raises(TypeError, match="float64"):
+        forward_with_error_bound(net, torch.zeros(1, 1, 4, 4), {})
+    with pytest.raises(ValueError, match="no Lipschitz bound was recorded"):
+        forward_with_error_bound(net, torch.zeros(1, 1, 4, 4, dtype=torch.float64), {})
