@@ -25,6 +25,10 @@ class TrainConfig:
     Optimization
         epochs, batch_size (global, over all processes), lr (peak), weight_decay,
         warmup_epochs (linear warm-up, then ``schedule``: "cosine", "linear" or "constant").
+        time_budget: seconds of training (``None``: no limit). After the first epoch the run
+        measures its steady speed and lowers ``epochs`` to what fits; the learning-rate
+        schedule is re-planned for that count (so it still ends at 0) and the count is kept in
+        the checkpoint, so ``--resume`` continues the same plan.
     Loss (see :mod:`lipnet.training.losses`)
         loss: "ce" (offset cross-entropy) or "hinge" (multi-margin hinge). train_eps: the L2
         radius, in pixels, trained for; the margin asked of the logits is
@@ -57,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_epochs: float = 1.0
     schedule: str = "cosine"
+    time_budget: float | None = None
 
     loss: str = "ce"
     train_eps: float = 0.5
@@ -92,6 +97,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.temperature <= 0 or self.train_eps < 0:
             raise ValueError("lr and temperature must be > 0 and train_eps >= 0")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget must be > 0 seconds (or None), got {self.time_budget}")
         object.__setattr__(self, "eval_eps", tuple(float(e) for e in self.eval_eps))
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
 

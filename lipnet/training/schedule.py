@@ -30,3 +30,22 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
                    shape: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step ``LambdaLR`` following :func:`lr_factor` (its state dict is plain numbers)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, shape))
+
+
+def plan_epochs(time_budget: float, seconds_so_far: float, seconds_per_epoch: float, max_epochs: int) -> int:
+    """How many epochs in all fit in ``time_budget`` seconds, measured after the first epoch.
+
+    ``seconds_so_far`` is what the first epoch took (compilation and warm-up included) and
+    ``seconds_per_epoch`` the steady-state estimate of each further one. At least the epoch
+    already done, at most ``max_epochs``.
+
+    Example:
+        >>> plan_epochs(100.0, seconds_so_far=30.0, seconds_per_epoch=10.0, max_epochs=20)
+        8
+        >>> plan_epochs(100.0, seconds_so_far=120.0, seconds_per_epoch=10.0, max_epochs=20)
+        1
+    """
+    if seconds_per_epoch <= 0:
+        return max_epochs
+    further = math.floor(max(0.0, time_budget - seconds_so_far) / seconds_per_epoch)
+    return max(1, min(max_epochs, 1 + further))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from lipnet.training.config import TrainConfig
 from lipnet.training.distributed import Distributed, init_distributed, shutdown_distributed
 from lipnet.training.losses import CertifiedMarginLoss
 from lipnet.training.report import certification_report
-from lipnet.training.schedule import make_scheduler
+from lipnet.training.schedule import make_scheduler, plan_epochs
 
 CHECKPOINT, MODEL, METRICS = "checkpoint.pt", "model.pt", "metrics.jsonl"
 
@@ -114,9 +115,10 @@ class _Run:
         self.test_loader = DeviceLoader(self.test_data, config.eval_batch_size, device=env.device, shuffle=False,
                                         drop_last=False, rank=env.rank, world_size=env.world_size)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        steps = len(self.loader)
-        self.scheduler = make_scheduler(self.optimizer, config.epochs * steps, round(config.warmup_epochs * steps),
-                                        config.schedule)
+        self.steps = len(self.loader)
+        self.epochs = config.epochs  # lowered after the first epoch when a time budget asks for it
+        self.scheduler = self._make_scheduler()
+        self._steady_step_seconds = None
         self.amp_dtype = torch.bfloat16 if config.amp == "bf16" or (
             config.amp == "auto" and env.device.type == "cuda") else None
         if env.device.type == "cuda":
@@ -154,20 +156,24 @@ class _Run:
                  f"{config.model}, {sum(p.numel() for p in self.model.parameters()):,} parameters, {env.world_size} "
                  f"process(es) on {env.device}, margin {self.margin:.4g} (train eps {config.train_eps:g})")
         train_seconds = sum(h["train_seconds"] for h in history)
-        for epoch in range(start_epoch, config.epochs):
+        epoch = start_epoch
+        while epoch < self.epochs:
             record = self._epoch(forward, epoch)
             history.append(record)
             train_seconds += record["train_seconds"]
+            if epoch == 0 and config.time_budget is not None:
+                self._plan(record)
             if env.is_main:
                 self._save(epoch + 1, history)
-            self.log(_summary(record, config))
+            self.log(_summary(record, self.epochs))
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, record)
             env.barrier()
+            epoch += 1
         self.model.eval()
         report = None
         if env.is_main:
-            save_model(self.out_dir / MODEL, self.model, **self._info(config.epochs, history))
+            save_model(self.out_dir / MODEL, self.model, **self._info(self.epochs, history))
             if config.certify:
                 # The test set already on the device, so the uint8 -> float conversion happens there.
                 report = certification_report(self.model, self.test_loader.data, config.eval_eps, self.out_dir,
@@ -186,9 +192,12 @@ class _Run:
         totals = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss sum, correct, margin ok
         count = 0
         start = time.perf_counter()
-        bar = tqdm(self.loader.epoch(epoch), total=len(self.loader), desc=f"epoch {epoch + 1}/{config.epochs}",
+        bar = tqdm(self.loader.epoch(epoch), total=len(self.loader), desc=f"epoch {epoch + 1}/{self.epochs}",
                    leave=False, disable=not (config.progress and env.is_main))
+        timed_from = min(5, self.steps // 4) if epoch == 0 and config.time_budget is not None else None
         for step, (x, y) in enumerate(bar):
+            if step == timed_from:  # past compilation and warm-up: the steady speed starts here
+                steady_start = self._synchronized_time()
             with torch.autocast(env.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                 enabled=self.amp_dtype is not None):
                 logits = forward(x)
@@ -204,9 +213,10 @@ class _Run:
             count += len(y)
             if step % 25 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{float(totals[0]) / count:.4f}")
-        if env.device.type == "cuda":
-            torch.cuda.synchronize(env.device)
-        train_seconds = time.perf_counter() - start
+        end = self._synchronized_time()
+        train_seconds = end - start
+        if timed_from is not None:
+            self._steady_step_seconds = (end - steady_start) / max(1, self.steps - timed_from)
         loss_sum, correct, margin_ok, count = env.sum([*totals.tolist(), count])
         self._check_finite(epoch, loss_sum)
         start = time.perf_counter()
@@ -240,6 +250,41 @@ class _Run:
             count += len(y)
         return self.env.sum([*totals.tolist(), count])
 
+    def _synchronized_time(self) -> float:
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
+        return time.perf_counter()
+
+    # -- the schedule -------------------------------------------------------------------------
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        config = self.config
+        return make_scheduler(self.optimizer, self.epochs * self.steps, round(config.warmup_epochs * self.steps),
+                              config.schedule)
+
+    def _plan(self, first: dict) -> None:
+        """Fit the run into ``config.time_budget`` after its first epoch (same plan on every process)."""
+        per_epoch = self._steady_step_seconds * self.steps + first["eval_seconds"]
+        planned = plan_epochs(self.config.time_budget, first["train_seconds"] + first["eval_seconds"], per_epoch,
+                              self.config.epochs)
+        planned = round(self.env.sum([planned if self.env.is_main else 0])[0])
+        self.log(f"time budget {self.config.time_budget:g} s: about {per_epoch:.1f} s per epoch after the first "
+                 f"({first['train_seconds'] + first['eval_seconds']:.1f} s), so {planned} of {self.config.epochs} "
+                 "epochs")
+        self._replan(planned)
+
+    def _replan(self, epochs: int) -> None:
+        """Re-plan the learning-rate schedule for ``epochs`` epochs in all, at the current step."""
+        if epochs == self.epochs:
+            return
+        done = self.scheduler.last_epoch
+        self.epochs = epochs
+        self.scheduler = self._make_scheduler()
+        self.scheduler.last_epoch = done - 1
+        with warnings.catch_warnings():  # the optimizer has stepped, just not since this scheduler exists
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()  # the learning rate of step ``done`` under the new plan
+
     def _check_finite(self, epoch: int, loss_sum: float) -> None:
         bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad or not math.isfinite(loss_sum):
@@ -260,7 +305,8 @@ class _Run:
         rng = {"torch": torch.get_rng_state()}
         if self.env.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.env.device)
-        payload["training"] = {"epochs_done": epochs_done, "optimizer": self.optimizer.state_dict(),
+        payload["training"] = {"epochs_done": epochs_done, "epochs": self.epochs,
+                               "optimizer": self.optimizer.state_dict(),
                                "scheduler": self.scheduler.state_dict(), "rng": rng, "history": history,
                                "world_size": self.env.world_size}
         save_checkpoint(self.out_dir / CHECKPOINT, payload)
@@ -294,7 +340,8 @@ class _Run:
             self.log(f"warning: the run used {training['world_size']} process(es), now {self.env.world_size}: it "
                      "continues, but the data order differs from an uninterrupted run")
         self.model.load_state_dict(payload["state_dict"])
-        self.optimizer.load_state_dict(training["optimizer"])
+        self._replan(training.get("epochs", self.epochs))  # the plan of a time-budgeted run
+        self.optimizer.load_state_dict(training["optimizer"])  # after: it holds the learning rate to go on with
         self.scheduler.load_state_dict(training["scheduler"])
         torch.set_rng_state(training["rng"]["torch"].cpu())
         if "cuda" in training["rng"] and self.env.device.type == "cuda":
@@ -302,8 +349,8 @@ class _Run:
         return training["epochs_done"], list(training["history"])
 
 
-def _summary(record: dict, config: TrainConfig) -> str:
-    return (f"epoch {record['epoch']:>3}/{config.epochs}  loss {record['train_loss']:.4f}  "
+def _summary(record: dict, epochs: int) -> str:
+    return (f"epoch {record['epoch']:>3}/{epochs}  loss {record['train_loss']:.4f}  "
             f"train acc {100 * record['train_acc']:5.2f}%  test acc {100 * record['test_acc']:5.2f}%  "
             f"test margin>={record['margin']:.3g} {100 * record['test_margin_acc']:5.2f}% (estimate)  "
             f"{record['train_seconds']:.1f}s  {record['images_per_second']:.0f} img/s")

@@ -9,7 +9,7 @@ import torch
 
 from lipnet.checkpoint import load_checkpoint, load_model
 from lipnet.data import synthetic_dataset, write_npz
-from lipnet.training import CertifiedMarginLoss, TrainConfig, train
+from lipnet.training import CertifiedMarginLoss, TrainConfig, plan_epochs, train
 
 TIMING = {"train_seconds", "eval_seconds", "images_per_second"}
 
@@ -83,6 +83,39 @@ def test_the_seed_makes_cpu_runs_reproducible(data_dir, tmp_path):
     a, b, c = (run.state_dict() for run in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_plan_epochs_fits_the_budget():
+    assert plan_epochs(100.0, 30.0, 10.0, max_epochs=20) == 8  # 30 + 7 * 10 <= 100 < 30 + 8 * 10
+    assert plan_epochs(100.0, 30.0, 10.0, max_epochs=5) == 5
+    assert plan_epochs(100.0, 150.0, 10.0, max_epochs=5) == 1  # the first epoch alone is over budget
+    assert plan_epochs(100.0, 30.0, 0.0, max_epochs=5) == 5
+    with pytest.raises(ValueError, match="time_budget"):
+        tiny("data", "out", time_budget=0)
+
+
+def test_a_time_budget_lowers_the_epochs_and_resume_keeps_the_plan(data_dir, tmp_path, monkeypatch):
+    messages = []
+    result = train(tiny(data_dir, tmp_path / "short", epochs=3, certify=False, time_budget=1e-6), log=messages.append)
+    assert [h["epoch"] for h in result.history] == [1]
+    assert any("1 of 3 epochs" in m for m in messages)
+    assert load_checkpoint(tmp_path / "short" / "checkpoint.pt")["training"]["epochs"] == 1
+    # A plan of 2 of 3 epochs, with an interruption after the first: resuming follows the plan
+    # (2 epochs, the re-planned schedule) exactly as the uninterrupted run does.
+    monkeypatch.setattr("lipnet.training.trainer.plan_epochs", lambda *args: 2)
+    full = train(tiny(data_dir, tmp_path / "full", certify=False, time_budget=60), log=quiet)
+    assert [h["epoch"] for h in full.history] == [1, 2] and full.history[-1]["lr"] == pytest.approx(0, abs=1e-12)
+
+    def interrupt(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(data_dir, tmp_path / "cut", certify=False, time_budget=60), on_epoch_end=interrupt, log=quiet)
+    monkeypatch.setattr("lipnet.training.trainer.plan_epochs", lambda *args: pytest.fail("planned twice"))
+    resumed = train(tiny(data_dir, tmp_path / "cut", certify=False, time_budget=60, resume=True), log=quiet)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert without_timing(full.history) == without_timing(resumed.history)
 
 
 def test_resume_refuses_other_settings_and_runs_never_overwrite(data_dir, tmp_path):
