@@ -1,0 +1,141 @@
+"""The CUDA paths: bounds, layers, bf16 autocast, compile, data and a recipe step on a GPU.
+
+Skipped without a GPU (CI has none); ``benchmarks/gpu_check.sh`` runs them on the device
+machine. Each test compares the GPU result with the CPU/float64 reference, so a GPU-only
+soundness or correctness bug fails here.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lipnet
+from lipnet.bounds import conv2d_spectral_norm, exact_conv2d_spectral_norm, matrix_spectral_norm
+from lipnet.certify import certified_accuracy, lipschitz_bound
+from lipnet.data import DeviceLoader, synthetic_dataset, write_npz
+from lipnet.models import build_model
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
+
+CONFIGS = [
+    dict(padding=1),
+    dict(padding=1, padding_mode="circular"),
+    dict(padding=2, stride=2),
+    dict(padding=0, dilation=2),
+    dict(padding=1, groups=2),
+]
+
+
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+    # TF32 would change the float32 bound's rounding; the library never enables it itself.
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("size", [5, 8])
+def test_conv_bound_on_gpu_is_above_the_exact_norm(config, size):
+    gen = torch.Generator().manual_seed(size)
+    for trial in range(5):
+        weight = torch.randn(6, 6 // config.get("groups", 1), 3, 3, generator=gen, dtype=torch.float64)
+        exact = exact_conv2d_spectral_norm(weight, (size, size), **config)
+        bound64 = conv2d_spectral_norm(weight.cuda(), (size, size), **config).item()
+        bound32 = conv2d_spectral_norm(weight.float().cuda(), (size, size), **config).item()
+        assert bound64 >= exact * (1 - 1e-12)  # float64 rounding; the certificate adds its margin
+        assert bound32 >= exact * (1 - 1e-5)
+
+
+def test_matrix_bound_on_gpu_matches_cpu():
+    mat = torch.randn(4, 30, 20, dtype=torch.complex128)
+    cpu = matrix_spectral_norm(mat, n_iter=8)
+    gpu = matrix_spectral_norm(mat.cuda(), n_iter=8).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-10, atol=0)
+    assert (cpu >= torch.linalg.matrix_norm(mat, ord=2) * (1 - 1e-12)).all()
+
+
+def test_layer_train_step_and_certified_bound_on_gpu():
+    torch.manual_seed(0)
+    cpu = lipnet.GramConv2d(8, 8, 3, padding=1)
+    gpu = lipnet.GramConv2d(8, 8, 3, padding=1).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(4, 8, 10, 10)
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-4, atol=1e-5)
+    gpu(x.cuda()).square().sum().backward()
+    assert torch.isfinite(gpu.weight.grad).all()
+    normalized = gpu.normalized_weight((10, 10)).detach().double().cpu()
+    exact = exact_conv2d_spectral_norm(normalized, (10, 10), padding=1)
+    certified = gpu.lipschitz_bound((10, 10))
+    assert exact <= certified
+    assert abs(certified - cpu.lipschitz_bound((10, 10))) <= 1e-5
+    assert certified <= 1 + 1e-5
+
+
+def test_bf16_autocast_forward_is_close_to_float32():
+    torch.manual_seed(0)
+    model = build_model("convnet-xs", in_channels=3, num_classes=10, input_size=32).cuda()
+    x = torch.rand(16, 3, 32, 32, device="cuda")
+    reference = model(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype in (torch.bfloat16, torch.float32)
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x).float().logsumexp(1).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_compiled_network_matches_eager_on_gpu():
+    torch.manual_seed(0)
+    model = build_model("convnet-xs", in_channels=3, num_classes=10, input_size=32).cuda()
+    x = torch.rand(8, 3, 32, 32, device="cuda")
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_network_bound_and_certificates_agree_with_cpu():
+    torch.manual_seed(0)
+    model = build_model("liresnet-xs", in_channels=3, num_classes=10, input_size=32).eval()
+    x, y = torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    cpu_bound = lipschitz_bound(model, (3, 32, 32))
+    cpu = certified_accuracy(model, (x, y), eps=[36 / 255], progress=False, device="cpu")
+    model.cuda()
+    assert abs(lipschitz_bound(model, (3, 32, 32)) - cpu_bound) <= 1e-5 * cpu_bound
+    gpu = certified_accuracy(model, (x, y), eps=[36 / 255], progress=False)
+    torch.testing.assert_close(gpu.radii, cpu.radii, rtol=1e-4, atol=1e-5)
+
+
+def test_data_loader_keeps_uint8_on_the_gpu_and_augments_there():
+    data = synthetic_dataset("cifar10", 64, split="train")
+    loader = DeviceLoader(data, 16, device="cuda", padding=4, flip=True)
+    assert loader.data.images.device.type == "cuda" and loader.data.images.dtype == torch.uint8
+    images, labels = next(loader.epoch(0))
+    assert images.device.type == "cuda" and images.shape == (16, 3, 32, 32)
+    assert 0 <= images.min() and images.max() <= 1
+
+
+def test_recipe_trains_a_few_steps_on_gpu(tmp_path, capsys):
+    from recipes.train import main
+
+    data = tmp_path / "data"
+    write_npz(synthetic_dataset("cifar10", 256, split="train"), data / "train.npz")
+    write_npz(synthetic_dataset("cifar10", 128, split="test", seed=1), data / "test.npz")
+    out = tmp_path / "run"
+    assert main(["cifar10", "--data-dir", str(data), "--out-dir", str(out), "--epochs", "1", "--batch-size", "64",
+                 "--model", "liresnet-xs", "--progress", "false"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["lipschitz"] > 0 and 0 <= report["clean_accuracy"] <= 1
+
+
+def test_exactness_of_conv_bound_against_dense_operator_on_gpu():
+    """The symbol route on the GPU against the explicit operator (impulse responses, float64)."""
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    n = 5
+    basis = torch.eye(2 * n * n, dtype=torch.float64).reshape(-1, 2, n, n)
+    dense = F.conv2d(basis, weight, padding=1).reshape(2 * n * n, -1)
+    exact = torch.linalg.matrix_norm(dense, ord=2).item()
+    assert conv2d_spectral_norm(weight.cuda(), (n, n), padding=1).item() >= exact * (1 - 1e-12)
