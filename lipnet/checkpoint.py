@@ -14,6 +14,7 @@ it needs unpickling arbitrary objects.
 
 from __future__ import annotations
 
+import collections
 import os
 import tempfile
 from pathlib import Path
@@ -39,8 +40,13 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     leaves either the old checkpoint or the new one, never a truncated file.
     """
     path = Path(path)
+    _check_plain(payload, "payload")  # a value torch.load(weights_only=True) refuses would lose the run
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if hasattr(os, "fchmod"):  # mkstemp makes the file owner-only; give it the permissions of a plain open()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -55,6 +61,27 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     return path
 
 
+_PLAIN = (str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device)
+
+
+def _check_plain(value, where: str) -> None:
+    """Refuse values that ``torch.load(weights_only=True)`` would not read back."""
+    if torch.is_tensor(value) or type(value) in _PLAIN:
+        return
+    if isinstance(value, dict) and type(value) in (dict, collections.OrderedDict):
+        for key, item in value.items():
+            _check_plain(key, f"{where} key {key!r}")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    if type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    raise TypeError(f"cannot save {where}: a {type(value).__module__}.{type(value).__qualname__} ({value!r:.80}) would "
+                    "not load with torch.load(weights_only=True); store plain Python values and tensors (e.g. "
+                    "float(x), str(path))")
+
+
 def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
     """Read and validate a checkpoint written by :func:`save_checkpoint` / :func:`save_model`.
 
@@ -67,8 +94,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means the file is unusable
-        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a torch file "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        lines = str(exc).splitlines()
+        detail = "; ".join([*lines[:1], *(line.strip() for line in lines[1:] if "Unsupported global" in line)])
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupt, not a torch file, or holds "
+                              f"objects other than tensors and plain values ({type(exc).__name__}: {detail})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a lipnet checkpoint (no format tag {FORMAT!r}); "
                               "save models with lipnet.checkpoint.save_model")
@@ -118,7 +147,7 @@ def load_model(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Modul
         raise CheckpointError(f"{path}: cannot rebuild model {spec['name']!r} from {spec['kwargs']}: {exc}") from exc
     try:
         model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path}: the weights do not fit model {spec['name']!r}: {exc}") from exc
     bad = [name for name, t in payload["state_dict"].items()
            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]

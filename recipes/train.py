@@ -11,6 +11,7 @@ of lipnet.training.TrainConfig can be overridden, e.g. ``--epochs 2 --lr 1e-3
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from lipnet.checkpoint import CheckpointError
 from lipnet.data import DatasetError, DatasetNotFoundError
@@ -42,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the last finished epoch is saved in {config.out_dir}/checkpoint.pt: run the same "
-              "command with --resume to continue", file=sys.stderr)
+        checkpoint = Path(config.out_dir) / "checkpoint.pt"
+        if checkpoint.exists():
+            print(f"\ninterrupted; the last finished epoch is saved in {checkpoint}: run the same command with "
+                  "--resume to continue", file=sys.stderr)
+        else:
+            print("\ninterrupted before the first epoch finished: nothing was saved", file=sys.stderr)
         return 130
     return 0
 

@@ -76,3 +76,25 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     path = save_model(tmp_path / "m.pt", net(), config={"lr": 0.1, "eps": [0.1, 0.5]})
     payload = torch.load(path, weights_only=True)
     assert payload["model"]["name"] == "convnet-xs"
+
+
+def test_values_that_would_not_load_are_refused_before_writing(tmp_path):
+    import numpy as np
+
+    model = build_model("convnet-xs", in_channels=1, num_classes=10, input_size=28)
+    path = save_model(tmp_path / "model.pt", model, accuracy=0.5)
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match="weights_only"):
+        save_model(path, model, accuracy=np.float64(0.9))
+    assert path.read_bytes() == before and load_model(path)[1]["accuracy"] == 0.5
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
+
+
+def test_a_non_positive_std_in_the_weights_is_refused(tmp_path):
+    model = build_model("convnet-xs", in_channels=1, num_classes=10, input_size=28)
+    path = save_model(tmp_path / "model.pt", model)
+    payload = load_checkpoint(path)
+    payload["state_dict"]["0.std"] = torch.zeros(1)
+    save_checkpoint(path, payload)
+    with pytest.raises(CheckpointError, match="positive"):
+        load_model(path)

@@ -233,12 +233,18 @@ def test_archives_are_checked_and_never_executed():
     modules = {name: dict(spec, type="collections.Counter") for name, spec in archive["modules"].items()}
     with pytest.raises(ValueError, match="not one of"):
         runtime.build({**archive, "modules": modules})
+    for bound in (0.0, float("nan"), float("inf"), -1.0, "1"):  # would make every radius huge or NaN
+        with pytest.raises(ValueError, match="lipschitz_bound"):
+            runtime.build({**archive, "lipschitz_bound": bound})
+    with pytest.raises(ValueError, match="lacks state_dict"):
+        runtime.build({k: v for k, v in archive.items() if k != "state_dict"})
 
 
 def test_save_then_load(tmp_path):
     exported = export(train_steps(plain_net()), SHAPE)
     path = tmp_path / "model.pt"
     exported.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # written through a temporary file, renamed
     archive = torch.load(path, weights_only=True)
     assert archive["format"] == "lipnet-export" and archive["lipschitz_bound"] == exported.lipschitz_bound
     loaded = load(path)
@@ -297,4 +303,4 @@ def test_runtime_file_imports_only_torch_and_the_standard_library():
     source = Path(runtime.__file__).read_text()
     imports = {line.split()[1].split(".")[0] for line in source.splitlines()
                if line.startswith(("import ", "from "))}
-    assert imports <= {"__future__", "math", "operator", "torch"}
+    assert imports <= {"__future__", "math", "operator", "os", "tempfile", "torch"}

@@ -8,7 +8,9 @@ Example::
 prints a table (clean accuracy, certified accuracy per eps, AutoAttack robust accuracy per
 eps if asked), and writes ``certify.json`` and ``certified_accuracy.png`` to ``--out``.
 The exit status is 0 on success, 1 if AutoAttack broke a certified prediction (a soundness
-failure) and 2 for bad arguments, a missing checkpoint or missing data.
+failure, and nothing else) and 2 when nothing could be certified: bad arguments, a missing
+or unreadable checkpoint, missing data, data that does not fit the model, a model without a
+sound bound.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def parse_eps(text: str) -> list[float]:
         item = item.strip()
         try:
             value = float(Fraction(item))
-        except (ValueError, ZeroDivisionError):
+        except (ValueError, ZeroDivisionError, OverflowError):
             raise argparse.ArgumentTypeError(f"cannot read {item!r} as a radius: use numbers or fractions like "
                                              "36/255, separated by commas") from None
         if not value > 0 or math.isinf(value):
@@ -77,12 +79,26 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        return _fail(f"--device {args.device!r}: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return _fail(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        return _fail(f"--out {args.out} exists and is not a folder")
     try:
         model, info = load_model(args.checkpoint, map_location=device)
         data = load_dataset(args.data, args.split, data_dir=args.data_dir)
     except (CheckpointError, DatasetError, DatasetNotFoundError, ValueError) as error:
         return _fail(str(error))
+    try:
+        return _certify(args, model, info, data, device)
+    except (ValueError, TypeError, RuntimeError) as error:  # LipschitzBoundError is a ValueError
+        return _fail(f"cannot certify {args.checkpoint} on {data.info.name}: {error}")
+
+
+def _certify(args, model, info, data, device) -> int:
     trained_on = info.get("dataset")
     if isinstance(trained_on, dict):
         trained_on = trained_on.get("name")

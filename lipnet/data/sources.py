@@ -8,8 +8,9 @@ Three on-disk formats are read, in this order, in each folder searched:
   IDX files), ``cifar-10-batches-py/``, ``cifar-100-python/`` (pickled batches);
 * the four IDX files directly in the folder (as Debian's ``dataset-fashion-mnist`` installs them).
 
-The folders searched are ``data_dir`` (default ``$LIPNET_DATA_DIR`` or ``./data``), then
-``data_dir/<name>``, then the system folders of the data set.
+The folders searched are ``data_dir/<name>``, then ``data_dir`` (default ``$LIPNET_DATA_DIR``
+or ``./data``), then the system folders of the data set. The first folder holding the data
+set wins; the training log and every loaded split name the files they came from.
 """
 
 from __future__ import annotations
@@ -105,8 +106,10 @@ def load_dataset(name: str, split: str = "test", *, data_dir: str | os.PathLike 
 
 
 def search_folders(info: DatasetInfo, root: Path) -> list[Path]:
-    """The folders :func:`load_dataset` looks in, in order."""
-    folders = [root, root / info.name] + [Path(d) for d in info.system_dirs]
+    """The folders :func:`load_dataset` looks in, in order: the data set's own subfolder first,
+    so that files named after the split alone (``train.npz``, IDX names) in ``root`` are not
+    taken for every data set when the subfolder exists."""
+    folders = [root / info.name, root] + [Path(d) for d in info.system_dirs]
     return list(dict.fromkeys(folders))
 
 

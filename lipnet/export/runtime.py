@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import math
 import operator
+import os
+import tempfile
 
 import torch
 from torch import nn
@@ -189,8 +191,27 @@ class ExportedModel(nn.Module):
         }
 
     def save(self, f) -> None:
-        """``torch.save`` the archive; read it back with :func:`load`."""
-        torch.save(self.archive(), f)
+        """``torch.save`` the archive; read it back with :func:`load`.
+
+        A path is written atomically (a temporary file in the same folder, then renamed), so
+        an interrupted save never truncates an earlier archive; a file object is written as is.
+        """
+        if not isinstance(f, (str, os.PathLike)):
+            torch.save(self.archive(), f)
+            return
+        path = os.fspath(f)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            with os.fdopen(fd, "wb") as out:
+                torch.save(self.archive(), out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
     def extra_repr(self) -> str:
         return f"input_shape={self.input_shape}, lipschitz_bound={self.lipschitz_bound}"
@@ -208,6 +229,13 @@ def build(archive: dict) -> ExportedModel:
     if archive.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"archive format version {archive.get('format_version')!r} is not supported by this "
                          f"runtime (version {FORMAT_VERSION})")
+    missing = [key for key in ("state_dict", "modules", "nodes", "input_shape", "lipschitz_bound") if key not in archive]
+    if missing:
+        raise ValueError(f"the archive lacks {', '.join(missing)}: it is damaged or was not written by lipnet.export")
+    bound = archive["lipschitz_bound"]
+    if bound is not None and not (type(bound) in (int, float) and math.isfinite(bound) and bound > 0):
+        raise ValueError(f"the archive's lipschitz_bound must be a finite number > 0 (or None), got {bound!r}: "
+                         "no radius can be certified from it")
     state_dict = archive["state_dict"]
     root: dict = {}
     for name, spec in archive["modules"].items():

@@ -37,8 +37,21 @@ class InputNormalization(nn.Module):
         self.register_buffer("std", std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = self.mean.numel()
+        if x.dim() < 2 or x.shape[1] != channels:
+            # Broadcasting one channel to C would copy it C times: a sqrt(C) larger gain than
+            # the bound 1 / min(std), so a mismatch is an error, never a broadcast.
+            raise ValueError(f"InputNormalization: expected inputs with {channels} channel(s) in dimension 1, got "
+                             f"shape {tuple(x.shape)}")
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return (x - self.mean.view(shape).to(x.dtype)) / self.std.view(shape).to(x.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        std = state_dict.get(prefix + "std")
+        if torch.is_tensor(std) and not bool(torch.all(std > 0)):
+            raise ValueError(f"InputNormalization: the std loaded from the state_dict must be positive, got "
+                             f"{std.tolist()}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def lipschitz_bound(self) -> float:
         """``1 / min(std)``, rounded up in float64."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -84,7 +86,7 @@ class TrainConfig:
     #: Fields that may change when a run is resumed (they do not change what is computed).
     OPERATIONAL: typing.ClassVar[frozenset] = frozenset(
         {"data_dir", "download", "threads", "device", "compile", "out_dir", "resume", "certify", "progress",
-         "eval_batch_size"})
+         "eval_batch_size", "eval_eps"})
 
     def __post_init__(self):
         choices = {"loss": ("ce", "hinge"), "schedule": ("cosine", "linear", "constant"),
@@ -95,12 +97,28 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "temperature", "train_eps", "weight_decay", "warmup_epochs", "offset", "time_budget"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.lr <= 0 or self.temperature <= 0 or self.train_eps < 0:
             raise ValueError("lr and temperature must be > 0 and train_eps >= 0")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget must be > 0 seconds (or None), got {self.time_budget}")
+        for name in ("train_subset", "test_subset"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None for all), got {getattr(self, name)}")
         object.__setattr__(self, "eval_eps", tuple(float(e) for e in self.eval_eps))
+        if any(not (math.isfinite(e) and e >= 0) for e in self.eval_eps):
+            raise ValueError(f"eval_eps must be finite radii >= 0, got {list(self.eval_eps)}")
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
+        for name in ("data_dir", "out_dir"):  # paths are stored as text (checkpoints hold plain values)
+            if isinstance(getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        for name, value in self.to_dict().items():
+            if not _is_plain(value):
+                raise ValueError(f"{name} must hold plain Python values (str, int, float, bool, None, lists and "
+                                 f"dicts of them: it is stored in checkpoints), got {value!r}")
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with some fields changed (``model_kwargs`` is merged, not replaced)."""
@@ -153,6 +171,17 @@ class TrainConfig:
             else:
                 raise ValueError(f"--{arg[2:]} needs a value")
         return self.replace(**changes)
+
+
+def _is_plain(value) -> bool:
+    """Whether ``value`` is made only of exact builtin types (what ``torch.load(weights_only=True)`` reads)."""
+    if type(value) in (str, int, float, bool, type(None)):
+        return type(value) is not float or math.isfinite(value)
+    if type(value) in (list, tuple):
+        return all(_is_plain(v) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _is_plain(v) for k, v in value.items())
+    return False
 
 
 def parse_number(text: str) -> float:

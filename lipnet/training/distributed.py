@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -42,10 +43,17 @@ def resolve_device(name: str) -> torch.device:
     """``"auto"`` means CUDA when available, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {name!r}: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available; use --device cpu")
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available; use --device cpu")
     return device
+
+
+#: Timeout of collective operations (barriers included).
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 
 def init_distributed(device_name: str = "auto") -> Distributed:
@@ -64,7 +72,9 @@ def init_distributed(device_name: str = "auto") -> Distributed:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # The other processes wait at a barrier while process 0 certifies the final model
+        # (float64, no cuDNN): allow that longer than the 10-minute default.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return Distributed(dist.get_rank(), dist.get_world_size(), device)
 
 

@@ -105,6 +105,10 @@ class _Run:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {env.world_size} processes")
         torch.manual_seed(config.seed)
         self.train_data, self.test_data = self._load_data()
+        for split, data in (("train", self.train_data), ("test", self.test_data)):
+            if len(data) < env.world_size:
+                raise ValueError(f"the {split} set has {len(data)} example(s), fewer than the {env.world_size} "
+                                 "process(es): nothing to train or evaluate on")
         self.model = build_run_model(config, self.train_data.info).to(env.device)
         self.loss_fn = CertifiedMarginLoss(config.loss, config.train_eps, nominal_lipschitz(self.model),
                                            config.offset, config.temperature)
@@ -152,6 +156,7 @@ class _Run:
             forward = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         if config.compile and env.device.type == "cuda":
             forward = torch.compile(forward)
+        self.log(f"{config.dataset} from {self.train_data.source}")
         self.log(f"{config.dataset}: {len(self.train_data)} train / {len(self.test_data)} test images, model "
                  f"{config.model}, {sum(p.numel() for p in self.model.parameters()):,} parameters, {env.world_size} "
                  f"process(es) on {env.device}, margin {self.margin:.4g} (train eps {config.train_eps:g})")
@@ -259,8 +264,10 @@ class _Run:
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
         config = self.config
-        return make_scheduler(self.optimizer, self.epochs * self.steps, round(config.warmup_epochs * self.steps),
-                              config.schedule)
+        total, warmup = self.epochs * self.steps, round(config.warmup_epochs * self.steps)
+        if self.epochs != config.epochs:  # re-planned for a time budget: leave at least half of it to decay
+            warmup = min(warmup, total // 2)
+        return make_scheduler(self.optimizer, total, warmup, config.schedule)
 
     def _plan(self, first: dict) -> None:
         """Fit the run into ``config.time_budget`` after its first epoch (same plan on every process)."""
@@ -319,8 +326,10 @@ class _Run:
     def _restore(self) -> tuple[int, list[dict]]:
         path = self.out_dir / CHECKPOINT
         if not self.config.resume:
-            if path.exists():
-                raise FileExistsError(f"{path} holds an earlier run: pass --resume to continue it, or choose "
+            earlier = [name for name in (CHECKPOINT, MODEL, METRICS, "report.json") if (self.out_dir / name).exists()]
+            if earlier:
+                hint = "pass --resume to continue it, or " if CHECKPOINT in earlier else ""
+                raise FileExistsError(f"{self.out_dir} holds an earlier run ({', '.join(earlier)}): {hint}choose "
                                       "another --out-dir (nothing was overwritten)")
             return 0, []
         if not path.exists():

@@ -95,3 +95,25 @@ def test_plot_with_infinite_radii(tmp_path, small_net, blobs):
     result.radii[0] = float("inf")
     plot_certified_accuracy(result, [], tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_nothing_certifiable_exits_2_never_1(tmp_path, capsys):
+    """Exit status 1 means a soundness failure and nothing else."""
+    from lipnet.data import synthetic_dataset, write_npz
+
+    data = tmp_path / "data"
+    write_npz(synthetic_dataset("fashion-mnist", 16, split="test"), data / "test.npz")
+    three = build_model("convnet", in_channels=3, num_classes=10, input_size=28, widths=[8], depths=[0], dense=[16])
+    path = save_model(tmp_path / "rgb.pt", three, dataset="cifar10")
+    # A 3-channel model on 1-channel data: broadcasting would break the bound, so it is refused.
+    assert main(["--checkpoint", str(path), "--data", "fashion-mnist", "--data-dir", str(data), "--no-progress"]) == 2
+    assert "channel" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--checkpoint", str(path), "--data", "fashion-mnist", "--data-dir", str(data),
+                     "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert main(["--checkpoint", str(path), "--data", "fashion-mnist", "--device", "bogus"]) == 2
+    (tmp_path / "file").write_text("")
+    assert main(["--checkpoint", str(path), "--data", "fashion-mnist", "--out", str(tmp_path / "file")]) == 2
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(path), "--data", "fashion-mnist", "--eps", "1e400"])

@@ -41,3 +41,19 @@ def test_lr_schedule_shapes():
     assert lr_factor(0, 10, 4) == 0.25 and lr_factor(4, 10, 4) == 1.0
     with pytest.raises(ValueError, match="schedule"):
         lr_factor(5, 10, 0, "step")
+
+
+def test_settings_are_validated_before_any_training():
+    from pathlib import Path
+
+    import numpy as np
+
+    for bad, message in [({"time_budget": float("inf")}, "finite"), ({"eval_eps": (-1.0,)}, "eval_eps"),
+                         ({"test_subset": 0}, "test_subset"), ({"train_eps": float("nan")}, "finite"),
+                         ({"model_kwargs": {"width": np.int64(8)}}, "plain Python")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad)
+    config = TrainConfig(data_dir=Path("/data"), out_dir=Path("runs/x"))
+    assert config.data_dir == "/data" and config.out_dir == "runs/x"  # stored as text in checkpoints
+    # The report's radii do not change what is trained: a resumed run may change them.
+    assert TrainConfig(eval_eps=(0.1,)).changed_fields(TrainConfig(eval_eps=(0.2,))) == []

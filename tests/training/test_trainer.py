@@ -126,6 +126,31 @@ def test_resume_refuses_other_settings_and_runs_never_overwrite(data_dir, tmp_pa
         train(tiny(data_dir, tmp_path / "run", epochs=1, lr=0.5, resume=True), log=quiet)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny(data_dir, tmp_path / "empty", resume=True), log=quiet)
+    # Without its checkpoint (deleted to save space), the run's model and metrics still are not overwritten.
+    (tmp_path / "run" / "checkpoint.pt").unlink()
+    model = (tmp_path / "run" / "model.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="model.pt"):
+        train(tiny(data_dir, tmp_path / "run", epochs=1), log=quiet)
+    assert (tmp_path / "run" / "model.pt").read_bytes() == model
+
+
+def test_an_empty_test_set_fails_before_training(data_dir, tmp_path):
+    from lipnet.data import synthetic_dataset, write_npz
+
+    folder = tmp_path / "data"
+    write_npz(synthetic_dataset("mnist", 64, split="train"), folder / "train.npz")
+    write_npz(synthetic_dataset("mnist", 0, split="test"), folder / "test.npz")
+    with pytest.raises(ValueError, match="test set has 0"):
+        train(tiny(folder, tmp_path / "run"), log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_budget_shorter_than_the_warmup_still_decays(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("lipnet.training.trainer.plan_epochs", lambda *args: 2)
+    result = train(tiny(data_dir, tmp_path / "run", certify=False, epochs=6, warmup_epochs=2, time_budget=60),
+                   log=quiet)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert result.history[-1]["lr"] == pytest.approx(0, abs=1e-12)
 
 
 def test_divergence_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
