@@ -1,57 +1,58 @@
 #!/usr/bin/env bash
-# The GPU figures in one prepared run: CUDA tests, the bound benchmark, a CIFAR-10 recipe run.
+# The GPU figures, in steps that fit a device session (about 15 minutes, 10 per call).
 #
-#   bash benchmarks/gpu_check.sh STEP [DATA_DIR]
+#   bash benchmarks/gpu_check.sh STEP...
 #
-# STEP is one of
-#   tests    the CUDA tests (tests/test_cuda.py and the GPU test of certify), about a minute
-#   bounds   python benchmarks/bounds.py --device cuda --compile (all sections)
-#   cifar10  the cifar10 recipe within TRAIN_BUDGET seconds of training (default 420), then
-#            its certification and an APGD audit of 500 test points
-#   all      tests, bounds and cifar10 in that order
+# Steps (run in the order given):
+#   stage      copy the carried CIFAR-10 shards (.data/stage/*.npz) into $DATA_DIR
+#   tests      the CUDA tests (tests/test_cuda.py, the GPU test of lipnet.certify)
+#   bounds     python benchmarks/bounds.py --device cuda (eager: accuracy, layer, network)
+#   compiled   the network section again with --compile
+#   cifar10    the cifar10 recipe with --time-budget $TRAIN_BUDGET (default 300 s) on the
+#              data in $DATA_DIR, its float64 certification, then an APGD audit of 500 points
 #
-# Written for the device machines of docs/benchmarks.md (torch preinstalled, no network):
-# lipnet is used from the checkout through PYTHONPATH, so nothing is installed. Results go to
-# $OUT (the device tool's folder) or runs/gpu. DATA_DIR holds CIFAR-10 as train-K-of-3.npz and
-# test.npz (see "Taking the GPU figures" in docs/benchmarks.md for getting it there).
+# Docs: "Taking the GPU figures" in docs/benchmarks.md. lipnet runs from the checkout
+# (PYTHONPATH); nothing is installed. Runs are written under $RUNS (default /root/lipnet-runs,
+# outside the checkout) and the key files are copied flat to $OUT (at most 8 come back).
 set -uo pipefail
-step=${1:?usage: gpu_check.sh tests|bounds|cifar10|all [DATA_DIR]}
-data=${2:-${LIPNET_DATA_DIR:-.data/cifar10}}
 out=${OUT:-runs/gpu}
-mkdir -p "$out"
+runs=${RUNS:-/root/lipnet-runs}
+data=${DATA_DIR:-/root/cifar10}
+mkdir -p "$out" "$runs"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# pyautoattack (for the audit) can travel as its source folder: see docs/benchmarks.md.
+# pyautoattack (for the audit) travels as its source folder in .data/site (see the docs).
 [ -d .data/site ] && export PYTHONPATH="$PYTHONPATH:$PWD/.data/site"
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" >> "$out/gpu.txt"
+cat "$out/gpu.txt"
 
-run_tests() {
-    python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/certify/test_accuracy.py -k "cuda or gpu" \
-        2>&1 | tee "$out/tests.txt"
-}
-
-run_bounds() {
-    python3 benchmarks/bounds.py --device cuda --compile --json "$out/bounds.json" 2>&1 | tee "$out/bounds.txt"
-}
-
-run_cifar10() {
-    local budget=${TRAIN_BUDGET:-420}
-    python3 -m recipes.train cifar10 --data-dir "$data" --out-dir "$out/cifar10" --time-budget "$budget" \
-        --progress false 2>&1 | tee "$out/cifar10.txt"
-    if python3 -c "import pyautoattack" 2>/dev/null; then
-        python3 -m lipnet.certify --checkpoint "$out/cifar10/model.pt" --data cifar10 --data-dir "$data" \
-            --autoattack --attack-version apgd --attack-limit 500 --out "$out/cifar10-audit" --no-progress \
-            2>&1 | tee "$out/audit.txt"
-    else
-        echo "pyautoattack is not importable: no audit (see docs/benchmarks.md)" | tee "$out/audit.txt"
-    fi
-}
-
-case "$step" in
-    tests) run_tests ;;
-    bounds) run_bounds ;;
-    cifar10) run_cifar10 ;;
-    all) run_tests; run_bounds; run_cifar10 ;;
-    *) echo "unknown step $step" >&2; exit 2 ;;
-esac
+for step in "$@"; do
+    case "$step" in
+        stage)
+            mkdir -p "$data" && cp -v .data/stage/*.npz "$data"/ && ls -la "$data" ;;
+        tests)
+            timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/certify/test_accuracy.py \
+                -k "cuda or gpu" 2>&1 | tee "$out/tests.txt" ;;
+        bounds)
+            timeout 300 python3 benchmarks/bounds.py --device cuda --json "$out/bounds.json" 2>&1 \
+                | tee "$out/bounds.txt" ;;
+        compiled)
+            timeout 400 python3 benchmarks/bounds.py --device cuda --sections network --compile \
+                --json "$out/compiled.json" 2>&1 | tee "$out/compiled.txt" ;;
+        cifar10)
+            rm -rf "$runs/cifar10" "$runs/cifar10-audit"
+            python3 -m recipes.train cifar10 --data-dir "$data" --out-dir "$runs/cifar10" \
+                --time-budget "${TRAIN_BUDGET:-300}" --progress false 2>&1 | tee "$out/cifar10.txt"
+            cp "$runs/cifar10/report.json" "$runs/cifar10/metrics.jsonl" "$out"/ 2>/dev/null
+            if python3 -c "import pyautoattack" 2>/dev/null; then
+                timeout 240 python3 -m lipnet.certify --checkpoint "$runs/cifar10/model.pt" --data cifar10 \
+                    --data-dir "$data" --autoattack --attack-version apgd --attack-limit 500 \
+                    --out "$runs/cifar10-audit" --no-progress 2>&1 | tee "$out/audit.txt"
+            else
+                echo "pyautoattack is not importable: no audit (see docs/benchmarks.md)" | tee "$out/audit.txt"
+            fi ;;
+        *)
+            echo "unknown step $step (stage, tests, bounds, compiled, cifar10)" >&2; exit 2 ;;
+    esac
+done

@@ -31,7 +31,14 @@ from typing import NamedTuple
 import torch
 
 from lipnet.bounds.circulant import AxisEmbedding, axis_embedding, pair, resolve_padding
-from lipnet.bounds.gram import DEFAULT_N_CANDIDATES, DEFAULT_N_ITER, DEFAULT_SCREEN_ITER, max_matrix_spectral_norm
+from lipnet.bounds.gram import (
+    DEFAULT_N_CANDIDATES,
+    DEFAULT_N_ITER,
+    DEFAULT_SCREEN_ITER,
+    MaxBound,
+    max_gram_bound,
+    max_gram_bound_grad,
+)
 
 
 class ConvEmbedding(NamedTuple):
@@ -89,13 +96,57 @@ def conv2d_symbol(weight: torch.Tensor, embedding: ConvEmbedding, groups: int = 
     h, w = embedding
     if len(h.tap_phase) != k_h or len(w.tap_phase) != k_w:
         raise ValueError(f"embedding was built for a {len(h.tap_phase)}x{len(w.tap_phase)} kernel, got {k_h}x{k_w}")
+    dft_h, dft_w = _tap_dfts(embedding, weight)
+    return _symbol(weight, dft_h, dft_w, groups)
+
+
+def _tap_dfts(embedding: ConvEmbedding, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     complex_dtype = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
-    dft_h = _tap_dft(h, half=False, dtype=complex_dtype, device=weight.device)
-    dft_w = _tap_dft(w, half=True, dtype=complex_dtype, device=weight.device)
-    kernel = weight.reshape(groups, c_out // groups, c_in_g, k_h, k_w).to(complex_dtype)
+    return (_tap_dft(embedding.height, half=False, dtype=complex_dtype, device=weight.device),
+            _tap_dft(embedding.width, half=True, dtype=complex_dtype, device=weight.device))
+
+
+def _symbol(weight: torch.Tensor, dft_h: torch.Tensor, dft_w: torch.Tensor, groups: int) -> torch.Tensor:
+    c_out, c_in_g, k_h, k_w = weight.shape
+    kernel = weight.reshape(groups, c_out // groups, c_in_g, k_h, k_w).to(dft_h.dtype)
     symbol = torch.einsum("goiab,arx,bsy->gxyoirs", kernel, dft_h, dft_w)
     g, n_h, n_w, o, i, s_h, s_w = symbol.shape
     return symbol.reshape(g, n_h * n_w, o, i * s_h * s_w)
+
+
+class _ConvSpectralBound(torch.autograd.Function):
+    """``max_f gram_bound(K(f))`` of a kernel's symbols, with a backward through the maximizing
+    frequency alone: ``K(f)`` is linear in the kernel, ``K(f) = sum_taps W_tap e_tap(f)``, so
+    the kernel's gradient is ``Re(sum conj(e_tap(f*)) dK)`` for the gradient ``dK`` of the one
+    symbol the maximum depends on (no dense gradient over all frequencies)."""
+
+    @staticmethod
+    def forward(ctx, weight, dft_h, dft_w, groups, n_iter, screen_iter, n_candidates):
+        symbol = _symbol(weight, dft_h, dft_w, groups)
+        frequencies = symbol.shape[1]
+        found = max_gram_bound(symbol.flatten(0, 1), n_iter, screen_iter, n_candidates)
+        ctx.save_for_backward(dft_h, dft_w, *found)
+        ctx.shape, ctx.groups, ctx.frequencies, ctx.n_iter = weight.shape, groups, frequencies, n_iter
+        ctx.dtype = weight.dtype
+        return found.value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        dft_h, dft_w, *saved = ctx.saved_tensors
+        found = MaxBound(*saved)
+        grad_symbol = max_gram_bound_grad(found, ctx.n_iter) * grad_output
+        c_out, c_in_g, k_h, k_w = ctx.shape
+        # Which group and frequency, as tensors (no host synchronization).
+        group, frequency = found.best // ctx.frequencies, found.best % ctx.frequencies
+        x, y = frequency // dft_w.shape[-1], frequency % dft_w.shape[-1]
+        grad_symbol = grad_symbol.reshape(c_out // ctx.groups, c_in_g, dft_h.shape[1], dft_w.shape[1])
+        e_h = dft_h.index_select(2, x[None])[..., 0].conj()
+        e_w = dft_w.index_select(2, y[None])[..., 0].conj()
+        grad_kernel = torch.einsum("oirs,ar,bs->oiab", grad_symbol, e_h, e_w).real
+        grad = torch.zeros(ctx.groups, c_out // ctx.groups, c_in_g, k_h, k_w, dtype=ctx.dtype, device=grad_kernel.device)
+        grad.index_copy_(0, group[None], grad_kernel.to(ctx.dtype)[None])
+        return grad.reshape(ctx.shape), None, None, None, None, None, None
 
 
 def conv2d_spectral_norm(
@@ -154,8 +205,16 @@ def conv2d_spectral_norm(
     with torch.autocast(weight.device.type, enabled=False):
         if weight.dtype not in (torch.float32, torch.float64):
             weight = weight.float()
-        symbol = conv2d_symbol(weight, embedding, groups).flatten(0, 1)
-        return embedding.norm_factor * max_matrix_spectral_norm(symbol, n_iter, screen_iter, n_candidates)
+        if weight.shape[0] % groups:
+            raise ValueError(f"out_channels ({weight.shape[0]}) must be divisible by groups ({groups})")
+        if not isinstance(n_iter, int) or n_iter < 0 or screen_iter < 0 or n_candidates < 1:
+            raise ValueError(f"n_iter and screen_iter must be integers >= 0 and n_candidates >= 1, got "
+                             f"{n_iter!r}, {screen_iter!r}, {n_candidates!r}")
+        dft_h, dft_w = _tap_dfts(embedding, weight)
+        factor = embedding.norm_factor
+        del embedding  # not live across the autograd.Function call (torch 2.11's compiler cannot rebuild it)
+        value = _ConvSpectralBound.apply(weight, dft_h, dft_w, groups, n_iter, screen_iter, n_candidates)
+        return factor * value
 
 
 _DFT_CACHE: dict = {}
@@ -163,8 +222,9 @@ _DFT_CACHE: dict = {}
 
 def _tap_dft(axis: AxisEmbedding, half: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``E[a, r, f] = [r == r_a] exp(-2 pi i f b_a / N)`` (zero for dead taps): taps to (phase, frequency)."""
+    compiling = torch.compiler.is_compiling()  # a compiled graph computes it once anyway; no cache writes
     key = (axis, half, dtype, device)
-    cached = _DFT_CACHE.get(key)
+    cached = None if compiling else _DFT_CACHE.get(key)
     if cached is not None:
         return cached
     n = axis.fft_size
@@ -176,7 +236,8 @@ def _tap_dft(axis: AxisEmbedding, half: bool, dtype: torch.dtype, device: torch.
     phase = phase * torch.tensor(axis.tap_live, dtype=torch.float64)[:, None]
     dft = phase[:, :, None] * torch.polar(torch.ones_like(angle), angle)[:, None, :]
     dft = dft.to(device=device, dtype=dtype)
-    if len(_DFT_CACHE) > 256:
-        _DFT_CACHE.clear()
-    _DFT_CACHE[key] = dft
+    if not compiling:
+        if len(_DFT_CACHE) > 256:
+            _DFT_CACHE.clear()
+        _DFT_CACHE[key] = dft
     return dft

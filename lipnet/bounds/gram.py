@@ -37,6 +37,8 @@ References:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 #: Gram steps of the bound of the frequencies that may hold the maximum.
@@ -111,59 +113,88 @@ def max_matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER,
     return _MaxGramBound.apply(mat, n_iter, screen_iter, n_candidates)
 
 
+class MaxBound(NamedTuple):
+    """The maximum of a batch's Gram bounds and what its gradient needs."""
+
+    value: torch.Tensor  # 0-dim: the maximum
+    best: torch.Tensor  # index of the maximizing matrix
+    matrix: torch.Tensor  # that matrix
+    steps: torch.Tensor  # Gram steps it received
+    trace_form: torch.Tensor  # whether its bound is the trace form
+
+
+def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidates: int) -> MaxBound:
+    """Forward of :func:`max_matrix_spectral_norm`, without autograd (screening, then refinement)."""
+    batch = mat.shape[0]
+    screen_iter = min(screen_iter, n_iter)
+    if batch <= 2 * n_candidates:
+        screen_iter = n_iter
+    g, log_scale = _gram_first_inplace(mat, screen_iter)
+    g, log_scale = _gram_steps_inplace(g, log_scale, screen_iter - 1)
+    bounds, trace_form = _gram_bound(g, log_scale, screen_iter)
+    steps = torch.full((batch,), screen_iter, dtype=torch.int64, device=mat.device)
+    if screen_iter < n_iter:
+        idx = bounds.topk(n_candidates).indices
+        g, log_scale = _gram_steps_inplace(g[idx], log_scale[idx], n_iter - screen_iter, screen_iter > 0)
+        refined, refined_form = _gram_bound(g, log_scale, n_iter)
+        bounds = bounds.scatter(0, idx, refined)
+        trace_form = trace_form.scatter(0, idx, refined_form)
+        steps = steps.scatter(0, idx, torch.full_like(idx, n_iter))
+    # Tensor indices throughout: no host synchronization, and one graph under torch.compile.
+    value, best = bounds.max(0)
+    pick = best[None]
+    return MaxBound(value, best, mat.index_select(0, pick)[0], steps.index_select(0, pick)[0],
+                    trace_form.index_select(0, pick)[0])
+
+
+def max_gram_bound_grad(found: MaxBound, n_iter: int) -> torch.Tensor:
+    """Gradient of the maximum with respect to the maximizing matrix (shape of ``found.matrix``).
+
+    The bound of that matrix is ``||H_t||^(1/2^t)`` (Frobenius or trace form) of its Gram
+    iterates ``H_j = H_{j-1}^2``, ``H_1 = A A^H``; its derivative is a product of the iterates
+    (the rescalings cancel), computed here in ``O(t)`` products of one matrix.
+    """
+    w, value, steps, trace_form = found.matrix, found.value, found.steps, found.trace_form
+    zero = value == 0
+    a = w / torch.where(zero, torch.ones_like(value), value).to(w.dtype)
+    left = a.shape[-2] <= a.shape[-1]
+    h = a @ a.mH if left else a.mH @ a
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    # product: H_1 ... H_j over the steps taken; before: H_1 ... H_{t-1}; last: H_t.
+    product, before, last = eye, eye, eye
+    for t in range(1, n_iter + 1):
+        if t > 1:
+            h = h @ h
+        before = torch.where(steps == t, product, before)
+        last = torch.where(steps == t, h, last)
+        product = torch.where(steps >= t, product @ h, product)
+    r = h.shape[-1]
+    mean, spread, _ = _trace_statistics(last)
+    c = (r - 1) ** 0.5
+    inv_spread = 1 / torch.where(spread == 0, torch.ones_like(spread), spread)
+    keep = 1 - c * (1 - _smoothing(h.dtype) ** 2) * mean * inv_spread
+    trace_weight = (keep * before + c * inv_spread * product) / r
+    weight = torch.where(trace_form, trace_weight.to(h.dtype), product)
+    grad_w = weight @ a if left else a @ weight
+    return torch.where(zero, torch.zeros_like(grad_w), grad_w)
+
+
 class _MaxGramBound(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mat, n_iter, screen_iter, n_candidates):
-        batch = mat.shape[0]
-        screen_iter = min(screen_iter, n_iter)
-        if batch <= 2 * n_candidates:
-            screen_iter = n_iter
-        g, log_scale = _gram_first_inplace(mat, screen_iter)
-        g, log_scale = _gram_steps_inplace(g, log_scale, screen_iter - 1)
-        bounds, trace_form = _gram_bound(g, log_scale, screen_iter)
-        steps = torch.full((batch,), screen_iter, dtype=torch.int64, device=mat.device)
-        if screen_iter < n_iter:
-            idx = bounds.topk(n_candidates).indices
-            g, log_scale = _gram_steps_inplace(g[idx], log_scale[idx], n_iter - screen_iter, screen_iter > 0)
-            refined, refined_form = _gram_bound(g, log_scale, n_iter)
-            bounds = bounds.scatter(0, idx, refined)
-            trace_form = trace_form.scatter(0, idx, refined_form)
-            steps = steps.scatter(0, idx, torch.full_like(idx, n_iter))
-        best = bounds.argmax()
-        value = bounds[best]
-        ctx.save_for_backward(mat[best], value, steps[best], trace_form[best], best)
+        found = max_gram_bound(mat, n_iter, screen_iter, n_candidates)
+        ctx.save_for_backward(*found)
         ctx.batch_shape = mat.shape
         ctx.n_iter = n_iter
-        return value
+        return found.value
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        w, value, steps, trace_form, best = ctx.saved_tensors
-        zero = value == 0
-        a = w / torch.where(zero, torch.ones_like(value), value).to(w.dtype)
-        left = a.shape[-2] <= a.shape[-1]
-        h = a @ a.mH if left else a.mH @ a
-        eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-        # product: H_1 ... H_j over the steps taken; before: H_1 ... H_{t-1}; last: H_t.
-        product, before, last = eye, eye, eye
-        for t in range(1, ctx.n_iter + 1):
-            if t > 1:
-                h = h @ h
-            before = torch.where(steps == t, product, before)
-            last = torch.where(steps == t, h, last)
-            product = torch.where(steps >= t, product @ h, product)
-        r = h.shape[-1]
-        mean, spread = _trace_statistics(last)
-        c = (r - 1) ** 0.5
-        inv_spread = 1 / torch.where(spread == 0, torch.ones_like(spread), spread)
-        keep = 1 - c * (1 - _smoothing(h.dtype) ** 2) * mean * inv_spread
-        trace_weight = (keep * before + c * inv_spread * product) / r
-        weight = torch.where(trace_form, trace_weight.to(h.dtype), product)
-        grad_w = weight @ a if left else a @ weight
-        grad_w = torch.where(zero, torch.zeros_like(grad_w), grad_w) * grad_output
-        grad = torch.zeros(ctx.batch_shape, dtype=w.dtype, device=w.device)
-        grad[best] = grad_w
+        found = MaxBound(*ctx.saved_tensors)
+        grad = torch.zeros(ctx.batch_shape, dtype=found.matrix.dtype, device=found.matrix.device)
+        grad_best = (max_gram_bound_grad(found, ctx.n_iter) * grad_output).to(grad.dtype)
+        grad.index_copy_(0, found.best[None], grad_best[None])
         return grad, None, None, None
 
 
@@ -236,13 +267,15 @@ def _gram_bound(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int):
     """``(bound, trace_form)``: the bound from ``G_t = exp(log_scale) g`` and whether its
     trace form (module docstring) was below the Frobenius form. Exactly 0, with a finite
     gradient, for zero matrices; NaN propagates."""
-    lam = _safe_sqrt(_squared_frobenius(g))
-    trace_form = torch.zeros_like(lam, dtype=torch.bool)
     if n_iter > 0:  # g is Hermitian positive semi-definite
-        mean, spread = _trace_statistics(g)
+        mean, spread, squared_frobenius = _trace_statistics(g)
+        lam = _safe_sqrt(squared_frobenius)
         trace = mean + (g.shape[-1] - 1) ** 0.5 * spread
         trace_form = trace < lam
         lam = torch.where(trace_form, trace, lam)
+    else:
+        lam = _safe_sqrt(_squared_frobenius(g))
+        trace_form = torch.zeros_like(lam, dtype=torch.bool)
     zero = lam == 0
     log_bound = (torch.log(torch.where(zero, torch.ones_like(lam), lam)) + log_scale) / 2**n_iter
     return torch.where(zero, torch.zeros_like(log_bound), torch.exp(log_bound)), trace_form
@@ -254,18 +287,27 @@ def _smoothing(dtype: torch.dtype) -> float:
 
 
 def _trace_statistics(h: torch.Tensor):
-    """``(m, s')`` of a Hermitian ``h``: ``m = tr(h) / r``, ``s'^2 = ||h - m I||_F^2 / r + (tau m)^2``.
+    """``(m, s', ||h||_F^2)`` of a Hermitian ``h``: ``m = tr(h) / r``,
+    ``s'^2 = ||h - m I||_F^2 / r + (tau m)^2``.
 
     ``s'^2`` is summed from non-negative terms (off-diagonal moduli and diagonal deviations),
-    so it is accurate to a few units of rounding even for nearly scalar ``h``.
+    so it is accurate to a few units of rounding even for nearly scalar ``h``; so is
+    ``||h||_F^2``, the off-diagonal sum plus the squared diagonal.
     """
     r = h.shape[-1]
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     diag = diag.real if h.is_complex() else diag
     mean = diag.sum(-1) / r
-    off_diagonal = _squared_frobenius(h - torch.diag_embed(torch.diagonal(h, dim1=-2, dim2=-1)))
+    if torch.is_grad_enabled() and h.requires_grad:
+        off_diagonal = _squared_frobenius(h - torch.diag_embed(torch.diagonal(h, dim1=-2, dim2=-1)))
+    else:  # the same sum without materializing h - diag(h): squared moduli, diagonal zeroed
+        moduli = _real_view(h).square().sum(-1)
+        moduli.diagonal(dim1=-2, dim2=-1).zero_()
+        off_diagonal = moduli.sum(dim=(-2, -1))
+    diag_squared = diag.square().sum(-1) if not h.is_complex() else _real_view(
+        torch.diagonal(h, dim1=-2, dim2=-1)).square().sum(dim=(-2, -1))
     var = (off_diagonal + (diag - mean[..., None]).square().sum(-1)) / r + (_smoothing(h.dtype) * mean).square()
-    return mean, _safe_sqrt(var)
+    return mean, _safe_sqrt(var), off_diagonal + diag_squared
 
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:

@@ -334,7 +334,9 @@ class _Run:
             return 0, []
         if not path.exists():
             raise FileNotFoundError(f"--resume: there is no checkpoint at {path.absolute()} to continue")
-        payload = load_checkpoint(path, map_location=self.env.device)
+        # On the CPU: the optimizer keeps its step counters there (on the GPU they would cost
+        # host syncs every step); load_state_dict moves the rest to the parameters' device.
+        payload = load_checkpoint(path, map_location="cpu")
         training = payload.get("training")
         if not isinstance(training, dict):
             raise ValueError(f"{path} is a model checkpoint without training state; it cannot be resumed")

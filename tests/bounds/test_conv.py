@@ -261,3 +261,25 @@ def test_references_agree_and_power_iteration_is_below():
     lower = conv2d_power_iteration(weight, 6, padding=1, n_iter=200)
     assert lower <= exact * (1 + 1e-12)
     assert lower == pytest.approx(exact, rel=1e-3)
+
+
+@pytest.mark.parametrize("config", [dict(padding=1), dict(padding=1, stride=2), dict(padding=2, dilation=2, groups=2),
+                                    dict(padding=1, padding_mode="circular", groups=3), dict(stride=3)], ids=str)
+def test_gradient_through_the_maximizing_frequency_matches_autograd(config):
+    """The explicit backward (one frequency) equals autograd through every symbol matrix."""
+    from lipnet.bounds.conv import conv2d_embedding, conv2d_symbol
+    from lipnet.bounds.gram import max_matrix_spectral_norm
+
+    torch.manual_seed(0)
+    groups = config.get("groups", 1)
+    weight = torch.randn(6, 6 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+    geometry = {k: v for k, v in config.items() if k != "groups"}
+    embedding = conv2d_embedding(3, 9, **geometry)
+    reference = embedding.norm_factor * max_matrix_spectral_norm(
+        conv2d_symbol(weight, embedding, groups).flatten(0, 1), 10, 5, 8)
+    (expected,) = torch.autograd.grad(reference, weight)
+    value = conv2d_spectral_norm(weight, 9, groups=groups, **geometry)
+    (actual,) = torch.autograd.grad(value, weight)
+    torch.testing.assert_close(value, reference, rtol=1e-12, atol=0)
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda w: conv2d_spectral_norm(w, 9, groups=groups, **geometry), (weight,))

@@ -72,3 +72,16 @@ def test_torch_compile_runs_and_matches_eager():
     torch.testing.assert_close(out, net(x), rtol=1e-4, atol=1e-5)
     out.sum().backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_a_gram_network_traces_as_one_graph():
+    """No graph breaks and no host synchronizations in the bounds: a compiled step is one graph."""
+    import torch._dynamo
+
+    from lipnet.models import build_model
+
+    torch._dynamo.reset()
+    model = build_model("liresnet-xs", in_channels=3, num_classes=10, input_size=16)
+    explanation = torch._dynamo.explain(model)(torch.rand(2, 3, 16, 16))
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
