@@ -132,13 +132,18 @@ def _find(info: DatasetInfo, split: str, folders: list[Path]):
 
 def _npz_files(folder: Path, split: str) -> list[Path] | None:
     single = folder / f"{split}.npz"
+    candidates = sorted(folder.glob(f"{split}-*-of-*.npz")) if folder.is_dir() else []
     if single.is_file():
+        if candidates:
+            raise DatasetError(f"{folder} holds both {single.name} and shards ({candidates[0].name}, ...): keep one "
+                               "layout, so that it is clear which data is used")
         return [single]
     shards = {}
-    for path in folder.glob(f"{split}-*-of-*.npz") if folder.is_dir() else []:
-        match = re.fullmatch(rf"{split}-(\d+)-of-(\d+)\.npz", path.name)
-        if match:
-            shards[(int(match[1]), int(match[2]))] = path
+    for path in candidates:
+        match = re.fullmatch(rf"{split}-([1-9]\d*)-of-([1-9]\d*)\.npz", path.name)
+        if not match or int(match[1]) > int(match[2]):
+            raise DatasetError(f"{path}: shard names are {split}-K-of-M.npz with 1 <= K <= M (no leading zeros)")
+        shards[(int(match[1]), int(match[2]))] = path
     if not shards:
         return None
     totals = {total for _, total in shards}
@@ -170,6 +175,8 @@ def _read_npz(info: DatasetInfo, split: str, paths: list[Path]):
             x = x[..., None]
         if x.ndim != 4 or len(x) != len(y):
             raise DatasetError(f"{path}: expected 'x' (N, H, W, C) and 'y' (N,), got {x.shape} and {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DatasetError(f"{path}: 'y' must hold integer class labels, got {y.dtype}")
         images.append(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
         labels.append(torch.from_numpy(y.astype(np.int64).reshape(-1)))
     return torch.cat(images), torch.cat(labels)

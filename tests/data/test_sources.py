@@ -154,3 +154,18 @@ def test_synthetic_data_round_trips_through_npz(tmp_path):
     write_npz(data, tmp_path / "test.npz")
     loaded = load_dataset("cifar100", "test", data_dir=tmp_path)
     assert torch.equal(loaded.images, data.images) and torch.equal(loaded.labels, data.labels)
+
+
+def test_ambiguous_npz_layouts_and_float_labels_are_errors(tmp_path):
+    x = np.zeros((2, 28, 28), np.uint8)
+    np.savez(tmp_path / "test.npz", x=x, y=np.array([0.7, 1.7]))
+    with pytest.raises(DatasetError, match="integer class labels"):
+        load_dataset("mnist", "test", data_dir=tmp_path)  # 0.7 would silently become class 0
+    np.savez(tmp_path / "test.npz", x=x, y=np.array([0, 1]))
+    np.savez(tmp_path / "test-1-of-1.npz", x=x, y=np.array([0, 1]))
+    with pytest.raises(DatasetError, match="both test.npz and shards"):
+        load_dataset("mnist", "test", data_dir=tmp_path)
+    (tmp_path / "test.npz").unlink()
+    np.savez(tmp_path / "test-0-of-1.npz", x=x, y=np.array([0, 1]))
+    with pytest.raises(DatasetError, match="1 <= K <= M"):
+        load_dataset("mnist", "test", data_dir=tmp_path)
