@@ -82,6 +82,18 @@ def _check_plain(value, where: str) -> None:
                     "float(x), str(path))")
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that saves killed mid-write left in ``folder`` (``.NAME.*.tmp``).
+
+    Call it only when no other process is saving into ``folder``. Returns what was removed.
+    """
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".*.pt.*.tmp") if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
     """Read and validate a checkpoint written by :func:`save_checkpoint` / :func:`save_model`.
 

@@ -98,3 +98,14 @@ def test_a_non_positive_std_in_the_weights_is_refused(tmp_path):
     save_checkpoint(path, payload)
     with pytest.raises(CheckpointError, match="positive"):
         load_model(path)
+
+
+def test_stale_temporaries_of_killed_saves_are_swept(tmp_path):
+    from lipnet.checkpoint import remove_stale_temporaries
+
+    model = build_model("convnet-xs", in_channels=1, num_classes=10, input_size=28)
+    save_model(tmp_path / "model.pt", model)
+    (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".checkpoint.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "notes.tmp"]

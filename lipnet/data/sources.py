@@ -213,7 +213,9 @@ def read_idx(path: Path) -> np.ndarray:
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != math.prod(dims):
-        raise DatasetError(f"{path} is truncated: its header says {dims} bytes, it holds {array.size}")
+        state = "truncated" if array.size < math.prod(dims) else "longer than its header says"
+        raise DatasetError(f"{path} is {state}: its header gives dimensions {dims} ({math.prod(dims)} values), "
+                           f"it holds {array.size}")
     return array.reshape(dims)
 
 
@@ -222,7 +224,11 @@ def _read_cifar(info: DatasetInfo, split: str, folder: Path):
     for name in _CIFAR_FILES[info.name][split]:
         with open(folder / name, "rb") as f:
             batch = pickle.load(f, encoding="latin1")  # the format torchvision downloads and reads
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, *info.shape))
+        pixels = np.asarray(batch["data"])
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+            raise DatasetError(f"{folder / name}: pixel values must lie in [0, 255], got [{pixels.min()}, "
+                               f"{pixels.max()}]")
+        images.append(pixels.astype(np.uint8).reshape(-1, *info.shape))
         labels.append(np.asarray(batch[_CIFAR_LABEL_KEY[info.name]], dtype=np.int64))
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 

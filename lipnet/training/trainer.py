@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lipnet.checkpoint import load_checkpoint, model_payload, save_checkpoint, save_model
+from lipnet.checkpoint import load_checkpoint, model_payload, remove_stale_temporaries, save_checkpoint, save_model
 from lipnet.data import DatasetInfo, DeviceLoader, ImageDataset, load_dataset
 from lipnet.models import build_model
 from lipnet.nn import InputNormalization
@@ -148,6 +148,9 @@ class _Run:
     def run(self, on_epoch_end) -> RunResult:
         config, env = self.config, self.env
         start_epoch, history = self._restore()
+        if env.is_main:
+            for path in remove_stale_temporaries(self.out_dir):
+                self.log(f"removed {path.name}, left by a save that was killed mid-write")
         if start_epoch:
             self.log(f"resumed {self.out_dir / CHECKPOINT} after epoch {start_epoch}")
         forward = self.model
