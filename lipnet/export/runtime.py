@@ -195,6 +195,8 @@ class ExportedModel(nn.Module):
 
         A path is written atomically (a temporary file in the same folder, then renamed), so
         an interrupted save never truncates an earlier archive; a file object is written as is.
+        (The same steps as ``lipnet.checkpoint.save_checkpoint``, repeated here because this
+        file must run without lipnet.)
         """
         if not isinstance(f, (str, os.PathLike)):
             torch.save(self.archive(), f)
