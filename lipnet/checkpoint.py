@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import collections
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lipnet.export.runtime import atomic_save
 from lipnet.models import build_model, model_spec, unwrap
 
 FORMAT = "lipnet-checkpoint"
@@ -42,22 +42,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     path = Path(path)
     _check_plain(payload, "payload")  # a value torch.load(weights_only=True) refuses would lose the run
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    if hasattr(os, "fchmod"):  # mkstemp makes the file owner-only; give it the permissions of a plain open()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    atomic_save(payload, path)
     return path
 
 
@@ -170,12 +155,3 @@ def load_model(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Modul
     return model.to(map_location).eval(), info
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory descriptors
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

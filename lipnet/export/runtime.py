@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 __all__ = ["ATEN_OPS", "CERTIFICATE", "FORMAT", "FORMAT_VERSION", "LOGIT_ROUNDING_ULPS", "MODULES", "ExportedModel",
-           "build", "decode", "encode", "function_name", "load", "resolve_function"]
+           "atomic_save", "build", "decode", "encode", "function_name", "load", "resolve_function"]
 
 FORMAT = "lipnet-export"
 FORMAT_VERSION = 1
@@ -193,30 +193,50 @@ class ExportedModel(nn.Module):
     def save(self, f) -> None:
         """``torch.save`` the archive; read it back with :func:`load`.
 
-        A path is written atomically (a temporary file in the same folder, then renamed), so
-        an interrupted save never truncates an earlier archive; a file object is written as is.
-        (The same steps as ``lipnet.checkpoint.save_checkpoint``, repeated here because this
-        file must run without lipnet.)
+        A path is written atomically (:func:`atomic_save`), so an interrupted save never
+        truncates an earlier archive; a file object is written as is.
         """
-        if not isinstance(f, (str, os.PathLike)):
+        if isinstance(f, (str, os.PathLike)):
+            atomic_save(self.archive(), f)
+        else:
             torch.save(self.archive(), f)
-            return
-        path = os.fspath(f)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                                   dir=os.path.dirname(os.path.abspath(path)))
-        try:
-            with os.fdopen(fd, "wb") as out:
-                torch.save(self.archive(), out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
     def extra_repr(self) -> str:
         return f"input_shape={self.input_shape}, lipschitz_bound={self.lipschitz_bound}"
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save(obj)`` to ``path`` so that a crash leaves the old file or the new one, never a part.
+
+    The bytes go to a temporary file ``.NAME.*.tmp`` in the same folder (with the permissions a
+    plain ``open`` would give), which is flushed, fsynced and renamed over ``path``; then the
+    folder is fsynced. Also used for lipnet's checkpoints (this file needs no lipnet).
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    if hasattr(os, "fchmod"):  # mkstemp makes the file owner-only
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            torch.save(obj, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        folder_fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms without directory descriptors
+        return
+    try:
+        os.fsync(folder_fd)
+    finally:
+        os.close(folder_fd)
 
 
 def load(f, map_location=None) -> ExportedModel:
