@@ -90,9 +90,7 @@ def conv2d_symbol(weight: torch.Tensor, embedding: ConvEmbedding, groups: int = 
         Complex tensor of shape ``(groups, F, c_out // groups, (c_in // groups) * s_h * s_w)``
         over the ``F = N_h * (N_w // 2 + 1)`` frequencies of the half-plane.
     """
-    c_out, c_in_g, k_h, k_w = weight.shape
-    if c_out % groups:
-        raise ValueError(f"out_channels ({c_out}) must be divisible by groups ({groups})")
+    k_h, k_w = weight.shape[-2:]
     h, w = embedding
     if len(h.tap_phase) != k_h or len(w.tap_phase) != k_w:
         raise ValueError(f"embedding was built for a {len(h.tap_phase)}x{len(w.tap_phase)} kernel, got {k_h}x{k_w}")
@@ -108,6 +106,8 @@ def _tap_dfts(embedding: ConvEmbedding, weight: torch.Tensor) -> tuple[torch.Ten
 
 def _symbol(weight: torch.Tensor, dft_h: torch.Tensor, dft_w: torch.Tensor, groups: int) -> torch.Tensor:
     c_out, c_in_g, k_h, k_w = weight.shape
+    if c_out % groups:
+        raise ValueError(f"out_channels ({c_out}) must be divisible by groups ({groups})")
     kernel = weight.reshape(groups, c_out // groups, c_in_g, k_h, k_w).to(dft_h.dtype)
     symbol = torch.einsum("goiab,arx,bsy->gxyoirs", kernel, dft_h, dft_w)
     g, n_h, n_w, o, i, s_h, s_w = symbol.shape
@@ -205,11 +205,6 @@ def conv2d_spectral_norm(
     with torch.autocast(weight.device.type, enabled=False):
         if weight.dtype not in (torch.float32, torch.float64):
             weight = weight.float()
-        if weight.shape[0] % groups:
-            raise ValueError(f"out_channels ({weight.shape[0]}) must be divisible by groups ({groups})")
-        if not isinstance(n_iter, int) or n_iter < 0 or screen_iter < 0 or n_candidates < 1:
-            raise ValueError(f"n_iter and screen_iter must be integers >= 0 and n_candidates >= 1, got "
-                             f"{n_iter!r}, {screen_iter!r}, {n_candidates!r}")
         dft_h, dft_w = _tap_dfts(embedding, weight)
         factor = embedding.norm_factor
         del embedding  # not live across the autograd.Function call (torch 2.11's compiler cannot rebuild it)

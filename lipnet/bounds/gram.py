@@ -105,11 +105,6 @@ def max_matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER,
     Returns:
         0-dim real tensor.
     """
-    _check_matrices(mat, n_iter)
-    if mat.dim() != 3:
-        raise ValueError(f"max_matrix_spectral_norm expects a batch (B, m, n), got shape {tuple(mat.shape)}")
-    if screen_iter < 0 or n_candidates < 1:
-        raise ValueError(f"screen_iter must be >= 0 and n_candidates >= 1, got {screen_iter}, {n_candidates}")
     return _MaxGramBound.apply(mat, n_iter, screen_iter, n_candidates)
 
 
@@ -125,6 +120,11 @@ class MaxBound(NamedTuple):
 
 def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidates: int) -> MaxBound:
     """Forward of :func:`max_matrix_spectral_norm`, without autograd (screening, then refinement)."""
+    _check_matrices(mat, n_iter)
+    if mat.dim() != 3:
+        raise ValueError(f"max_matrix_spectral_norm expects a batch (B, m, n), got shape {tuple(mat.shape)}")
+    if screen_iter < 0 or n_candidates < 1:
+        raise ValueError(f"screen_iter must be >= 0 and n_candidates >= 1, got {screen_iter}, {n_candidates}")
     batch = mat.shape[0]
     screen_iter = min(screen_iter, n_iter)
     if batch <= 2 * n_candidates:
@@ -298,12 +298,7 @@ def _trace_statistics(h: torch.Tensor):
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     diag = diag.real if h.is_complex() else diag
     mean = diag.sum(-1) / r
-    if torch.is_grad_enabled() and h.requires_grad:
-        off_diagonal = _squared_frobenius(h - torch.diag_embed(torch.diagonal(h, dim1=-2, dim2=-1)))
-    else:  # the same sum without materializing h - diag(h): squared moduli, diagonal zeroed
-        moduli = _real_view(h).square().sum(-1)
-        moduli.diagonal(dim1=-2, dim2=-1).zero_()
-        off_diagonal = moduli.sum(dim=(-2, -1))
+    off_diagonal = _squared_frobenius(h - torch.diag_embed(torch.diagonal(h, dim1=-2, dim2=-1)))
     diag_squared = diag.square().sum(-1) if not h.is_complex() else _real_view(
         torch.diagonal(h, dim1=-2, dim2=-1)).square().sum(dim=(-2, -1))
     var = (off_diagonal + (diag - mean[..., None]).square().sum(-1)) / r + (_smoothing(h.dtype) * mean).square()
