@@ -10,7 +10,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lipnet.certify.lipschitz import lipschitz_bound, module_lipschitz_bounds
+from lipnet.certify.lipschitz import (
+    has_forward_hooks,
+    lipschitz_bound,
+    module_lipschitz_bounds,
+    overridden_forward_part,
+)
 from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_error_bound, rounding_allowance
 from lipnet.certify.modes import evaluating
 from lipnet.certify.radius import certified_radius
@@ -178,13 +183,9 @@ def is_plain_linear(layer: nn.Module) -> bool:
     hooks. The last-layer radius reads the weight rows directly, so anything else falls back
     to the generic radius.
     """
-    if not isinstance(layer, nn.Linear) or layer._forward_hooks or layer._forward_pre_hooks:
+    if not isinstance(layer, nn.Linear) or has_forward_hooks(layer):
         return False
-    cls = type(layer)
-    if isinstance(layer, GramLinear):
-        names = ("forward", *GramLinear.LIPSCHITZ_BOUND_DEPENDS_ON)
-        return all(getattr(cls, name) is getattr(GramLinear, name) for name in names)
-    return cls.forward is nn.Linear.forward
+    return overridden_forward_part(layer, GramLinear if isinstance(layer, GramLinear) else nn.Linear) is None
 
 
 def _bounds(model: nn.Module, split, input_shape: tuple[int, ...]) -> dict:

@@ -210,13 +210,27 @@ def check_no_forward_hooks(module: nn.Module) -> None:
     """
     from torch.nn.modules import module as torch_module
 
-    own = bool(module._forward_hooks or module._forward_pre_hooks)
+    own = has_forward_hooks(module)
     anywhere = bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
     if own or anywhere:
         where = "has forward hooks" if own else "would run global forward hooks (nn.modules.module.register_module_forward_hook)"
         raise LipschitzBoundError(module, (
             f"{type(module).__name__} {where}, which may change its output, and no Lipschitz bound accounts for "
             "them; remove the hooks (handle.remove()) before certifying"))
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks or forward pre-hooks of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def overridden_forward_part(module: nn.Module, owner: type) -> str | None:
+    """The first of ``forward`` and ``owner.LIPSCHITZ_BOUND_DEPENDS_ON`` that ``module``'s class
+    does not take from ``owner``, or ``None`` when it computes ``owner.forward`` as written."""
+    for name in ("forward", *getattr(owner, "LIPSCHITZ_BOUND_DEPENDS_ON", ())):
+        if getattr(type(module), name, None) is not getattr(owner, name, None):
+            return name
+    return None
 
 
 def _check_method_matches_forward(module: nn.Module) -> None:
@@ -237,12 +251,11 @@ def _check_method_matches_forward(module: nn.Module) -> None:
         return
     if owner is None:
         return
-    for name in ("forward", *getattr(owner, "LIPSCHITZ_BOUND_DEPENDS_ON", ())):
-        if getattr(type(module), name, None) is not getattr(owner, name, None):
-            raise LipschitzBoundError(module, (
-                f"{type(module).__name__} overrides {owner.__name__}.{name} but inherits its lipschitz_bound, "
-                f"which bounds {owner.__name__}.forward as written; define {type(module).__name__}.lipschitz_bound "
-                "or register a bound with lipnet.certify.register_lipschitz_bound"))
+    if (name := overridden_forward_part(module, owner)) is not None:
+        raise LipschitzBoundError(module, (
+            f"{type(module).__name__} overrides {owner.__name__}.{name} but inherits its lipschitz_bound, "
+            f"which bounds {owner.__name__}.forward as written; define {type(module).__name__}.lipschitz_bound "
+            "or register a bound with lipnet.certify.register_lipschitz_bound"))
 
 
 def _lookup(table: dict, module: nn.Module):

@@ -16,6 +16,9 @@ from lipnet.certify import CertificationResult, certified_accuracy
 from lipnet.certify.cli import format_table, plot_certified_accuracy
 
 
+#: File name of the certification report in a run's folder.
+REPORT = "report.json"
+
 def certification_report(model: nn.Module, data, eps, out_dir: str | Path, *, history: list[dict] = (),
                          extra: dict | None = None, device=None, batch_size: int = 1000, progress: bool = True,
                          bins: int = 20) -> dict:
@@ -36,7 +39,7 @@ def certification_report(model: nn.Module, data, eps, out_dir: str | Path, *, hi
     result = certified_accuracy(model, data, eps, device=device, batch_size=batch_size, progress=progress)
     report = {**result.to_dict(), "radius_histogram": radius_histogram(result, bins),
               "certify_seconds": time.perf_counter() - start, **(extra or {})}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     plot_certified_accuracy(result, [], out_dir / "certified_accuracy.png", title="certified accuracy (test)")
     plot_radius_histogram(report["radius_histogram"], out_dir / "radius_histogram.png")
     if history:

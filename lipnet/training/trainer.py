@@ -32,7 +32,7 @@ from lipnet.nn.normalized import GramNormalized
 from lipnet.training.config import TrainConfig
 from lipnet.training.distributed import Distributed, init_distributed, shutdown_distributed
 from lipnet.training.losses import CertifiedMarginLoss
-from lipnet.training.report import certification_report
+from lipnet.training.report import REPORT, certification_report
 from lipnet.training.schedule import make_scheduler, plan_epochs
 
 CHECKPOINT, MODEL, METRICS = "checkpoint.pt", "model.pt", "metrics.jsonl"
@@ -329,7 +329,7 @@ class _Run:
     def _restore(self) -> tuple[int, list[dict]]:
         path = self.out_dir / CHECKPOINT
         if not self.config.resume:
-            earlier = [name for name in (CHECKPOINT, MODEL, METRICS, "report.json") if (self.out_dir / name).exists()]
+            earlier = [name for name in (CHECKPOINT, MODEL, METRICS, REPORT) if (self.out_dir / name).exists()]
             if earlier:
                 hint = "pass --resume to continue it, or " if CHECKPOINT in earlier else ""
                 raise FileExistsError(f"{self.out_dir} holds an earlier run ({', '.join(earlier)}): {hint}choose "
