@@ -4,12 +4,14 @@
 #   bash benchmarks/gpu_check.sh STEP...
 #
 # Steps (run in the order given):
-#   stage      copy the carried CIFAR-10 shards (.data/stage/*.npz) into $DATA_DIR
+#   stage      copy the carried CIFAR-10 shards ($STAGE/*.npz, default .data/stage) into $DATA_DIR
 #   tests      the CUDA tests (tests/test_cuda.py, the GPU test of lipnet.certify)
-#   bounds     python benchmarks/bounds.py --device cuda (eager: accuracy, layer, network)
+#   bounds     python benchmarks/bounds.py --device cuda $BOUNDS_ARGS (accuracy, layer, network;
+#              BOUNDS_ARGS=--compile adds the compiled network)
 #   compiled   the network section again with --compile
 #   cifar10    the cifar10 recipe with --time-budget $TRAIN_BUDGET (default 300 s) on the
 #              data in $DATA_DIR, its float64 certification, then an APGD audit of 500 points
+#              ($TRAIN_ARGS is added to the recipe's command line, $AUDIT_ARGS to the audit's command line, e.g. --eps 0.1411764705882353)
 #
 # Docs: "Taking the GPU figures" in docs/benchmarks.md. lipnet runs from the checkout
 # (PYTHONPATH); nothing is installed. Runs are written under $RUNS (default /root/lipnet-runs,
@@ -30,12 +32,12 @@ cat "$out/gpu.txt"
 for step in "$@"; do
     case "$step" in
         stage)
-            mkdir -p "$data" && cp -v .data/stage/*.npz "$data"/ && ls -la "$data" ;;
+            mkdir -p "$data" && cp -v "${STAGE:-.data/stage}"/*.npz "$data"/ && ls -la "$data" ;;
         tests)
-            timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/certify/test_accuracy.py \
+            timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/certify/test_accuracy.py \
                 -k "cuda or gpu" 2>&1 | tee "$out/tests.txt" ;;
         bounds)
-            timeout 300 python3 benchmarks/bounds.py --device cuda --json "$out/bounds.json" 2>&1 \
+            timeout "${BOUNDS_TIMEOUT:-300}" python3 benchmarks/bounds.py --device cuda ${BOUNDS_ARGS:-} --json "$out/bounds.json" 2>&1 \
                 | tee "$out/bounds.txt" ;;
         compiled)
             timeout 400 python3 benchmarks/bounds.py --device cuda --sections network --compile \
@@ -43,11 +45,11 @@ for step in "$@"; do
         cifar10)
             rm -rf "$runs/cifar10" "$runs/cifar10-audit"
             python3 -m recipes.train cifar10 --data-dir "$data" --out-dir "$runs/cifar10" \
-                --time-budget "${TRAIN_BUDGET:-300}" --progress false 2>&1 | tee "$out/cifar10.txt"
+                --time-budget "${TRAIN_BUDGET:-300}" --progress false ${TRAIN_ARGS:-} 2>&1 | tee "$out/cifar10.txt"
             cp "$runs/cifar10/report.json" "$runs/cifar10/metrics.jsonl" "$out"/ 2>/dev/null
             if python3 -c "import pyautoattack" 2>/dev/null; then
-                timeout 240 python3 -m lipnet.certify --checkpoint "$runs/cifar10/model.pt" --data cifar10 \
-                    --data-dir "$data" --autoattack --attack-version apgd --attack-limit 500 \
+                timeout "${AUDIT_TIMEOUT:-240}" python3 -m lipnet.certify --checkpoint "$runs/cifar10/model.pt" \
+                    --data cifar10 --data-dir "$data" --autoattack --attack-version apgd --attack-limit 500 ${AUDIT_ARGS:-} \
                     --out "$runs/cifar10-audit" --no-progress 2>&1 | tee "$out/audit.txt"
             else
                 echo "pyautoattack is not importable: no audit (see docs/benchmarks.md)" | tee "$out/audit.txt"
