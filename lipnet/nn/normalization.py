@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import math
+
 import torch
 from torch import nn
 
@@ -55,7 +57,7 @@ class InputNormalization(nn.Module):
 
     def lipschitz_bound(self) -> float:
         """``1 / min(std)``, rounded up in float64."""
-        return float(torch.nextafter(1 / self.std.double().min(), torch.tensor(float("inf"), dtype=torch.float64)))
+        return math.nextafter(1 / float(self.std.double().min()), math.inf)
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
