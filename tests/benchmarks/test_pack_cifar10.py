@@ -1,0 +1,44 @@
+"""benchmarks/pack_cifar10.py: the three device folders read back as the original data set."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from lipnet.data.sources import load_dataset
+from lipnet.data.synthetic import synthetic_dataset, write_npz
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pack_cifar10.py"
+
+
+@pytest.fixture(scope="module")
+def pack_module():
+    spec = importlib.util.spec_from_file_location("pack_cifar10", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_folders_put_together_are_the_original(tmp_path, pack_module):
+    train = synthetic_dataset("cifar10", 10, split="train")
+    test = synthetic_dataset("cifar10", 3, split="test", seed=1)
+    write_npz(train, tmp_path / "src" / "train.npz")
+    write_npz(test, tmp_path / "src" / "test.npz")
+    written = pack_module.pack(tmp_path / "src", tmp_path / "out", splits=((0, 4), (4, 8), (8, 10)))
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == [
+        "s1/train-1-of-3.npz", "s2/train-2-of-3.npz", "s3/test.npz", "s3/train-3-of-3.npz"]
+    together = tmp_path / "together"
+    together.mkdir()
+    for path in written:
+        (together / path.name).write_bytes(path.read_bytes())
+    for split, original in (("train", train), ("test", test)):
+        back = load_dataset("cifar10", split, data_dir=together)
+        assert torch.equal(back.images, original.images) and torch.equal(back.labels, original.labels)
+
+
+def test_wrong_count_is_refused(tmp_path, pack_module):
+    write_npz(synthetic_dataset("cifar10", 5, split="train"), tmp_path / "src" / "train.npz")
+    write_npz(synthetic_dataset("cifar10", 2, split="test"), tmp_path / "src" / "test.npz")
+    with pytest.raises(SystemExit, match="expected 50000 training images"):
+        pack_module.pack(tmp_path / "src", tmp_path / "out")
