@@ -38,6 +38,7 @@ from lipnet.bounds.gram import (
     MaxBound,
     max_gram_bound,
     max_gram_bound_grad,
+    screening_steps,
 )
 
 
@@ -94,24 +95,24 @@ def conv2d_symbol(weight: torch.Tensor, embedding: ConvEmbedding, groups: int = 
     h, w = embedding
     if len(h.tap_phase) != k_h or len(w.tap_phase) != k_w:
         raise ValueError(f"embedding was built for a {len(h.tap_phase)}x{len(w.tap_phase)} kernel, got {k_h}x{k_w}")
-    dft_h, dft_w = _tap_dfts(embedding, weight)
-    return _symbol(weight, dft_h, dft_w, groups)
+    return _symbol(weight, _tap_dft_for(embedding, weight), groups)
 
 
-def _tap_dfts(embedding: ConvEmbedding, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _tap_dft_for(embedding: ConvEmbedding, weight: torch.Tensor) -> torch.Tensor:
     complex_dtype = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
-    return (_tap_dft(embedding.height, half=False, dtype=complex_dtype, device=weight.device),
-            _tap_dft(embedding.width, half=True, dtype=complex_dtype, device=weight.device))
+    return _tap_dft(embedding, dtype=complex_dtype, device=weight.device)
 
 
-def _symbol(weight: torch.Tensor, dft_h: torch.Tensor, dft_w: torch.Tensor, groups: int) -> torch.Tensor:
+def _symbol(weight: torch.Tensor, dft: torch.Tensor, groups: int) -> torch.Tensor:
+    """One matrix product: kernel ``(groups * o * i, taps)`` times the tap DFT ``(taps, R S F)``."""
     c_out, c_in_g, k_h, k_w = weight.shape
     if c_out % groups:
         raise ValueError(f"out_channels ({c_out}) must be divisible by groups ({groups})")
-    kernel = weight.reshape(groups, c_out // groups, c_in_g, k_h, k_w).to(dft_h.dtype)
-    symbol = torch.einsum("goiab,arx,bsy->gxyoirs", kernel, dft_h, dft_w)
-    g, n_h, n_w, o, i, s_h, s_w = symbol.shape
-    return symbol.reshape(g, n_h * n_w, o, i * s_h * s_w)
+    _, r, s, f = dft.shape
+    kernel = weight.reshape(c_out * c_in_g, k_h * k_w).to(dft.dtype)
+    symbol = torch.mm(kernel, dft.reshape(k_h * k_w, r * s * f)).view(groups, c_out // groups, c_in_g, r, s, f)
+    # contiguous: one matrix after another, the layout batched products want
+    return symbol.permute(0, 5, 1, 2, 3, 4).reshape(groups, f, c_out // groups, c_in_g * r * s).contiguous()
 
 
 class _ConvSpectralBound(torch.autograd.Function):
@@ -121,32 +122,31 @@ class _ConvSpectralBound(torch.autograd.Function):
     symbol the maximum depends on (no dense gradient over all frequencies)."""
 
     @staticmethod
-    def forward(ctx, weight, dft_h, dft_w, groups, n_iter, screen_iter, n_candidates):
-        symbol = _symbol(weight, dft_h, dft_w, groups)
+    def forward(ctx, weight, dft, groups, n_iter, screen_iter, n_candidates):
+        symbol = _symbol(weight, dft, groups)
         frequencies = symbol.shape[1]
         found = max_gram_bound(symbol.flatten(0, 1), n_iter, screen_iter, n_candidates)
-        ctx.save_for_backward(dft_h, dft_w, *found)
+        ctx.save_for_backward(dft, *found)
         ctx.shape, ctx.groups, ctx.frequencies, ctx.n_iter = weight.shape, groups, frequencies, n_iter
         ctx.dtype = weight.dtype
+        ctx.stops = (screening_steps(symbol.shape[0] * frequencies, n_iter, screen_iter, n_candidates), n_iter)
         return found.value
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        dft_h, dft_w, *saved = ctx.saved_tensors
+        dft, *saved = ctx.saved_tensors
         found = MaxBound(*saved)
-        grad_symbol = max_gram_bound_grad(found, ctx.n_iter) * grad_output
+        grad_symbol = max_gram_bound_grad(found, ctx.n_iter, ctx.stops) * grad_output
         c_out, c_in_g, k_h, k_w = ctx.shape
         # Which group and frequency, as tensors (no host synchronization).
         group, frequency = found.best // ctx.frequencies, found.best % ctx.frequencies
-        x, y = frequency // dft_w.shape[-1], frequency % dft_w.shape[-1]
-        grad_symbol = grad_symbol.reshape(c_out // ctx.groups, c_in_g, dft_h.shape[1], dft_w.shape[1])
-        e_h = dft_h.index_select(2, x[None])[..., 0].conj()
-        e_w = dft_w.index_select(2, y[None])[..., 0].conj()
-        grad_kernel = torch.einsum("oirs,ar,bs->oiab", grad_symbol, e_h, e_w).real
+        taps = dft.index_select(3, frequency[None]).reshape(k_h * k_w, -1)  # e_tap(f*), (taps, R S)
+        # (o i, R S) @ (R S, taps): the sum over input phases of dK conj(e_tap(f*)).
+        grad_kernel = torch.mm(grad_symbol.reshape(-1, taps.shape[1]), taps.mH).real
         grad = torch.zeros(ctx.groups, c_out // ctx.groups, c_in_g, k_h, k_w, dtype=ctx.dtype, device=grad_kernel.device)
-        grad.index_copy_(0, group[None], grad_kernel.to(ctx.dtype)[None])
-        return grad.reshape(ctx.shape), None, None, None, None, None, None
+        grad.index_copy_(0, group[None], grad_kernel.reshape(1, c_out // ctx.groups, c_in_g, k_h, k_w).to(ctx.dtype))
+        return grad.reshape(ctx.shape), None, None, None, None, None
 
 
 def conv2d_spectral_norm(
@@ -205,23 +205,41 @@ def conv2d_spectral_norm(
     with torch.autocast(weight.device.type, enabled=False):
         if weight.dtype not in (torch.float32, torch.float64):
             weight = weight.float()
-        dft_h, dft_w = _tap_dfts(embedding, weight)
+        dft = _tap_dft_for(embedding, weight)
         factor = embedding.norm_factor
         del embedding  # not live across the autograd.Function call (torch 2.11's compiler cannot rebuild it)
-        value = _ConvSpectralBound.apply(weight, dft_h, dft_w, groups, n_iter, screen_iter, n_candidates)
+        value = _ConvSpectralBound.apply(weight, dft, groups, n_iter, screen_iter, n_candidates)
         return factor * value
 
 
 _DFT_CACHE: dict = {}
 
 
-def _tap_dft(axis: AxisEmbedding, half: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``E[a, r, f] = [r == r_a] exp(-2 pi i f b_a / N)`` (zero for dead taps): taps to (phase, frequency)."""
-    compiling = torch.compiler.is_compiling()  # a compiled graph computes it once anyway; no cache writes
-    key = (axis, half, dtype, device)
+def _tap_dft(embedding: ConvEmbedding, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``E[(a, b), r, s, (x, y)] = e_h[a, r, x] e_w[b, s, y]``: kernel taps to (input phase,
+    frequency) of both axes, ``x`` over all ``N_h`` and ``y`` over the half-plane ``N_w // 2 + 1``.
+
+    Cached per embedding, dtype and device (not while compiling: a compiled graph computes it
+    once anyway, and cache writes would break the graph).
+    """
+    compiling = torch.compiler.is_compiling()
+    key = (embedding, dtype, device)
     cached = None if compiling else _DFT_CACHE.get(key)
     if cached is not None:
         return cached
+    e_h, e_w = _axis_dft(embedding.height, half=False), _axis_dft(embedding.width, half=True)
+    (k_h, r, x), (k_w, s, y) = e_h.shape, e_w.shape
+    dft = torch.einsum("arx,bsy->abrsxy", e_h, e_w).reshape(k_h * k_w, r, s, x * y)
+    dft = dft.to(device=device, dtype=dtype)
+    if not compiling:
+        if len(_DFT_CACHE) > 256:
+            _DFT_CACHE.clear()
+        _DFT_CACHE[key] = dft
+    return dft
+
+
+def _axis_dft(axis: AxisEmbedding, half: bool) -> torch.Tensor:
+    """``e[a, r, f] = [r == r_a] exp(-2 pi i f b_a / N)`` (zero for dead taps), complex128 on the CPU."""
     n = axis.fft_size
     freqs = torch.arange(n // 2 + 1 if half else n, dtype=torch.float64)
     shifts = torch.tensor(axis.tap_shift, dtype=torch.float64)
@@ -229,10 +247,4 @@ def _tap_dft(axis: AxisEmbedding, half: bool, dtype: torch.dtype, device: torch.
     angle = -2 * math.pi * torch.remainder(shifts[:, None] * freqs[None, :], n) / n
     phase = torch.nn.functional.one_hot(torch.tensor(axis.tap_phase), axis.phases).to(torch.float64)
     phase = phase * torch.tensor(axis.tap_live, dtype=torch.float64)[:, None]
-    dft = phase[:, :, None] * torch.polar(torch.ones_like(angle), angle)[:, None, :]
-    dft = dft.to(device=device, dtype=dtype)
-    if not compiling:
-        if len(_DFT_CACHE) > 256:
-            _DFT_CACHE.clear()
-        _DFT_CACHE[key] = dft
-    return dft
+    return phase[:, :, None] * torch.polar(torch.ones_like(angle), angle)[:, None, :]

@@ -118,25 +118,32 @@ class MaxBound(NamedTuple):
     trace_form: torch.Tensor  # whether its bound is the trace form
 
 
+def screening_steps(batch: int, n_iter: int, screen_iter: int, n_candidates: int) -> int:
+    """Gram steps every matrix of a batch of ``batch`` gets in :func:`max_gram_bound`."""
+    return n_iter if batch <= 2 * n_candidates else min(screen_iter, n_iter)
+
+
 def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidates: int) -> MaxBound:
-    """Forward of :func:`max_matrix_spectral_norm`, without autograd (screening, then refinement)."""
+    """Forward of :func:`max_matrix_spectral_norm`, without autograd (screening, then refinement).
+
+    Every matrix ends with ``screening_steps(...)`` or ``n_iter`` steps, so
+    :func:`max_gram_bound_grad` only needs those two stops.
+    """
     _check_matrices(mat, n_iter)
     if mat.dim() != 3:
         raise ValueError(f"max_matrix_spectral_norm expects a batch (B, m, n), got shape {tuple(mat.shape)}")
     if screen_iter < 0 or n_candidates < 1:
         raise ValueError(f"screen_iter must be >= 0 and n_candidates >= 1, got {screen_iter}, {n_candidates}")
     batch = mat.shape[0]
-    screen_iter = min(screen_iter, n_iter)
-    if batch <= 2 * n_candidates:
-        screen_iter = n_iter
+    screen_iter = screening_steps(batch, n_iter, screen_iter, n_candidates)
     g, log_scale = _gram_first_inplace(mat, screen_iter)
     g, log_scale = _gram_steps_inplace(g, log_scale, screen_iter - 1)
-    bounds, trace_form = _gram_bound(g, log_scale, screen_iter)
+    bounds, trace_form = _gram_bound_nograd(g, log_scale, screen_iter)
     steps = torch.full((batch,), screen_iter, dtype=torch.int64, device=mat.device)
     if screen_iter < n_iter:
         idx = bounds.topk(n_candidates).indices
         g, log_scale = _gram_steps_inplace(g[idx], log_scale[idx], n_iter - screen_iter, screen_iter > 0)
-        refined, refined_form = _gram_bound(g, log_scale, n_iter)
+        refined, refined_form = _gram_bound_nograd(g, log_scale, n_iter)
         bounds = bounds.scatter(0, idx, refined)
         trace_form = trace_form.scatter(0, idx, refined_form)
         steps = steps.scatter(0, idx, torch.full_like(idx, n_iter))
@@ -147,36 +154,43 @@ def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidate
                     trace_form.index_select(0, pick)[0])
 
 
-def max_gram_bound_grad(found: MaxBound, n_iter: int) -> torch.Tensor:
+def max_gram_bound_grad(found: MaxBound, n_iter: int, stops=None) -> torch.Tensor:
     """Gradient of the maximum with respect to the maximizing matrix (shape of ``found.matrix``).
 
     The bound of that matrix is ``||H_t||^(1/2^t)`` (Frobenius or trace form) of its Gram
     iterates ``H_j = H_{j-1}^2``, ``H_1 = A A^H``; its derivative is a product of the iterates
-    (the rescalings cancel), computed here in ``O(t)`` products of one matrix.
+    (the rescalings cancel), computed here in ``O(t)`` products of one matrix. ``stops``: the
+    step counts ``found.steps`` can hold (default: any of ``0 .. n_iter``); the products are
+    kept at those counts only and picked at the end, so two stops cost two selections.
     """
     w, value, steps, trace_form = found.matrix, found.value, found.steps, found.trace_form
-    zero = value == 0
-    a = w / torch.where(zero, torch.ones_like(value), value).to(w.dtype)
+    stops = sorted(set(range(n_iter + 1) if stops is None else stops))
+    # A zero bound means a zero matrix: then a = 0 and every product below is 0 (no 0/0).
+    a = w / value.clamp_min(torch.finfo(value.dtype).tiny).to(w.dtype)
     left = a.shape[-2] <= a.shape[-1]
     h = a @ a.mH if left else a.mH @ a
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-    # product: H_1 ... H_j over the steps taken; before: H_1 ... H_{t-1}; last: H_t.
-    product, before, last = eye, eye, eye
-    for t in range(1, n_iter + 1):
+    # At stop t: before = H_1 ... H_{t-1}, last = H_t, product = H_1 ... H_t (identity if empty).
+    kept = {0: (eye, eye, eye)}
+    product = eye
+    for t in range(1, stops[-1] + 1):
         if t > 1:
             h = h @ h
-        before = torch.where(steps == t, product, before)
-        last = torch.where(steps == t, h, last)
-        product = torch.where(steps >= t, product @ h, product)
+        before, product = product, (h if t == 1 else product @ h)
+        if t in stops:
+            kept[t] = (before, h, product)
+    before, last, product = kept[stops[0]]
+    for t in stops[1:]:
+        here = steps == t
+        before, last, product = (torch.where(here, new, old) for new, old in zip(kept[t], (before, last, product)))
     r = h.shape[-1]
-    mean, spread, _ = _trace_statistics(last)
+    mean, spread, _ = _trace_statistics(last, differentiable=False)
     c = (r - 1) ** 0.5
-    inv_spread = 1 / torch.where(spread == 0, torch.ones_like(spread), spread)
+    inv_spread = 1 / spread.clamp_min(torch.finfo(spread.dtype).tiny)
     keep = 1 - c * (1 - _smoothing(h.dtype) ** 2) * mean * inv_spread
     trace_weight = (keep * before + c * inv_spread * product) / r
     weight = torch.where(trace_form, trace_weight.to(h.dtype), product)
-    grad_w = weight @ a if left else a @ weight
-    return torch.where(zero, torch.zeros_like(grad_w), grad_w)
+    return weight @ a if left else a @ weight
 
 
 class _MaxGramBound(torch.autograd.Function):
@@ -186,6 +200,7 @@ class _MaxGramBound(torch.autograd.Function):
         ctx.save_for_backward(*found)
         ctx.batch_shape = mat.shape
         ctx.n_iter = n_iter
+        ctx.stops = (screening_steps(mat.shape[0], n_iter, screen_iter, n_candidates), n_iter)
         return found.value
 
     @staticmethod
@@ -193,7 +208,7 @@ class _MaxGramBound(torch.autograd.Function):
     def backward(ctx, grad_output):
         found = MaxBound(*ctx.saved_tensors)
         grad = torch.zeros(ctx.batch_shape, dtype=found.matrix.dtype, device=found.matrix.device)
-        grad_best = (max_gram_bound_grad(found, ctx.n_iter) * grad_output).to(grad.dtype)
+        grad_best = (max_gram_bound_grad(found, ctx.n_iter, ctx.stops) * grad_output).to(grad.dtype)
         grad.index_copy_(0, found.best[None], grad_best[None])
         return grad, None, None, None
 
@@ -238,13 +253,14 @@ def _real_view(g: torch.Tensor) -> torch.Tensor:
 
 
 def _gram_first_inplace(mat: torch.Tensor, n_iter: int):
-    """:func:`_gram_first` without autograd, with fewer passes over memory.
+    """:func:`_gram_first` without autograd, for a batch ``(B, m, n)``, in few operations.
 
     Any positive scale works for the first rescaling; the largest real or imaginary
     part (within sqrt(2) of the largest modulus) is cheaper to find than the modulus.
+    Zero matrices get the scale ``tiny`` (they stay zero); NaN propagates.
     """
-    scale = _nonzero(_real_view(mat).abs().amax(dim=(-3, -2, -1)))
-    a = mat / scale[..., None, None]
+    scale = _real_view(mat).abs().amax(dim=(-3, -2, -1)).clamp_min(torch.finfo(mat.real.dtype).tiny)
+    a = mat / scale.view(-1, 1, 1)
     if n_iter == 0:
         return a, torch.log(scale)
     g = a @ a.mH if mat.shape[-2] <= mat.shape[-1] else a.mH @ a
@@ -252,15 +268,42 @@ def _gram_first_inplace(mat: torch.Tensor, n_iter: int):
 
 
 def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, hermitian: bool = True):
-    """:func:`_gram_steps` without autograd: in-place rescaling, and ``g @ g`` once the
-    iterate is a Gram matrix (``G^H G = G^2`` for Hermitian ``G``; the rounding-level
-    asymmetry of a computed Gram matrix changes the bound only at rounding level)."""
+    """:func:`_gram_steps` without autograd, for a batch, in a few operations per step (on a
+    GPU each operation is a kernel launch, and launches, not flops, set the bound's time);
+    ``g`` is rescaled in place.
+
+    ``g @ g`` replaces ``g^H g`` once the iterate is a Gram matrix (equal for Hermitian
+    ``g``; the rounding-level asymmetry of a computed Gram matrix changes the bound only at
+    rounding level). The logarithms of the rescalings are added up once at the end:
+    ``G_S = exp(2^S l_0 + sum_j 2^(S-j+1) log f_j) g_S`` for Frobenius norms ``f_j``.
+    """
+    if steps <= 0:
+        return g, log_scale
+    tiny = torch.finfo(log_scale.dtype).tiny
+    norms = []
     for step in range(steps):
-        frob = _nonzero(torch.linalg.vector_norm(_real_view(g), dim=(-3, -2, -1)))
-        _real_view(g).div_(frob[..., None, None, None])
-        log_scale = 2 * (log_scale + torch.log(frob))
-        g = g @ g if hermitian or step > 0 else g.mH @ g
-    return g, log_scale
+        real = _real_view(g)  # a view: norms and scaling of real tensors are the fast paths
+        frob = torch.linalg.vector_norm(real, dim=(-3, -2, -1)).clamp_min(tiny)
+        norms.append(frob)
+        real.div_(frob.view(-1, 1, 1, 1))
+        g = torch.bmm(g, g) if hermitian or step > 0 else g.mH @ g
+    weights = torch.exp2(torch.arange(steps, 0, -1, dtype=log_scale.dtype, device=log_scale.device))
+    return g, log_scale * 2.0**steps + (weights[:, None] * torch.log(torch.stack(norms))).sum(0)
+
+
+def _gram_bound_nograd(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int):
+    """:func:`_gram_bound` without autograd: ``log 0 = -inf`` gives the exact 0 of zero matrices
+    without selections (no gradient to keep finite here)."""
+    if n_iter == 0:
+        lam = torch.linalg.vector_norm(_real_view(g), dim=(-3, -2, -1))
+        trace_form = torch.zeros_like(lam, dtype=torch.bool)
+    else:
+        mean, spread, squared_frobenius = _trace_statistics(g, differentiable=False)
+        frob = squared_frobenius.sqrt()
+        trace = torch.add(mean, spread, alpha=(g.shape[-1] - 1) ** 0.5)
+        trace_form = trace < frob
+        lam = torch.minimum(trace, frob)
+    return torch.exp((torch.log(lam) + log_scale) / 2**n_iter), trace_form
 
 
 def _gram_bound(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int):
@@ -286,23 +329,24 @@ def _smoothing(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** 0.5
 
 
-def _trace_statistics(h: torch.Tensor):
+def _trace_statistics(h: torch.Tensor, differentiable: bool = True):
     """``(m, s', ||h||_F^2)`` of a Hermitian ``h``: ``m = tr(h) / r``,
     ``s'^2 = ||h - m I||_F^2 / r + (tau m)^2``.
 
     ``s'^2`` is summed from non-negative terms (off-diagonal moduli and diagonal deviations),
     so it is accurate to a few units of rounding even for nearly scalar ``h``; so is
-    ``||h||_F^2``, the off-diagonal sum plus the squared diagonal.
+    ``||h||_F^2``, the off-diagonal sum plus the squared diagonal. ``differentiable=False``
+    (no autograd through it) skips the finite-gradient guard of the square root.
     """
     r = h.shape[-1]
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
-    diag = diag.real if h.is_complex() else diag
-    mean = diag.sum(-1) / r
-    off_diagonal = _squared_frobenius(h - torch.diag_embed(torch.diagonal(h, dim1=-2, dim2=-1)))
-    diag_squared = diag.square().sum(-1) if not h.is_complex() else _real_view(
-        torch.diagonal(h, dim1=-2, dim2=-1)).square().sum(dim=(-2, -1))
-    var = (off_diagonal + (diag - mean[..., None]).square().sum(-1)) / r + (_smoothing(h.dtype) * mean).square()
-    return mean, _safe_sqrt(var), off_diagonal + diag_squared
+    real_diag = diag.real if h.is_complex() else diag
+    mean = real_diag.mean(-1)
+    off_diagonal = _squared_frobenius(h - torch.diag_embed(diag))
+    deviation = (real_diag - mean.unsqueeze(-1)).square().sum(-1)
+    var = (off_diagonal + deviation) / r + (_smoothing(h.dtype) * mean).square()
+    spread = _safe_sqrt(var) if differentiable else var.sqrt()
+    return mean, spread, off_diagonal + _real_view(diag).square().sum(dim=(-2, -1))
 
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
