@@ -16,6 +16,9 @@ Sections (all in one run, so the ratios compare like with like):
             algorithm's cost model), torch's spectral_norm parametrization (power
             iteration on the reshaped kernel: cheap but not a bound of the conv
             operator), deel-torchlip's SpectralConv2d if installed.
+  ops       aten operations dispatched by one forward and one forward+backward of the
+            default bound (each is a kernel launch or more on a GPU, where launches, not
+            flops, set the bound's time at these sizes).
   network   training throughput (images/s) of the reference ConvNet (3x3 convs, widths
             64-128-256-512, two per stage, strided convs between stages, MaxMin, linear
             head: 5.5M parameters) with plain vs Gram layers, eager and (--compile)
@@ -75,6 +78,29 @@ def autograd_all_frequencies(weight, n):
     """Cost model of the 2023 reference: autograd through n_iter=6 steps on every frequency."""
     symbol = conv2d_symbol(weight, conv2d_embedding(3, n, padding=1))
     return matrix_spectral_norm(symbol, 6).amax()
+
+
+def operation_counts(c: int, n: int, device) -> dict:
+    """Aten operations of one bound forward and forward+backward (after a warm-up call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    weight = torch.randn(c, c, 3, 3, device=device, requires_grad=True)
+    conv2d_spectral_norm(weight, n, padding=1).backward()
+    out = dict(c=c, n=n)
+    for name, fn in (("forward", lambda: conv2d_spectral_norm(weight.detach(), n, padding=1)),
+                     ("forward_backward", lambda: conv2d_spectral_norm(weight, n, padding=1).backward())):
+        Count.calls = 0
+        with Count():
+            fn()
+        out[name] = Count.calls
+    return out
 
 
 def layer_times(c: int, n: int, batch: int, device, repeat: int) -> dict:
@@ -163,7 +189,7 @@ def machine() -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sections", default="accuracy,layer,network")
+    parser.add_argument("--sections", default="accuracy,ops,layer,network")
     parser.add_argument("--batch", type=int, default=256, help="batch of the layer benchmark")
     parser.add_argument("--net-batch", type=int, default=None, help="batch of the network benchmark (512 on GPU, 64 on CPU)")
     parser.add_argument("--repeat", type=int, default=None, help="timed repetitions (median)")
@@ -188,6 +214,13 @@ def main(argv=None):
         for r in rows:
             print(f"{r['c']:>4} {r['n']:>3} {r['bound']:>10.5f} {r['circulant_exact']:>16.5f} {r['gram_gap']:>9.1e} "
                   f"{r['power_lower']:>15.5f} {r['ratio_to_lower']:>11.5f}")
+
+    if "ops" in sections:
+        rows = [operation_counts(c, n, device) for c, n in shapes]
+        results["ops"] = rows
+        print("\n## aten operations of one bound (forward; forward+backward)")
+        for r in rows:
+            print(f"{r['c']:>4} {r['n']:>3} {r['forward']:>6} {r['forward_backward']:>6}")
 
     if "layer" in sections:
         rows = [layer_times(c, n, args.batch, device, repeat) for c, n in shapes]
