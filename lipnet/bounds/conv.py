@@ -227,7 +227,10 @@ def _tap_dft(embedding: ConvEmbedding, dtype: torch.dtype, device: torch.device)
     cached = None if compiling else _DFT_CACHE.get(key)
     if cached is not None:
         return cached
-    e_h, e_w = _axis_dft(embedding.height, half=False), _axis_dft(embedding.width, half=True)
+    # Built on the CPU and cached; while compiling, built on the device itself, so that a
+    # compiled CUDA graph holds no CPU work or host-to-device copy (CUDA graphs need that).
+    build_on = device if compiling else torch.device("cpu")
+    e_h, e_w = _axis_dft(embedding.height, False, build_on), _axis_dft(embedding.width, True, build_on)
     (k_h, r, x), (k_w, s, y) = e_h.shape, e_w.shape
     dft = torch.einsum("arx,bsy->abrsxy", e_h, e_w).reshape(k_h * k_w, r, s, x * y)
     dft = dft.to(device=device, dtype=dtype)
@@ -238,13 +241,14 @@ def _tap_dft(embedding: ConvEmbedding, dtype: torch.dtype, device: torch.device)
     return dft
 
 
-def _axis_dft(axis: AxisEmbedding, half: bool) -> torch.Tensor:
-    """``e[a, r, f] = [r == r_a] exp(-2 pi i f b_a / N)`` (zero for dead taps), complex128 on the CPU."""
+def _axis_dft(axis: AxisEmbedding, half: bool, device: torch.device) -> torch.Tensor:
+    """``e[a, r, f] = [r == r_a] exp(-2 pi i f b_a / N)`` (zero for dead taps), complex128."""
     n = axis.fft_size
-    freqs = torch.arange(n // 2 + 1 if half else n, dtype=torch.float64)
-    shifts = torch.tensor(axis.tap_shift, dtype=torch.float64)
+    freqs = torch.arange(n // 2 + 1 if half else n, dtype=torch.float64, device=device)
+    shifts = torch.tensor(axis.tap_shift, dtype=torch.float64, device=device)
     # Reduce f * b modulo N in integers before the angle, for accurate large products.
     angle = -2 * math.pi * torch.remainder(shifts[:, None] * freqs[None, :], n) / n
-    phase = torch.nn.functional.one_hot(torch.tensor(axis.tap_phase), axis.phases).to(torch.float64)
-    phase = phase * torch.tensor(axis.tap_live, dtype=torch.float64)[:, None]
+    phases = torch.arange(axis.phases, device=device)
+    phase = (torch.tensor(axis.tap_phase, device=device)[:, None] == phases[None, :]).to(torch.float64)
+    phase = phase * torch.tensor(axis.tap_live, dtype=torch.float64, device=device)[:, None]
     return phase[:, :, None] * torch.polar(torch.ones_like(angle), angle)[:, None, :]
