@@ -156,7 +156,7 @@ def reference_convnet(gram: bool, num_classes: int = 10) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def network_throughput(batch: int, device, repeat: int, compile_: bool) -> dict:
+def network_throughput(batch: int, device, repeat: int, compile_: bool, compile_mode: str = "default") -> dict:
     """Images/s of plain and Gram networks, eager first, then compiled; each figure is printed
     as soon as it is measured (a compilation cut off by a time limit loses only its own)."""
     x = torch.randn(batch, 3, 32, 32, device=device)
@@ -165,10 +165,11 @@ def network_throughput(batch: int, device, repeat: int, compile_: bool) -> dict:
     out = {"params": sum(p.numel() for p in nets[True].parameters())}
     for mode in ("eager", "compiled") if compile_ else ("eager",):
         for gram, net in nets.items():
-            model = torch.compile(net) if mode == "compiled" else net
+            model = torch.compile(net, mode=compile_mode) if mode == "compiled" else net
             opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
 
             def step():
+                torch.compiler.cudagraph_mark_step_begin()  # a no-op unless compile_mode uses CUDA graphs
                 opt.zero_grad(set_to_none=True)
                 nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
@@ -194,6 +195,8 @@ def main(argv=None):
     parser.add_argument("--net-batch", type=int, default=None, help="batch of the network benchmark (512 on GPU, 64 on CPU)")
     parser.add_argument("--repeat", type=int, default=None, help="timed repetitions (median)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode of --compile (reduce-overhead: CUDA graphs)")
     parser.add_argument("--shapes", default=",".join(f"{c}x{n}" for c, n in SHAPES))
     parser.add_argument("--json", default=None, help="write all numbers to this file")
     args = parser.parse_args(argv)
@@ -234,7 +237,7 @@ def main(argv=None):
 
     if "network" in sections:
         batch = args.net_batch or (64 if cpu else 512)
-        r = network_throughput(batch, device, max(2, repeat // 5) if cpu else repeat, args.compile)
+        r = network_throughput(batch, device, max(2, repeat // 5) if cpu else repeat, args.compile, args.compile_mode)
         results["network"] = dict(batch=batch, **r)
         print(f"\n## reference ConvNet ({r['params'] / 1e6:.2f}M parameters), training images/s, batch {batch}")
         for mode in ("eager", "compiled") if args.compile else ("eager",):

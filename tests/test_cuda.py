@@ -132,6 +132,20 @@ def test_recipe_trains_a_few_steps_on_gpu(tmp_path, capsys):
     assert report["lipschitz"] > 0 and 0 <= report["clean_accuracy"] <= 1
 
 
+def test_recipe_trains_with_cuda_graphs(tmp_path):
+    """compile_mode='reduce-overhead': the step replays CUDA graphs and still trains and certifies."""
+    from recipes.train import main
+
+    data = tmp_path / "data"
+    write_npz(synthetic_dataset("cifar10", 256, split="train"), data / "train.npz")
+    write_npz(synthetic_dataset("cifar10", 128, split="test", seed=1), data / "test.npz")
+    out = tmp_path / "run"
+    assert main(["cifar10", "--data-dir", str(data), "--out-dir", str(out), "--epochs", "2", "--batch-size", "64",
+                 "--model", "liresnet-xs", "--compile-mode", "reduce-overhead", "--progress", "false"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["lipschitz"] > 0 and 0 <= report["clean_accuracy"] <= 1
+
+
 def test_exactness_of_conv_bound_against_dense_operator_on_gpu():
     """The symbol route on the GPU against the explicit operator (impulse responses, float64)."""
     weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)

@@ -11,6 +11,9 @@ import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+#: ``torch.compile`` modes a run may ask for (``compile_mode``).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -41,7 +44,10 @@ class TrainConfig:
     Operations
         seed, threads (CPU threads of torch; ``None``: its default), device ("auto": CUDA when
         available), amp ("auto": bf16 autocast on CUDA only), compile (torch.compile the training
-        forward on CUDA; ignored on CPU, where compiling costs more than it saves), out_dir,
+        forward on CUDA; ignored on CPU, where compiling costs more than it saves), compile_mode
+        (torch.compile's ``mode``: "default", "reduce-overhead" for CUDA graphs, which replay the
+        many small kernels of the bounds without launch overhead, "max-autotune",
+        "max-autotune-no-cudagraphs"), out_dir,
         resume, certify (final report), progress (bars).
     """
 
@@ -78,6 +84,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"
     out_dir: str = "runs/run"
     resume: bool = False
     certify: bool = True
@@ -85,12 +92,12 @@ class TrainConfig:
 
     #: Fields that may change when a run is resumed (they do not change what is computed).
     OPERATIONAL: typing.ClassVar[frozenset] = frozenset(
-        {"data_dir", "download", "threads", "device", "compile", "out_dir", "resume", "certify", "progress",
+        {"data_dir", "download", "threads", "device", "compile", "compile_mode", "out_dir", "resume", "certify", "progress",
          "eval_batch_size", "eval_eps"})
 
     def __post_init__(self):
         choices = {"loss": ("ce", "hinge"), "schedule": ("cosine", "linear", "constant"),
-                   "amp": ("auto", "bf16", "none")}
+                   "amp": ("auto", "bf16", "none"), "compile_mode": COMPILE_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -157,8 +157,12 @@ class _Run:
         if env.enabled:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
             forward = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        # CUDA graphs (reduce-overhead, max-autotune) reuse their output memory on the next
+        # replay; each step marks its start so that the previous step's logits may be freed.
+        self._cuda_graphs = False
         if config.compile and env.device.type == "cuda":
-            forward = torch.compile(forward)
+            forward = torch.compile(forward, mode=config.compile_mode)
+            self._cuda_graphs = config.compile_mode in ("reduce-overhead", "max-autotune")
         self.log(f"{config.dataset} from {self.train_data.source}")
         self.log(f"{config.dataset}: {len(self.train_data)} train / {len(self.test_data)} test images, model "
                  f"{config.model}, {sum(p.numel() for p in self.model.parameters()):,} parameters, {env.world_size} "
@@ -206,6 +210,8 @@ class _Run:
         for step, (x, y) in enumerate(bar):
             if step == timed_from:  # past compilation and warm-up: the steady speed starts here
                 steady_start = self._synchronized_time()
+            if self._cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(env.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                 enabled=self.amp_dtype is not None):
                 logits = forward(x)

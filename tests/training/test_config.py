@@ -30,7 +30,8 @@ def test_bad_overrides_are_explained(args, message):
 
 def test_changed_fields_ignore_operational_settings():
     a = TrainConfig()
-    assert a.changed_fields(a.replace(out_dir="elsewhere", resume=True, device="cpu", progress=False)) == []
+    assert a.changed_fields(a.replace(out_dir="elsewhere", resume=True, device="cpu", progress=False,
+                                      compile_mode="reduce-overhead")) == []
     assert a.changed_fields(a.replace(lr=0.5, epochs=2)) == ["epochs", "lr"]
     assert TrainConfig.from_dict(a.to_dict()) == a
 
@@ -50,6 +51,7 @@ def test_settings_are_validated_before_any_training():
 
     for bad, message in [({"time_budget": float("inf")}, "finite"), ({"eval_eps": (-1.0,)}, "eval_eps"),
                          ({"test_subset": 0}, "test_subset"), ({"train_eps": float("nan")}, "finite"),
+                         ({"compile_mode": "fast"}, "compile_mode must be one of"),
                          ({"model_kwargs": {"width": np.int64(8)}}, "plain Python")]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(**bad)
