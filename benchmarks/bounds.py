@@ -39,6 +39,7 @@ from torch import nn
 from lipnet.bounds import conv2d_embedding, conv2d_power_iteration, conv2d_spectral_norm, conv2d_symbol
 from lipnet.bounds.gram import matrix_spectral_norm
 from lipnet.nn import GramConv2d, GramLinear, MaxMin
+from lipnet.training.config import CUDA_GRAPH_MODES
 
 SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]
 
@@ -166,10 +167,12 @@ def network_throughput(batch: int, device, repeat: int, compile_: bool, compile_
     for mode in ("eager", "compiled") if compile_ else ("eager",):
         for gram, net in nets.items():
             model = torch.compile(net, mode=compile_mode) if mode == "compiled" else net
+            cuda_graphs = mode == "compiled" and compile_mode in CUDA_GRAPH_MODES
             opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
 
             def step():
-                torch.compiler.cudagraph_mark_step_begin()  # a no-op unless compile_mode uses CUDA graphs
+                if cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 opt.zero_grad(set_to_none=True)
                 nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()

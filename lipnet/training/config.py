@@ -13,6 +13,8 @@ from fractions import Fraction
 
 #: ``torch.compile`` modes a run may ask for (``compile_mode``).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: Those of them that replay CUDA graphs (each step then marks its start).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from lipnet.data import DatasetInfo, DeviceLoader, ImageDataset, load_dataset
 from lipnet.models import build_model
 from lipnet.nn import InputNormalization
 from lipnet.nn.normalized import GramNormalized
-from lipnet.training.config import TrainConfig
+from lipnet.training.config import CUDA_GRAPH_MODES, TrainConfig
 from lipnet.training.distributed import Distributed, init_distributed, shutdown_distributed
 from lipnet.training.losses import CertifiedMarginLoss
 from lipnet.training.report import REPORT, certification_report
@@ -162,7 +162,7 @@ class _Run:
         self._cuda_graphs = False
         if config.compile and env.device.type == "cuda":
             forward = torch.compile(forward, mode=config.compile_mode)
-            self._cuda_graphs = config.compile_mode in ("reduce-overhead", "max-autotune")
+            self._cuda_graphs = config.compile_mode in CUDA_GRAPH_MODES
         self.log(f"{config.dataset} from {self.train_data.source}")
         self.log(f"{config.dataset}: {len(self.train_data)} train / {len(self.test_data)} test images, model "
                  f"{config.model}, {sum(p.numel() for p in self.model.parameters()):,} parameters, {env.world_size} "
