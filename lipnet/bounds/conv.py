@@ -95,7 +95,7 @@ def conv2d_symbol(weight: torch.Tensor, embedding: ConvEmbedding, groups: int = 
     h, w = embedding
     if len(h.tap_phase) != k_h or len(w.tap_phase) != k_w:
         raise ValueError(f"embedding was built for a {len(h.tap_phase)}x{len(w.tap_phase)} kernel, got {k_h}x{k_w}")
-    return _symbol(weight, _tap_dft_for(embedding, weight), groups)
+    return _symbol(weight[None], _tap_dft_for(embedding, weight), groups)[0]
 
 
 def _tap_dft_for(embedding: ConvEmbedding, weight: torch.Tensor) -> torch.Tensor:
@@ -104,32 +104,34 @@ def _tap_dft_for(embedding: ConvEmbedding, weight: torch.Tensor) -> torch.Tensor
 
 
 def _symbol(weight: torch.Tensor, dft: torch.Tensor, groups: int) -> torch.Tensor:
-    """One matrix product: kernel ``(groups * o * i, taps)`` times the tap DFT ``(taps, R S F)``."""
-    c_out, c_in_g, k_h, k_w = weight.shape
+    """Symbols ``(L, groups, F, o, i R S)`` of ``L`` stacked kernels ``(L, c_out, c_in // groups, k_h, k_w)``,
+    in one matrix product: kernels ``(L * c_out * c_in // groups, taps)`` times the tap DFT ``(taps, R S F)``."""
+    layers, c_out, c_in_g, k_h, k_w = weight.shape
     if c_out % groups:
         raise ValueError(f"out_channels ({c_out}) must be divisible by groups ({groups})")
     _, r, s, f = dft.shape
-    kernel = weight.reshape(c_out * c_in_g, k_h * k_w).to(dft.dtype)
-    symbol = torch.mm(kernel, dft.reshape(k_h * k_w, r * s * f)).view(groups, c_out // groups, c_in_g, r, s, f)
+    kernel = weight.reshape(layers * c_out * c_in_g, k_h * k_w).to(dft.dtype)
+    symbol = torch.mm(kernel, dft.reshape(k_h * k_w, r * s * f)).view(layers, groups, c_out // groups, c_in_g, r, s, f)
     # contiguous: one matrix after another, the layout batched products want
-    return symbol.permute(0, 5, 1, 2, 3, 4).reshape(groups, f, c_out // groups, c_in_g * r * s).contiguous()
+    return symbol.permute(0, 1, 6, 2, 3, 4, 5).reshape(layers, groups, f, c_out // groups, c_in_g * r * s).contiguous()
 
 
 class _ConvSpectralBound(torch.autograd.Function):
-    """``max_f gram_bound(K(f))`` of a kernel's symbols, with a backward through the maximizing
-    frequency alone: ``K(f)`` is linear in the kernel, ``K(f) = sum_taps W_tap e_tap(f)``, so
-    the kernel's gradient is ``Re(sum conj(e_tap(f*)) dK)`` for the gradient ``dK`` of the one
-    symbol the maximum depends on (no dense gradient over all frequencies)."""
+    """``max_f gram_bound(K(f))`` of each of ``L`` stacked kernels' symbols, with a backward
+    through the maximizing frequency alone: ``K(f)`` is linear in the kernel,
+    ``K(f) = sum_taps W_tap e_tap(f)``, so the kernel's gradient is
+    ``Re(sum conj(e_tap(f*)) dK)`` for the gradient ``dK`` of the one symbol the maximum
+    depends on (no dense gradient over all frequencies)."""
 
     @staticmethod
     def forward(ctx, weight, dft, groups, n_iter, screen_iter, n_candidates):
         symbol = _symbol(weight, dft, groups)
-        frequencies = symbol.shape[1]
-        found = max_gram_bound(symbol.flatten(0, 1), n_iter, screen_iter, n_candidates)
+        frequencies = symbol.shape[2]
+        found = max_gram_bound(symbol.flatten(1, 2), n_iter, screen_iter, n_candidates)
         ctx.save_for_backward(dft, *found)
         ctx.shape, ctx.groups, ctx.frequencies, ctx.n_iter = weight.shape, groups, frequencies, n_iter
         ctx.dtype = weight.dtype
-        ctx.stops = (screening_steps(symbol.shape[0] * frequencies, n_iter, screen_iter, n_candidates), n_iter)
+        ctx.stops = (screening_steps(groups * frequencies, n_iter, screen_iter, n_candidates), n_iter)
         return found.value
 
     @staticmethod
@@ -137,15 +139,18 @@ class _ConvSpectralBound(torch.autograd.Function):
     def backward(ctx, grad_output):
         dft, *saved = ctx.saved_tensors
         found = MaxBound(*saved)
-        grad_symbol = max_gram_bound_grad(found, ctx.n_iter, ctx.stops) * grad_output
-        c_out, c_in_g, k_h, k_w = ctx.shape
-        # Which group and frequency, as tensors (no host synchronization).
+        grad_symbol = max_gram_bound_grad(found, ctx.n_iter, ctx.stops) * grad_output[:, None, None]
+        layers, c_out, c_in_g, k_h, k_w = ctx.shape
+        # Which group and frequency of each kernel, as tensors (no host synchronization).
         group, frequency = found.best // ctx.frequencies, found.best % ctx.frequencies
-        taps = dft.index_select(3, frequency[None]).reshape(k_h * k_w, -1)  # e_tap(f*), (taps, R S)
-        # (o i, R S) @ (R S, taps): the sum over input phases of dK conj(e_tap(f*)).
-        grad_kernel = torch.mm(grad_symbol.reshape(-1, taps.shape[1]), taps.mH).real
-        grad = torch.zeros(ctx.groups, c_out // ctx.groups, c_in_g, k_h, k_w, dtype=ctx.dtype, device=grad_kernel.device)
-        grad.index_copy_(0, group[None], grad_kernel.reshape(1, c_out // ctx.groups, c_in_g, k_h, k_w).to(ctx.dtype))
+        # e_tap(f*) of each kernel, (L, taps, R S)
+        taps = dft.index_select(3, frequency).permute(3, 0, 1, 2).reshape(layers, k_h * k_w, -1)
+        # (o i, R S) @ (R S, taps) per kernel: the sum over input phases of dK conj(e_tap(f*)).
+        grad_kernel = torch.bmm(grad_symbol.reshape(layers, -1, taps.shape[2]), taps.mH).real
+        size = grad_kernel.shape[1] * grad_kernel.shape[2]
+        grad = torch.zeros(layers, ctx.groups, size, dtype=ctx.dtype, device=grad_kernel.device)
+        grad.scatter_(1, group.view(layers, 1, 1).expand(layers, 1, size),
+                      grad_kernel.reshape(layers, 1, size).to(ctx.dtype))
         return grad.reshape(ctx.shape), None, None, None, None, None
 
 
@@ -176,7 +181,10 @@ def conv2d_spectral_norm(
       valid convolution's times ``sqrt`` of the largest copy count (sound, not tight).
 
     Args:
-        weight: kernel ``(c_out, c_in // groups, k_h, k_w)``, real.
+        weight: kernel ``(c_out, c_in // groups, k_h, k_w)``, real; or ``L`` such kernels
+            stacked, ``(L, c_out, c_in // groups, k_h, k_w)``, bounded in one computation (the
+            same few batched operations for all of them: on a GPU, where each operation is a
+            kernel launch, ``L`` layers of one shape cost little more than one).
         input_size: spatial size ``n`` or ``(h, w)`` of the input.
         stride, padding, dilation, groups, padding_mode: as in ``nn.Conv2d``.
         n_iter: Gram iterations of the frequencies that may hold the maximum.
@@ -186,7 +194,8 @@ def conv2d_spectral_norm(
             bound whatever these are.
 
     Returns:
-        0-dim tensor, differentiable with respect to ``weight``. The bound is computed in
+        0-dim tensor (``(L,)`` for stacked kernels: one bound each), differentiable with
+        respect to ``weight``. The bound is computed in
         float32 for half-precision weights and never under autocast.
 
     Example:
@@ -196,8 +205,10 @@ def conv2d_spectral_norm(
         >>> bool(torch.nn.functional.conv2d(x, w, padding=1).norm() <= bound * x.norm())
         True
     """
-    if weight.dim() != 4:
-        raise ValueError(f"conv2d weight must have shape (c_out, c_in // groups, k_h, k_w), got {tuple(weight.shape)}")
+    stacked = weight.dim() == 5
+    if weight.dim() not in (4, 5):
+        raise ValueError("conv2d weight must have shape (c_out, c_in // groups, k_h, k_w), or (L, c_out, c_in // "
+                         f"groups, k_h, k_w) for L stacked kernels, got {tuple(weight.shape)}")
     if weight.is_complex():
         raise TypeError("conv2d_spectral_norm expects a real kernel")
     embedding = conv2d_embedding(weight.shape[-2:], input_size, stride=stride, padding=padding,
@@ -208,8 +219,9 @@ def conv2d_spectral_norm(
         dft = _tap_dft_for(embedding, weight)
         factor = embedding.norm_factor
         del embedding  # not live across the autograd.Function call (torch 2.11's compiler cannot rebuild it)
-        value = _ConvSpectralBound.apply(weight, dft, groups, n_iter, screen_iter, n_candidates)
-        return factor * value
+        value = _ConvSpectralBound.apply(weight if stacked else weight[None], dft, groups, n_iter, screen_iter,
+                                         n_candidates)
+        return factor * (value if stacked else value[0])
 
 
 _DFT_CACHE: dict = {}

@@ -109,10 +109,11 @@ def max_matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER,
 
 
 class MaxBound(NamedTuple):
-    """The maximum of a batch's Gram bounds and what its gradient needs."""
+    """The maximum of a batch's Gram bounds and what its gradient needs (each field with a
+    leading dimension ``L`` for ``L`` stacked batches)."""
 
-    value: torch.Tensor  # 0-dim: the maximum
-    best: torch.Tensor  # index of the maximizing matrix
+    value: torch.Tensor  # the maximum
+    best: torch.Tensor  # index of the maximizing matrix in its batch
     matrix: torch.Tensor  # that matrix
     steps: torch.Tensor  # Gram steps it received
     trace_form: torch.Tensor  # whether its bound is the trace form
@@ -126,32 +127,41 @@ def screening_steps(batch: int, n_iter: int, screen_iter: int, n_candidates: int
 def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidates: int) -> MaxBound:
     """Forward of :func:`max_matrix_spectral_norm`, without autograd (screening, then refinement).
 
-    Every matrix ends with ``screening_steps(...)`` or ``n_iter`` steps, so
-    :func:`max_gram_bound_grad` only needs those two stops.
+    ``mat`` is one batch ``(B, m, n)`` or ``L`` independent batches ``(L, B, m, n)``, each
+    with its own screening and maximum (the fields of the result then have a leading ``L``);
+    all ``L * B`` matrices go through the same few batched operations. Every matrix ends
+    with ``screening_steps(B, ...)`` or ``n_iter`` steps, so :func:`max_gram_bound_grad`
+    only needs those two stops.
     """
     _check_matrices(mat, n_iter)
-    if mat.dim() != 3:
-        raise ValueError(f"max_matrix_spectral_norm expects a batch (B, m, n), got shape {tuple(mat.shape)}")
+    if mat.dim() not in (3, 4):
+        raise ValueError(f"max_matrix_spectral_norm expects a batch (B, m, n) or batches (L, B, m, n), "
+                         f"got shape {tuple(mat.shape)}")
     if screen_iter < 0 or n_candidates < 1:
         raise ValueError(f"screen_iter must be >= 0 and n_candidates >= 1, got {screen_iter}, {n_candidates}")
-    batch = mat.shape[0]
+    stacked = mat.dim() == 4
+    layers, batch = mat.shape[:2] if stacked else (1, mat.shape[0])
+    flat = mat.flatten(0, 1) if stacked else mat
+    # Where each batch starts in the flat one.
+    starts = torch.arange(0, layers * batch, batch, device=mat.device)
     screen_iter = screening_steps(batch, n_iter, screen_iter, n_candidates)
-    g, log_scale = _gram_first_inplace(mat, screen_iter)
+    g, log_scale = _gram_first_inplace(flat, screen_iter)
     g, log_scale = _gram_steps_inplace(g, log_scale, screen_iter - 1)
     bounds, trace_form = _gram_bound_nograd(g, log_scale, screen_iter)
-    steps = torch.full((batch,), screen_iter, dtype=torch.int64, device=mat.device)
+    steps = torch.full((layers * batch,), screen_iter, dtype=torch.int64, device=mat.device)
     if screen_iter < n_iter:
-        idx = bounds.topk(n_candidates).indices
+        idx = (bounds.view(layers, batch).topk(n_candidates, dim=1).indices + starts[:, None]).flatten()
         g, log_scale = _gram_steps_inplace(g[idx], log_scale[idx], n_iter - screen_iter, screen_iter > 0)
         refined, refined_form = _gram_bound_nograd(g, log_scale, n_iter)
         bounds = bounds.scatter(0, idx, refined)
         trace_form = trace_form.scatter(0, idx, refined_form)
         steps = steps.scatter(0, idx, torch.full_like(idx, n_iter))
     # Tensor indices throughout: no host synchronization, and one graph under torch.compile.
-    value, best = bounds.max(0)
-    pick = best[None]
-    return MaxBound(value, best, mat.index_select(0, pick)[0], steps.index_select(0, pick)[0],
-                    trace_form.index_select(0, pick)[0])
+    value, best = bounds.view(layers, batch).max(1)
+    pick = best + starts
+    found = MaxBound(value, best, flat.index_select(0, pick), steps.index_select(0, pick),
+                     trace_form.index_select(0, pick))
+    return found if stacked else MaxBound(*(field[0] for field in found))
 
 
 def max_gram_bound_grad(found: MaxBound, n_iter: int, stops=None) -> torch.Tensor:
@@ -159,14 +169,15 @@ def max_gram_bound_grad(found: MaxBound, n_iter: int, stops=None) -> torch.Tenso
 
     The bound of that matrix is ``||H_t||^(1/2^t)`` (Frobenius or trace form) of its Gram
     iterates ``H_j = H_{j-1}^2``, ``H_1 = A A^H``; its derivative is a product of the iterates
-    (the rescalings cancel), computed here in ``O(t)`` products of one matrix. ``stops``: the
+    (the rescalings cancel), computed here in ``O(t)`` products of one matrix (of each matrix, for
+    the fields of ``L`` stacked batches, ``found.matrix`` of shape ``(L, m, n)``). ``stops``: the
     step counts ``found.steps`` can hold (default: any of ``0 .. n_iter``); the products are
     kept at those counts only and picked at the end, so two stops cost two selections.
     """
     w, value, steps, trace_form = found.matrix, found.value, found.steps, found.trace_form
     stops = sorted(set(range(n_iter + 1) if stops is None else stops))
     # A zero bound means a zero matrix: then a = 0 and every product below is 0 (no 0/0).
-    a = w / value.clamp_min(torch.finfo(value.dtype).tiny).to(w.dtype)
+    a = w / value.clamp_min(torch.finfo(value.dtype).tiny).to(w.dtype)[..., None, None]
     left = a.shape[-2] <= a.shape[-1]
     h = a @ a.mH if left else a.mH @ a
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
@@ -181,15 +192,15 @@ def max_gram_bound_grad(found: MaxBound, n_iter: int, stops=None) -> torch.Tenso
             kept[t] = (before, h, product)
     before, last, product = kept[stops[0]]
     for t in stops[1:]:
-        here = steps == t
+        here = (steps == t)[..., None, None]
         before, last, product = (torch.where(here, new, old) for new, old in zip(kept[t], (before, last, product)))
     r = h.shape[-1]
     mean, spread, _ = _trace_statistics(last, differentiable=False)
     c = (r - 1) ** 0.5
-    inv_spread = 1 / spread.clamp_min(torch.finfo(spread.dtype).tiny)
-    keep = 1 - c * (1 - _smoothing(h.dtype) ** 2) * mean * inv_spread
+    inv_spread = (1 / spread.clamp_min(torch.finfo(spread.dtype).tiny))[..., None, None]
+    keep = 1 - c * (1 - _smoothing(h.dtype) ** 2) * mean[..., None, None] * inv_spread
     trace_weight = (keep * before + c * inv_spread * product) / r
-    weight = torch.where(trace_form, trace_weight.to(h.dtype), product)
+    weight = torch.where(trace_form[..., None, None], trace_weight.to(h.dtype), product)
     return weight @ a if left else a @ weight
 
 

@@ -283,3 +283,28 @@ def test_gradient_through_the_maximizing_frequency_matches_autograd(config):
     torch.testing.assert_close(value, reference, rtol=1e-12, atol=0)
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
     assert torch.autograd.gradcheck(lambda w: conv2d_spectral_norm(w, 9, groups=groups, **geometry), (weight,))
+
+
+@pytest.mark.parametrize("config", [dict(padding=1), dict(padding=1, stride=2), dict(padding=2, dilation=2, groups=2),
+                                    dict(padding=1, padding_mode="circular", groups=3), dict(stride=3),
+                                    dict(padding=1, padding_mode="reflect")], ids=str)
+def test_stacked_kernels_are_bounded_as_if_alone(config):
+    """A stack ``(L, ...)`` gives each kernel its own bound (sound against the dense operator)
+    and its own gradient, equal to bounding it alone, adversarial kernels included."""
+    gen = torch.Generator().manual_seed(7)
+    groups = config.get("groups", 1)
+    kernels = [adversarial_kernel(kind, 6, 6 // groups, 3, 3, gen) for kind in KINDS]
+    kernels[0] = kernels[0] * 1e3  # one kernel far larger than the rest
+    weight = torch.stack(kernels).requires_grad_(True)
+    size = (9, 7)
+    bounds = conv2d_spectral_norm(weight, size, **config)
+    assert bounds.shape == (len(KINDS),)
+    coefficients = torch.linspace(1, 2, len(KINDS), dtype=torch.float64)
+    (grad,) = torch.autograd.grad((bounds * coefficients).sum(), weight)
+    for i, kernel in enumerate(kernels):
+        alone = kernel.clone().requires_grad_(True)
+        bound = conv2d_spectral_norm(alone, size, **config)
+        (grad_alone,) = torch.autograd.grad(bound * coefficients[i], alone)
+        torch.testing.assert_close(bounds[i], bound, rtol=1e-12, atol=0)
+        torch.testing.assert_close(grad[i], grad_alone, rtol=1e-9, atol=1e-12)
+        assert bounds[i].item() >= exact_conv2d_spectral_norm(kernel, size, **config) * (1 - 1e-12)

@@ -188,3 +188,27 @@ def test_rejects_bad_arguments():
         matrix_spectral_norm(torch.ones(3, 3, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match="batch"):
         max_matrix_spectral_norm(torch.randn(3, 3), 2)
+
+
+@pytest.mark.parametrize("screen,k", [(5, 8), (1, 1), (0, 2)])
+def test_stacked_batches_each_get_their_own_screening_and_maximum(screen, k):
+    """``(L, B, m, n)``: each batch's maximum as if it ran alone, even when one batch's
+    matrices are all far larger than another's (a shared screening would refine none of the
+    small batch's matrices)."""
+    from lipnet.bounds.gram import max_gram_bound, max_gram_bound_grad, screening_steps
+
+    gen = torch.Generator().manual_seed(3)
+    mats = torch.randn(3, 40, 5, 7, dtype=torch.float64, generator=gen)
+    mats[1] *= 1e3
+    mats[2, 17] *= 4  # a clear maximiser
+    stacked = max_gram_bound(mats, 9, screen, k)
+    stops = (screening_steps(40, 9, screen, k), 9)
+    grads = max_gram_bound_grad(stacked, 9, stops)
+    for i in range(3):
+        alone = max_gram_bound(mats[i], 9, screen, k)
+        assert stacked.value[i] == alone.value and stacked.best[i] == alone.best
+        assert stacked.steps[i] == alone.steps and stacked.trace_form[i] == alone.trace_form
+        torch.testing.assert_close(grads[i], max_gram_bound_grad(alone, 9, stops), rtol=1e-12, atol=0)
+        exact = torch.linalg.matrix_norm(mats[i], ord=2).max()
+        assert stacked.value[i] >= exact * (1 - 1e-12)
+    assert int(stacked.best[2]) == 17
