@@ -37,6 +37,7 @@ from lipnet.nn.gram_conv import GramConv2d
 from lipnet.nn.gram_linear import GramLinear
 from lipnet.nn.pooling import pooling_lipschitz_bound, sqrt_up
 from lipnet.nn.residual import ConvexResidual, GramResidualConv2d
+from lipnet.nn.sequential import GramSequential
 
 __all__ = ["Change", "Conversion", "ConversionReport", "Obstacle", "convert", "traced_lipschitz_bound"]
 
@@ -462,7 +463,7 @@ def _is_custom_container(module: nn.Module) -> bool:
     """A module with children whose bound lipnet.certify cannot derive from theirs by itself."""
     if not any(True for _ in module.children()) or callable(getattr(module, "lipschitz_bound", None)):
         return False
-    for known in (nn.Sequential, ConvexResidual):
+    for known in (GramSequential, nn.Sequential, ConvexResidual):  # most derived first
         if isinstance(module, known):
             return type(module).forward is not known.forward
     return not isinstance(module, (nn.ModuleList, nn.ModuleDict))

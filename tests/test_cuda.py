@@ -154,3 +154,43 @@ def test_exactness_of_conv_bound_against_dense_operator_on_gpu():
     dense = F.conv2d(basis, weight, padding=1).reshape(2 * n * n, -1)
     exact = torch.linalg.matrix_norm(dense, ord=2).item()
     assert conv2d_spectral_norm(weight.cuda(), (n, n), padding=1).item() >= exact * (1 - 1e-12)
+
+
+def test_stacked_bounds_on_gpu_equal_each_layer_alone():
+    """On CUDA a LiResNet stacks its equal residual bounds by default: same outputs and
+    gradients as every layer bounding itself, eager and compiled, and each stacked kernel's
+    bound is above its exact norm."""
+    import copy
+
+    from lipnet.nn import GramResidualConv2d
+    from lipnet.nn import sequential as sequential_module
+
+    torch.manual_seed(0)
+    model = build_model("liresnet-xs", in_channels=3, num_classes=10, input_size=16).cuda().train()
+    for module in model.modules():
+        if isinstance(module, GramResidualConv2d):
+            module.weight.data.normal_(0, 0.1)
+    per_layer = copy.deepcopy(model)
+    per_layer.stack_bounds = False
+    x = torch.rand(8, 3, 16, 16, device="cuda")
+    calls = []
+    original = sequential_module.stacked_normalized_weights
+    sequential_module.stacked_normalized_weights = lambda layers, size: calls.append(len(layers)) or original(layers,
+                                                                                                            size)
+    try:
+        out = model(x)
+    finally:
+        sequential_module.stacked_normalized_weights = original
+    assert calls == [4]
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    reference = per_layer(x)
+    expected = torch.autograd.grad(reference.square().sum(), list(per_layer.parameters()))
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(x), reference, rtol=1e-4, atol=1e-5)
+    weights = torch.stack([m.weight.detach() + 0 for m in model.modules() if isinstance(m, GramResidualConv2d)])
+    bounds = conv2d_spectral_norm(weights.double(), (8, 8), padding="same")
+    for weight, bound in zip(weights, bounds):
+        assert bound.item() >= exact_conv2d_spectral_norm(weight.double().cpu(), (8, 8), padding="same") * (1 - 1e-12)

@@ -20,6 +20,7 @@ from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_e
 from lipnet.certify.modes import evaluating
 from lipnet.certify.radius import certified_radius
 from lipnet.nn.gram_linear import GramLinear
+from lipnet.nn.sequential import GramSequential
 
 #: The L2 radii (pixels in [0, 1]) most papers report on CIFAR-10.
 DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
@@ -165,9 +166,11 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] = DEFAULT_EP
 def split_last_linear(model: nn.Module) -> tuple[nn.Sequential, nn.Linear] | None:
     """``(body, last)`` when ``model`` is an ``nn.Sequential`` ending in an ``nn.Linear``, else ``None``.
 
-    ``body`` is a plain ``nn.Sequential`` sharing the modules of ``model``.
+    ``body`` is a plain ``nn.Sequential`` sharing the modules of ``model``. A
+    :class:`~lipnet.nn.GramSequential` counts (in eval mode its forward is ``nn.Sequential``'s).
     """
-    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward or len(model) < 1:
+    sequential_forwards = (nn.Sequential.forward, GramSequential.forward)
+    if not isinstance(model, nn.Sequential) or type(model).forward not in sequential_forwards or len(model) < 1:
         return None
     *body, last = list(model)
     if not is_plain_linear(last):

@@ -15,8 +15,9 @@ How a module's bound is found, first match wins:
    (``input_shape[1:]``) when it takes an argument (Gram layers, pooling, residual blocks,
    input normalization); an inherited method is refused when the subclass overrides
    ``forward``;
-3. for ``nn.Sequential`` and :class:`~lipnet.nn.ConvexResidual` (and subclasses that keep
-   their ``forward``), the composition of their children's bounds.
+3. for ``nn.Sequential``, :class:`~lipnet.nn.GramSequential` and
+   :class:`~lipnet.nn.ConvexResidual` (and subclasses that keep their ``forward``), the
+   composition of their children's bounds.
 
 A module matching neither raises :class:`UnknownModuleError`, naming the module's path in
 the model and its type: there is no default of 1. Bounds are for the model in eval mode
@@ -39,6 +40,7 @@ from lipnet.certify.modes import evaluating
 from lipnet.nn.activations import MaxMin
 from lipnet.nn.pooling import adaptive_pooling_lipschitz_bound, pooling_lipschitz_bound, sqrt_up, window_multiplicity
 from lipnet.nn.residual import ConvexResidual
+from lipnet.nn.sequential import GramSequential
 
 #: ``fn(module, input_shape) -> float``: a sound upper bound on the module's L2 Lipschitz
 #: constant for inputs of ``input_shape`` (one example, no batch dimension).
@@ -318,6 +320,8 @@ def _convex_residual_bound(module: ConvexResidual, x: torch.Tensor):
 
 
 _COMPOSITES[nn.Sequential] = _sequential_bound
+# In eval mode (certification runs in it) GramSequential.forward is nn.Sequential's.
+_COMPOSITES[GramSequential] = _sequential_bound
 _COMPOSITES[ConvexResidual] = _convex_residual_bound
 
 

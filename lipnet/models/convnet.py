@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
-
 from lipnet.bounds.gram import DEFAULT_N_ITER
 from lipnet.models.init import orthogonal_init_
 from lipnet.models.parts import dense_head, input_layers
 from lipnet.models.registry import register_sizes
-from lipnet.nn import GramConv2d, MaxMin
+from lipnet.nn import GramConv2d, GramSequential, MaxMin
 
 
-class ConvNet(nn.Sequential):
+class ConvNet(GramSequential):
     """``normalize -> stem -> [conv x depth, downsample] per stage -> flatten -> dense -> logits``.
 
     Every layer is a Gram layer or MaxMin, so the network is ``1 / min(std)``-Lipschitz from

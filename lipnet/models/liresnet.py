@@ -10,10 +10,10 @@ from lipnet.bounds.gram import DEFAULT_N_ITER
 from lipnet.models.init import orthogonal_init_
 from lipnet.models.parts import dense_head, input_layers
 from lipnet.models.registry import register_sizes
-from lipnet.nn import GramConv2d, GramResidualConv2d, MaxMin
+from lipnet.nn import GramConv2d, GramResidualConv2d, GramSequential, MaxMin
 
 
-class LiResNet(nn.Sequential):
+class LiResNet(GramSequential):
     """``normalize -> stem -> [I + conv, MaxMin] x depth -> neck -> flatten -> dense -> logits``.
 
     The residual blocks are :class:`lipnet.nn.GramResidualConv2d` (the convolution

@@ -6,6 +6,7 @@ from lipnet.nn.gram_linear import GramLinear
 from lipnet.nn.normalization import InputNormalization
 from lipnet.nn.pooling import GlobalL2NormPool2d, GlobalScaledAvgPool2d, L2NormPool2d, ScaledAvgPool2d
 from lipnet.nn.residual import ConvexResidual, GramResidualConv2d
+from lipnet.nn.sequential import GramSequential, stacked_normalized_weights
 
 __all__ = [
     "ConvexResidual",
@@ -14,9 +15,11 @@ __all__ = [
     "GramConv2d",
     "GramLinear",
     "GramResidualConv2d",
+    "GramSequential",
     "InputNormalization",
     "L2NormPool2d",
     "MaxMin",
     "ScaledAvgPool2d",
     "max_min",
+    "stacked_normalized_weights",
 ]

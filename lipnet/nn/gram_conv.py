@@ -37,7 +37,7 @@ class GramConv2d(GramNormalized, nn.Conv2d):
         Gram Iteration", ICML 2023.
     """
 
-    LIPSCHITZ_BOUND_DEPENDS_ON = (*GramNormalized.LIPSCHITZ_BOUND_DEPENDS_ON, "_conv_forward")
+    LIPSCHITZ_BOUND_DEPENDS_ON = (*GramNormalized.LIPSCHITZ_BOUND_DEPENDS_ON, "_forward_normalized", "_conv_forward")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", device=None, dtype=None, *, n_iter: int = DEFAULT_N_ITER):
@@ -69,15 +69,31 @@ class GramConv2d(GramNormalized, nn.Conv2d):
                                     dilation=self.dilation, groups=self.groups, padding_mode=self.padding_mode,
                                     n_iter=n_iter, screen_iter=n_iter if exhaustive else DEFAULT_SCREEN_ITER)
 
+    def stack_key(self):
+        # Only the bound this class defines can be stacked (a subclass may override it).
+        if type(self)._operator_norm is not GramConv2d._operator_norm:
+            return None
+        weight = self.weight
+        return (GramConv2d, tuple(weight.shape), weight.dtype, weight.device, self.stride,
+                self.padding, self.dilation, self.groups, self.padding_mode, self.n_iter)
+
+    def _stacked_operator_norm(self, weights, input_size, n_iter):
+        return conv2d_spectral_norm(weights, input_size, stride=self.stride, padding=self.padding,
+                                    dilation=self.dilation, groups=self.groups, padding_mode=self.padding_mode,
+                                    n_iter=n_iter, screen_iter=DEFAULT_SCREEN_ITER)
+
     def _matrix_shape(self):
         stride = self.stride[0] * self.stride[1]
         taps = self.kernel_size[0] * self.kernel_size[1]
         return self.out_channels // self.groups, self.in_channels // self.groups * stride, taps
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        size = (int(input.shape[-2]), int(input.shape[-1]))
-        self._last_input_size = size
-        return self._conv_forward(input, self.normalized_weight(size), self.bias)
+        return self._forward_normalized(input, self.normalized_weight((int(input.shape[-2]), int(input.shape[-1]))))
+
+    def _forward_normalized(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The convolution with ``weight``, the normalized weight for this input's size."""
+        self._last_input_size = (int(input.shape[-2]), int(input.shape[-1]))
+        return self._conv_forward(input, weight, self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", n_iter={self.n_iter}"

@@ -62,17 +62,31 @@ class GramNormalized:
         """Differentiable upper bound on the operator norm of the raw weight."""
         bound = self._operator_norm(self._operator_weight(), input_size, self.n_iter)
         if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(bound)):
-            if bool(torch.isnan(self.weight).any()):
-                state = "contains NaN"
-            elif bool(torch.isinf(self.weight).any()):
-                state = "contains inf"
-            else:
-                state = "is finite but too large for its dtype"
-            raise FloatingPointError(
-                f"{type(self).__name__}: the weight {state}, so its spectral bound is {float(bound.detach())}. "
-                "Training has probably diverged: lower the learning rate or restore the last checkpoint."
-            )
+            self._raise_not_finite(bound)
         return bound
+
+    def _raise_not_finite(self, bound: torch.Tensor) -> None:
+        if bool(torch.isnan(self.weight).any()):
+            state = "contains NaN"
+        elif bool(torch.isinf(self.weight).any()):
+            state = "contains inf"
+        else:
+            state = "is finite but too large for its dtype"
+        raise FloatingPointError(
+            f"{type(self).__name__}: the weight {state}, so its spectral bound is {float(bound.detach())}. "
+            "Training has probably diverged: lower the learning rate or restore the last checkpoint."
+        )
+
+    def stack_key(self) -> tuple | None:
+        """Layers with equal keys can be bounded together on inputs of one size
+        (:func:`lipnet.nn.stacked_normalized_weights`): one computation of
+        :meth:`_stacked_operator_norm` for all their weights. ``None``: this layer is bounded
+        on its own (the default)."""
+        return None
+
+    def _stacked_operator_norm(self, weights: torch.Tensor, input_size, n_iter: int) -> torch.Tensor:
+        """Bounds ``(L,)`` of ``L`` stacked operator weights, each as :meth:`_operator_norm` would give."""
+        raise NotImplementedError
 
     def normalized_weight(self, input_size=None) -> torch.Tensor:
         """``weight / max(bound, TINY)``: the weight the layer actually applies."""

@@ -1,0 +1,137 @@
+"""Bounding Gram layers of one configuration together: one stacked computation per training step.
+
+A network often repeats one layer shape (a residual trunk of equal convolutions, two
+convolutions per stage). The Gram bounds of such layers are independent but identical in
+structure, so their weights can be stacked and bounded by one batched computation
+(:func:`lipnet.bounds.conv2d_spectral_norm` on a ``(L, ...)`` stack): the same few
+operations for ``L`` layers as for one. On a GPU, where the bound's cost is its number of
+kernel launches rather than its arithmetic, that removes most of the per-layer cost, and a
+compiled graph gets smaller.
+
+Each layer still applies its own weight divided by its own bound, computed on the input
+size it actually sees (a layer seeing another size than the one assumed is bounded again,
+on its own), so every layer stays 1-Lipschitz exactly as when it runs alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lipnet.nn.normalized import TINY, GramNormalized
+
+
+def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size) -> list[torch.Tensor]:
+    """The normalized weights of ``layers``, all of one :meth:`~GramNormalized.stack_key`, bounded together.
+
+    Args:
+        layers: Gram layers whose ``stack_key()`` are equal and not ``None``.
+        input_size: the spatial size of the input each of them is applied to.
+
+    Returns:
+        One tensor per layer: its ``_operator_weight() / max(bound, TINY)``, the weight its
+        ``normalized_weight(input_size)`` would give (up to rounding), differentiable.
+
+    Example:
+        >>> from lipnet.nn import GramConv2d
+        >>> convs = [GramConv2d(8, 8, 3, padding=1) for _ in range(3)]
+        >>> weights = stacked_normalized_weights(convs, (16, 16))
+        >>> [tuple(w.shape) for w in weights]
+        [(8, 8, 3, 3), (8, 8, 3, 3), (8, 8, 3, 3)]
+    """
+    layers = list(layers)
+    if not layers:
+        return []
+    key = layers[0].stack_key()
+    if key is None or any(layer.stack_key() != key for layer in layers[1:]):
+        raise ValueError("stacked_normalized_weights: the layers must share one stack_key (same class, "
+                         "weight shape, dtype, device, geometry and n_iter) for this input size")
+    weights = torch.stack([layer._operator_weight() for layer in layers])
+    bounds = layers[0]._stacked_operator_norm(weights, input_size, layers[0].n_iter)
+    if not torch.compiler.is_compiling() and any(layer.check_finite for layer in layers):
+        finite = torch.isfinite(bounds)
+        if not bool(finite.all()):  # one host synchronization for the whole stack
+            index = int((~finite).nonzero()[0])
+            layers[index]._raise_not_finite(bounds[index])
+    scale = bounds.clamp_min(TINY).to(weights.dtype).view(-1, *([1] * (weights.dim() - 1)))
+    return list((weights / scale).unbind(0))
+
+
+class GramSequential(nn.Sequential):
+    """``nn.Sequential`` that, in training mode, bounds its Gram layers of one configuration together.
+
+    Same construction, ``state_dict`` and eval-mode behaviour as ``nn.Sequential``. In
+    training mode, when the first of several direct children with one
+    :meth:`~lipnet.nn.normalized.GramNormalized.stack_key` (e.g. the equal residual
+    convolutions of a LiResNet) is reached, the normalized weights of it and the later ones
+    are computed in one stacked bound computation (:func:`stacked_normalized_weights`) for
+    the input size it sees; a later layer that sees another size is bounded again on its own
+    input. The output equals the plain ``nn.Sequential``'s up to rounding, and each layer
+    is 1-Lipschitz as when it runs alone. Children with forward hooks (or any global
+    forward hook) run as plain modules.
+
+    Stacking pays where each operation costs a kernel launch (GPUs: one set of launches for
+    ``L`` layers); on a CPU the arithmetic dominates and the larger stacked tensors were
+    measured slower (``docs/benchmarks.md``), so by default it is used only for inputs on
+    an accelerator.
+
+    Args:
+        *args: the modules, as ``nn.Sequential`` (or one ``OrderedDict``).
+        stack_bounds: ``None`` (default): stack for inputs not on the CPU; ``True``: always;
+            ``False``: never (every layer bounds itself).
+
+    Example:
+        >>> from lipnet.nn import GramConv2d, MaxMin
+        >>> net = GramSequential(GramConv2d(4, 4, 3, padding=1), MaxMin(), GramConv2d(4, 4, 3, padding=1))
+        >>> net(torch.randn(2, 4, 8, 8)).shape
+        torch.Size([2, 4, 8, 8])
+    """
+
+    def __init__(self, *args, stack_bounds: bool | None = None):
+        super().__init__(*args)
+        if stack_bounds not in (None, True, False):
+            raise ValueError(f"stack_bounds must be None, True or False, got {stack_bounds!r}")
+        self.stack_bounds = stack_bounds
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        stack = input.device.type != "cpu" if self.stack_bounds is None else self.stack_bounds
+        stackable = self._stackable() if self.training and stack else {}
+        if not stackable:
+            return super().forward(input)
+        x = input
+        ready: dict[int, tuple] = {}  # child index -> (input size assumed, normalized weight)
+        for index, module in enumerate(self):
+            if index not in stackable:
+                x = module(x)
+                continue
+            size = (int(x.shape[-2]), int(x.shape[-1]))
+            entry = ready.pop(index, None)
+            if entry is None or entry[0] != size:
+                key = stackable[index]
+                members = [j for j, other in stackable.items() if j >= index and other == key]
+                if len(members) == 1:
+                    x = module(x)
+                    continue
+                weights = stacked_normalized_weights([self[j] for j in members], size)
+                ready.update((j, (size, weight)) for j, weight in zip(members, weights))
+                entry = ready.pop(index)
+            x = module._forward_normalized(x, entry[1])
+        return x
+
+    def extra_repr(self) -> str:
+        return "" if self.stack_bounds is None else f"stack_bounds={self.stack_bounds}"
+
+    def _stackable(self) -> dict[int, tuple]:
+        """``{index: stack key}`` of the children that may be bounded with others: Gram layers
+        with a stack key and no hooks."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return {}
+        found = {}
+        for index, module in enumerate(self):
+            if (isinstance(module, GramNormalized) and hasattr(module, "_forward_normalized")
+                    and not (module._forward_hooks or module._forward_pre_hooks)
+                    and module.stack_key() is not None):
+                found[index] = module.stack_key()
+        return found if len(found) > 1 else {}

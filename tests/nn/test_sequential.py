@@ -1,0 +1,178 @@
+import pytest
+import torch
+from torch import nn
+
+from lipnet.bounds import exact_conv2d_spectral_norm
+from lipnet.certify import lipschitz_bound
+from lipnet.nn import (
+    GramConv2d,
+    GramLinear,
+    GramResidualConv2d,
+    GramSequential,
+    MaxMin,
+    ScaledAvgPool2d,
+    stacked_normalized_weights,
+)
+from lipnet.nn import sequential as sequential_module
+
+
+def trunk():
+    """Equal residual convolutions, an equal plain one after a pooling (another input size),
+    and layers that cannot be stacked with them."""
+    return [
+        GramConv2d(3, 6, 3, padding=1), MaxMin(),
+        GramResidualConv2d(6, 3), MaxMin(),
+        GramResidualConv2d(6, 3), MaxMin(),
+        GramResidualConv2d(6, 3), MaxMin(),
+        ScaledAvgPool2d(2),
+        GramResidualConv2d(6, 3), MaxMin(),  # same stack key, bounded for 4x4 instead of 8x8
+        GramResidualConv2d(6, 3),
+        nn.Flatten(), GramLinear(6 * 16, 10),
+    ]
+
+
+def pair(dtype=torch.float64):
+    torch.manual_seed(0)
+    layers = trunk()
+    for layer in layers:
+        for p in layer.parameters():
+            p.data = torch.randn_like(p) * 0.3
+    layers = [layer.to(dtype) for layer in layers]
+    return GramSequential(*layers, stack_bounds=True), nn.Sequential(*layers)
+
+
+def counting_stacks(monkeypatch):
+    calls = []
+    original = sequential_module.stacked_normalized_weights
+
+    def counted(layers, size):
+        calls.append((len(layers), size))
+        return original(layers, size)
+
+    monkeypatch.setattr(sequential_module, "stacked_normalized_weights", counted)
+    return calls
+
+
+def test_training_forward_and_gradients_equal_the_plain_sequential(monkeypatch):
+    stacked, plain = pair()
+    calls = counting_stacks(monkeypatch)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    out = stacked(x)
+    grads = torch.autograd.grad(out.square().sum(), list(stacked.parameters()))
+    reference = plain(x)
+    expected = torch.autograd.grad(reference.square().sum(), list(plain.parameters()))
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-14)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+    # One stack of all five residual convolutions assumed at 8x8, then the two after the
+    # pooling bounded again together at 4x4 (the later sizes are not known in advance).
+    assert calls == [(5, (8, 8)), (2, (4, 4))]
+
+
+def test_each_layer_is_one_lipschitz_on_the_size_it_sees():
+    stacked, _ = pair()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    sizes = {}
+    handles = [m.register_forward_pre_hook(lambda m, a: sizes.__setitem__(m, tuple(a[0].shape[-2:])))
+               for m in stacked if isinstance(m, GramResidualConv2d)]
+    stacked.eval()
+    stacked(x)  # record the sizes (in eval mode hooks are fine)
+    for h in handles:
+        h.remove()
+    stacked.train()
+    weights = {}
+    for index, module in enumerate(stacked):
+        if isinstance(module, GramResidualConv2d):
+            original = module._forward_normalized
+            module._forward_normalized = (lambda i, f: lambda x, w: (weights.__setitem__(i, w), f(x, w))[1])(index,
+                                                                                                            original)
+    stacked(x)
+    assert len(weights) == 5
+    for index, weight in weights.items():
+        norm = exact_conv2d_spectral_norm(weight.detach(), sizes[stacked[index]], padding="same")
+        assert norm <= 1 + 1e-9
+
+
+def test_eval_mode_is_the_plain_sequential_and_certifies(monkeypatch):
+    stacked, plain = pair()
+    calls = counting_stacks(monkeypatch)
+    stacked.eval()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    assert torch.equal(stacked(x), plain(x))
+    assert calls == []
+    assert lipschitz_bound(stacked, (3, 8, 8)) <= 1 + 1e-5
+
+
+def test_hooked_children_run_as_modules(monkeypatch):
+    stacked, plain = pair()
+    calls = counting_stacks(monkeypatch)
+    seen = []
+    stacked[2].register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    out = stacked(x)
+    assert len(seen) == 1
+    torch.testing.assert_close(out, plain(x), rtol=1e-12, atol=1e-14)
+    assert calls == [(4, (8, 8)), (2, (4, 4))]  # the hooked layer left out of the stack
+
+
+def test_no_stack_without_equal_layers(monkeypatch):
+    calls = counting_stacks(monkeypatch)
+    net = GramSequential(GramConv2d(3, 4, 3, padding=1), MaxMin(), GramConv2d(4, 4, 3, stride=2, padding=1),
+                         stack_bounds=True)
+    net(torch.randn(1, 3, 8, 8))
+    assert calls == []
+
+
+def test_stacking_is_used_off_the_cpu_by_default_or_when_asked(monkeypatch):
+    calls = counting_stacks(monkeypatch)
+    layers = [GramResidualConv2d(4, 3), MaxMin(), GramResidualConv2d(4, 3)]
+    x = torch.randn(1, 4, 8, 8)
+    GramSequential(*layers)(x)  # CPU input: each layer bounds itself
+    GramSequential(*layers, stack_bounds=False)(x)
+    assert calls == []
+    GramSequential(*layers, stack_bounds=True)(x)
+    assert calls == [(2, (8, 8))]
+    with pytest.raises(ValueError, match="stack_bounds"):
+        GramSequential(*layers, stack_bounds="yes")
+
+
+def test_stacked_network_traces_as_one_graph():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    stacked, _ = pair(torch.float32)
+    explanation = torch._dynamo.explain(stacked)(torch.rand(2, 3, 8, 8))
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+def test_stacked_weights_need_one_stack_key():
+    with pytest.raises(ValueError, match="stack_key"):
+        stacked_normalized_weights([GramConv2d(4, 4, 3, padding=1), GramConv2d(4, 4, 3, padding=2)], (8, 8))
+    with pytest.raises(ValueError, match="stack_key"):
+        stacked_normalized_weights([GramLinear(4, 4), GramLinear(4, 4)], None)
+    assert stacked_normalized_weights([], (8, 8)) == []
+
+
+def test_a_diverged_layer_in_a_stack_is_named():
+    convs = [GramResidualConv2d(4, 3) for _ in range(3)]
+    with torch.no_grad():
+        convs[1].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="GramResidualConv2d: the weight contains NaN"):
+        stacked_normalized_weights(convs, (8, 8))
+
+
+def test_a_subclass_with_its_own_bound_is_not_stacked():
+    class Looser(GramConv2d):
+        def _operator_norm(self, weight, input_size, n_iter, exhaustive=False):
+            return 2 * super()._operator_norm(weight, input_size, n_iter, exhaustive)
+
+    assert Looser(4, 4, 3, padding=1).stack_key() is None
+    assert GramConv2d(4, 4, 3, padding=1).stack_key() == GramConv2d(4, 4, 3, padding=1).stack_key()
+    assert GramConv2d(4, 4, 3, padding=1).stack_key() != GramConv2d(4, 4, 3, padding=1, n_iter=6).stack_key()
+    assert GramLinear(4, 4).stack_key() is None
+
+
+def test_state_dict_keys_are_those_of_nn_sequential():
+    stacked, _ = pair()
+    assert list(stacked.state_dict()) == list(nn.Sequential(*trunk()).state_dict())
