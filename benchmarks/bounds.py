@@ -21,13 +21,16 @@ Sections (all in one run, so the ratios compare like with like):
             flops, set the bound's time at these sizes).
   network   training throughput (images/s) of the reference ConvNet (3x3 convs, widths
             64-128-256-512, two per stage, strided convs between stages, MaxMin, linear
-            head: 5.5M parameters) with plain vs Gram layers, eager and (--compile)
-            compiled.
+            head: 5.5M parameters) with plain vs Gram layers, and of the CIFAR-10
+            recipe's liresnet-s: plain (weights baked), Gram with its six equal residual
+            bounds stacked in one computation, Gram with each layer bounding itself;
+            eager and (--compile) compiled.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -157,15 +160,33 @@ def reference_convnet(gram: bool, num_classes: int = 10) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def network_throughput(batch: int, device, repeat: int, compile_: bool, compile_mode: str = "default") -> dict:
-    """Images/s of plain and Gram networks, eager first, then compiled; each figure is printed
-    as soon as it is measured (a compilation cut off by a time limit loses only its own)."""
+def recipe_networks(device) -> dict[str, nn.Module]:
+    """The CIFAR-10 recipe's LiResNet (six equal residual convolutions): plain (the same
+    network with its normalized weights baked into nn.Conv2d/nn.Linear, as lipnet.export
+    does: the cost of the architecture without bounds), Gram with the residual bounds
+    stacked, and Gram with every layer bounding itself."""
+    from lipnet.export.exporter import _bake
+    from lipnet.models import build_model
+
+    gram = build_model("liresnet-s", in_channels=3, num_classes=10, input_size=32).to(device)
+    probe = torch.rand(2, 3, 32, 32, device=device)
+    plain = _bake(gram.eval(), probe).train().requires_grad_(True)
+    gram.train()
+    per_layer = copy.deepcopy(gram)
+    per_layer.stack_bounds = False
+    gram.stack_bounds = True
+    return {"plain": plain, "gram": gram, "gram_per_layer": per_layer}
+
+
+def network_throughput(nets: dict[str, nn.Module], batch: int, device, repeat: int, compile_: bool,
+                       compile_mode: str = "default") -> dict:
+    """Images/s of each network, eager first, then compiled; each figure is printed as soon
+    as it is measured (a compilation cut off by a time limit loses only its own)."""
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    nets = {gram: reference_convnet(gram).to(device) for gram in (False, True)}
-    out = {"params": sum(p.numel() for p in nets[True].parameters())}
+    out = {"params": sum(p.numel() for p in nets["gram"].parameters())}
     for mode in ("eager", "compiled") if compile_ else ("eager",):
-        for gram, net in nets.items():
+        for name, net in nets.items():
             model = torch.compile(net, mode=compile_mode) if mode == "compiled" else net
             cuda_graphs = mode == "compiled" and compile_mode in CUDA_GRAPH_MODES
             opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
@@ -177,10 +198,12 @@ def network_throughput(batch: int, device, repeat: int, compile_: bool, compile_
                 nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
             ms = timed(step, device, repeat, warmup=3 if mode == "compiled" else 1)
-            key = f"{'gram' if gram else 'plain'}_{mode}_img_per_s"
+            key = f"{name}_{mode}_img_per_s"
             out[key] = batch / ms * 1e3
             print(f"  measured {key}: {out[key]:.1f}", flush=True)
-        out[f"{mode}_gram_over_plain"] = out[f"gram_{mode}_img_per_s"] / out[f"plain_{mode}_img_per_s"]
+        for name in nets:
+            if name != "plain":
+                out[f"{mode}_{name}_over_plain"] = out[f"{name}_{mode}_img_per_s"] / out[f"plain_{mode}_img_per_s"]
     return out
 
 
@@ -200,6 +223,8 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
     parser.add_argument("--compile-mode", default="default",
                         help="torch.compile mode of --compile (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--networks", default="convnet,liresnet-s",
+                        help="networks of the network section (convnet, liresnet-s)")
     parser.add_argument("--shapes", default=",".join(f"{c}x{n}" for c, n in SHAPES))
     parser.add_argument("--json", default=None, help="write all numbers to this file")
     args = parser.parse_args(argv)
@@ -240,12 +265,24 @@ def main(argv=None):
 
     if "network" in sections:
         batch = args.net_batch or (64 if cpu else 512)
-        r = network_throughput(batch, device, max(2, repeat // 5) if cpu else repeat, args.compile, args.compile_mode)
-        results["network"] = dict(batch=batch, **r)
-        print(f"\n## reference ConvNet ({r['params'] / 1e6:.2f}M parameters), training images/s, batch {batch}")
-        for mode in ("eager", "compiled") if args.compile else ("eager",):
-            print(f"{mode:>9}: plain {r[f'plain_{mode}_img_per_s']:9.1f}  gram {r[f'gram_{mode}_img_per_s']:9.1f}  "
-                  f"gram/plain {r[f'{mode}_gram_over_plain']:.2f}")
+        net_repeat = max(2, repeat // 5) if cpu else repeat
+        results["network"] = {}
+        for network in args.networks.split(","):
+            if network == "convnet":
+                nets = {"plain": reference_convnet(False).to(device), "gram": reference_convnet(True).to(device)}
+                title = "reference ConvNet"
+            elif network == "liresnet-s":
+                nets, title = recipe_networks(device), "the CIFAR-10 recipe's liresnet-s"
+            else:
+                raise SystemExit(f"unknown network {network!r} (convnet, liresnet-s)")
+            print(f"\n## {title}: training images/s, batch {batch}", flush=True)
+            r = network_throughput(nets, batch, device, net_repeat, args.compile, args.compile_mode)
+            results["network"][network] = dict(batch=batch, **r)
+            print(f"{title} ({r['params'] / 1e6:.2f}M parameters)")
+            for mode in ("eager", "compiled") if args.compile else ("eager",):
+                print(f"{mode:>9}: " + "  ".join(f"{name} {r[f'{name}_{mode}_img_per_s']:9.1f}" for name in nets)
+                      + "  " + "  ".join(f"{name}/plain {r[f'{mode}_{name}_over_plain']:.2f}"
+                                         for name in nets if name != "plain"))
 
     if args.json:
         with open(args.json, "w") as f:

@@ -5,6 +5,8 @@
 #
 # Steps (run in the order given):
 #   stage      copy the carried CIFAR-10 shards ($STAGE/*.npz, default .data/stage) into $DATA_DIR
+#   profile    python benchmarks/profile_step.py $PROFILE_ARGS: wall vs kernel time of a training
+#              step of liresnet-s (bounds stacked, per layer, plain), the top kernels
 #   tests      the CUDA tests (tests/test_cuda.py, the GPU test of lipnet.certify)
 #   bounds     python benchmarks/bounds.py --device cuda $BOUNDS_ARGS (accuracy, layer, network;
 #              BOUNDS_ARGS=--compile adds the compiled network)
@@ -33,6 +35,8 @@ for step in "$@"; do
     case "$step" in
         stage)
             mkdir -p "$data" && cp -v "${STAGE:-.data/stage}"/*.npz "$data"/ && ls -la "$data" ;;
+        profile)
+            timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} 2>&1 | tee "$out/profile.txt" ;;
         tests)
             timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/certify/test_accuracy.py \
                 -k "cuda or gpu" 2>&1 | tee "$out/tests.txt" ;;
@@ -55,6 +59,6 @@ for step in "$@"; do
                 echo "pyautoattack is not importable: no audit (see docs/benchmarks.md)" | tee "$out/audit.txt"
             fi ;;
         *)
-            echo "unknown step $step (stage, tests, bounds, compiled, cifar10)" >&2; exit 2 ;;
+            echo "unknown step $step (stage, profile, tests, bounds, compiled, cifar10)" >&2; exit 2 ;;
     esac
 done

@@ -1,0 +1,26 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "profile_step.py"
+
+
+@pytest.fixture(scope="module")
+def profile_module():
+    spec = importlib.util.spec_from_file_location("profile_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runs_and_reports_each_variant(profile_module, capsys):
+    rows = profile_module.main(["--model", "liresnet-xs", "--batch", "4", "--repeat", "1", "--device", "cpu",
+                                "--top", "3"])
+    assert set(rows) == {"gram stacked", "gram per layer", "plain"}
+    for row in rows.values():
+        assert row["wall_ms"] > 0 and row["kernel_ms"] > 0 and row["kernels"] > 0
+    # The plain network runs no bound: fewer operations than either Gram variant; stacking
+    # the equal residual bounds leaves fewer than bounding each layer alone.
+    assert rows["plain"]["kernels"] < rows["gram stacked"]["kernels"] < rows["gram per layer"]["kernels"]
+    assert "kernels by time per step" in capsys.readouterr().out
