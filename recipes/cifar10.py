@@ -1,11 +1,12 @@
-"""CIFAR-10 in minutes on one GPU: a LiResNet certified at 36/255 (trained for 72/255; bf16, data on the GPU)."""
+"""CIFAR-10 in minutes on one GPU: a LiResNet certified at 36/255 (trained for 72/255; bf16, data on the GPU,
+the compiled step replayed as CUDA graphs)."""
 
 from lipnet.training import TrainConfig
 
 RECIPE = TrainConfig(
     dataset="cifar10",
     model="liresnet-s",
-    epochs=60,
+    epochs=300,
     batch_size=512,
     lr=2e-3,
     warmup_epochs=2,
@@ -16,5 +17,6 @@ RECIPE = TrainConfig(
     temperature=1.0,
     eval_eps=(36 / 255, 72 / 255, 108 / 255),
     compile=True,
+    compile_mode="reduce-overhead",
     out_dir="runs/cifar10",
 )

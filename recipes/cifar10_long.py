@@ -1,4 +1,4 @@
-"""CIFAR-10 for users with hours of GPU: a wider, deeper LiResNet trained 10x longer."""
+"""CIFAR-10 for users with more GPU time: a wider, deeper LiResNet trained for 600 epochs."""
 
 from recipes.cifar10 import RECIPE as CIFAR10
 
