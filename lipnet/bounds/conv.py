@@ -72,8 +72,11 @@ def conv2d_embedding(
     kernel_size, input_size = pair(kernel_size), pair(input_size)
     stride, dilation = pair(stride), pair(dilation)
     pads = resolve_padding(padding, kernel_size, dilation, stride)
+    # The cache is for eager calls; a compiled graph computes the embedding once anyway
+    # (and dynamo would warn that it ignores the cache wrapper).
+    embed = axis_embedding.__wrapped__ if torch.compiler.is_compiling() else axis_embedding
     axes = [
-        axis_embedding(n, k, s, d, lo, hi, padding_mode)
+        embed(n, k, s, d, lo, hi, padding_mode)
         for n, k, s, d, (lo, hi) in zip(input_size, kernel_size, stride, dilation, pads)
     ]
     return ConvEmbedding(*axes)
