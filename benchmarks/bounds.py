@@ -16,6 +16,9 @@ Sections (all in one run, so the ratios compare like with like):
             algorithm's cost model), torch's spectral_norm parametrization (power
             iteration on the reshaped kernel: cheap but not a bound of the conv
             operator), deel-torchlip's SpectralConv2d if installed.
+  gaps      the Gram gap of the training bound for Gaussian, orthogonal and near-identity
+            (residual-block) kernels: near-isometries have flat spectra, where Gram
+            iteration converges slowly and screening is loosest.
   ops       aten operations dispatched by one forward and one forward+backward of the
             default bound (each is a kernel launch or more on a GPU, where launches, not
             flops, set the bound's time at these sizes).
@@ -76,6 +79,38 @@ def bound_accuracy(c: int, n: int, device) -> dict:
     lower = conv2d_power_iteration(weight.double(), n, padding=1, n_iter=300)
     return dict(c=c, n=n, bound=bound, circulant_exact=circulant, gram_gap=bound / circulant - 1,
                 power_lower=lower, ratio_to_lower=bound / lower)
+
+
+GAP_KINDS = ("gaussian", "orthogonal", "I+0.01", "I+0.03", "I+0.1")
+
+
+def kernel_of_kind(kind: str, c: int, device) -> torch.Tensor:
+    """A 3x3 ``c -> c`` kernel: Gaussian, a random orthogonal reshaped kernel, or a residual
+    block ``I + eps N`` (the centered identity plus small Gaussian noise: a near-isometry,
+    as LiResNet's residual convolutions are near initialization)."""
+    if kind == "gaussian":
+        return torch.randn(c, c, 3, 3, device=device)
+    if kind == "orthogonal":
+        weight = torch.empty(c, c * 9, device=device)
+        nn.init.orthogonal_(weight)
+        return weight.view(c, c, 3, 3)
+    eps = float(kind.removeprefix("I+"))
+    weight = eps * torch.randn(c, c, 3, 3, device=device) / (3 * c**0.5)
+    weight[torch.arange(c), torch.arange(c), 1, 1] += 1
+    return weight
+
+
+def gram_gaps(c: int, n: int, device) -> dict:
+    """Relative gap of the default training bound to the exact circulant norm, per kernel kind."""
+    out = dict(c=c, n=n)
+    embedding = conv2d_embedding(3, n, padding=1)
+    for kind in GAP_KINDS:
+        weight = kernel_of_kind(kind, c, device)
+        bound = conv2d_spectral_norm(weight, n, padding=1).item()
+        symbol = conv2d_symbol(weight.double(), embedding).flatten(0, 1)
+        exact = embedding.norm_factor * torch.linalg.matrix_norm(symbol, ord=2).max().item()
+        out[kind] = bound / exact - 1
+    return out
 
 
 def autograd_all_frequencies(weight, n):
@@ -216,7 +251,7 @@ def machine() -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sections", default="accuracy,ops,layer,network")
+    parser.add_argument("--sections", default="accuracy,gaps,ops,layer,network")
     parser.add_argument("--batch", type=int, default=256, help="batch of the layer benchmark")
     parser.add_argument("--net-batch", type=int, default=None, help="batch of the network benchmark (512 on GPU, 64 on CPU)")
     parser.add_argument("--repeat", type=int, default=None, help="timed repetitions (median)")
@@ -245,6 +280,14 @@ def main(argv=None):
         for r in rows:
             print(f"{r['c']:>4} {r['n']:>3} {r['bound']:>10.5f} {r['circulant_exact']:>16.5f} {r['gram_gap']:>9.1e} "
                   f"{r['power_lower']:>15.5f} {r['ratio_to_lower']:>11.5f}")
+
+    if "gaps" in sections:
+        rows = [gram_gaps(c, n, device) for c, n in shapes]
+        results["gaps"] = rows
+        print("\n## gram gap of the training bound by kernel (bound / circulant exact - 1)")
+        print(f"{'c':>4} {'n':>3} " + " ".join(f"{k:>11}" for k in GAP_KINDS))
+        for r in rows:
+            print(f"{r['c']:>4} {r['n']:>3} " + " ".join(f"{r[k]:>11.1e}" for k in GAP_KINDS))
 
     if "ops" in sections:
         rows = [operation_counts(c, n, device) for c, n in shapes]
