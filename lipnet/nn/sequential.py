@@ -50,10 +50,11 @@ def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size) -> 
                          "weight shape, dtype, device, geometry and n_iter) for this input size")
     weights = torch.stack([layer._operator_weight() for layer in layers])
     bounds = layers[0]._stacked_operator_norm(weights, input_size, layers[0].n_iter)
-    if not torch.compiler.is_compiling() and any(layer.check_finite for layer in layers):
-        finite = torch.isfinite(bounds)
+    checked = [i for i, layer in enumerate(layers) if layer.check_finite]
+    if checked and not torch.compiler.is_compiling():
+        finite = torch.isfinite(bounds[checked])
         if not bool(finite.all()):  # one host synchronization for the whole stack
-            index = int((~finite).nonzero()[0])
+            index = checked[int((~finite).nonzero()[0])]
             layers[index]._raise_not_finite(bounds[index])
     scale = bounds.clamp_min(TINY).to(weights.dtype).view(-1, *([1] * (weights.dim() - 1)))
     return list((weights / scale).unbind(0))

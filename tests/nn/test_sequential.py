@@ -160,6 +160,9 @@ def test_a_diverged_layer_in_a_stack_is_named():
         convs[1].weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="GramResidualConv2d: the weight contains NaN"):
         stacked_normalized_weights(convs, (8, 8))
+    convs[1].check_finite = False  # that layer opted out of the check (and its host synchronization)
+    weights = stacked_normalized_weights(convs, (8, 8))
+    assert torch.isnan(weights[1]).all() and torch.isfinite(weights[0]).all()
 
 
 def test_a_subclass_with_its_own_bound_is_not_stacked():
