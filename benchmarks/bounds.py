@@ -142,7 +142,8 @@ def operation_counts(c: int, n: int, device) -> dict:
     return out
 
 
-def layer_times(c: int, n: int, batch: int, device, repeat: int) -> dict:
+def layer_times(c: int, n: int, batch: int, device, repeat: int, compile_: bool = False,
+                compile_mode: str = "default") -> dict:
     x = torch.randn(batch, c, n, n, device=device)
     grad_out = torch.randn(batch, c, n, n, device=device)
     weight = torch.randn(c, c, 3, 3, device=device, requires_grad=True)
@@ -150,12 +151,15 @@ def layer_times(c: int, n: int, batch: int, device, repeat: int) -> dict:
     out["bound_fwd_ms"] = timed(lambda: conv2d_spectral_norm(weight.detach(), n, padding=1), device, repeat)
     out["bound_fwd_bwd_ms"] = timed(lambda: conv2d_spectral_norm(weight, n, padding=1).backward(), device, repeat)
 
-    def step_of(layer):
+    def step_of(layer, forward=None, cuda_graphs=False):
         opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
+        forward = layer if forward is None else forward
 
         def step():
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             opt.zero_grad(set_to_none=True)
-            layer(x).backward(grad_out)
+            forward(x).backward(grad_out)
             opt.step()
         return step
 
@@ -177,6 +181,14 @@ def layer_times(c: int, n: int, batch: int, device, repeat: int) -> dict:
     base = out["conv2d_step_ms"]
     for name in layers:
         out[f"{name}_ratio"] = out[f"{name}_step_ms"] / base
+    if compile_:
+        # Both layers compiled the same way; the ratio is over the compiled nn.Conv2d step.
+        cuda_graphs = compile_mode in CUDA_GRAPH_MODES
+        for name, layer in {"conv2d": nn.Conv2d(c, c, 3, padding=1), "gram": GramConv2d(c, c, 3, padding=1)}.items():
+            layer = layer.to(device)
+            step = step_of(layer, torch.compile(layer, mode=compile_mode), cuda_graphs)
+            out[f"{name}_compiled_step_ms"] = timed(step, device, repeat, warmup=3)
+        out["gram_compiled_ratio"] = out["gram_compiled_step_ms"] / out["conv2d_compiled_step_ms"]
     return out
 
 
@@ -255,7 +267,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256, help="batch of the layer benchmark")
     parser.add_argument("--net-batch", type=int, default=None, help="batch of the network benchmark (512 on GPU, 64 on CPU)")
     parser.add_argument("--repeat", type=int, default=None, help="timed repetitions (median)")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd layers and networks")
     parser.add_argument("--compile-mode", default="default",
                         help="torch.compile mode of --compile (reduce-overhead: CUDA graphs)")
     parser.add_argument("--networks", default="convnet,liresnet-s",
@@ -297,7 +309,7 @@ def main(argv=None):
             print(f"{r['c']:>4} {r['n']:>3} {r['forward']:>6} {r['forward_backward']:>6}")
 
     if "layer" in sections:
-        rows = [layer_times(c, n, args.batch, device, repeat) for c, n in shapes]
+        rows = [layer_times(c, n, args.batch, device, repeat, args.compile, args.compile_mode) for c, n in shapes]
         results["layer"] = rows
         peers = [k[: -len("_ratio")] for k in rows[0] if k.endswith("_ratio") and k != "conv2d_ratio"]
         print(f"\n## one layer, batch {args.batch}: bound time and training step over nn.Conv2d")
@@ -305,6 +317,10 @@ def main(argv=None):
         for r in rows:
             print(f"{r['c']:>4} {r['n']:>3} {r['bound_fwd_ms']:>8.2f}ms {r['bound_fwd_bwd_ms']:>7.2f}ms {r['conv2d_step_ms']:>10.2f}ms "
                   + " ".join(f"{r[p + '_ratio']:>13.2f}x" for p in peers))
+        if args.compile:
+            print(f"(gram_compiled: the GramConv2d step over the nn.Conv2d step, both torch.compile'd, "
+                  f"mode {args.compile_mode}; compiled nn.Conv2d step "
+                  + ", ".join(f"{r['conv2d_compiled_step_ms']:.2f}" for r in rows) + " ms)")
 
     if "network" in sections:
         batch = args.net_batch or (64 if cpu else 512)
