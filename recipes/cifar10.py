@@ -16,6 +16,7 @@ RECIPE = TrainConfig(
     train_eps=72 / 255,
     temperature=1.0,
     eval_eps=(36 / 255, 72 / 255, 108 / 255),
+    eval_every=10,  # the test-set estimate cost a tenth of each (0.9-s) epoch on an H200
     compile=True,
     compile_mode="reduce-overhead",
     out_dir="runs/cifar10",

@@ -43,6 +43,9 @@ class TrainConfig:
         cross-entropy.
     Evaluation
         eval_eps: the radii of the final certification report. eval_batch_size.
+        eval_every: the per-epoch test-set estimates (clean and margin accuracy, float32) are
+            taken every ``eval_every`` epochs and after the last one (``null`` in the metrics
+            of the others); they are for monitoring only and do not change training.
     Operations
         seed, threads (CPU threads of torch; ``None``: its default), device ("auto": CUDA when
         available), amp ("auto": bf16 autocast on CUDA only), compile (torch.compile the training
@@ -80,6 +83,7 @@ class TrainConfig:
 
     eval_eps: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
     eval_batch_size: int = 1000
+    eval_every: int = 1
 
     seed: int = 0
     threads: int | None = None
@@ -95,7 +99,7 @@ class TrainConfig:
     #: Fields that may change when a run is resumed (they do not change what is computed).
     OPERATIONAL: typing.ClassVar[frozenset] = frozenset(
         {"data_dir", "download", "threads", "device", "compile", "compile_mode", "out_dir", "resume", "certify", "progress",
-         "eval_batch_size", "eval_eps"})
+         "eval_batch_size", "eval_eps", "eval_every"})
 
     def __post_init__(self):
         choices = {"loss": ("ce", "hinge"), "schedule": ("cosine", "linear", "constant"),
@@ -103,7 +107,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "temperature", "train_eps", "weight_decay", "warmup_epochs", "offset", "time_budget"):

@@ -87,9 +87,10 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     loss_ax.grid(alpha=0.3)
     for key, label in (("train_acc", "train accuracy"), ("test_acc", "test accuracy"),
                        ("train_margin_acc", "train margin accuracy*"), ("test_margin_acc", "test margin accuracy*")):
-        values = [100 * h[key] for h in history if key in h]
-        if values and not all(math.isnan(v) for v in values):
-            acc_ax.plot(epochs[-len(values):], values, label=label)
+        # Epochs without the estimate (eval_every > 1) hold None.
+        points = [(h["epoch"], 100 * h[key]) for h in history if h.get(key) is not None]
+        if points and not all(math.isnan(v) for _, v in points):
+            acc_ax.plot(*zip(*points), label=label)
     acc_ax.set_xlabel("epoch")
     acc_ax.set_ylabel("%")
     acc_ax.set_ylim(0, 100)

@@ -234,15 +234,19 @@ class _Run:
         loss_sum, correct, margin_ok, count = env.sum([*totals.tolist(), count])
         self._check_finite(epoch, loss_sum)
         start = time.perf_counter()
-        test_correct, test_margin_ok, test_count = self._evaluate()
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 >= self.epochs:
+            test_correct, test_margin_ok, test_count = self._evaluate()
+            test_acc, test_margin_acc = test_correct / test_count, test_margin_ok / test_count
+        else:
+            test_acc = test_margin_acc = None
         return {
             "epoch": epoch + 1,
             "lr": self.scheduler.get_last_lr()[0],
             "train_loss": loss_sum / count,
             "train_acc": correct / count,
             "train_margin_acc": margin_ok / count,
-            "test_acc": test_correct / test_count,
-            "test_margin_acc": test_margin_ok / test_count,
+            "test_acc": test_acc,
+            "test_margin_acc": test_margin_acc,
             "margin": self.margin,
             "train_seconds": train_seconds,
             "eval_seconds": time.perf_counter() - start,
@@ -370,7 +374,10 @@ class _Run:
 
 
 def _summary(record: dict, epochs: int) -> str:
+    test = ""
+    if record["test_acc"] is not None:
+        test = (f"test acc {100 * record['test_acc']:5.2f}%  "
+                f"test margin>={record['margin']:.3g} {100 * record['test_margin_acc']:5.2f}% (estimate)  ")
     return (f"epoch {record['epoch']:>3}/{epochs}  loss {record['train_loss']:.4f}  "
-            f"train acc {100 * record['train_acc']:5.2f}%  test acc {100 * record['test_acc']:5.2f}%  "
-            f"test margin>={record['margin']:.3g} {100 * record['test_margin_acc']:5.2f}% (estimate)  "
+            f"train acc {100 * record['train_acc']:5.2f}%  {test}"
             f"{record['train_seconds']:.1f}s  {record['images_per_second']:.0f} img/s")

@@ -57,6 +57,23 @@ def test_a_run_learns_and_writes_every_artifact(data_dir, tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_test_set_estimates_every_few_epochs_change_nothing_else(data_dir, tmp_path):
+    every = train(tiny(data_dir, tmp_path / "every", epochs=5), log=quiet)
+    sparse = train(tiny(data_dir, tmp_path / "sparse", epochs=5, eval_every=2), log=quiet)
+    assert [h["test_acc"] is None for h in sparse.history] == [True, False, True, False, False]  # and the last
+    for dense_record, sparse_record in zip(without_timing(every.history), without_timing(sparse.history)):
+        if sparse_record["test_acc"] is None:
+            assert sparse_record["test_margin_acc"] is None
+            sparse_record = {**sparse_record, "test_acc": dense_record["test_acc"],
+                             "test_margin_acc": dense_record["test_margin_acc"]}
+        assert sparse_record == dense_record  # the estimates are monitoring only
+    lines = (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["test_acc"] is None
+    assert (tmp_path / "sparse" / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="eval_every"):
+        tiny(data_dir, tmp_path, eval_every=0)
+
+
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(data_dir, tmp_path):
     full = train(tiny(data_dir, tmp_path / "full", certify=False, flip=True), log=quiet)
 
