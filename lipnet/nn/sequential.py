@@ -121,6 +121,12 @@ class GramSequential(nn.Sequential):
             x = module._forward_normalized(x, entry[1])
         return x
 
+    def __getitem__(self, idx):
+        item = super().__getitem__(idx)
+        if isinstance(item, GramSequential):  # a slice keeps the setting
+            item.stack_bounds = self.stack_bounds
+        return item
+
     def extra_repr(self) -> str:
         return "" if self.stack_bounds is None else f"stack_bounds={self.stack_bounds}"
 

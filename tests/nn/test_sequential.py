@@ -134,6 +134,8 @@ def test_stacking_is_used_off_the_cpu_by_default_or_when_asked(monkeypatch):
     assert calls == [(2, (8, 8))]
     with pytest.raises(ValueError, match="stack_bounds"):
         GramSequential(*layers, stack_bounds="yes")
+    head = GramSequential(*layers, stack_bounds=True)[:2]
+    assert isinstance(head, GramSequential) and head.stack_bounds is True and len(head) == 2
 
 
 def test_stacked_network_traces_as_one_graph():
