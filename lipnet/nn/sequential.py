@@ -123,7 +123,7 @@ class GramSequential(nn.Sequential):
 
     def __getitem__(self, idx):
         item = super().__getitem__(idx)
-        if isinstance(item, GramSequential):  # a slice keeps the setting
+        if isinstance(idx, slice):  # a slice keeps the setting (a child is returned as it is)
             item.stack_bounds = self.stack_bounds
         return item
 

@@ -136,6 +136,9 @@ def test_stacking_is_used_off_the_cpu_by_default_or_when_asked(monkeypatch):
         GramSequential(*layers, stack_bounds="yes")
     head = GramSequential(*layers, stack_bounds=True)[:2]
     assert isinstance(head, GramSequential) and head.stack_bounds is True and len(head) == 2
+    inner = GramSequential(*layers)
+    outer = GramSequential(inner, stack_bounds=False)
+    assert outer[0] is inner and inner.stack_bounds is None  # indexing a child leaves it alone
 
 
 def test_stacked_network_traces_as_one_graph():
