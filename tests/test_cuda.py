@@ -156,7 +156,7 @@ def test_exactness_of_conv_bound_against_dense_operator_on_gpu():
     assert conv2d_spectral_norm(weight.cuda(), (n, n), padding=1).item() >= exact * (1 - 1e-12)
 
 
-def test_stacked_bounds_on_gpu_equal_each_layer_alone():
+def test_stacked_bounds_on_gpu_equal_each_layer_alone(monkeypatch):
     """On CUDA a LiResNet stacks its equal residual bounds by default: same outputs and
     gradients as every layer bounding itself, eager and compiled, and each stacked kernel's
     bound is above its exact norm."""
@@ -175,12 +175,9 @@ def test_stacked_bounds_on_gpu_equal_each_layer_alone():
     x = torch.rand(8, 3, 16, 16, device="cuda")
     calls = []
     original = sequential_module.stacked_normalized_weights
-    sequential_module.stacked_normalized_weights = lambda layers, size: calls.append(len(layers)) or original(layers,
-                                                                                                            size)
-    try:
-        out = model(x)
-    finally:
-        sequential_module.stacked_normalized_weights = original
+    monkeypatch.setattr(sequential_module, "stacked_normalized_weights",
+                        lambda layers, size: calls.append(len(layers)) or original(layers, size))
+    out = model(x)
     assert calls == [4]
     grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
     reference = per_layer(x)

@@ -1,20 +1,5 @@
 """benchmarks/bounds.py runs every section end to end (tiny sizes, CPU) and reports sane numbers."""
 
-import importlib.util
-from pathlib import Path
-
-import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bounds.py"
-
-
-@pytest.fixture(scope="module")
-def bounds_module():
-    spec = importlib.util.spec_from_file_location("bounds_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_every_section_runs_and_reports(bounds_module, tmp_path, capsys):
     results = bounds_module.main(["--device", "cpu", "--shapes", "8x4", "--repeat", "1", "--batch", "2",

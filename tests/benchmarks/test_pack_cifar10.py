@@ -1,23 +1,10 @@
 """benchmarks/pack_cifar10.py: the three device folders read back as the original data set."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from lipnet.data.sources import load_dataset
 from lipnet.data.synthetic import synthetic_dataset, write_npz
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pack_cifar10.py"
-
-
-@pytest.fixture(scope="module")
-def pack_module():
-    spec = importlib.util.spec_from_file_location("pack_cifar10", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_folders_put_together_are_the_original(tmp_path, pack_module):

@@ -1,17 +1,4 @@
-import importlib.util
-from pathlib import Path
-
-import pytest
-
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "profile_step.py"
-
-
-@pytest.fixture(scope="module")
-def profile_module():
-    spec = importlib.util.spec_from_file_location("profile_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+"""benchmarks/profile_step.py: one step of each variant is timed and its kernels counted (CPU here)."""
 
 
 def test_runs_and_reports_each_variant(profile_module, capsys):
