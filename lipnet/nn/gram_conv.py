@@ -70,17 +70,13 @@ class GramConv2d(GramNormalized, nn.Conv2d):
                                     n_iter=n_iter, screen_iter=n_iter if exhaustive else DEFAULT_SCREEN_ITER)
 
     def stack_key(self):
-        # Only the bound this class defines can be stacked (a subclass may override it).
+        # Only the bound this class defines is known to take stacks (conv2d_spectral_norm does;
+        # a subclass may override it).
         if type(self)._operator_norm is not GramConv2d._operator_norm:
             return None
         weight = self.weight
         return (GramConv2d, tuple(weight.shape), weight.dtype, weight.device, self.stride,
                 self.padding, self.dilation, self.groups, self.padding_mode, self.n_iter)
-
-    def _stacked_operator_norm(self, weights, input_size, n_iter):
-        return conv2d_spectral_norm(weights, input_size, stride=self.stride, padding=self.padding,
-                                    dilation=self.dilation, groups=self.groups, padding_mode=self.padding_mode,
-                                    n_iter=n_iter, screen_iter=DEFAULT_SCREEN_ITER)
 
     def _matrix_shape(self):
         stride = self.stride[0] * self.stride[1]

@@ -79,14 +79,10 @@ class GramNormalized:
 
     def stack_key(self) -> tuple | None:
         """Layers with equal keys can be bounded together on inputs of one size
-        (:func:`lipnet.nn.stacked_normalized_weights`): one computation of
-        :meth:`_stacked_operator_norm` for all their weights. ``None``: this layer is bounded
-        on its own (the default)."""
+        (:func:`lipnet.nn.stacked_normalized_weights`): their :meth:`_operator_norm` accepts a
+        stack ``(L, ...)`` of operator weights and returns their ``L`` bounds in one
+        computation. ``None``: this layer is bounded on its own (the default)."""
         return None
-
-    def _stacked_operator_norm(self, weights: torch.Tensor, input_size, n_iter: int) -> torch.Tensor:
-        """Bounds ``(L,)`` of ``L`` stacked operator weights, each as :meth:`_operator_norm` would give."""
-        raise NotImplementedError
 
     def normalized_weight(self, input_size=None) -> torch.Tensor:
         """``weight / max(bound, TINY)``: the weight the layer actually applies."""

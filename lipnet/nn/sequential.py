@@ -49,7 +49,7 @@ def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size) -> 
         raise ValueError("stacked_normalized_weights: the layers must share one stack_key (same class, "
                          "weight shape, dtype, device, geometry and n_iter) for this input size")
     weights = torch.stack([layer._operator_weight() for layer in layers])
-    bounds = layers[0]._stacked_operator_norm(weights, input_size, layers[0].n_iter)
+    bounds = layers[0]._operator_norm(weights, input_size, layers[0].n_iter)
     checked = [i for i, layer in enumerate(layers) if layer.check_finite]
     if checked and not torch.compiler.is_compiling():
         finite = torch.isfinite(bounds[checked])
