@@ -114,6 +114,11 @@ def _symbol(weight: torch.Tensor, dft: torch.Tensor, groups: int) -> torch.Tenso
         raise ValueError(f"out_channels ({c_out}) must be divisible by groups ({groups})")
     _, r, s, f = dft.shape
     kernel = weight.reshape(layers * c_out * c_in_g, k_h * k_w).to(dft.dtype)
+    if layers * groups * r * s == 1:
+        # One kernel, one input phase: (F, taps) @ (taps, o i) is already one matrix per
+        # frequency, with no permuted copy.
+        symbol = torch.mm(dft.reshape(k_h * k_w, f).t(), kernel.t())
+        return symbol.view(1, 1, f, c_out, c_in_g)
     symbol = torch.mm(kernel, dft.reshape(k_h * k_w, r * s * f)).view(layers, groups, c_out // groups, c_in_g, r, s, f)
     # contiguous: one matrix after another, the layout batched products want
     return symbol.permute(0, 1, 6, 2, 3, 4, 5).reshape(layers, groups, f, c_out // groups, c_in_g * r * s).contiguous()

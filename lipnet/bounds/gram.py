@@ -270,7 +270,8 @@ def _gram_first_inplace(mat: torch.Tensor, n_iter: int):
     part (within sqrt(2) of the largest modulus) is cheaper to find than the modulus.
     Zero matrices get the scale ``tiny`` (they stay zero); NaN propagates.
     """
-    scale = _real_view(mat).abs().amax(dim=(-3, -2, -1)).clamp_min(torch.finfo(mat.real.dtype).tiny)
+    scale = torch.linalg.vector_norm(_real_view(mat), ord=float("inf"), dim=(-3, -2, -1))
+    scale = scale.clamp_min(torch.finfo(mat.real.dtype).tiny)
     a = mat / scale.view(-1, 1, 1)
     if n_iter == 0:
         return a, torch.log(scale)
@@ -353,11 +354,27 @@ def _trace_statistics(h: torch.Tensor, differentiable: bool = True):
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     real_diag = diag.real if h.is_complex() else diag
     mean = real_diag.mean(-1)
-    off_diagonal = _squared_frobenius(h - torch.diag_embed(diag))
+    off = _off_diagonal(h)
+    if differentiable:
+        off_diagonal = _real_view(off).square().sum(dim=(-3, -2, -1))
+    else:  # one fused reduction, no temporary
+        off_diagonal = torch.linalg.vector_norm(_real_view(off), dim=(-3, -2, -1)).square()
     deviation = (real_diag - mean.unsqueeze(-1)).square().sum(-1)
     var = (off_diagonal + deviation) / r + (_smoothing(h.dtype) * mean).square()
     spread = _safe_sqrt(var) if differentiable else var.sqrt()
     return mean, spread, off_diagonal + _real_view(diag).square().sum(dim=(-2, -1))
+
+
+def _off_diagonal(h: torch.Tensor) -> torch.Tensor:
+    """The off-diagonal entries of square matrices ``(..., r, r)`` as a view ``(..., r - 1, r)``.
+
+    In row-major order the diagonal entries sit every ``r + 1`` elements; dropping the first
+    and cutting the rest into rows of ``r + 1`` puts each remaining diagonal entry last in its
+    row. No copy for contiguous ``h``.
+    """
+    r = h.shape[-1]
+    flat = h.contiguous().flatten(-2)[..., 1:]
+    return flat.unflatten(-1, (r - 1, r + 1))[..., :r] if r > 1 else flat.unflatten(-1, (0, 1))
 
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
