@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lipnet.bounds.gram import DEFAULT_N_ITER
+from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
 from lipnet.models.init import orthogonal_init_
 from lipnet.models.parts import dense_head, input_layers
 from lipnet.models.registry import register_sizes
@@ -28,7 +28,7 @@ class ConvNet(GramSequential):
         depths: 3x3 convolutions in each stage.
         dense: widths of the hidden fully connected layers.
         stem_stride: 1 for a 3x3 stem at full resolution, 2 for a 2x2 patchifying stem.
-        n_iter: Gram iterations of the training-time bounds.
+        n_iter, screen_iter: Gram iterations of the training-time bounds (see :class:`lipnet.nn.GramConv2d`).
 
     Example:
         >>> import torch
@@ -40,21 +40,23 @@ class ConvNet(GramSequential):
     def __init__(self, in_channels: int, num_classes: int, input_size: int, *,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  widths: Sequence[int] = (32, 64), depths: Sequence[int] = (1, 1), dense: Sequence[int] = (256,),
-                 stem_stride: int = 2, n_iter: int = DEFAULT_N_ITER):
+                 stem_stride: int = 2, n_iter: int = DEFAULT_N_ITER, screen_iter: int = DEFAULT_SCREEN_ITER):
         if len(widths) != len(depths) or not widths:
             raise ValueError(f"widths and depths need one entry per stage, got {widths} and {depths}")
         if any(w % 2 for w in (*widths, *dense)):
             raise ValueError(f"MaxMin needs even widths, got widths={widths}, dense={dense}")
-        layers = input_layers(in_channels, widths[0], mean=mean, std=std, stem_stride=stem_stride, n_iter=n_iter)
+        layers = input_layers(in_channels, widths[0], mean=mean, std=std, stem_stride=stem_stride, n_iter=n_iter,
+                              screen_iter=screen_iter)
         size = input_size // stem_stride
         if size >> (len(widths) - 1) < 1 or input_size % (stem_stride << (len(widths) - 1)):
             raise ValueError(f"input_size {input_size} cannot be halved {len(widths) - 1} time(s) after a stem of "
                              f"stride {stem_stride}")
         for stage, (width, depth) in enumerate(zip(widths, depths)):
             for _ in range(depth):
-                layers += [GramConv2d(width, width, 3, padding=1, n_iter=n_iter), MaxMin()]
+                layers += [GramConv2d(width, width, 3, padding=1, n_iter=n_iter, screen_iter=screen_iter), MaxMin()]
             if stage + 1 < len(widths):
-                layers += [GramConv2d(width, widths[stage + 1], 2, stride=2, n_iter=n_iter), MaxMin()]
+                layers += [GramConv2d(width, widths[stage + 1], 2, stride=2, n_iter=n_iter, screen_iter=screen_iter),
+                           MaxMin()]
                 size //= 2
         layers += dense_head(widths[-1] * size * size, dense, num_classes, n_iter=n_iter)
         super().__init__(*layers)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lipnet.bounds.gram import DEFAULT_N_ITER
+from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
 from lipnet.models.init import orthogonal_init_
 from lipnet.models.parts import dense_head, input_layers
 from lipnet.models.registry import register_sizes
@@ -31,7 +31,7 @@ class LiResNet(GramSequential):
         neck_stride: downsampling factor of the neck.
         neck_width: channels after the neck (default ``width``).
         dense: widths of the hidden fully connected layers.
-        n_iter: Gram iterations of the training-time bounds.
+        n_iter, screen_iter: Gram iterations of the training-time bounds (see :class:`lipnet.nn.GramConv2d`).
 
     Reference:
         Hu, Zhang, Fredrikson, Klamt. "Unlocking Deterministic Robustness Certification on
@@ -47,17 +47,20 @@ class LiResNet(GramSequential):
     def __init__(self, in_channels: int, num_classes: int, input_size: int, *,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  width: int = 64, depth: int = 6, stem_stride: int = 1, neck_stride: int = 4,
-                 neck_width: int | None = None, dense: Sequence[int] = (512,), n_iter: int = DEFAULT_N_ITER):
+                 neck_width: int | None = None, dense: Sequence[int] = (512,), n_iter: int = DEFAULT_N_ITER,
+                 screen_iter: int = DEFAULT_SCREEN_ITER):
         neck_width = width if neck_width is None else neck_width
         if any(w % 2 for w in (width, neck_width, *dense)):
             raise ValueError(f"MaxMin needs even widths, got width={width}, neck_width={neck_width}, dense={dense}")
-        layers = input_layers(in_channels, width, mean=mean, std=std, stem_stride=stem_stride, n_iter=n_iter)
+        layers = input_layers(in_channels, width, mean=mean, std=std, stem_stride=stem_stride, n_iter=n_iter,
+                              screen_iter=screen_iter)
         if neck_stride < 1 or input_size % (stem_stride * neck_stride):
             raise ValueError(f"input_size {input_size} is not divisible by stem_stride * neck_stride "
                              f"= {stem_stride * neck_stride}")
         for _ in range(depth):
-            layers += [GramResidualConv2d(width, 3, n_iter=n_iter), MaxMin()]
-        layers += [GramConv2d(width, neck_width, neck_stride, stride=neck_stride, n_iter=n_iter), MaxMin()]
+            layers += [GramResidualConv2d(width, 3, n_iter=n_iter, screen_iter=screen_iter), MaxMin()]
+        layers += [GramConv2d(width, neck_width, neck_stride, stride=neck_stride, n_iter=n_iter, screen_iter=screen_iter),
+                   MaxMin()]
         size = input_size // (stem_stride * neck_stride)
         layers += dense_head(neck_width * size * size, dense, num_classes, n_iter=n_iter)
         super().__init__(*layers)

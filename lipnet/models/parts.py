@@ -10,7 +10,7 @@ from lipnet.nn import GramConv2d, GramLinear, InputNormalization, MaxMin
 
 
 def input_layers(in_channels: int, width: int, *, mean: Sequence[float] | None, std: Sequence[float] | None,
-                 stem_stride: int, n_iter: int) -> list[nn.Module]:
+                 stem_stride: int, n_iter: int, screen_iter: int) -> list[nn.Module]:
     """``[InputNormalization(mean, std), stem convolution, MaxMin]``.
 
     The stem is a 3x3 'same' convolution (``stem_stride=1``) or a 2x2 patchifying one
@@ -21,9 +21,9 @@ def input_layers(in_channels: int, width: int, *, mean: Sequence[float] | None, 
     mean = [0.0] * in_channels if mean is None else mean
     std = [1.0] * in_channels if std is None else std
     if stem_stride == 1:
-        stem = GramConv2d(in_channels, width, 3, padding=1, n_iter=n_iter)
+        stem = GramConv2d(in_channels, width, 3, padding=1, n_iter=n_iter, screen_iter=screen_iter)
     else:
-        stem = GramConv2d(in_channels, width, 2, stride=2, n_iter=n_iter)
+        stem = GramConv2d(in_channels, width, 2, stride=2, n_iter=n_iter, screen_iter=screen_iter)
     return [InputNormalization(mean, std), stem, MaxMin()]
 
 

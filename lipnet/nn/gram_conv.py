@@ -14,7 +14,7 @@ class GramConv2d(GramNormalized, nn.Conv2d):
     """``nn.Conv2d`` whose weight is divided by a Gram-iteration bound on its operator norm.
 
     Same constructor, attributes and ``state_dict`` keys as ``nn.Conv2d`` (it *is* an
-    ``nn.Conv2d``), plus the keyword ``n_iter``. Each forward pass applies
+    ``nn.Conv2d``), plus the keywords ``n_iter`` and ``screen_iter``. Each forward pass applies
     ``weight / conv2d_spectral_norm(weight, input_size, ...)`` for the spatial size of the
     input it receives, with the padding, padding mode, stride, dilation and groups of the
     layer, so the linear part is 1-Lipschitz in L2 on that input size. The gradient flows
@@ -25,6 +25,10 @@ class GramConv2d(GramNormalized, nn.Conv2d):
         padding_mode, device, dtype: as in ``nn.Conv2d``. Reflect and replicate padding
             are supported with a sound but looser bound (the padding copies samples).
         n_iter: Gram iterations of the training-time bound.
+        screen_iter: Gram iterations every frequency gets before the few that may hold the
+            maximum continue to ``n_iter`` (:func:`lipnet.bounds.conv2d_spectral_norm`); the
+            bound is sound whatever it is. More is tighter for near-isometric kernels
+            (``docs/benchmarks.md``), at about a sixth of the bound's time per step.
 
     Example:
         >>> conv = GramConv2d(3, 16, 3, padding=1)
@@ -40,10 +44,14 @@ class GramConv2d(GramNormalized, nn.Conv2d):
     LIPSCHITZ_BOUND_DEPENDS_ON = (*GramNormalized.LIPSCHITZ_BOUND_DEPENDS_ON, "_forward_normalized", "_conv_forward")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, padding_mode="zeros", device=None, dtype=None, *, n_iter: int = DEFAULT_N_ITER):
+                 bias=True, padding_mode="zeros", device=None, dtype=None, *, n_iter: int = DEFAULT_N_ITER,
+                 screen_iter: int = DEFAULT_SCREEN_ITER):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
         self._init_normalization(n_iter)
+        if not isinstance(screen_iter, int) or screen_iter < 0:
+            raise ValueError(f"screen_iter must be an integer >= 0, got {screen_iter!r}")
+        self.screen_iter = screen_iter
         self._last_input_size = None
         # Reject unsupported geometry now rather than at the first batch.
         conv2d_embedding(self.kernel_size, self._min_input_size(), stride=self.stride, padding=self.padding,
@@ -67,7 +75,7 @@ class GramConv2d(GramNormalized, nn.Conv2d):
                 )
         return conv2d_spectral_norm(weight, input_size, stride=self.stride, padding=self.padding,
                                     dilation=self.dilation, groups=self.groups, padding_mode=self.padding_mode,
-                                    n_iter=n_iter, screen_iter=n_iter if exhaustive else DEFAULT_SCREEN_ITER)
+                                    n_iter=n_iter, screen_iter=n_iter if exhaustive else self.screen_iter)
 
     def stack_key(self):
         # Only the bound this class defines is known to take stacks (conv2d_spectral_norm does;
@@ -76,7 +84,7 @@ class GramConv2d(GramNormalized, nn.Conv2d):
             return None
         weight = self.weight
         return (GramConv2d, tuple(weight.shape), weight.dtype, weight.device, self.stride,
-                self.padding, self.dilation, self.groups, self.padding_mode, self.n_iter)
+                self.padding, self.dilation, self.groups, self.padding_mode, self.n_iter, self.screen_iter)
 
     def _matrix_shape(self):
         stride = self.stride[0] * self.stride[1]
@@ -92,4 +100,5 @@ class GramConv2d(GramNormalized, nn.Conv2d):
         return self._conv_forward(input, weight, self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", n_iter={self.n_iter}"
+        screen = "" if self.screen_iter == DEFAULT_SCREEN_ITER else f", screen_iter={self.screen_iter}"
+        return super().extra_repr() + f", n_iter={self.n_iter}" + screen

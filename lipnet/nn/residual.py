@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lipnet.bounds.circulant import pair
-from lipnet.bounds.gram import DEFAULT_N_ITER
+from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
 from lipnet.nn.gram_conv import GramConv2d
 
 
@@ -60,7 +60,7 @@ class GramResidualConv2d(GramConv2d):
         channels: input and output channels.
         kernel_size: int or pair; 'same' padding and stride 1 are implied.
         groups, bias, padding_mode, device, dtype: as in ``nn.Conv2d``.
-        n_iter: Gram iterations of the training-time bound.
+        n_iter, screen_iter: Gram iterations of the training-time bound (as :class:`GramConv2d`).
 
     Example:
         >>> block = GramResidualConv2d(8, 3)
@@ -70,9 +70,9 @@ class GramResidualConv2d(GramConv2d):
     """
 
     def __init__(self, channels, kernel_size, groups=1, bias=True, padding_mode="zeros", device=None, dtype=None,
-                 *, n_iter: int = DEFAULT_N_ITER):
+                 *, n_iter: int = DEFAULT_N_ITER, screen_iter: int = DEFAULT_SCREEN_ITER):
         super().__init__(channels, channels, kernel_size, stride=1, padding="same", groups=groups, bias=bias,
-                         padding_mode=padding_mode, device=device, dtype=dtype, n_iter=n_iter)
+                         padding_mode=padding_mode, device=device, dtype=dtype, n_iter=n_iter, screen_iter=screen_iter)
 
     def _operator_weight(self) -> torch.Tensor:
         identity = identity_kernel(self.out_channels, self.kernel_size, self.groups,

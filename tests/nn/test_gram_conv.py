@@ -200,3 +200,27 @@ def test_autocast_keeps_bound_in_float32():
         out = layer(x)
         assert layer.weight_norm_bound((8, 8)).dtype == torch.float32
     torch.testing.assert_close(out.float(), layer(x), atol=5e-2, rtol=5e-2)
+
+
+def test_screen_iter_is_a_layer_setting():
+    """More screening steps: still sound, at least as tight on a near-identity kernel, and a
+    setting of the layer (its own stack key, its repr); the certified bound ignores it."""
+    from lipnet.bounds import exact_conv2d_spectral_norm
+    from lipnet.nn import GramResidualConv2d
+
+    torch.manual_seed(0)
+    layers = [GramResidualConv2d(16, 3, screen_iter=s) for s in (5, 9)]
+    noise = 0.01 * torch.randn(16, 16, 3, 3) / 12
+    for layer in layers:
+        layer.weight.data.copy_(noise)
+    exact = exact_conv2d_spectral_norm(layers[0]._operator_weight().detach().double(), (12, 12), padding="same")
+    default, more = (layer.weight_norm_bound((12, 12)).item() for layer in layers)
+    assert more >= exact * (1 - 1e-5) and default >= exact * (1 - 1e-5)
+    assert more <= default * (1 + 1e-6)
+    assert layers[0].stack_key() != layers[1].stack_key()
+    assert "screen_iter=9" in repr(layers[1]) and "screen_iter" not in repr(layers[0])
+    # Each applies W / its own bound; the float64 certificate sees the ratio.
+    assert layers[0].lipschitz_bound((12, 12)) == pytest.approx(layers[1].lipschitz_bound((12, 12)) * more / default,
+                                                                rel=1e-5)
+    with pytest.raises(ValueError, match="screen_iter"):
+        GramConv2d(4, 4, 3, screen_iter=-1)
