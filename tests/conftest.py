@@ -6,3 +6,19 @@ import torch
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def stack_calls(monkeypatch):
+    """``(number of layers, input size)`` of every stacked bound computation of a GramSequential."""
+    from lipnet.nn import sequential
+
+    calls = []
+    original = sequential.stacked_normalized_weights
+
+    def counted(layers, size):
+        calls.append((len(layers), size))
+        return original(layers, size)
+
+    monkeypatch.setattr(sequential, "stacked_normalized_weights", counted)
+    return calls

@@ -156,14 +156,13 @@ def test_exactness_of_conv_bound_against_dense_operator_on_gpu():
     assert conv2d_spectral_norm(weight.cuda(), (n, n), padding=1).item() >= exact * (1 - 1e-12)
 
 
-def test_stacked_bounds_on_gpu_equal_each_layer_alone(monkeypatch):
+def test_stacked_bounds_on_gpu_equal_each_layer_alone(stack_calls):
     """On CUDA a LiResNet stacks its equal residual bounds by default: same outputs and
     gradients as every layer bounding itself, eager and compiled, and each stacked kernel's
     bound is above its exact norm."""
     import copy
 
     from lipnet.nn import GramResidualConv2d
-    from lipnet.nn import sequential as sequential_module
 
     torch.manual_seed(0)
     model = build_model("liresnet-xs", in_channels=3, num_classes=10, input_size=16).cuda().train()
@@ -173,12 +172,8 @@ def test_stacked_bounds_on_gpu_equal_each_layer_alone(monkeypatch):
     per_layer = copy.deepcopy(model)
     per_layer.stack_bounds = False
     x = torch.rand(8, 3, 16, 16, device="cuda")
-    calls = []
-    original = sequential_module.stacked_normalized_weights
-    monkeypatch.setattr(sequential_module, "stacked_normalized_weights",
-                        lambda layers, size: calls.append(len(layers)) or original(layers, size))
     out = model(x)
-    assert calls == [4]
+    assert stack_calls == [(4, (8, 8))]
     grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
     reference = per_layer(x)
     expected = torch.autograd.grad(reference.square().sum(), list(per_layer.parameters()))

@@ -13,7 +13,6 @@ from lipnet.nn import (
     ScaledAvgPool2d,
     stacked_normalized_weights,
 )
-from lipnet.nn import sequential as sequential_module
 
 
 def trunk():
@@ -41,21 +40,8 @@ def pair(dtype=torch.float64):
     return GramSequential(*layers, stack_bounds=True), nn.Sequential(*layers)
 
 
-def counting_stacks(monkeypatch):
-    calls = []
-    original = sequential_module.stacked_normalized_weights
-
-    def counted(layers, size):
-        calls.append((len(layers), size))
-        return original(layers, size)
-
-    monkeypatch.setattr(sequential_module, "stacked_normalized_weights", counted)
-    return calls
-
-
-def test_training_forward_and_gradients_equal_the_plain_sequential(monkeypatch):
+def test_training_forward_and_gradients_equal_the_plain_sequential(stack_calls):
     stacked, plain = pair()
-    calls = counting_stacks(monkeypatch)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     out = stacked(x)
     grads = torch.autograd.grad(out.square().sum(), list(stacked.parameters()))
@@ -66,7 +52,7 @@ def test_training_forward_and_gradients_equal_the_plain_sequential(monkeypatch):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
     # One stack of all five residual convolutions assumed at 8x8, then the two after the
     # pooling bounded again together at 4x4 (the later sizes are not known in advance).
-    assert calls == [(5, (8, 8)), (2, (4, 4))]
+    assert stack_calls == [(5, (8, 8)), (2, (4, 4))]
 
 
 def test_each_layer_is_one_lipschitz_on_the_size_it_sees():
@@ -93,45 +79,41 @@ def test_each_layer_is_one_lipschitz_on_the_size_it_sees():
         assert norm <= 1 + 1e-9
 
 
-def test_eval_mode_is_the_plain_sequential_and_certifies(monkeypatch):
+def test_eval_mode_is_the_plain_sequential_and_certifies(stack_calls):
     stacked, plain = pair()
-    calls = counting_stacks(monkeypatch)
     stacked.eval()
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     assert torch.equal(stacked(x), plain(x))
-    assert calls == []
+    assert stack_calls == []
     assert lipschitz_bound(stacked, (3, 8, 8)) <= 1 + 1e-5
 
 
-def test_hooked_children_run_as_modules(monkeypatch):
+def test_hooked_children_run_as_modules(stack_calls):
     stacked, plain = pair()
-    calls = counting_stacks(monkeypatch)
     seen = []
     stacked[2].register_forward_hook(lambda m, a, out: seen.append(out.shape))
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     out = stacked(x)
     assert len(seen) == 1
     torch.testing.assert_close(out, plain(x), rtol=1e-12, atol=1e-14)
-    assert calls == [(4, (8, 8)), (2, (4, 4))]  # the hooked layer left out of the stack
+    assert stack_calls == [(4, (8, 8)), (2, (4, 4))]  # the hooked layer left out of the stack
 
 
-def test_no_stack_without_equal_layers(monkeypatch):
-    calls = counting_stacks(monkeypatch)
+def test_no_stack_without_equal_layers(stack_calls):
     net = GramSequential(GramConv2d(3, 4, 3, padding=1), MaxMin(), GramConv2d(4, 4, 3, stride=2, padding=1),
                          stack_bounds=True)
     net(torch.randn(1, 3, 8, 8))
-    assert calls == []
+    assert stack_calls == []
 
 
-def test_stacking_is_used_off_the_cpu_by_default_or_when_asked(monkeypatch):
-    calls = counting_stacks(monkeypatch)
+def test_stacking_is_used_off_the_cpu_by_default_or_when_asked(stack_calls):
     layers = [GramResidualConv2d(4, 3), MaxMin(), GramResidualConv2d(4, 3)]
     x = torch.randn(1, 4, 8, 8)
     GramSequential(*layers)(x)  # CPU input: each layer bounds itself
     GramSequential(*layers, stack_bounds=False)(x)
-    assert calls == []
+    assert stack_calls == []
     GramSequential(*layers, stack_bounds=True)(x)
-    assert calls == [(2, (8, 8))]
+    assert stack_calls == [(2, (8, 8))]
     with pytest.raises(ValueError, match="stack_bounds"):
         GramSequential(*layers, stack_bounds="yes")
     head = GramSequential(*layers, stack_bounds=True)[:2]
