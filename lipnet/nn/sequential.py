@@ -139,6 +139,6 @@ class GramSequential(nn.Sequential):
         for index, module in enumerate(self):
             if (isinstance(module, GramNormalized) and hasattr(module, "_forward_normalized")
                     and not (module._forward_hooks or module._forward_pre_hooks)
-                    and module.stack_key() is not None):
-                found[index] = module.stack_key()
+                    and (key := module.stack_key()) is not None):
+                found[index] = key
         return found if len(found) > 1 else {}
