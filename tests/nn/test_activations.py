@@ -29,3 +29,43 @@ def test_gradient_norm_preserving():
 def test_odd_channels_rejected():
     with pytest.raises(ValueError, match="even"):
         MaxMin()(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("dim", [1, -1, 0])
+def test_gradient_path_has_the_values_of_the_plain_path(dim):
+    x = torch.randint(-2, 3, (6, 8, 5, 4)).float()  # many ties
+    x[0, 0] = float("nan")
+    x[1, 1] = -0.0
+    with torch.no_grad():
+        plain = max_min(x, dim)
+    traced = max_min(x.clone().requires_grad_(), dim)
+    torch.testing.assert_close(traced, plain, rtol=0, atol=0, equal_nan=True)
+    a, b = x.chunk(2, dim=dim)
+    torch.testing.assert_close(plain, torch.cat((torch.maximum(a, b), torch.minimum(a, b)), dim=dim),
+                               rtol=0, atol=0, equal_nan=True)
+
+
+def test_gradient_is_the_pair_permutation_also_at_ties():
+    x = torch.tensor([[1.0, 2.0, 2.0, 0.5, -1.0, 3.0]], requires_grad=True)  # pairs (1,0.5) (2,-1) (2,3)
+    x.data[0, 5] = 2.0  # a tie in the third pair
+    g = torch.tensor([[10.0, 20.0, 30.0, 40.0, 50.0, 60.0]])
+    (grad,) = torch.autograd.grad(max_min(x), x, g)
+    # Swapped where a < b only: no pair here is, so the gradient passes unchanged (ties included).
+    torch.testing.assert_close(grad, g)
+    y = torch.tensor([[0.0, 5.0]], requires_grad=True)
+    (grad,) = torch.autograd.grad(max_min(y), y, torch.tensor([[1.0, 2.0]]))
+    torch.testing.assert_close(grad, torch.tensor([[2.0, 1.0]]))
+
+
+def test_first_and_second_derivatives_by_finite_differences():
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(max_min, (x,))
+    assert torch.autograd.gradgradcheck(max_min, (x,))
+
+
+def test_keeps_memory_format_and_dtype():
+    x = torch.randn(2, 6, 4, 4).to(memory_format=torch.channels_last).bfloat16().requires_grad_()
+    y = max_min(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    y.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.all(x.grad == 1)
