@@ -14,10 +14,10 @@ def max_min(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     1-Lipschitz in L2 and its Jacobian is orthogonal almost everywhere.
 
     When a gradient is needed, the pass saves only which pairs were swapped (one byte per
-    pair) and the backward applies the same permutation to the gradient: two selections,
-    where ``torch.maximum``/``torch.minimum`` and ``torch.cat`` take about twenty operations
-    and keep the whole input. At a tie the gradient follows the pair unswapped, so the
-    Jacobian is a permutation everywhere and gradient norms are preserved exactly.
+    pair) and the derivative applies the same permutation: three operations backward, where
+    autograd through ``torch.maximum``/``torch.minimum`` takes about twenty and keeps the
+    whole input. At a tie the pair counts as unswapped, so the Jacobian is a permutation
+    everywhere and gradient norms are preserved exactly.
 
     Reference:
         Anil, Lucas, Grosse. "Sorting out Lipschitz function approximation", ICML 2019.
@@ -29,48 +29,56 @@ def max_min(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     if x.shape[dim] % 2:
         raise ValueError(f"MaxMin needs an even number of channels along dim {dim}, got {x.shape[dim]}")
     if torch.is_grad_enabled() and x.requires_grad:
-        return _MaxMin.apply(x, dim)
-    return _join_halves(x, dim, torch.maximum, torch.minimum)
-
-
-def _join_halves(x: torch.Tensor, dim: int, first, second) -> torch.Tensor:
-    """``cat((first(a, b), second(a, b)), dim)`` for the halves ``(a, b)`` of ``x`` along ``dim``.
-
-    Eager and without autograd, both results are written into one tensor (``out=``: two
-    kernels, no concatenation copy); otherwise (autograd, ``torch.compile``, which rejects
-    ``out=`` views) the plain concatenation.
-    """
+        # torch.compile traces autograd functions only without a custom forward-mode rule.
+        function = _MaxMin if torch.compiler.is_compiling() else _MaxMinForwardMode
+        return function.apply(x, dim)[0]
     a, b = x.chunk(2, dim=dim)
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return torch.cat((first(a, b), second(a, b)), dim=dim)
-    out = torch.empty_like(x)
-    high, low = out.chunk(2, dim=dim)
-    first(a, b, out=high)
-    second(a, b, out=low)
-    return out
+    return torch.cat((torch.maximum(a, b), torch.minimum(a, b)), dim=dim)
+
+
+def _swap_halves(x: torch.Tensor, swap: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x``'s halves ``(a, b)`` along ``dim`` exchanged on the pairs where ``swap``."""
+    a, b = x.chunk(2, dim=dim)
+    return torch.cat((torch.where(swap, b, a), torch.where(swap, a, b)), dim=dim)
 
 
 class _MaxMin(torch.autograd.Function):
-    """:func:`max_min` as a per-pair permutation: the backward permutes the gradient back."""
+    """:func:`max_min` as the per-pair permutation it is: returns ``(output, swap)``, and the
+    backward (also under ``torch.func`` transforms) permutes the same pairs."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, dim):
+    def forward(x, dim):
         a, b = x.chunk(2, dim=dim)
-        ctx.save_for_backward(a < b)
-        ctx.dim = dim
-        return _join_halves(x, dim, torch.maximum, torch.minimum)
+        return torch.cat((torch.maximum(a, b), torch.minimum(a, b)), dim=dim), a < b
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        swap = output[1]
+        ctx.dim = inputs[1]
+        ctx.mark_non_differentiable(swap)
+        ctx.set_materialize_grads(False)  # no zeros for the mask's (absent) gradient
+        ctx.save_for_backward(swap)
+        ctx.save_for_forward(swap)
+
+    @staticmethod
+    def backward(ctx, grad_output, _):
+        if grad_output is None:  # grads are not materialized: the output was not used
+            return None, None
         (swap,) = ctx.saved_tensors
+        return _swap_halves(grad_output, swap, ctx.dim), None  # a swap is its own inverse
 
-        # A swap is its own inverse: exchange the gradient's halves where the input's were.
-        def high(a, b, out=None):
-            return torch.where(swap, b, a, out=out)
 
-        def low(a, b, out=None):
-            return torch.where(swap, a, b, out=out)
-        return _join_halves(grad_output, ctx.dim, high, low), None
+class _MaxMinForwardMode(_MaxMin):
+    """:class:`_MaxMin` with forward-mode derivatives (``torch.func.jvp``, dual tensors)."""
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        if tangent is None:
+            return None, None
+        (swap,) = ctx.saved_tensors
+        return _swap_halves(tangent, swap, ctx.dim), None
 
 
 class MaxMin(nn.Module):

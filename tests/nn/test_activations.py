@@ -69,3 +69,39 @@ def test_keeps_memory_format_and_dtype():
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
     y.sum().backward()
     assert x.grad.dtype == torch.bfloat16 and torch.all(x.grad == 1)
+
+
+def test_forward_mode_and_torch_func_transforms(monkeypatch):
+    from lipnet.nn import activations
+
+    calls = []
+    function = activations._MaxMinForwardMode  # the eager path
+    original = function.apply
+    monkeypatch.setattr(function, "apply", lambda *args: calls.append(1) or original(*args))
+    x = torch.randn(3, 6, dtype=torch.float64)
+    expected = torch.autograd.functional.jacobian(lambda t: torch.cat(
+        (torch.maximum(*t.chunk(2, 1)), torch.minimum(*t.chunk(2, 1))), 1), x).reshape(18, 18)
+    jacobian = torch.func.jacrev(max_min)(x).reshape(18, 18)
+    assert calls, "jacrev did not use the autograd function"
+    torch.testing.assert_close(jacobian, expected)
+    assert torch.all(jacobian.abs().sum(0) == 1)  # a permutation
+    calls.clear()
+    per_row = torch.func.vmap(torch.func.jacrev(max_min))(x.unsqueeze(1))
+    assert calls, "vmap(jacrev) did not use the autograd function"
+    torch.testing.assert_close(torch.block_diag(*per_row.reshape(3, 6, 6)), jacobian)
+    v = torch.randn_like(x)
+    calls.clear()
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x.clone().requires_grad_(), v)
+        tangent = torch.autograd.forward_ad.unpack_dual(max_min(dual)).tangent
+    torch.testing.assert_close(tangent, (jacobian @ v.reshape(18)).reshape(3, 6))
+    assert calls, "forward mode did not use the autograd function"
+
+
+def test_compiled_gradient_equals_eager():
+    x = torch.randint(-2, 3, (4, 8, 3, 3)).float().requires_grad_()  # ties included
+    g = torch.randn(4, 8, 3, 3)
+    (eager,) = torch.autograd.grad(max_min(x), x, g)
+    compiled_fn = torch.compile(max_min, backend="aot_eager", fullgraph=True)
+    (compiled,) = torch.autograd.grad(compiled_fn(x), x, g)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
