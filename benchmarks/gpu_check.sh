@@ -6,7 +6,8 @@
 # Steps (run in the order given):
 #   stage      copy the carried CIFAR-10 shards ($STAGE/*.npz, default .data/stage) into $DATA_DIR
 #   profile    python benchmarks/profile_step.py $PROFILE_ARGS: wall vs kernel time of a training
-#              step of liresnet-s (bounds stacked, per layer, plain), the top kernels
+#              step of liresnet-s (bounds stacked, per layer, plain), the top kernels; then
+#              python benchmarks/activations.py --dtype bfloat16 (MaxMin vs autograd max/min)
 #   tests      the CUDA tests (tests/test_cuda.py, the GPU test of lipnet.certify)
 #   bounds     python benchmarks/bounds.py --device cuda $BOUNDS_ARGS (accuracy, layer, network;
 #              BOUNDS_ARGS=--compile adds the compiled network)
@@ -36,7 +37,9 @@ for step in "$@"; do
         stage)
             mkdir -p "$data" && cp -v "${STAGE:-.data/stage}"/*.npz "$data"/ && ls -la "$data" ;;
         profile)
-            timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} 2>&1 | tee "$out/profile.txt" ;;
+            timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} 2>&1 | tee "$out/profile.txt"
+            timeout 60 python3 benchmarks/activations.py --dtype bfloat16 --shapes 512x64x32x32,512x128x8x8 2>&1 \
+                | tee -a "$out/profile.txt" ;;
         tests)
             timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/certify/test_accuracy.py \
                 -k "cuda or gpu" 2>&1 | tee "$out/tests.txt" ;;

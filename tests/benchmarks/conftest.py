@@ -29,3 +29,8 @@ def profile_module():
 @pytest.fixture(scope="module")
 def bounds_module():
     return load_script("bounds")
+
+
+@pytest.fixture(scope="module")
+def activations_module():
+    return load_script("activations")
