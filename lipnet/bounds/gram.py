@@ -286,20 +286,25 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
 
     ``g @ g`` replaces ``g^H g`` once the iterate is a Gram matrix (equal for Hermitian
     ``g``; the rounding-level asymmetry of a computed Gram matrix changes the bound only at
-    rounding level). The logarithms of the rescalings are added up once at the end:
-    ``G_S = exp(2^S l_0 + sum_j 2^(S-j+1) log f_j) g_S`` for Frobenius norms ``f_j``.
+    rounding level). Only every other step rescales: from ``||g||_F = 1`` one squaring gives
+    ``1 / r <= ||g^2||_F <= 1`` (``sigma_max(g)^2 >= 1 / r`` for ``r x r`` matrices), far from
+    overflow and underflow, and the rounding of a product is relative to ``||g||_F^2``
+    whatever the scale. The logarithms of the rescalings are added up once at the end:
+    ``G_S = exp(2^S l_0 + sum_j 2^(S-j) log f_j) g_S`` over the rescaled steps ``j``
+    (counted from 0) with Frobenius norms ``f_j``.
     """
     if steps <= 0:
         return g, log_scale
     tiny = torch.finfo(log_scale.dtype).tiny
     norms = []
     for step in range(steps):
-        real = _real_view(g)  # a view: norms and scaling of real tensors are the fast paths
-        frob = torch.linalg.vector_norm(real, dim=(-3, -2, -1)).clamp_min(tiny)
-        norms.append(frob)
-        real.div_(frob.view(-1, 1, 1, 1))
+        if step % 2 == 0:
+            real = _real_view(g)  # a view: norms and scaling of real tensors are the fast paths
+            frob = torch.linalg.vector_norm(real, dim=(-3, -2, -1)).clamp_min(tiny)
+            norms.append(frob)
+            real.div_(frob.view(-1, 1, 1, 1))
         g = torch.bmm(g, g) if hermitian or step > 0 else g.mH @ g
-    weights = torch.exp2(torch.arange(steps, 0, -1, dtype=log_scale.dtype, device=log_scale.device))
+    weights = torch.exp2(torch.arange(steps, 0, -2, dtype=log_scale.dtype, device=log_scale.device))
     return g, log_scale * 2.0**steps + (weights[:, None] * torch.log(torch.stack(norms))).sum(0)
 
 
