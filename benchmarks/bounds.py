@@ -42,7 +42,13 @@ import time
 import torch
 from torch import nn
 
-from lipnet.bounds import conv2d_embedding, conv2d_power_iteration, conv2d_spectral_norm, conv2d_symbol
+from lipnet.bounds import (
+    conv2d_embedding,
+    conv2d_power_iteration,
+    conv2d_spectral_norm,
+    conv2d_symbol,
+    cuda_graphs,
+)
 from lipnet.bounds.gram import matrix_spectral_norm
 from lipnet.nn import GramConv2d, GramLinear, MaxMin
 from lipnet.training.config import CUDA_GRAPH_MODES
@@ -178,6 +184,9 @@ def layer_times(c: int, n: int, batch: int, device, repeat: int, compile_: bool 
     layers["autograd_all"] = AutogradAll(c, c, 3, padding=1)
     for name, layer in layers.items():
         out[f"{name}_step_ms"] = timed(step_of(layer.to(device)), device, repeat)
+    if device.type == "cuda":  # the bound replayed as CUDA graphs (lipnet.bounds.cuda_graphs), eager otherwise
+        layers["gram_graphs"] = GramConv2d(c, c, 3, padding=1).to(device)
+        out["gram_graphs_step_ms"] = timed(with_bound_graphs(step_of(layers["gram_graphs"])), device, repeat)
     base = out["conv2d_step_ms"]
     for name in layers:
         out[f"{name}_ratio"] = out[f"{name}_step_ms"] / base
@@ -190,6 +199,14 @@ def layer_times(c: int, n: int, batch: int, device, repeat: int, compile_: bool 
             out[f"{name}_compiled_step_ms"] = timed(step, device, repeat, warmup=3)
         out["gram_compiled_ratio"] = out["gram_compiled_step_ms"] / out["conv2d_compiled_step_ms"]
     return out
+
+
+def with_bound_graphs(step):
+    """``step`` run with :func:`lipnet.bounds.cuda_graphs` on."""
+    def graphed():
+        with cuda_graphs():
+            step()
+    return graphed
 
 
 def reference_convnet(gram: bool, num_classes: int = 10) -> nn.Sequential:
@@ -234,6 +251,8 @@ def network_throughput(nets: dict[str, nn.Module], batch: int, device, repeat: i
     out = {"params": sum(p.numel() for p in nets["gram"].parameters())}
     for mode in ("eager", "compiled") if compile_ else ("eager",):
         for name, net in nets.items():
+            if mode == "compiled" and name.endswith("_graphs"):
+                continue  # a compiled step replays the bounds in its own graphs
             model = torch.compile(net, mode=compile_mode) if mode == "compiled" else net
             cuda_graphs = mode == "compiled" and compile_mode in CUDA_GRAPH_MODES
             opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
@@ -244,12 +263,14 @@ def network_throughput(nets: dict[str, nn.Module], batch: int, device, repeat: i
                 opt.zero_grad(set_to_none=True)
                 nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
+            if name.endswith("_graphs"):
+                step = with_bound_graphs(step)
             ms = timed(step, device, repeat, warmup=3 if mode == "compiled" else 1)
             key = f"{name}_{mode}_img_per_s"
             out[key] = batch / ms * 1e3
             print(f"  measured {key}: {out[key]:.1f}", flush=True)
         for name in nets:
-            if name != "plain":
+            if name != "plain" and f"{name}_{mode}_img_per_s" in out:
                 out[f"{mode}_{name}_over_plain"] = out[f"{name}_{mode}_img_per_s"] / out[f"plain_{mode}_img_per_s"]
     return out
 
@@ -332,6 +353,8 @@ def main(argv=None):
                 title = "reference ConvNet"
             elif network == "liresnet-s":
                 nets, title = recipe_networks(device), "the CIFAR-10 recipe's liresnet-s"
+                if device.type == "cuda":  # the stacked network again, its bounds replayed as CUDA graphs
+                    nets["gram_graphs"] = nets["gram"]
             else:
                 raise SystemExit(f"unknown network {network!r} (convnet, liresnet-s)")
             print(f"\n## {title}: training images/s, batch {batch}", flush=True)
@@ -339,9 +362,10 @@ def main(argv=None):
             results["network"][network] = dict(batch=batch, **r)
             print(f"{title} ({r['params'] / 1e6:.2f}M parameters)")
             for mode in ("eager", "compiled") if args.compile else ("eager",):
-                print(f"{mode:>9}: " + "  ".join(f"{name} {r[f'{name}_{mode}_img_per_s']:9.1f}" for name in nets)
+                names = [name for name in nets if f"{name}_{mode}_img_per_s" in r]
+                print(f"{mode:>9}: " + "  ".join(f"{name} {r[f'{name}_{mode}_img_per_s']:9.1f}" for name in names)
                       + "  " + "  ".join(f"{name}/plain {r[f'{mode}_{name}_over_plain']:.2f}"
-                                         for name in nets if name != "plain"))
+                                         for name in names if name != "plain"))
 
     if args.json:
         with open(args.json, "w") as f:

@@ -4,7 +4,8 @@
     python benchmarks/profile_step.py --compile           # the recipe's compiled forward
 
 For each variant (Gram with equal layers' bounds stacked, Gram with every layer bounding
-itself, and the plain network: the same weights baked into nn.Conv2d/nn.Linear) it prints
+itself, on CUDA the stacked one with its bounds replayed as CUDA graphs, and the plain
+network: the same weights baked into nn.Conv2d/nn.Linear) it prints
 the wall time of a step (forward under bf16 autocast, offset cross-entropy, backward, Adam)
 and the time the GPU spent in kernels during it, with their number; then the kernels that
 took the most time. Wall time well above kernel time means the step is bound by launching
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from lipnet.bounds import cuda_graphs
 from lipnet.export.exporter import _bake
 from lipnet.models import build_model
 from lipnet.training.losses import offset_cross_entropy
@@ -34,21 +36,25 @@ def variants(model_name: str, device) -> dict[str, nn.Module]:
     per_layer = copy.deepcopy(gram)
     per_layer.stack_bounds = False
     gram.stack_bounds = True
-    return {"gram stacked": gram, "gram per layer": per_layer, "plain": plain}
+    found = {"gram stacked": gram, "gram per layer": per_layer, "plain": plain}
+    if device.type == "cuda":  # the stacked network, its bounds replayed as CUDA graphs (lipnet.bounds.cuda_graphs)
+        found["gram graphs"] = gram
+    return found
 
 
-def step_function(model: nn.Module, batch: int, device, compile_: bool):
+def step_function(model: nn.Module, batch: int, device, compile_: bool, graphs: bool = False):
     x = torch.rand(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     forward = torch.compile(model) if compile_ else model
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16), cuda_graphs(graphs):
             logits = forward(x)
         loss = offset_cross_entropy(logits.float(), y, offset=1.0)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with cuda_graphs(graphs):
+            loss.backward()
         opt.step()
     return step
 
@@ -106,8 +112,8 @@ def main(argv=None):
     print(f"{'variant':>15} {'wall ms':>8} {'kernel ms':>10} {'kernels':>8} {'img/s':>9}")
     tops, rows = {}, {}
     for name, model in variants(args.model, device).items():
-        wall, kernel, count, top = measure(step_function(model, args.batch, device, args.compile), device,
-                                           args.repeat)
+        step = step_function(model, args.batch, device, args.compile, graphs=name.endswith("graphs"))
+        wall, kernel, count, top = measure(step, device, args.repeat)
         tops[name] = top
         rows[name] = dict(wall_ms=wall, kernel_ms=kernel, kernels=count)
         print(f"{name:>15} {wall:8.2f} {kernel:10.2f} {count:8d} {args.batch / wall * 1e3:9.0f}", flush=True)

@@ -186,3 +186,103 @@ def test_stacked_bounds_on_gpu_equal_each_layer_alone(stack_calls):
     bounds = conv2d_spectral_norm(weights.double(), (8, 8), padding="same")
     for weight, bound in zip(weights, bounds):
         assert bound.item() >= exact_conv2d_spectral_norm(weight.double().cpu(), (8, 8), padding="same") * (1 - 1e-12)
+
+
+@pytest.fixture
+def _bound_graphs():
+    from lipnet.bounds import graphs
+
+    lipnet.bounds.release_cuda_graphs()
+    with lipnet.bounds.cuda_graphs():
+        yield graphs._GRAPHS
+    lipnet.bounds.release_cuda_graphs()
+
+
+def _bound_and_grad(weight, **kwargs):
+    weight = weight.detach().requires_grad_()
+    bound = conv2d_spectral_norm(weight, 16, padding=1, **kwargs)
+    (grad,) = torch.autograd.grad((bound * torch.arange(1, bound.numel() + 1, device=bound.device)).sum(), weight)
+    return bound.detach(), grad
+
+
+def test_bounds_replayed_as_cuda_graphs_equal_eager(_bound_graphs):
+    """lipnet.bounds.cuda_graphs: the stacked conv bound and the dense bound, replayed, equal
+    the eager computation (values and gradients); one forward and one backward graph per
+    configuration, recorded once; calls are independent (two forwards, then the backwards)."""
+    torch.manual_seed(0)
+    stack = torch.randn(3, 16, 16, 3, 3, device="cuda")
+    with lipnet.bounds.cuda_graphs(False):
+        expected = [_bound_and_grad(stack), _bound_and_grad(2 * stack)]
+    for _ in range(3):
+        got = [_bound_and_grad(stack), _bound_and_grad(2 * stack)]
+        for (bound, grad), (bound_e, grad_e) in zip(got, expected):
+            torch.testing.assert_close(bound, bound_e, rtol=1e-6, atol=0)
+            torch.testing.assert_close(grad, grad_e, rtol=1e-5, atol=1e-7)
+    assert len(_bound_graphs) == 2
+    # Two forward passes before their backward passes: each gradient is its own.
+    first, second = (w.detach().requires_grad_() for w in (stack, 2 * stack))
+    bounds = [conv2d_spectral_norm(w, 16, padding=1) for w in (first, second)]
+    (bounds[0].sum() + 3 * bounds[1].sum()).backward()
+    with lipnet.bounds.cuda_graphs(False):
+        first_e, second_e = (w.detach().requires_grad_() for w in (stack, 2 * stack))
+        (conv2d_spectral_norm(first_e, 16, padding=1).sum() + 3 * conv2d_spectral_norm(second_e, 16, padding=1).sum()
+         ).backward()
+    torch.testing.assert_close(first.grad, first_e.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(second.grad, second_e.grad, rtol=1e-5, atol=1e-7)
+    fc = lipnet.nn.GramLinear(300, 10).cuda()
+    with lipnet.bounds.cuda_graphs(False):
+        w_e = fc.normalized_weight()
+        (g_e,) = torch.autograd.grad(w_e.square().sum(), fc.weight)
+    for _ in range(2):
+        w = fc.normalized_weight()
+        (g,) = torch.autograd.grad(w.square().sum(), fc.weight)
+        torch.testing.assert_close(w, w_e, rtol=1e-6, atol=0)
+        torch.testing.assert_close(g, g_e, rtol=1e-5, atol=1e-7)
+    assert len(_bound_graphs) == 4
+
+
+def test_network_training_with_bound_graphs_matches_eager(_bound_graphs):
+    """A LiResNet trained a few bf16 steps with its bounds replayed follows the eager run."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model("liresnet-xs", in_channels=3, num_classes=10, input_size=16).cuda().train()
+    reference = copy.deepcopy(model)
+    x, y = torch.rand(16, 3, 16, 16, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+
+    def run(net, graphs):
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        losses = []
+        with lipnet.bounds.cuda_graphs(graphs):
+            for _ in range(4):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = F.cross_entropy(net(x).float(), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        return losses
+    torch.testing.assert_close(run(model, True), run(reference, False), rtol=1e-3, atol=1e-4)
+    assert _bound_graphs  # the bounds were replayed
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+
+
+def test_bound_inside_a_callers_graph_capture_is_not_replayed(_bound_graphs):
+    """While the caller captures a CUDA graph, the bound's kernels go into that graph."""
+    weight = torch.randn(8, 8, 3, 3, device="cuda")
+    with lipnet.bounds.cuda_graphs(False):
+        eager = conv2d_spectral_norm(weight, 8, padding=1)  # warm-up: caches, cuBLAS
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        conv2d_spectral_norm(weight, 8, padding=1)
+    torch.cuda.current_stream().wait_stream(side)
+    _bound_graphs.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = conv2d_spectral_norm(weight, 8, padding=1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not _bound_graphs
+    torch.testing.assert_close(captured, eager, rtol=1e-6, atol=0)

@@ -2,6 +2,7 @@
 
 from lipnet.bounds.conv import conv2d_embedding, conv2d_spectral_norm, conv2d_symbol
 from lipnet.bounds.gram import DEFAULT_N_ITER, matrix_spectral_norm, max_matrix_spectral_norm
+from lipnet.bounds.graphs import cuda_graphs, release_cuda_graphs, set_cuda_graphs
 from lipnet.bounds.reference import (
     conv2d_operator_matrix,
     conv2d_power_iteration,
@@ -15,7 +16,10 @@ __all__ = [
     "conv2d_power_iteration",
     "conv2d_spectral_norm",
     "conv2d_symbol",
+    "cuda_graphs",
     "exact_conv2d_spectral_norm",
     "matrix_spectral_norm",
     "max_matrix_spectral_norm",
+    "release_cuda_graphs",
+    "set_cuda_graphs",
 ]

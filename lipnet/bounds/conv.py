@@ -40,6 +40,7 @@ from lipnet.bounds.gram import (
     max_gram_bound_grad,
     screening_steps,
 )
+from lipnet.bounds.graphs import replayed
 
 
 class ConvEmbedding(NamedTuple):
@@ -133,9 +134,14 @@ class _ConvSpectralBound(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, dft, groups, n_iter, screen_iter, n_candidates):
-        symbol = _symbol(weight, dft, groups)
-        frequencies = symbol.shape[2]
-        found = max_gram_bound(symbol.flatten(1, 2), n_iter, screen_iter, n_candidates)
+        frequencies = dft.shape[-1]
+
+        def bound(kernel):
+            return tuple(max_gram_bound(_symbol(kernel, dft, groups).flatten(1, 2), n_iter, screen_iter,
+                                        n_candidates))
+        # The tap DFT is a constant of the graph: its address (kept alive by the graph) is in the key.
+        found = MaxBound(*replayed(bound, (weight,), lambda: ("conv bound", dft.data_ptr(), groups, n_iter,
+                                                              screen_iter, n_candidates)))
         ctx.save_for_backward(dft, *found)
         ctx.shape, ctx.groups, ctx.frequencies, ctx.n_iter = weight.shape, groups, frequencies, n_iter
         ctx.dtype = weight.dtype
@@ -146,20 +152,28 @@ class _ConvSpectralBound(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         dft, *saved = ctx.saved_tensors
-        found = MaxBound(*saved)
-        grad_symbol = max_gram_bound_grad(found, ctx.n_iter, ctx.stops) * grad_output[:, None, None]
-        layers, c_out, c_in_g, k_h, k_w = ctx.shape
-        # Which group and frequency of each kernel, as tensors (no host synchronization).
-        group, frequency = found.best // ctx.frequencies, found.best % ctx.frequencies
-        # e_tap(f*) of each kernel, (L, taps, R S)
-        taps = dft.index_select(3, frequency).permute(3, 0, 1, 2).reshape(layers, k_h * k_w, -1)
-        # (o i, R S) @ (R S, taps) per kernel: the sum over input phases of dK conj(e_tap(f*)).
-        grad_kernel = torch.bmm(grad_symbol.reshape(layers, -1, taps.shape[2]), taps.mH).real
-        size = grad_kernel.shape[1] * grad_kernel.shape[2]
-        grad = torch.zeros(layers, ctx.groups, size, dtype=ctx.dtype, device=grad_kernel.device)
-        grad.scatter_(1, group.view(layers, 1, 1).expand(layers, 1, size),
-                      grad_kernel.reshape(layers, 1, size).to(ctx.dtype))
-        return grad.reshape(ctx.shape), None, None, None, None, None
+        settings = (tuple(ctx.shape), ctx.groups, ctx.frequencies, ctx.n_iter, ctx.stops, ctx.dtype)
+
+        def gradient(grad_output, *saved):
+            return (_conv_bound_grad(MaxBound(*saved), grad_output, dft, *settings),)
+        (grad,) = replayed(gradient, (grad_output, *saved), lambda: ("conv bound gradient", dft.data_ptr(), *settings))
+        return grad, None, None, None, None, None
+
+
+def _conv_bound_grad(found: MaxBound, grad_output, dft, shape, groups, frequencies, n_iter, stops, dtype):
+    """Gradient of the stacked kernels ``shape`` from that of their bounds (``grad_output``, ``(L,)``)."""
+    grad_symbol = max_gram_bound_grad(found, n_iter, stops) * grad_output[:, None, None]
+    layers, c_out, c_in_g, k_h, k_w = shape
+    # Which group and frequency of each kernel, as tensors (no host synchronization).
+    group, frequency = found.best // frequencies, found.best % frequencies
+    # e_tap(f*) of each kernel, (L, taps, R S)
+    taps = dft.index_select(3, frequency).permute(3, 0, 1, 2).reshape(layers, k_h * k_w, -1)
+    # (o i, R S) @ (R S, taps) per kernel: the sum over input phases of dK conj(e_tap(f*)).
+    grad_kernel = torch.bmm(grad_symbol.reshape(layers, -1, taps.shape[2]), taps.mH).real
+    size = grad_kernel.shape[1] * grad_kernel.shape[2]
+    grad = torch.zeros(layers, groups, size, dtype=dtype, device=grad_kernel.device)
+    grad.scatter_(1, group.view(layers, 1, 1).expand(layers, 1, size), grad_kernel.reshape(layers, 1, size).to(dtype))
+    return grad.reshape(shape)
 
 
 def conv2d_spectral_norm(

@@ -41,6 +41,8 @@ from typing import NamedTuple
 
 import torch
 
+from lipnet.bounds.graphs import replayed
+
 #: Gram steps of the bound of the frequencies that may hold the maximum.
 DEFAULT_N_ITER = 10
 #: Gram steps applied to every matrix of a batch to pick those candidates.
@@ -207,7 +209,9 @@ def max_gram_bound_grad(found: MaxBound, n_iter: int, stops=None) -> torch.Tenso
 class _MaxGramBound(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mat, n_iter, screen_iter, n_candidates):
-        found = max_gram_bound(mat, n_iter, screen_iter, n_candidates)
+        def bound(mat):
+            return tuple(max_gram_bound(mat, n_iter, screen_iter, n_candidates))
+        found = MaxBound(*replayed(bound, (mat,), lambda: ("matrix bound", n_iter, screen_iter, n_candidates)))
         ctx.save_for_backward(*found)
         ctx.batch_shape = mat.shape
         ctx.n_iter = n_iter
@@ -217,10 +221,15 @@ class _MaxGramBound(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        found = MaxBound(*ctx.saved_tensors)
-        grad = torch.zeros(ctx.batch_shape, dtype=found.matrix.dtype, device=found.matrix.device)
-        grad_best = (max_gram_bound_grad(found, ctx.n_iter, ctx.stops) * grad_output).to(grad.dtype)
-        grad.index_copy_(0, found.best[None], grad_best[None])
+        batch_shape, n_iter, stops = ctx.batch_shape, ctx.n_iter, ctx.stops
+
+        def gradient(grad_output, *saved):
+            found = MaxBound(*saved)
+            grad = torch.zeros(batch_shape, dtype=found.matrix.dtype, device=found.matrix.device)
+            grad_best = (max_gram_bound_grad(found, n_iter, stops) * grad_output).to(grad.dtype)
+            return (grad.index_copy_(0, found.best[None], grad_best[None]),)
+        (grad,) = replayed(gradient, (grad_output, *ctx.saved_tensors),
+                           lambda: ("matrix bound gradient", n_iter, stops, tuple(batch_shape)))
         return grad, None, None, None
 
 

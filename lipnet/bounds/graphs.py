@@ -1,0 +1,137 @@
+"""Replaying the bound computations as CUDA graphs: a few launches instead of ~180.
+
+In eager mode on a GPU a Gram bound costs the host time of launching its kernels, not
+their arithmetic: about 180 operations forward and backward for a stacked convolution
+bound, some 25-29 us of host time each (``docs/benchmarks.md``). A CUDA graph records those
+launches once per configuration and replays them with one call.
+
+With :func:`cuda_graphs` enabled, every bound computed on CUDA tensors outside
+``torch.compile`` and outside a graph capture of the caller's is replayed from a graph
+recorded at its first call with those shapes: its inputs are copied into the graph's own
+tensors, the graph runs on the current stream, and its outputs are cloned out. Each call is
+therefore independent of the next (several forward passes before a backward pass are fine),
+and the result equals the eager computation, which the graph replays kernel for kernel. A
+graph keeps the memory of its intermediate tensors for as long as it lives (one pool per
+device, shared by all graphs of lipnet), until :func:`release_cuda_graphs`.
+
+Only the bounds are replayed; the network around them runs as usual. To compile a whole
+training step instead (the recipes do), leave this off: the compiled step replays the
+bounds inside its own graphs.
+
+Reference:
+    PyTorch, "CUDA Graphs" (torch.cuda.CUDAGraph, torch.cuda.graph), and its notes on
+    sharing a memory pool between graphs replayed in one stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+
+_enabled = False
+#: Recorded graphs by key (function, shapes, dtypes, device, settings).
+_GRAPHS: dict[Hashable, _RecordedGraph] = {}
+#: One memory pool per device, shared by the graphs (replayed one at a time on one stream).
+_POOLS: dict[torch.device, tuple] = {}
+#: More graphs than this means shapes keep changing: they are dropped and recorded anew.
+MAX_GRAPHS = 64
+
+
+def set_cuda_graphs(enabled: bool) -> bool:
+    """Replay bounds computed on CUDA tensors as CUDA graphs (module docstring); returns the
+    previous setting. Recorded graphs are kept (for the next time it is on) until
+    :func:`release_cuda_graphs`."""
+    global _enabled
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    previous, _enabled = _enabled, enabled
+    return previous
+
+
+@contextlib.contextmanager
+def cuda_graphs(enabled: bool = True):
+    """Context manager form of :func:`set_cuda_graphs`.
+
+    Example:
+        >>> import lipnet
+        >>> with lipnet.bounds.cuda_graphs():
+        ...     pass  # training steps of a model on a GPU: its bounds are replayed
+    """
+    previous = set_cuda_graphs(enabled)
+    try:
+        yield
+    finally:
+        set_cuda_graphs(previous)
+
+
+def release_cuda_graphs() -> int:
+    """Drop the recorded graphs, and with them the memory they hold; returns how many."""
+    count = len(_GRAPHS)
+    _GRAPHS.clear()
+    return count
+
+
+def replays(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a bound on ``tensors`` is replayed from a graph now: the setting is on, the
+    tensors are on one CUDA device, and neither ``torch.compile`` nor a graph capture of
+    the caller is in progress (there the bound's kernels become part of the caller's graph)."""
+    if not _enabled or torch.compiler.is_compiling():
+        return False
+    device = tensors[0].device
+    if device.type != "cuda" or any(t.device != device for t in tensors):
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def replayed(function: Callable[..., tuple[torch.Tensor, ...]], inputs: Sequence[torch.Tensor],
+             key: Callable[[], Hashable]) -> tuple[torch.Tensor, ...]:
+    """``function(*inputs)``, replayed from the graph recorded for ``key()`` when :func:`replays`.
+
+    ``function`` must be a pure function of its tensor inputs (anything else it uses is
+    fixed by ``key()``, e.g. the kernel's size, or the address of a constant tensor that the
+    closure keeps alive), return a tuple of tensors, and never synchronize with the host.
+    ``key`` is only called when replaying (``torch.compile`` need not trace it); the shapes,
+    dtypes and device of ``inputs`` are added to it here. Outputs are fresh tensors (clones
+    of the graph's), inputs are only read.
+    """
+    if not replays(inputs):
+        return function(*inputs)
+    full_key = (key(), tuple((tuple(t.shape), t.dtype, t.device) for t in inputs))
+    graph = _GRAPHS.get(full_key)
+    if graph is None:
+        if len(_GRAPHS) >= MAX_GRAPHS:
+            _GRAPHS.clear()
+        graph = _GRAPHS[full_key] = _RecordedGraph(function, inputs)
+    return graph(inputs)
+
+
+class _RecordedGraph:
+    """One function recorded as a CUDA graph on tensors of its own."""
+
+    def __init__(self, function, inputs: Sequence[torch.Tensor]):
+        device = inputs[0].device
+        with torch.cuda.device(device), torch.no_grad():
+            self.inputs = [x.detach().clone() for x in inputs]
+            # Warm up on a side stream first (lazy initialization such as cuBLAS workspaces
+            # must not happen during capture), as torch.cuda.graph's documentation asks.
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                function(*self.inputs)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            if device not in _POOLS:
+                _POOLS[device] = torch.cuda.graph_pool_handle()
+            # thread_local: a backward pass records on autograd's device thread while other
+            # threads (e.g. a data loader's) may use CUDA.
+            with torch.cuda.graph(self.graph, pool=_POOLS[device], capture_error_mode="thread_local"):
+                self.outputs = tuple(function(*self.inputs))
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            for static, x in zip(self.inputs, inputs):
+                static.copy_(x)
+            self.graph.replay()
+            return tuple(out.clone() for out in self.outputs)

@@ -1,0 +1,58 @@
+"""lipnet.bounds.graphs: the setting, and that off CUDA nothing is recorded or changed.
+
+The replay itself needs a GPU: tests/test_cuda.py compares replayed bounds with eager ones.
+"""
+
+import pytest
+import torch
+
+import lipnet
+from lipnet.bounds import conv2d_spectral_norm, graphs
+from lipnet.nn import GramLinear
+
+
+def test_setting_and_context_manager():
+    assert lipnet.bounds.set_cuda_graphs(True) is False
+    try:
+        with lipnet.bounds.cuda_graphs(False):
+            assert not graphs._enabled
+        assert graphs._enabled
+    finally:
+        assert lipnet.bounds.set_cuda_graphs(False) is True
+    with pytest.raises(TypeError, match="True or False"):
+        lipnet.bounds.set_cuda_graphs(1)
+
+
+def test_cpu_bounds_are_computed_as_before_and_record_nothing():
+    torch.manual_seed(0)
+    stack = torch.randn(2, 4, 4, 3, 3)
+    fc = GramLinear(12, 6)
+
+    def bound_and_grads():
+        weight = stack.clone().requires_grad_()
+        bound = conv2d_spectral_norm(weight, 8, padding=1)
+        bound.sum().backward()
+        w = fc.normalized_weight()
+        (g,) = torch.autograd.grad(w.sum(), fc.weight)
+        return bound.detach(), weight.grad, w.detach(), g
+
+    expected = bound_and_grads()
+    lipnet.bounds.release_cuda_graphs()
+    with lipnet.bounds.cuda_graphs():
+        assert not graphs.replays([stack])
+        got = bound_and_grads()
+    assert not graphs._GRAPHS
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_replayed_runs_the_function_itself_when_not_replaying():
+    calls = []
+
+    def function(x):
+        calls.append(1)
+        return (x + 1,)
+    with lipnet.bounds.cuda_graphs():
+        (out,) = graphs.replayed(function, (torch.zeros(3),), lambda: "test")
+    assert calls == [1] and torch.equal(out, torch.ones(3))
+    assert lipnet.bounds.release_cuda_graphs() == 0
