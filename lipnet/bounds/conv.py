@@ -135,13 +135,16 @@ class _ConvSpectralBound(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, dft, groups, n_iter, screen_iter, n_candidates):
         frequencies = dft.shape[-1]
+        # On the CPU, where arithmetic dominates, the backward reuses the forward's Gram iterates
+        # (on a GPU recomputing them is fewer kernel launches).
+        keep = ctx.needs_input_grad[0] and weight.device.type == "cpu"
 
         def bound(kernel):
             return tuple(max_gram_bound(_symbol(kernel, dft, groups).flatten(1, 2), n_iter, screen_iter,
-                                        n_candidates))
+                                        n_candidates, keep_iterates=keep))
         # The tap DFT is a constant of the graph: its address (kept alive by the graph) is in the key.
         found = MaxBound(*replayed(bound, (weight,), lambda: ("conv bound", dft.data_ptr(), groups, n_iter,
-                                                              screen_iter, n_candidates)))
+                                                              screen_iter, n_candidates, keep)))
         ctx.save_for_backward(dft, *found)
         ctx.shape, ctx.groups, ctx.frequencies, ctx.n_iter = weight.shape, groups, frequencies, n_iter
         ctx.dtype = weight.dtype

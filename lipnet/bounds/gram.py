@@ -119,6 +119,10 @@ class MaxBound(NamedTuple):
     matrix: torch.Tensor  # that matrix
     steps: torch.Tensor  # Gram steps it received
     trace_form: torch.Tensor  # whether its bound is the trace form
+    # Its Gram iterates G_1 .. G_t as G_k = exp(log_scales[k - 1]) iterates[k - 1] (float64
+    # logarithms), when kept for the backward pass (every matrix refined); else None.
+    iterates: torch.Tensor | None = None
+    iterate_log_scales: torch.Tensor | None = None
 
 
 def screening_steps(batch: int, n_iter: int, screen_iter: int, n_candidates: int) -> int:
@@ -126,14 +130,18 @@ def screening_steps(batch: int, n_iter: int, screen_iter: int, n_candidates: int
     return n_iter if batch <= 2 * n_candidates else min(screen_iter, n_iter)
 
 
-def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidates: int) -> MaxBound:
+def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidates: int,
+                   keep_iterates: bool = False) -> MaxBound:
     """Forward of :func:`max_matrix_spectral_norm`, without autograd (screening, then refinement).
 
     ``mat`` is one batch ``(B, m, n)`` or ``L`` independent batches ``(L, B, m, n)``, each
     with its own screening and maximum (the fields of the result then have a leading ``L``);
     all ``L * B`` matrices go through the same few batched operations. Every matrix ends
     with ``screening_steps(B, ...)`` or ``n_iter`` steps, so :func:`max_gram_bound_grad`
-    only needs those two stops.
+    only needs those two stops. ``keep_iterates``: when every matrix gets all ``n_iter``
+    steps (small batches, e.g. a dense layer's one matrix), keep the maximizer's Gram iterates
+    for :func:`max_gram_bound_grad`, which then needs no Gram product of its own (half of the
+    backward's arithmetic, for a few more small operations: worth it on a CPU).
     """
     _check_matrices(mat, n_iter)
     if mat.dim() not in (3, 4):
@@ -147,8 +155,10 @@ def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidate
     # Where each batch starts in the flat one.
     starts = torch.arange(0, layers * batch, batch, device=mat.device)
     screen_iter = screening_steps(batch, n_iter, screen_iter, n_candidates)
+    keep_iterates = keep_iterates and screen_iter == n_iter > 0
     g, log_scale = _gram_first_inplace(flat, screen_iter)
-    g, log_scale = _gram_steps_inplace(g, log_scale, screen_iter - 1)
+    iterates = [] if keep_iterates else None
+    g, log_scale = _gram_steps_inplace(g, log_scale, screen_iter - 1, keep=iterates)
     bounds, trace_form = _gram_bound_nograd(g, log_scale, screen_iter)
     steps = torch.full((layers * batch,), screen_iter, dtype=torch.int64, device=mat.device)
     if screen_iter < n_iter:
@@ -161,9 +171,12 @@ def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidate
     # Tensor indices throughout: no host synchronization, and one graph under torch.compile.
     value, best = bounds.view(layers, batch).max(1)
     pick = best + starts
+    kept = (None, None)
+    if keep_iterates:  # (L, t, r, r) and (L, t): the maximizers' iterates
+        kept = tuple(torch.stack(parts, 1).index_select(0, pick) for parts in zip(*iterates))
     found = MaxBound(value, best, flat.index_select(0, pick), steps.index_select(0, pick),
-                     trace_form.index_select(0, pick))
-    return found if stacked else MaxBound(*(field[0] for field in found))
+                     trace_form.index_select(0, pick), *kept)
+    return found if stacked else MaxBound(*(None if field is None else field[0] for field in found))
 
 
 def max_gram_bound_grad(found: MaxBound, n_iter: int, stops=None) -> torch.Tensor:
@@ -181,14 +194,15 @@ def max_gram_bound_grad(found: MaxBound, n_iter: int, stops=None) -> torch.Tenso
     # A zero bound means a zero matrix: then a = 0 and every product below is 0 (no 0/0).
     a = w / value.clamp_min(torch.finfo(value.dtype).tiny).to(w.dtype)[..., None, None]
     left = a.shape[-2] <= a.shape[-1]
-    h = a @ a.mH if left else a.mH @ a
+    iterates = None if found.iterates is None else _iterates_of_normalized(found, a.real.dtype)
+    h = (a @ a.mH if left else a.mH @ a) if iterates is None else iterates[..., 0, :, :]
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     # At stop t: before = H_1 ... H_{t-1}, last = H_t, product = H_1 ... H_t (identity if empty).
     kept = {0: (eye, eye, eye)}
     product = eye
     for t in range(1, stops[-1] + 1):
         if t > 1:
-            h = h @ h
+            h = h @ h if iterates is None else iterates[..., t - 1, :, :]
         before, product = product, (h if t == 1 else product @ h)
         if t in stops:
             kept[t] = (before, h, product)
@@ -206,12 +220,29 @@ def max_gram_bound_grad(found: MaxBound, n_iter: int, stops=None) -> torch.Tenso
     return weight @ a if left else a @ weight
 
 
+def _iterates_of_normalized(found: MaxBound, real_dtype: torch.dtype) -> torch.Tensor:
+    """The Gram iterates ``H_k`` of ``A = W / bound`` from those the forward pass kept:
+    ``H_k(A) = G_k(W) / bound^(2^k)``, the scale computed from float64 logarithms (the
+    exponents reach thousands, where float32 would lose digits)."""
+    t = found.iterates.shape[-3]
+    powers = torch.exp2(torch.arange(1, t + 1, dtype=torch.float64, device=found.value.device))
+    value = found.value.double()
+    log_value = torch.log(value.clamp_min(torch.finfo(torch.float64).tiny))[..., None]
+    scale = torch.exp(found.iterate_log_scales - powers * log_value)
+    scale = torch.where(value[..., None] > 0, scale, torch.zeros_like(scale))  # zero matrix: zero iterates
+    return found.iterates * scale.to(real_dtype)[..., None, None]
+
+
 class _MaxGramBound(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mat, n_iter, screen_iter, n_candidates):
+        # On the CPU, where arithmetic dominates, the backward reuses the forward's Gram iterates
+        # (on a GPU recomputing them is fewer kernel launches).
+        keep = ctx.needs_input_grad[0] and mat.device.type == "cpu"
+
         def bound(mat):
-            return tuple(max_gram_bound(mat, n_iter, screen_iter, n_candidates))
-        found = MaxBound(*replayed(bound, (mat,), lambda: ("matrix bound", n_iter, screen_iter, n_candidates)))
+            return tuple(max_gram_bound(mat, n_iter, screen_iter, n_candidates, keep_iterates=keep))
+        found = MaxBound(*replayed(bound, (mat,), lambda: ("matrix bound", n_iter, screen_iter, n_candidates, keep)))
         ctx.save_for_backward(*found)
         ctx.batch_shape = mat.shape
         ctx.n_iter = n_iter
@@ -288,7 +319,8 @@ def _gram_first_inplace(mat: torch.Tensor, n_iter: int):
     return g, 2 * torch.log(scale)
 
 
-def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, hermitian: bool = True):
+def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, hermitian: bool = True,
+                        keep: list | None = None):
     """:func:`_gram_steps` without autograd, for a batch, in a few operations per step (on a
     GPU each operation is a kernel launch, and launches, not flops, set the bound's time);
     ``g`` is rescaled in place.
@@ -301,8 +333,14 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
     whatever the scale. The logarithms of the rescalings are added up once at the end:
     ``G_S = exp(2^S l_0 + sum_j 2^(S-j) log f_j) g_S`` over the rescaled steps ``j``
     (counted from 0) with Frobenius norms ``f_j``.
+
+    ``keep``: a list that receives ``(g_k, l_k)`` for every iterate ``G_k = exp(l_k) g_k``
+    from the first to the last (``steps + 1`` of them), ``l_k`` in float64.
     """
+    kept_log_scale = None if keep is None else log_scale.double()
     if steps <= 0:
+        if keep is not None:
+            keep.append((g, kept_log_scale))
         return g, log_scale
     tiny = torch.finfo(log_scale.dtype).tiny
     norms = []
@@ -312,7 +350,14 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
             frob = torch.linalg.vector_norm(real, dim=(-3, -2, -1)).clamp_min(tiny)
             norms.append(frob)
             real.div_(frob.view(-1, 1, 1, 1))
+            if keep is not None:
+                kept_log_scale = kept_log_scale + torch.log(frob.double())
+        if keep is not None:  # g is not written to again: later steps make new tensors
+            keep.append((g, kept_log_scale))
+            kept_log_scale = 2 * kept_log_scale
         g = torch.bmm(g, g) if hermitian or step > 0 else g.mH @ g
+    if keep is not None:
+        keep.append((g, kept_log_scale))
     weights = torch.exp2(torch.arange(steps, 0, -2, dtype=log_scale.dtype, device=log_scale.device))
     return g, log_scale * 2.0**steps + (weights[:, None] * torch.log(torch.stack(norms))).sum(0)
 

@@ -93,12 +93,13 @@ def replayed(function: Callable[..., tuple[torch.Tensor, ...]], inputs: Sequence
     fixed by ``key()``, e.g. the kernel's size, or the address of a constant tensor that the
     closure keeps alive), return a tuple of tensors, and never synchronize with the host.
     ``key`` is only called when replaying (``torch.compile`` need not trace it); the shapes,
-    dtypes and device of ``inputs`` are added to it here. Outputs are fresh tensors (clones
-    of the graph's), inputs are only read.
+    dtypes and device of ``inputs`` are added to it here. Inputs and outputs may include
+    ``None`` (passed through). Outputs are fresh tensors (clones of the graph's), inputs are
+    only read.
     """
-    if not replays(inputs):
+    if not replays([t for t in inputs if t is not None]):
         return function(*inputs)
-    full_key = (key(), tuple((tuple(t.shape), t.dtype, t.device) for t in inputs))
+    full_key = (key(), tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in inputs))
     graph = _GRAPHS.get(full_key)
     if graph is None:
         if len(_GRAPHS) >= MAX_GRAPHS:
@@ -110,10 +111,10 @@ def replayed(function: Callable[..., tuple[torch.Tensor, ...]], inputs: Sequence
 class _RecordedGraph:
     """One function recorded as a CUDA graph on tensors of its own."""
 
-    def __init__(self, function, inputs: Sequence[torch.Tensor]):
-        device = inputs[0].device
+    def __init__(self, function, inputs: Sequence[torch.Tensor | None]):
+        device = next(x for x in inputs if x is not None).device
         with torch.cuda.device(device), torch.no_grad():
-            self.inputs = [x.detach().clone() for x in inputs]
+            self.inputs = [None if x is None else x.detach().clone() for x in inputs]
             # Warm up on a side stream first (lazy initialization such as cuBLAS workspaces
             # must not happen during capture), as torch.cuda.graph's documentation asks.
             side = torch.cuda.Stream(device)
@@ -132,6 +133,7 @@ class _RecordedGraph:
     def __call__(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
             for static, x in zip(self.inputs, inputs):
-                static.copy_(x)
+                if static is not None:
+                    static.copy_(x)
             self.graph.replay()
-            return tuple(out.clone() for out in self.outputs)
+            return tuple(None if out is None else out.clone() for out in self.outputs)
