@@ -113,6 +113,7 @@ class _RecordedGraph:
 
     def __init__(self, function, inputs: Sequence[torch.Tensor | None]):
         device = next(x for x in inputs if x is not None).device
+        self.function = function  # keeps the tensors its closure reads (and the graph reads) alive
         with torch.cuda.device(device), torch.no_grad():
             self.inputs = [None if x is None else x.detach().clone() for x in inputs]
             # Warm up on a side stream first (lazy initialization such as cuBLAS workspaces
