@@ -32,7 +32,10 @@ def max_min(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         # torch.compile traces autograd functions only without a custom forward-mode rule.
         function = _MaxMin if torch.compiler.is_compiling() else _MaxMinForwardMode
         return function.apply(x, dim)[0]
-    a, b = x.chunk(2, dim=dim)
+    return _sort_pairs(*x.chunk(2, dim=dim), dim)
+
+
+def _sort_pairs(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat((torch.maximum(a, b), torch.minimum(a, b)), dim=dim)
 
 
@@ -51,7 +54,7 @@ class _MaxMin(torch.autograd.Function):
     @staticmethod
     def forward(x, dim):
         a, b = x.chunk(2, dim=dim)
-        return torch.cat((torch.maximum(a, b), torch.minimum(a, b)), dim=dim), a < b
+        return _sort_pairs(a, b, dim), a < b
 
     @staticmethod
     def setup_context(ctx, inputs, output):
