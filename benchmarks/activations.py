@@ -12,7 +12,7 @@ For each activation shape it times a forward and backward pass of
 
 and prints milliseconds, the number of operations each pass dispatches (kernels, on a GPU)
 and the ratios to the autograd reference. Outputs and gradients of the first two are
-checked to be equal first (random inputs: no ties).
+checked to be equal first (gradients away from ties, where autograd splits them in two).
 """
 
 from __future__ import annotations
@@ -90,7 +90,11 @@ def main(argv=None) -> dict:
         x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn_like(x)
         torch.testing.assert_close(max_min(x), autograd_max_min(x), rtol=0, atol=0)
-        torch.testing.assert_close(step(max_min, x, grad), step(autograd_max_min, x, grad), rtol=0, atol=0)
+        # Equal gradients except at ties (bf16 has many), where autograd splits the gradient in two.
+        a, b = x.detach().chunk(2, dim=1)
+        untied = (a != b).repeat(1, 2, 1, 1)
+        torch.testing.assert_close(step(max_min, x, grad)[untied], step(autograd_max_min, x, grad)[untied],
+                                   rtol=0, atol=0)
         measured = {name: measure(fn, x, grad, args.repeat) for name, fn in VARIANTS.items()}
         reference = measured["max/min autograd"][0]
         for name, (ms, ops) in measured.items():
