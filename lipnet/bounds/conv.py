@@ -135,9 +135,7 @@ class _ConvSpectralBound(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, dft, groups, n_iter, screen_iter, n_candidates):
         frequencies = dft.shape[-1]
-        # On the CPU, where arithmetic dominates, the backward reuses the forward's Gram iterates
-        # (on a GPU recomputing them is fewer kernel launches).
-        keep = ctx.needs_input_grad[0] and weight.device.type == "cpu"
+        keep = ctx.needs_input_grad[0]  # a backward pass follows
 
         def bound(kernel):
             return tuple(max_gram_bound(_symbol(kernel, dft, groups).flatten(1, 2), n_iter, screen_iter,

@@ -138,10 +138,11 @@ def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidate
     with its own screening and maximum (the fields of the result then have a leading ``L``);
     all ``L * B`` matrices go through the same few batched operations. Every matrix ends
     with ``screening_steps(B, ...)`` or ``n_iter`` steps, so :func:`max_gram_bound_grad`
-    only needs those two stops. ``keep_iterates``: when every matrix gets all ``n_iter``
-    steps (small batches, e.g. a dense layer's one matrix), keep the maximizer's Gram iterates
-    for :func:`max_gram_bound_grad`, which then needs no Gram product of its own (half of the
-    backward's arithmetic, for a few more small operations: worth it on a CPU).
+    only needs those two stops. ``keep_iterates`` (a backward pass will follow): on the CPU,
+    when every matrix gets all ``n_iter`` steps (small batches, e.g. a dense layer's one
+    matrix), keep the maximizer's Gram iterates for :func:`max_gram_bound_grad`, which then
+    needs no Gram product of its own: half of the backward's arithmetic, for a few more small
+    operations (on a GPU, where each operation is a kernel launch, recomputing is cheaper).
     """
     _check_matrices(mat, n_iter)
     if mat.dim() not in (3, 4):
@@ -155,7 +156,7 @@ def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidate
     # Where each batch starts in the flat one.
     starts = torch.arange(0, layers * batch, batch, device=mat.device)
     screen_iter = screening_steps(batch, n_iter, screen_iter, n_candidates)
-    keep_iterates = keep_iterates and screen_iter == n_iter > 0
+    keep_iterates = keep_iterates and screen_iter == n_iter > 0 and mat.device.type == "cpu"
     g, log_scale = _gram_first_inplace(flat, screen_iter)
     iterates = [] if keep_iterates else None
     g, log_scale = _gram_steps_inplace(g, log_scale, screen_iter - 1, keep=iterates)
@@ -236,9 +237,7 @@ def _iterates_of_normalized(found: MaxBound, real_dtype: torch.dtype) -> torch.T
 class _MaxGramBound(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mat, n_iter, screen_iter, n_candidates):
-        # On the CPU, where arithmetic dominates, the backward reuses the forward's Gram iterates
-        # (on a GPU recomputing them is fewer kernel launches).
-        keep = ctx.needs_input_grad[0] and mat.device.type == "cpu"
+        keep = ctx.needs_input_grad[0]  # a backward pass follows
 
         def bound(mat):
             return tuple(max_gram_bound(mat, n_iter, screen_iter, n_candidates, keep_iterates=keep))
