@@ -58,6 +58,22 @@ def test_matrix_bound_on_gpu_matches_cpu():
     assert (cpu >= torch.linalg.matrix_norm(mat, ord=2) * (1 - 1e-12)).all()
 
 
+def test_real_form_gram_steps_on_gpu_match_complex_products(monkeypatch):
+    """Complex batches of size >= REAL_FORM_MIN_SIZE_OFF_CPU take the real form on a GPU: the
+    same bound as complex products, and sound against the float64 exact norms."""
+    import lipnet.bounds.gram as gram
+
+    size = gram.REAL_FORM_MIN_SIZE_OFF_CPU
+    mats = torch.randn(6, size, size, dtype=torch.complex64, device="cuda")
+    assert gram.uses_real_form(mats)
+    real = gram.max_gram_bound(mats, 10, 5, 2).value.item()
+    monkeypatch.setattr(gram, "uses_real_form", lambda mat: False)
+    complex_products = gram.max_gram_bound(mats, 10, 5, 2).value.item()
+    exact = torch.linalg.matrix_norm(mats.cpu().to(torch.complex128), ord=2).max().item()
+    assert real == pytest.approx(complex_products, rel=1e-5)
+    assert real >= exact * (1 - 1e-5)
+
+
 def test_layer_train_step_and_certified_bound_on_gpu():
     torch.manual_seed(0)
     cpu = lipnet.GramConv2d(8, 8, 3, padding=1)

@@ -28,6 +28,10 @@ Raw Gram iterates overflow after a few steps, so every iterate is divided by its
 Frobenius norm and the logarithm of the scale is carried separately. The scale factors
 cancel exactly in the bound, so they are treated as constants by autograd.
 
+The batched bound of :func:`max_matrix_spectral_norm` carries complex iterates, which are
+Hermitian from the first step on, in their real form (:mod:`lipnet.bounds.hermitian`): the
+same norms and trace statistics for half the arithmetic of complex products.
+
 References:
     Delattre, Barthelemy, Araujo, Allauzen. "Efficient Bound of Lipschitz Constant for
     Convolutional Layers by Gram Iteration", ICML 2023, Algorithm 1.
@@ -42,6 +46,7 @@ from typing import NamedTuple
 import torch
 
 from lipnet.bounds.graphs import replayed
+from lipnet.bounds.hermitian import gram_real_form, hermitian_from_real_form, square_real_form
 
 #: Gram steps of the bound of the frequencies that may hold the maximum.
 DEFAULT_N_ITER = 10
@@ -49,6 +54,8 @@ DEFAULT_N_ITER = 10
 DEFAULT_SCREEN_ITER = 5
 #: How many matrices of a batch get the full ``n_iter`` steps.
 DEFAULT_N_CANDIDATES = 8
+#: Off the CPU, complex iterates of at least this size are squared in their real form.
+REAL_FORM_MIN_SIZE_OFF_CPU = 512
 
 
 def matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER) -> torch.Tensor:
@@ -157,14 +164,16 @@ def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidate
     starts = torch.arange(0, layers * batch, batch, device=mat.device)
     screen_iter = screening_steps(batch, n_iter, screen_iter, n_candidates)
     keep_iterates = keep_iterates and screen_iter == n_iter > 0 and mat.device.type == "cpu"
-    g, log_scale = _gram_first_inplace(flat, screen_iter)
+    real_form = uses_real_form(flat)
+    g, log_scale = _gram_first_inplace(flat, screen_iter, real_form)
     iterates = [] if keep_iterates else None
-    g, log_scale = _gram_steps_inplace(g, log_scale, screen_iter - 1, keep=iterates)
+    g, log_scale = _gram_steps_inplace(g, log_scale, screen_iter - 1, keep=iterates, real_form=real_form)
     bounds, trace_form = _gram_bound_nograd(g, log_scale, screen_iter)
     steps = torch.full((layers * batch,), screen_iter, dtype=torch.int64, device=mat.device)
     if screen_iter < n_iter:
         idx = (bounds.view(layers, batch).topk(n_candidates, dim=1).indices + starts[:, None]).flatten()
-        g, log_scale = _gram_steps_inplace(g[idx], log_scale[idx], n_iter - screen_iter, screen_iter > 0)
+        g, log_scale = _gram_steps_inplace(g[idx], log_scale[idx], n_iter - screen_iter, screen_iter > 0,
+                                           real_form=real_form)
         refined, refined_form = _gram_bound_nograd(g, log_scale, n_iter)
         bounds = bounds.scatter(0, idx, refined)
         trace_form = trace_form.scatter(0, idx, refined_form)
@@ -174,10 +183,24 @@ def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidate
     pick = best + starts
     kept = (None, None)
     if keep_iterates:  # (L, t, r, r) and (L, t): the maximizers' iterates
-        kept = tuple(torch.stack(parts, 1).index_select(0, pick) for parts in zip(*iterates))
+        kept = tuple(torch.stack([part.index_select(0, pick) for part in parts], 1) for parts in zip(*iterates))
+        if real_form:
+            kept = (hermitian_from_real_form(kept[0]), kept[1])
     found = MaxBound(value, best, flat.index_select(0, pick), steps.index_select(0, pick),
                      trace_form.index_select(0, pick), *kept)
     return found if stacked else MaxBound(*(None if field is None else field[0] for field in found))
+
+
+def uses_real_form(mat: torch.Tensor) -> bool:
+    """Whether :func:`max_gram_bound` carries the Gram iterates of complex ``mat`` in their
+    real form (:mod:`lipnet.bounds.hermitian`): half the arithmetic of complex products, for
+    three more operations per step. Always on the CPU, where arithmetic sets the time; off it
+    only for iterates of size >= :data:`REAL_FORM_MIN_SIZE_OFF_CPU`, where the halved products
+    outweigh the extra kernel launches (an estimate from the H200 figures in
+    ``docs/benchmarks.md``, not yet measured on a GPU)."""
+    if not mat.is_complex():
+        return False
+    return mat.device.type == "cpu" or min(mat.shape[-2:]) >= REAL_FORM_MIN_SIZE_OFF_CPU
 
 
 def max_gram_bound_grad(found: MaxBound, n_iter: int, stops=None) -> torch.Tensor:
@@ -302,24 +325,28 @@ def _real_view(g: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(g) if g.is_complex() else g.unsqueeze(-1)
 
 
-def _gram_first_inplace(mat: torch.Tensor, n_iter: int):
+def _gram_first_inplace(mat: torch.Tensor, n_iter: int, real_form: bool = False):
     """:func:`_gram_first` without autograd, for a batch ``(B, m, n)``, in few operations.
 
     Any positive scale works for the first rescaling; the largest real or imaginary
     part (within sqrt(2) of the largest modulus) is cheaper to find than the modulus.
-    Zero matrices get the scale ``tiny`` (they stay zero); NaN propagates.
+    Zero matrices get the scale ``tiny`` (they stay zero); NaN propagates. ``real_form``:
+    return the Gram matrix of complex ``mat`` in its real form.
     """
     scale = torch.linalg.vector_norm(_real_view(mat), ord=float("inf"), dim=(-3, -2, -1))
     scale = scale.clamp_min(torch.finfo(mat.real.dtype).tiny)
     a = mat / scale.view(-1, 1, 1)
     if n_iter == 0:
         return a, torch.log(scale)
-    g = a @ a.mH if mat.shape[-2] <= mat.shape[-1] else a.mH @ a
+    if real_form:
+        g = gram_real_form(a)
+    else:
+        g = a @ a.mH if mat.shape[-2] <= mat.shape[-1] else a.mH @ a
     return g, 2 * torch.log(scale)
 
 
 def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, hermitian: bool = True,
-                        keep: list | None = None):
+                        keep: list | None = None, real_form: bool = False):
     """:func:`_gram_steps` without autograd, for a batch, in a few operations per step (on a
     GPU each operation is a kernel launch, and launches, not flops, set the bound's time);
     ``g`` is rescaled in place.
@@ -335,6 +362,11 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
 
     ``keep``: a list that receives ``(g_k, l_k)`` for every iterate ``G_k = exp(l_k) g_k``
     from the first to the last (``steps + 1`` of them), ``l_k`` in float64.
+
+    ``real_form``: the iterates are complex Hermitian and carried in their real form
+    (:mod:`lipnet.bounds.hermitian`; a raw complex ``g`` when ``hermitian`` is false), which
+    has the same Frobenius norm: the rescaling, and the bound read off the last iterate, are
+    unchanged.
     """
     kept_log_scale = None if keep is None else log_scale.double()
     if steps <= 0:
@@ -354,7 +386,10 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
         if keep is not None:  # g is not written to again: later steps make new tensors
             keep.append((g, kept_log_scale))
             kept_log_scale = 2 * kept_log_scale
-        g = torch.bmm(g, g) if hermitian or step > 0 else g.mH @ g
+        if hermitian or step > 0:
+            g = square_real_form(g) if real_form else torch.bmm(g, g)
+        else:
+            g = gram_real_form(g) if real_form else g.mH @ g
     if keep is not None:
         keep.append((g, kept_log_scale))
     weights = torch.exp2(torch.arange(steps, 0, -2, dtype=log_scale.dtype, device=log_scale.device))

@@ -7,9 +7,11 @@ rounding. With unit roundoff ``u`` and standard error bounds for sums and produc
 * the symbol entries are sums of ``taps`` products with unit-modulus twiddles, so the
   symbol matrix is perturbed by at most ``~(taps + 2) u ||W||_F``, while
   ``sigma_max >= ||W||_F / sqrt(rank)`` (Parseval): relative ``(taps + 2) u sqrt(rank)``;
-* a Gram step ``fl(G^H G)`` on a Frobenius-normalised ``G`` has error ``<= gamma_inner``
-  in Frobenius norm while ``sigma_max(G)^2 >= 1 / rank``: relative ``inner * u * rank``;
-  through the ``2^-t`` roots the steps add up to at most that amount once more;
+* a Gram step ``fl(G^H G)`` on a Frobenius-normalised ``G`` has error ``<= 2 gamma_inner``
+  in Frobenius norm (a complex product, or the two real products of the real form of
+  :mod:`lipnet.bounds.hermitian`) while ``sigma_max(G)^2 >= 1 / rank``: relative
+  ``2 inner * u * rank``; through the ``2^-t`` roots the steps add up to at most that
+  amount once more;
 * the final estimate of ``lambda_max(G_t)`` (its Frobenius norm, or the trace form
   ``m + sqrt(r - 1) s'`` of :mod:`lipnet.bounds.gram`) is a sum of non-negative terms, so it
   carries a relative error of at most ``~r u``, below the Gram-step term;
@@ -43,5 +45,5 @@ def relative_rounding_margin(dtype: torch.dtype, *, inner: int, rank: int, taps:
         log_bound: natural logarithm of the bound (its size enters the log-scale error).
     """
     u = torch.finfo(dtype).eps / 2
-    worst = u * ((taps + 2) * math.sqrt(rank) + 2 * inner * rank + (n_iter + 3) * (4 + abs(log_bound)))
+    worst = u * ((taps + 2) * math.sqrt(rank) + 4 * inner * rank + (n_iter + 3) * (4 + abs(log_bound)))
     return max(MIN_RELATIVE_MARGIN, 10 * worst)
