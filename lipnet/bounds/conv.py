@@ -38,9 +38,11 @@ from lipnet.bounds.gram import (
     MaxBound,
     max_gram_bound,
     max_gram_bound_grad,
+    max_gram_bound_of_grams,
     screening_steps,
 )
 from lipnet.bounds.graphs import replayed
+from lipnet.bounds.symbol_gram import SymbolLags, symbol_gram_real_form, symbol_lags
 
 
 class ConvEmbedding(NamedTuple):
@@ -125,24 +127,58 @@ def _symbol(weight: torch.Tensor, dft: torch.Tensor, groups: int) -> torch.Tenso
     return symbol.permute(0, 1, 6, 2, 3, 4, 5).reshape(layers, groups, f, c_out // groups, c_in_g * r * s).contiguous()
 
 
+def _symbol_at(weight: torch.Tensor, dft: torch.Tensor, groups: int, index: torch.Tensor) -> torch.Tensor:
+    """The symbol of each of ``L`` stacked kernels at one index ``group * F + frequency`` each
+    (as in :func:`_symbol`'s flattened ``(groups, F)``): ``(L, c_out // groups, c_in_g R S)``."""
+    layers, c_out, c_in_g, k_h, k_w = weight.shape
+    _, r, s, f = dft.shape
+    group, frequency = index // f, index % f
+    rows = torch.arange(layers, device=weight.device) * groups + group
+    kernel = weight.reshape(layers * groups, (c_out // groups) * c_in_g, k_h * k_w).index_select(0, rows)
+    taps = dft.index_select(3, frequency).permute(3, 0, 1, 2).reshape(layers, k_h * k_w, r * s)
+    return torch.bmm(kernel.to(dft.dtype), taps).view(layers, c_out // groups, c_in_g * r * s)
+
+
+def _uses_symbol_lags(embedding: ConvEmbedding, shape, groups: int, frequencies: int, screen: int) -> bool:
+    """Whether the first Gram step comes from the kernel's autocorrelation
+    (:mod:`lipnet.bounds.symbol_gram`) instead of from every symbol: when that step is taken
+    (``screen >= 1``), on the output side (``c_out // groups <= c_in_g R S``, the smaller one),
+    and when it is the cheaper way, ``F > T^2`` frequencies for ``T`` taps."""
+    c_out, c_in_g, k_h, k_w = shape[-4:]
+    phases = embedding.height.phases * embedding.width.phases
+    taps = k_h * k_w
+    return screen >= 1 and c_out // groups <= c_in_g * phases and taps * taps < frequencies
+
+
 class _ConvSpectralBound(torch.autograd.Function):
     """``max_f gram_bound(K(f))`` of each of ``L`` stacked kernels' symbols, with a backward
     through the maximizing frequency alone: ``K(f)`` is linear in the kernel,
     ``K(f) = sum_taps W_tap e_tap(f)``, so the kernel's gradient is
     ``Re(sum conj(e_tap(f*)) dK)`` for the gradient ``dK`` of the one symbol the maximum
-    depends on (no dense gradient over all frequencies)."""
+    depends on (no dense gradient over all frequencies). With ``lags`` (pairs and twiddles of
+    :class:`~lipnet.bounds.symbol_gram.SymbolLags`) the first Gram iterates come from the
+    kernel's autocorrelation, and only the maximizers' symbols are built."""
 
     @staticmethod
-    def forward(ctx, weight, dft, groups, n_iter, screen_iter, n_candidates):
+    def forward(ctx, weight, dft, pairs, twiddles, groups, n_iter, screen_iter, n_candidates):
         frequencies = dft.shape[-1]
         keep = ctx.needs_input_grad[0]  # a backward pass follows
 
         def bound(kernel):
-            return tuple(max_gram_bound(_symbol(kernel, dft, groups).flatten(1, 2), n_iter, screen_iter,
-                                        n_candidates, keep_iterates=keep))
-        # The tap DFT is a constant of the graph: its address (kept alive by the graph) is in the key.
-        found = MaxBound(*replayed(bound, (weight,), lambda: ("conv bound", dft.data_ptr(), groups, n_iter,
-                                                              screen_iter, n_candidates, keep)))
+            if twiddles is None:
+                return tuple(max_gram_bound(_symbol(kernel, dft, groups).flatten(1, 2), n_iter, screen_iter,
+                                            n_candidates, keep_iterates=keep))
+            # Entries of the scaled kernel are at most 1: its Gram matrices neither overflow nor
+            # underflow where the maximum can be.
+            scale = kernel.abs().amax(dim=(1, 2, 3, 4)).clamp_min(torch.finfo(kernel.dtype).tiny)
+            gram = symbol_gram_real_form(kernel / scale.view(-1, 1, 1, 1, 1), SymbolLags(pairs, twiddles), groups)
+            found = max_gram_bound_of_grams(gram, 2 * torch.log(scale)[:, None], n_iter, screen_iter, n_candidates,
+                                            keep_iterates=keep)
+            return tuple(found._replace(matrix=_symbol_at(kernel, dft, groups, found.best)))
+        # The tap DFT and lags are constants of the graph: their addresses (kept alive by the
+        # graph) are in the key.
+        found = MaxBound(*replayed(bound, (weight,), lambda: ("conv bound", dft.data_ptr(), _address(twiddles),
+                                                              groups, n_iter, screen_iter, n_candidates, keep)))
         ctx.save_for_backward(dft, *found)
         ctx.shape, ctx.groups, ctx.frequencies, ctx.n_iter = weight.shape, groups, frequencies, n_iter
         ctx.dtype = weight.dtype
@@ -158,7 +194,11 @@ class _ConvSpectralBound(torch.autograd.Function):
         def gradient(grad_output, *saved):
             return (_conv_bound_grad(MaxBound(*saved), grad_output, dft, *settings),)
         (grad,) = replayed(gradient, (grad_output, *saved), lambda: ("conv bound gradient", dft.data_ptr(), *settings))
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
+
+
+def _address(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
 def _conv_bound_grad(found: MaxBound, grad_output, dft, shape, groups, frequencies, n_iter, stops, dtype):
@@ -240,11 +280,21 @@ def conv2d_spectral_norm(
         if weight.dtype not in (torch.float32, torch.float64):
             weight = weight.float()
         dft = _tap_dft_for(embedding, weight)
+        frequencies = dft.shape[-1]
+        screen = screening_steps(groups * frequencies, n_iter, screen_iter, n_candidates)
+        lags = (None, None)
+        if _uses_symbol_lags(embedding, weight.shape, groups, frequencies, screen):
+            lags = _symbol_lags_for(embedding, weight)
         factor = embedding.norm_factor
         del embedding  # not live across the autograd.Function call (torch 2.11's compiler cannot rebuild it)
-        value = _ConvSpectralBound.apply(weight if stacked else weight[None], dft, groups, n_iter, screen_iter,
-                                         n_candidates)
+        value = _ConvSpectralBound.apply(weight if stacked else weight[None], dft, *lags, groups, n_iter,
+                                         screen_iter, n_candidates)
         return factor * (value if stacked else value[0])
+
+
+def _symbol_lags_for(embedding: ConvEmbedding, weight: torch.Tensor) -> SymbolLags:
+    return _cached_constant(("lags", embedding, weight.dtype, weight.device), weight.dtype, weight.device,
+                            lambda device: symbol_lags(embedding.height, embedding.width, torch.float64, device))
 
 
 _DFT_CACHE: dict = {}
@@ -252,28 +302,33 @@ _DFT_CACHE: dict = {}
 
 def _tap_dft(embedding: ConvEmbedding, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``E[(a, b), r, s, (x, y)] = e_h[a, r, x] e_w[b, s, y]``: kernel taps to (input phase,
-    frequency) of both axes, ``x`` over all ``N_h`` and ``y`` over the half-plane ``N_w // 2 + 1``.
+    frequency) of both axes, ``x`` over all ``N_h`` and ``y`` over the half-plane ``N_w // 2 + 1``."""
 
-    Cached per embedding, dtype and device (not while compiling: a compiled graph computes it
-    once anyway, and cache writes would break the graph).
-    """
+    def build(device):
+        e_h, e_w = _axis_dft(embedding.height, False, device), _axis_dft(embedding.width, True, device)
+        (k_h, r, x), (k_w, s, y) = e_h.shape, e_w.shape
+        return torch.einsum("arx,bsy->abrsxy", e_h, e_w).reshape(k_h * k_w, r, s, x * y)
+    return _cached_constant((embedding, dtype, device), dtype, device, build)
+
+
+def _cached_constant(key, dtype: torch.dtype, device: torch.device, build):
+    """``build(device)`` (a tensor or a tuple of tensors, in float64 or complex128) in ``dtype``
+    on ``device``, cached per ``key`` (not while compiling: a compiled graph computes it once
+    anyway, and cache writes would break the graph)."""
     compiling = torch.compiler.is_compiling()
-    key = (embedding, dtype, device)
     cached = None if compiling else _DFT_CACHE.get(key)
     if cached is not None:
         return cached
     # Built on the CPU and cached; while compiling, built on the device itself, so that a
     # compiled CUDA graph holds no CPU work or host-to-device copy (CUDA graphs need that).
-    build_on = device if compiling else torch.device("cpu")
-    e_h, e_w = _axis_dft(embedding.height, False, build_on), _axis_dft(embedding.width, True, build_on)
-    (k_h, r, x), (k_w, s, y) = e_h.shape, e_w.shape
-    dft = torch.einsum("arx,bsy->abrsxy", e_h, e_w).reshape(k_h * k_w, r, s, x * y)
-    dft = dft.to(device=device, dtype=dtype)
+    built = build(device if compiling else torch.device("cpu"))
+    value = (type(built)(*(part.to(device=device, dtype=dtype) for part in built)) if isinstance(built, tuple)
+             else built.to(device=device, dtype=dtype))
     if not compiling:
         if len(_DFT_CACHE) > 256:
             _DFT_CACHE.clear()
-        _DFT_CACHE[key] = dft
-    return dft
+        _DFT_CACHE[key] = value
+    return value
 
 
 def _axis_dft(axis: AxisEmbedding, half: bool, device: torch.device) -> torch.Tensor:

@@ -155,25 +155,66 @@ def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidate
     if mat.dim() not in (3, 4):
         raise ValueError(f"max_matrix_spectral_norm expects a batch (B, m, n) or batches (L, B, m, n), "
                          f"got shape {tuple(mat.shape)}")
-    if screen_iter < 0 or n_candidates < 1:
-        raise ValueError(f"screen_iter must be >= 0 and n_candidates >= 1, got {screen_iter}, {n_candidates}")
+    _check_screening(screen_iter, n_candidates)
     stacked = mat.dim() == 4
     layers, batch = mat.shape[:2] if stacked else (1, mat.shape[0])
     flat = mat.flatten(0, 1) if stacked else mat
-    # Where each batch starts in the flat one.
-    starts = torch.arange(0, layers * batch, batch, device=mat.device)
-    screen_iter = screening_steps(batch, n_iter, screen_iter, n_candidates)
-    keep_iterates = keep_iterates and screen_iter == n_iter > 0 and mat.device.type == "cpu"
+    screen = screening_steps(batch, n_iter, screen_iter, n_candidates)
     real_form = uses_real_form(flat)
-    g, log_scale = _gram_first_inplace(flat, screen_iter, real_form)
+    g, log_scale = _gram_first_inplace(flat, screen, real_form)
+    found = _max_bound(g.unflatten(0, (layers, batch)), log_scale.view(layers, batch), n_iter, screen, n_candidates,
+                       keep_iterates, real_form)
+    found = found._replace(matrix=flat.index_select(0, found.best + _batch_starts(layers, batch, mat.device)))
+    return found if stacked else MaxBound(*(None if field is None else field[0] for field in found))
+
+
+def max_gram_bound_of_grams(gram: torch.Tensor, log_scale: torch.Tensor, n_iter: int, screen_iter: int,
+                            n_candidates: int, keep_iterates: bool = False) -> MaxBound:
+    """:func:`max_gram_bound` of ``L`` batches of complex matrices given by their first Gram iterates.
+
+    Args:
+        gram: ``(L, B, r, r)``, the real forms (:mod:`lipnet.bounds.hermitian`) of the Gram
+            matrices ``exp(log_scale) gram`` of the matrices on their smaller side, e.g. from
+            :func:`lipnet.bounds.symbol_gram.symbol_gram_real_form`.
+        log_scale: ``(L, B)`` or broadcastable to it.
+        n_iter, screen_iter, n_candidates, keep_iterates: as in :func:`max_gram_bound`
+            (``n_iter, screen_iter >= 1``: the first step is taken).
+
+    Returns:
+        The fields of :func:`max_gram_bound` for the ``L`` batches, except ``matrix``, which is
+        ``None``: :func:`max_gram_bound_grad` needs the maximizers ``best``, which the caller
+        builds (only those, not the whole batch).
+    """
+    if gram.dim() != 4 or gram.shape[-1] != gram.shape[-2] or gram.is_complex():
+        raise ValueError(f"expected real forms of Gram matrices (L, B, r, r), got {gram.dtype} {tuple(gram.shape)}")
+    if not isinstance(n_iter, int) or n_iter < 1 or screen_iter < 1:
+        raise ValueError(f"the first Gram step is taken: n_iter and screen_iter must be >= 1, got {n_iter!r}, "
+                         f"{screen_iter!r}")
+    _check_screening(screen_iter, n_candidates)
+    layers, batch, r = gram.shape[:3]
+    screen = screening_steps(batch, n_iter, screen_iter, n_candidates)
+    real_form = _real_form_pays(r, gram.device)
+    if not real_form:
+        gram = hermitian_from_real_form(gram)
+    return _max_bound(gram, log_scale.expand(layers, batch).to(gram.real.dtype), n_iter, screen, n_candidates,
+                      keep_iterates, real_form)
+
+
+def _max_bound(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int, screen: int, n_candidates: int,
+               keep_iterates: bool, real_form: bool) -> MaxBound:
+    """Screening and refinement from ``L`` batches of first iterates ``(L, B, r, r)`` (raw
+    matrices when ``screen == 0``); ``matrix`` left ``None``."""
+    layers, batch = g.shape[:2]
+    g, log_scale = g.flatten(0, 1), log_scale.flatten()
+    starts = _batch_starts(layers, batch, g.device)
+    keep_iterates = keep_iterates and screen == n_iter > 0 and g.device.type == "cpu"
     iterates = [] if keep_iterates else None
-    g, log_scale = _gram_steps_inplace(g, log_scale, screen_iter - 1, keep=iterates, real_form=real_form)
-    bounds, trace_form = _gram_bound_nograd(g, log_scale, screen_iter)
-    steps = torch.full((layers * batch,), screen_iter, dtype=torch.int64, device=mat.device)
-    if screen_iter < n_iter:
+    g, log_scale = _gram_steps_inplace(g, log_scale, screen - 1, keep=iterates, real_form=real_form)
+    bounds, trace_form = _gram_bound_nograd(g, log_scale, screen)
+    steps = torch.full((layers * batch,), screen, dtype=torch.int64, device=g.device)
+    if screen < n_iter:
         idx = (bounds.view(layers, batch).topk(n_candidates, dim=1).indices + starts[:, None]).flatten()
-        g, log_scale = _gram_steps_inplace(g[idx], log_scale[idx], n_iter - screen_iter, screen_iter > 0,
-                                           real_form=real_form)
+        g, log_scale = _gram_steps_inplace(g[idx], log_scale[idx], n_iter - screen, screen > 0, real_form=real_form)
         refined, refined_form = _gram_bound_nograd(g, log_scale, n_iter)
         bounds = bounds.scatter(0, idx, refined)
         trace_form = trace_form.scatter(0, idx, refined_form)
@@ -186,9 +227,17 @@ def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidate
         kept = tuple(torch.stack([part.index_select(0, pick) for part in parts], 1) for parts in zip(*iterates))
         if real_form:
             kept = (hermitian_from_real_form(kept[0]), kept[1])
-    found = MaxBound(value, best, flat.index_select(0, pick), steps.index_select(0, pick),
-                     trace_form.index_select(0, pick), *kept)
-    return found if stacked else MaxBound(*(None if field is None else field[0] for field in found))
+    return MaxBound(value, best, None, steps.index_select(0, pick), trace_form.index_select(0, pick), *kept)
+
+
+def _batch_starts(layers: int, batch: int, device: torch.device) -> torch.Tensor:
+    """Where each of ``layers`` batches of ``batch`` matrices starts in the flat batch."""
+    return torch.arange(0, layers * batch, batch, device=device)
+
+
+def _check_screening(screen_iter: int, n_candidates: int) -> None:
+    if screen_iter < 0 or n_candidates < 1:
+        raise ValueError(f"screen_iter must be >= 0 and n_candidates >= 1, got {screen_iter}, {n_candidates}")
 
 
 def uses_real_form(mat: torch.Tensor) -> bool:
@@ -198,9 +247,11 @@ def uses_real_form(mat: torch.Tensor) -> bool:
     only for iterates of size >= :data:`REAL_FORM_MIN_SIZE_OFF_CPU`, where the halved products
     outweigh the extra kernel launches (an estimate from the H200 figures in
     ``docs/benchmarks.md``, not yet measured on a GPU)."""
-    if not mat.is_complex():
-        return False
-    return mat.device.type == "cpu" or min(mat.shape[-2:]) >= REAL_FORM_MIN_SIZE_OFF_CPU
+    return mat.is_complex() and _real_form_pays(min(mat.shape[-2:]), mat.device)
+
+
+def _real_form_pays(size: int, device: torch.device) -> bool:
+    return device.type == "cpu" or size >= REAL_FORM_MIN_SIZE_OFF_CPU
 
 
 def max_gram_bound_grad(found: MaxBound, n_iter: int, stops=None) -> torch.Tensor:
@@ -398,7 +449,9 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
 
 def _gram_bound_nograd(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int):
     """:func:`_gram_bound` without autograd: ``log 0 = -inf`` gives the exact 0 of zero matrices
-    without selections (no gradient to keep finite here)."""
+    without selections (no gradient to keep finite here). A first iterate not computed as
+    ``A^H A`` (:mod:`lipnet.bounds.symbol_gram`) can be indefinite by rounding where it is
+    nearly zero; a negative trace form then gives way to the Frobenius form."""
     if n_iter == 0:
         lam = torch.linalg.vector_norm(_real_view(g), dim=(-3, -2, -1))
         trace_form = torch.zeros_like(lam, dtype=torch.bool)
@@ -406,8 +459,8 @@ def _gram_bound_nograd(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int):
         mean, spread, squared_frobenius = _trace_statistics(g, differentiable=False)
         frob = squared_frobenius.sqrt()
         trace = torch.add(mean, spread, alpha=(g.shape[-1] - 1) ** 0.5)
-        trace_form = trace < frob
-        lam = torch.minimum(trace, frob)
+        trace_form = (trace < frob) & (trace >= 0)
+        lam = torch.where(trace_form, trace, frob)
     return torch.exp((torch.log(lam) + log_scale) / 2**n_iter), trace_form
 
 
