@@ -7,6 +7,9 @@ rounding. With unit roundoff ``u`` and standard error bounds for sums and produc
 * the symbol entries are sums of ``taps`` products with unit-modulus twiddles, so the
   symbol matrix is perturbed by at most ``~(taps + 2) u ||W||_F``, while
   ``sigma_max >= ||W||_F / sqrt(rank)`` (Parseval): relative ``(taps + 2) u sqrt(rank)``;
+* a first Gram iterate built from the kernel's autocorrelation instead
+  (:mod:`lipnet.bounds.symbol_gram`) errs by at most ``~sqrt(2) taps rank (inner + 2 taps^2) u``
+  relative to the largest one;
 * a Gram step ``fl(G^H G)`` on a Frobenius-normalised ``G`` has error ``<= 2 gamma_inner``
   in Frobenius norm (a complex product, or the two real products of the real form of
   :mod:`lipnet.bounds.hermitian`) while ``sigma_max(G)^2 >= 1 / rank``: relative
@@ -45,5 +48,7 @@ def relative_rounding_margin(dtype: torch.dtype, *, inner: int, rank: int, taps:
         log_bound: natural logarithm of the bound (its size enters the log-scale error).
     """
     u = torch.finfo(dtype).eps / 2
-    worst = u * ((taps + 2) * math.sqrt(rank) + 4 * inner * rank + (n_iter + 3) * (4 + abs(log_bound)))
+    autocorrelation = 1.5 * taps * rank * (inner + 2 * taps**2)
+    worst = u * ((taps + 2) * math.sqrt(rank) + autocorrelation + 4 * inner * rank
+                 + (n_iter + 3) * (4 + abs(log_bound)))
     return max(MIN_RELATIVE_MARGIN, 10 * worst)
