@@ -400,7 +400,7 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
                         keep: list | None = None, real_form: bool = False):
     """:func:`_gram_steps` without autograd, for a batch, in a few operations per step (on a
     GPU each operation is a kernel launch, and launches, not flops, set the bound's time);
-    ``g`` is rescaled in place.
+    ``g`` is rescaled in place, and in the real form its memory may receive a later iterate.
 
     ``g @ g`` replaces ``g^H g`` once the iterate is a Gram matrix (equal for Hermitian
     ``g``; the rounding-level asymmetry of a computed Gram matrix changes the bound only at
@@ -426,6 +426,10 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
         return g, log_scale
     tiny = torch.finfo(log_scale.dtype).tiny
     norms = []
+    # Real form: buffers reused by every squaring (S and -D, and the iterate before last, which
+    # receives the next one), unless the iterates are kept.
+    work = g.new_empty((2, *g.shape)) if real_form and hermitian else None
+    spare = None
     for step in range(steps):
         if step % 2 == 0:
             real = _real_view(g)  # a view: norms and scaling of real tensors are the fast paths
@@ -437,8 +441,11 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
         if keep is not None:  # g is not written to again: later steps make new tensors
             keep.append((g, kept_log_scale))
             kept_log_scale = 2 * kept_log_scale
-        if hermitian or step > 0:
-            g = square_real_form(g) if real_form else torch.bmm(g, g)
+        if real_form and (hermitian or step > 0):
+            work = g.new_empty((2, *g.shape)) if work is None else work
+            g, spare = square_real_form(g, out=spare, work=work), (g if keep is None else None)
+        elif hermitian or step > 0:
+            g = torch.bmm(g, g)
         else:
             g = gram_real_form(g) if real_form else g.mH @ g
     if keep is not None:

@@ -58,9 +58,17 @@ def gram_real_form(a: torch.Tensor) -> torch.Tensor:
     return u @ v.mT if left else v @ u.mT
 
 
-def square_real_form(m: torch.Tensor) -> torch.Tensor:
-    """Real form of ``G^2`` from the real form ``m`` ``(B, r, r)`` of Hermitian ``G``."""
+def square_real_form(m: torch.Tensor, out: torch.Tensor | None = None,
+                     work: torch.Tensor | None = None) -> torch.Tensor:
+    """Real form of ``G^2`` from the real form ``m`` ``(B, r, r)`` of Hermitian ``G``.
+
+    ``out`` (shape of ``m``) and ``work`` (``(2, B, r, r)``), buffers not overlapping ``m``,
+    receive the result and the intermediates ``S`` and ``-D``: a loop of squarings can reuse
+    its memory instead of allocating three fresh matrices per step (on the CPU, touching
+    fresh pages costs about as much as the elementwise operations themselves).
+    """
     mt = m.mT
-    s = m + mt  # the one elementwise operation with a transposed (strided) operand
-    minus_d = torch.add(s, m, alpha=-2)  # M^T - M = -D
-    return torch.bmm(m, mt).baddbmm_(s, minus_d, alpha=-0.5)
+    s, minus_d = (None, None) if work is None else work
+    s = torch.add(m, mt, out=s)  # the one elementwise operation with a transposed (strided) operand
+    minus_d = torch.add(s, m, alpha=-2, out=minus_d)  # M^T - M = -D
+    return torch.bmm(m, mt, out=out).baddbmm_(s, minus_d, alpha=-0.5)
