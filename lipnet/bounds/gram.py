@@ -428,8 +428,7 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
     norms = []
     # Real form: buffers reused by every squaring (S and -D, and the iterate before last, which
     # receives the next one), unless the iterates are kept.
-    work = g.new_empty((2, *g.shape)) if real_form and hermitian else None
-    spare = None
+    work = spare = None
     for step in range(steps):
         if step % 2 == 0:
             real = _real_view(g)  # a view: norms and scaling of real tensors are the fast paths

@@ -65,6 +65,22 @@ def test_bound_and_gradient_equal_the_symbol_path(geometry, monkeypatch):
     torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
 
 
+def test_autocorrelation_with_complex_products_after_it(monkeypatch):
+    """Where the real form does not pay (a GPU below size 512), the first iterates are turned
+    back into complex matrices: the same bound and gradient."""
+    import lipnet.bounds.gram as gram
+
+    weight = torch.randn(2, 8, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    bounds = conv2d_spectral_norm(weight, 12, padding=1)
+    (grad,) = torch.autograd.grad(bounds.sum(), weight)
+    monkeypatch.setattr(gram, "_real_form_pays", lambda size, device: False)
+    assert _lags_used(weight[0], 12, padding=1)
+    expected = conv2d_spectral_norm(weight, 12, padding=1)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), weight)
+    torch.testing.assert_close(bounds, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+
+
 def test_gradcheck_through_the_autocorrelation():
     weight = torch.randn(4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     assert _lags_used(weight, 12, padding=1)
