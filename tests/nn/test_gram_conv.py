@@ -43,7 +43,7 @@ def test_forward_applies_the_normalized_weight(cfg):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
-@pytest.mark.parametrize("size", [(5, 5), (9, 7)])
+@pytest.mark.parametrize("size", [(5, 5), (9, 7), (13, 14)])  # (13, 14): the autocorrelation path on the CPU
 def test_normalized_operator_norm_is_at_most_one(cfg, size):
     layer = GramConv2d(**cfg).double()
     weight = layer.normalized_weight(size)
