@@ -11,8 +11,7 @@ Sections (all in one run, so the ratios compare like with like):
             power-iteration lower bound of the true zero-padded operator (so
             bound / lower >= bound / exact: the looseness from the border).
   layer     time of the bound (forward, forward+backward) and of a training step
-            (forward, backward, SGD) of one layer at batch 256, as ratios over nn.Conv2d
-            (the steps timed in rounds, each ratio the median of the rounds' ratios);
+            (forward, backward, SGD) of one layer at batch 256, as ratios over nn.Conv2d;
             peers: lipnet with autograd through every iteration and frequency (the 2023
             algorithm's cost model), torch's spectral_norm parametrization (power
             iteration on the reshaped kernel: cheap but not a bound of the conv
@@ -75,21 +74,6 @@ def timed(fn, device, repeat: int, warmup: int = 2) -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def timed_rounds(fns: dict, device, repeat: int, warmup: int = 2) -> dict:
-    """Wall times in milliseconds of several functions, run in rounds: each round calls every
-    function once (in an order rotated from round to round), so a change of the machine's
-    speed during the run reaches all of them alike. Returns ``{name: [ms per round]}``."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times = {name: [] for name in names}
-    for round_ in range(repeat):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            times[name].append(timed(fns[name], device, 1, warmup=0))
-    return times
 
 
 def bound_accuracy(c: int, n: int, device) -> dict:
@@ -198,25 +182,22 @@ def layer_times(c: int, n: int, batch: int, device, repeat: int, compile_: bool 
             return self._conv_forward(inp, self.weight / autograd_all_frequencies(self.weight, n), self.bias)
 
     layers["autograd_all"] = AutogradAll(c, c, 3, padding=1)
-    steps = {name: step_of(layer.to(device)) for name, layer in layers.items()}
+    for name, layer in layers.items():
+        out[f"{name}_step_ms"] = timed(step_of(layer.to(device)), device, repeat)
     if device.type == "cuda":  # the bound replayed as CUDA graphs (lipnet.bounds.cuda_graphs), eager otherwise
-        steps["gram_graphs"] = with_bound_graphs(step_of(GramConv2d(c, c, 3, padding=1).to(device)))
-    # In rounds, and each ratio the median of the rounds' ratios: steadier on a shared machine.
-    times = timed_rounds(steps, device, repeat)
-    for name, ms in times.items():
-        out[f"{name}_step_ms"] = statistics.median(ms)
-        out[f"{name}_ratio"] = statistics.median(t / base for t, base in zip(ms, times["conv2d"]))
+        layers["gram_graphs"] = GramConv2d(c, c, 3, padding=1).to(device)
+        out["gram_graphs_step_ms"] = timed(with_bound_graphs(step_of(layers["gram_graphs"])), device, repeat)
+    base = out["conv2d_step_ms"]
+    for name in layers:
+        out[f"{name}_ratio"] = out[f"{name}_step_ms"] / base
     if compile_:
         # Both layers compiled the same way; the ratio is over the compiled nn.Conv2d step.
         cuda_graphs = compile_mode in CUDA_GRAPH_MODES
-        compiled = {}
         for name, layer in {"conv2d": nn.Conv2d(c, c, 3, padding=1), "gram": GramConv2d(c, c, 3, padding=1)}.items():
             layer = layer.to(device)
-            compiled[name] = step_of(layer, torch.compile(layer, mode=compile_mode), cuda_graphs)
-        times = timed_rounds(compiled, device, repeat, warmup=3)
-        for name, ms in times.items():
-            out[f"{name}_compiled_step_ms"] = statistics.median(ms)
-        out["gram_compiled_ratio"] = statistics.median(g / p for g, p in zip(times["gram"], times["conv2d"]))
+            step = step_of(layer, torch.compile(layer, mode=compile_mode), cuda_graphs)
+            out[f"{name}_compiled_step_ms"] = timed(step, device, repeat, warmup=3)
+        out["gram_compiled_ratio"] = out["gram_compiled_step_ms"] / out["conv2d_compiled_step_ms"]
     return out
 
 
