@@ -127,16 +127,24 @@ def _symbol(weight: torch.Tensor, dft: torch.Tensor, groups: int) -> torch.Tenso
     return symbol.permute(0, 1, 6, 2, 3, 4, 5).reshape(layers, groups, f, c_out // groups, c_in_g * r * s).contiguous()
 
 
-def _symbol_at(weight: torch.Tensor, dft: torch.Tensor, groups: int, index: torch.Tensor) -> torch.Tensor:
-    """The symbol of each of ``L`` stacked kernels at one index ``group * F + frequency`` each
-    (as in :func:`_symbol`'s flattened ``(groups, F)``): ``(L, c_out // groups, c_in_g R S)``."""
-    layers, c_out, c_in_g, k_h, k_w = weight.shape
-    _, r, s, f = dft.shape
+def _taps_at(dft: torch.Tensor, index: torch.Tensor):
+    """``(group, e)`` at one index ``group * F + frequency`` of each of ``L`` kernels (as in
+    :func:`_symbol`'s flattened ``(groups, F)``): the group ``(L,)`` and the tap DFT at the
+    frequency, ``e_tap(f)`` of shape ``(L, taps, R S)``; tensors throughout (no host
+    synchronization)."""
+    taps, r, s, f = dft.shape
     group, frequency = index // f, index % f
+    return group, dft.index_select(3, frequency).permute(3, 0, 1, 2).reshape(index.shape[0], taps, r * s)
+
+
+def _symbol_at(weight: torch.Tensor, dft: torch.Tensor, groups: int, index: torch.Tensor) -> torch.Tensor:
+    """The symbol of each of ``L`` stacked kernels at one index each (see :func:`_taps_at`):
+    ``(L, c_out // groups, c_in_g R S)``."""
+    layers, c_out, c_in_g, k_h, k_w = weight.shape
+    group, taps = _taps_at(dft, index)
     rows = torch.arange(layers, device=weight.device) * groups + group
     kernel = weight.reshape(layers * groups, (c_out // groups) * c_in_g, k_h * k_w).index_select(0, rows)
-    taps = dft.index_select(3, frequency).permute(3, 0, 1, 2).reshape(layers, k_h * k_w, r * s)
-    return torch.bmm(kernel.to(dft.dtype), taps).view(layers, c_out // groups, c_in_g * r * s)
+    return torch.bmm(kernel.to(dft.dtype), taps).view(layers, c_out // groups, -1)
 
 
 def _uses_symbol_lags(embedding: ConvEmbedding, shape, groups: int, frequencies: int, screen: int,
@@ -165,7 +173,6 @@ class _ConvSpectralBound(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, dft, pairs, twiddles, groups, n_iter, screen_iter, n_candidates):
-        frequencies = dft.shape[-1]
         keep = ctx.needs_input_grad[0]  # a backward pass follows
 
         def bound(kernel):
@@ -184,16 +191,15 @@ class _ConvSpectralBound(torch.autograd.Function):
         found = MaxBound(*replayed(bound, (weight,), lambda: ("conv bound", dft.data_ptr(), _address(twiddles),
                                                               groups, n_iter, screen_iter, n_candidates, keep)))
         ctx.save_for_backward(dft, *found)
-        ctx.shape, ctx.groups, ctx.frequencies, ctx.n_iter = weight.shape, groups, frequencies, n_iter
-        ctx.dtype = weight.dtype
-        ctx.stops = (screening_steps(groups * frequencies, n_iter, screen_iter, n_candidates), n_iter)
+        ctx.shape, ctx.groups, ctx.n_iter, ctx.dtype = weight.shape, groups, n_iter, weight.dtype
+        ctx.stops = (screening_steps(groups * dft.shape[-1], n_iter, screen_iter, n_candidates), n_iter)
         return found.value
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         dft, *saved = ctx.saved_tensors
-        settings = (tuple(ctx.shape), ctx.groups, ctx.frequencies, ctx.n_iter, ctx.stops, ctx.dtype)
+        settings = (tuple(ctx.shape), ctx.groups, ctx.n_iter, ctx.stops, ctx.dtype)
 
         def gradient(grad_output, *saved):
             return (_conv_bound_grad(MaxBound(*saved), grad_output, dft, *settings),)
@@ -205,14 +211,12 @@ def _address(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def _conv_bound_grad(found: MaxBound, grad_output, dft, shape, groups, frequencies, n_iter, stops, dtype):
+def _conv_bound_grad(found: MaxBound, grad_output, dft, shape, groups, n_iter, stops, dtype):
     """Gradient of the stacked kernels ``shape`` from that of their bounds (``grad_output``, ``(L,)``)."""
     grad_symbol = max_gram_bound_grad(found, n_iter, stops) * grad_output[:, None, None]
-    layers, c_out, c_in_g, k_h, k_w = shape
-    # Which group and frequency of each kernel, as tensors (no host synchronization).
-    group, frequency = found.best // frequencies, found.best % frequencies
-    # e_tap(f*) of each kernel, (L, taps, R S)
-    taps = dft.index_select(3, frequency).permute(3, 0, 1, 2).reshape(layers, k_h * k_w, -1)
+    layers = shape[0]
+    # The maximizing group of each kernel and e_tap(f*), (L, taps, R S).
+    group, taps = _taps_at(dft, found.best)
     # (o i, R S) @ (R S, taps) per kernel: the sum over input phases of dK conj(e_tap(f*)).
     grad_kernel = torch.bmm(grad_symbol.reshape(layers, -1, taps.shape[2]), taps.mH).real
     size = grad_kernel.shape[1] * grad_kernel.shape[2]
