@@ -36,6 +36,7 @@ from lipnet.bounds.gram import (
     DEFAULT_N_ITER,
     DEFAULT_SCREEN_ITER,
     MaxBound,
+    arithmetic_dominates,
     max_gram_bound,
     max_gram_bound_grad,
     max_gram_bound_of_grams,
@@ -152,14 +153,17 @@ def _uses_symbol_lags(embedding: ConvEmbedding, shape, groups: int, frequencies:
     """Whether the first Gram step comes from the kernel's autocorrelation
     (:mod:`lipnet.bounds.symbol_gram`) instead of from every symbol: when that step is taken
     (``screen >= 1``), on the output side (``c_out // groups <= c_in_g R S``, the smaller one),
-    and when it is the cheaper way, ``F > T^2`` frequencies for ``T`` taps, on the CPU. (On a
-    GPU, where kernel launches rather than arithmetic set the time of a bound at these sizes,
-    the symbols' way takes about 25 fewer operations.)"""
+    and when it is the cheaper way in arithmetic, ``F > T^2`` frequencies for ``T`` taps, where
+    arithmetic sets the bound's time (:func:`lipnet.bounds.gram.arithmetic_dominates`: the
+    CPU, compiled or replayed bounds, large eager ones). An eager GPU bound of small
+    matrices waits on its launches instead, and the symbols' way takes about 25 fewer."""
     c_out, c_in_g, k_h, k_w = shape[-4:]
+    layers = shape[0] if len(shape) == 5 else 1
     phases = embedding.height.phases * embedding.width.phases
     taps = k_h * k_w
-    return (device.type == "cpu" and screen >= 1 and c_out // groups <= c_in_g * phases
-            and taps * taps < frequencies)
+    rows = c_out // groups
+    return (screen >= 1 and rows <= c_in_g * phases and taps * taps < frequencies
+            and arithmetic_dominates(layers * groups * frequencies, rows, device))
 
 
 class _ConvSpectralBound(torch.autograd.Function):

@@ -30,7 +30,8 @@ cancel exactly in the bound, so they are treated as constants by autograd.
 
 The batched bound of :func:`max_matrix_spectral_norm` carries complex iterates, which are
 Hermitian from the first step on, in their real form (:mod:`lipnet.bounds.hermitian`): the
-same norms and trace statistics for half the arithmetic of complex products.
+same norms and trace statistics for half the arithmetic of complex products, wherever
+arithmetic rather than kernel launches sets the bound's time (:func:`arithmetic_dominates`).
 
 References:
     Delattre, Barthelemy, Araujo, Allauzen. "Efficient Bound of Lipschitz Constant for
@@ -45,7 +46,7 @@ from typing import NamedTuple
 
 import torch
 
-from lipnet.bounds.graphs import replayed
+from lipnet.bounds.graphs import launches_are_free, replayed
 from lipnet.bounds.hermitian import gram_real_form, hermitian_from_real_form, square_real_form
 
 #: Gram steps of the bound of the frequencies that may hold the maximum.
@@ -54,8 +55,11 @@ DEFAULT_N_ITER = 10
 DEFAULT_SCREEN_ITER = 5
 #: How many matrices of a batch get the full ``n_iter`` steps.
 DEFAULT_N_CANDIDATES = 8
-#: Off the CPU, complex iterates of at least this size are squared in their real form.
-REAL_FORM_MIN_SIZE_OFF_CPU = 512
+#: Multiply-adds per Gram step (``B r^3`` for ``B`` matrices ``r x r``) from which the
+#: products, not the launches of its ~200 operations, set the time of a bound launched
+#: eagerly on a GPU. An estimate: ~200 operations at ~11 us of host time each on the H200
+#: (``docs/benchmarks.md``) against ~5 steps of ``8 B r^3`` flops at ~25 TFLOP/s.
+EAGER_ARITHMETIC_MIN_WORK = 2**30
 
 
 def matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER) -> torch.Tensor:
@@ -193,7 +197,7 @@ def max_gram_bound_of_grams(gram: torch.Tensor, log_scale: torch.Tensor, n_iter:
     _check_screening(screen_iter, n_candidates)
     layers, batch, r = gram.shape[:3]
     screen = screening_steps(batch, n_iter, screen_iter, n_candidates)
-    real_form = _real_form_pays(r, gram.device)
+    real_form = arithmetic_dominates(layers * batch, r, gram.device)
     if not real_form:
         gram = hermitian_from_real_form(gram)
     return _max_bound(gram, log_scale.expand(layers, batch).to(gram.real.dtype), n_iter, screen, n_candidates,
@@ -241,17 +245,22 @@ def _check_screening(screen_iter: int, n_candidates: int) -> None:
 
 
 def uses_real_form(mat: torch.Tensor) -> bool:
-    """Whether :func:`max_gram_bound` carries the Gram iterates of complex ``mat`` in their
-    real form (:mod:`lipnet.bounds.hermitian`): half the arithmetic of complex products, for
-    three more operations per step. Always on the CPU, where arithmetic sets the time; off it
-    only for iterates of size >= :data:`REAL_FORM_MIN_SIZE_OFF_CPU`, where the halved products
-    outweigh the extra kernel launches (an estimate from the H200 figures in
-    ``docs/benchmarks.md``, not yet measured on a GPU)."""
-    return mat.is_complex() and _real_form_pays(min(mat.shape[-2:]), mat.device)
+    """Whether :func:`max_gram_bound` carries the Gram iterates of complex ``mat`` (a batch
+    ``(..., m, n)``) in their real form (:mod:`lipnet.bounds.hermitian`): half the arithmetic
+    of complex products, for three more operations per step; when
+    :func:`arithmetic_dominates`."""
+    batch = mat.shape[:-2].numel()
+    return mat.is_complex() and arithmetic_dominates(batch, min(mat.shape[-2:]), mat.device)
 
 
-def _real_form_pays(size: int, device: torch.device) -> bool:
-    return device.type == "cpu" or size >= REAL_FORM_MIN_SIZE_OFF_CPU
+def arithmetic_dominates(batch: int, size: int, device: torch.device) -> bool:
+    """Whether fewer flops pay for more operations in a bound over ``batch`` matrices of size
+    ``size`` on ``device``: on the CPU; where launches cost no host time
+    (:func:`lipnet.bounds.graphs.launches_are_free`: compiled, captured or replayed); and for
+    an eager GPU bound from :data:`EAGER_ARITHMETIC_MIN_WORK` multiply-adds per Gram step.
+    Below that an eager GPU bound waits on the host, and every added operation costs time."""
+    return (device.type == "cpu" or launches_are_free(device)
+            or batch * size**3 >= EAGER_ARITHMETIC_MIN_WORK)
 
 
 def max_gram_bound_grad(found: MaxBound, n_iter: int, stops=None) -> torch.Tensor:

@@ -9,8 +9,10 @@ With :func:`cuda_graphs` enabled, every bound computed on CUDA tensors outside
 ``torch.compile`` and outside a graph capture of the caller's is replayed from a graph
 recorded at its first call with those shapes: its inputs are copied into the graph's own
 tensors, the graph runs on the current stream, and its outputs are cloned out. Each call is
-therefore independent of the next (several forward passes before a backward pass are fine),
-and the result equals the eager computation, which the graph replays kernel for kernel. A
+therefore independent of the next (several forward passes before a backward pass are fine).
+A replayed bound costs no host time per operation, so it takes the path with the least
+arithmetic, as on the CPU (:func:`launches_are_free`); its result equals the eager one's up to
+float32 rounding. A
 graph keeps the memory of its intermediate tensors for as long as it lives (one pool per
 device, shared by all graphs of lipnet), until :func:`release_cuda_graphs`.
 
@@ -83,6 +85,18 @@ def replays(tensors: Sequence[torch.Tensor]) -> bool:
     if device.type != "cuda" or any(t.device != device for t in tensors):
         return False
     return not torch.cuda.is_current_stream_capturing()
+
+
+def launches_are_free(device: torch.device) -> bool:
+    """Whether the operations of a bound on ``device`` cost no host time each now: under
+    ``torch.compile`` (fused and launched from generated code), inside a CUDA graph capture,
+    or on CUDA with :func:`cuda_graphs` on (the bound is replayed). There, as on the CPU, its
+    arithmetic sets its time; an eager bound on a GPU is set by its launches instead."""
+    if torch.compiler.is_compiling():
+        return True
+    if device.type != "cuda":
+        return False
+    return _enabled or torch.cuda.is_current_stream_capturing()
 
 
 def replayed(function: Callable[..., tuple[torch.Tensor, ...]], inputs: Sequence[torch.Tensor],

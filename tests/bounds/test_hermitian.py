@@ -102,11 +102,20 @@ def test_zero_and_nan_matrices_in_real_form():
     assert torch.isnan(max_gram_bound(mats, 8, 5, 1).value)
 
 
-def test_real_form_policy():
-    """Always for complex matrices on the CPU; off it only from REAL_FORM_MIN_SIZE_OFF_CPU up
-    (there launches, not arithmetic, dominate small products); never for real matrices."""
-    size = gram.REAL_FORM_MIN_SIZE_OFF_CPU
+def test_real_form_policy(monkeypatch):
+    """Always for complex matrices on the CPU and where launches cost no host time (compiled,
+    captured, replayed); for an eager GPU bound only from EAGER_ARITHMETIC_MIN_WORK
+    multiply-adds per step (below, its launches dominate); never for real matrices."""
+    work = gram.EAGER_ARITHMETIC_MIN_WORK
     assert uses_real_form(torch.zeros(2, 3, 3, dtype=torch.complex64))
     assert not uses_real_form(torch.zeros(2, 3, 3))
-    assert not uses_real_form(torch.zeros(2, size // 2, 3 * size, dtype=torch.complex64, device="meta"))
-    assert uses_real_form(torch.zeros(2, size, size, dtype=torch.complex64, device="meta"))
+    size = 256
+    batch = -(-work // size**3)
+    big = torch.zeros(batch, size, 3 * size, dtype=torch.complex64, device="meta")
+    assert uses_real_form(big)
+    assert uses_real_form(big.unflatten(0, (batch // 2, 2)))  # stacked batches count together
+    assert not uses_real_form(big[:batch - 1])
+    assert not uses_real_form(torch.zeros(4, 64, 64, dtype=torch.complex64, device="meta"))
+    assert gram.arithmetic_dominates(1, 2, torch.device("cpu"))
+    monkeypatch.setattr(gram, "launches_are_free", lambda device: True)
+    assert uses_real_form(torch.zeros(4, 64, 64, dtype=torch.complex64, device="meta"))

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import lipnet.bounds.conv as conv
+import lipnet.bounds.gram as gram
 from lipnet.bounds import conv2d_embedding, conv2d_spectral_norm, conv2d_symbol, exact_conv2d_spectral_norm
 from lipnet.bounds.gram import screening_steps
 from lipnet.bounds.hermitian import hermitian_real_form
@@ -66,14 +67,13 @@ def test_bound_and_gradient_equal_the_symbol_path(geometry, monkeypatch):
 
 
 def test_autocorrelation_with_complex_products_after_it(monkeypatch):
-    """Where the real form does not pay (a GPU below size 512), the first iterates are turned
-    back into complex matrices: the same bound and gradient."""
-    import lipnet.bounds.gram as gram
-
+    """Where the real form does not pay (an eager GPU bound of small matrices),
+    max_gram_bound_of_grams turns the first iterates back into complex matrices: the same
+    bound and gradient."""
     weight = torch.randn(2, 8, 8, 3, 3, dtype=torch.float64, requires_grad=True)
     bounds = conv2d_spectral_norm(weight, 12, padding=1)
     (grad,) = torch.autograd.grad(bounds.sum(), weight)
-    monkeypatch.setattr(gram, "_real_form_pays", lambda size, device: False)
+    monkeypatch.setattr(gram, "arithmetic_dominates", lambda batch, size, device: False)
     assert _lags_used(weight[0], 12, padding=1)
     expected = conv2d_spectral_norm(weight, 12, padding=1)
     (expected_grad,) = torch.autograd.grad(expected.sum(), weight)
@@ -131,9 +131,10 @@ def test_sound_for_adversarial_kernels_and_few_steps(kind, settings):
         assert conv2d_spectral_norm(weight.float(), size, **kw).item() >= exact * (1 - 1e-5)
 
 
-def test_when_the_autocorrelation_is_used():
-    """On the CPU, for large inputs (F > T^2 frequencies), on the output side, with the first
-    step taken."""
+def test_when_the_autocorrelation_is_used(monkeypatch):
+    """For large inputs (F > T^2 frequencies), on the output side, with the first step taken,
+    where arithmetic sets the bound's time: on the CPU, for a large eager bound off it (here
+    8 stacked layers), and wherever launches cost no host time."""
     emb = conv2d_embedding(3, 32, padding=1)
     frequencies = emb.height.fft_size * (emb.width.fft_size // 2 + 1)
     cpu = torch.device("cpu")
@@ -143,6 +144,11 @@ def test_when_the_autocorrelation_is_used():
     assert not conv._uses_symbol_lags(emb, (65, 64, 3, 3), 1, frequencies, 5, cpu)  # K^H K is the smaller side
     small = conv2d_embedding(3, 8, padding=1)
     assert not conv._uses_symbol_lags(small, (256, 256, 3, 3), 1, 9 * 5, 5, cpu)
+    meta = torch.device("meta")
+    assert conv._uses_symbol_lags(emb, (8, 128, 128, 3, 3), 1, frequencies, 5, meta)
+    assert not conv._uses_symbol_lags(emb, (8, 128, 128, 3, 3), 1, frequencies, 0, meta)
+    monkeypatch.setattr(gram, "launches_are_free", lambda device: True)
+    assert conv._uses_symbol_lags(emb, (64, 64, 3, 3), 1, frequencies, 5, meta)
 
 
 @pytest.mark.slow
