@@ -149,11 +149,12 @@ def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidate
     with its own screening and maximum (the fields of the result then have a leading ``L``);
     all ``L * B`` matrices go through the same few batched operations. Every matrix ends
     with ``screening_steps(B, ...)`` or ``n_iter`` steps, so :func:`max_gram_bound_grad`
-    only needs those two stops. ``keep_iterates`` (a backward pass will follow): on the CPU,
-    when every matrix gets all ``n_iter`` steps (small batches, e.g. a dense layer's one
-    matrix), keep the maximizer's Gram iterates for :func:`max_gram_bound_grad`, which then
-    needs no Gram product of its own: half of the backward's arithmetic, for a few more small
-    operations (on a GPU, where each operation is a kernel launch, recomputing is cheaper).
+    only needs those two stops. ``keep_iterates`` (a backward pass will follow): when every
+    matrix gets all ``n_iter`` steps (small batches, e.g. a dense layer's one matrix), keep
+    the maximizer's Gram iterates for :func:`max_gram_bound_grad`, which then needs no Gram
+    product of its own: half of the backward's arithmetic, for a few more small operations.
+    Only where :func:`arithmetic_dominates`; an eager GPU bound of small matrices, where each
+    operation is a kernel launch, recomputes them.
     """
     _check_matrices(mat, n_iter)
     if mat.dim() not in (3, 4):
@@ -211,7 +212,8 @@ def _max_bound(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int, screen: in
     layers, batch = g.shape[:2]
     g, log_scale = g.flatten(0, 1), log_scale.flatten()
     starts = _batch_starts(layers, batch, g.device)
-    keep_iterates = keep_iterates and screen == n_iter > 0 and g.device.type == "cpu"
+    keep_iterates = (keep_iterates and screen == n_iter > 0
+                     and arithmetic_dominates(layers * batch, g.shape[-1], g.device))
     iterates = [] if keep_iterates else None
     g, log_scale = _gram_steps_inplace(g, log_scale, screen - 1, keep=iterates, real_form=real_form)
     bounds, trace_form = _gram_bound_nograd(g, log_scale, screen)

@@ -237,3 +237,14 @@ def test_backward_from_kept_iterates_equals_recomputing_them(scale, shape):
     zero = torch.zeros(1, 4, 3, requires_grad=True)
     max_matrix_spectral_norm(zero, 6).backward()
     assert torch.isfinite(zero.grad).all() and not zero.grad.any()
+
+
+def test_iterates_are_kept_only_where_arithmetic_dominates(monkeypatch):
+    """An eager GPU bound of small matrices, where every operation is a launch, recomputes the
+    iterates in its backward instead of keeping them."""
+    import lipnet.bounds.gram as gram
+
+    mat = torch.randn(1, 40, 90)
+    assert gram.max_gram_bound(mat, 10, 5, 8, keep_iterates=True).iterates is not None
+    monkeypatch.setattr(gram, "arithmetic_dominates", lambda batch, size, device: False)
+    assert gram.max_gram_bound(mat, 10, 5, 8, keep_iterates=True).iterates is None
