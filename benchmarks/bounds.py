@@ -27,12 +27,16 @@ Sections (all in one run, so the ratios compare like with like):
             head: 5.5M parameters) with plain vs Gram layers, and of the CIFAR-10
             recipe's liresnet-s: plain (weights baked), Gram with its six equal residual
             bounds stacked in one computation, Gram with each layer bounding itself;
-            eager and (--compile) compiled.
+            eager and (--compile) compiled. On CUDA also the stacked network with its
+            bounds replayed as CUDA graphs (eager) and, compiled, with the bounds' choices
+            of an eager GPU bound (gram_fewer_ops: complex products, no autocorrelation;
+            what a compiled GPU bound did before it took the way with less arithmetic).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -209,6 +213,25 @@ def with_bound_graphs(step):
     return graphed
 
 
+def with_launch_bound_choices(step):
+    """``step`` with the bounds choosing as an eager GPU bound does (fewer operations unless
+    it is large), even where launches are free (compiled, replayed)."""
+    import lipnet.bounds.conv as conv_module
+    import lipnet.bounds.gram as gram_module
+
+    def rule(batch: int, size: int, device: torch.device) -> bool:
+        return device.type == "cpu" or batch * size**3 >= gram_module.EAGER_ARITHMETIC_MIN_WORK
+
+    def patched():
+        with contextlib.ExitStack() as stack:
+            for module in (gram_module, conv_module):
+                previous = module.arithmetic_dominates
+                module.arithmetic_dominates = rule
+                stack.callback(setattr, module, "arithmetic_dominates", previous)
+            step()
+    return patched
+
+
 def reference_convnet(gram: bool, num_classes: int = 10) -> nn.Sequential:
     conv = GramConv2d if gram else nn.Conv2d
     linear = GramLinear if gram else nn.Linear
@@ -253,6 +276,8 @@ def network_throughput(nets: dict[str, nn.Module], batch: int, device, repeat: i
         for name, net in nets.items():
             if mode == "compiled" and name.endswith("_graphs"):
                 continue  # a compiled step replays the bounds in its own graphs
+            if mode == "eager" and name.endswith("_fewer_ops"):
+                continue  # eager, these are the choices anyway
             model = torch.compile(net, mode=compile_mode) if mode == "compiled" else net
             cuda_graphs = mode == "compiled" and compile_mode in CUDA_GRAPH_MODES
             opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
@@ -265,6 +290,8 @@ def network_throughput(nets: dict[str, nn.Module], batch: int, device, repeat: i
                 opt.step()
             if name.endswith("_graphs"):
                 step = with_bound_graphs(step)
+            if name.endswith("_fewer_ops"):
+                step = with_launch_bound_choices(step)
             ms = timed(step, device, repeat, warmup=3 if mode == "compiled" else 1)
             key = f"{name}_{mode}_img_per_s"
             out[key] = batch / ms * 1e3
@@ -353,8 +380,9 @@ def main(argv=None):
                 title = "reference ConvNet"
             elif network == "liresnet-s":
                 nets, title = recipe_networks(device), "the CIFAR-10 recipe's liresnet-s"
-                if device.type == "cuda":  # the stacked network again, its bounds replayed as CUDA graphs
+                if device.type == "cuda":  # the stacked network again: bounds replayed; old compiled choices
                     nets["gram_graphs"] = nets["gram"]
+                    nets["gram_fewer_ops"] = nets["gram"]
             else:
                 raise SystemExit(f"unknown network {network!r} (convnet, liresnet-s)")
             print(f"\n## {title}: training images/s, batch {batch}", flush=True)
