@@ -11,10 +11,10 @@ recorded at its first call with those shapes: its inputs are copied into the gra
 tensors, the graph runs on the current stream, and its outputs are cloned out. Each call is
 therefore independent of the next (several forward passes before a backward pass are fine).
 A replayed bound costs no host time per operation, so it takes the path with the least
-arithmetic, as on the CPU (:func:`launches_are_free`); its result equals the eager one's up to
-float32 rounding. A
-graph keeps the memory of its intermediate tensors for as long as it lives (one pool per
-device, shared by all graphs of lipnet), until :func:`release_cuda_graphs`.
+arithmetic, as on the CPU (:func:`launches_are_free`); its result equals the eager one's up
+to float32 rounding. A graph keeps the memory of its intermediate tensors for as long as it
+lives (one pool per device, shared by all graphs of lipnet), until
+:func:`release_cuda_graphs`.
 
 Only the bounds are replayed; the network around them runs as usual. To compile a whole
 training step instead (the recipes do), leave this off: the compiled step replays the
