@@ -258,7 +258,7 @@ def uses_real_form(mat: torch.Tensor) -> bool:
 def arithmetic_dominates(batch: int, size: int, device: torch.device) -> bool:
     """Whether fewer flops pay for more operations in a bound over ``batch`` matrices of size
     ``size`` on ``device``: on the CPU; where launches cost no host time
-    (:func:`lipnet.bounds.graphs.launches_are_free`: compiled, captured or replayed); and for
+    (:func:`lipnet.bounds.graphs.launches_are_free`: compiled, or replayed as CUDA graphs); and for
     an eager GPU bound from :data:`EAGER_ARITHMETIC_MIN_WORK` multiply-adds per Gram step.
     Below that an eager GPU bound waits on the host, and every added operation costs time."""
     return (device.type == "cpu" or launches_are_free(device)

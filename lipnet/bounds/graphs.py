@@ -89,14 +89,16 @@ def replays(tensors: Sequence[torch.Tensor]) -> bool:
 
 def launches_are_free(device: torch.device) -> bool:
     """Whether the operations of a bound on ``device`` cost no host time each now: under
-    ``torch.compile`` (fused and launched from generated code), inside a CUDA graph capture,
-    or on CUDA with :func:`cuda_graphs` on (the bound is replayed). There, as on the CPU, its
-    arithmetic sets its time; an eager bound on a GPU is set by its launches instead."""
+    ``torch.compile`` (fused and launched from generated code) or on CUDA with
+    :func:`cuda_graphs` on (the bound is replayed, or captured into the caller's graph). There,
+    as on the CPU, its arithmetic sets its time; an eager bound on a GPU is set by its launches.
+
+    A caller's own graph capture does not count by itself: the capture must take the path of
+    the warm-up calls before it, which built and cached the constants that path needs (a
+    constant cannot be copied to the GPU during a capture)."""
     if torch.compiler.is_compiling():
         return True
-    if device.type != "cuda":
-        return False
-    return _enabled or torch.cuda.is_current_stream_capturing()
+    return device.type == "cuda" and _enabled
 
 
 def replayed(function: Callable[..., tuple[torch.Tensor, ...]], inputs: Sequence[torch.Tensor],

@@ -56,3 +56,18 @@ def test_replayed_runs_the_function_itself_when_not_replaying():
         (out,) = graphs.replayed(function, (torch.zeros(3),), lambda: "test")
     assert calls == [1] and torch.equal(out, torch.ones(3))
     assert lipnet.bounds.release_cuda_graphs() == 0
+
+
+def test_launches_are_free_when_compiled_or_replayed():
+    """Compiled: always. Eager: only for CUDA with the setting on (never the CPU or another
+    device, whatever the setting)."""
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    with lipnet.bounds.cuda_graphs():
+        assert not graphs.launches_are_free(cpu) and not graphs.launches_are_free(meta)
+    assert not graphs.launches_are_free(cpu)
+
+    def marked(x):
+        return x + 1 if graphs.launches_are_free(x.device) else x
+
+    assert marked(torch.zeros(1)).item() == 0
+    assert torch.compile(marked, fullgraph=True, backend="eager")(torch.zeros(1)).item() == 1

@@ -104,7 +104,7 @@ def test_zero_and_nan_matrices_in_real_form():
 
 def test_real_form_policy(monkeypatch):
     """Always for complex matrices on the CPU and where launches cost no host time (compiled,
-    captured, replayed); for an eager GPU bound only from EAGER_ARITHMETIC_MIN_WORK
+    replayed); for an eager GPU bound only from EAGER_ARITHMETIC_MIN_WORK
     multiply-adds per step (below, its launches dominate); never for real matrices."""
     work = gram.EAGER_ARITHMETIC_MIN_WORK
     assert uses_real_form(torch.zeros(2, 3, 3, dtype=torch.complex64))
