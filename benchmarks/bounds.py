@@ -36,7 +36,6 @@ Sections (all in one run, so the ratios compare like with like):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import platform
@@ -215,20 +214,17 @@ def with_bound_graphs(step):
 
 def with_launch_bound_choices(step):
     """``step`` with the bounds choosing as an eager GPU bound does (fewer operations unless
-    it is large), even where launches are free (compiled, replayed)."""
-    import lipnet.bounds.conv as conv_module
+    it is large), even where launches are free (compiled, replayed): the library's own rule,
+    ``lipnet.bounds.gram.arithmetic_dominates``, told that launches are never free."""
     import lipnet.bounds.gram as gram_module
 
-    def rule(batch: int, size: int, device: torch.device) -> bool:
-        return device.type == "cpu" or batch * size**3 >= gram_module.EAGER_ARITHMETIC_MIN_WORK
-
     def patched():
-        with contextlib.ExitStack() as stack:
-            for module in (gram_module, conv_module):
-                previous = module.arithmetic_dominates
-                module.arithmetic_dominates = rule
-                stack.callback(setattr, module, "arithmetic_dominates", previous)
+        previous = gram_module.launches_are_free
+        gram_module.launches_are_free = lambda device: False
+        try:
             step()
+        finally:
+            gram_module.launches_are_free = previous
     return patched
 
 
