@@ -456,8 +456,10 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
             g, spare = square_real_form(g, out=spare, work=work), (g if keep is None else None)
         elif hermitian or step > 0:
             g = torch.bmm(g, g)
-        else:
-            g = gram_real_form(g) if real_form else g.mH @ g
+        elif real_form:
+            g = gram_real_form(g)
+        else:  # on the smaller side, as the first step of _gram_first_inplace and the backward's
+            g = g @ g.mH if g.shape[-2] <= g.shape[-1] else g.mH @ g
     if keep is not None:
         keep.append((g, kept_log_scale))
     weights = torch.exp2(torch.arange(steps, 0, -2, dtype=log_scale.dtype, device=log_scale.device))

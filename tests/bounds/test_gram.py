@@ -116,6 +116,21 @@ def test_gradcheck_explicit_backward(dtype, shape, n_iter, screen_iter, n_candid
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_unscreened_wide_matrices_take_the_smaller_side(dtype):
+    """With ``screen_iter=0`` the candidates' first Gram step is taken in the refinement; on the
+    smaller side, as everywhere else: for wide matrices with orthonormal rows the trace form
+    is then exact up to its smoothing (real matrices took the larger side, and the trace form
+    of the padded spectrum (1, 1, 1, 0, 0) read 26% high), and the explicit gradient, which
+    assumes the smaller side, agrees."""
+    rows = torch.linalg.qr(torch.randn(6, 5, 3, dtype=dtype))[0].mT  # (6, 3, 5), orthonormal rows
+    # Scales 1, 2, .., 32: the screened Frobenius norms (at most 16 sqrt(3)) stay below the candidate's 32.
+    mat = (rows * (2.0 ** torch.arange(6, dtype=torch.float64)).to(dtype)[:, None, None]).requires_grad_()
+    fn = lambda m: max_matrix_spectral_norm(m, 1, 0, 1)  # noqa: E731
+    torch.testing.assert_close(fn(mat), torch.tensor(32.0, dtype=torch.float64), rtol=1e-7, atol=0)
+    assert torch.autograd.gradcheck(fn, (mat,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 @pytest.mark.parametrize("spread", [0.0, 1e-3, 0.05])
 def test_gradcheck_trace_form(dtype, spread):
     """Near-orthogonal matrices select the trace form; its explicit gradient is checked."""
