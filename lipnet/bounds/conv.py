@@ -37,6 +37,7 @@ from lipnet.bounds.gram import (
     DEFAULT_SCREEN_ITER,
     MaxBound,
     arithmetic_dominates,
+    bound_steps,
     max_gram_bound,
     max_gram_bound_grad,
     max_gram_bound_of_grams,
@@ -196,7 +197,7 @@ class _ConvSpectralBound(torch.autograd.Function):
                                                               groups, n_iter, screen_iter, n_candidates, keep)))
         ctx.save_for_backward(dft, *found)
         ctx.shape, ctx.groups, ctx.n_iter, ctx.dtype = weight.shape, groups, n_iter, weight.dtype
-        ctx.stops = (screening_steps(groups * dft.shape[-1], n_iter, screen_iter, n_candidates), n_iter)
+        ctx.stops = bound_steps(groups * dft.shape[-1], n_iter, screen_iter, n_candidates)
         return found.value
 
     @staticmethod
@@ -264,7 +265,8 @@ def conv2d_spectral_norm(
         stride, padding, dilation, groups, padding_mode: as in ``nn.Conv2d``.
         n_iter: Gram iterations of the frequencies that may hold the maximum.
         screen_iter, n_candidates: every frequency gets ``screen_iter`` Gram steps and the
-            ``n_candidates`` largest continue to ``n_iter`` (see
+            ``n_candidates`` largest continue to ``n_iter``, on the CPU also those whose
+            screened bound exceeds the candidates' maximum (see
             :func:`lipnet.bounds.gram.max_matrix_spectral_norm`); the result is an upper
             bound whatever these are.
 

@@ -27,8 +27,11 @@ class GramConv2d(GramNormalized, nn.Conv2d):
         n_iter: Gram iterations of the training-time bound.
         screen_iter: Gram iterations every frequency gets before the few that may hold the
             maximum continue to ``n_iter`` (:func:`lipnet.bounds.conv2d_spectral_norm`); the
-            bound is sound whatever it is. More is tighter for near-isometric kernels
-            (``docs/benchmarks.md``), at about a sixth of the bound's time per step.
+            bound is sound whatever it is. On the CPU every frequency whose screened bound
+            exceeds the candidates' maximum is refined too (as tight as ``n_iter`` steps
+            everywhere); on a GPU or compiled, more screening is tighter for the flat spectra
+            of trained and near-isometric kernels (``docs/benchmarks.md``), at about a sixth
+            of the bound's time per step.
 
     Example:
         >>> conv = GramConv2d(3, 16, 3, padding=1)

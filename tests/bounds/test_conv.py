@@ -308,3 +308,21 @@ def test_stacked_kernels_are_bounded_as_if_alone(config):
         torch.testing.assert_close(bounds[i], bound, rtol=1e-12, atol=0)
         torch.testing.assert_close(grad[i], grad_alone, rtol=1e-9, atol=1e-12)
         assert bounds[i].item() >= exact_conv2d_spectral_norm(kernel, size, **config) * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("eps,n", [(0.003, 8), (0.01, 12), (0.03, 10)])
+def test_near_isometric_kernels_are_refined_where_they_exceed(eps, n, monkeypatch):
+    """A residual kernel ``I + eps N``: every frequency's screened bound is above the maximum
+    (flat spectra). On the CPU those frequencies are refined, so the default bound is within
+    the tolerance of 10 steps on every frequency; screening alone (GPU, compiled) is not."""
+    from lipnet.bounds import gram
+
+    gen = torch.Generator().manual_seed(0)
+    weight = eps * torch.randn(16, 16, 3, 3, generator=gen) / 12
+    weight[torch.arange(16), torch.arange(16), 1, 1] += 1
+    everywhere = conv2d_spectral_norm(weight.double(), n, padding=1, screen_iter=10)
+    exact = exact_conv2d_spectral_norm(weight.double(), (n, n), padding=1)
+    bound = conv2d_spectral_norm(weight, n, padding=1)
+    assert exact * (1 - 1e-6) <= bound <= everywhere * (1 + gram.EXCEEDING_TOLERANCE + 1e-6)
+    monkeypatch.setattr(gram, "refines_exceeding", lambda device: False)
+    assert conv2d_spectral_norm(weight, n, padding=1) > everywhere * (1 + 2e-3)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lipnet.bounds import matrix_spectral_norm, max_matrix_spectral_norm
+from lipnet.bounds import gram, matrix_spectral_norm, max_matrix_spectral_norm
 
 
 def exact_norm(mat):
@@ -205,19 +205,65 @@ def test_rejects_bad_arguments():
         max_matrix_spectral_norm(torch.randn(3, 3), 2)
 
 
+def _flat_topped(batch: int, r: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """Matrices whose singular values all lie within 5% of their largest, and whose largest
+    are within 0.1% of each other: the spectra of a trained 1-Lipschitz convolution's
+    frequencies, which training pushes up against the bound in every direction."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(batch, r, r, dtype=dtype, generator=gen))[0]
+    v = torch.linalg.qr(torch.randn(batch, r, r, dtype=dtype, generator=gen))[0]
+    sv = 1 - 0.05 * torch.rand(batch, r, dtype=torch.float64, generator=gen)
+    sv = sv * (1 - 1e-3 * torch.rand(batch, 1, dtype=torch.float64, generator=gen))
+    return (u * sv[:, None, :].to(dtype)) @ v.mH
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128, torch.float32])
+def test_screened_bounds_above_the_refined_maximum_are_refined(dtype, monkeypatch):
+    """Every screened bound of flat-topped matrices exceeds the candidates' maximum (3 steps
+    leave each about 3% high); on the CPU those matrices are refined too, so the maximum is
+    that of ``n_iter`` steps everywhere (within the tolerance), not of the screening."""
+    mats = _flat_topped(40, 16, dtype)
+    exact = torch.linalg.matrix_norm(mats.to(torch.complex128 if dtype.is_complex else torch.float64), 2).max()
+    everywhere = matrix_spectral_norm(mats.double() if not dtype.is_complex else mats, 10).max()
+    found = gram.max_gram_bound(mats, 10, 3, 4)
+    assert exact * (1 - 1e-6) <= found.value <= everywhere * (1 + gram.EXCEEDING_TOLERANCE)
+    assert int(found.steps) == 10
+    monkeypatch.setattr(gram, "refines_exceeding", lambda device: False)
+    assert gram.max_gram_bound(mats, 10, 3, 4).value > exact * 1.01  # what screening alone gives
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_gradcheck_with_refined_exceeding_matrices(dtype):
+    mats = _flat_topped(12, 5, dtype, seed=1).requires_grad_()
+    found = gram.max_gram_bound(mats.detach(), 6, 2, 1)
+    assert int((found.steps if found.steps.dim() else found.steps[None]).min()) == 6
+    assert torch.autograd.gradcheck(lambda m: max_matrix_spectral_norm(m, 6, 2, 1), (mats,))
+
+
+def test_refinement_of_exceeding_matrices_only_where_it_may_read_a_count():
+    """A data-dependent count: on the CPU in eager mode, not on a GPU (a host synchronization)
+    nor under torch.compile (one graph of fixed shapes)."""
+    assert gram.refines_exceeding(torch.device("cpu"))
+    assert not gram.refines_exceeding(torch.device("cuda", 0))
+    assert not torch.compile(lambda x: x + gram.refines_exceeding(x.device), backend="eager", fullgraph=True)(
+        torch.zeros(()))
+    assert gram.bound_steps(40, 10, 5, 8) == (5, 7, 10)
+    assert gram.bound_steps(40, 6, 5, 8) == (5, 6) and gram.bound_steps(16, 10, 5, 8) == (10,)
+
+
 @pytest.mark.parametrize("screen,k", [(5, 8), (1, 1), (0, 2)])
 def test_stacked_batches_each_get_their_own_screening_and_maximum(screen, k):
     """``(L, B, m, n)``: each batch's maximum as if it ran alone, even when one batch's
     matrices are all far larger than another's (a shared screening would refine none of the
     small batch's matrices)."""
-    from lipnet.bounds.gram import max_gram_bound, max_gram_bound_grad, screening_steps
+    from lipnet.bounds.gram import bound_steps, max_gram_bound, max_gram_bound_grad
 
     gen = torch.Generator().manual_seed(3)
     mats = torch.randn(3, 40, 5, 7, dtype=torch.float64, generator=gen)
     mats[1] *= 1e3
     mats[2, 17] *= 4  # a clear maximiser
     stacked = max_gram_bound(mats, 9, screen, k)
-    stops = (screening_steps(40, 9, screen, k), 9)
+    stops = bound_steps(40, 9, screen, k)
     grads = max_gram_bound_grad(stacked, 9, stops)
     for i in range(3):
         alone = max_gram_bound(mats[i], 9, screen, k)

@@ -70,7 +70,7 @@ def test_max_gram_bound_in_real_form_equals_complex_products(shape, screen, n_it
     mats = torch.randn(shape, dtype=torch.complex128, generator=torch.Generator().manual_seed(2))
     assert uses_real_form(mats)
     real = max_gram_bound(mats, n_iter, screen, 4, keep_iterates=True)
-    stops = (gram.screening_steps(shape[-3], n_iter, screen, 4), n_iter)
+    stops = gram.bound_steps(shape[-3], n_iter, screen, 4)
     real_grad = max_gram_bound_grad(real, n_iter, stops)
     _complex_path(monkeypatch)
     ref = max_gram_bound(mats, n_iter, screen, 4, keep_iterates=True)
