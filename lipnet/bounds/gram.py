@@ -253,7 +253,8 @@ def _max_bound(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int, screen: in
         if refines_exceeding(g.device):
             found = _refine_exceeding(g, log_scale, found, layers, screen, n_iter, real_form)
         bounds, trace_form, steps = found
-    # Tensor indices throughout: no host synchronization, and one graph under torch.compile.
+    # Tensor indices throughout: no host synchronization, and one graph under torch.compile
+    # (only the CPU's eager refinement of exceeding matrices reads a count).
     value, best = bounds.view(layers, batch).max(1)
     pick = best + starts
     kept = (None, None)
