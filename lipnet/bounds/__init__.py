@@ -1,7 +1,13 @@
 """Upper bounds on spectral norms (pure functions on tensors)."""
 
 from lipnet.bounds.conv import conv2d_embedding, conv2d_spectral_norm, conv2d_symbol
-from lipnet.bounds.gram import DEFAULT_N_ITER, matrix_spectral_norm, max_matrix_spectral_norm
+from lipnet.bounds.gram import (
+    DEFAULT_N_ITER,
+    matrix_spectral_norm,
+    max_matrix_spectral_norm,
+    refine_exceeding,
+    set_refine_exceeding,
+)
 from lipnet.bounds.graphs import cuda_graphs, release_cuda_graphs, set_cuda_graphs
 from lipnet.bounds.reference import (
     conv2d_operator_matrix,
@@ -20,6 +26,8 @@ __all__ = [
     "exact_conv2d_spectral_norm",
     "matrix_spectral_norm",
     "max_matrix_spectral_norm",
+    "refine_exceeding",
     "release_cuda_graphs",
     "set_cuda_graphs",
+    "set_refine_exceeding",
 ]

@@ -42,6 +42,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -161,13 +162,50 @@ def bound_steps(batch: int, n_iter: int, screen_iter: int, n_candidates: int) ->
     return tuple(sorted({screen, min(screen + EXCEEDING_EXTRA_STEPS, n_iter), n_iter}))
 
 
+_refinement_enabled = True
+
+
+def set_refine_exceeding(enabled: bool) -> bool:
+    """Allow (default) or forbid the refinement of exceeding matrices (:func:`refines_exceeding`);
+    returns the previous setting.
+
+    A Gram layer applies ``W / bound(W)``, so the function a checkpoint computes follows the
+    bound's path. A model trained on a GPU or compiled had its bounds screened alone; off, a
+    CPU computes them the same way, and e.g. certifies exactly the function trained there
+    (``python -m lipnet.certify --screening-alone``). On, such a model's flat-spectrum layers
+    get bounds up to a few per cent lower on the CPU: a slightly different network, certified
+    soundly as it is."""
+    global _refinement_enabled
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    previous, _refinement_enabled = _refinement_enabled, enabled
+    return previous
+
+
+@contextlib.contextmanager
+def refine_exceeding(enabled: bool = True):
+    """Context manager form of :func:`set_refine_exceeding`.
+
+    Example:
+        >>> from lipnet.bounds import refine_exceeding
+        >>> with refine_exceeding(False):
+        ...     pass  # bounds screened alone, as on a GPU
+    """
+    previous = set_refine_exceeding(enabled)
+    try:
+        yield
+    finally:
+        set_refine_exceeding(previous)
+
+
 def refines_exceeding(device: torch.device) -> bool:
     """Whether :func:`max_gram_bound` refines, beyond its candidates, every matrix whose bound
     still exceeds the candidates' maximum: where the bound may read a data-dependent count and
-    its arithmetic sets its time, on the CPU outside ``torch.compile``. On a GPU that read
-    would wait for the device (and cannot happen in a compiled or captured graph), so there
-    the refinement stops at the candidates, whose number is fixed."""
-    return device.type == "cpu" and not torch.compiler.is_compiling()
+    its arithmetic sets its time, on the CPU outside ``torch.compile``, unless
+    :func:`set_refine_exceeding` forbids it. On a GPU that read would wait for the device (and
+    cannot happen in a compiled or captured graph), so there the refinement stops at the
+    candidates, whose number is fixed."""
+    return _refinement_enabled and device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidates: int,

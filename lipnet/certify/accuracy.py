@@ -20,6 +20,7 @@ from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_e
 from lipnet.certify.modes import evaluating
 from lipnet.certify.radius import certified_radius
 from lipnet.nn.gram_linear import GramLinear
+from lipnet.nn.normalized import GramNormalized
 from lipnet.nn.sequential import GramSequential
 
 #: The L2 radii (pixels in [0, 1]) most papers report on CIFAR-10.
@@ -40,6 +41,11 @@ class CertificationResult:
         body_lipschitz: bound of the model without its last linear layer when the tighter
             last-layer radius was used, else ``None``.
         input_shape: the shape of one input the bounds hold for.
+        module_bounds: the certified bound of every module bounded as a unit, in the order
+            the network applies them: dicts with its path in the model (``""`` for the model
+            itself), type, input shape, ``lipschitz`` and ``normalized`` (a layer divided by
+            its Gram bound, 1-Lipschitz by construction: the distance of its bound below 1 is
+            the Lipschitz budget its training-time bound left unused).
     """
 
     eps: tuple[float, ...]
@@ -50,6 +56,7 @@ class CertificationResult:
     lipschitz: float
     body_lipschitz: float | None
     input_shape: tuple[int, ...]
+    module_bounds: tuple[dict, ...] = ()
 
     @property
     def n(self) -> int:
@@ -72,6 +79,7 @@ class CertificationResult:
             "radius": "last-layer" if self.body_lipschitz is not None else "generic",
             "median_radius_of_correct": float(radii.median()) if radii.numel() else None,
             "input_shape": list(self.input_shape),
+            "module_bounds": [dict(entry, input_shape=list(entry["input_shape"])) for entry in self.module_bounds],
         }
 
 
@@ -160,7 +168,20 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] = DEFAULT_EP
         lipschitz=bounds["lipschitz"],
         body_lipschitz=bounds.get("body_lipschitz"),
         input_shape=bounds["input_shape"],
+        module_bounds=module_bound_table(exact, bounds["modules"]),
     )
+
+
+def module_bound_table(model: nn.Module, modules: dict) -> tuple[dict, ...]:
+    """The entries of :attr:`CertificationResult.module_bounds` from the ``bounds`` of
+    :func:`~lipnet.certify.lipschitz.module_lipschitz_bounds` on ``model``."""
+    named = {id(module): (name, module) for name, module in model.named_modules()}
+    table = []
+    for (key, shape), value in modules.items():
+        name, module = named[key]
+        table.append({"module": name, "type": type(module).__name__, "input_shape": tuple(shape), "lipschitz": value,
+                      "normalized": isinstance(module, GramNormalized)})
+    return tuple(table)
 
 
 def split_last_linear(model: nn.Module) -> tuple[nn.Sequential, nn.Linear] | None:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from lipnet.bounds import refine_exceeding
+from lipnet.bounds.gram import refines_exceeding
 from lipnet.certify.accuracy import DEFAULT_EPS, CertificationResult, certified_accuracy
 from lipnet.certify.audit import VERSIONS, AuditResult, audit
 
@@ -65,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch (1 is often fastest on a busy machine)")
     parser.add_argument("--out", type=Path, default=None, help="folder for certify.json and certified_accuracy.png")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--screening-alone", action="store_true",
+                        help="compute the Gram layers' bounds as a GPU or compiled training step does (no refinement "
+                             "of frequencies above the candidates' maximum on the CPU), so that a CPU certifies "
+                             "exactly the function a model trained there computed (the default for checkpoints "
+                             "that record it)")
     return parser
 
 
@@ -92,8 +99,17 @@ def main(argv: list[str] | None = None) -> int:
         data = load_dataset(args.data, args.split, data_dir=args.data_dir)
     except (CheckpointError, DatasetError, DatasetNotFoundError, ValueError) as error:
         return _fail(str(error))
+    screened = args.screening_alone or info.get("bounds_screened_alone") is True
+    if screened and not args.screening_alone:
+        print("note: this model's Gram bounds were screened alone in training (GPU or compiled); certifying that "
+              "function (see --screening-alone)", file=sys.stderr)
+    elif info.get("bounds_screened_alone") is False and not refines_exceeding(device):
+        print(f"note: this model's Gram bounds were refined in training (CPU); on {device} they are screened alone, "
+              "a slightly different function where spectra are flat: certify with --device cpu for the trained one",
+              file=sys.stderr)
     try:
-        return _certify(args, model, info, data, device)
+        with refine_exceeding(not screened):
+            return _certify(args, model, info, data, device)
     except (ValueError, TypeError, RuntimeError) as error:  # LipschitzBoundError is a ValueError
         return _fail(f"cannot certify {args.checkpoint} on {data.info.name}: {error}")
 
@@ -124,7 +140,7 @@ def _certify(args, model, info, data, device) -> int:
                                 device=device))
     print(format_table(result, audits))
     summary = {"checkpoint": str(args.checkpoint), "data": data.info.name, "split": args.split,
-               "device": str(device), "seconds": seconds, **result.to_dict(),
+               "device": str(device), "screening_alone": not refines_exceeding(torch.device("cpu")), "seconds": seconds, **result.to_dict(),
                "autoattack": [a.to_dict() for a in audits]}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -145,6 +161,11 @@ def format_table(result: CertificationResult, audits: list[AuditResult] = ()) ->
     lines = [f"examples: {result.n}   clean accuracy: {100 * result.clean_accuracy:.2f}%   "
              f"Lipschitz bound: {result.lipschitz:.6f}"
              + (f" (body {result.body_lipschitz:.6f}, last-layer radius)" if result.body_lipschitz is not None else "")]
+    normalized = [entry for entry in result.module_bounds if entry["normalized"]]
+    if normalized:
+        lowest = min(normalized, key=lambda entry: entry["lipschitz"])
+        lines.append(f"Gram layers: {len(normalized)}, product of their bounds {math.prod(e['lipschitz'] for e in normalized):.6f}"
+                     f" (lowest {lowest['lipschitz']:.6f}, {lowest['type']} '{lowest['module']}')")
     by_eps = {a.eps: a for a in audits}
     header = f"{'eps':>12} {'certified':>10}"
     if audits:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lipnet.bounds.gram import refines_exceeding
 from lipnet.checkpoint import load_checkpoint, model_payload, remove_stale_temporaries, save_checkpoint, save_model
 from lipnet.data import DatasetInfo, DeviceLoader, ImageDataset, load_dataset
 from lipnet.models import build_model
@@ -317,8 +318,11 @@ class _Run:
     # -- checkpoints --------------------------------------------------------------------------
 
     def _info(self, epochs_done: int, history: list[dict]) -> dict:
+        # Whether the Gram bounds were screened alone (GPU, compiled): the function the weights
+        # were trained for, which `python -m lipnet.certify` then computes on any device.
+        screened = not refines_exceeding(self.env.device)
         return {"dataset": self.train_data.info.to_dict(), "config": self.config.to_dict(), "epoch": epochs_done,
-                "metrics": history[-1] if history else {}}
+                "metrics": history[-1] if history else {}, "bounds_screened_alone": screened}
 
     def _save(self, epochs_done: int, history: list[dict]) -> None:
         payload = model_payload(self.model, **self._info(epochs_done, history))

@@ -167,3 +167,29 @@ def test_the_last_layer_form_needs_a_plain_linear_map(small_net, blobs):
         assert split_last_linear(net) is None
     finally:
         handle.remove()
+
+
+def test_module_bounds_name_every_bounded_layer(trained_net, blobs):
+    """Each module bounded as a unit, in order, with its path and certified bound; the Gram
+    layers' bounds (of the weights they apply) are at most 1 up to the float64 margin, and
+    the product of all of them is the model's bound."""
+    x, y = blobs(20)
+    result = certified_accuracy(trained_net, (x, y), eps=[0.1], progress=False, last_layer="none")
+    table = result.module_bounds
+    paths = [name for name, _ in trained_net.named_modules()]
+    assert [entry["module"] for entry in table] == [p for p in paths if p in {e["module"] for e in table}]
+    assert {entry["type"] for entry in table} >= {"GramConv2d", "GramLinear"}
+    product = 1.0
+    for entry in table:
+        assert entry["lipschitz"] > 0
+        assert entry["normalized"] == entry["type"].startswith("Gram")
+        if entry["normalized"]:
+            assert entry["lipschitz"] <= 1 + 1e-5
+        product *= entry["lipschitz"]
+    assert product == pytest.approx(result.lipschitz, rel=1e-9)
+    from lipnet.certify.cli import format_table
+
+    assert "Gram layers: 3, product of their bounds" in format_table(result)
+    summary = json.loads(json.dumps(result.to_dict()))
+    assert summary["module_bounds"][0]["module"] == table[0]["module"]
+    assert summary["module_bounds"][0]["input_shape"] == list(table[0]["input_shape"])

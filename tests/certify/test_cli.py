@@ -12,6 +12,7 @@ import torch
 from lipnet.certify.cli import format_table, main, parse_eps
 from lipnet.checkpoint import save_model
 from lipnet.data import DatasetNotFoundError, load_dataset
+from lipnet.nn import GramConv2d
 from lipnet.models import build_model
 
 
@@ -117,3 +118,33 @@ def test_nothing_certifiable_exits_2_never_1(tmp_path, capsys):
     assert main(["--checkpoint", str(path), "--data", "fashion-mnist", "--out", str(tmp_path / "file")]) == 2
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(path), "--data", "fashion-mnist", "--eps", "1e400"])
+
+
+@needs_data
+def test_checkpoints_trained_with_screened_bounds_are_certified_as_trained(tmp_path, capsys):
+    """A GPU or compiled training step screens its bounds alone; its checkpoint says so, and
+    the CPU then computes the same function (a flat-spectrum layer: the refined bound is
+    lower, so the two functions differ); --screening-alone forces it."""
+    torch.manual_seed(0)
+    model = build_model("convnet", in_channels=1, num_classes=10, input_size=28, widths=[16], depths=[1],
+                        dense=[16], mean=[0.29], std=[0.35])
+    conv = [m for m in model.modules() if isinstance(m, GramConv2d) and m.kernel_size == (3, 3)][0]
+    with torch.no_grad():
+        conv.weight.copy_(0.003 * torch.randn_like(conv.weight) / 12)
+        conv.weight[torch.arange(16), torch.arange(16), 1, 1] += 1
+    paths = {screened: save_model(tmp_path / f"{screened}.pt", model, dataset="fashion-mnist",
+                                  bounds_screened_alone=screened) for screened in (False, True)}
+
+    def certify(path, *flags):
+        out = tmp_path / f"out-{path.stem}-{len(flags)}"
+        assert main(["--checkpoint", str(path), "--data", "fashion-mnist", "--limit", "8", "--no-progress",
+                     "--device", "cpu", "--out", str(out), *flags]) == 0
+        return json.loads((out / "certify.json").read_text())
+
+    refined = certify(paths[False])
+    assert "screened alone" not in capsys.readouterr().err
+    screened = certify(paths[True])
+    assert "screened alone in training" in capsys.readouterr().err
+    forced = certify(paths[False], "--screening-alone")
+    assert not refined["screening_alone"] and screened["screening_alone"] and forced["screening_alone"]
+    assert forced["lipschitz"] == screened["lipschitz"] < refined["lipschitz"] * (1 - 1e-3)

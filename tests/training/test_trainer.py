@@ -46,6 +46,7 @@ def test_a_run_learns_and_writes_every_artifact(data_dir, tmp_path):
     assert history[-1]["test_acc"] > 0.6  # 10 classes: chance is 0.1
     model, info = load_model(out / "model.pt")
     assert info["epoch"] == 4 and info["dataset"]["name"] == "mnist" and info["config"]["epochs"] == 4
+    assert info["bounds_screened_alone"] is False  # trained on the CPU, eager: bounds refined
     x = synthetic_dataset("mnist", 8, seed=5).images.float() / 255
     assert torch.equal(model(x), result.model(x))
     report = json.loads((out / "report.json").read_text())
