@@ -42,13 +42,13 @@ References:
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
 
 from lipnet.bounds.graphs import launches_are_free, replayed
 from lipnet.bounds.hermitian import gram_real_form, hermitian_from_real_form, square_real_form
+from lipnet.bounds.switch import Switch
 
 #: Gram steps of the bound of the frequencies that may hold the maximum.
 DEFAULT_N_ITER = 10
@@ -162,7 +162,7 @@ def bound_steps(batch: int, n_iter: int, screen_iter: int, n_candidates: int) ->
     return tuple(sorted({screen, min(screen + EXCEEDING_EXTRA_STEPS, n_iter), n_iter}))
 
 
-_refinement_enabled = True
+_REFINEMENT = Switch(True)
 
 
 def set_refine_exceeding(enabled: bool) -> bool:
@@ -175,14 +175,9 @@ def set_refine_exceeding(enabled: bool) -> bool:
     (``python -m lipnet.certify --screening-alone``). On, such a model's flat-spectrum layers
     get bounds up to a few per cent lower on the CPU: a slightly different network, certified
     soundly as it is."""
-    global _refinement_enabled
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be True or False, got {enabled!r}")
-    previous, _refinement_enabled = _refinement_enabled, enabled
-    return previous
+    return _REFINEMENT.set(enabled)
 
 
-@contextlib.contextmanager
 def refine_exceeding(enabled: bool = True):
     """Context manager form of :func:`set_refine_exceeding`.
 
@@ -191,11 +186,7 @@ def refine_exceeding(enabled: bool = True):
         >>> with refine_exceeding(False):
         ...     pass  # bounds screened alone, as on a GPU
     """
-    previous = set_refine_exceeding(enabled)
-    try:
-        yield
-    finally:
-        set_refine_exceeding(previous)
+    return _REFINEMENT.scoped(enabled)
 
 
 def refines_exceeding(device: torch.device) -> bool:
@@ -205,7 +196,7 @@ def refines_exceeding(device: torch.device) -> bool:
     :func:`set_refine_exceeding` forbids it. On a GPU that read would wait for the device (and
     cannot happen in a compiled or captured graph), so there the refinement stops at the
     candidates, whose number is fixed."""
-    return _refinement_enabled and device.type == "cpu" and not torch.compiler.is_compiling()
+    return _REFINEMENT.enabled and device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidates: int,

@@ -27,12 +27,13 @@ Reference:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
-_enabled = False
+from lipnet.bounds.switch import Switch
+
+_REPLAY = Switch(False)
 #: Recorded graphs by key (function, shapes, dtypes, device, settings).
 _GRAPHS: dict[Hashable, _RecordedGraph] = {}
 #: One memory pool per device, shared by the graphs (replayed one at a time on one stream).
@@ -45,14 +46,9 @@ def set_cuda_graphs(enabled: bool) -> bool:
     """Replay bounds computed on CUDA tensors as CUDA graphs (module docstring); returns the
     previous setting. Recorded graphs are kept (for the next time it is on) until
     :func:`release_cuda_graphs`."""
-    global _enabled
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be True or False, got {enabled!r}")
-    previous, _enabled = _enabled, enabled
-    return previous
+    return _REPLAY.set(enabled)
 
 
-@contextlib.contextmanager
 def cuda_graphs(enabled: bool = True):
     """Context manager form of :func:`set_cuda_graphs`.
 
@@ -61,11 +57,7 @@ def cuda_graphs(enabled: bool = True):
         >>> with lipnet.bounds.cuda_graphs():
         ...     pass  # training steps of a model on a GPU: its bounds are replayed
     """
-    previous = set_cuda_graphs(enabled)
-    try:
-        yield
-    finally:
-        set_cuda_graphs(previous)
+    return _REPLAY.scoped(enabled)
 
 
 def release_cuda_graphs() -> int:
@@ -79,7 +71,7 @@ def replays(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether a bound on ``tensors`` is replayed from a graph now: the setting is on, the
     tensors are on one CUDA device, and neither ``torch.compile`` nor a graph capture of
     the caller is in progress (there the bound's kernels become part of the caller's graph)."""
-    if not _enabled or torch.compiler.is_compiling():
+    if not _REPLAY.enabled or torch.compiler.is_compiling():
         return False
     device = tensors[0].device
     if device.type != "cuda" or any(t.device != device for t in tensors):
@@ -98,7 +90,7 @@ def launches_are_free(device: torch.device) -> bool:
     constant cannot be copied to the GPU during a capture)."""
     if torch.compiler.is_compiling():
         return True
-    return device.type == "cuda" and _enabled
+    return device.type == "cuda" and _REPLAY.enabled
 
 
 def replayed(function: Callable[..., tuple[torch.Tensor, ...]], inputs: Sequence[torch.Tensor],

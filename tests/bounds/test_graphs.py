@@ -15,8 +15,8 @@ def test_setting_and_context_manager():
     assert lipnet.bounds.set_cuda_graphs(True) is False
     try:
         with lipnet.bounds.cuda_graphs(False):
-            assert not graphs._enabled
-        assert graphs._enabled
+            assert not graphs._REPLAY.enabled
+        assert graphs._REPLAY.enabled
     finally:
         assert lipnet.bounds.set_cuda_graphs(False) is True
     with pytest.raises(TypeError, match="True or False"):
