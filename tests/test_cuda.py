@@ -170,6 +170,10 @@ def test_recipe_trains_a_few_steps_on_gpu(tmp_path, capsys):
                  "--model", "liresnet-xs", "--progress", "false"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["lipschitz"] > 0 and 0 <= report["clean_accuracy"] <= 1
+    assert all(entry["lipschitz"] <= 1 + 1e-5 for entry in report["module_bounds"] if entry["normalized"])
+    from lipnet.checkpoint import load_model
+
+    assert load_model(out / "model.pt")[1]["bounds_screened_alone"] is True  # a GPU screens its bounds alone
 
 
 def test_recipe_trains_with_cuda_graphs(tmp_path):
