@@ -31,7 +31,8 @@ Sections (all in one run, so the ratios compare like with like):
             eager and (--compile) compiled. On CUDA also the stacked network with its
             bounds replayed as CUDA graphs (eager) and, compiled, with the bounds' choices
             of an eager GPU bound (gram_fewer_ops: complex products, no autocorrelation;
-            what a compiled GPU bound did before it took the way with less arithmetic).
+            what a compiled GPU bound did before it took the way with less arithmetic), and
+            with 7 screening steps (gram_screen7: what a tight GPU bound of trained layers costs).
 """
 
 from __future__ import annotations
@@ -282,6 +283,17 @@ def recipe_networks(device) -> dict[str, nn.Module]:
     return {"plain": plain, "gram": gram, "gram_per_layer": per_layer}
 
 
+def with_screen_iter(net: nn.Module, steps: int) -> nn.Module:
+    """A copy of ``net`` whose Gram convolutions screen every frequency with ``steps`` Gram
+    steps: on a GPU, where the bound screens alone, the fixed-cost way to a tight bound for
+    trained (flat-spectrum) layers."""
+    net = copy.deepcopy(net)
+    for module in net.modules():
+        if isinstance(module, GramConv2d):
+            module.screen_iter = steps
+    return net
+
+
 def network_throughput(nets: dict[str, nn.Module], batch: int, device, repeat: int, compile_: bool,
                        compile_mode: str = "default") -> dict:
     """Images/s of each network, eager first, then compiled; each figure is printed as soon
@@ -401,9 +413,11 @@ def main(argv=None):
                 title = "reference ConvNet"
             elif network == "liresnet-s":
                 nets, title = recipe_networks(device), "the CIFAR-10 recipe's liresnet-s"
-                if device.type == "cuda":  # the stacked network again: old compiled choices; bounds replayed
-                    # (the A/B right after its reference, in case a time limit cuts the section short)
+                if device.type == "cuda":  # the stacked network again: old compiled choices; 7 screening
+                    # steps (a GPU screens alone); bounds replayed. The A/Bs right after their reference,
+                    # in case a time limit cuts the section short.
                     nets = {"plain": nets["plain"], "gram": nets["gram"], "gram_fewer_ops": nets["gram"],
+                            "gram_screen7": with_screen_iter(nets["gram"], 7),
                             "gram_per_layer": nets["gram_per_layer"], "gram_graphs": nets["gram"]}
             else:
                 raise SystemExit(f"unknown network {network!r} (convnet, liresnet-s)")

@@ -33,3 +33,20 @@ def test_kernels_of_each_kind(bounds_module):
         assert weight.shape == (6, 6, 3, 3)
     near_identity = bounds_module.kernel_of_kind("I+0.01", 6, "cpu")
     assert torch.allclose(near_identity[:, :, 1, 1], torch.eye(6), atol=0.05)
+
+
+def test_with_screen_iter_copies_the_network(bounds_module):
+    import torch
+
+    from lipnet.models import build_model
+    from lipnet.nn import GramConv2d
+
+    net = build_model("liresnet-xs", in_channels=3, num_classes=10, input_size=16)
+    screened = bounds_module.with_screen_iter(net, 7)
+    convs = [m for m in screened.modules() if isinstance(m, GramConv2d)]
+    assert convs and all(m.screen_iter == 7 for m in convs)
+    assert all(m.screen_iter == 5 for m in net.modules() if isinstance(m, GramConv2d))
+    x = torch.rand(2, 3, 16, 16)
+    screened.load_state_dict(net.state_dict())
+    # The same network: its bounds differ by the screening (at initialization the trace form's smoothing, ~2e-4).
+    torch.testing.assert_close(screened.eval()(x), net.eval()(x), rtol=1e-3, atol=1e-4)
