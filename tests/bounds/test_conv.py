@@ -326,3 +326,22 @@ def test_near_isometric_kernels_are_refined_where_they_exceed(eps, n, monkeypatc
     assert exact * (1 - 1e-6) <= bound <= everywhere * (1 + gram.EXCEEDING_TOLERANCE + 1e-6)
     monkeypatch.setattr(gram, "refines_exceeding", lambda device: False)
     assert conv2d_spectral_norm(weight, n, padding=1) > everywhere * (1 + 2e-3)
+
+
+def test_gradient_with_refined_exceeding_frequencies(monkeypatch):
+    """The explicit backward of a bound whose maximum comes from frequencies refined beyond
+    the candidates (one candidate; after 2 screening steps the near-isometry's other
+    frequencies exceed it)."""
+    from lipnet.bounds import gram
+
+    refined = []
+    refine = gram._refine
+    monkeypatch.setattr(gram, "_refine", lambda g, ls, rows, *a: refined.append(rows.numel()) or refine(g, ls, rows, *a))
+    gen = torch.Generator().manual_seed(1)
+    weight = 0.05 * torch.randn(4, 4, 3, 3, dtype=torch.float64, generator=gen)
+    weight[torch.arange(4), torch.arange(4), 1, 1] += 1
+    weight.requires_grad_()
+    fn = lambda w: conv2d_spectral_norm(w, 6, padding=1, n_iter=8, screen_iter=2, n_candidates=1)  # noqa: E731
+    assert fn(weight) >= exact_conv2d_spectral_norm(weight.detach(), (6, 6), padding=1) * (1 - 1e-12)
+    assert len(refined) >= 2 and refined[0] == 1 and sum(refined[1:]) > 1  # the candidate, then the exceeding ones
+    assert torch.autograd.gradcheck(fn, (weight,))
