@@ -109,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     try:
         with refine_exceeding(not screened):
-            return _certify(args, model, info, data, device)
+            return _certify(args, model, info, data, device, screened)
     except (ValueError, TypeError, RuntimeError) as error:  # LipschitzBoundError is a ValueError
         return _fail(f"cannot certify {args.checkpoint} on {data.info.name}: {error}")
 
 
-def _certify(args, model, info, data, device) -> int:
+def _certify(args, model, info, data, device, screened: bool) -> int:
     trained_on = info.get("dataset")
     if isinstance(trained_on, dict):
         trained_on = trained_on.get("name")
@@ -140,7 +140,7 @@ def _certify(args, model, info, data, device) -> int:
                                 device=device))
     print(format_table(result, audits))
     summary = {"checkpoint": str(args.checkpoint), "data": data.info.name, "split": args.split,
-               "device": str(device), "screening_alone": not refines_exceeding(torch.device("cpu")), "seconds": seconds, **result.to_dict(),
+               "device": str(device), "screening_alone": screened, "seconds": seconds, **result.to_dict(),
                "autoattack": [a.to_dict() for a in audits]}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
