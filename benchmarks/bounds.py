@@ -38,7 +38,6 @@ Sections (all in one run, so the ratios compare like with like):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import platform
@@ -54,6 +53,7 @@ from lipnet.bounds import (
     conv2d_spectral_norm,
     conv2d_symbol,
     cuda_graphs,
+    refine_exceeding,
 )
 from lipnet.bounds.gram import matrix_spectral_norm
 from lipnet.nn import GramConv2d, GramLinear, MaxMin
@@ -124,24 +124,9 @@ def gram_gaps(c: int, n: int, device) -> dict:
         exact = embedding.norm_factor * torch.linalg.matrix_norm(symbol, ord=2).max().item()
         out[kind] = conv2d_spectral_norm(weight, n, padding=1).item() / exact - 1
         if device.type == "cpu":
-            with screening_alone():
+            with refine_exceeding(False):
                 out[f"{kind}/screened"] = conv2d_spectral_norm(weight, n, padding=1).item() / exact - 1
     return out
-
-
-@contextlib.contextmanager
-def screening_alone():
-    """Bounds without the refinement of frequencies whose screened bound exceeds the
-    candidates' maximum, as on a GPU or compiled: the library's own rule,
-    ``lipnet.bounds.gram.refines_exceeding``, told that it may not."""
-    import lipnet.bounds.gram as gram_module
-
-    previous = gram_module.refines_exceeding
-    gram_module.refines_exceeding = lambda device: False
-    try:
-        yield
-    finally:
-        gram_module.refines_exceeding = previous
 
 
 def autograd_all_frequencies(weight, n):

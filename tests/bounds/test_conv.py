@@ -311,7 +311,7 @@ def test_stacked_kernels_are_bounded_as_if_alone(config):
 
 
 @pytest.mark.parametrize("eps,n", [(0.003, 8), (0.01, 12), (0.03, 10)])
-def test_near_isometric_kernels_are_refined_where_they_exceed(eps, n, monkeypatch):
+def test_near_isometric_kernels_are_refined_where_they_exceed(eps, n):
     """A residual kernel ``I + eps N``: every frequency's screened bound is above the maximum
     (flat spectra). On the CPU those frequencies are refined, so the default bound is within
     the tolerance of 10 steps on every frequency; screening alone (GPU, compiled) is not."""
@@ -324,8 +324,8 @@ def test_near_isometric_kernels_are_refined_where_they_exceed(eps, n, monkeypatc
     exact = exact_conv2d_spectral_norm(weight.double(), (n, n), padding=1)
     bound = conv2d_spectral_norm(weight, n, padding=1)
     assert exact * (1 - 1e-6) <= bound <= everywhere * (1 + gram.EXCEEDING_TOLERANCE + 1e-6)
-    monkeypatch.setattr(gram, "refines_exceeding", lambda device: False)
-    assert conv2d_spectral_norm(weight, n, padding=1) > everywhere * (1 + 2e-3)
+    with gram.refine_exceeding(False):
+        assert conv2d_spectral_norm(weight, n, padding=1) > everywhere * (1 + 2e-3)
 
 
 def test_gradient_with_refined_exceeding_frequencies(monkeypatch):

@@ -221,7 +221,7 @@ def _flat_topped(batch: int, r: int, dtype=torch.float64, seed: int = 0) -> torc
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128, torch.float32])
-def test_screened_bounds_above_the_refined_maximum_are_refined(dtype, monkeypatch):
+def test_screened_bounds_above_the_refined_maximum_are_refined(dtype):
     """Every screened bound of flat-topped matrices exceeds the candidates' maximum (3 steps
     leave each about 3% high); on the CPU those matrices are refined too, so the maximum is
     that of ``n_iter`` steps everywhere (within the tolerance), not of the screening."""
@@ -231,8 +231,8 @@ def test_screened_bounds_above_the_refined_maximum_are_refined(dtype, monkeypatc
     found = gram.max_gram_bound(mats, 10, 3, 4)
     assert exact * (1 - 1e-6) <= found.value <= everywhere * (1 + gram.EXCEEDING_TOLERANCE)
     assert int(found.steps) == 10
-    monkeypatch.setattr(gram, "refines_exceeding", lambda device: False)
-    assert gram.max_gram_bound(mats, 10, 3, 4).value > exact * 1.01  # what screening alone gives
+    with gram.refine_exceeding(False):
+        assert gram.max_gram_bound(mats, 10, 3, 4).value > exact * 1.01  # what screening alone gives
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
