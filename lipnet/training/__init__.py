@@ -2,7 +2,14 @@
 
 from lipnet.training.config import TrainConfig, parse_number
 from lipnet.training.distributed import Distributed, init_distributed, resolve_device, shutdown_distributed
-from lipnet.training.losses import CertifiedMarginLoss, margin_for, multi_margin_hinge, offset_cross_entropy
+from lipnet.training.losses import (
+    CertifiedMarginLoss,
+    margin_for,
+    multi_margin_hinge,
+    offset_cross_entropy,
+    pairwise_lipschitz,
+    pairwise_margin_cross_entropy,
+)
 from lipnet.training.schedule import lr_factor, make_scheduler, plan_epochs
 from lipnet.training.trainer import RunResult, build_run_model, logit_margins, nominal_lipschitz, train
 
@@ -20,6 +27,8 @@ __all__ = [
     "multi_margin_hinge",
     "nominal_lipschitz",
     "offset_cross_entropy",
+    "pairwise_lipschitz",
+    "pairwise_margin_cross_entropy",
     "parse_number",
     "plan_epochs",
     "resolve_device",

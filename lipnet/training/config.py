@@ -11,6 +11,8 @@ import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from lipnet.training.losses import CertifiedMarginLoss
+
 #: ``torch.compile`` modes a run may ask for (``compile_mode``).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: Those of them that replay CUDA graphs (each step then marks its start).
@@ -37,10 +39,12 @@ class TrainConfig:
         schedule is re-planned for that count (so it still ends at 0) and the count is kept in
         the checkpoint, so ``--resume`` continues the same plan.
     Loss (see :mod:`lipnet.training.losses`)
-        loss: "ce" (offset cross-entropy) or "hinge" (multi-margin hinge). train_eps: the L2
-        radius, in pixels, trained for; the margin asked of the logits is
-        ``offset = sqrt(2) * train_eps * L`` unless ``offset`` is given. temperature: of the
-        cross-entropy.
+        loss: "ce" (offset cross-entropy), "hinge" (multi-margin hinge) or "emma" (the
+        cross-entropy of the logits an attack of size ``train_eps`` could reach, per class
+        pair through the last layer: the margins the last-layer certificate needs).
+        train_eps: the L2 radius, in pixels, trained for; the margin asked of the logits by
+        "ce" and "hinge" is ``offset = sqrt(2) * train_eps * L`` unless ``offset`` is given.
+        temperature: of the cross-entropies.
     Evaluation
         eval_eps: the radii of the final certification report. eval_batch_size.
         eval_every: the per-epoch test-set estimates (clean and margin accuracy, float32) are
@@ -102,7 +106,7 @@ class TrainConfig:
          "eval_batch_size", "eval_eps", "eval_every"})
 
     def __post_init__(self):
-        choices = {"loss": ("ce", "hinge"), "schedule": ("cosine", "linear", "constant"),
+        choices = {"loss": CertifiedMarginLoss.KINDS, "schedule": ("cosine", "linear", "constant"),
                    "amp": ("auto", "bf16", "none"), "compile_mode": COMPILE_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -116,6 +120,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.lr <= 0 or self.temperature <= 0 or self.train_eps < 0:
             raise ValueError("lr and temperature must be > 0 and train_eps >= 0")
+        if self.loss == "emma" and self.offset is not None:
+            raise ValueError("loss 'emma' sets its margins per class pair from train_eps; it takes no offset "
+                             "(give train_eps, or use loss 'ce' with the offset)")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget must be > 0 seconds (or None), got {self.time_budget}")
         for name in ("train_subset", "test_subset"):

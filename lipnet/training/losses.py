@@ -4,6 +4,11 @@ A network with Lipschitz bound ``L`` (in L2) is certified at radius ``eps`` on `
 its logit margin ``f_y(x) - max_{j != y} f_j(x)`` exceeds ``sqrt(2) * L * eps``. Plain
 cross-entropy stops pushing once the prediction is confident; these losses instead ask for
 that margin explicitly.
+
+When the last layer is linear, ``f = W h + b`` with an ``L_h``-Lipschitz body, the
+certificate is per class pair (:mod:`lipnet.certify.radius`): ``f_y - f_j`` is
+``K_yj = L_h ||w_y - w_j||``-Lipschitz, at most ``sqrt(2) L``. :func:`pairwise_margin_cross_entropy`
+asks each pair for the margin that certificate needs instead of the generic one.
 """
 
 from __future__ import annotations
@@ -58,32 +63,103 @@ def multi_margin_hinge(logits: torch.Tensor, targets: torch.Tensor, margin: floa
     return (gaps * wrong).sum(1).div(logits.shape[-1] - 1).mean()
 
 
+def pairwise_lipschitz(weight: torch.Tensor, body_lipschitz: float) -> torch.Tensor:
+    """``K[y, j] = body_lipschitz * ||w_y - w_j||``: the Lipschitz constant of ``f_y - f_j``
+    for a last layer with (applied) weight ``weight`` ``(K, features)``; differentiable, with a
+    zero (not NaN) gradient on the diagonal and for equal rows.
+
+    Example:
+        >>> pairwise_lipschitz(torch.eye(2), 1.0)
+        tensor([[0.0000, 1.4142],
+                [1.4142, 0.0000]])
+    """
+    squared = (weight[:, None, :] - weight[None, :, :]).square().sum(-1)
+    tiny = torch.finfo(squared.dtype).tiny
+    return body_lipschitz * torch.where(squared > 0, squared.clamp_min(tiny).sqrt(), torch.zeros_like(squared))
+
+
+def pairwise_margin_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, eps: float,
+                                  pair_lipschitz: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of the logits an attack of L2 size ``eps`` could reach, class pair by class pair.
+
+    Each wrong logit is raised by ``e_j K_yj`` with ``e_j = clamp((f_y - f_j) / K_yj, 0, eps)``
+    held constant (no gradient): by as much as a perturbation of size ``eps`` could raise it
+    relative to ``f_y`` (``K = pair_lipschitz``, e.g. :func:`pairwise_lipschitz`), but never
+    past ``f_y``, so that classes already beaten at radius ``eps`` stop pulling and those
+    closest to the decision boundary get the gradient. The loss is ``temperature`` times the
+    cross-entropy of those logits divided by ``temperature``; its gradient reaches ``K`` too,
+    so it can also shrink the pair constants the certificate divides by.
+
+    Reference:
+        Hu, Zhang, Fredrikson, Klamt. "Unlocking Deterministic Robustness Certification on
+        ImageNet", NeurIPS 2023 (Efficient Margin MAximization, EMMA).
+
+    Example:
+        >>> z, y, k = torch.tensor([[3.0, 0.0]]), torch.tensor([0]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+        >>> bool(pairwise_margin_cross_entropy(z, y, 2.0, k) > pairwise_margin_cross_entropy(z, y, 0.0, k))
+        True
+    """
+    pairs = pair_lipschitz.to(logits.dtype).index_select(0, targets)  # (N, K): K_yj
+    with torch.no_grad():
+        margins = logits.gather(1, targets[:, None]) - logits
+        tiny = torch.finfo(logits.dtype).tiny
+        radius = torch.where(pairs > 0, margins / pairs.clamp_min(tiny), torch.full_like(margins, eps))
+        reach = radius.clamp(0, eps)
+    raised = logits + reach * pairs  # zero on the true class: K_yy = 0
+    return F.cross_entropy(raised / temperature, targets) * temperature
+
+
 class CertifiedMarginLoss(nn.Module):
-    """The training loss of a recipe: ``"ce"`` (:func:`offset_cross_entropy`) or ``"hinge"``.
+    """The training loss of a recipe: ``"ce"`` (:func:`offset_cross_entropy`), ``"hinge"``
+    (:func:`multi_margin_hinge`) or ``"emma"`` (:func:`pairwise_margin_cross_entropy`).
 
     Args:
-        kind: ``"ce"`` or ``"hinge"``.
+        kind: ``"ce"``, ``"hinge"`` or ``"emma"``.
         eps: the L2 radius (in input units) trained for.
         lipschitz: the Lipschitz bound of the model (e.g. ``1 / min(std)`` of its input
-            normalization); only used to turn ``eps`` into a logit margin.
-        offset: the logit margin itself, overriding ``sqrt(2) * lipschitz * eps``.
-        temperature: of the cross-entropy (ignored by the hinge).
+            normalization); turns ``eps`` into the logit margin of ``"ce"`` and ``"hinge"``.
+            For ``"emma"``, the bound of the body before the last layer.
+        offset: the logit margin itself, overriding ``sqrt(2) * lipschitz * eps`` (not for
+            ``"emma"``, whose margins are per class pair).
+        temperature: of the cross-entropies (ignored by the hinge).
+
+    ``"emma"`` needs the last layer's applied weight at every step:
+    ``loss(logits, targets, last_weight=...)``.
     """
+
+    KINDS = ("ce", "hinge", "emma")
 
     def __init__(self, kind: str = "ce", eps: float = 0.5, lipschitz: float = 1.0, offset: float | None = None,
                  temperature: float = 1.0):
         super().__init__()
-        if kind not in ("ce", "hinge"):
-            raise ValueError(f"loss kind must be 'ce' or 'hinge', got {kind!r}")
-        self.kind = kind
+        if kind not in self.KINDS:
+            raise ValueError(f"loss kind must be one of {self.KINDS}, got {kind!r}")
+        if kind == "emma" and offset is not None:
+            raise ValueError("the 'emma' loss sets its margins per class pair from eps and the last layer; "
+                             "it takes no offset (use eps, or the 'ce' loss with an offset)")
+        self.kind, self.eps, self.lipschitz = kind, float(eps), float(lipschitz)
         self.offset = margin_for(eps, lipschitz) if offset is None else float(offset)
         self.temperature = temperature
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    @property
+    def needs_last_weight(self) -> bool:
+        """Whether :meth:`forward` needs ``last_weight``."""
+        return self.kind == "emma"
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor,
+                last_weight: torch.Tensor | None = None) -> torch.Tensor:
         logits = logits.float()
         if self.kind == "ce":
             return offset_cross_entropy(logits, targets, self.offset, self.temperature)
-        return multi_margin_hinge(logits, targets, self.offset)
+        if self.kind == "hinge":
+            return multi_margin_hinge(logits, targets, self.offset)
+        if last_weight is None:
+            raise ValueError("the 'emma' loss needs the last layer's applied weight: loss(logits, targets, "
+                             "last_weight=...)")
+        pairs = pairwise_lipschitz(last_weight.float(), self.lipschitz)
+        return pairwise_margin_cross_entropy(logits, targets, self.eps, pairs, self.temperature)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, offset={self.offset:.4g}, temperature={self.temperature}"
+        margin = f"eps={self.eps:.4g}, body_lipschitz={self.lipschitz:.4g}" if self.kind == "emma" else \
+            f"offset={self.offset:.4g}"
+        return f"kind={self.kind!r}, {margin}, temperature={self.temperature}"

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lipnet.bounds.gram import refines_exceeding
+from lipnet.certify.accuracy import split_last_linear
 from lipnet.checkpoint import load_checkpoint, model_payload, remove_stale_temporaries, save_checkpoint, save_model
 from lipnet.data import DatasetInfo, DeviceLoader, ImageDataset, load_dataset
 from lipnet.models import build_model
@@ -97,6 +98,15 @@ def logit_margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return true - others.amax(dim=1)
 
 
+def _last_linear(model: nn.Module) -> nn.Linear:
+    """The last layer of a model whose loss needs its weight (the ``"emma"`` loss)."""
+    split = split_last_linear(model)
+    if split is None:
+        raise ValueError(f"the 'emma' loss needs a model ending in a linear layer (an nn.Sequential whose last module is "
+                         f"a GramLinear or nn.Linear), got {type(model).__name__}; use loss 'ce' or 'hinge'")
+    return split[1]
+
+
 class _Run:
     def __init__(self, config: TrainConfig, env: Distributed, log: Callable[[str], None]):
         self.config, self.env = config, env
@@ -114,6 +124,7 @@ class _Run:
         self.loss_fn = CertifiedMarginLoss(config.loss, config.train_eps, nominal_lipschitz(self.model),
                                            config.offset, config.temperature)
         self.margin = self.loss_fn.offset
+        self.last_layer = _last_linear(self.model) if self.loss_fn.needs_last_weight else None
         self.loader = DeviceLoader(self.train_data, config.batch_size // env.world_size, device=env.device,
                                    padding=config.crop_padding, flip=config.flip, seed=config.seed,
                                    rank=env.rank, world_size=env.world_size)
@@ -199,6 +210,11 @@ class _Run:
         env.barrier()
         return RunResult(self.out_dir, self.model, history, report, train_seconds)
 
+    def _last_weight(self) -> torch.Tensor:
+        """The weight the last layer applies, with its gradient, for a loss that needs it."""
+        last = self.last_layer
+        return last.normalized_weight() if isinstance(last, GramNormalized) else last.weight
+
     def _epoch(self, forward: nn.Module, epoch: int) -> dict:
         config, env = self.config, self.env
         self.model.train()
@@ -216,7 +232,10 @@ class _Run:
             with torch.autocast(env.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                 enabled=self.amp_dtype is not None):
                 logits = forward(x)
-            loss = self.loss_fn(logits, y)
+            if self.last_layer is None:
+                loss = self.loss_fn(logits, y)
+            else:
+                loss = self.loss_fn(logits, y, last_weight=self._last_weight())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lipnet.training import CertifiedMarginLoss, margin_for, multi_margin_hinge, offset_cross_entropy
+from lipnet.certify import certified_radius
+from lipnet.training import (
+    CertifiedMarginLoss,
+    margin_for,
+    multi_margin_hinge,
+    offset_cross_entropy,
+    pairwise_lipschitz,
+    pairwise_margin_cross_entropy,
+)
 
 
 def test_offset_cross_entropy_matches_its_definition():
@@ -43,3 +51,59 @@ def test_certified_margin_loss_turns_eps_into_a_logit_margin():
     assert float(loss(z, torch.tensor([0]))) == 0.0
     with pytest.raises(ValueError, match="kind"):
         CertifiedMarginLoss("mse")
+
+
+def test_pairwise_lipschitz_is_the_constant_of_each_logit_difference():
+    torch.manual_seed(0)
+    w = torch.randn(5, 7, dtype=torch.float64)
+    k = pairwise_lipschitz(w, 3.0)
+    for y in range(5):
+        for j in range(5):
+            # f_y - f_j = <w_y - w_j, h> is exactly 3 ||w_y - w_j||-Lipschitz in h for a 3-Lipschitz body
+            assert math.isclose(float(k[y, j]), 3.0 * float((w[y] - w[j]).norm()), rel_tol=1e-12, abs_tol=1e-300)
+    w = w.clone().requires_grad_(True)
+    pairwise_lipschitz(torch.cat([w, w[:1]]), 1.0).sum().backward()  # equal rows and the diagonal: zero distances
+    assert torch.isfinite(w.grad).all()
+
+
+def test_pairwise_margin_cross_entropy_raises_each_logit_as_far_as_the_radius_allows():
+    z = torch.tensor([[4.0, 3.0, 0.0, 5.0]])
+    y = torch.tensor([0])
+    k = torch.tensor([[0.0, 2.0, 1.0, 1.0]]).expand(4, 4)  # only row y = 0 is read
+    # class 1: margin 1, K 2: radius 0.5 < eps, raised to f_y; class 2: radius 4 > eps = 1, raised by 1;
+    # class 3 beats class 0 (negative margin): not raised
+    expected = F.cross_entropy(torch.tensor([[4.0, 4.0, 1.0, 5.0]]) / 0.5, y) * 0.5
+    assert torch.allclose(pairwise_margin_cross_entropy(z, y, 1.0, k, temperature=0.5), expected)
+    assert torch.allclose(pairwise_margin_cross_entropy(z, y, 0.0, k), F.cross_entropy(z, y))
+
+
+def test_pairwise_margin_cross_entropy_is_small_exactly_when_the_last_layer_certificate_holds():
+    torch.manual_seed(1)
+    w = torch.randn(3, 6)
+    w = w / torch.linalg.matrix_norm(w, 2)
+    h = torch.randn(200, 6)
+    z = 10 * h @ w.T
+    y = z.argmax(1)
+    loss = CertifiedMarginLoss("emma", eps=0.5, lipschitz=2.0, temperature=0.05)
+    each = torch.stack([loss(z[i:i + 1], y[i:i + 1], last_weight=w) for i in range(len(y))])
+    # The library's last-layer certificate for logits W h' + b with a 2-Lipschitz body (h' = 10 h).
+    radii = certified_radius(z, y, last_layer=w, body_lipschitz=2.0, rounding=torch.zeros(len(y)))
+    certified_at_eps = radii >= 0.5
+    assert certified_at_eps.any() and (~certified_at_eps).any()
+    # Certified pairs are raised by eps K_yj and stay below f_y: a small loss; any other pair is
+    # raised to f_y, a tie that costs at least T log 2.
+    assert each[certified_at_eps].max() < 0.05 * math.log(2) <= each[~certified_at_eps].min()
+
+
+def test_the_emma_loss_needs_the_last_weight_and_no_offset():
+    loss = CertifiedMarginLoss("emma", eps=0.5, lipschitz=4.0)
+    assert loss.needs_last_weight and not CertifiedMarginLoss("ce").needs_last_weight
+    with pytest.raises(ValueError, match="last_weight"):
+        loss(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="offset"):
+        CertifiedMarginLoss("emma", eps=0.5, offset=1.0)
+    w = torch.eye(2)
+    # K_01 = 4 sqrt 2 = the generic constant sqrt(2) L when the rows are orthonormal: the same margin as "ce"
+    z = torch.tensor([[10.0, 0.0]])
+    assert torch.allclose(loss(z, torch.tensor([0]), last_weight=w),
+                          CertifiedMarginLoss("ce", eps=0.5, lipschitz=4.0)(z, torch.tensor([0])))

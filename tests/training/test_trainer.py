@@ -188,8 +188,9 @@ def test_divergence_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_ddp_with_two_gloo_processes_keeps_identical_weights(data_dir, tmp_path):
-    config = tiny(data_dir, tmp_path / "run", epochs=2, device="cpu", threads=None)
+@pytest.mark.parametrize("loss", ["ce", "emma"])  # emma also differentiates the last weight outside DDP's forward
+def test_ddp_with_two_gloo_processes_keeps_identical_weights(data_dir, tmp_path, loss):
+    config = tiny(data_dir, tmp_path / "run", epochs=2, device="cpu", threads=None, loss=loss)
     script = tmp_path / "ddp_run.py"
     script.write_text(
         "import json, os, sys, torch\n"
@@ -209,3 +210,12 @@ def test_ddp_with_two_gloo_processes_keeps_identical_weights(data_dir, tmp_path)
     assert all(torch.equal(saved.state_dict()[k], ranks[0][k]) for k in ranks[0])
     history = info["metrics"]
     assert history["epoch"] == 2 and history["train_acc"] > 0
+
+
+def test_the_emma_loss_trains_through_the_last_layer(data_dir, tmp_path):
+    result = train(tiny(data_dir, tmp_path / "emma", loss="emma", epochs=2), log=quiet)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.history[-1]["test_acc"] > 0.5
+    assert result.report["clean_accuracy"] >= result.report["certified_accuracy"][0]["accuracy"] > 0
+    with pytest.raises(ValueError, match="offset"):
+        tiny(data_dir, tmp_path, loss="emma", offset=1.0)
