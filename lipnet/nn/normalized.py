@@ -5,19 +5,34 @@ operator norm of the layer with weight ``W`` (for the input size actually seen),
 layer is 1-Lipschitz by construction. Gradients flow through the bound.
 
 In eval mode, when no gradient with respect to the weight is wanted, the normalized
-weight is cached per input size and refreshed whenever the weight changes (tracked by
-its version counter and storage), so inference computes no bound per batch.
+weight is cached per input size and refreshed whenever the weight or what its bound depends
+on changes (:meth:`GramNormalized._cache_key`), so inference computes no bound per batch.
 """
 
 from __future__ import annotations
 
-import torch
+import weakref
 
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from lipnet.bounds.gram import refines_exceeding
 from lipnet.bounds.rounding import relative_rounding_margin
 
 #: Bounds below this are treated as this value: ``W / max(bound, TINY)`` keeps zero and
 #: tiny weights finite and is still 1-Lipschitz (its norm is ``bound / max(bound, TINY)``).
 TINY = 1e-12
+
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+# Fused optimizers (``fused=True``) update parameters without bumping their version counters;
+# every optimizer step, fused or not, runs this global hook, which the cache key reads.
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 #: Gram iterations of the float64 certification bound.
 CERTIFICATION_N_ITER = 14
@@ -89,17 +104,29 @@ class GramNormalized:
         cacheable = not self.training and not (torch.is_grad_enabled() and self.weight.requires_grad)
         cacheable = cacheable and not torch.compiler.is_compiling()
         if cacheable:
-            key = (input_size, self.weight._version, self.weight.data_ptr(), self.weight.device, self.weight.dtype)
+            weight = self.weight  # a parametrization computes a new tensor at every access: read it once
+            key = self._cache_key(weight, input_size)
             cached = self._eval_cache.get(input_size)
-            if cached is not None and cached[0] == key:
-                return cached[1]
+            if cached is not None and cached[0] == key and cached[1]() is weight:
+                return cached[2]
         bound = self.weight_norm_bound(input_size)
-        weight = self._operator_weight() / bound.clamp_min(TINY).to(self.weight.dtype)
+        normalized = self._operator_weight() / bound.clamp_min(TINY).to(self.weight.dtype)
         if cacheable:
             if len(self._eval_cache) > 16:
                 self._eval_cache.clear()
-            self._eval_cache[input_size] = (key, weight.detach())
-        return weight
+            self._eval_cache[input_size] = (key, weakref.ref(weight), normalized.detach())
+        return normalized
+
+    def _cache_key(self, weight: torch.Tensor, input_size) -> tuple:
+        """What a cached normalized weight depends on besides the identity of the weight tensor
+        (a new tensor may reuse a freed one's memory and version number): its version counter
+        and storage (in-place updates, ``weight.data = ...``), optimizer steps (fused ones do not
+        count versions), dtype and device, the bound's settings (the layer's Gram steps and
+        :func:`lipnet.bounds.refine_exceeding`), and inference mode (whose tensors cannot be
+        used outside it)."""
+        return (input_size, weight._version, weight.data_ptr(), weight.device, weight.dtype, _OPTIMIZER_STEPS[0],
+                self.n_iter, getattr(self, "screen_iter", None), refines_exceeding(weight.device),
+                torch.is_inference_mode_enabled())
 
     @torch.no_grad()
     def lipschitz_bound(self, input_size=None) -> float:
@@ -125,9 +152,11 @@ class GramNormalized:
     def train(self, mode: bool = True):
         """As ``nn.Module.train``; also empties the eval-mode cache of normalized weights.
 
-        The cache notices optimizer steps, ``load_state_dict``, ``.to()`` and in-place
-        updates of the parameter (its version counter), but not writes through
-        ``weight.data``, which bypass that counter: call ``model.eval()`` after such writes.
+        The cache notices optimizer steps (fused ones included), ``load_state_dict``, ``.to()``,
+        in-place updates of the parameter and ``weight.data = ...``, a new weight tensor
+        (``torch.func.functional_call``, parametrizations), and changes of the bound's settings.
+        Writes that bypass the version counter (e.g. through ``weight.data`` in place, or a
+        custom kernel) are not seen: call ``model.eval()`` after them.
         """
         self._eval_cache.clear()
         return super().train(mode)

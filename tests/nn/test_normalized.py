@@ -1,0 +1,101 @@
+"""The eval-mode cache of normalized weights (lipnet.nn.normalized) sees every change it depends on."""
+
+import pytest
+import torch
+from torch.func import functional_call
+from torch.nn.utils import parametrize
+
+from lipnet.bounds import refine_exceeding
+from lipnet.nn import GramConv2d, GramLinear
+
+LAYERS = [
+    pytest.param(lambda: GramLinear(6, 4), (3, 6), id="linear"),
+    pytest.param(lambda: GramConv2d(2, 3, 3, padding=1), (2, 2, 6, 6), id="conv"),
+]
+
+
+def fresh(make, shape, seed=0):
+    torch.manual_seed(seed)
+    return make().eval(), torch.randn(shape)
+
+
+def reference(layer, x):
+    """The output of a fresh copy of the layer (nothing cached)."""
+    copy = type(layer).__new__(type(layer))
+    copy.__dict__ = {**layer.__dict__, "_eval_cache": {}}
+    with torch.no_grad():
+        return copy(x)
+
+
+@pytest.mark.parametrize("make, shape", LAYERS)
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizer_steps_in_eval_mode_refresh_the_cache(make, shape, fused):
+    layer, x = fresh(make, shape)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.1, fused=fused)
+    with torch.no_grad():
+        before = layer(x)
+    layer(x).square().sum().backward()
+    optimizer.step()  # fused steps leave the version counter as it was
+    with torch.no_grad():
+        after = layer(x)
+    assert not torch.equal(before, after) and torch.equal(after, reference(layer, x))
+
+
+@pytest.mark.parametrize("make, shape", LAYERS)
+def test_a_new_weight_tensor_is_never_served_an_old_one(make, shape):
+    layer, x = fresh(make, shape)
+    with torch.no_grad():
+        for seed in range(10):  # each new tensor may reuse the memory and version number of the last
+            weight = torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(seed))
+            out = functional_call(layer, {"weight": weight, "bias": layer.bias}, (x,))
+            if isinstance(layer, GramLinear):
+                normalized = weight / layer._operator_norm(weight, None, layer.n_iter)
+                expected = torch.nn.functional.linear(x, normalized, layer.bias)
+            else:
+                normalized = weight / layer._operator_norm(weight, tuple(x.shape[-2:]), layer.n_iter)
+                expected = torch.nn.functional.conv2d(x, normalized, layer.bias, padding=1)
+            torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("make, shape", LAYERS)
+def test_parametrized_weights_are_recomputed(make, shape):
+    layer, x = fresh(make, shape)
+
+    class Scale(torch.nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    parametrize.register_parametrization(layer, "weight", Scale())
+    with torch.no_grad():
+        before = layer(x)
+        layer.parametrizations.weight.original.mul_(-1).add_(0.5)
+        after = layer(x)
+    assert not torch.equal(before, after)
+
+
+@pytest.mark.parametrize("make, shape", LAYERS)
+def test_inference_mode_outputs_do_not_leak_into_autograd(make, shape):
+    layer, x = fresh(make, shape)
+    layer.requires_grad_(False)
+    with torch.inference_mode():
+        layer(x)
+    x = x.clone().requires_grad_(True)
+    layer(x).square().sum().backward()  # e.g. an attack on a frozen model after an evaluation
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_the_refinement_setting_is_part_of_the_key():
+    torch.manual_seed(0)
+    layer = GramConv2d(16, 16, 3, padding=1, bias=False).eval()
+    with torch.no_grad():  # a near-isometry: screening alone gives a bound above the refined one
+        layer.weight.zero_()
+        layer.weight[:, :, 1, 1] = torch.eye(16)
+        layer.weight.add_(0.003 * torch.randn_like(layer.weight))
+        x = torch.randn(1, 16, 12, 12)
+        refined = layer(x)
+        with refine_exceeding(False):
+            screened = layer(x)
+            fresh_screened = reference(layer, x)
+        again = layer(x)
+    assert torch.equal(screened, fresh_screened) and torch.equal(again, refined)
+    assert not torch.equal(screened, refined)
