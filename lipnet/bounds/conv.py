@@ -43,6 +43,7 @@ from lipnet.bounds.gram import (
     max_gram_bound_of_grams,
     screening_steps,
 )
+from lipnet.bounds.first_order import first_order_backward
 from lipnet.bounds.graphs import replayed
 from lipnet.bounds.symbol_gram import SymbolLags, symbol_gram_real_form, symbol_lags
 
@@ -201,7 +202,7 @@ class _ConvSpectralBound(torch.autograd.Function):
         return found.value
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward("the Gram bound of a convolution")
     def backward(ctx, grad_output):
         dft, *saved = ctx.saved_tensors
         settings = (tuple(ctx.shape), ctx.groups, ctx.n_iter, ctx.stops, ctx.dtype)

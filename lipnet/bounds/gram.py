@@ -46,6 +46,7 @@ from typing import NamedTuple
 
 import torch
 
+from lipnet.bounds.first_order import first_order_backward
 from lipnet.bounds.graphs import launches_are_free, replayed
 from lipnet.bounds.hermitian import gram_real_form, hermitian_from_real_form, square_real_form
 from lipnet.bounds.switch import Switch
@@ -437,7 +438,7 @@ class _MaxGramBound(torch.autograd.Function):
         return found.value
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward("the Gram bound of a matrix")
     def backward(ctx, grad_output):
         batch_shape, n_iter, stops = ctx.batch_shape, ctx.n_iter, ctx.stops
 

@@ -1,0 +1,52 @@
+"""Explicit backward passes that refuse, instead of silently dropping, a second derivative.
+
+The bounds' backward passes (:mod:`lipnet.bounds.gram`, :mod:`lipnet.bounds.conv`) compute
+the gradient of the bound in closed form, without a graph of their own. PyTorch's
+``once_differentiable`` marks such a gradient with an error node that only fires when the
+second derivative is taken with respect to the gradient of the *backward's inputs*; a
+Hessian-vector product with respect to the weight reaches the weight by other paths and
+silently loses the bound's curvature. :func:`first_order_backward` ties the error to the
+incoming gradient instead, which depends on the weight whenever a second derivative through
+the bound can be asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+class _SecondDerivativeError(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, grad_output, name):
+        ctx.name = name
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(
+            f"{ctx.name} has a first-order backward only: a second derivative through it (create_graph=True "
+            "followed by a derivative of the gradient with respect to the weight, e.g. a Hessian-vector product or a "
+            "penalty on the weight's gradient) is not available. Penalties on gradients with respect to the input "
+            "are supported.")
+
+
+def first_order_backward(name: str):
+    """Decorator for a ``torch.autograd.Function.backward`` with an explicit first-order formula
+    (``name`` says whose, in the error): runs it without autograd, and when a graph of the
+    backward is being built (``create_graph=True`` with a ``grad_output`` that requires grad)
+    returns gradients whose derivative raises a clear error."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            with torch.no_grad():
+                grads = backward(ctx, *grad_outputs)
+            tracked = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.requires_grad]
+            if not torch.is_grad_enabled() or not tracked:
+                return grads
+            return tuple(_SecondDerivativeError.apply(g, tracked[0], name) if isinstance(g, torch.Tensor) else g
+                         for g in grads)
+        return wrapper
+    return decorate
