@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -86,15 +87,16 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
         CheckpointError: the file is missing, truncated or corrupt, or not a lipnet checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        hint = next((f"; did you mean {path / name}?" for name in ("model.pt", "checkpoint.pt") if (path / name).is_file()), "")
+        raise CheckpointError(f"{path.absolute()} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path.absolute()}")
+    _check_integrity(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means the file is unusable
-        lines = str(exc).splitlines()
-        detail = "; ".join([*lines[:1], *(line.strip() for line in lines[1:] if "Unsupported global" in line)])
-        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupt, not a torch file, or holds "
-                              f"objects other than tensors and plain values ({type(exc).__name__}: {detail})") from exc
+        raise CheckpointError(_unreadable(path, exc)) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a lipnet checkpoint (no format tag {FORMAT!r}); "
                               "save models with lipnet.checkpoint.save_model")
@@ -105,6 +107,34 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
             and isinstance(payload.get("state_dict"), dict)):
         raise CheckpointError(f"{path} lacks a model spec ({{'name', 'kwargs'}}) or a state_dict")
     return payload
+
+
+def _check_integrity(path: Path) -> None:
+    """Compare every record of a checkpoint (a zip archive, as ``torch.save`` writes) with the CRC-32
+    stored beside it: ``torch.load`` does not, and would read damaged tensor bytes as weights."""
+    if not zipfile.is_zipfile(path):
+        return  # not an archive: torch.load says what it is
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: its archive is damaged ({type(exc).__name__}: {exc})") from exc
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its record {damaged!r} does not match its checksum (the "
+                              "file changed after it was written); restore it from a copy or retrain")
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """The message for a checkpoint ``torch.load`` could not read."""
+    text = str(exc)
+    if "torch.cuda.is_available() is False" in text or "CUDA" in text and "map_location" in text:
+        return (f"cannot read checkpoint {path} onto a CUDA device: this machine has none; pass map_location='cpu' "
+                "(or --device cpu)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # torch's first line after a refused global suggests weights_only=False: not for files of unknown origin.
+    detail = "; ".join(line for line in lines if "Unsupported global" in line or "weights_only" not in line)[:300]
+    return (f"cannot read checkpoint {path}: it is truncated, corrupt, not a torch file, or holds objects other than "
+            f"tensors and plain values ({type(exc).__name__}{': ' + detail if detail else ''})")
 
 
 def model_payload(model: nn.Module, **info) -> dict:

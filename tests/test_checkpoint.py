@@ -34,6 +34,31 @@ def test_corrupt_checkpoints_give_a_clear_error(tmp_path, damage):
         load_model(path)
 
 
+def test_bytes_damaged_inside_a_tensor_record_are_caught_by_its_checksum(tmp_path):
+    import zipfile
+
+    path = save_model(tmp_path / "m.pt", net())
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)  # the largest tensor's bytes
+    data = bytearray(path.read_bytes())
+    offset = record.header_offset  # the local header: 30 bytes, then the name and extra field of its own lengths
+    start = offset + 30 + int.from_bytes(data[offset + 26:offset + 28], "little") + int.from_bytes(
+        data[offset + 28:offset + 30], "little") + 64
+    data[start:start + 64] = bytes(255 - b for b in data[start:start + 64])  # torch.load alone would accept this
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt: its record .* checksum"):
+        load_model(path)
+
+
+def test_a_run_folder_or_an_absent_device_is_named_in_the_error(tmp_path):
+    save_model(tmp_path / "run" / "model.pt", net())
+    with pytest.raises(CheckpointError, match="is a folder.*did you mean .*model.pt"):
+        load_model(tmp_path / "run")
+    if not torch.cuda.is_available():
+        with pytest.raises(CheckpointError, match="this machine has none; pass map_location='cpu'"):
+            load_model(tmp_path / "run" / "model.pt", map_location="cuda")
+
+
 def test_missing_foreign_and_mismatched_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         load_model(tmp_path / "nothing.pt")
