@@ -106,6 +106,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
     if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("kwargs"), dict)
             and isinstance(payload.get("state_dict"), dict)):
         raise CheckpointError(f"{path} lacks a model spec ({{'name', 'kwargs'}}) or a state_dict")
+    if not isinstance(payload.get("info", {}), dict | None):
+        raise CheckpointError(f"{path}: its 'info' is a {type(payload['info']).__name__}, not a dict of plain values")
     return payload
 
 
@@ -170,7 +172,7 @@ def load_model(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Modul
     spec = payload["model"]
     try:
         model = build_model(spec["name"], **spec["kwargs"])
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild model {spec['name']!r} from {spec['kwargs']}: {exc}") from exc
     try:
         model.load_state_dict(payload["state_dict"])

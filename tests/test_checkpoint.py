@@ -59,6 +59,19 @@ def test_a_run_folder_or_an_absent_device_is_named_in_the_error(tmp_path):
             load_model(tmp_path / "run" / "model.pt", map_location="cuda")
 
 
+def test_malformed_info_and_model_specs_are_checkpoint_errors(tmp_path):
+    payload = checkpoint.model_payload(net())
+    payload["info"] = [1, 2]
+    torch.save(payload, tmp_path / "info.pt")
+    with pytest.raises(CheckpointError, match="'info' is a list"):
+        load_model(tmp_path / "info.pt")
+    payload = checkpoint.model_payload(net())
+    payload["model"]["kwargs"]["in_channels"] = -1  # torch itself refuses to build this
+    torch.save(payload, tmp_path / "spec.pt")
+    with pytest.raises(CheckpointError, match="cannot rebuild model"):
+        load_model(tmp_path / "spec.pt")
+
+
 def test_missing_foreign_and_mismatched_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         load_model(tmp_path / "nothing.pt")

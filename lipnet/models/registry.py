@@ -56,7 +56,10 @@ def build_model(name: str, **kwargs) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}") from None
     kwargs = {key: _plain(value, key) for key, value in kwargs.items()}
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:  # an unknown or missing keyword
+        raise ValueError(f"model {name!r}: {exc}") from exc
     # Record a sized preset's values too, so the spec rebuilds this exact model even if the
     # preset changes later.
     resolved = {**getattr(factory, "preset", {}), **kwargs}

@@ -120,6 +120,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.lr <= 0 or self.temperature <= 0 or self.train_eps < 0:
             raise ValueError("lr and temperature must be > 0 and train_eps >= 0")
+        if self.lr > 1e6:  # float32 optimizer states overflow long before float64 does
+            raise ValueError(f"lr must be at most 1e6, got {self.lr:g}")
+        if self.warmup_epochs < 0 or self.weight_decay < 0:
+            raise ValueError(f"warmup_epochs and weight_decay must be >= 0, got {self.warmup_epochs}, {self.weight_decay}")
+        if self.crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0 pixels, got {self.crop_padding}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or None for torch's default), got {self.threads}")
         if self.loss == "emma" and self.offset is not None:
             raise ValueError("loss 'emma' sets its margins per class pair from train_eps; it takes no offset "
                              "(give train_eps, or use loss 'ce' with the offset)")

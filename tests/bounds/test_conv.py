@@ -345,3 +345,16 @@ def test_gradient_with_refined_exceeding_frequencies(monkeypatch):
     assert fn(weight) >= exact_conv2d_spectral_norm(weight.detach(), (6, 6), padding=1) * (1 - 1e-12)
     assert len(refined) >= 2 and refined[0] == 1 and sum(refined[1:]) > 1  # the candidate, then the exceeding ones
     assert torch.autograd.gradcheck(fn, (weight,))
+
+
+def test_integer_arguments_of_any_integer_type_are_accepted_as_nn_conv2d_does():
+    import numpy as np
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 2, 3, 3)
+    reference = conv2d_spectral_norm(w, 8, stride=2, padding=1, dilation=1)
+    for kind in (np.int64, np.int32):
+        got = conv2d_spectral_norm(w, kind(8), stride=kind(2), padding=(kind(1), 1), dilation=kind(1))
+        assert torch.equal(got, reference)
+    with pytest.raises(ValueError, match="pair of ints"):
+        conv2d_spectral_norm(w, 8, stride=2.0)

@@ -52,7 +52,10 @@ def test_settings_are_validated_before_any_training():
     for bad, message in [({"time_budget": float("inf")}, "finite"), ({"eval_eps": (-1.0,)}, "eval_eps"),
                          ({"test_subset": 0}, "test_subset"), ({"train_eps": float("nan")}, "finite"),
                          ({"compile_mode": "fast"}, "compile_mode must be one of"),
-                         ({"model_kwargs": {"width": np.int64(8)}}, "plain Python")]:
+                         ({"model_kwargs": {"width": np.int64(8)}}, "plain Python"),
+                         ({"threads": 0}, "threads must be >= 1"), ({"crop_padding": -1}, "crop_padding"),
+                         ({"warmup_epochs": -1}, "warmup_epochs"), ({"lr": 1e300}, "lr must be at most"),
+                         ({"loss": "emma", "offset": 1.0}, "no offset")]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(**bad)
     config = TrainConfig(data_dir=Path("/data"), out_dir=Path("runs/x"))
