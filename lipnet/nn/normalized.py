@@ -74,8 +74,11 @@ class GramNormalized:
         self._eval_cache: dict = {}
 
     def weight_norm_bound(self, input_size=None) -> torch.Tensor:
-        """Differentiable upper bound on the operator norm of the raw weight."""
-        bound = self._operator_norm(self._operator_weight(), input_size, self.n_iter)
+        """Differentiable upper bound on the operator norm of the raw weight (0 for an empty one)."""
+        weight = self._operator_weight()
+        if weight.numel() == 0:  # no input or no output features: the zero map
+            return weight.sum()
+        bound = self._operator_norm(weight, input_size, self.n_iter)
         if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(bound)):
             self._raise_not_finite(bound)
         return bound
@@ -138,6 +141,8 @@ class GramNormalized:
         that margin (slightly below 1 when the training bound was loose).
         """
         weight = self.normalized_weight(input_size).detach().to(torch.float64)
+        if weight.numel() == 0:
+            return 0.0
         bound = float(self._operator_norm(weight, input_size, CERTIFICATION_N_ITER, exhaustive=True))
         rows, cols, taps = self._matrix_shape()
         log_bound = abs(torch.log(torch.tensor(bound)).item()) if bound > 0 else 0.0

@@ -99,3 +99,14 @@ def test_the_refinement_setting_is_part_of_the_key():
         again = layer(x)
     assert torch.equal(screened, fresh_screened) and torch.equal(again, refined)
     assert not torch.equal(screened, refined)
+
+
+def test_layers_without_features_are_the_zero_map_as_in_torch():
+    linear = GramLinear(0, 4)
+    out = linear(torch.randn(2, 0))
+    assert torch.equal(out, linear.bias.expand(2, 4)) and linear.lipschitz_bound() == 0.0
+    out.sum().backward()
+    assert torch.equal(linear.bias.grad, torch.full((4,), 2.0))
+    conv, plain = GramConv2d(0, 4, 3), torch.nn.Conv2d(0, 4, 3)
+    x = torch.randn(2, 0, 5, 5)
+    assert conv(x).shape == plain(x).shape and conv.lipschitz_bound((5, 5)) == 0.0
