@@ -112,6 +112,8 @@ class _Run:
         self.config, self.env = config, env
         self.log = log if env.is_main else (lambda message: None)
         self.out_dir = Path(config.out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise FileExistsError(f"out_dir {self.out_dir} is a file; give a folder for the run's checkpoints and report")
         if config.batch_size % env.world_size:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {env.world_size} processes")
         torch.manual_seed(config.seed)

@@ -219,3 +219,9 @@ def test_the_emma_loss_trains_through_the_last_layer(data_dir, tmp_path):
     assert result.report["clean_accuracy"] >= result.report["certified_accuracy"][0]["accuracy"] > 0
     with pytest.raises(ValueError, match="offset"):
         tiny(data_dir, tmp_path, loss="emma", offset=1.0)
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_loading_data(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    with pytest.raises(FileExistsError, match="is a file"):
+        train(tiny(tmp_path / "no-data-here", tmp_path / "taken"), log=quiet)
