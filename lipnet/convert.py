@@ -670,9 +670,12 @@ class _BoundInterpreter(torch.fx.Interpreter):
         return value
 
     def _in_place_check(self, node, target):
+        # A child module counts as in place when it or any module inside it is (an nn.Sequential
+        # ending in ReLU(inplace=True) writes into its input as well).
         in_place = (isinstance(target, str) and target.endswith("_")) or node.kwargs.get("inplace") is True or \
             target in (operator.iadd, operator.isub, operator.imul, operator.itruediv) or \
-            (node.op == "call_module" and getattr(self.module.get_submodule(node.target), "inplace", False))
+            (node.op == "call_module" and any(getattr(m, "inplace", False) is True
+                                              for m in self.module.get_submodule(node.target).modules()))
         if not (in_place and node.args and isinstance(node.args[0], torch.fx.Node)):
             return
         operand = node.args[0]
@@ -701,6 +704,10 @@ class _BoundInterpreter(torch.fx.Interpreter):
                 target is getattr and len(node.args) == 2 and node.args[1] in _SHAPE_ATTRIBUTES):
             return 0.0  # constant, or a property of the input's shape (not of its values)
         self._in_place_check(node, target)
+        for v in (value if isinstance(value, (tuple, list)) and node.op != "call_module" else (value,)):
+            if torch.is_tensor(v) and not (v.is_floating_point() or v.is_complex()):
+                self.fail(node, f"a {v.dtype} result that depends on the input (e.g. argmax indices): not a Lipschitz "
+                                "function of it")
         if node.op == "call_module":
             child = self.module.get_submodule(target)
             first = node.args[0] if node.args else None

@@ -365,3 +365,30 @@ def test_result_unpacks_and_converted_models_train():
     loss.backward()
     opt.step()
     assert lipschitz_bound(model, (3, 8, 8)) <= 1 + 1e-5
+
+
+def test_an_in_place_module_inside_a_child_container_is_refused():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.Sequential(nn.LeakyReLU(10, inplace=True))
+
+        def forward(self, x):
+            y = 2 * x
+            return self.act(y) + y  # the child writes into y before the sum reads it
+
+    with pytest.raises(LipschitzBoundError, match="in-place"):
+        traced_lipschitz_bound(Block(), (4,))
+
+
+def test_integer_results_of_the_input_are_not_lipschitz():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = nn.MaxPool2d(3, 1, 1, return_indices=True)
+
+        def forward(self, x):
+            return x + self.pool(x)[1]  # argmax indices jump under tiny perturbations
+
+    with pytest.raises(LipschitzBoundError, match="torch.int64 result"):
+        traced_lipschitz_bound(Block(), (1, 4, 4))

@@ -251,12 +251,12 @@ def max_gram_bound_of_grams(gram: torch.Tensor, log_scale: torch.Tensor, n_iter:
     """
     if gram.dim() != 4 or gram.shape[-1] != gram.shape[-2] or gram.is_complex():
         raise ValueError(f"expected real forms of Gram matrices (L, B, r, r), got {gram.dtype} {tuple(gram.shape)}")
-    if not isinstance(n_iter, int) or n_iter < 1 or screen_iter < 1:
-        raise ValueError(f"the first Gram step is taken: n_iter and screen_iter must be >= 1, got {n_iter!r}, "
-                         f"{screen_iter!r}")
     _check_screening(screen_iter, n_candidates)
     layers, batch, r = gram.shape[:3]
-    screen = screening_steps(batch, n_iter, screen_iter, n_candidates)
+    screen = screening_steps(batch, n_iter, screen_iter, n_candidates) if isinstance(n_iter, int) else None
+    if not isinstance(n_iter, int) or n_iter < 1 or screen < 1:
+        raise ValueError(f"the first Gram step is taken: n_iter and the screening steps of this batch of {batch} "
+                         f"must be >= 1, got n_iter={n_iter!r}, screen_iter={screen_iter!r}")
     real_form = arithmetic_dominates(layers * batch, r, gram.device)
     if not real_form:
         gram = hermitian_from_real_form(gram)

@@ -173,7 +173,12 @@ def _module_bound(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tens
     shape = tuple(x.shape[1:])
     fn = _lookup(_REGISTRY, module)
     if fn is not None:
-        value = fn(module, shape)
+        try:
+            value = fn(module, shape)
+        except LipschitzBoundError:
+            raise
+        except (ValueError, TypeError) as exc:  # the rule cannot read this module's settings
+            raise LipschitzBoundError(module, f"its registered bound failed on inputs of shape {shape}: {exc}") from exc
     elif callable(getattr(module, "lipschitz_bound", None)):
         _check_method_matches_forward(module)
         method = module.lipschitz_bound
@@ -248,11 +253,19 @@ def _check_method_matches_forward(module: nn.Module) -> None:
     mro = type(module).__mro__
     defining = next(i for i, cls in enumerate(mro) if "lipschitz_bound" in vars(cls))
     owner = next((cls for cls in reversed(mro[:defining + 1]) if issubclass(cls, nn.Module)), None)
-    owner_forward = getattr(owner, "forward", None)
-    if owner_forward is nn.Module.forward:  # an abstract base: the bound is declared for its subclasses
-        return
     if owner is None:
         return
+    if getattr(owner, "forward", None) is nn.Module.forward:
+        # An abstract base: its bound is declared for the forwards of the subclasses written with it
+        # (in its own module), not for any forward a further subclass may define.
+        forward_owner = next(cls for cls in mro if "forward" in vars(cls))
+        if forward_owner is nn.Module or forward_owner.__module__ != owner.__module__:
+            raise LipschitzBoundError(module, (
+                f"{type(module).__name__} defines its own forward (in {forward_owner.__name__}) but inherits the "
+                f"lipschitz_bound of {owner.__name__}, which bounds the forwards of {owner.__module__} only; define "
+                f"{type(module).__name__}.lipschitz_bound or register a bound with "
+                "lipnet.certify.register_lipschitz_bound"))
+        owner = forward_owner
     if (name := overridden_forward_part(module, owner)) is not None:
         raise LipschitzBoundError(module, (
             f"{type(module).__name__} overrides {owner.__name__}.{name} but inherits its lipschitz_bound, "

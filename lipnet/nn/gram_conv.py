@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lipnet.bounds.circulant import resolve_padding
 from lipnet.bounds.conv import conv2d_embedding, conv2d_spectral_norm
 from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
 from lipnet.nn.normalized import GramNormalized
@@ -68,7 +69,7 @@ class GramConv2d(GramNormalized, nn.Conv2d):
             sizes.append(max(1, d * (k - 1) + 1 - lo - hi, lo, hi) + (1 if self.padding_mode == "reflect" else 0))
         return tuple(sizes)
 
-    def _operator_norm(self, weight, input_size, n_iter, exhaustive=False):
+    def _input_size(self, input_size):
         if input_size is None:
             input_size = self._last_input_size
             if input_size is None:
@@ -76,9 +77,25 @@ class GramConv2d(GramNormalized, nn.Conv2d):
                     f"{type(self).__name__}: the bound depends on the input's spatial size; pass input_size=(h, w) "
                     "or run a forward pass first"
                 )
-        return conv2d_spectral_norm(weight, input_size, stride=self.stride, padding=self.padding,
+        return tuple(input_size) if not isinstance(input_size, int) else (input_size, input_size)
+
+    def _operator_norm(self, weight, input_size, n_iter, exhaustive=False):
+        self._check_padding_unchanged()
+        return conv2d_spectral_norm(weight, self._input_size(input_size), stride=self.stride, padding=self.padding,
                                     dilation=self.dilation, groups=self.groups, padding_mode=self.padding_mode,
                                     n_iter=n_iter, screen_iter=n_iter if exhaustive else self.screen_iter)
+
+    def _check_padding_unchanged(self) -> None:
+        """Non-zero padding modes pad by ``_reversed_padding_repeated_twice``, which ``nn.Conv2d``
+        fixes at construction, while the bound reads ``padding``: refuse a ``padding`` changed since."""
+        if self.padding_mode == "zeros":
+            return  # F.conv2d reads self.padding itself
+        (top, bottom), (left, right) = resolve_padding(self.padding, self.kernel_size, self.dilation, self.stride)
+        if tuple(self._reversed_padding_repeated_twice) != (left, right, top, bottom):
+            raise ValueError(f"{type(self).__name__}: padding was changed to {self.padding!r} after construction, but "
+                             f"with padding_mode={self.padding_mode!r} the forward still pads by "
+                             f"{tuple(self._reversed_padding_repeated_twice)} (nn.Conv2d fixes it at construction); "
+                             "build a new layer with the padding you want")
 
     def stack_key(self):
         # Only the bound this class defines is known to take stacks (conv2d_spectral_norm does;

@@ -104,6 +104,7 @@ class GramNormalized:
 
     def normalized_weight(self, input_size=None) -> torch.Tensor:
         """``weight / max(bound, TINY)``: the weight the layer actually applies."""
+        input_size = self._input_size(input_size)
         cacheable = not self.training and not (torch.is_grad_enabled() and self.weight.requires_grad)
         cacheable = cacheable and not torch.compiler.is_compiling()
         if cacheable:
@@ -119,6 +120,11 @@ class GramNormalized:
                 self._eval_cache.clear()
             self._eval_cache[input_size] = (key, weakref.ref(weight), normalized.detach())
         return normalized
+
+    def _input_size(self, input_size):
+        """The input size a bound is for: ``input_size``, or what ``None`` stands for (a layer whose
+        bound depends on its input size reads the last forward pass's); the cache is keyed on it."""
+        return input_size
 
     def _cache_key(self, weight: torch.Tensor, input_size) -> tuple:
         """What a cached normalized weight depends on besides the identity of the weight tensor

@@ -299,3 +299,31 @@ def test_overriding_a_helper_the_bound_relies_on_is_refused(helper):
     Tampered = type("Tampered", (GramConv2d,), {helper: scaled})
     with pytest.raises(LipschitzBoundError, match=f"overrides GramConv2d.{helper}"):
         lipschitz_bound(nn.Sequential(Tampered(2, 2, 3, padding=1)), (2, 6, 6))
+
+
+def test_a_pool_subclass_with_its_own_forward_is_refused():
+    from lipnet.nn import L2NormPool2d, ScaledAvgPool2d
+
+    for base in (ScaledAvgPool2d, L2NormPool2d):
+        class Loud(base):
+            def forward(self, x):
+                return 100 * super().forward(x)
+
+        with pytest.raises(LipschitzBoundError, match="defines its own forward"):
+            lipschitz_bound(nn.Sequential(Loud(2)), (1, 4, 4))
+        assert lipschitz_bound(nn.Sequential(type("Quiet", (base,), {})(2)), (1, 4, 4)) <= 1 + 1e-12
+
+
+def test_a_registered_rule_that_cannot_read_a_module_names_it():
+    with pytest.raises(LipschitzBoundError, match="registered bound failed"):
+        lipschitz_bound(nn.Sequential(nn.AvgPool2d((2,))), (1, 4, 4))
+
+
+def test_global_scaled_average_pooling_allows_for_its_rounded_scale():
+    import math
+
+    from lipnet.nn import GlobalScaledAvgPool2d
+
+    for h, w in ((1, 2), (3, 5)):  # fl(sqrt(hw)) rounds up for these
+        scale = Fraction(math.sqrt(h * w))
+        assert Fraction(GlobalScaledAvgPool2d().lipschitz_bound()) ** 2 >= scale ** 2 / (h * w)

@@ -110,3 +110,29 @@ def test_layers_without_features_are_the_zero_map_as_in_torch():
     conv, plain = GramConv2d(0, 4, 3), torch.nn.Conv2d(0, 4, 3)
     x = torch.randn(2, 0, 5, 5)
     assert conv(x).shape == plain(x).shape and conv.lipschitz_bound((5, 5)) == 0.0
+
+
+def test_a_bound_without_input_size_is_for_the_last_size_seen_not_an_earlier_cached_one():
+    torch.manual_seed(0)
+    layer = GramConv2d(1, 1, 3, dilation=3, padding=3, bias=False).eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 1, 16, 16))
+        layer(torch.randn(1, 1, 2, 2))  # at 2 x 2 only the centre tap touches the input
+    assert layer.lipschitz_bound() == layer.lipschitz_bound((2, 2))
+    assert torch.equal(layer.normalized_weight(), layer.normalized_weight((2, 2)))
+    assert 1 - 1e-6 < layer.lipschitz_bound() <= 1 + 1e-6
+
+
+def test_padding_changed_after_construction_is_refused_where_the_forward_ignores_it():
+    layer = GramConv2d(1, 1, 3, padding=2, padding_mode="replicate")
+    layer.padding = (0, 0)  # nn.Conv2d would still pad by 2 in this mode
+    with pytest.raises(ValueError, match="changed .* after construction"):
+        layer(torch.randn(1, 1, 5, 5))
+    zeros = GramConv2d(1, 1, 3, padding=2)
+    zeros.padding = (0, 0)  # honoured by F.conv2d, and by the bound
+    assert zeros(torch.randn(1, 1, 5, 5)).shape == (1, 1, 3, 3)
+
+
+def test_no_screening_steps_are_allowed_whatever_path_the_bound_takes():
+    layer = GramConv2d(1, 1, (1, 2), stride=(2, 1), screen_iter=0)
+    assert torch.isfinite(layer(torch.randn(1, 1, 8, 6))).all()
