@@ -647,12 +647,15 @@ def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=l
 class _BoundInterpreter(torch.fx.Interpreter):
     """Runs the graph and propagates the bounds of :func:`traced_lipschitz_bound`."""
 
-    def __init__(self, traced: torch.fx.GraphModule, module: nn.Module, batch: int, child_bound):
-        super().__init__(traced)
+    def __init__(self, traced: torch.fx.GraphModule, module: nn.Module, batch: int, child_bound, keep_values=False):
+        super().__init__(traced, garbage_collect_values=not keep_values)
         self.module = module
         self.batch = batch
         self.child_bound = child_bound
         self.bound: dict[torch.fx.Node, float] = {}
+        # How each node's bound was composed, for the rounding error (_traced_rounding):
+        # ("input",), ("constant",), ("child", child, u), ("linear", [(u, factor), ...]), ("exact", u), ("cat", [u, ...])
+        self.rule: dict[torch.fx.Node, tuple] = {}
         self.result: float | None = None
 
     def fail(self, node: torch.fx.Node, reason: str):
@@ -698,10 +701,12 @@ class _BoundInterpreter(torch.fx.Interpreter):
         args = _tensor_args(node)
         dependent = [a for a in args if self.bound.get(a, 0.0) > 0]
         if node.op == "placeholder":
+            self.rule[node] = ("input",)
             return 1.0
         target = node.target
         if node.op == "get_attr" or not dependent or (node.op == "call_method" and target in _SHAPE_METHODS) or (
                 target is getattr and len(node.args) == 2 and node.args[1] in _SHAPE_ATTRIBUTES):
+            self.rule[node] = ("constant",)
             return 0.0  # constant, or a property of the input's shape (not of its values)
         self._in_place_check(node, target)
         for v in (value if isinstance(value, (tuple, list)) and node.op != "call_module" else (value,)):
@@ -715,6 +720,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
                 self.fail(node, "a child called with more than its input tensor")
             x = self.env[first]
             self._batched(node, x, value)
+            self.rule[node] = ("child", child, first)
             return mul_up(self.child_bound(child, tuple(x.shape[1:])), self.bound[first])
         if target in _SUMS:
             alpha = node.kwargs.get("alpha", 1)
@@ -722,13 +728,15 @@ class _BoundInterpreter(torch.fx.Interpreter):
             if len(node.args) != 2 or set(dependent) - set(operands) or set(node.kwargs) - {"alpha"} or \
                     isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
                 self.fail(node, "a sum with unsupported arguments")
-            total = 0.0
+            total, terms = 0.0, []
             for position, a in enumerate(node.args):
                 if isinstance(a, torch.fx.Node) and self.bound[a] > 0:
                     if self.env[a].shape != value.shape:
                         self.fail(node, "a non-constant operand is broadcast (its entries are copied)")
                     scale = abs(float(alpha)) if position == 1 else 1.0
                     total = add_up(total, mul_up(scale, self.bound[a]))
+                    terms.append((a, scale))
+            self.rule[node] = ("linear", terms)
             return total
         if target in _SCALINGS:
             if len(dependent) != 1 or len(node.args) != 2 or node.kwargs:
@@ -755,18 +763,22 @@ class _BoundInterpreter(torch.fx.Interpreter):
                 factor = big
             if math.isinf(factor) or math.isnan(factor):
                 self.fail(node, "an unbounded factor")
+            self.rule[node] = ("linear", [(u, factor)])
             return mul_up(factor, self.bound[u])
         single = len(dependent) == 1 and node.args and node.args[0] is dependent[0]
         if target in _ONE_LIPSCHITZ and single:
             if target is F.dropout and not (node.kwargs.get("training") is False or
                                             (len(node.args) > 2 and node.args[2] is False)):
                 self.fail(node, "dropout that may be active (training not False)")
+            self.rule[node] = ("linear", [(dependent[0], 1.0)])
             return self.bound[dependent[0]]
         if target in _REARRANGEMENTS and single:
             self._batched(node, self.env[dependent[0]], value)
+            self.rule[node] = ("exact", dependent[0])
             return self.bound[dependent[0]]
         if target in _SPLITS and single:
             self._batched(node, self.env[dependent[0]], *value)
+            self.rule[node] = ("exact", dependent[0])
             return self.bound[dependent[0]]
         if target is operator.getitem and single:
             source = self.env[dependent[0]]
@@ -774,6 +786,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
             if isinstance(source, (tuple, list)):
                 if not isinstance(index, int):
                     self.fail(node, "an index into a sequence that is not an int")
+                self.rule[node] = ("exact", dependent[0])
                 return self.bound[dependent[0]]
             indices = index if isinstance(index, tuple) else (index,)
             if not indices or not all(i is Ellipsis or i is None or isinstance(i, slice) and all(
@@ -781,6 +794,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
                     isinstance(i, int) for i in indices) or indices[0] != slice(None):
                 self.fail(node, "an index other than basic slicing that keeps the whole batch")
             self._batched(node, source, value)
+            self.rule[node] = ("exact", dependent[0])
             return self.bound[dependent[0]]
         if target in _CATS and len(node.args) >= 1 and isinstance(node.args[0], (list, tuple)):
             parts = node.args[0]
@@ -792,8 +806,61 @@ class _BoundInterpreter(torch.fx.Interpreter):
             for p in parts:
                 if isinstance(p, torch.fx.Node) and self.bound[p] > 0:
                     total = add_up(total, mul_up(self.bound[p], self.bound[p]))
+            self.rule[node] = ("cat", [p for p in parts if isinstance(p, torch.fx.Node) and self.bound[p] > 0])
             return sqrt_up(total) if total > 0 else 0.0
         self.fail(node, "no Lipschitz rule for this operation")
+
+
+def _traced_rounding(module: nn.Module, h: torch.Tensor, err: torch.Tensor, bounds: dict, propagate):
+    """``(module(h), e)``: the float64 output of a module bounded by :func:`traced_lipschitz_bound`
+    and a per-example bound ``e`` on its L2 distance to the exact output, node by node.
+
+    A traced forward need not be one sum of products (``(x + c) - c`` with a large constant
+    ``c`` loses the digits of ``x``), so the rounding allowance of
+    :mod:`lipnet.certify.precision` for a module as a whole does not hold for it. Here each node
+    adds its own: children through ``propagate`` (the certification pass itself), and an
+    elementwise node with Lipschitz factors ``f_i`` on operands ``a_i`` and value ``y`` adds at most
+    ``4 u (sum f_i ||a_i|| + ||y||)`` to ``sum f_i e(a_i)``; rearrangements and concatenations are
+    exact (the latter combines its parts' errors in L2)."""
+    traced = torch.fx.GraphModule(module, _trace(module))
+
+    def child_bound(child, shape):
+        found = bounds.get((id(child), shape))
+        return lipschitz_bound(child, shape) if found is None else found
+
+    run = _BoundInterpreter(traced, module, len(h), child_bound, keep_values=True)
+    with torch.no_grad():
+        y = run.run(h)
+    unit = 2.0 ** -53
+
+    def norms(t):
+        return t.detach().double().flatten(1).norm(dim=1)
+
+    errors: dict = {}
+    for node in traced.graph.nodes:
+        if node.op == "output":
+            return y, errors[node.args[0]]
+        kind, *parts = run.rule[node]
+        if kind == "input":
+            errors[node] = err
+        elif kind == "constant":
+            errors[node] = torch.zeros_like(err)
+        elif kind == "child":
+            child, first = parts
+            errors[node] = propagate(child, run.env[first], errors[first], bounds)[1]
+        elif kind == "linear":
+            (terms,) = parts
+            total = sum(factor * errors[a] for a, factor in terms)
+            size = sum(factor * norms(run.env[a]) for a, factor in terms) + norms(run.env[node])
+            errors[node] = total + 4 * unit * size
+        elif kind == "exact":
+            errors[node] = errors[parts[0]]
+        else:  # "cat"
+            errors[node] = torch.stack([errors[p] for p in parts]).square().sum(0).sqrt() * (1 + 4 * unit)
+    raise LipschitzBoundError(module, "its graph has no output")
+
+
+traced_lipschitz_bound.propagate_rounding = _traced_rounding
 
 
 #: Types :func:`convert` registered :func:`traced_lipschitz_bound` for (in this process).

@@ -392,3 +392,25 @@ def test_integer_results_of_the_input_are_not_lipschitz():
 
     with pytest.raises(LipschitzBoundError, match="torch.int64 result"):
         traced_lipschitz_bound(Block(), (1, 4, 4))
+
+
+def test_the_rounding_of_a_traced_container_is_propagated_node_by_node():
+    class Shift(nn.Module):  # the identity in exact arithmetic; in float64 it keeps no digit of x below 1
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("c", torch.tensor(2.0 ** 52, dtype=torch.float64))
+            self.inner = nn.Identity()
+
+        def forward(self, x):
+            return self.inner((x + self.c) - self.c)
+
+    linear = nn.Linear(2, 2, bias=False).double()
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(2))
+    converted, report = convert(nn.Sequential(Shift(), linear).double(), input_shape=(2,))
+    assert report.registered and report.lipschitz_bound < 1.01
+    x, y = torch.tensor([[0.6, 0.4]], dtype=torch.float64), torch.tensor([0])
+    radius = float(certified_accuracy(converted.eval(), (x, y), eps=[0.1], progress=False).radii[0])
+    assert radius <= 0.2 / 2 ** 0.5  # the exact margin's radius; the lost digits make it 0 here
+    with torch.no_grad():  # a point at distance 0.21 is misclassified, so no radius above that holds
+        assert int(converted(x + torch.tensor([[-0.15, 0.15]], dtype=torch.float64)).argmax()) == 1

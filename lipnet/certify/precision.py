@@ -29,7 +29,10 @@ Numerical Algorithms*, 2nd ed., 2002, section 3.1): each computed output is a su
 ``K u < 1/2``. Elementwise activations (MaxMin, ReLU: exact; tanh and the like: a few ulps),
 pooling (sums of at most ``K`` terms) and input normalization are covered by the same
 expression. The model's rounding is thereby bounded for the modules lipnet knows; for a
-custom module with a registered bound, it assumes that module's forward is such a sum.
+custom module with a registered bound, it assumes that module's forward is such a sum, unless
+the bound function carries its own propagation (``fn.propagate_rounding(module, h, err,
+bounds, propagate) -> (y, err)``), as :func:`lipnet.convert.traced_lipschitz_bound` does for
+the containers :func:`lipnet.convert.convert` registers: node by node through their graphs.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lipnet.certify.lipschitz import _unwrap
+from lipnet.certify.lipschitz import _REGISTRY, _lookup, _unwrap
 from lipnet.nn.normalized import GramNormalized
 from lipnet.nn.residual import ConvexResidual
 
@@ -119,6 +122,9 @@ def forward_with_error_bound(model: nn.Module, x: torch.Tensor, bounds: dict) ->
 def _propagate(module: nn.Module, h: torch.Tensor, err: torch.Tensor, bounds: dict):
     key = (id(module), tuple(h.shape[1:]))
     if key in bounds:  # bounded as a unit
+        rounding = getattr(_lookup(_REGISTRY, module), "propagate_rounding", None)
+        if rounding is not None:  # a bound with its own error propagation (lipnet.convert's traced bounds)
+            return rounding(module, h, err, bounds, _propagate)
         lam = bounds[key]
         y = module(h)
         return y, lam * err + local_rounding_bound(h, y, lam)
