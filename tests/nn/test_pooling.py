@@ -149,7 +149,7 @@ def test_global_pools():
     torch.testing.assert_close(GlobalL2NormPool2d()(x), x.flatten(2).norm(dim=2)[..., None, None])
     torch.testing.assert_close(GlobalScaledAvgPool2d()(x), x.sum(dim=(2, 3), keepdim=True) / math.sqrt(30))
     for pool in (GlobalL2NormPool2d(), GlobalScaledAvgPool2d()):
-        assert pool.lipschitz_bound((5, 6)) == 1.0
+        assert 1.0 <= pool.lipschitz_bound((5, 6)) <= 1 + 2 ** -52  # the scaled one allows for fl(sqrt(h w))
         assert jacobian_norm(pool, torch.randn(1, 2, 5, 6, dtype=torch.float64)) <= 1 + 1e-12
     assert jacobian_norm(GlobalScaledAvgPool2d(), torch.zeros(1, 1, 5, 6, dtype=torch.float64)) == pytest.approx(1.0)
 
