@@ -542,7 +542,10 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
     tiny = torch.finfo(log_scale.dtype).tiny
     norms = []
     # Real form: buffers reused by every squaring (S and -D, and the iterate before last, which
-    # receives the next one), unless the iterates are kept.
+    # receives the next one), unless the iterates are kept. Not in a compiled or exported graph:
+    # the compiler plans memory itself, and out= operations there would fail when an exported
+    # program runs with autograd on.
+    reuse = keep is None and not torch.compiler.is_compiling()
     work = spare = None
     for step in range(steps):
         if step % 2 == 0:
@@ -556,8 +559,8 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
             keep.append((g, kept_log_scale))
             kept_log_scale = 2 * kept_log_scale
         if real_form and (hermitian or step > 0):
-            work = g.new_empty((2, *g.shape)) if work is None else work
-            g, spare = square_real_form(g, out=spare, work=work), (g if keep is None else None)
+            work = g.new_empty((2, *g.shape)) if work is None and reuse else work
+            g, spare = square_real_form(g, out=spare, work=work), (g if reuse else None)
         elif hermitian or step > 0:
             g = torch.bmm(g, g)
         elif real_form:

@@ -224,3 +224,12 @@ def test_screen_iter_is_a_layer_setting():
                                                                 rel=1e-5)
     with pytest.raises(ValueError, match="screen_iter"):
         GramConv2d(4, 4, 3, screen_iter=-1)
+
+
+def test_an_exported_program_runs_with_a_trainable_weight():
+    x = torch.randn(2, 3, 8, 8)
+    layer = GramConv2d(3, 4, 3, padding=1).eval()
+    program = torch.export.export(layer, (x,))
+    with torch.no_grad():
+        expected = layer(x)
+    torch.testing.assert_close(program.module()(x).detach(), expected)
