@@ -136,3 +136,20 @@ def test_padding_changed_after_construction_is_refused_where_the_forward_ignores
 def test_no_screening_steps_are_allowed_whatever_path_the_bound_takes():
     layer = GramConv2d(1, 1, (1, 2), stride=(2, 1), screen_iter=0)
     assert torch.isfinite(layer(torch.randn(1, 1, 8, 6))).all()
+
+
+def test_torch_func_over_the_input_of_a_frozen_model_uses_the_cached_weights():
+    from torch.func import jacrev, vmap
+
+    from lipnet.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("convnet", in_channels=1, num_classes=4, input_size=8, widths=(4,), depths=(1,),
+                      dense=(8,)).eval().requires_grad_(False)
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        net(x)  # fills the cache of normalized weights
+    jacobians = vmap(jacrev(lambda z: net(z[None])[0]))(x)
+    for z, jacobian in zip(x, jacobians):
+        expected = torch.autograd.functional.jacobian(lambda v: net(v[None])[0], z)
+        torch.testing.assert_close(jacobian, expected)
