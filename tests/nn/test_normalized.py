@@ -101,6 +101,7 @@ def test_the_refinement_setting_is_part_of_the_key():
     assert not torch.equal(screened, refined)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # torch's own, for nn.Linear(0, n) too
 def test_layers_without_features_are_the_zero_map_as_in_torch():
     linear = GramLinear(0, 4)
     out = linear(torch.randn(2, 0))
