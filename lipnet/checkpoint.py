@@ -129,7 +129,7 @@ def _check_integrity(path: Path) -> None:
 def _unreadable(path: Path, exc: Exception) -> str:
     """The message for a checkpoint ``torch.load`` could not read."""
     text = str(exc)
-    if "torch.cuda.is_available() is False" in text or "CUDA" in text and "map_location" in text:
+    if "torch.cuda.is_available() is False" in text or ("CUDA" in text and "map_location" in text):
         return (f"cannot read checkpoint {path} onto a CUDA device: this machine has none; pass map_location='cpu' "
                 "(or --device cpu)")
     lines = [line.strip() for line in text.splitlines() if line.strip()]

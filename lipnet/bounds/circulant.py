@@ -215,18 +215,14 @@ def resolve_padding(padding, kernel_size: tuple[int, int], dilation: tuple[int, 
 def pair(value) -> tuple[int, int]:
     """``int`` or pair -> pair of ints (like ``torch.nn.modules.utils._pair``); any integer type
     (``numpy.int64``, ...) counts, floats do not."""
-    if _is_integer(value):
+    if isinstance(value, numbers.Integral):
         return (operator.index(value), operator.index(value))
     if isinstance(value, str) or not hasattr(value, "__len__"):
         raise ValueError(f"expected an int or a pair of ints, got {value!r}")
     value = tuple(value)
-    if len(value) != 2 or not all(_is_integer(v) for v in value):
+    if len(value) != 2 or not all(isinstance(v, numbers.Integral) for v in value):
         raise ValueError(f"expected an int or a pair of ints, got {value!r}")
     return tuple(operator.index(v) for v in value)
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral)
 
 
 def axis_norm_factor(h: AxisEmbedding, w: AxisEmbedding) -> float:
