@@ -112,6 +112,10 @@ class GramConv2d(GramNormalized, nn.Conv2d):
         return self.out_channels // self.groups, self.in_channels // self.groups * stride, taps
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            raise TypeError(f"{type(self).__name__} cannot be traced by torch.jit.trace (its bound depends on the input's "
+                            "size, which tracing turns into tensors). For a plain-PyTorch copy with the normalized "
+                            "weights baked in, use lipnet.export(model, input_shape); for speed, torch.compile")
         return self._forward_normalized(input, self.normalized_weight((int(input.shape[-2]), int(input.shape[-1]))))
 
     def _forward_normalized(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -156,6 +156,11 @@ class GramNormalized:
                                           n_iter=CERTIFICATION_N_ITER, log_bound=log_bound)
         return bound * (1 + margin)
 
+    def __prepare_scriptable__(self):
+        raise TypeError(f"{type(self).__name__} cannot be compiled by TorchScript (torch.jit.script): its forward computes "
+                        "a Gram bound in Python. For a plain-PyTorch copy with the normalized weights baked in, use "
+                        "lipnet.export(model, input_shape); for speed, torch.compile")
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._eval_cache.clear()
         super()._load_from_state_dict(*args, **kwargs)

@@ -154,3 +154,16 @@ def test_torch_func_over_the_input_of_a_frozen_model_uses_the_cached_weights():
     for z, jacobian in zip(x, jacobians):
         expected = torch.autograd.functional.jacobian(lambda v: net(v[None])[0], z)
         torch.testing.assert_close(jacobian, expected)
+
+
+@pytest.mark.parametrize("make, shape", LAYERS)
+def test_torchscript_is_refused_with_the_way_out(make, shape):
+    layer, _ = fresh(make, shape)
+    with pytest.raises(TypeError, match="lipnet.export"):
+        torch.jit.script(torch.nn.Sequential(layer))
+
+
+def test_tracing_a_conv_layer_is_refused_with_the_way_out():
+    layer, x = fresh(lambda: GramConv2d(2, 3, 3, padding=1), (2, 2, 6, 6))
+    with pytest.raises(TypeError, match="lipnet.export"):
+        torch.jit.trace(layer, x)
