@@ -31,6 +31,7 @@ from torch import nn
 from lipnet.bounds.gram import DEFAULT_N_ITER
 from lipnet.certify import LipschitzBoundError, UnknownModuleError, lipschitz_bound, register_lipschitz_bound
 from lipnet.certify.lipschitz import add_up, mul_up
+from lipnet.certify.precision import UNIT_ROUNDOFF, example_norms
 from lipnet.export.exporter import check_input_shape, example_input
 from lipnet.nn.activations import MaxMin
 from lipnet.nn.gram_conv import GramConv2d
@@ -831,11 +832,6 @@ def _traced_rounding(module: nn.Module, h: torch.Tensor, err: torch.Tensor, boun
     run = _BoundInterpreter(traced, module, len(h), child_bound, keep_values=True)
     with torch.no_grad():
         y = run.run(h)
-    unit = 2.0 ** -53
-
-    def norms(t):
-        return t.detach().double().flatten(1).norm(dim=1)
-
     errors: dict = {}
     for node in traced.graph.nodes:
         if node.op == "output":
@@ -851,12 +847,12 @@ def _traced_rounding(module: nn.Module, h: torch.Tensor, err: torch.Tensor, boun
         elif kind == "linear":
             (terms,) = parts
             total = sum(factor * errors[a] for a, factor in terms)
-            size = sum(factor * norms(run.env[a]) for a, factor in terms) + norms(run.env[node])
-            errors[node] = total + 4 * unit * size
+            size = sum(factor * example_norms(run.env[a]) for a, factor in terms) + example_norms(run.env[node])
+            errors[node] = total + 4 * UNIT_ROUNDOFF * size
         elif kind == "exact":
             errors[node] = errors[parts[0]]
         else:  # "cat"
-            errors[node] = torch.stack([errors[p] for p in parts]).square().sum(0).sqrt() * (1 + 4 * unit)
+            errors[node] = torch.stack([errors[p] for p in parts]).square().sum(0).sqrt() * (1 + 4 * UNIT_ROUNDOFF)
     raise LipschitzBoundError(module, "its graph has no output")
 
 

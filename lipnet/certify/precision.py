@@ -102,7 +102,7 @@ def local_rounding_bound(h: torch.Tensor, y: torch.Tensor, lipschitz: float) -> 
     terms = max(h[0].numel(), y[0].numel()) + 1
     if terms * UNIT_ROUNDOFF >= 0.5:
         raise ValueError(f"a module with {terms} inputs or outputs per example is too large for the rounding bound")
-    return 4 * UNIT_ROUNDOFF * terms ** 1.5 * (lipschitz * _norms(h) + _norms(y))
+    return 4 * UNIT_ROUNDOFF * terms ** 1.5 * (lipschitz * example_norms(h) + example_norms(y))
 
 
 def forward_with_error_bound(model: nn.Module, x: torch.Tensor, bounds: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,13 +137,14 @@ def _propagate(module: nn.Module, h: torch.Tensor, err: torch.Tensor, bounds: di
         keep, alpha = (float(c.detach().double()) for c in module.coefficients())
         y = keep * h + alpha * out
         # Two products and a sum per entry: at most 3 roundings of |keep h| + |alpha out| + |y|.
-        own = 3 * UNIT_ROUNDOFF * (abs(keep) * _norms(h) + abs(alpha) * _norms(out) + _norms(y))
+        own = 3 * UNIT_ROUNDOFF * (abs(keep) * example_norms(h) + abs(alpha) * example_norms(out) + example_norms(y))
         return y, abs(keep) * err + abs(alpha) * branch_err + own
     raise ValueError(f"no Lipschitz bound was recorded for {type(module).__name__} on inputs of shape "
                      f"{tuple(h.shape[1:])}: compute the bounds with module_lipschitz_bounds on this model and shape")
 
 
-def _norms(t: torch.Tensor) -> torch.Tensor:
+def example_norms(t: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each example (first dimension) of ``t``, in float64."""
     return t.detach().double().flatten(1).norm(dim=1)
 
 
