@@ -128,9 +128,7 @@ class TrainConfig:
             raise ValueError(f"crop_padding must be >= 0 pixels, got {self.crop_padding}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 (or None for torch's default), got {self.threads}")
-        if self.loss == "emma" and self.offset is not None:
-            raise ValueError("loss 'emma' sets its margins per class pair from train_eps; it takes no offset "
-                             "(give train_eps, or use loss 'ce' with the offset)")
+        CertifiedMarginLoss(self.loss, self.train_eps, offset=self.offset, temperature=self.temperature)  # its checks
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget must be > 0 seconds (or None), got {self.time_budget}")
         for name in ("train_subset", "test_subset"):
