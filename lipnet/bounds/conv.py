@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 
+from lipnet.bounds.batching import vmap_into_stack
 from lipnet.bounds.circulant import AxisEmbedding, axis_embedding, pair, resolve_padding
 from lipnet.bounds.gram import (
     DEFAULT_N_CANDIDATES,
@@ -175,42 +176,54 @@ class _ConvSpectralBound(torch.autograd.Function):
     ``Re(sum conj(e_tap(f*)) dK)`` for the gradient ``dK`` of the one symbol the maximum
     depends on (no dense gradient over all frequencies). With ``lags`` (pairs and twiddles of
     :class:`~lipnet.bounds.symbol_gram.SymbolLags`) the first Gram iterates come from the
-    kernel's autocorrelation, and only the maximizers' symbols are built."""
+    kernel's autocorrelation, and only the maximizers' symbols are built.
+
+    Outputs: the fields of :class:`~lipnet.bounds.gram.MaxBound` (the first, the bounds ``(L,)``,
+    is the result; the others are what the backward needs, returned so that ``setup_context``
+    can save them, as ``torch.func`` transforms require). ``keep``: a backward pass follows."""
 
     @staticmethod
-    def forward(ctx, weight, dft, pairs, twiddles, groups, n_iter, screen_iter, n_candidates):
-        keep = ctx.needs_input_grad[0]  # a backward pass follows
-
+    def forward(weight, dft, pairs, twiddles, groups, n_iter, screen_iter, n_candidates, keep):
         def bound(kernel):
             if twiddles is None:
-                return tuple(max_gram_bound(_symbol(kernel, dft, groups).flatten(1, 2), n_iter, screen_iter,
-                                            n_candidates, keep_iterates=keep))
-            # Entries of the scaled kernel are at most 1: its Gram matrices neither overflow nor
-            # underflow where the maximum can be.
-            scale = kernel.abs().amax(dim=(1, 2, 3, 4)).clamp_min(torch.finfo(kernel.dtype).tiny)
-            gram = symbol_gram_real_form(kernel / scale.view(-1, 1, 1, 1, 1), SymbolLags(pairs, twiddles), groups)
-            found = max_gram_bound_of_grams(gram, 2 * torch.log(scale)[:, None], n_iter, screen_iter, n_candidates,
-                                            keep_iterates=keep)
-            return tuple(found._replace(matrix=_symbol_at(kernel, dft, groups, found.best)))
+                found = max_gram_bound(_symbol(kernel, dft, groups).flatten(1, 2), n_iter, screen_iter, n_candidates,
+                                       keep_iterates=keep)
+            else:
+                # Entries of the scaled kernel are at most 1: its Gram matrices neither overflow nor
+                # underflow where the maximum can be.
+                scale = kernel.abs().amax(dim=(1, 2, 3, 4)).clamp_min(torch.finfo(kernel.dtype).tiny)
+                gram = symbol_gram_real_form(kernel / scale.view(-1, 1, 1, 1, 1), SymbolLags(pairs, twiddles), groups)
+                found = max_gram_bound_of_grams(gram, 2 * torch.log(scale)[:, None], n_iter, screen_iter,
+                                                n_candidates, keep_iterates=keep)
+                found = found._replace(matrix=_symbol_at(kernel, dft, groups, found.best))
+            return tuple(field for field in found if field is not None)
         # The tap DFT and lags are constants of the graph: their addresses (kept alive by the
         # graph) are in the key.
-        found = MaxBound(*replayed(bound, (weight,), lambda: ("conv bound", dft.data_ptr(), _address(twiddles),
-                                                              groups, n_iter, screen_iter, n_candidates, keep)))
-        ctx.save_for_backward(dft, *found)
+        return replayed(bound, (weight,), lambda: ("conv bound", dft.data_ptr(), _address(twiddles), groups, n_iter,
+                                                   screen_iter, n_candidates, keep))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, dft, _, _, groups, n_iter, screen_iter, n_candidates, _ = inputs
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(weight, dft, *output)  # the weight only to tie a second derivative to it
         ctx.shape, ctx.groups, ctx.n_iter, ctx.dtype = weight.shape, groups, n_iter, weight.dtype
         ctx.stops = bound_steps(groups * dft.shape[-1], n_iter, screen_iter, n_candidates)
-        return found.value
+
+    @staticmethod
+    def vmap(info, in_dims, *inputs):
+        return vmap_into_stack(_ConvSpectralBound.apply, in_dims, *inputs)
 
     @staticmethod
     @first_order_backward("the Gram bound of a convolution")
-    def backward(ctx, grad_output):
-        dft, *saved = ctx.saved_tensors
+    def backward(ctx, grad_output, *_):
+        _, dft, *saved = ctx.saved_tensors
         settings = (tuple(ctx.shape), ctx.groups, ctx.n_iter, ctx.stops, ctx.dtype)
 
         def gradient(grad_output, *saved):
             return (_conv_bound_grad(MaxBound(*saved), grad_output, dft, *settings),)
         (grad,) = replayed(gradient, (grad_output, *saved), lambda: ("conv bound gradient", dft.data_ptr(), *settings))
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def _address(tensor: torch.Tensor | None) -> int | None:
@@ -226,8 +239,9 @@ def _conv_bound_grad(found: MaxBound, grad_output, dft, shape, groups, n_iter, s
     # (o i, R S) @ (R S, taps) per kernel: the sum over input phases of dK conj(e_tap(f*)).
     grad_kernel = torch.bmm(grad_symbol.reshape(layers, -1, taps.shape[2]), taps.mH).real
     size = grad_kernel.shape[1] * grad_kernel.shape[2]
+    # Out of place: under vmap the gradient may be batched where the zeros are not.
     grad = torch.zeros(layers, groups, size, dtype=dtype, device=grad_kernel.device)
-    grad.scatter_(1, group.view(layers, 1, 1).expand(layers, 1, size), grad_kernel.reshape(layers, 1, size).to(dtype))
+    grad = grad.scatter(1, group.view(layers, 1, 1).expand(layers, 1, size), grad_kernel.reshape(layers, 1, size).to(dtype))
     return grad.reshape(shape)
 
 
@@ -302,8 +316,9 @@ def conv2d_spectral_norm(
             lags = _symbol_lags_for(embedding, weight)
         factor = embedding.norm_factor
         del embedding  # not live across the autograd.Function call (torch 2.11's compiler cannot rebuild it)
+        keep = torch.is_grad_enabled() and weight.requires_grad  # a backward pass may follow
         value = _ConvSpectralBound.apply(weight if stacked else weight[None], dft, *lags, groups, n_iter,
-                                         screen_iter, n_candidates)
+                                         screen_iter, n_candidates, keep)[0]
         return factor * (value if stacked else value[0])
 
 

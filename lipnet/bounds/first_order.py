@@ -18,10 +18,15 @@ import torch
 
 
 class _SecondDerivativeError(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, grad, grad_output, name):
-        ctx.name = name
+    def forward(grad, grad_output, name):
         return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.name = inputs[2]
 
     @staticmethod
     def backward(ctx, _):
@@ -35,16 +40,21 @@ class _SecondDerivativeError(torch.autograd.Function):
 def first_order_backward(name: str):
     """Decorator for a ``torch.autograd.Function.backward`` with an explicit first-order formula
     (``name`` says whose, in the error): runs it without autograd, and when a graph of the
-    backward is being built (``create_graph=True`` with a ``grad_output`` that requires grad)
-    returns gradients whose derivative raises a clear error."""
+    backward is being built (``create_graph=True``, which ``torch.func`` transforms always use)
+    and a ``grad_output`` or a saved tensor requires grad, returns gradients whose derivative
+    raises a clear error. The Function must save the input it differentiates (the weight):
+    under nested ``torch.func`` transforms (``jacrev(jacrev(f))``) the incoming gradient does
+    not depend on the weight, and only the saved weight links the gradient to the outer level."""
 
     def decorate(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
             with torch.no_grad():
                 grads = backward(ctx, *grad_outputs)
-            tracked = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.requires_grad]
-            if not torch.is_grad_enabled() or not tracked:
+            if not torch.is_grad_enabled():
+                return grads
+            tracked = [t for t in (*grad_outputs, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not tracked:
                 return grads
             return tuple(_SecondDerivativeError.apply(g, tracked[0], name) if isinstance(g, torch.Tensor) else g
                          for g in grads)

@@ -46,6 +46,7 @@ from typing import NamedTuple
 
 import torch
 
+from lipnet.bounds.batching import vmap_into_stack
 from lipnet.bounds.first_order import first_order_backward
 from lipnet.bounds.graphs import launches_are_free, replayed
 from lipnet.bounds.hermitian import gram_real_form, hermitian_from_real_form, square_real_form
@@ -132,7 +133,11 @@ def max_matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER,
     Returns:
         0-dim real tensor.
     """
-    return _MaxGramBound.apply(mat, n_iter, screen_iter, n_candidates)
+    _check_matrices(mat, n_iter)
+    if mat.dim() != 3:
+        raise ValueError(f"max_matrix_spectral_norm expects a batch (B, m, n), got shape {tuple(mat.shape)}")
+    keep = torch.is_grad_enabled() and mat.requires_grad  # a backward pass may follow
+    return _MaxGramBound.apply(mat[None], n_iter, screen_iter, n_candidates, keep)[0][0]
 
 
 class MaxBound(NamedTuple):
@@ -424,32 +429,47 @@ def _iterates_of_normalized(found: MaxBound, real_dtype: torch.dtype) -> torch.T
 
 
 class _MaxGramBound(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, mat, n_iter, screen_iter, n_candidates):
-        keep = ctx.needs_input_grad[0]  # a backward pass follows
+    """:func:`max_gram_bound` of ``L`` stacked batches ``(L, B, m, n)`` with its explicit backward.
+    Outputs: the fields of :class:`MaxBound` (the first, the bounds ``(L,)``, is the result; the
+    others are what the backward needs, returned so that ``setup_context`` can save them, which
+    ``torch.func`` transforms require). ``keep``: a backward pass follows, keep the iterates."""
 
+    @staticmethod
+    def forward(mat, n_iter, screen_iter, n_candidates, keep):
         def bound(mat):
-            return tuple(max_gram_bound(mat, n_iter, screen_iter, n_candidates, keep_iterates=keep))
-        found = MaxBound(*replayed(bound, (mat,), lambda: ("matrix bound", n_iter, screen_iter, n_candidates, keep)))
-        ctx.save_for_backward(*found)
+            return tuple(field for field in max_gram_bound(mat, n_iter, screen_iter, n_candidates, keep_iterates=keep)
+                         if field is not None)
+        return replayed(bound, (mat,), lambda: ("matrix bound", n_iter, screen_iter, n_candidates, keep))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        mat, n_iter, screen_iter, n_candidates, _ = inputs
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(mat, *output)  # the input only to tie a second derivative to it
         ctx.batch_shape = mat.shape
         ctx.n_iter = n_iter
-        ctx.stops = bound_steps(mat.shape[0], n_iter, screen_iter, n_candidates)
-        return found.value
+        ctx.stops = bound_steps(mat.shape[1], n_iter, screen_iter, n_candidates)
+
+    @staticmethod
+    def vmap(info, in_dims, *inputs):
+        return vmap_into_stack(_MaxGramBound.apply, in_dims, *inputs)
 
     @staticmethod
     @first_order_backward("the Gram bound of a matrix")
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *_):
         batch_shape, n_iter, stops = ctx.batch_shape, ctx.n_iter, ctx.stops
 
         def gradient(grad_output, *saved):
             found = MaxBound(*saved)
-            grad = torch.zeros(batch_shape, dtype=found.matrix.dtype, device=found.matrix.device)
-            grad_best = (max_gram_bound_grad(found, n_iter, stops) * grad_output).to(grad.dtype)
-            return (grad.index_copy_(0, found.best[None], grad_best[None]),)
-        (grad,) = replayed(gradient, (grad_output, *ctx.saved_tensors),
+            grad_best = (max_gram_bound_grad(found, n_iter, stops) * grad_output[:, None, None]).to(found.matrix.dtype)
+            # Only the maximizer of each batch has a gradient (out of place: under vmap the
+            # gradient may be batched where the zeros are not).
+            index = found.best.view(-1, 1, 1, 1).expand(-1, 1, *batch_shape[2:])
+            grad = torch.zeros(batch_shape, dtype=grad_best.dtype, device=grad_best.device)
+            return (grad.scatter(1, index, grad_best[:, None]),)
+        (grad,) = replayed(gradient, (grad_output, *ctx.saved_tensors[1:]),
                            lambda: ("matrix bound gradient", n_iter, stops, tuple(batch_shape)))
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def _check_matrices(mat: torch.Tensor, n_iter: int) -> None:

@@ -34,6 +34,20 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 # every optimizer step, fused or not, runs this global hook, which the cache key reads.
 register_optimizer_step_post_hook(_count_optimizer_step)
 
+def can_check_values(tensor: torch.Tensor) -> bool:
+    """Whether the value of ``tensor`` can steer Python now (e.g. a check that a bound is
+    finite): not while ``torch.compile`` traces, nor for a tensor batched by ``torch.func.vmap``
+    at some level (a check of each copy would be data-dependent control flow)."""
+    if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return False
+        tensor = functorch.get_unwrapped(tensor)
+    return True
+
+
 #: Gram iterations of the float64 certification bound.
 CERTIFICATION_N_ITER = 14
 
@@ -79,7 +93,7 @@ class GramNormalized:
         if weight.numel() == 0:  # no input or no output features: the zero map
             return weight.sum()
         bound = self._operator_norm(weight, input_size, self.n_iter)
-        if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(bound)):
+        if self.check_finite and can_check_values(bound) and not bool(torch.isfinite(bound)):
             self._raise_not_finite(bound)
         return bound
 
@@ -105,10 +119,13 @@ class GramNormalized:
     def normalized_weight(self, input_size=None) -> torch.Tensor:
         """``weight / max(bound, TINY)``: the weight the layer actually applies."""
         input_size = self._input_size(input_size)
-        cacheable = not self.training and not (torch.is_grad_enabled() and self.weight.requires_grad)
-        cacheable = cacheable and not torch.compiler.is_compiling()
+        cacheable = not self.training and not torch.compiler.is_compiling()
         if cacheable:
             weight = self.weight  # a parametrization computes a new tensor at every access: read it once
+            # A weight of a torch.func transform (vmap, grad) is a wrapper without storage to key on.
+            cacheable = not (torch.is_grad_enabled() and weight.requires_grad)
+            cacheable = cacheable and not torch._C._functorch.is_functorch_wrapped_tensor(weight)
+        if cacheable:
             key = self._cache_key(weight, input_size)
             cached = self._eval_cache.get(input_size)
             if cached is not None and cached[0] == key and cached[1]() is weight:

@@ -91,3 +91,33 @@ def test_spec_errors():
         ConvNet(1, 10, 28, stem_stride=0)
     with pytest.raises(ValueError, match="divisible"):
         LiResNet(3, 10, 32, width=8, depth=1, neck_stride=3)
+
+
+@pytest.mark.parametrize("family", ["convnet", "liresnet"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_func_ensembles_and_per_example_gradients(family, training):
+    """vmap over stacked parameters (torch.func.stack_module_state) runs each model; vmap of
+    grad over examples gives each example's gradient of the whole model."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    models = [build(family, **small(family)).double().train(training) for _ in range(3)]
+    x, y = torch.rand(4, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 3, 5, 9])
+    params, buffers = stack_module_state(models)
+    base = models[0]
+
+    def run(params, buffers, x):
+        return functional_call(base, (params, buffers), (x,))
+    outputs = vmap(run, in_dims=(0, 0, None))(params, buffers, x)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs, torch.stack([model(x) for model in models]))
+
+    def loss(params, x, y):
+        return nn.functional.cross_entropy(functional_call(base, (params, {}), (x[None],)), y[None])
+    own = {name: p.detach() for name, p in base.named_parameters()}
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))(own, x, y)
+    for i in range(len(x)):
+        base.zero_grad()
+        nn.functional.cross_entropy(base(x[i:i + 1]), y[i:i + 1]).backward()
+        for name, p in base.named_parameters():
+            torch.testing.assert_close(per_example[name][i], p.grad, msg=name)

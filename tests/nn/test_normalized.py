@@ -157,6 +157,30 @@ def test_torch_func_over_the_input_of_a_frozen_model_uses_the_cached_weights():
 
 
 @pytest.mark.parametrize("make, shape", LAYERS)
+def test_torch_func_over_the_weights_bypasses_the_cache_and_checks_what_it_can(make, shape):
+    from torch.func import grad, vmap
+
+    layer, x = fresh(make, shape)
+    with torch.no_grad():
+        before = layer(x)  # fills the cache
+    stack = torch.stack([layer.weight.detach(), 3 * layer.weight.detach(), torch.randn_like(layer.weight)])
+
+    def run(weight):
+        return functional_call(layer, {"weight": weight, "bias": layer.bias}, (x,))
+    with torch.no_grad():
+        outputs = vmap(run)(stack)
+        torch.testing.assert_close(outputs, torch.stack([reference(layer, x) if i < 2 else run(w)
+                                                         for i, w in enumerate(stack)]))
+        assert torch.equal(layer(x), before)
+    nan = layer.weight.detach().clone()
+    nan[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="contains NaN"):
+        grad(lambda w: run(w).sum())(nan)
+    with torch.no_grad():  # under vmap a copy cannot steer Python: its bound is NaN, not an error
+        assert vmap(run)(torch.stack([nan, stack[0]]))[0].isnan().all()
+
+
+@pytest.mark.parametrize("make, shape", LAYERS)
 def test_torchscript_is_refused_with_the_way_out(make, shape):
     layer, _ = fresh(make, shape)
     with pytest.raises(TypeError, match="lipnet.export"):
