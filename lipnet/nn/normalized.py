@@ -48,6 +48,16 @@ def can_check_values(tensor: torch.Tensor) -> bool:
     return True
 
 
+def unusable_bounds(bounds: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Where a training bound cannot normalize its weight: not finite (NaN or inf in the
+    weight, or overflow), or zero while a gradient with respect to the weight is tracked
+    (``W / ||W||`` has no derivative at 0). A boolean tensor of the shape of ``bounds``."""
+    unusable = ~torch.isfinite(bounds)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        unusable = unusable | (bounds == 0)
+    return unusable
+
+
 #: Gram iterations of the float64 certification bound.
 CERTIFICATION_N_ITER = 14
 
@@ -65,7 +75,8 @@ class GramNormalized:
     #: ``_operator_weight`` or ``normalized_weight`` is fine: the bound is computed on the weight
     #: that ``normalized_weight`` returns, which is the one the forward applies.
     LIPSCHITZ_BOUND_DEPENDS_ON: tuple[str, ...] = ("_operator_norm", "_matrix_shape")
-    #: Raise if the bound is not finite (costs a host sync per forward on accelerators).
+    #: Raise if the bound is not finite, or zero while a weight gradient is tracked
+    #: (:func:`unusable_bounds`; costs a host sync per forward on accelerators).
     check_finite: bool = True
 
     def _operator_norm(self, weight: torch.Tensor, input_size, n_iter: int, exhaustive: bool = False) -> torch.Tensor:
@@ -93,11 +104,19 @@ class GramNormalized:
         if weight.numel() == 0:  # no input or no output features: the zero map
             return weight.sum()
         bound = self._operator_norm(weight, input_size, self.n_iter)
-        if self.check_finite and can_check_values(bound) and not bool(torch.isfinite(bound)):
-            self._raise_not_finite(bound)
+        if self.check_finite and can_check_values(bound) and bool(unusable_bounds(bound, weight)):
+            self._raise_unusable(bound)
         return bound
 
-    def _raise_not_finite(self, bound: torch.Tensor) -> None:
+    def _raise_unusable(self, bound: torch.Tensor) -> None:
+        """The error for a bound that :func:`unusable_bounds` flags."""
+        if bool(bound == 0):
+            raise ValueError(
+                f"{type(self).__name__}: the weight is zero, so the normalized weight W / ||W|| has no direction and "
+                "no derivative (its gradient would be about 1e12 times the incoming one). Initialize the weight with "
+                "nonzero values (e.g. reset_parameters()); a residual branch that starts as the identity is "
+                "GramResidualConv2d with a zero weight. Where no weight gradient is tracked (torch.no_grad, "
+                "requires_grad_(False)) a zero weight is accepted: it is the zero map.")
         if bool(torch.isnan(self.weight).any()):
             state = "contains NaN"
         elif bool(torch.isinf(self.weight).any()):

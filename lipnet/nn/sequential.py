@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lipnet.nn.normalized import TINY, GramNormalized, can_check_values
+from lipnet.nn.normalized import TINY, GramNormalized, can_check_values, unusable_bounds
 
 
 def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size) -> list[torch.Tensor]:
@@ -52,10 +52,10 @@ def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size) -> 
     bounds = layers[0]._operator_norm(weights, input_size, layers[0].n_iter)
     checked = [i for i, layer in enumerate(layers) if layer.check_finite]
     if checked and can_check_values(bounds):
-        finite = torch.isfinite(bounds[checked])
-        if not bool(finite.all()):  # one host synchronization for the whole stack
-            index = checked[int((~finite).nonzero()[0])]
-            layers[index]._raise_not_finite(bounds[index])
+        unusable = unusable_bounds(bounds[checked], weights)
+        if bool(unusable.any()):  # one host synchronization for the whole stack
+            index = checked[int(unusable.nonzero()[0])]
+            layers[index]._raise_unusable(bounds[index])
     scale = bounds.clamp_min(TINY).to(weights.dtype).view(-1, *([1] * (weights.dim() - 1)))
     return list((weights / scale).unbind(0))
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lipnet import GramConv2d
+from lipnet.nn import GramResidualConv2d, GramSequential
 from lipnet.bounds import exact_conv2d_spectral_norm
 from lipnet.nn.normalized import TINY
 
@@ -136,10 +137,10 @@ def test_gradcheck_wrt_input_and_weight():
     )
 
 
-def test_zero_and_tiny_weights_stay_finite():
+def test_tiny_weights_stay_finite_and_zero_weights_are_the_zero_map_without_gradient():
     layer = GramConv2d(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 6, 6)
-    for scale in [0.0, 1e-30, 1e-20]:
+    for scale in [1e-30, 1e-20]:
         with torch.no_grad():
             layer.weight.copy_(torch.randn_like(layer.weight) * scale)
         out = layer(x)
@@ -149,9 +150,37 @@ def test_zero_and_tiny_weights_stay_finite():
     assert layer.lipschitz_bound((6, 6)) <= 1 + 1e-5
     with torch.no_grad():
         layer.weight.zero_()
-    assert layer.weight_norm_bound((6, 6)).item() == 0.0
-    assert layer.normalized_weight((6, 6)).abs().max().item() == 0.0
+    with torch.no_grad():
+        assert layer.weight_norm_bound((6, 6)).item() == 0.0
+        assert layer.normalized_weight((6, 6)).abs().max().item() == 0.0
+        assert layer(x).sub(layer.bias.view(1, -1, 1, 1)).abs().max().item() == 0.0
+    assert layer.eval().requires_grad_(False)(x).sub(layer.bias.view(1, -1, 1, 1)).abs().max().item() == 0.0
     assert TINY > 0
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["alone", "stacked"])
+def test_a_zero_weight_refuses_a_gradient_with_a_clear_error(stacked):
+    """W / ||W|| has no derivative at W = 0 (the clamp would make it 1e12 times the incoming one)."""
+    convs = [GramConv2d(4, 4, 3, padding=1) for _ in range(2)]
+    with torch.no_grad():
+        convs[1].weight.zero_()
+    model = GramSequential(*convs) if stacked else convs[1]
+    with pytest.raises(ValueError, match="the weight is zero.*reset_parameters"):
+        model(torch.randn(2, 4, 6, 6))
+    convs[1].reset_parameters()
+    model(torch.randn(2, 4, 6, 6)).sum().backward()
+    assert torch.isfinite(convs[1].weight.grad).all()
+
+
+def test_a_zero_residual_weight_is_the_identity_and_trains():
+    block = GramResidualConv2d(4, 3, bias=False)
+    with torch.no_grad():
+        block.weight.zero_()
+    x = torch.randn(2, 4, 6, 6)
+    out = block(x)
+    torch.testing.assert_close(out, x, rtol=1e-4, atol=1e-4)  # the bound of I is 1 up to its smoothing
+    out.square().sum().backward()
+    assert torch.isfinite(block.weight.grad).all()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
