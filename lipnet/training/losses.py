@@ -25,6 +25,14 @@ def margin_for(eps: float, lipschitz: float) -> float:
     return math.sqrt(2) * lipschitz * eps
 
 
+def _one_hot(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``onehot(targets)`` in the dtype and shape of ``logits``; unlike ``F.one_hot`` it reads no
+    value on the host, so it runs under ``torch.func.vmap`` (per-example gradients). Targets out
+    of range are left to the cross-entropy or ``gather`` that every loss here also applies."""
+    classes = torch.arange(logits.shape[-1], device=logits.device)
+    return (classes == targets[..., None]).to(logits.dtype)
+
+
 def offset_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, offset: float,
                          temperature: float = 1.0) -> torch.Tensor:
     """Cross-entropy of ``(logits - offset * onehot(targets)) / temperature``, times ``temperature``.
@@ -42,7 +50,7 @@ def offset_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, offset: fl
         >>> bool(offset_cross_entropy(z, y, offset=4.0) > offset_cross_entropy(z, y, offset=0.0))
         True
     """
-    shifted = logits - offset * F.one_hot(targets, logits.shape[-1]).to(logits.dtype)
+    shifted = logits - offset * _one_hot(targets, logits)
     return F.cross_entropy(shifted / temperature, targets) * temperature
 
 
@@ -59,7 +67,7 @@ def multi_margin_hinge(logits: torch.Tensor, targets: torch.Tensor, margin: floa
     """
     true = logits.gather(1, targets[:, None])
     gaps = F.relu(margin - (true - logits))
-    wrong = 1 - F.one_hot(targets, logits.shape[-1]).to(logits.dtype)
+    wrong = 1 - _one_hot(targets, logits)
     return (gaps * wrong).sum(1).div(logits.shape[-1] - 1).mean()
 
 

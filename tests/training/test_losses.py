@@ -107,3 +107,21 @@ def test_the_emma_loss_needs_the_last_weight_and_no_offset():
     z = torch.tensor([[10.0, 0.0]])
     assert torch.allclose(loss(z, torch.tensor([0]), last_weight=w),
                           CertifiedMarginLoss("ce", eps=0.5, lipschitz=4.0)(z, torch.tensor([0])))
+
+
+@pytest.mark.parametrize("kind", CertifiedMarginLoss.KINDS)
+def test_per_example_gradients_under_vmap_equal_one_example_at_a_time(kind):
+    from torch.func import grad, vmap
+
+    torch.manual_seed(0)
+    loss = CertifiedMarginLoss(kind, eps=0.3, lipschitz=1.5)
+    logits, targets, weight = torch.randn(5, 4), torch.tensor([0, 3, 1, 1, 2]), torch.randn(4, 6)
+    extra = {"last_weight": weight} if kind == "emma" else {}
+
+    def one(z, y):
+        return loss(z[None], y[None], **extra)
+    per_example = vmap(grad(one))(logits, targets)
+    for z, y, g in zip(logits, targets, per_example):
+        z = z.clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad(one(z, y), z)
+        torch.testing.assert_close(g, expected)
