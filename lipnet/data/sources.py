@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,21 @@ def load_dataset(name: str, split: str = "test", *, data_dir: str | os.PathLike 
                            "The file is probably truncated or corrupt: delete it and get it again "
                            f"({info.how_to_get}).") from exc
     source = ", ".join(map(str, path)) if isinstance(path, list) else str(path)
-    return ImageDataset(images, labels, info, split, source)
+    dataset = ImageDataset(images, labels, info, split, source)
+    _warn_if_classes_are_missing(dataset)
+    return dataset
+
+
+def _warn_if_classes_are_missing(dataset: ImageDataset) -> None:
+    """Warn when a split large enough to hold every class (10 examples each) lacks some: the
+    files are probably another data set of the same image shape (CIFAR-10 read as CIFAR-100)."""
+    classes = dataset.info.num_classes
+    if len(dataset.labels) < 10 * classes:
+        return
+    present = int(torch.unique(dataset.labels).numel())
+    if present < classes:
+        warnings.warn(f"{dataset.info.name} {dataset.split} from {dataset.source} has {len(dataset.labels)} examples "
+                      f"but only {present} of its {classes} classes: is this the right data set?", stacklevel=3)
 
 
 def search_folders(info: DatasetInfo, root: Path) -> list[Path]:
@@ -114,19 +129,35 @@ def search_folders(info: DatasetInfo, root: Path) -> list[Path]:
 
 
 def _find(info: DatasetInfo, split: str, folders: list[Path]):
-    """``(reader, path)`` of the first format found in the first folder that has one."""
+    """``(reader, path)`` of ``split`` in the first folder that holds the data set (either split),
+    so that the training and test splits of a run never come from two different places; a
+    folder with the other split only is an error."""
     for folder in folders:
-        shards = _npz_files(folder, split)
-        if shards:
-            return _read_npz, shards
-        tv = folder / info.torchvision_folder
-        if info.name in _CIFAR_FILES:
-            if all((tv / f).is_file() for f in _CIFAR_FILES[info.name][split]):
-                return _read_cifar, tv
-        else:
-            for candidate in (tv / "raw", folder):
-                if all(_idx_path(candidate, f) is not None for f in _IDX_FILES[split]):
-                    return _read_idx_pair, candidate
+        found = _find_in(info, split, folder)
+        if found is not None:
+            return found
+        other = next(s for s in SPLITS if s != split)
+        if _find_in(info, other, folder) is not None:
+            raise DatasetNotFoundError(
+                f"{folder.absolute()} holds the {other} split of {info.name} but not its {split} split. The splits "
+                "of a data set are read from one folder (the first that holds either), so that a run never mixes "
+                f"two sources: put the {split} split there too, or point --data-dir at a folder that has both.")
+    return None
+
+
+def _find_in(info: DatasetInfo, split: str, folder: Path):
+    """``(reader, path)`` of the first format of ``split`` found in ``folder``, or ``None``."""
+    shards = _npz_files(folder, split)
+    if shards:
+        return _read_npz, shards
+    tv = folder / info.torchvision_folder
+    if info.name in _CIFAR_FILES:
+        if all((tv / f).is_file() for f in _CIFAR_FILES[info.name][split]):
+            return _read_cifar, tv
+    else:
+        for candidate in (tv / "raw", folder):
+            if all(_idx_path(candidate, f) is not None for f in _IDX_FILES[split]):
+                return _read_idx_pair, candidate
     return None
 
 
@@ -173,7 +204,7 @@ def _read_npz(info: DatasetInfo, split: str, paths: list[Path]):
             raise DatasetError(f"{path}: 'x' must be uint8 pixels, got {x.dtype}")
         if x.ndim == 3:
             x = x[..., None]
-        if x.ndim != 4 or len(x) != len(y):
+        if x.ndim != 4 or y.ndim == 0 or len(x) != len(y):
             raise DatasetError(f"{path}: expected 'x' (N, H, W, C) and 'y' (N,), got {x.shape} and {y.shape}")
         if not np.issubdtype(y.dtype, np.integer):
             raise DatasetError(f"{path}: 'y' must hold integer class labels, got {y.dtype}")

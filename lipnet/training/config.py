@@ -24,7 +24,8 @@ class TrainConfig:
     """Everything a run depends on. A recipe is one of these; ``--key value`` overrides a field.
 
     Data
-        dataset: registry name (``lipnet.data.DATASETS``). data_dir: folder to search first.
+        dataset: registry name (``lipnet.data.DATASETS``). data_dir: folder to search first
+        (both splits come from the first folder that holds either, so a run never mixes sources).
         download: fetch with torchvision when not found. train_subset / test_subset: use only
         the first N examples (development runs). crop_padding / flip: augmentation.
     Model
@@ -33,7 +34,8 @@ class TrainConfig:
         ``1 / min(std)``-Lipschitz in pixels); a number uses that std for every channel.
     Optimization
         epochs, batch_size (global, over all processes), lr (peak), weight_decay,
-        warmup_epochs (linear warm-up, then ``schedule``: "cosine", "linear" or "constant").
+        warmup_epochs (linear warm-up, at most half of the run, then ``schedule``: "cosine",
+        "linear" or "constant", down to 0).
         time_budget: seconds of training (``None``: no limit). After the first epoch the run
         measures its steady speed and lowers ``epochs`` to what fits; the learning-rate
         schedule is re-planned for that count (so it still ends at 0) and the count is kept in
@@ -56,8 +58,8 @@ class TrainConfig:
         forward on CUDA; ignored on CPU, where compiling costs more than it saves), compile_mode
         (torch.compile's ``mode``: "default", "reduce-overhead" for CUDA graphs, which replay the
         many small kernels of the bounds without launch overhead, "max-autotune",
-        "max-autotune-no-cudagraphs"), out_dir,
-        resume, certify (final report), progress (bars).
+        "max-autotune-no-cudagraphs"), out_dir (one run at a time: a second run into it is
+        refused), resume, certify (final report), progress (bars).
     """
 
     dataset: str = "fashion-mnist"
@@ -103,7 +105,7 @@ class TrainConfig:
     #: Fields that may change when a run is resumed (they do not change what is computed).
     OPERATIONAL: typing.ClassVar[frozenset] = frozenset(
         {"data_dir", "download", "threads", "device", "compile", "compile_mode", "out_dir", "resume", "certify", "progress",
-         "eval_batch_size", "eval_eps", "eval_every"})
+         "eval_batch_size", "eval_eps", "eval_every", "test_subset"})
 
     def __post_init__(self):
         choices = {"loss": CertifiedMarginLoss.KINDS, "schedule": ("cosine", "linear", "constant"),
@@ -135,8 +137,12 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or None for all), got {getattr(self, name)}")
         object.__setattr__(self, "eval_eps", tuple(float(e) for e in self.eval_eps))
-        if any(not (math.isfinite(e) and e >= 0) for e in self.eval_eps):
-            raise ValueError(f"eval_eps must be finite radii >= 0, got {list(self.eval_eps)}")
+        if not self.eval_eps or any(not (math.isfinite(e) and e >= 0) for e in self.eval_eps):
+            raise ValueError(f"eval_eps must be one or more finite radii >= 0, got {list(self.eval_eps)}")
+        if not 0 <= self.seed < 2 ** 63:  # the seed of torch's generators
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed}")
+        if not str(self.out_dir).strip():
+            raise ValueError("out_dir must name a folder, got an empty path (use '.' for the current folder)")
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
         for name in ("data_dir", "out_dir"):  # paths are stored as text (checkpoints hold plain values)
             if isinstance(getattr(self, name), os.PathLike):
@@ -163,6 +169,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        """The config of :meth:`to_dict`'s output (e.g. a checkpoint's); settings this version of
+        lipnet does not know are a clear error, not a traceback."""
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"the stored config has setting(s) this version of lipnet does not know: {unknown} "
+                             "(written by another version?)")
         return cls(**values)
 
     def changed_fields(self, other: "TrainConfig") -> list[str]:

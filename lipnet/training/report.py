@@ -39,7 +39,9 @@ def certification_report(model: nn.Module, data, eps, out_dir: str | Path, *, hi
     result = certified_accuracy(model, data, eps, device=device, batch_size=batch_size, progress=progress)
     report = {**result.to_dict(), "radius_histogram": radius_histogram(result, bins),
               "certify_seconds": time.perf_counter() - start, **(extra or {})}
-    (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    tmp = out_dir / f".{REPORT}.tmp"  # written whole, then renamed: never a truncated report
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out_dir / REPORT)
     plot_certified_accuracy(result, [], out_dir / "certified_accuracy.png", title="certified accuracy (test)")
     plot_radius_histogram(report["radius_histogram"], out_dir / "radius_histogram.png")
     if history:

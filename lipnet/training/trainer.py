@@ -7,7 +7,9 @@ One call, :func:`train`, runs a :class:`~lipnet.training.TrainConfig` end to end
   RNG states, epoch and metric history; ``--resume`` continues from it exactly;
 * ``metrics.jsonl``: one JSON object per epoch (training-time float32 estimates);
 * ``model.pt`` at the end (for :func:`lipnet.checkpoint.load_model` and ``python -m lipnet.certify``);
-* the certification report (:func:`lipnet.training.report.certification_report`).
+* the certification report (:func:`lipnet.training.report.certification_report`);
+* ``.lock`` while the run goes on (:mod:`lipnet.training.lock`): a second run into the same
+  folder is refused instead of overwriting it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from lipnet.nn import InputNormalization
 from lipnet.nn.normalized import GramNormalized
 from lipnet.training.config import CUDA_GRAPH_MODES, TrainConfig
 from lipnet.training.distributed import Distributed, init_distributed, shutdown_distributed
+from lipnet.training.lock import FolderLock
 from lipnet.training.losses import CertifiedMarginLoss
 from lipnet.training.report import REPORT, certification_report
 from lipnet.training.schedule import make_scheduler, plan_epochs
@@ -136,6 +139,9 @@ class _Run:
         self.steps = len(self.loader)
         self.epochs = config.epochs  # lowered after the first epoch when a time budget asks for it
         self.scheduler = self._make_scheduler()
+        if config.warmup_epochs > config.epochs / 2:
+            self.log(f"warm-up of {config.warmup_epochs:g} epochs shortened to half of the {config.epochs} epochs, "
+                     "so that the learning rate decays")
         self._steady_step_seconds = None
         self.amp_dtype = torch.bfloat16 if config.amp == "bf16" or (
             config.amp == "auto" and env.device.type == "cuda") else None
@@ -160,10 +166,24 @@ class _Run:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, on_epoch_end) -> RunResult:
+        if not self.env.is_main:
+            return self._run(on_epoch_end)
+        with FolderLock(self.out_dir) as lock:
+            if lock.taken_over:
+                self.log(f"took over the lock of {self.out_dir}, left by a run that is gone ({lock.taken_over})")
+            return self._run(on_epoch_end)
+
+    def _run(self, on_epoch_end) -> RunResult:
         config, env = self.config, self.env
         start_epoch, history = self._restore()
         if env.is_main:
-            for path in remove_stale_temporaries(self.out_dir):
+            stale = remove_stale_temporaries(self.out_dir)
+            for name in (METRICS, REPORT):  # written whole under a temporary name, then renamed
+                tmp = self.out_dir / f".{name}.tmp"
+                if tmp.is_file():
+                    tmp.unlink()
+                    stale.append(tmp)
+            for path in stale:
                 self.log(f"removed {path.name}, left by a save that was killed mid-write")
         if start_epoch:
             self.log(f"resumed {self.out_dir / CHECKPOINT} after epoch {start_epoch}")
@@ -177,7 +197,7 @@ class _Run:
         if config.compile and env.device.type == "cuda":
             forward = torch.compile(forward, mode=config.compile_mode)
             self._cuda_graphs = config.compile_mode in CUDA_GRAPH_MODES
-        self.log(f"{config.dataset} from {self.train_data.source}")
+        self.log(f"{config.dataset}: train from {self.train_data.source}; test from {self.test_data.source}")
         self.log(f"{config.dataset}: {len(self.train_data)} train / {len(self.test_data)} test images, model "
                  f"{config.model}, {sum(p.numel() for p in self.model.parameters()):,} parameters, {env.world_size} "
                  f"process(es) on {env.device}, margin {self.margin:.4g} (train eps {config.train_eps:g})")
@@ -189,6 +209,11 @@ class _Run:
             train_seconds += record["train_seconds"]
             if epoch == 0 and config.time_budget is not None:
                 self._plan(record)
+                record["lr"] = self.scheduler.get_last_lr()[0]  # the rate the re-planned schedule goes on with
+                if record["test_acc"] is None and epoch + 1 >= self.epochs:  # the plan made it the last epoch
+                    start = time.perf_counter()
+                    record["test_acc"], record["test_margin_acc"] = self._test_metrics()
+                    record["eval_seconds"] += time.perf_counter() - start
             if env.is_main:
                 self._save(epoch + 1, history)
             self.log(_summary(record, self.epochs))
@@ -203,7 +228,8 @@ class _Run:
             if config.certify:
                 # The test set already on the device, so the uint8 -> float conversion happens there.
                 report = certification_report(self.model, self.test_loader.data, config.eval_eps, self.out_dir,
-                                              history=history, extra={"train_seconds": train_seconds},
+                                              history=history,
+                                              extra={"train_seconds": train_seconds, "data": self._data_info()},
                                               device=env.device, batch_size=config.eval_batch_size,
                                               progress=config.progress)
                 self.log(report.pop("table"))
@@ -257,8 +283,7 @@ class _Run:
         self._check_finite(epoch, loss_sum)
         start = time.perf_counter()
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 >= self.epochs:
-            test_correct, test_margin_ok, test_count = self._evaluate()
-            test_acc, test_margin_acc = test_correct / test_count, test_margin_ok / test_count
+            test_acc, test_margin_acc = self._test_metrics()
         else:
             test_acc = test_margin_acc = None
         return {
@@ -274,6 +299,11 @@ class _Run:
             "eval_seconds": time.perf_counter() - start,
             "images_per_second": count / train_seconds,
         }
+
+    def _test_metrics(self) -> tuple[float, float]:
+        """Clean and margin accuracy on the test set (float32 estimates, not certificates)."""
+        correct, margin_ok, count = self._evaluate()
+        return correct / count, margin_ok / count
 
     @torch.no_grad()
     def _evaluate(self) -> list[float]:
@@ -300,9 +330,9 @@ class _Run:
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
         config = self.config
         total, warmup = self.epochs * self.steps, round(config.warmup_epochs * self.steps)
-        if self.epochs != config.epochs:  # re-planned for a time budget: leave at least half of it to decay
-            warmup = min(warmup, total // 2)
-        return make_scheduler(self.optimizer, total, warmup, config.schedule)
+        # At most half of the run warms up, so that the rate always decays (a short run of a long
+        # recipe, or one re-planned for a time budget).
+        return make_scheduler(self.optimizer, total, min(warmup, total // 2), config.schedule)
 
     def _plan(self, first: dict) -> None:
         """Fit the run into ``config.time_budget`` after its first epoch (same plan on every process)."""
@@ -343,7 +373,13 @@ class _Run:
         # were trained for, which `python -m lipnet.certify` then computes on any device.
         screened = not refines_exceeding(self.env.device)
         return {"dataset": self.train_data.info.to_dict(), "config": self.config.to_dict(), "epoch": epochs_done,
-                "metrics": history[-1] if history else {}, "bounds_screened_alone": screened}
+                "metrics": history[-1] if history else {}, "bounds_screened_alone": screened,
+                "data": self._data_info()}
+
+    def _data_info(self) -> dict:
+        """Where each split was read and how many examples it has (stored in checkpoints and the report)."""
+        return {split: {"source": data.source, "examples": len(data)}
+                for split, data in (("train", self.train_data), ("test", self.test_data))}
 
     def _save(self, epochs_done: int, history: list[dict]) -> None:
         payload = model_payload(self.model, **self._info(epochs_done, history))
@@ -385,6 +421,7 @@ class _Run:
             diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
             raise ValueError(f"--resume with different settings ({diff}); resume with the settings of the run, or "
                              "start a new run in another --out-dir")
+        self._check_same_training_data(payload["info"].get("data"))
         if training["world_size"] != self.env.world_size:
             self.log(f"warning: the run used {training['world_size']} process(es), now {self.env.world_size}: it "
                      "continues, but the data order differs from an uninterrupted run")
@@ -396,6 +433,21 @@ class _Run:
         if "cuda" in training["rng"] and self.env.device.type == "cuda":
             torch.cuda.set_rng_state(training["rng"]["cuda"].cpu(), self.env.device)
         return training["epochs_done"], list(training["history"])
+
+
+    def _check_same_training_data(self, saved: dict | None) -> None:
+        """Refuse to resume on a training set of another size (another data order and schedule);
+        warn when it comes from another place. Checkpoints from before this record pass."""
+        if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
+            return
+        before, now = saved["train"], self._data_info()["train"]
+        if before.get("examples") != now["examples"]:
+            raise ValueError(f"--resume on another training set: the run trained on {before.get('examples')} images "
+                             f"({before.get('source')}), now {now['examples']} ({now['source']}); resume with the "
+                             "same data, or start a new run in another --out-dir")
+        if before.get("source") != now["source"]:
+            self.log(f"warning: the training set was read from {before.get('source')}, now from {now['source']} "
+                     "(same size)")
 
 
 def _summary(record: dict, epochs: int) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lipnet.data import DatasetError, DatasetNotFoundError, load_dataset, read_idx
+from lipnet.data import DatasetError, DatasetNotFoundError, load_dataset, read_idx, synthetic_dataset, write_npz
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -168,4 +168,32 @@ def test_ambiguous_npz_layouts_and_float_labels_are_errors(tmp_path):
     (tmp_path / "test.npz").unlink()
     np.savez(tmp_path / "test-0-of-1.npz", x=x, y=np.array([0, 1]))
     with pytest.raises(DatasetError, match="1 <= K <= M"):
+        load_dataset("mnist", "test", data_dir=tmp_path)
+
+
+def test_the_two_splits_come_from_one_folder(tmp_path):
+    write_npz(synthetic_dataset("mnist", 64, split="train"), tmp_path / "mnist" / "train.npz")
+    write_npz(synthetic_dataset("mnist", 16, split="test"), tmp_path / "test.npz")  # another place
+    assert len(load_dataset("mnist", "train", data_dir=tmp_path)) == 64
+    with pytest.raises(DatasetNotFoundError, match="holds the train split of mnist but not its test split"):
+        load_dataset("mnist", "test", data_dir=tmp_path)
+
+
+def test_a_split_missing_most_classes_is_warned_about(tmp_path):
+    data = synthetic_dataset("cifar10", 1000, split="train")  # enough to hold 10 of each of 100 classes
+    write_npz(data, tmp_path / "train.npz")
+    with pytest.warns(UserWarning, match="only 10 of its 100 classes"):
+        load_dataset("cifar100", "train", data_dir=tmp_path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset("cifar10", "train", data_dir=tmp_path)
+
+
+def test_scalar_labels_are_a_shape_error(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "test.npz", x=np.zeros((4, 28, 28), np.uint8), y=np.array(3))
+    with pytest.raises(DatasetError, match=r"expected 'x' \(N, H, W, C\) and 'y' \(N,\)"):
         load_dataset("mnist", "test", data_dir=tmp_path)

@@ -34,6 +34,9 @@ def test_changed_fields_ignore_operational_settings():
                                       compile_mode="reduce-overhead")) == []
     assert a.changed_fields(a.replace(lr=0.5, epochs=2)) == ["epochs", "lr"]
     assert TrainConfig.from_dict(a.to_dict()) == a
+    assert a.changed_fields(a.replace(test_subset=32)) == []  # evaluation only
+    with pytest.raises(ValueError, match=r"does not know: \['new_field'\].*another version"):
+        TrainConfig.from_dict({**a.to_dict(), "new_field": 1})
 
 
 def test_lr_schedule_shapes():
@@ -55,7 +58,9 @@ def test_settings_are_validated_before_any_training():
                          ({"model_kwargs": {"width": np.int64(8)}}, "plain Python"),
                          ({"threads": 0}, "threads must be >= 1"), ({"crop_padding": -1}, "crop_padding"),
                          ({"warmup_epochs": -1}, "warmup_epochs"), ({"lr": 1e300}, "lr must be at most"),
-                         ({"loss": "emma", "offset": 1.0}, "no offset")]:
+                         ({"loss": "emma", "offset": 1.0}, "no offset"), ({"eval_eps": ()}, "one or more"),
+                         ({"seed": 2 ** 63}, "seed must be"), ({"seed": -1}, "seed must be"),
+                         ({"out_dir": ""}, "empty path")]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(**bad)
     config = TrainConfig(data_dir=Path("/data"), out_dir=Path("runs/x"))

@@ -225,3 +225,52 @@ def test_an_out_dir_that_is_a_file_is_refused_before_loading_data(tmp_path):
     (tmp_path / "taken").write_text("not a folder")
     with pytest.raises(FileExistsError, match="is a file"):
         train(tiny(tmp_path / "no-data-here", tmp_path / "taken"), log=quiet)
+
+
+def test_a_short_run_of_a_long_warmup_still_decays(data_dir, tmp_path):
+    messages = []
+    result = train(tiny(data_dir, tmp_path / "run", certify=False, epochs=2, warmup_epochs=8), log=messages.append)
+    assert result.history[-1]["lr"] == pytest.approx(0, abs=1e-12)
+    assert any("shortened to half of the 2 epochs" in m for m in messages)
+
+
+def test_a_budget_that_leaves_one_epoch_records_its_estimate_and_rate(data_dir, tmp_path):
+    result = train(tiny(data_dir, tmp_path / "run", certify=False, epochs=4, eval_every=3, time_budget=1e-6),
+                   log=quiet)
+    (record,) = result.history
+    assert record["test_acc"] is not None and record["test_margin_acc"] is not None
+    assert record["lr"] == pytest.approx(0, abs=1e-12)  # the re-planned schedule ended with the epoch
+
+
+def test_resume_refuses_another_training_set_and_the_report_names_both_sources(data_dir, tmp_path):
+    train(tiny(data_dir, tmp_path / "run", epochs=1), log=quiet)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["data"]["train"] == {"source": str(data_dir / "train.npz"), "examples": 192}
+    assert report["data"]["test"] == {"source": str(data_dir / "test.npz"), "examples": 40}
+    other = tmp_path / "other"
+    write_npz(synthetic_dataset("mnist", 256, split="train", seed=3), other / "train.npz")
+    write_npz(synthetic_dataset("mnist", 40, split="test", seed=1), other / "test.npz")
+    with pytest.raises(ValueError, match="another training set: the run trained on 192 images"):
+        train(tiny(other, tmp_path / "run", epochs=1, resume=True), log=quiet)
+
+
+def test_two_runs_never_share_an_out_dir_and_a_killed_runs_lock_is_taken_over(data_dir, tmp_path):
+    from lipnet.training.lock import FolderLock
+
+    with FolderLock(tmp_path / "run"):  # another live run (this process) holds the folder
+        with pytest.raises(FileExistsError, match="in use by another run"):
+            train(tiny(data_dir, tmp_path / "run", epochs=1, certify=False), log=quiet)
+    assert not (tmp_path / "run" / ".lock").exists()
+    (tmp_path / "run" / ".lock").write_text("no-such-host-here 123")  # alive as far as we can tell
+    with pytest.raises(FileExistsError, match="no-such-host-here 123"):
+        train(tiny(data_dir, tmp_path / "run", epochs=1, certify=False), log=quiet)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (tmp_path / "run" / ".lock").write_text(f"{socket.gethostname()} {dead.stdout.strip()}")
+    (tmp_path / "run" / ".metrics.jsonl.tmp").write_text("half a line")
+    messages = []
+    train(tiny(data_dir, tmp_path / "run", epochs=1, certify=False), log=messages.append)
+    assert any("took over the lock" in m for m in messages)
+    assert any("removed .metrics.jsonl.tmp" in m for m in messages)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model.pt"]
