@@ -21,8 +21,8 @@ DEFAULT = "fashion-mnist"
 
 
 def describe(name: str) -> str:
-    """The one-line description of a recipe (its module's docstring)."""
-    return _MODULES[name].__doc__.strip().splitlines()[0]
+    """The description of a recipe: the first paragraph of its module's docstring, on one line."""
+    return " ".join(_MODULES[name].__doc__.strip().split("\n\n")[0].split())
 
 
 def get_recipe(name: str) -> TrainConfig:

@@ -2,14 +2,17 @@
 
     python -m recipes.train [RECIPE] [--key value ...]
 
-RECIPE is one of fashion-mnist (default), mnist, cifar10, cifar10-long, cifar100. Any field
-of lipnet.training.TrainConfig can be overridden, e.g. ``--epochs 2 --lr 1e-3
---eval-eps 36/255,72/255 --model-kwargs '{"width": 128}' --resume``. For several GPUs:
-``torchrun --nproc_per_node=N -m recipes.train cifar10``.
+RECIPE is one of fashion-mnist (default), mnist, cifar10, cifar10-long, cifar100. Any
+setting below can be overridden, e.g. ``cifar10 --epochs 2 --lr 1e-3 --eval-eps
+36/255,72/255 --model-kwargs '{"width": 128}'``, and ``--resume`` continues a run. For
+several GPUs: ``torchrun --nproc_per_node=N -m recipes.train cifar10``. ``RECIPE --help``
+lists that recipe's settings.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import sys
 from pathlib import Path
 
@@ -26,10 +29,36 @@ def parse(argv: list[str]):
     return name, get_recipe(name).with_overrides(overrides)
 
 
+def usage(name: str) -> str:
+    """The ``--help`` text: this module's doc, the recipes, and every setting of recipe ``name``
+    with its value there and what the settings mean (``TrainConfig``'s own documentation)."""
+    config = get_recipe(name)
+    recipes = "\n".join(f"  {recipe:<14} {describe(recipe)}" for recipe in RECIPES)
+    settings = "\n".join(f"  --{key.replace('_', '-'):<18} {_shown(value)}" for key, value in config.to_dict().items())
+    meaning = inspect.cleandoc(type(config).__doc__)
+    return (f"{__doc__.strip()}\n\nRecipes:\n{recipes}\n\nSettings of {name} (--key value overrides one):\n{settings}"
+            f"\n\nWhat they mean (lipnet.training.TrainConfig):\n{meaning}")
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if value is not None else "none"
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(__doc__.strip() + "\n\nRecipes:\n" + "\n".join(f"  {name:<14} {describe(name)}" for name in RECIPES))
+        name = argv[0] if argv and not argv[0].startswith("-") else DEFAULT
+        try:
+            print(usage(name))
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         return 0
     try:
         name, config = parse(argv)

@@ -77,12 +77,24 @@ def test_api_reference_lists_every_public_name(module_name):
     assert not missing, f"api.md does not document {module_name}.{', '.join(missing)}"
 
 
+SIGNATURE = re.compile(r"`(\w+)\(([^`]*)\)`")
+SEPARATOR = re.compile(r",? and |, ")
+
+
 def documented_signatures():
-    """``(module, name, parameters text)`` for each bullet that starts with ``- `name(...)` ``."""
+    """``(module, name, parameters text)`` for each ``name(...)`` of the list that starts a bullet:
+    ``- `f(a, b=1)`, `g(c)` and `h()`: ...`` gives ``f``, ``g`` and ``h``."""
     for module_name, section in api_sections().items():
-        for match in re.finditer(r"^- `(\w+)\((.*?)\)`", section, flags=re.M):
-            if match.group(2) != "...":
-                yield module_name, match.group(1), match.group(2)
+        for line in re.findall(r"^- (`.*)$", section, flags=re.M):
+            pos = 0
+            while match := SIGNATURE.match(line, pos):
+                if match.group(2) != "...":
+                    yield module_name, match.group(1), match.group(2)
+                pos = match.end()
+                separator = SEPARATOR.match(line, pos)
+                if separator is None:
+                    break
+                pos = separator.end()
 
 
 @pytest.mark.parametrize("module_name, name, params", list(documented_signatures()),

@@ -124,7 +124,9 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
     Raises:
         UnknownModuleError: a module has no known bound (the message names it and says how
             to register one).
-        LipschitzBoundError: a bound function returned a negative, NaN or non-number value.
+        LipschitzBoundError: a bound function returned a negative, NaN or non-number value; a
+            module has forward hooks (they may change its output); or a subclass overrides
+            ``forward`` (or a helper its bound relies on) but inherits the bound.
 
     Example:
         >>> from lipnet.nn import GramConv2d, GramLinear, MaxMin

@@ -1,6 +1,7 @@
 """Recipes: every one constructs; the default trains end to end on tiny synthetic data."""
 
 import json
+import re
 
 import pytest
 
@@ -61,7 +62,12 @@ def test_missing_data_and_bad_settings_exit_with_a_message(tmp_path, capsys, mon
     assert main(["--epochs", "many"]) == 2
     assert "cannot parse 'many'" in capsys.readouterr().err
     assert main(["cifar10", "--help"]) == 0
-    assert "cifar10-long" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cifar10-long" in out and "CUDA graphs)." in out  # each description whole, not its first line
+    for key in RECIPES["cifar10"].to_dict():  # every setting, with the recipe's value
+        assert f"--{key.replace('_', '-')}" in out
+    assert re.search(r"--model\s+liresnet-s\n", out) and re.search(r"--epochs\s+300\n", out)
+    assert main(["nope", "--help"]) == 2
 
 
 def test_recipes_hold_plain_settings():
