@@ -166,3 +166,25 @@ def test_a_subclass_with_its_own_bound_is_not_stacked():
 def test_state_dict_keys_are_those_of_nn_sequential():
     stacked, _ = pair()
     assert list(stacked.state_dict()) == list(nn.Sequential(*trunk()).state_dict())
+
+
+def test_stacked_bounds_under_torch_func_ensembles_and_per_example_gradients():
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    nets = [GramSequential(*[GramConv2d(3, 3, 3, padding=1, dtype=torch.float64) for _ in range(3)],
+                           stack_bounds=True) for _ in range(2)]
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    params, buffers = stack_module_state(nets)
+    outputs = vmap(lambda p, b, x: functional_call(nets[0], (p, b), (x,)), in_dims=(0, 0, None))(params, buffers, x)
+    torch.testing.assert_close(outputs, torch.stack([net(x) for net in nets]))
+
+    def loss(p, xi):
+        return functional_call(nets[0], p, (xi[None],)).sin().sum()
+    own = {name: p.detach() for name, p in nets[0].named_parameters()}
+    per_example = vmap(grad(loss), in_dims=(None, 0))(own, x)
+    for i in range(len(x)):
+        nets[0].zero_grad()
+        nets[0](x[i:i + 1]).sin().sum().backward()
+        for name, p in nets[0].named_parameters():
+            torch.testing.assert_close(per_example[name][i], p.grad, msg=name)
