@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import collections
 import os
-import zipfile
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lipnet.export.runtime import atomic_save
+from lipnet.export.runtime import atomic_save, damaged_record
 from lipnet.models import build_model, model_spec, unwrap
 
 FORMAT = "lipnet-checkpoint"
@@ -69,12 +69,14 @@ def _check_plain(value, where: str) -> None:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that saves killed mid-write left in ``folder`` (``.NAME.*.tmp``).
+    """Delete the temporary files that saves killed mid-write left in ``folder`` (``.NAME.*.tmp``,
+    as :func:`~lipnet.export.runtime.atomic_write` names them; a lock's are left alone).
 
     Call it only when no other process is saving into ``folder``. Returns what was removed.
     """
     folder = Path(folder)
-    stale = [p for p in folder.glob(".*.pt.*.tmp") if p.is_file()] if folder.is_dir() else []
+    ours = re.compile(r"\.(?!lock\.).+\..+\.tmp")
+    stale = sorted(p for p in folder.glob(".*.tmp") if ours.fullmatch(p.name) and p.is_file()) if folder.is_dir() else []
     for path in stale:
         path.unlink()
     return stale
@@ -112,18 +114,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
 
 
 def _check_integrity(path: Path) -> None:
-    """Compare every record of a checkpoint (a zip archive, as ``torch.save`` writes) with the CRC-32
-    stored beside it: ``torch.load`` does not, and would read damaged tensor bytes as weights."""
-    if not zipfile.is_zipfile(path):
-        return  # not an archive: torch.load says what it is
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: its archive is damaged ({type(exc).__name__}: {exc})") from exc
+    """Refuse a checkpoint whose zip records do not match their CRC-32 (:func:`damaged_record`)."""
+    damaged = damaged_record(path)
     if damaged is not None:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its record {damaged!r} does not match its checksum (the "
-                              "file changed after it was written); restore it from a copy or retrain")
+        raise CheckpointError(f"checkpoint {path} is corrupt: {damaged}; restore it from a copy or retrain")
 
 
 def _unreadable(path: Path, exc: Exception) -> str:

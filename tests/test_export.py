@@ -182,6 +182,9 @@ def test_certified_radius_matches_lipnet_certify():
     expected = certified_radius(logits, logits.argmax(1), exported.lipschitz_bound)
     assert torch.equal(exported.certified_radius(logits), expected)
     assert exported.certified_radius(torch.tensor([[1.0, 1.0, 0.0]])).item() == 0.0  # a tie
+    integers = torch.tensor([[5, 1, 0], [2, 2, 1]])
+    assert torch.equal(exported.certified_radius(integers),
+                       certified_radius(integers, integers.argmax(1), exported.lipschitz_bound))
 
 
 def test_float64_models_export_in_float64():
@@ -238,6 +241,80 @@ def test_archives_are_checked_and_never_executed():
             runtime.build({**archive, "lipschitz_bound": bound})
     with pytest.raises(ValueError, match="lacks state_dict"):
         runtime.build({k: v for k, v in archive.items() if k != "state_dict"})
+
+
+def _renamed(value, old, new):
+    """The encoded graph with the node name ``old`` replaced everywhere by ``new``."""
+    if isinstance(value, dict):
+        return {k: (new if v == old and k in ("name", "$node") else _renamed(v, old, new)) for k, v in value.items()}
+    return [_renamed(v, old, new) for v in value] if isinstance(value, list) else value
+
+
+def test_archive_strings_never_reach_generated_code(tmp_path):
+    """Names, paths, keywords and overload names from a file are checked or replaced, never pasted
+    into the Python source torch.fx generates (each of these ran code once)."""
+    archive = export(plain_net(), SHAPE).archive()
+    marker = tmp_path / "ran"
+    payload = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    placeholder = archive["nodes"][0]["name"]
+    evil_name = _renamed(archive["nodes"], placeholder, f"x={payload}")
+    model = runtime.build({**archive, "nodes": evil_name})  # the archive's names only key the graph
+    torch.testing.assert_close(model(torch.randn(2, *SHAPE)).shape, torch.Size([2, 10]))
+    calls = [i for i, n in enumerate(archive["nodes"]) if n["op"] == "call_function"]
+    attacks = []
+    node = dict(archive["nodes"][calls[0]], kwargs={f"end_dim={payload} or -1, start_dim": 1})
+    attacks.append(("keyword", [*archive["nodes"][:calls[0]], node, *archive["nodes"][calls[0] + 1:]], archive["modules"]))
+    for overload in ("__init__", "__getattr__", "overloads"):
+        target = archive["nodes"][calls[0]]["target"].rsplit(".", 1)[0] + "." + overload
+        node = dict(archive["nodes"][calls[0]], target=target)
+        attacks.append((overload, [*archive["nodes"][:calls[0]], node, *archive["nodes"][calls[0] + 1:]],
+                        archive["modules"]))
+    name = next(iter(archive["modules"]))
+    evil_path = f'{name}"+{payload}+"'
+    modules = {(evil_path if k == name else k): v for k, v in archive["modules"].items()}
+    nodes = [dict(n, target=evil_path) if n["op"] == "call_module" and n["target"] == name else n
+             for n in archive["nodes"]]
+    attacks.append(("module path", nodes, modules))
+    for what, nodes, modules in attacks:
+        with pytest.raises(ValueError):
+            runtime.build({**archive, "nodes": nodes, "modules": modules})(torch.randn(1, *SHAPE))
+        assert not marker.exists(), what
+
+
+def test_damaged_and_malformed_archives_are_value_errors(tmp_path):
+    exported = export(plain_net(), SHAPE)
+    path = tmp_path / "model.pt"
+    exported.save(path)
+    data = bytearray(path.read_bytes())
+    record = data.find(b"data/0")  # the first tensor's record: flip a bit of its bytes
+    assert record > 0
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(data[:record + 200]) + bytes([data[record + 200] ^ 0x10]) + bytes(data[record + 201:]))
+    with pytest.raises(ValueError, match="damaged"):
+        load(damaged)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(bytes(data[:len(data) // 2]))
+    for bad in ("empty.pt", "cut.pt"):
+        with pytest.raises(ValueError):
+            load(tmp_path / bad)
+    archive = exported.archive()
+    nodes = archive["nodes"]
+    for change in ({"modules": list(archive["modules"].values())},
+                   {"modules": {k: {"type": v["type"]} for k, v in archive["modules"].items()}},
+                   {"nodes": [{k: v for k, v in n.items() if k != "op"} for n in nodes]},
+                   {"nodes": nodes[:-1]}, {"nodes": nodes + nodes[-1:]}, {"nodes": [nodes[0], nodes[0], *nodes[1:]]},
+                   {"input_shape": 4}, {"input_shape": (0,)}, {"metadata": [1]},
+                   {"state_dict": {**archive["state_dict"], "extra": torch.zeros(1)}},
+                   {"state_dict": {k: v[:1] for k, v in archive["state_dict"].items()}}):
+        with pytest.raises(ValueError):
+            runtime.build({**archive, **change})
+
+
+def test_atomic_save_never_touches_the_umask(tmp_path, monkeypatch):
+    monkeypatch.setattr("os.umask", lambda *args: pytest.fail("os.umask called"))
+    runtime.atomic_save({"a": torch.zeros(2)}, tmp_path / "x.pt")
+    assert torch.load(tmp_path / "x.pt", weights_only=True)["a"].shape == (2,)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
 
 
 def test_save_then_load(tmp_path):
@@ -303,4 +380,4 @@ def test_runtime_file_imports_only_torch_and_the_standard_library():
     source = Path(runtime.__file__).read_text()
     imports = {line.split()[1].split(".")[0] for line in source.splitlines()
                if line.startswith(("import ", "from "))}
-    assert imports <= {"__future__", "math", "operator", "os", "tempfile", "torch"}
+    assert "torch" in imports and imports - {"torch"} <= set(sys.stdlib_module_names)

@@ -29,6 +29,7 @@ from lipnet.bounds import refine_exceeding
 from lipnet.bounds.gram import refines_exceeding
 from lipnet.certify.accuracy import DEFAULT_EPS, CertificationResult, certified_accuracy
 from lipnet.certify.audit import VERSIONS, AuditResult, audit
+from lipnet.export.runtime import atomic_write
 
 
 def parse_eps(text: str) -> list[float]:
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="model checkpoint written by lipnet.checkpoint")
     parser.add_argument("--data", required=True, help="data set name (fashion-mnist, mnist, cifar10, cifar100)")
     parser.add_argument("--data-dir", default=None, help="folder searched first for the data set")
+    parser.add_argument("--download", action="store_true",
+                        help="download the data set with torchvision into --data-dir when it is not found")
     parser.add_argument("--split", default="test", choices=("train", "test"))
     parser.add_argument("--eps", type=parse_eps, default=list(DEFAULT_EPS),
                         help="L2 radii, comma-separated; fractions allowed (default 36/255,72/255,108/255)")
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--out {args.out} exists and is not a folder")
     try:
         model, info = load_model(args.checkpoint, map_location=device)
-        data = load_dataset(args.data, args.split, data_dir=args.data_dir)
+        data = load_dataset(args.data, args.split, data_dir=args.data_dir, download=args.download)
     except (CheckpointError, DatasetError, DatasetNotFoundError, ValueError) as error:
         return _fail(str(error))
     screened = args.screening_alone or info.get("bounds_screened_alone") is True
@@ -143,10 +146,14 @@ def _certify(args, model, info, data, device, screened: bool) -> int:
                "device": str(device), "screening_alone": screened, "seconds": seconds, **result.to_dict(),
                "autoattack": [a.to_dict() for a in audits]}
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "certify.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot_certified_accuracy(result, audits, args.out / "certified_accuracy.png",
-                                title=f"{Path(args.checkpoint).name} on {data.info.name} ({args.split})")
+        text = json.dumps(summary, indent=2) + "\n"
+        try:  # each file appears whole or not at all; the summary last, once the plot is there
+            args.out.mkdir(parents=True, exist_ok=True)
+            plot_certified_accuracy(result, audits, args.out / "certified_accuracy.png",
+                                    title=f"{Path(args.checkpoint).name} on {data.info.name} ({args.split})")
+            atomic_write(args.out / "certify.json", lambda out: out.write(text.encode()))
+        except OSError as error:
+            return _fail(f"cannot write the results to --out {args.out}: {error}")
         print(f"wrote {args.out / 'certify.json'} and {args.out / 'certified_accuracy.png'}")
     failures = sum(a.n_failures for a in audits)
     if failures:
@@ -211,7 +218,7 @@ def plot_certified_accuracy(result: CertificationResult, audits: list[AuditResul
     if title:
         ax.set_title(title)
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, lambda out: figure.savefig(out, format="png"))
 
 
 def _eps_label(eps: float) -> str:

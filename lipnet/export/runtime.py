@@ -29,21 +29,29 @@ numbers, booleans, ``None``, lists, tuples, dicts and tensors only):
 * ``metadata``: strings (versions, the certificate formula).
 
 Nothing in an archive is executed when it is loaded: operators are looked up by name in
-the allowlist :data:`FUNCTIONS`, and layers are instantiated from ``torch.nn`` by name.
+the allowlist :data:`ATEN_OPS` (and must be real overloads of them), layers are
+instantiated from ``torch.nn`` by name with the arguments of their constructors, and the
+graph is rebuilt with names of the runtime's own (the archive's node names, module paths
+and keyword names are checked as plain identifiers, never pasted into generated code). A
+file whose bytes changed after it was written (its zip records no longer match their
+CRC-32) is refused. A file edited on purpose, with matching checksums, can claim any bound:
+the certificate is as trustworthy as the file's origin.
 """
 
 from __future__ import annotations
 
+import keyword
 import math
 import operator
 import os
-import tempfile
+import secrets
+import zipfile
 
 import torch
 from torch import nn
 
 __all__ = ["ATEN_OPS", "CERTIFICATE", "FORMAT", "FORMAT_VERSION", "LOGIT_ROUNDING_ULPS", "MODULES", "ExportedModel",
-           "atomic_save", "build", "decode", "encode", "function_name", "load", "resolve_function"]
+           "atomic_save", "atomic_write", "build", "damaged_record", "decode", "encode", "function_name", "load", "resolve_function"]
 
 FORMAT = "lipnet-export"
 FORMAT_VERSION = 1
@@ -101,9 +109,13 @@ def resolve_function(name: str):
     if namespace != "aten" or packet not in ATEN_OPS:
         raise ValueError(f"operator {name!r} is not in the runtime's allowlist")
     try:
-        return getattr(getattr(torch.ops.aten, packet), overload)
+        operators = getattr(torch.ops.aten, packet)
     except AttributeError:
         raise ValueError(f"operator {name!r} does not exist in torch {torch.__version__}") from None
+    if overload not in operators.overloads():  # not any attribute: '__init__' would run code
+        raise ValueError(f"operator {name!r}: {overload!r} is not an overload of aten.{packet} in torch "
+                         f"{torch.__version__}")
+    return getattr(operators, overload)
 
 
 class ExportedModel(nn.Module):
@@ -169,7 +181,8 @@ class ExportedModel(nn.Module):
         if not bool(torch.isfinite(logits).all()):
             raise ValueError("logits contain NaN or inf: no radius can be certified")
         f = logits.detach().double()
-        delta = LOGIT_ROUNDING_ULPS * torch.finfo(logits.dtype).eps * f.abs().amax(dim=1).clamp_min(1.0)
+        eps = torch.finfo(logits.dtype).eps if logits.is_floating_point() else 0.0  # integers: exact
+        delta = LOGIT_ROUNDING_ULPS * eps * f.abs().amax(dim=1).clamp_min(1.0)
         top = f.topk(2, dim=1).values
         margin = top[:, 0] - top[:, 1] - 2 * delta
         denominator = math.nextafter(math.sqrt(2) * self.lipschitz_bound, math.inf)
@@ -206,22 +219,28 @@ class ExportedModel(nn.Module):
 
 
 def atomic_save(obj, path) -> None:
-    """``torch.save(obj)`` to ``path`` so that a crash leaves the old file or the new one, never a part.
+    """``torch.save(obj)`` to ``path`` so that a crash leaves the old file or the new one, never a
+    part (:func:`atomic_write`). Also used for lipnet's checkpoints (this file needs no lipnet)."""
+    atomic_write(path, lambda out: torch.save(obj, out))
 
-    The bytes go to a temporary file ``.NAME.*.tmp`` in the same folder (with the permissions a
-    plain ``open`` would give), which is flushed, fsynced and renamed over ``path``; then the
-    folder is fsynced. Also used for lipnet's checkpoints (this file needs no lipnet).
+
+def atomic_write(path, write) -> None:
+    """Write a file through ``write(binary_file)`` so that a crash leaves the old file or the new
+    one, never a part.
+
+    The bytes go to a temporary file ``.NAME.<pid>.<random>.tmp`` in the same folder (with the
+    permissions a plain ``open`` would give), which is flushed, fsynced and renamed over
+    ``path``; then the folder is fsynced.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    if hasattr(os, "fchmod"):  # mkstemp makes the file owner-only
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    # Mode 0o666 less the process umask, applied by the system (as open() does; reading the
+    # umask would mean setting it, which races with other threads creating files).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as out:
-            torch.save(obj, out)
+            write(out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -240,12 +259,43 @@ def atomic_save(obj, path) -> None:
 
 
 def load(f, map_location=None) -> ExportedModel:
-    """Read an archive with ``torch.load(f, weights_only=True)`` and :func:`build` it."""
-    return build(torch.load(f, map_location=map_location, weights_only=True))
+    """Read an archive with ``torch.load(f, weights_only=True)`` and :func:`build` it.
+
+    ``f`` is a path or a file object. Raises ``ValueError`` for a damaged file (records that do
+    not match their checksums, truncated, not a torch file) or an archive that is not a valid
+    lipnet export."""
+    if isinstance(f, (str, os.PathLike)):
+        damaged = damaged_record(f)
+        if damaged is not None:
+            raise ValueError(f"{os.fspath(f)} is damaged: {damaged}; export the model again or restore a copy")
+    try:
+        archive = torch.load(f, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read means the file is unusable
+        raise ValueError(f"cannot read the exported model: the file is truncated, corrupt, not a torch file, or "
+                         f"holds objects other than tensors and plain values ({type(exc).__name__}: {exc})") from exc
+    return build(archive)
+
+
+def damaged_record(path) -> str | None:
+    """What is wrong with the zip archive ``torch.save`` wrote to ``path`` (a record whose bytes do
+    not match its CRC-32, or an unreadable archive), or ``None``. ``torch.load`` does not check
+    the checksums, and would read damaged tensor bytes as weights. Also used for checkpoints."""
+    if not zipfile.is_zipfile(path):
+        return None  # not an archive: torch.load says what it is
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        return f"its archive cannot be read ({type(exc).__name__}: {exc})"
+    if damaged is not None:
+        return f"its record {damaged!r} does not match its checksum (the file changed after it was written)"
+    return None
 
 
 def build(archive: dict) -> ExportedModel:
-    """Instantiate the network an archive describes (nothing in the archive is executed)."""
+    """Instantiate the network an archive describes (nothing in the archive is executed).
+
+    Raises ``ValueError`` for anything but a well-formed archive of this format version."""
     if not isinstance(archive, dict) or archive.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} archive (expected a dict with format={FORMAT!r})")
     if archive.get("format_version") != FORMAT_VERSION:
@@ -254,46 +304,110 @@ def build(archive: dict) -> ExportedModel:
     missing = [key for key in ("state_dict", "modules", "nodes", "input_shape", "lipschitz_bound") if key not in archive]
     if missing:
         raise ValueError(f"the archive lacks {', '.join(missing)}: it is damaged or was not written by lipnet.export")
+    try:
+        return _build(archive)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed archive fails somewhere in torch: say so, uniformly
+        raise ValueError(f"the archive is malformed ({type(exc).__name__}: {exc}): it is damaged or was not "
+                         "written by lipnet.export") from exc
+
+
+def _build(archive: dict) -> ExportedModel:
     bound = archive["lipschitz_bound"]
     if bound is not None and not (type(bound) in (int, float) and math.isfinite(bound) and bound > 0):
         raise ValueError(f"the archive's lipschitz_bound must be a finite number > 0 (or None), got {bound!r}: "
                          "no radius can be certified from it")
-    state_dict = archive["state_dict"]
+    input_shape = archive["input_shape"]
+    if not (isinstance(input_shape, (list, tuple)) and input_shape
+            and all(type(d) is int and d > 0 for d in input_shape)):
+        raise ValueError(f"the archive's input_shape must be positive integers, got {input_shape!r}")
+    metadata = archive.get("metadata", {})
+    if not (isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise ValueError("the archive's metadata must map strings to strings")
+    state_dict, modules, nodes = archive["state_dict"], archive["modules"], archive["nodes"]
+    if not (isinstance(state_dict, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state_dict.items())):
+        raise ValueError("the archive's state_dict must map names to tensors")
+    if not isinstance(modules, dict):
+        raise ValueError(f"the archive's modules must be a dict, got {type(modules).__name__}")
     root: dict = {}
-    for name, spec in archive["modules"].items():
+    for name, spec in modules.items():
+        _check_path(name, "module")
+        if not (isinstance(spec, dict) and set(spec) == {"type", "kwargs"} and isinstance(spec["kwargs"], dict)):
+            raise ValueError(f"module {name!r}: expected {{'type', 'kwargs'}}, got {spec!r:.200}")
         if spec["type"] not in MODULES:
             raise ValueError(f"module {name!r}: type {spec['type']!r} is not one of {sorted(MODULES)}")
         root[name] = MODULES[spec["type"]](**{k: decode(v) for k, v in spec["kwargs"].items()})
+    if not (isinstance(nodes, list) and nodes and all(isinstance(n, dict) for n in nodes)):
+        raise ValueError("the archive's nodes must be a non-empty list of dicts")
+    ops = [spec.get("op") for spec in nodes]
+    if ops[0] != "placeholder" or ops.count("placeholder") != 1 or ops.count("output") != 1 or ops[-1] != "output":
+        raise ValueError("the archive's graph must take one input (its first node) and end with its one output node")
     graph = torch.fx.Graph()
     env: dict = {}
-    for spec in archive["nodes"]:
-        env[spec["name"]] = _make_node(graph, spec, env, root, state_dict)
+    for index, spec in enumerate(nodes):
+        if set(spec) != {"name", "op", "target", "args", "kwargs"}:
+            raise ValueError(f"node {index}: expected the keys name, op, target, args, kwargs, got {sorted(spec)}")
+        name = spec["name"]
+        if not isinstance(name, str) or name in env:
+            raise ValueError(f"node {index}: its name {name!r} is not a string, or not unique")
+        env[name] = _make_node(graph, spec, index, env, root, state_dict)
     network = torch.fx.GraphModule(root, graph, class_name="ExportedNetwork")
     network.load_state_dict(state_dict, strict=True, assign=True)
-    return ExportedModel(network, input_shape=archive["input_shape"], lipschitz_bound=archive["lipschitz_bound"],
-                         metadata=archive.get("metadata", {}), modules=archive["modules"], nodes=archive["nodes"])
+    return ExportedModel(network, input_shape=input_shape, lipschitz_bound=bound, metadata=metadata, modules=modules,
+                         nodes=nodes)
 
 
-def _make_node(graph: torch.fx.Graph, spec: dict, env: dict, root: dict, state_dict: dict) -> torch.fx.Node:
+def _check_path(path, what: str) -> None:
+    """A module or tensor path must be dotted plain identifiers or indices (``layers.0.weight``):
+    it becomes attribute access in the code torch.fx generates."""
+    def plain(part: str) -> bool:
+        if part.isascii() and part.isdecimal():
+            return True
+        return part.isidentifier() and not keyword.iskeyword(part) and not part.startswith("__")
+    if not (isinstance(path, str) and path and all(plain(part) for part in path.split("."))):
+        raise ValueError(f"{what} path {path!r} is not a dotted name of plain identifiers and indices")
+
+
+def _make_node(graph: torch.fx.Graph, spec: dict, index: int, env: dict, root: dict,
+               state_dict: dict) -> torch.fx.Node:
+    """The graph node of ``spec``, named by the runtime (``input``, ``n<index>``): the archive's
+    names only key ``env``."""
     op, target, name = spec["op"], spec["target"], spec["name"]
+    if not isinstance(spec["args"], list) or not isinstance(spec["kwargs"], dict):
+        raise ValueError(f"node {name!r}: args must be a list and kwargs a dict")
     args = tuple(decode(spec["args"], env))
     kwargs = decode(spec["kwargs"], env)
     if op == "placeholder":
-        return graph.placeholder(name)
+        if args or kwargs:
+            raise ValueError(f"node {name!r}: the input takes no arguments")
+        return graph.placeholder("input")
     if op == "output":
+        if len(args) != 1 or kwargs or not isinstance(args[0], torch.fx.Node):
+            raise ValueError(f"node {name!r}: the output must return one node")
         return graph.output(args[0])
     if op == "call_function":
         target = resolve_function(target)
+        allowed = {a.name for a in target._schema.arguments} if isinstance(target, torch._ops.OpOverload) else set()
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise ValueError(f"node {name!r}: {spec['target']} takes no keyword argument(s) {unknown}")
     elif op == "call_module":
+        _check_path(target, "module")
         if target not in root or not isinstance(root[target], nn.Module):
             raise ValueError(f"node {name!r} calls module {target!r}, which the archive does not define")
+        if kwargs:
+            raise ValueError(f"node {name!r}: modules are called without keyword arguments")
     elif op == "get_attr":
+        _check_path(target, "tensor")
         if target not in state_dict:
             raise ValueError(f"node {name!r} reads tensor {target!r}, which the state dict does not hold")
+        if args or kwargs:
+            raise ValueError(f"node {name!r}: reading a tensor takes no arguments")
         root[target] = state_dict[target]
     else:
         raise ValueError(f"node {name!r}: unsupported op {op!r}")
-    return graph.create_node(op, target, args, kwargs, name=name)
+    return graph.create_node(op, target, args, kwargs, name=f"n{index}")
 
 
 def encode(value):

@@ -14,6 +14,7 @@ from torch import nn
 
 from lipnet.certify import CertificationResult, certified_accuracy
 from lipnet.certify.cli import format_table, plot_certified_accuracy
+from lipnet.export.runtime import atomic_write
 
 
 #: File name of the certification report in a run's folder.
@@ -39,9 +40,8 @@ def certification_report(model: nn.Module, data, eps, out_dir: str | Path, *, hi
     result = certified_accuracy(model, data, eps, device=device, batch_size=batch_size, progress=progress)
     report = {**result.to_dict(), "radius_histogram": radius_histogram(result, bins),
               "certify_seconds": time.perf_counter() - start, **(extra or {})}
-    tmp = out_dir / f".{REPORT}.tmp"  # written whole, then renamed: never a truncated report
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out_dir / REPORT)
+    text = json.dumps(report, indent=2) + "\n"
+    atomic_write(out_dir / REPORT, lambda out: out.write(text.encode()))
     plot_certified_accuracy(result, [], out_dir / "certified_accuracy.png", title="certified accuracy (test)")
     plot_radius_histogram(report["radius_histogram"], out_dir / "radius_histogram.png")
     if history:
@@ -74,7 +74,7 @@ def plot_radius_histogram(histogram: dict, path: Path) -> None:
     ax.set_ylabel("examples")
     ax.set_title(f"certified radii ({histogram['misclassified']} misclassified not shown)")
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, lambda out: figure.savefig(out, format="png"))
 
 
 def plot_training_curves(history: list[dict], path: Path) -> None:
@@ -99,7 +99,7 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     acc_ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=8, title="* margin >= sqrt(2) L train_eps (estimate)", title_fontsize=7)
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, lambda out: figure.savefig(out, format="png"))
 
 
 def _figure():

@@ -30,6 +30,7 @@ from lipnet.bounds.gram import refines_exceeding
 from lipnet.certify.accuracy import split_last_linear
 from lipnet.checkpoint import load_checkpoint, model_payload, remove_stale_temporaries, save_checkpoint, save_model
 from lipnet.data import DatasetInfo, DeviceLoader, ImageDataset, load_dataset
+from lipnet.export.runtime import atomic_write
 from lipnet.models import build_model
 from lipnet.nn import InputNormalization
 from lipnet.nn.normalized import GramNormalized
@@ -177,13 +178,7 @@ class _Run:
         config, env = self.config, self.env
         start_epoch, history = self._restore()
         if env.is_main:
-            stale = remove_stale_temporaries(self.out_dir)
-            for name in (METRICS, REPORT):  # written whole under a temporary name, then renamed
-                tmp = self.out_dir / f".{name}.tmp"
-                if tmp.is_file():
-                    tmp.unlink()
-                    stale.append(tmp)
-            for path in stale:
+            for path in remove_stale_temporaries(self.out_dir):
                 self.log(f"removed {path.name}, left by a save that was killed mid-write")
         if start_epoch:
             self.log(f"resumed {self.out_dir / CHECKPOINT} after epoch {start_epoch}")
@@ -393,9 +388,7 @@ class _Run:
         save_checkpoint(self.out_dir / CHECKPOINT, payload)
         # After the checkpoint, so the metrics never run ahead of what --resume restores.
         lines = "".join(json.dumps(record) + "\n" for record in history)
-        tmp = self.out_dir / f".{METRICS}.tmp"
-        tmp.write_text(lines)
-        tmp.replace(self.out_dir / METRICS)
+        atomic_write(self.out_dir / METRICS, lambda out: out.write(lines.encode()))
 
     def _restore(self) -> tuple[int, list[dict]]:
         path = self.out_dir / CHECKPOINT

@@ -148,3 +148,19 @@ def test_checkpoints_trained_with_screened_bounds_are_certified_as_trained(tmp_p
     forced = certify(paths[False], "--screening-alone")
     assert not refined["screening_alone"] and screened["screening_alone"] and forced["screening_alone"]
     assert forced["lipschitz"] == screened["lipschitz"] < refined["lipschitz"] * (1 - 1e-3)
+
+
+def test_results_that_cannot_be_written_exit_2_and_leave_no_part(tmp_path, checkpoint, capsys):
+    from lipnet.data import synthetic_dataset, write_npz
+
+    write_npz(synthetic_dataset("fashion-mnist", 16, split="test"), tmp_path / "data" / "test.npz")
+    common = ["--checkpoint", str(checkpoint), "--data", "fashion-mnist", "--data-dir", str(tmp_path / "data"),
+              "--eps", "0.5", "--no-progress", "--device", "cpu"]
+    (tmp_path / "afile").write_text("")
+    assert main([*common, "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert "cannot write the results" in capsys.readouterr().err
+    (tmp_path / "out" / "certified_accuracy.png").mkdir(parents=True)
+    assert main([*common, "--out", str(tmp_path / "out")]) == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["certified_accuracy.png"]  # no summary, no part
+    assert main([*common, "--out", str(tmp_path / "good")]) == 0
+    assert sorted(p.name for p in (tmp_path / "good").iterdir()) == ["certified_accuracy.png", "certify.json"]
