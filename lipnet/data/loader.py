@@ -13,7 +13,8 @@ from lipnet.data.registry import ImageDataset
 def epoch_generator(seed: int, epoch: int, stream: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator determined by ``(seed, epoch, stream)``: epochs replay exactly after a resume."""
     generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + epoch) * 101 + stream)
+    # Reduced to torch's seed range (small seeds are unchanged, so earlier runs replay).
+    generator.manual_seed(((seed * 1_000_003 + epoch) * 101 + stream) % 2 ** 63)
     return generator
 
 

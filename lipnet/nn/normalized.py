@@ -34,6 +34,7 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 # every optimizer step, fused or not, runs this global hook, which the cache key reads.
 register_optimizer_step_post_hook(_count_optimizer_step)
 
+
 def can_check_values(tensor: torch.Tensor) -> bool:
     """Whether the value of ``tensor`` can steer Python now (e.g. a check that a bound is
     finite): not while ``torch.compile`` traces, nor for a tensor batched by ``torch.func.vmap``
@@ -141,8 +142,8 @@ class GramNormalized:
         cacheable = not self.training and not torch.compiler.is_compiling()
         if cacheable:
             weight = self.weight  # a parametrization computes a new tensor at every access: read it once
-            # A weight of a torch.func transform (vmap, grad) is a wrapper without storage to key on.
             cacheable = not (torch.is_grad_enabled() and weight.requires_grad)
+            # A weight of a torch.func transform (vmap, grad) is a wrapper without storage to key on.
             cacheable = cacheable and not torch._C._functorch.is_functorch_wrapped_tensor(weight)
         if cacheable:
             key = self._cache_key(weight, input_size)

@@ -427,7 +427,6 @@ class _Run:
             torch.cuda.set_rng_state(training["rng"]["cuda"].cpu(), self.env.device)
         return training["epochs_done"], list(training["history"])
 
-
     def _check_same_training_data(self, saved: dict | None) -> None:
         """Refuse to resume on a training set of another size (another data order and schedule);
         warn when it comes from another place. Checkpoints from before this record pass."""

@@ -63,3 +63,12 @@ def test_ranks_split_each_epoch_into_disjoint_equal_shards():
 def test_too_little_data_for_a_batch_is_an_error():
     with pytest.raises(ValueError, match="fewer than one batch"):
         DeviceLoader(toy(10), 8, world_size=2)
+
+
+def test_every_seed_the_config_accepts_seeds_the_epochs():
+    from lipnet.data.loader import epoch_generator
+
+    for seed in (0, 99_999_999_999_999, 2 ** 63 - 1):
+        a, b = (torch.randint(0, 1000, (4,), generator=epoch_generator(seed, e)) for e in (3, 4))
+        assert torch.equal(a, torch.randint(0, 1000, (4,), generator=epoch_generator(seed, 3)))
+        assert not torch.equal(a, b)
