@@ -133,8 +133,7 @@ def max_matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER,
     Returns:
         0-dim real tensor.
     """
-    _check_matrices(mat, n_iter)
-    if mat.dim() != 3:
+    if mat.dim() != 3:  # the rest is checked by max_gram_bound
         raise ValueError(f"max_matrix_spectral_norm expects a batch (B, m, n), got shape {tuple(mat.shape)}")
     keep = torch.is_grad_enabled() and mat.requires_grad  # a backward pass may follow
     return _MaxGramBound.apply(mat[None], n_iter, screen_iter, n_candidates, keep)[0][0]
