@@ -84,3 +84,25 @@ def test_only_the_stacked_input_may_be_vmapped():
     outputs, out_dims = vmap_into_stack(apply, (1, None), torch.arange(24.0).view(3, 2, 4), None)
     assert out_dims == (0,) and outputs[0].shape == (2, 3)
     torch.testing.assert_close(outputs[0], torch.arange(24.0).view(3, 2, 4).movedim(1, 0).sum(-1))
+
+
+CONV_SETTINGS = [
+    dict(padding=1), dict(padding=1, padding_mode="circular"), dict(padding=1, padding_mode="reflect"),
+    dict(padding=2, dilation=2), dict(stride=2, padding=1), dict(groups=2, padding=1),
+    dict(stride=(2, 1), padding=(0, 1), padding_mode="replicate"),
+]
+
+
+@pytest.mark.parametrize("settings", CONV_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_every_convolution_geometry_vmaps_like_a_loop(settings):
+    stack = torch.randn(3, 4, 2 if settings.get("groups") else 4, 3, 3, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(1))
+
+    def bound(w):
+        return conv2d_spectral_norm(w, (7, 6), **settings)
+    torch.testing.assert_close(vmap(bound)(stack), torch.stack([bound(w) for w in stack]))
+    expected = []
+    for w in stack:
+        leaf = w.clone().requires_grad_(True)
+        expected.append(torch.autograd.grad(bound(leaf), leaf)[0])
+    torch.testing.assert_close(vmap(grad(bound))(stack), torch.stack(expected))
