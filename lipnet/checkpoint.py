@@ -70,12 +70,12 @@ def _check_plain(value, where: str) -> None:
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that saves killed mid-write left in ``folder`` (``.NAME.*.tmp``,
-    as :func:`~lipnet.export.runtime.atomic_write` names them; a lock's are left alone).
+    as :func:`~lipnet.export.runtime.atomic_write` names them).
 
     Call it only when no other process is saving into ``folder``. Returns what was removed.
     """
     folder = Path(folder)
-    ours = re.compile(r"\.(?!lock\.).+\..+\.tmp")
+    ours = re.compile(r"\..+\..+\.tmp")
     stale = sorted(p for p in folder.glob(".*.tmp") if ours.fullmatch(p.name) and p.is_file()) if folder.is_dir() else []
     for path in stale:
         path.unlink()

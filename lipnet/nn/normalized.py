@@ -49,14 +49,47 @@ def can_check_values(tensor: torch.Tensor) -> bool:
     return True
 
 
-def unusable_bounds(bounds: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Where a training bound cannot normalize its weight: not finite (NaN or inf in the
-    weight, or overflow), or zero while a gradient with respect to the weight is tracked
-    (``W / ||W||`` has no derivative at 0). A boolean tensor of the shape of ``bounds``."""
+def unusable_bounds(bounds: torch.Tensor, tracked) -> torch.Tensor:
+    """Where a training bound needs attention: not finite (NaN or inf in the weight, or
+    overflow: an error), or zero where ``tracked`` (a gradient with respect to the weight may
+    be asked for, and ``W / ||W||`` has no derivative at 0: :func:`refuse_weight_gradient`).
+    ``tracked``: a bool, or a bool tensor of the shape of ``bounds``. One host synchronization
+    reads the result."""
     unusable = ~torch.isfinite(bounds)
-    if torch.is_grad_enabled() and weight.requires_grad:
-        unusable = unusable | (bounds == 0)
+    if torch.is_grad_enabled():
+        tracked = torch.as_tensor(tracked, device=bounds.device)
+        unusable = unusable | ((bounds == 0) & tracked)
     return unusable
+
+
+class _RefuseWeightGradient(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(normalized, message):
+        return normalized.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.message = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        raise ValueError(ctx.message)
+
+
+def refuse_weight_gradient(normalized: torch.Tensor, layer) -> torch.Tensor:
+    """``normalized`` (the zero normalized weight of an all-zero weight), whose gradient raises a
+    clear ``ValueError`` when asked for. The forward (the zero map) and gradients with respect to
+    the input are unaffected; the derivative of ``W / ||W||`` at 0 does not exist (the clamp
+    of the bound would make it about 1e12 times the incoming one)."""
+    name = type(layer).__name__
+    return _RefuseWeightGradient.apply(normalized, (
+        f"{name}: the weight is zero, so the normalized weight W / ||W|| has no direction and no derivative, and a "
+        "gradient with respect to it was asked for (it would be about 1e12 times the incoming one). Initialize the "
+        "weight with nonzero values (e.g. reset_parameters()); a residual branch that starts as the identity is "
+        "GramResidualConv2d with a zero weight. Forward passes and gradients with respect to the input work with a "
+        "zero weight: it is the zero map."))
 
 
 #: Gram iterations of the float64 certification bound.
@@ -76,7 +109,7 @@ class GramNormalized:
     #: ``_operator_weight`` or ``normalized_weight`` is fine: the bound is computed on the weight
     #: that ``normalized_weight`` returns, which is the one the forward applies.
     LIPSCHITZ_BOUND_DEPENDS_ON: tuple[str, ...] = ("_operator_norm", "_matrix_shape")
-    #: Raise if the bound is not finite, or zero while a weight gradient is tracked
+    #: Raise if the bound is not finite, and refuse the weight gradient of an all-zero weight
     #: (:func:`unusable_bounds`; costs a host sync per forward on accelerators).
     check_finite: bool = True
 
@@ -101,23 +134,22 @@ class GramNormalized:
 
     def weight_norm_bound(self, input_size=None) -> torch.Tensor:
         """Differentiable upper bound on the operator norm of the raw weight (0 for an empty one)."""
+        return self._checked_bound(input_size)[0]
+
+    def _checked_bound(self, input_size) -> tuple[torch.Tensor, bool]:
+        """``(bound, zero)``: the bound, checked (:func:`unusable_bounds`: a non-finite one raises),
+        and whether it is zero with a tracked weight gradient (then refuse that gradient)."""
         weight = self._operator_weight()
         if weight.numel() == 0:  # no input or no output features: the zero map
-            return weight.sum()
+            return weight.sum(), False
         bound = self._operator_norm(weight, input_size, self.n_iter)
-        if self.check_finite and can_check_values(bound) and bool(unusable_bounds(bound, weight)):
-            self._raise_unusable(bound)
-        return bound
+        if not (self.check_finite and can_check_values(bound)) or not bool(unusable_bounds(bound, weight.requires_grad)):
+            return bound, False
+        if not bool(torch.isfinite(bound)):
+            self._raise_not_finite(bound)
+        return bound, True
 
-    def _raise_unusable(self, bound: torch.Tensor) -> None:
-        """The error for a bound that :func:`unusable_bounds` flags."""
-        if bool(bound == 0):
-            raise ValueError(
-                f"{type(self).__name__}: the weight is zero, so the normalized weight W / ||W|| has no direction and "
-                "no derivative (its gradient would be about 1e12 times the incoming one). Initialize the weight with "
-                "nonzero values (e.g. reset_parameters()); a residual branch that starts as the identity is "
-                "GramResidualConv2d with a zero weight. Where no weight gradient is tracked (torch.no_grad, "
-                "requires_grad_(False)) a zero weight is accepted: it is the zero map.")
+    def _raise_not_finite(self, bound: torch.Tensor) -> None:
         if bool(torch.isnan(self.weight).any()):
             state = "contains NaN"
         elif bool(torch.isinf(self.weight).any()):
@@ -150,8 +182,10 @@ class GramNormalized:
             cached = self._eval_cache.get(input_size)
             if cached is not None and cached[0] == key and cached[1]() is weight:
                 return cached[2]
-        bound = self.weight_norm_bound(input_size)
+        bound, zero = self._checked_bound(input_size)
         normalized = self._operator_weight() / bound.clamp_min(TINY).to(self.weight.dtype)
+        if zero:
+            normalized = refuse_weight_gradient(normalized, self)
         if cacheable:
             if len(self._eval_cache) > 16:
                 self._eval_cache.clear()

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lipnet.nn.normalized import TINY, GramNormalized, can_check_values, unusable_bounds
+from lipnet.nn.normalized import TINY, GramNormalized, can_check_values, refuse_weight_gradient, unusable_bounds
 
 
 def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size) -> list[torch.Tensor]:
@@ -48,16 +48,23 @@ def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size) -> 
     if key is None or any(layer.stack_key() != key for layer in layers[1:]):
         raise ValueError("stacked_normalized_weights: the layers must share one stack_key (same class, "
                          "weight shape, dtype, device, geometry and n_iter) for this input size")
-    weights = torch.stack([layer._operator_weight() for layer in layers])
+    own = [layer._operator_weight() for layer in layers]
+    weights = torch.stack(own)
     bounds = layers[0]._operator_norm(weights, input_size, layers[0].n_iter)
     checked = [i for i, layer in enumerate(layers) if layer.check_finite]
+    zero = []
     if checked and can_check_values(bounds):
-        unusable = unusable_bounds(bounds[checked], weights)
+        unusable = unusable_bounds(bounds[checked], [own[i].requires_grad for i in checked])
         if bool(unusable.any()):  # one host synchronization for the whole stack
-            index = checked[int(unusable.nonzero()[0])]
-            layers[index]._raise_unusable(bounds[index])
+            for i in (checked[int(j)] for j in unusable.nonzero()[:, 0]):
+                if not bool(torch.isfinite(bounds[i])):
+                    layers[i]._raise_not_finite(bounds[i])
+                zero.append(i)
     scale = bounds.clamp_min(TINY).to(weights.dtype).view(-1, *([1] * (weights.dim() - 1)))
-    return list((weights / scale).unbind(0))
+    normalized = list((weights / scale).unbind(0))
+    for i in zero:  # each layer's own weight gradient, not the stack's
+        normalized[i] = refuse_weight_gradient(normalized[i], layers[i])
+    return normalized
 
 
 class GramSequential(nn.Sequential):

@@ -1,9 +1,12 @@
-"""One run per output folder: a lock file that a second run into the same folder sees.
+"""One run per output folder: an operating-system lock that a second run into the folder sees.
 
 Two runs writing into one ``out_dir`` would overwrite each other's checkpoints, metrics and
-report, each believing it owns the folder. :class:`FolderLock` creates ``.lock`` by a hard
-link (atomic, and never without its content), holding the owner's host name and process id; a
-lock whose process no longer exists on this host is stale (a killed run) and is taken over.
+report, each believing it owns the folder. :class:`FolderLock` holds an exclusive
+``fcntl.flock`` on ``folder/.lock`` for as long as the run lives. The system releases it
+when the process ends, however it ends, so a killed run never leaves a lock behind (no
+stale-lock guessing from host names and process ids); the file holds the owner's host and
+process id for the message a second run gets, and is removed on release. Where ``fcntl`` is
+missing (Windows) nothing is locked.
 """
 
 from __future__ import annotations
@@ -11,6 +14,11 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
 
 LOCK = ".lock"
 
@@ -34,35 +42,43 @@ class FolderLock:
 
     def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / LOCK
-        self.taken_over: str | None = None  # the stale owner replaced, if any
+        self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = f"{socket.gethostname()} {os.getpid()}"
-        for _ in range(2):
-            # Written under another name, then linked: the lock never exists without its owner.
-            tmp = self.path.with_name(f"{LOCK}.{os.getpid()}.tmp")
-            tmp.write_text(me)
-            try:
-                os.link(tmp, self.path)
-            except FileExistsError:
-                owner = _read(self.path)
-                if _alive(owner):
-                    raise FolderInUseError(
-                        f"{self.path.parent} is in use by another run (host and process {owner!r}, lock file "
-                        f"{self.path}): wait for it or choose another --out-dir. If no such run exists, delete the "
-                        "lock file.") from None
-                self.taken_over = owner
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            finally:
-                tmp.unlink(missing_ok=True)
+        if fcntl is None:
             return self
-        raise FolderInUseError(f"could not take the lock {self.path}: another run keeps taking it")
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise FolderInUseError(
+                    f"{self.path.parent} is in use by another run ({_read(self.path) or 'owner unknown'}, lock file "
+                    f"{self.path}): wait for it to finish or choose another --out-dir") from None
+            # The holder before us may have removed the file after we opened it: then our lock is
+            # on a file nobody else will open, so take the lock again on the current one.
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {socket.gethostname()}, process {os.getpid()}".encode())
+        self._fd = fd
+        return self
 
     def release(self) -> None:
-        if _read(self.path) == f"{socket.gethostname()} {os.getpid()}":
-            self.path.unlink(missing_ok=True)
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: a waiting opener re-checks the inode
+        finally:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()
@@ -76,20 +92,3 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except OSError:
         return ""
-
-
-def _alive(owner: str) -> bool:
-    """Whether the lock's owner ``"host pid"`` may still run: a process of another host is
-    assumed alive (it cannot be checked from here); one of this host is checked."""
-    host, _, pid = owner.rpartition(" ")
-    if not pid.isdigit():
-        return False  # an empty or garbled lock: a run killed while writing it
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True

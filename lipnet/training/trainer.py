@@ -169,9 +169,7 @@ class _Run:
     def run(self, on_epoch_end) -> RunResult:
         if not self.env.is_main:
             return self._run(on_epoch_end)
-        with FolderLock(self.out_dir) as lock:
-            if lock.taken_over:
-                self.log(f"took over the lock of {self.out_dir}, left by a run that is gone ({lock.taken_over})")
+        with FolderLock(self.out_dir):
             return self._run(on_epoch_end)
 
     def _run(self, on_epoch_end) -> RunResult:

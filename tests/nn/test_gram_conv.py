@@ -61,8 +61,8 @@ def test_train_and_eval_agree_and_eval_is_cached():
     train_out = layer(x)
     layer.eval()
     calls = []
-    original = layer.weight_norm_bound
-    layer.weight_norm_bound = lambda *a: calls.append(1) or original(*a)
+    original = layer._checked_bound
+    layer._checked_bound = lambda *a: calls.append(1) or original(*a)
     with torch.no_grad():
         first = layer(x)
         second = layer(x)
@@ -159,16 +159,26 @@ def test_tiny_weights_stay_finite_and_zero_weights_are_the_zero_map_without_grad
 
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["alone", "stacked"])
-def test_a_zero_weight_refuses_a_gradient_with_a_clear_error(stacked):
-    """W / ||W|| has no derivative at W = 0 (the clamp would make it 1e12 times the incoming one)."""
-    convs = [GramConv2d(4, 4, 3, padding=1) for _ in range(2)]
+def test_a_zero_weight_refuses_its_gradient_with_a_clear_error(stacked):
+    """W / ||W|| has no derivative at W = 0 (the clamp would make it 1e12 times the incoming one);
+    the forward, input gradients and the other layers' gradients are unaffected."""
+    convs = [GramConv2d(4, 4, 3, padding=1) for _ in range(3)]
     with torch.no_grad():
         convs[1].weight.zero_()
-    model = GramSequential(*convs) if stacked else convs[1]
+    model = GramSequential(*convs, stack_bounds=stacked)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    out = model(x)
+    (grad_x,) = torch.autograd.grad(out.sum(), x, retain_graph=True)  # an input gradient (attacks, saliency)
+    assert torch.isfinite(grad_x).all()
     with pytest.raises(ValueError, match="the weight is zero.*reset_parameters"):
-        model(torch.randn(2, 4, 6, 6))
+        out.sum().backward()
+    convs[1].weight.requires_grad_(False)  # frozen: nothing asks for its gradient
+    model(x).sum().backward()
+    assert convs[1].weight.grad is None and torch.isfinite(convs[0].weight.grad).all()
+    convs[1].weight.requires_grad_(True)
     convs[1].reset_parameters()
-    model(torch.randn(2, 4, 6, 6)).sum().backward()
+    model.zero_grad()
+    model(x).sum().backward()
     assert torch.isfinite(convs[1].weight.grad).all()
 
 

@@ -254,23 +254,26 @@ def test_resume_refuses_another_training_set_and_the_report_names_both_sources(d
         train(tiny(other, tmp_path / "run", epochs=1, resume=True), log=quiet)
 
 
-def test_two_runs_never_share_an_out_dir_and_a_killed_runs_lock_is_taken_over(data_dir, tmp_path):
+def test_two_runs_never_share_an_out_dir_and_a_killed_run_leaves_no_lock(data_dir, tmp_path):
     from lipnet.training.lock import FolderLock
 
-    with FolderLock(tmp_path / "run"):  # another live run (this process) holds the folder
+    with FolderLock(tmp_path / "run"):  # another live run holds the folder
         with pytest.raises(FileExistsError, match="in use by another run"):
             train(tiny(data_dir, tmp_path / "run", epochs=1, certify=False), log=quiet)
     assert not (tmp_path / "run" / ".lock").exists()
-    (tmp_path / "run" / ".lock").write_text("no-such-host-here 123")  # alive as far as we can tell
-    with pytest.raises(FileExistsError, match="no-such-host-here 123"):
-        train(tiny(data_dir, tmp_path / "run", epochs=1, certify=False), log=quiet)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    import socket
-
-    (tmp_path / "run" / ".lock").write_text(f"{socket.gethostname()} {dead.stdout.strip()}")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lipnet.training.lock import FolderLock; "
+                               f"FolderLock({str(tmp_path / 'run')!r}).acquire(); print('held', flush=True); "
+                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FileExistsError, match=f"process {holder.pid}"):
+            train(tiny(data_dir, tmp_path / "run", epochs=1, certify=False), log=quiet)
+    finally:
+        holder.kill()  # no clean-up runs: the lock file stays, the system's lock goes
+        holder.wait()
+    assert (tmp_path / "run" / ".lock").exists()
     (tmp_path / "run" / ".metrics.jsonl.tmp").write_text("half a line")
     messages = []
     train(tiny(data_dir, tmp_path / "run", epochs=1, certify=False), log=messages.append)
-    assert any("took over the lock" in m for m in messages)
     assert any("removed .metrics.jsonl.tmp" in m for m in messages)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model.pt"]
