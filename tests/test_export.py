@@ -236,7 +236,7 @@ def test_archives_are_checked_and_never_executed():
     modules = {name: dict(spec, type="collections.Counter") for name, spec in archive["modules"].items()}
     with pytest.raises(ValueError, match="not one of"):
         runtime.build({**archive, "modules": modules})
-    for bound in (0.0, float("nan"), float("inf"), -1.0, "1"):  # would make every radius huge or NaN
+    for bound in (float("nan"), float("inf"), -1.0, "1"):  # would make radii NaN or meaningless
         with pytest.raises(ValueError, match="lipschitz_bound"):
             runtime.build({**archive, "lipschitz_bound": bound})
     with pytest.raises(ValueError, match="lacks state_dict"):
@@ -292,6 +292,14 @@ def test_damaged_and_malformed_archives_are_value_errors(tmp_path):
     damaged.write_bytes(bytes(data[:record + 200]) + bytes([data[record + 200] ^ 0x10]) + bytes(data[record + 201:]))
     with pytest.raises(ValueError, match="damaged"):
         load(damaged)
+    import io
+
+    with open(damaged, "rb") as f, pytest.raises(ValueError, match="damaged"):
+        load(f)
+    with pytest.raises(ValueError, match="damaged"):
+        load(io.BytesIO(damaged.read_bytes()))
+    with open(path, "rb") as f:
+        assert load(f).lipschitz_bound == exported.lipschitz_bound  # the check leaves the file where it was
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "cut.pt").write_bytes(bytes(data[:len(data) // 2]))
     for bad in ("empty.pt", "cut.pt"):
@@ -305,7 +313,9 @@ def test_damaged_and_malformed_archives_are_value_errors(tmp_path):
                    {"nodes": nodes[:-1]}, {"nodes": nodes + nodes[-1:]}, {"nodes": [nodes[0], nodes[0], *nodes[1:]]},
                    {"input_shape": 4}, {"input_shape": (0,)}, {"metadata": [1]},
                    {"state_dict": {**archive["state_dict"], "extra": torch.zeros(1)}},
-                   {"state_dict": {k: v[:1] for k, v in archive["state_dict"].items()}}):
+                   {"state_dict": {k: v[:1] for k, v in archive["state_dict"].items()}},
+                   {"nodes": [dict(n, args=[*n["args"], torch.zeros(3)]) if n["op"] == "call_function" else n
+                              for n in nodes]}):
         with pytest.raises(ValueError):
             runtime.build({**archive, **change})
 
@@ -381,3 +391,15 @@ def test_runtime_file_imports_only_torch_and_the_standard_library():
     imports = {line.split()[1].split(".")[0] for line in source.splitlines()
                if line.startswith(("import ", "from "))}
     assert "torch" in imports and imports - {"torch"} <= set(sys.stdlib_module_names)
+
+
+def test_a_constant_network_exports_with_bound_zero_and_unbounded_radii():
+    net = nn.Sequential(nn.Flatten(), GramLinear(4, 3))
+    with torch.no_grad():
+        net[1].weight.zero_()
+        net[1].bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    exported = runtime.build(export(net, (4,)).archive())
+    assert exported.lipschitz_bound == 0.0
+    logits = exported(torch.randn(2, 4))
+    radii = exported.certified_radius(logits)
+    assert torch.equal(radii, certified_radius(logits, logits.argmax(1), 0.0)) and bool((radii > 1e300).all())

@@ -85,10 +85,17 @@ def load_dataset(name: str, split: str = "test", *, data_dir: str | os.PathLike 
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     folders = search_folders(info, root)
-    found = _find(info, split, folders)
+    try:
+        found = _find(info, split, folders)
+    except DatasetNotFoundError:  # a folder holds the other split only
+        if not download:
+            raise
+        found = None
     if found is None and download:
         error = _download(info, split, root)
-        found = _find(info, split, [root])
+        # The whole search again: a partial download in root is now complete, and a partial
+        # folder elsewhere is still refused rather than mixed with the download.
+        found = _find(info, split, folders)
         if found is None:
             raise DatasetNotFoundError(_not_found_message(info, split, folders, download_error=error))
     if found is None:

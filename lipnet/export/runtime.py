@@ -187,7 +187,7 @@ class ExportedModel(nn.Module):
         margin = top[:, 0] - top[:, 1] - 2 * delta
         denominator = math.nextafter(math.sqrt(2) * self.lipschitz_bound, math.inf)
         if denominator == 0:
-            return torch.where(margin > 0, math.inf, 0.0)
+            return torch.where(margin > 0, torch.full_like(margin, math.inf), torch.zeros_like(margin))
         return torch.nextafter(margin / denominator, torch.zeros_like(margin)).clamp_min(0.0)
 
     def archive(self) -> dict:
@@ -264,10 +264,10 @@ def load(f, map_location=None) -> ExportedModel:
     ``f`` is a path or a file object. Raises ``ValueError`` for a damaged file (records that do
     not match their checksums, truncated, not a torch file) or an archive that is not a valid
     lipnet export."""
-    if isinstance(f, (str, os.PathLike)):
-        damaged = damaged_record(f)
-        if damaged is not None:
-            raise ValueError(f"{os.fspath(f)} is damaged: {damaged}; export the model again or restore a copy")
+    damaged = damaged_record(f)
+    if damaged is not None:
+        where = os.fspath(f) if isinstance(f, (str, os.PathLike)) else "the exported model"
+        raise ValueError(f"{where} is damaged: {damaged}; export the model again or restore a copy")
     try:
         archive = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read means the file is unusable
@@ -276,17 +276,29 @@ def load(f, map_location=None) -> ExportedModel:
     return build(archive)
 
 
-def damaged_record(path) -> str | None:
-    """What is wrong with the zip archive ``torch.save`` wrote to ``path`` (a record whose bytes do
-    not match its CRC-32, or an unreadable archive), or ``None``. ``torch.load`` does not check
-    the checksums, and would read damaged tensor bytes as weights. Also used for checkpoints."""
-    if not zipfile.is_zipfile(path):
-        return None  # not an archive: torch.load says what it is
+def damaged_record(f) -> str | None:
+    """What is wrong with the zip archive ``torch.save`` wrote to ``f`` (a path, or a seekable
+    binary file, read from its current position and put back there): a record whose bytes do
+    not match its CRC-32, or an unreadable archive; else ``None``. ``torch.load`` does not
+    check the checksums, and would read damaged tensor bytes as weights. Also used for
+    checkpoints."""
+    start = None
+    if not isinstance(f, (str, os.PathLike)):
+        if not (hasattr(f, "seekable") and f.seekable()):
+            return None  # a stream: nothing to check before torch.load reads it
+        start = f.tell()
     try:
-        with zipfile.ZipFile(path) as archive:
+        if not zipfile.is_zipfile(f):
+            return None  # not an archive: torch.load says what it is
+        if start is not None:
+            f.seek(start)
+        with zipfile.ZipFile(f) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         return f"its archive cannot be read ({type(exc).__name__}: {exc})"
+    finally:
+        if start is not None:
+            f.seek(start)
     if damaged is not None:
         return f"its record {damaged!r} does not match its checksum (the file changed after it was written)"
     return None
@@ -315,8 +327,9 @@ def build(archive: dict) -> ExportedModel:
 
 def _build(archive: dict) -> ExportedModel:
     bound = archive["lipschitz_bound"]
-    if bound is not None and not (type(bound) in (int, float) and math.isfinite(bound) and bound > 0):
-        raise ValueError(f"the archive's lipschitz_bound must be a finite number > 0 (or None), got {bound!r}: "
+    # 0 is a constant network (e.g. a zero last layer): every prediction holds at any radius.
+    if bound is not None and not (type(bound) in (int, float) and math.isfinite(bound) and bound >= 0):
+        raise ValueError(f"the archive's lipschitz_bound must be a finite number >= 0 (or None), got {bound!r}: "
                          "no radius can be certified from it")
     input_shape = archive["input_shape"]
     if not (isinstance(input_shape, (list, tuple)) and input_shape
@@ -378,6 +391,8 @@ def _make_node(graph: torch.fx.Graph, spec: dict, index: int, env: dict, root: d
         raise ValueError(f"node {name!r}: args must be a list and kwargs a dict")
     args = tuple(decode(spec["args"], env))
     kwargs = decode(spec["kwargs"], env)
+    if _holds_tensor((args, kwargs)):
+        raise ValueError(f"node {name!r}: tensors enter the graph through get_attr nodes, not as arguments")
     if op == "placeholder":
         if args or kwargs:
             raise ValueError(f"node {name!r}: the input takes no arguments")
@@ -408,6 +423,16 @@ def _make_node(graph: torch.fx.Graph, spec: dict, index: int, env: dict, root: d
     else:
         raise ValueError(f"node {name!r}: unsupported op {op!r}")
     return graph.create_node(op, target, args, kwargs, name=f"n{index}")
+
+
+def _holds_tensor(value) -> bool:
+    if torch.is_tensor(value):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return False
 
 
 def encode(value):

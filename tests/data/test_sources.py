@@ -197,3 +197,23 @@ def test_scalar_labels_are_a_shape_error(tmp_path):
     np.savez(tmp_path / "test.npz", x=np.zeros((4, 28, 28), np.uint8), y=np.array(3))
     with pytest.raises(DatasetError, match=r"expected 'x' \(N, H, W, C\) and 'y' \(N,\)"):
         load_dataset("mnist", "test", data_dir=tmp_path)
+
+
+def test_download_completes_a_partial_download_but_never_mixes_folders(tmp_path, monkeypatch):
+    import torchvision
+
+    raw = tmp_path / "MNIST" / "raw"
+    mnist_like(raw)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (raw / name).unlink()  # an interrupted download: the training split only
+    with pytest.raises(DatasetNotFoundError, match="holds the train split of mnist but not its test split"):
+        load_dataset("mnist", "test", data_dir=tmp_path)
+
+    def fetch(root, train, download):  # what torchvision's download does: complete root/MNIST/raw
+        mnist_like(Path(root) / "MNIST" / "raw")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", fetch)
+    assert len(load_dataset("mnist", "test", data_dir=tmp_path, download=True)) == 6
+    elsewhere = tmp_path / "other"
+    write_npz(synthetic_dataset("mnist", 32, split="train"), elsewhere / "mnist" / "train.npz")
+    with pytest.raises(DatasetNotFoundError, match="holds the train split"):  # the download cannot join it
+        load_dataset("mnist", "test", data_dir=elsewhere, download=True)
