@@ -17,24 +17,28 @@ import functools
 import torch
 
 
-class _SecondDerivativeError(torch.autograd.Function):
+class _ErrorOnBackward(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad, grad_output, name):
-        return grad.clone()
+    def forward(value, tie, error):
+        return value.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.name = inputs[2]
+        ctx.error = inputs[2]
 
     @staticmethod
     def backward(ctx, _):
-        raise RuntimeError(
-            f"{ctx.name} has a first-order backward only: a second derivative through it (create_graph=True "
-            "followed by a derivative of the gradient with respect to the weight, e.g. a Hessian-vector product or a "
-            "penalty on the weight's gradient) is not available. Penalties on gradients with respect to the input "
-            "are supported.")
+        raise ctx.error
+
+
+def error_on_backward(value: torch.Tensor, error: Exception, tie: torch.Tensor | None = None) -> torch.Tensor:
+    """A copy of ``value`` whose gradient raises ``error`` when it is asked for (a derivative that
+    does not exist, or that the code cannot give): the forward and every other path of the
+    graph are unaffected. ``tie``: a tensor that links the copy to the graph where ``value``
+    itself does not require grad."""
+    return _ErrorOnBackward.apply(value, tie, error)
 
 
 def first_order_backward(name: str):
@@ -56,7 +60,12 @@ def first_order_backward(name: str):
             tracked = [t for t in (*grad_outputs, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
             if not tracked:
                 return grads
-            return tuple(_SecondDerivativeError.apply(g, tracked[0], name) if isinstance(g, torch.Tensor) else g
+            error = RuntimeError(
+                f"{name} has a first-order backward only: a second derivative through it (create_graph=True followed "
+                "by a derivative of the gradient with respect to the weight, e.g. a Hessian-vector product or a penalty "
+                "on the weight's gradient) is not available. Penalties on gradients with respect to the input are "
+                "supported.")
+            return tuple(error_on_backward(g, error, tie=tracked[0]) if isinstance(g, torch.Tensor) else g
                          for g in grads)
         return wrapper
     return decorate

@@ -16,6 +16,7 @@ import weakref
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from lipnet.bounds.first_order import error_on_backward
 from lipnet.bounds.gram import refines_exceeding
 from lipnet.bounds.rounding import relative_rounding_margin
 
@@ -62,29 +63,13 @@ def unusable_bounds(bounds: torch.Tensor, tracked) -> torch.Tensor:
     return unusable
 
 
-class _RefuseWeightGradient(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(normalized, message):
-        return normalized.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.message = inputs[1]
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        raise ValueError(ctx.message)
-
-
 def refuse_weight_gradient(normalized: torch.Tensor, layer) -> torch.Tensor:
     """``normalized`` (the zero normalized weight of an all-zero weight), whose gradient raises a
     clear ``ValueError`` when asked for. The forward (the zero map) and gradients with respect to
     the input are unaffected; the derivative of ``W / ||W||`` at 0 does not exist (the clamp
     of the bound would make it about 1e12 times the incoming one)."""
     name = type(layer).__name__
-    return _RefuseWeightGradient.apply(normalized, (
+    return error_on_backward(normalized, ValueError(
         f"{name}: the weight is zero, so the normalized weight W / ||W|| has no direction and no derivative, and a "
         "gradient with respect to it was asked for (it would be about 1e12 times the incoming one). Initialize the "
         "weight with nonzero values (e.g. reset_parameters()); a residual branch that starts as the identity is "
