@@ -315,7 +315,9 @@ def test_damaged_and_malformed_archives_are_value_errors(tmp_path):
                    {"state_dict": {**archive["state_dict"], "extra": torch.zeros(1)}},
                    {"state_dict": {k: v[:1] for k, v in archive["state_dict"].items()}},
                    {"nodes": [dict(n, args=[*n["args"], torch.zeros(3)]) if n["op"] == "call_function" else n
-                              for n in nodes]}):
+                              for n in nodes]},
+                   {"nodes": [dict(n, args=[*n["args"], 1, 2, 3]) if n["op"] == "call_function" else n
+                              for n in nodes]}):  # arguments the operators do not take: fails at load
         with pytest.raises(ValueError):
             runtime.build({**archive, **change})
 

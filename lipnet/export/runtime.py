@@ -367,8 +367,26 @@ def _build(archive: dict) -> ExportedModel:
         env[name] = _make_node(graph, spec, index, env, root, state_dict)
     network = torch.fx.GraphModule(root, graph, class_name="ExportedNetwork")
     network.load_state_dict(state_dict, strict=True, assign=True)
-    return ExportedModel(network, input_shape=input_shape, lipschitz_bound=bound, metadata=metadata, modules=modules,
-                         nodes=nodes)
+    model = ExportedModel(network, input_shape=input_shape, lipschitz_bound=bound, metadata=metadata, modules=modules,
+                          nodes=nodes)
+    _check_runs(model)
+    return model
+
+
+def _check_runs(model: ExportedModel) -> None:
+    """One forward pass on a zero input: a graph whose operators get arguments they do not take,
+    or that returns anything but one tensor, fails at load instead of at its first use."""
+    tensors = [t for t in model.network.state_dict().values() if t.is_floating_point()]
+    dtype, device = (tensors[0].dtype, tensors[0].device) if tensors else (torch.float32, "cpu")
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *model.input_shape, dtype=dtype, device=device))
+    except Exception as exc:  # noqa: BLE001 - whatever fails, the archive is what is wrong
+        raise ValueError(f"the archive's graph does not run on an input of shape (1, {', '.join(map(str, model.input_shape))}) "
+                         f"({type(exc).__name__}: {exc}): it is damaged or was not written by lipnet.export") from exc
+    if not (torch.is_tensor(out) and out.dim() >= 1 and out.shape[0] == 1):
+        raise ValueError(f"the archive's graph must return one tensor with the input's batch dimension, got "
+                         f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}")
 
 
 def _check_path(path, what: str) -> None:
