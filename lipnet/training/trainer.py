@@ -293,14 +293,9 @@ class _Run:
             "images_per_second": count / train_seconds,
         }
 
+    @torch.no_grad()
     def _test_metrics(self) -> tuple[float, float]:
         """Clean and margin accuracy on the test set (float32 estimates, not certificates)."""
-        correct, margin_ok, count = self._evaluate()
-        return correct / count, margin_ok / count
-
-    @torch.no_grad()
-    def _evaluate(self) -> list[float]:
-        """Clean accuracy and margin accuracy on the test set (float32 estimates, not certificates)."""
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)
         count = 0
@@ -311,7 +306,8 @@ class _Run:
             margins = logit_margins(logits.float(), y)
             totals += torch.stack([(margins > 0).sum().double(), (margins >= self.margin).sum().double()])
             count += len(y)
-        return self.env.sum([*totals.tolist(), count])
+        correct, margin_ok, count = self.env.sum([*totals.tolist(), count])
+        return correct / count, margin_ok / count
 
     def _synchronized_time(self) -> float:
         if self.env.device.type == "cuda":
