@@ -1,7 +1,8 @@
 """Convert an existing PyTorch model to lipnet layers, and say what still stands in the way.
 
-:func:`convert` swaps every ``nn.Conv2d`` for a :class:`~lipnet.nn.GramConv2d` and every
-``nn.Linear`` for a :class:`~lipnet.nn.GramLinear` (same arguments, same weights), and
+:func:`convert` swaps every ``nn.Conv2d`` for a :class:`~lipnet.nn.GramConv2d`, every ``nn.Conv1d``
+for a :class:`~lipnet.nn.GramConv1d` and every ``nn.Linear`` for a :class:`~lipnet.nn.GramLinear`
+(same arguments, same weights), and
 optionally every ``nn.ReLU`` for :class:`~lipnet.nn.MaxMin`. It returns the converted copy
 and a :class:`ConversionReport` listing each change and each module that keeps the model
 from being certifiably 1-Lipschitz, with the 1-Lipschitz replacement lipnet offers.
@@ -35,6 +36,7 @@ from lipnet.certify.precision import UNIT_ROUNDOFF, example_norms
 from lipnet.export.exporter import check_input_shape, example_input
 from lipnet.nn.activations import MaxMin
 from lipnet.nn.gram_conv import GramConv2d
+from lipnet.nn.gram_conv1d import GramConv1d
 from lipnet.nn.gram_linear import GramLinear
 from lipnet.nn.pooling import pooling_lipschitz_bound, sqrt_up
 from lipnet.nn.residual import ConvexResidual, GramResidualConv2d
@@ -143,7 +145,7 @@ def convert(
     inplace: bool = False,
     certify: bool = True,
 ) -> Conversion:
-    """Swap ``nn.Conv2d`` / ``nn.Linear`` (and ``nn.ReLU``) for lipnet layers, and report the rest.
+    """Swap ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Linear`` (and ``nn.ReLU``) for lipnet layers, and report the rest.
 
     Args:
         model: any ``nn.Module`` tree (e.g. a torchvision model).
@@ -169,7 +171,7 @@ def convert(
         ``(model, report)``: the converted model (same device, dtype and train/eval mode,
         weights carried over) and its :class:`ConversionReport`.
 
-    Only modules of exactly type ``nn.Conv2d`` / ``nn.Linear`` are converted; subclasses
+    Only modules of exactly type ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Linear`` are converted; subclasses
     (which may have their own ``forward``) and layers with hooks or parametrizations are
     left alone and reported. Converting a pretrained model keeps its weights, but the Gram
     layers apply ``W / ||W||``, so the function changes: fine-tune it.
@@ -268,7 +270,7 @@ def _plan(model, activation, replace, n_iter, shapes, report) -> dict[int, nn.Mo
         if id(module) not in plan:
             new = _replacement(path, module, activation, replace, n_iter, shapes, report)
             if new is None:
-                if isinstance(module, (nn.MultiheadAttention, GramConv2d, GramLinear)):
+                if isinstance(module, (nn.MultiheadAttention, GramConv1d, GramConv2d, GramLinear)):
                     opaque.append(path)  # uses its children's weights directly / already converted
                 continue
             plan[id(module)] = new
@@ -290,7 +292,7 @@ def _replacement(path, module, activation, replace, n_iter, shapes, report) -> n
                 raise TypeError(f"replace[{cls.__name__}] returned {type(new).__name__} for {path or 'the model'}, "
                                 "not an nn.Module")
             return new
-    if isinstance(module, (nn.Conv2d, nn.Linear)) and not isinstance(module, (GramConv2d, GramLinear)):
+    if isinstance(module, _LINEAR) and not isinstance(module, (GramConv1d, GramConv2d, GramLinear)):
         reason = _unconvertible(module)
         if reason is not None:
             report.notes.append(f"{type(module).__name__} at '{path}' not converted: {reason}")
@@ -318,10 +320,10 @@ def _replacement(path, module, activation, replace, n_iter, shapes, report) -> n
 
 
 def _unconvertible(module: nn.Module) -> str | None:
-    """Why an ``nn.Conv2d`` / ``nn.Linear`` cannot be swapped for a Gram layer, or ``None``."""
+    """Why an ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Linear`` cannot be swapped for a Gram layer, or ``None``."""
     if torch.nn.utils.parametrize.is_parametrized(module):
         return "it has parametrizations (remove them first, e.g. torch.nn.utils.parametrize.remove_parametrizations)"
-    if type(module) not in (nn.Conv2d, nn.Linear):
+    if type(module) not in _LINEAR:
         return (f"{type(module).__qualname__} subclasses {type(module).__mro__[1].__name__} and may have its own "
                 "forward (convert it by hand, or with replace=...)")
     if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
@@ -333,8 +335,8 @@ def _unconvertible(module: nn.Module) -> str | None:
 
 def _gram_layer(module: nn.Module, n_iter: int) -> nn.Module:
     factory = dict(device=module.weight.device, dtype=module.weight.dtype)
-    if isinstance(module, nn.Conv2d):
-        new = GramConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        new = (GramConv1d if isinstance(module, nn.Conv1d) else GramConv2d)(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                          module.padding, module.dilation, module.groups, module.bias is not None,
                          module.padding_mode, n_iter=n_iter, **factory)
     else:
@@ -362,6 +364,8 @@ def _qualname(module: nn.Module) -> str:
 
 # ----------------------------------------------------------------------------- diagnosis
 
+#: The layer types :func:`convert` swaps for Gram layers (exact types).
+_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _POOL_FIX = ("lipnet.nn.L2NormPool2d(k) or lipnet.nn.ScaledAvgPool2d(k), stride k (non-overlapping windows: "
              "1-Lipschitz), e.g. replace={nn.MaxPool2d: lambda m: L2NormPool2d(2)}")
 _RESIDUAL_FIX = ("lipnet.nn.GramResidualConv2d (bounds I + conv itself: 1-Lipschitz) or lipnet.nn.ConvexResidual "
@@ -388,12 +392,12 @@ _ADVICE = (
       nn.Threshold, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.GLU),
      "an activation that is not 1-Lipschitz or has no bound in lipnet.certify",
      "lipnet.nn.MaxMin (convert(..., activation='maxmin') replaces nn.ReLU only)"),
-    ((nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear, nn.Embedding),
+    ((nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear, nn.Embedding),
      "a linear layer that lipnet has no Gram normalization for", None),
 )
 #: lipnet and torch modules that are 1-Lipschitz by construction (exact types: a subclass may
 #: change the forward, and is checked against lipnet.certify instead).
-_ONE_LIPSCHITZ_MODULES = (GramConv2d, GramLinear, GramResidualConv2d, MaxMin, nn.ReLU, nn.Identity, nn.Flatten)
+_ONE_LIPSCHITZ_MODULES = (GramConv1d, GramConv2d, GramLinear, GramResidualConv2d, MaxMin, nn.ReLU, nn.Identity, nn.Flatten)
 
 #: Bounds up to this count as 1 (they are 1 up to the rounding margins of float64 bounds).
 _ONE = 1 + 1e-6
@@ -413,7 +417,7 @@ def _diagnose(model: nn.Module, shapes, report: ConversionReport) -> None:
     for path, module in model.named_modules():
         if _inside(path, opaque):
             continue
-        if isinstance(module, (nn.Conv2d, nn.Linear) + _ATTENTION) or callable(getattr(module, "lipschitz_bound",
+        if isinstance(module, _LINEAR + _ATTENTION) or callable(getattr(module, "lipschitz_bound",
                                                                                        None)):
             opaque.append(path)  # analysed as a whole
         obstacle = _obstacle(path, module, shapes)
@@ -431,9 +435,9 @@ def _obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None:
         return Obstacle(path, name, "random in train mode: certificates hold for the eval-mode model (lipnet.certify "
                         "evaluates in eval mode, where dropout is the identity)", "call model.eval() before "
                         "certifying", blocking=False)
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
+    if isinstance(module, _LINEAR):
         return Obstacle(path, name, "an unnormalized linear layer (see the notes for why it was not converted)",
-                        "lipnet.nn.GramConv2d / lipnet.nn.GramLinear", blocking=True)
+                        "lipnet.nn.GramConv2d / lipnet.nn.GramConv1d / lipnet.nn.GramLinear", blocking=True)
     if _is_custom_container(module):
         return _container_obstacle(path, module, shapes)
     if isinstance(module, (nn.Sequential, ConvexResidual)) or type(module).__name__ == "InputNormalization":

@@ -305,14 +305,14 @@ def test_modules_left_alone_are_reported():
     hooked = nn.Conv2d(2, 2, 1)
     hooked.register_forward_hook(lambda *args: None)
     normalized = parametrizations.spectral_norm(nn.Linear(2, 2))
-    net = nn.Sequential(MyConv(2, 2, 1), hooked, nn.GELU(), nn.Conv1d(2, 2, 1), nn.Flatten(), normalized)
+    net = nn.Sequential(MyConv(2, 2, 1), hooked, nn.GELU(), nn.Conv3d(2, 2, 1), nn.Flatten(), normalized)
     converted, report = convert(net)
     assert type(converted[0]) is MyConv and type(converted[1]) is nn.Conv2d
     assert type(converted[5]) is type(normalized) and any("parametrizations" in note for note in report.notes)
     assert any("'1' not converted" in note and "hooks" in note for note in report.notes)
     assert any("'0' not converted" in note and "MyConv" in note for note in report.notes)
     names = {o.module for o in report.obstacles}
-    assert {"torch.nn.Conv2d", "torch.nn.GELU", "torch.nn.Conv1d"} <= names
+    assert {"torch.nn.Conv2d", "torch.nn.GELU", "torch.nn.Conv3d"} <= names
 
 
 def test_attention_is_reported_and_left_whole():

@@ -115,6 +115,23 @@ def test_layer_train_step_and_certified_bound_on_gpu():
     assert certified <= 1 + 1e-5
 
 
+def test_conv1d_layer_on_gpu_matches_cpu_and_bounds_the_exact_norm():
+    from lipnet.bounds import exact_conv1d_spectral_norm
+
+    torch.manual_seed(0)
+    cpu = lipnet.GramConv1d(6, 8, 5, padding=2, stride=2)
+    gpu = lipnet.GramConv1d(6, 8, 5, padding=2, stride=2).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(4, 6, 21)
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-4, atol=1e-5)
+    gpu(x.cuda()).square().sum().backward()
+    assert torch.isfinite(gpu.weight.grad).all()
+    normalized = gpu.normalized_weight((21,)).detach().double().cpu()
+    exact = exact_conv1d_spectral_norm(normalized, 21, padding=2, stride=2)
+    certified = gpu.lipschitz_bound((21,))
+    assert exact <= certified <= 1 + 1e-5
+
+
 def test_bf16_autocast_forward_is_close_to_float32():
     torch.manual_seed(0)
     model = build_model("convnet-xs", in_channels=3, num_classes=10, input_size=32).cuda()

@@ -322,6 +322,69 @@ def conv2d_spectral_norm(
         return factor * (value if stacked else value[0])
 
 
+def conv1d_as_conv2d(stride=1, padding=0, dilation=1) -> dict:
+    """``nn.Conv1d``'s geometry as ``nn.Conv2d`` arguments on inputs of height 1.
+
+    ``F.conv1d(x, W, ...)`` equals ``F.conv2d(x[:, :, None], W[:, :, None], ...)[:, :, 0]`` with
+    the height axis untouched: stride, dilation and padding 1, 1 and 0 there (a string padding
+    keeps its meaning, which for a kernel of height 1 adds nothing on that axis).
+    """
+    def single(value, name):
+        if isinstance(value, (tuple, list)):
+            if len(value) != 1:
+                raise ValueError(f"a 1-D convolution's {name} must be an int or a 1-tuple, got {value!r}")
+            (value,) = value
+        return value
+
+    padding = padding if isinstance(padding, str) else (0, single(padding, "padding"))
+    return dict(stride=(1, single(stride, "stride")), padding=padding, dilation=(1, single(dilation, "dilation")))
+
+
+def conv1d_spectral_norm(
+    weight: torch.Tensor,
+    input_size,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    n_iter: int = DEFAULT_N_ITER,
+    screen_iter: int = DEFAULT_SCREEN_ITER,
+    n_candidates: int = DEFAULT_N_CANDIDATES,
+) -> torch.Tensor:
+    """Upper bound on the operator norm of ``nn.Conv1d(...)(x)`` (without bias).
+
+    A 1-D convolution is the 2-D convolution of its kernel on inputs of height 1
+    (:func:`conv1d_as_conv2d`), so this is :func:`conv2d_spectral_norm` of that operator, with
+    the same guarantees for every padding mode, stride, dilation and group count.
+
+    Args:
+        weight: kernel ``(c_out, c_in // groups, k)``, or ``L`` stacked kernels ``(L, c_out,
+            c_in // groups, k)``.
+        input_size: length ``n`` of the input (an int or a 1-tuple).
+        stride, padding, dilation, groups, padding_mode: as in ``nn.Conv1d``.
+        n_iter, screen_iter, n_candidates: as in :func:`conv2d_spectral_norm`.
+
+    Example:
+        >>> w = torch.randn(8, 4, 5)
+        >>> bound = conv1d_spectral_norm(w, 64, padding=2)
+        >>> x = torch.randn(1, 4, 64)
+        >>> bool(torch.nn.functional.conv1d(x, w, padding=2).norm() <= bound * x.norm())
+        True
+    """
+    if weight.dim() not in (3, 4):
+        raise ValueError("conv1d weight must have shape (c_out, c_in // groups, k), or (L, c_out, c_in // groups, "
+                         f"k) for L stacked kernels, got {tuple(weight.shape)}")
+    if isinstance(input_size, (tuple, list)):
+        if len(input_size) != 1:
+            raise ValueError(f"the input size of a 1-D convolution is its length n, got {input_size!r}")
+        (input_size,) = input_size
+    return conv2d_spectral_norm(weight.unsqueeze(-2), (1, input_size), groups=groups, padding_mode=padding_mode,
+                                n_iter=n_iter, screen_iter=screen_iter, n_candidates=n_candidates,
+                                **conv1d_as_conv2d(stride, padding, dilation))
+
+
 def _symbol_lags_for(embedding: ConvEmbedding, weight: torch.Tensor) -> SymbolLags:
     return _cached_constant(("lags", embedding, weight.dtype, weight.device), weight.dtype, weight.device,
                             lambda device: symbol_lags(embedding.height, embedding.width, torch.float64, device))

@@ -73,6 +73,31 @@ def _circulant_norm(weight, size, dilation, groups) -> float:
     return float(torch.linalg.matrix_norm(symbol, ord=2).max())
 
 
+def conv1d_apply(x, weight, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"):
+    """Apply the convolution exactly as ``nn.Conv1d`` does (without bias)."""
+    if padding_mode == "zeros":
+        return F.conv1d(x, weight, None, stride, padding, dilation, groups)
+    single = (lambda v: v[0] if isinstance(v, (tuple, list)) else v)
+    if padding == "valid":
+        left = right = 0
+    elif padding == "same":
+        total = single(dilation) * (weight.shape[-1] - 1)
+        left, right = total // 2, total - total // 2
+    else:
+        left = right = single(padding)
+    return F.conv1d(F.pad(x, (left, right), mode=padding_mode), weight, None, stride, 0, dilation, groups)
+
+
+def exact_conv1d_spectral_norm(weight, input_size: int, *, groups=1, **conv_kwargs) -> float:
+    """The exact operator norm of ``nn.Conv1d`` on inputs of length ``input_size``, in float64:
+    the largest singular value of the dense operator built from impulse responses."""
+    weight = weight.detach().to(torch.float64)
+    dim = weight.shape[1] * groups * input_size
+    impulses = torch.eye(dim, dtype=torch.float64, device=weight.device).reshape(dim, -1, input_size)
+    matrix = conv1d_apply(impulses, weight, groups=groups, **conv_kwargs).reshape(dim, -1).T
+    return float(torch.linalg.matrix_norm(matrix, ord=2))
+
+
 def conv2d_power_iteration(weight, input_size, *, n_iter=100, generator=None, **conv_kwargs) -> float:
     """Power-iteration estimate of the norm: a LOWER bound, for diagnostics only.
 

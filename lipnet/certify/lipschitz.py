@@ -403,3 +403,44 @@ def _adaptive_avg_pool(module: nn.AdaptiveAvgPool2d, shape) -> float:
 @register_lipschitz_bound(nn.AdaptiveMaxPool2d)
 def _adaptive_max_pool(module: nn.AdaptiveMaxPool2d, shape) -> float:
     return adaptive_pooling_lipschitz_bound(shape[-2:], _adaptive_output_size(module, shape), average=False)
+
+
+# 1-D pooling: the 2-D bounds with a window of height 1 (one window per sample on that axis).
+
+
+def _single(value) -> int:
+    return value[0] if isinstance(value, tuple | list) else value
+
+
+@register_lipschitz_bound(nn.MaxPool1d)
+def _max_pool1d(module: nn.MaxPool1d, shape) -> float:
+    kernel = _single(module.kernel_size)
+    stride = kernel if module.stride is None else _single(module.stride)
+    return pooling_lipschitz_bound((1, kernel), (1, stride), (1, _single(module.dilation)))
+
+
+@register_lipschitz_bound(nn.AvgPool1d)
+def _avg_pool1d(module: nn.AvgPool1d, shape) -> float:
+    """``sqrt(m) * sqrt(k) / k``, as for ``nn.AvgPool2d``."""
+    kernel = _single(module.kernel_size)
+    stride = kernel if module.stride is None else _single(module.stride)
+    if module.ceil_mode or (not module.count_include_pad and _single(module.padding)):
+        raise LipschitzBoundError(module, "AvgPool1d with ceil_mode=True, or with padding and count_include_pad=False, "
+                                          "divides some windows by fewer entries; use ceil_mode=False and "
+                                          "count_include_pad=True")
+    return sqrt_up(Fraction(window_multiplicity(kernel, stride), kernel))
+
+
+def _adaptive_output_length(module, shape) -> int:
+    out = _single(module.output_size)
+    return shape[-1] if out is None else int(out)
+
+
+@register_lipschitz_bound(nn.AdaptiveAvgPool1d)
+def _adaptive_avg_pool1d(module: nn.AdaptiveAvgPool1d, shape) -> float:
+    return adaptive_pooling_lipschitz_bound((1, shape[-1]), (1, _adaptive_output_length(module, shape)), average=True)
+
+
+@register_lipschitz_bound(nn.AdaptiveMaxPool1d)
+def _adaptive_max_pool1d(module: nn.AdaptiveMaxPool1d, shape) -> float:
+    return adaptive_pooling_lipschitz_bound((1, shape[-1]), (1, _adaptive_output_length(module, shape)), average=False)

@@ -4,8 +4,8 @@ The export is a snapshot of the function the model computes *now*, in eval mode,
 inputs of one shape:
 
 1. The model is deep-copied and put in eval mode; the input's spatial size at each
-   :class:`~lipnet.nn.GramConv2d` is recorded on a probe batch.
-2. Every Gram layer is replaced by a plain ``nn.Conv2d`` / ``nn.Linear`` holding a copy of
+   :class:`~lipnet.nn.GramConv2d` (or :class:`~lipnet.nn.GramConv1d`) is recorded on a probe batch.
+2. Every Gram layer is replaced by a plain ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Linear`` holding a copy of
    ``layer.normalized_weight(input_size)``: the exact tensor its forward pass applies,
    computed from the current weight (no state but the weight is involved, so exporting
    before or after loading a checkpoint, in train or eval mode, can only give the function
@@ -14,7 +14,7 @@ inputs of one shape:
    layers bound, in float64, exactly the tensors that were baked.
 4. The plain copy is traced with ``torch.export`` (batch dimension dynamic) and written as
    an archive of plain data and tensors (:mod:`lipnet.export.runtime`); convolutions and
-   dense layers become ``nn.Conv2d`` / ``nn.Linear`` modules again.
+   dense layers become ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Linear`` modules again.
 5. The archive is rebuilt by the runtime exactly as a deployment would, and its outputs
    are compared with the original model's; any difference raises.
 """
@@ -31,6 +31,7 @@ import lipnet
 from lipnet.certify import LipschitzBoundError, lipschitz_bound
 from lipnet.export import runtime
 from lipnet.nn.gram_conv import GramConv2d
+from lipnet.nn.gram_conv1d import GramConv1d
 from lipnet.nn.gram_linear import GramLinear
 
 #: Tolerance of the self-check, in units of the dtype's epsilon times the output scale.
@@ -114,19 +115,20 @@ def example_input(model: nn.Module, input_shape, *, batch: int, seed: int) -> to
     return torch.randn(batch, *input_shape, generator=generator, dtype=dtype).to(device)
 
 
-def _input_sizes(model: nn.Module, probe: torch.Tensor) -> dict[int, tuple[int, int]]:
-    """Spatial size of the input of each Gram convolution (by ``id``) on ``probe``."""
-    sizes: dict[int, tuple[int, int]] = {}
+def _input_sizes(model: nn.Module, probe: torch.Tensor) -> dict[int, tuple[int, ...]]:
+    """Spatial size of the input of each Gram convolution (by ``id``) on ``probe``: ``(h, w)``, or
+    ``(n,)`` for a 1-D one."""
+    sizes: dict[int, tuple[int, ...]] = {}
     names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
 
     def record(module, args):
-        size = tuple(int(s) for s in args[0].shape[-2:])
+        size = tuple(int(s) for s in args[0].shape[-len(module.kernel_size):])
         if sizes.setdefault(id(module), size) != size:
             raise ValueError(f"layer {names[id(module)]!r} is applied to inputs of spatial sizes "
                              f"{sizes[id(module)]} and {size}: its normalized weight differs between them, so it "
-                             "cannot be baked into one nn.Conv2d")
+                             f"cannot be baked into one {'nn.Conv1d' if isinstance(module, GramConv1d) else 'nn.Conv2d'}")
 
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, GramConv2d)]
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, (GramConv1d, GramConv2d))]
     try:
         with torch.no_grad():
             model(probe)
@@ -147,7 +149,7 @@ def _bake(reference: nn.Module, probe: torch.Tensor) -> nn.Module:
     replacements = {}
     with torch.no_grad():
         for layer in reference.modules():
-            if isinstance(layer, GramLinear) or (isinstance(layer, GramConv2d) and id(layer) in sizes):
+            if isinstance(layer, GramLinear) or (isinstance(layer, (GramConv1d, GramConv2d)) and id(layer) in sizes):
                 replacements[id(layer)] = _plain_layer(layer, sizes.get(id(layer)))
     # deepcopy substitutes the objects its memo already maps, wherever (and however often) they occur.
     return copy.deepcopy(reference, memo=replacements)
@@ -156,8 +158,8 @@ def _bake(reference: nn.Module, probe: torch.Tensor) -> nn.Module:
 def _plain_layer(layer: nn.Module, input_size) -> nn.Module:
     weight = layer.normalized_weight(input_size).detach().clone()
     factory = dict(device=weight.device, dtype=weight.dtype)
-    if isinstance(layer, GramConv2d):
-        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+    if isinstance(layer, (GramConv1d, GramConv2d)):
+        plain = (nn.Conv1d if isinstance(layer, GramConv1d) else nn.Conv2d)(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                           layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, **factory)
     else:
         plain = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, **factory)
@@ -240,6 +242,8 @@ def _archive(plain: nn.Module, probe: torch.Tensor, input_shape, bound, model_na
 
 
 _LAYER_OPS = {
+    torch.ops.aten.conv1d.default: "torch.nn.Conv1d",
+    torch.ops.aten.conv1d.padding: "torch.nn.Conv1d",
     torch.ops.aten.conv2d.default: "torch.nn.Conv2d",
     torch.ops.aten.conv2d.padding: "torch.nn.Conv2d",
     torch.ops.aten.linear.default: "torch.nn.Linear",

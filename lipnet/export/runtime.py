@@ -65,7 +65,7 @@ CERTIFICATE = ("an input x whose logits z = model(x) have top class c is certifi
 LOGIT_ROUNDING_ULPS = 1024
 
 #: Layer types the archive's ``modules`` may name.
-MODULES = {"torch.nn.Conv2d": nn.Conv2d, "torch.nn.Linear": nn.Linear}
+MODULES = {"torch.nn.Conv1d": nn.Conv1d, "torch.nn.Conv2d": nn.Conv2d, "torch.nn.Linear": nn.Linear}
 
 #: ATen operator packets an archive may call (any overload): pure tensor computations.
 ATEN_OPS = frozenset("""

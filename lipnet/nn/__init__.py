@@ -2,6 +2,7 @@
 
 from lipnet.nn.activations import MaxMin, max_min
 from lipnet.nn.gram_conv import GramConv2d
+from lipnet.nn.gram_conv1d import GramConv1d
 from lipnet.nn.gram_linear import GramLinear
 from lipnet.nn.normalization import InputNormalization
 from lipnet.nn.pooling import GlobalL2NormPool2d, GlobalScaledAvgPool2d, L2NormPool2d, ScaledAvgPool2d
@@ -12,6 +13,7 @@ __all__ = [
     "ConvexResidual",
     "GlobalL2NormPool2d",
     "GlobalScaledAvgPool2d",
+    "GramConv1d",
     "GramConv2d",
     "GramLinear",
     "GramResidualConv2d",

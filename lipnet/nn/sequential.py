@@ -114,7 +114,7 @@ class GramSequential(nn.Sequential):
             if index not in stackable:
                 x = module(x)
                 continue
-            size = (int(x.shape[-2]), int(x.shape[-1]))
+            size = tuple(int(n) for n in x.shape[-len(module.kernel_size):])  # spatial size: (h, w), or (n,) in 1-D
             entry = ready.pop(index, None)
             if entry is None or entry[0] != size:
                 key = stackable[index]
