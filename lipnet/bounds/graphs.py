@@ -63,8 +63,17 @@ def cuda_graphs(enabled: bool = True):
 def release_cuda_graphs() -> int:
     """Drop the recorded graphs, and with them the memory they hold; returns how many."""
     count = len(_GRAPHS)
-    _GRAPHS.clear()
+    _drop_graphs()
     return count
+
+
+def _drop_graphs() -> None:
+    """Forget every graph and the pools they shared. A pool's handle is never reused once its
+    graphs are gone: the caching allocator frees a private pool only when both its graphs and
+    its blocks are gone, and a capture into a pool that lost its graphs but still holds blocks
+    fails an internal assertion (seen on an H200, torch 2.11: ``use_count > 0``)."""
+    _GRAPHS.clear()
+    _POOLS.clear()
 
 
 def replays(tensors: Sequence[torch.Tensor]) -> bool:
@@ -111,7 +120,7 @@ def replayed(function: Callable[..., tuple[torch.Tensor, ...]], inputs: Sequence
     graph = _GRAPHS.get(full_key)
     if graph is None:
         if len(_GRAPHS) >= MAX_GRAPHS:
-            _GRAPHS.clear()
+            _drop_graphs()
         graph = _GRAPHS[full_key] = _RecordedGraph(function, inputs)
     return graph(inputs)
 

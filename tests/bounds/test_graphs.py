@@ -71,3 +71,30 @@ def test_launches_are_free_when_compiled_or_replayed():
 
     assert marked(torch.zeros(1)).item() == 0
     assert torch.compile(marked, fullgraph=True, backend="eager")(torch.zeros(1)).item() == 1
+
+
+def test_releasing_the_graphs_forgets_their_memory_pools(monkeypatch):
+    """A pool handle is never reused after its graphs are dropped (a capture into such a pool
+    fails an assertion of the caching allocator once a block outlives its graphs): release and
+    the overflow past MAX_GRAPHS both forget the pools."""
+    monkeypatch.setitem(graphs._POOLS, torch.device("cuda", 0), (0, 1))
+    monkeypatch.setitem(graphs._GRAPHS, "recorded", object())
+    assert lipnet.bounds.release_cuda_graphs() == 1
+    assert not graphs._POOLS and not graphs._GRAPHS
+
+    class Recorded:
+        def __init__(self, function, inputs):
+            self.function = function
+
+        def __call__(self, inputs):
+            return self.function(*inputs)
+
+    monkeypatch.setattr(graphs, "replays", lambda tensors: True)
+    monkeypatch.setattr(graphs, "_RecordedGraph", Recorded)
+    monkeypatch.setattr(graphs, "MAX_GRAPHS", 2)
+    for key in ("a", "b"):
+        graphs.replayed(lambda x: (x,), (torch.zeros(1),), lambda key=key: key)
+    graphs._POOLS[torch.device("cuda", 0)] = (0, 1)
+    graphs.replayed(lambda x: (x,), (torch.zeros(1),), lambda: "c")  # over the limit: all dropped
+    assert not graphs._POOLS and len(graphs._GRAPHS) == 1
+    graphs._GRAPHS.clear()
