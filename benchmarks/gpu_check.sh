@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh STEP...
 #
 # Steps (run in the order given):
-#   stage      copy the carried CIFAR-10 shards ($STAGE/*.npz, default .data/stage) into $DATA_DIR
+#   stage      copy the carried CIFAR-10 shards ($STAGE/*.npz, default .data/stage) into $DATA_DIR,
+#              decoding WebP packs (webp-*.npz, from pack_cifar10.py --webp: two calls instead of three)
 #   profile    python benchmarks/profile_step.py $PROFILE_ARGS: wall vs kernel time of a training
 #              step of liresnet-s (bounds stacked, per layer, plain), the top kernels; then
 #              python benchmarks/activations.py --dtype bfloat16 (MaxMin vs autograd max/min)
@@ -35,7 +36,15 @@ cat "$out/gpu.txt"
 for step in "$@"; do
     case "$step" in
         stage)
-            mkdir -p "$data" && cp -v "${STAGE:-.data/stage}"/*.npz "$data"/ && ls -la "$data" ;;
+            # A plain shard is copied; a WebP pack (pack_cifar10.py --webp) is decoded and checked.
+            mkdir -p "$data"
+            for f in "${STAGE:-.data/stage}"/*.npz; do
+                case "$(basename "$f")" in
+                    webp-*) python3 benchmarks/pack_cifar10.py --unpack "$f" "$data" || exit 1 ;;
+                    *) cp -v "$f" "$data"/ || exit 1 ;;
+                esac
+            done
+            ls -la "$data" ;;
         profile)
             timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} 2>&1 | tee "$out/profile.txt"
             timeout 60 python3 benchmarks/activations.py --dtype bfloat16 --shapes 512x64x32x32,512x128x8x8 2>&1 \

@@ -1,55 +1,126 @@
-"""Repack CIFAR-10 into three folders of under 64 MiB each, one per device call.
+"""Repack CIFAR-10 into folders of under 64 MiB each, one per device call.
 
     python benchmarks/pack_cifar10.py [SOURCE] [DEST]
+    python benchmarks/pack_cifar10.py --webp [SOURCE] [DEST]
+    python benchmarks/pack_cifar10.py --unpack FILE DEST_DIR
 
 SOURCE is any folder lipnet reads CIFAR-10 from (default ``../shared/data/cifar10``),
-DEST defaults to ``.data`` (git-ignored). It writes ``DEST/s1/train-1-of-3.npz`` (images
-0-19,999), ``DEST/s2/train-2-of-3.npz`` (20,000-39,999) and ``DEST/s3/train-3-of-3.npz``
-(the last 10,000) plus ``DEST/s3/test.npz``: about 56.5 MB each, so each fits one device
-call's 64 MiB beside the checkout. Put together in one folder they are read back as the
-original data set (same images, same order). See "Taking the GPU figures" in
-docs/benchmarks.md.
+DEST defaults to ``.data`` (git-ignored).
+
+Plain (three calls): ``DEST/s1/train-1-of-3.npz`` (images 0-19,999), ``DEST/s2/train-2-of-3.npz``
+(20,000-39,999) and ``DEST/s3/train-3-of-3.npz`` (the last 10,000) plus ``DEST/s3/test.npz``:
+about 56.5 MB each, so each fits one device call's 64 MiB beside the checkout.
+
+``--webp`` (two calls): every image compressed losslessly as WebP (Pillow, 58% of the raw
+bytes): ``DEST/w1/webp-train-1-of-2.npz`` (images 0-29,999) and ``DEST/w2/webp-train-2-of-2.npz``
+plus ``DEST/w2/webp-test.npz``, about 54 MB per folder. ``--unpack`` (on the device, by
+``benchmarks/gpu_check.sh stage``) decodes one such file into the plain shard of the same name
+without the ``webp-`` prefix, and refuses it unless the decoded images hash to the SHA-256
+recorded at packing (lossless, checked).
+
+Put together in one folder, the shards of either kind are read back as the original data set
+(same images, same order). See "Taking the GPU figures" in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from lipnet.data.sources import load_dataset
-
 #: Training images per folder; the test set goes with the last (smallest) one.
 SPLITS = ((0, 20_000), (20_000, 40_000), (40_000, 50_000))
+#: The same for WebP folders (two device calls).
+WEBP_SPLITS = ((0, 30_000), (30_000, 50_000))
+#: Prefix of a WebP-packed file; unpacked, the file keeps its name without it.
+WEBP_PREFIX = "webp-"
 
 
-def pack(source: Path, dest: Path, splits=SPLITS) -> list[Path]:
-    """Write one folder per ``(start, stop)`` of ``splits``; returns the files written."""
+def _parts(source: Path, splits):
+    """``(folder index, file name, images NHWC uint8, labels int64)`` of each file to write."""
+    from lipnet.data.sources import load_dataset
+
     train = load_dataset("cifar10", "train", data_dir=source)
     test = load_dataset("cifar10", "test", data_dir=source)
     if len(train) != splits[-1][1]:
         raise SystemExit(f"expected {splits[-1][1]} training images in {source}, found {len(train)}")
-    written = []
     for k, (lo, hi) in enumerate(splits, start=1):
-        folder = dest / f"s{k}"
-        folder.mkdir(parents=True, exist_ok=True)
         parts = [(f"train-{k}-of-{len(splits)}.npz", train, lo, hi)]
         if k == len(splits):
             parts.append(("test.npz", test, 0, len(test)))
         for name, data, a, b in parts:
             x = data.images[a:b].permute(0, 2, 3, 1).contiguous().numpy()  # uint8 NHWC
-            y = data.labels[a:b].numpy().astype(np.int64)
-            np.savez_compressed(folder / name, x=x, y=y)
-            written.append(folder / name)
+            yield k, name, x, data.labels[a:b].numpy().astype(np.int64)
+
+
+def pack(source: Path, dest: Path, splits=SPLITS) -> list[Path]:
+    """Write one folder ``s<k>`` per ``(start, stop)`` of ``splits``; returns the files written."""
+    written = []
+    for k, name, x, y in _parts(source, splits):
+        path = dest / f"s{k}" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, x=x, y=y)
+        written.append(path)
     return written
 
 
+def pack_webp(source: Path, dest: Path, splits=WEBP_SPLITS) -> list[Path]:
+    """Write one folder ``w<k>`` per ``(start, stop)`` of ``splits``, every image a lossless
+    WebP; returns the files written."""
+    from PIL import Image
+
+    written = []
+    for k, name, x, y in _parts(source, splits):
+        blobs = []
+        for image in x:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="WEBP", lossless=True, quality=100, method=2, exact=True)
+            blobs.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+        offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
+        path = dest / f"w{k}" / f"{WEBP_PREFIX}{name}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, blobs=np.concatenate(blobs), offsets=offsets, shape=np.array(x.shape, dtype=np.int64), y=y,
+                 sha256=np.frombuffer(hashlib.sha256(x.tobytes()).digest(), dtype=np.uint8))
+        written.append(path)
+    return written
+
+
+def unpack_webp(path: Path, dest_dir: Path) -> Path:
+    """Decode one ``webp-*.npz`` file into ``dest_dir`` as the plain shard it was packed from."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.name.startswith(WEBP_PREFIX):
+        raise SystemExit(f"{path} is not a WebP pack (its name does not start with {WEBP_PREFIX!r})")
+    with np.load(path) as packed:
+        blobs, offsets, shape, y, digest = (packed[k] for k in ("blobs", "offsets", "shape", "y", "sha256"))
+    x = np.empty(tuple(int(s) for s in shape), dtype=np.uint8)
+    for i in range(len(x)):
+        x[i] = np.asarray(Image.open(io.BytesIO(blobs[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
+    if hashlib.sha256(x.tobytes()).digest() != digest.tobytes():
+        raise SystemExit(f"{path}: the decoded images do not match the SHA-256 recorded at packing")
+    out = Path(dest_dir) / path.name[len(WEBP_PREFIX):]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, x=x, y=y)
+    return out
+
+
 def main(argv=None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--unpack"]:
+        if len(args) != 3:
+            raise SystemExit("usage: pack_cifar10.py --unpack FILE DEST_DIR")
+        out = unpack_webp(Path(args[1]), Path(args[2]))
+        print(f"{out}  {out.stat().st_size / 1e6:.1f} MB")
+        return 0
+    webp = args[:1] == ["--webp"]
+    args = args[1:] if webp else args
     source = Path(args[0]) if args else Path("../shared/data/cifar10")
     dest = Path(args[1]) if len(args) > 1 else Path(".data")
-    for path in pack(source, dest):
+    for path in (pack_webp if webp else pack)(source, dest):
         print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
     return 0
 

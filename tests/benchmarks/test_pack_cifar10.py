@@ -29,3 +29,37 @@ def test_wrong_count_is_refused(tmp_path, pack_module):
     write_npz(synthetic_dataset("cifar10", 2, split="test"), tmp_path / "src" / "test.npz")
     with pytest.raises(SystemExit, match="expected 50000 training images"):
         pack_module.pack(tmp_path / "src", tmp_path / "out")
+
+
+def test_webp_folders_unpacked_together_are_the_original(tmp_path, pack_module):
+    train = synthetic_dataset("cifar10", 10, split="train")
+    test = synthetic_dataset("cifar10", 3, split="test", seed=1)
+    write_npz(train, tmp_path / "src" / "train.npz")
+    write_npz(test, tmp_path / "src" / "test.npz")
+    written = pack_module.pack_webp(tmp_path / "src", tmp_path / "out", splits=((0, 6), (6, 10)))
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == [
+        "w1/webp-train-1-of-2.npz", "w2/webp-test.npz", "w2/webp-train-2-of-2.npz"]
+    together = tmp_path / "together"
+    for path in written:
+        assert pack_module.main(["--unpack", str(path), str(together)]) == 0
+    assert sorted(p.name for p in together.iterdir()) == ["test.npz", "train-1-of-2.npz", "train-2-of-2.npz"]
+    for split, original in (("train", train), ("test", test)):
+        back = load_dataset("cifar10", split, data_dir=together)
+        assert torch.equal(back.images, original.images) and torch.equal(back.labels, original.labels)
+
+
+def test_a_damaged_webp_pack_is_refused(tmp_path, pack_module):
+    import numpy as np
+
+    write_npz(synthetic_dataset("cifar10", 4, split="train"), tmp_path / "src" / "train.npz")
+    write_npz(synthetic_dataset("cifar10", 2, split="test"), tmp_path / "src" / "test.npz")
+    (path, _) = pack_module.pack_webp(tmp_path / "src", tmp_path / "out", splits=((0, 4),))
+    with np.load(path) as packed:
+        arrays = dict(packed)
+    arrays["sha256"] = arrays["sha256"].copy()
+    arrays["sha256"][0] ^= 1  # as if one image had decoded differently
+    np.savez(path, **arrays)
+    with pytest.raises(SystemExit, match="do not match the SHA-256"):
+        pack_module.unpack_webp(path, tmp_path / "together")
+    with pytest.raises(SystemExit, match="not a WebP pack"):
+        pack_module.unpack_webp(tmp_path / "src" / "train.npz", tmp_path / "together")
