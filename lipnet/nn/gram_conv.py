@@ -50,6 +50,7 @@ class GramConv2d(GramNormalized, nn.Conv2d):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", device=None, dtype=None, *, n_iter: int = DEFAULT_N_ITER,
                  screen_iter: int = DEFAULT_SCREEN_ITER):
+        stride, padding, dilation = (_both_axes(value) for value in (stride, padding, dilation))
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
         self._init_normalization(n_iter)
@@ -103,8 +104,11 @@ class GramConv2d(GramNormalized, nn.Conv2d):
         if type(self)._operator_norm is not GramConv2d._operator_norm:
             return None
         weight = self.weight
-        return (GramConv2d, tuple(weight.shape), weight.dtype, weight.device, self.stride,
-                self.padding, self.dilation, self.groups, self.padding_mode, self.n_iter, self.screen_iter)
+        return (GramConv2d, tuple(weight.shape), weight.dtype, weight.device, *self._geometry(), self.n_iter,
+                self.screen_iter)
+
+    def _geometry(self):
+        return self.stride, self.padding, self.dilation, self.groups, self.padding_mode
 
     def _matrix_shape(self):
         stride = self.stride[0] * self.stride[1]
@@ -112,10 +116,6 @@ class GramConv2d(GramNormalized, nn.Conv2d):
         return self.out_channels // self.groups, self.in_channels // self.groups * stride, taps
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing():
-            raise TypeError(f"{type(self).__name__} cannot be traced by torch.jit.trace (its bound depends on the input's "
-                            "size, which tracing turns into tensors). For a plain-PyTorch copy with the normalized "
-                            "weights baked in, use lipnet.export(model, input_shape); for speed, torch.compile")
         return self._forward_normalized(input, self.normalized_weight((int(input.shape[-2]), int(input.shape[-1]))))
 
     def _forward_normalized(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -126,3 +126,11 @@ class GramConv2d(GramNormalized, nn.Conv2d):
     def extra_repr(self) -> str:
         screen = "" if self.screen_iter == DEFAULT_SCREEN_ITER else f", screen_iter={self.screen_iter}"
         return super().extra_repr() + f", n_iter={self.n_iter}" + screen
+
+
+def _both_axes(value):
+    """A one-element sequence of ``nn.Conv2d``'s stride, padding or dilation (which ``F.conv2d``
+    applies to both axes) as a pair; anything else as it is."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        return (value[0], value[0])
+    return value

@@ -94,17 +94,16 @@ class GramConv1d(GramNormalized, nn.Conv1d):
         if type(self)._operator_norm is not GramConv1d._operator_norm:
             return None
         weight = self.weight
-        return (GramConv1d, tuple(weight.shape), weight.dtype, weight.device, self.stride,
-                self.padding, self.dilation, self.groups, self.padding_mode, self.n_iter, self.screen_iter)
+        return (GramConv1d, tuple(weight.shape), weight.dtype, weight.device, *self._geometry(), self.n_iter,
+                self.screen_iter)
+
+    def _geometry(self):
+        return self.stride, self.padding, self.dilation, self.groups, self.padding_mode
 
     def _matrix_shape(self):
         return self.out_channels // self.groups, self.in_channels // self.groups * self.stride[0], self.kernel_size[0]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing():
-            raise TypeError(f"{type(self).__name__} cannot be traced by torch.jit.trace (its bound depends on the input's "
-                            "length, which tracing turns into a tensor). For a plain-PyTorch copy with the normalized "
-                            "weights baked in, use lipnet.export(model, input_shape); for speed, torch.compile")
         return self._forward_normalized(input, self.normalized_weight((int(input.shape[-1]),)))
 
     def _forward_normalized(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,12 @@ class InputNormalization(nn.Module):
 
     def lipschitz_bound(self) -> float:
         """``1 / min(std)``, rounded up in float64."""
-        return math.nextafter(1 / float(self.std.double().min()), math.inf)
+        smallest = float(self.std.double().min())
+        if not smallest > 0:  # written into the buffer after construction (also NaN)
+            raise ValueError(f"InputNormalization: std must be positive, got {self.std.tolist()} (the constructor and "
+                             "load_state_dict check it; it was written into the buffer since). Set a positive std, "
+                             "e.g. with load_state_dict")
+        return math.nextafter(1 / smallest, math.inf)
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.tolist()}, std={self.std.tolist()}"

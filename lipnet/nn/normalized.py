@@ -11,8 +11,6 @@ on changes (:meth:`GramNormalized._cache_key`), so inference computes no bound p
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -39,8 +37,9 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 def can_check_values(tensor: torch.Tensor) -> bool:
     """Whether the value of ``tensor`` can steer Python now (e.g. a check that a bound is
     finite): not while ``torch.compile`` traces, nor for a tensor batched by ``torch.func.vmap``
-    at some level (a check of each copy would be data-dependent control flow)."""
-    if torch.compiler.is_compiling():
+    at some level (a check of each copy would be data-dependent control flow), nor on the meta
+    device (no values)."""
+    if torch.compiler.is_compiling() or tensor.is_meta:
         return False
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(tensor):
@@ -111,11 +110,25 @@ class GramNormalized:
         """The weight whose operator is bounded and normalized (``self.weight`` by default)."""
         return self.weight
 
+    def _geometry(self) -> tuple:
+        """The layer's settings besides the weight that its bound and forward read (stride,
+        padding, ... of a convolution; none by default), part of the eval cache's key."""
+        return ()
+
     def _init_normalization(self, n_iter: int) -> None:
         if not isinstance(n_iter, int) or n_iter < 1:
             raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
         self.n_iter = n_iter
         self._eval_cache: dict = {}
+        self._refuse_complex()
+
+    def _refuse_complex(self) -> None:
+        """Raise ``TypeError`` for a complex weight: the bounds are for real operators."""
+        dtype = self.weight.dtype
+        if dtype.is_complex:
+            raise TypeError(f"{type(self).__name__}: complex weights ({dtype}) are not supported: the Gram bound and "
+                            "its certificate are for real operators (a complex weight's imaginary part would be "
+                            "dropped). Use a real dtype: float32, float64, bfloat16 or float16")
 
     def weight_norm_bound(self, input_size=None) -> torch.Tensor:
         """Differentiable upper bound on the operator norm of the raw weight (0 for an empty one)."""
@@ -124,6 +137,7 @@ class GramNormalized:
     def _checked_bound(self, input_size) -> tuple[torch.Tensor, bool]:
         """``(bound, zero)``: the bound, checked (:func:`unusable_bounds`: a non-finite one raises),
         and whether it is zero with a tracked weight gradient (then refuse that gradient)."""
+        self._refuse_complex()
         weight = self._operator_weight()
         if weight.numel() == 0:  # no input or no output features: the zero map
             return weight.sum(), False
@@ -154,7 +168,14 @@ class GramNormalized:
         return None
 
     def normalized_weight(self, input_size=None) -> torch.Tensor:
-        """``weight / max(bound, TINY)``: the weight the layer actually applies."""
+        """``weight / max(bound, TINY)``: the weight the layer actually applies (for a bfloat16
+        or float16 weight, rounded so that its bound stays <= 1: :meth:`_divide`)."""
+        if torch.jit.is_tracing():
+            raise TypeError(f"{type(self).__name__} cannot be traced by torch.jit.trace: its normalized weight is "
+                            "computed in Python from the weight (and a convolution's input size), and cached in eval "
+                            "mode, so a trace would record it as a constant that ignores later weights. For a "
+                            "plain-PyTorch copy with the normalized weights baked in, use lipnet.export(model, "
+                            "input_shape); for speed, torch.compile")
         input_size = self._input_size(input_size)
         cacheable = not self.training and not torch.compiler.is_compiling()
         if cacheable:
@@ -165,17 +186,49 @@ class GramNormalized:
         if cacheable:
             key = self._cache_key(weight, input_size)
             cached = self._eval_cache.get(input_size)
-            if cached is not None and cached[0] == key and cached[1]() is weight:
+            if cached is not None and cached[0] == key and cached[1] is weight:
                 return cached[2]
         bound, zero = self._checked_bound(input_size)
-        normalized = self._operator_weight() / bound.clamp_min(TINY).to(self.weight.dtype)
+        normalized = self._divide(self._operator_weight(), bound, input_size)
         if zero:
             normalized = refuse_weight_gradient(normalized, self)
         if cacheable:
             if len(self._eval_cache) > 16:
                 self._eval_cache.clear()
-            self._eval_cache[input_size] = (key, weakref.ref(weight), normalized.detach())
+            # The weight itself, not a weak reference: while held, no new tensor can take its
+            # memory; and torch.utils.swap_tensors (``.to()`` with swapping, which
+            # ``torch.__future__`` can turn on) refuses tensors with weak references.
+            self._eval_cache[input_size] = (key, weight, normalized.detach())
         return normalized
+
+    def _divide(self, weight: torch.Tensor, bound: torch.Tensor, input_size) -> torch.Tensor:
+        """``weight / max(bound, TINY)`` in the dtype of ``weight``.
+
+        A bfloat16 or float16 weight is divided in float32 and rounded to its dtype. Rounding
+        moves each entry by up to half a unit in the last place, which can lift the operator norm
+        of the rounded weight above 1 (typically by up to 0.3% in bfloat16). So the rounded weight is
+        bounded again (no gradient) and, while its bound exceeds 1, the quotient is scaled down
+        by that bound and a growing number of rounding units and rounded anew; the weight the
+        layer applies then has a bound <= 1 at float32's accuracy, as a float32 layer does. The
+        check reads values: it is skipped where they cannot steer Python (:func:`can_check_values`).
+        """
+        bound = bound.clamp_min(TINY)
+        if weight.dtype.itemsize >= 4:
+            return weight / bound.to(weight.dtype)
+        quotient = weight.float() / bound.float()
+        rounded = quotient.to(weight.dtype)
+        if rounded.numel() == 0 or not can_check_values(rounded):
+            return rounded
+        shrink = 1 - torch.finfo(weight.dtype).eps / 2  # one unit roundoff below 1
+        scale, tries = 1.0, 0
+        while True:
+            with torch.no_grad():
+                excess = float(self._operator_norm(rounded.detach().float(), input_size, self.n_iter))
+            if not excess > 1:  # also stops on NaN, which the bound's own check reports
+                return rounded
+            tries += 1
+            scale *= shrink ** tries / excess
+            rounded = (quotient * scale).to(weight.dtype)
 
     def _input_size(self, input_size):
         """The input size a bound is for: ``input_size``, or what ``None`` stands for (a layer whose
@@ -187,10 +240,11 @@ class GramNormalized:
         (a new tensor may reuse a freed one's memory and version number): its version counter
         and storage (in-place updates, ``weight.data = ...``), optimizer steps (fused ones do not
         count versions), dtype and device, the bound's settings (the layer's Gram steps and
-        :func:`lipnet.bounds.refine_exceeding`), and inference mode (whose tensors cannot be
-        used outside it)."""
+        :func:`lipnet.bounds.refine_exceeding`), the layer's geometry (:meth:`_geometry`: a stride
+        or padding set after construction), and inference mode (whose tensors cannot be used
+        outside it)."""
         return (input_size, weight._version, weight.data_ptr(), weight.device, weight.dtype, _OPTIMIZER_STEPS[0],
-                self.n_iter, getattr(self, "screen_iter", None), refines_exceeding(weight.device),
+                self.n_iter, getattr(self, "screen_iter", None), refines_exceeding(weight.device), self._geometry(),
                 torch.is_inference_mode_enabled())
 
     @torch.no_grad()
@@ -220,6 +274,18 @@ class GramNormalized:
     def _load_from_state_dict(self, *args, **kwargs):
         self._eval_cache.clear()
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        """As ``nn.Module._apply`` (``.to()``, ``.double()``, ``.cuda()``, ...), emptying the eval
+        cache first; a conversion to a complex dtype raises ``TypeError``."""
+        self._eval_cache.clear()
+        module = super()._apply(fn, recurse)
+        self._refuse_complex()
+        return module
+
+    def __getstate__(self):
+        """As ``nn.Module``'s, without the eval cache (copies and pickles rebuild it)."""
+        return {**super().__getstate__(), "_eval_cache": {}}
 
     def train(self, mode: bool = True):
         """As ``nn.Module.train``; also empties the eval-mode cache of normalized weights.
