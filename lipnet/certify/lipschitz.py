@@ -40,7 +40,7 @@ from lipnet.certify.modes import evaluating
 from lipnet.nn.activations import MaxMin
 from lipnet.nn.pooling import adaptive_pooling_lipschitz_bound, pooling_lipschitz_bound, sqrt_up, window_multiplicity
 from lipnet.nn.residual import ConvexResidual
-from lipnet.nn.sequential import GramSequential
+from lipnet.nn.sequential import GramSequential, call_override
 
 #: ``fn(module, input_shape) -> float``: a sound upper bound on the module's L2 Lipschitz
 #: constant for inputs of ``input_shape`` (one example, no batch dimension).
@@ -125,8 +125,12 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
         UnknownModuleError: a module has no known bound (the message names it and says how
             to register one).
         LipschitzBoundError: a bound function returned a negative, NaN or non-number value; a
-            module has forward hooks (they may change its output); or a subclass overrides
-            ``forward`` (or a helper its bound relies on) but inherits the bound.
+            module has forward hooks (they may change its output); a module's call runs
+            another ``forward`` than its class's (one assigned to the instance, or an
+            overridden ``__call__``); a subclass overrides ``forward`` (or a helper its bound
+            relies on) but inherits the bound; or a module acts on the batch dimension
+            (``nn.Flatten(0, ...)``, ``nn.Unflatten(0, ...)``, ``MaxMin(dim=0)``), so that an
+            example's output depends on the rest of its batch.
 
     Example:
         >>> from lipnet.nn import GramConv2d, GramLinear, MaxMin
@@ -172,6 +176,7 @@ def _round_up_exact(rounded: float, exact: Fraction) -> float:
 def _module_bound(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """``(bound, module(x))`` for the dummy input ``x``."""
     check_no_forward_hooks(module)
+    check_runs_own_forward(module)
     shape = tuple(x.shape[1:])
     fn = _lookup(_REGISTRY, module)
     if fn is not None:
@@ -228,17 +233,36 @@ def check_no_forward_hooks(module: nn.Module) -> None:
             "them; remove the hooks (handle.remove()) before certifying"))
 
 
+def check_runs_own_forward(module: nn.Module) -> None:
+    """Refuse a module whose call runs something other than its class's ``forward``.
+
+    ``nn.Module.__call__`` runs a ``forward`` assigned to the instance (``module.forward =
+    ...``, as wrappers that patch a module do) instead of the class's, and a class may
+    override ``__call__`` itself; bounds are known for class forwards only
+    (:func:`~lipnet.nn.sequential.call_override`).
+    """
+    if (override := call_override(module)) is not None:
+        raise LipschitzBoundError(module, (
+            f"{type(module).__name__} {override}, so calling it does not run {type(module).__name__}.forward, "
+            "which its Lipschitz bound describes; certify the module without the override (e.g. del module.forward), "
+            "or make it a subclass with its own lipschitz_bound or a registered bound "
+            "(lipnet.certify.register_lipschitz_bound)"))
+
+
 def has_forward_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward hooks or forward pre-hooks of its own."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def overridden_forward_part(module: nn.Module, owner: type) -> str | None:
-    """The first of ``forward`` and ``owner.LIPSCHITZ_BOUND_DEPENDS_ON`` that ``module``'s class
-    does not take from ``owner``, or ``None`` when it computes ``owner.forward`` as written."""
+    """The first of ``forward`` and ``owner.LIPSCHITZ_BOUND_DEPENDS_ON`` that ``module`` does
+    not take from ``owner`` (overridden by its class, or assigned to the instance), or
+    ``None`` when it computes ``owner.forward`` as written."""
     for name in ("forward", *getattr(owner, "LIPSCHITZ_BOUND_DEPENDS_ON", ())):
-        if getattr(type(module), name, None) is not getattr(owner, name, None):
+        if getattr(type(module), name, None) is not getattr(owner, name, None) or name in vars(module):
             return name
+    if call_override(module) is not None:
+        return "__call__"
     return None
 
 
@@ -276,7 +300,10 @@ def _check_method_matches_forward(module: nn.Module) -> None:
 
 
 def _lookup(table: dict, module: nn.Module):
-    """The entry of the nearest registered base class whose ``forward`` the module still uses."""
+    """The entry of the nearest registered base class whose ``forward`` the module still uses
+    (none when the module's call runs another one: :func:`check_runs_own_forward`)."""
+    if call_override(module) is not None:
+        return None
     cls = type(module)
     for base in cls.__mro__:
         if base in table and (base is cls or getattr(cls, "forward", None) is getattr(base, "forward", None)):
@@ -328,9 +355,11 @@ def _sequential_bound(module: nn.Sequential, x: torch.Tensor):
 
 
 def _convex_residual_bound(module: ConvexResidual, x: torch.Tensor):
-    """``|1 - alpha| + |alpha| * Lip(branch)`` with the coefficients the forward applies."""
-    branch_bound, _ = _module_bound(module.branch, x)
-    keep, alpha = (abs(float(c.detach().double())) for c in module.coefficients())
+    """``|1 - alpha| + |alpha| * Lip(branch)`` with the coefficients the forward applies: those
+    of ``module.coefficients()`` cast, as the forward casts them, to its operands' dtypes."""
+    branch_bound, out = _module_bound(module.branch, x)
+    keep, alpha = module.coefficients()
+    keep, alpha = (abs(float(c.detach().to(t.dtype).double())) for c, t in ((keep, x), (alpha, out)))
     return add_up(keep, mul_up(alpha, branch_bound)), module(x)
 
 
@@ -348,13 +377,50 @@ def _constant(value: float) -> BoundFunction:
 
 
 # Shape changes, and maps that are the identity in eval mode.
-for _type in (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-              nn.AlphaDropout, nn.FeatureAlphaDropout):
+for _type in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+              nn.FeatureAlphaDropout):
     register_lipschitz_bound(_type, _constant(1.0))
-# Activations with derivative in [-1, 1]; MaxMin permutes each pair of channels.
-for _type in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, nn.Softsign, MaxMin):
+# Activations with derivative in [-1, 1].
+for _type in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, nn.Softsign):
     register_lipschitz_bound(_type, _constant(1.0))
 register_lipschitz_bound(nn.Sigmoid, _constant(0.25))
+
+
+def _refuse_batch_dim(module: nn.Module, name: str, dim: int, shape) -> None:
+    """Refuse ``module`` when its argument ``name=dim`` (counted with the batch dimension,
+    negative from the end) is the batch dimension of inputs ``(N, *shape)``."""
+    ndim = len(shape) + 1
+    if -ndim <= dim < ndim and dim % ndim == 0:  # a dimension out of range fails in the dry run
+        raise LipschitzBoundError(module, (
+            f"{type(module).__name__} with {name}={dim} acts on the batch dimension of inputs of shape "
+            f"(N, {', '.join(map(str, shape))}), so each example's output depends on the other examples of its "
+            "batch and no per-example Lipschitz bound exists; use dimensions >= 1 (within one example)"))
+
+
+@register_lipschitz_bound(nn.Flatten)
+def _flatten(module: nn.Flatten, shape) -> float:
+    """1 (a rearrangement) unless it merges the batch dimension with others."""
+    ndim = len(shape) + 1
+    if module.start_dim % ndim != module.end_dim % ndim:
+        _refuse_batch_dim(module, "start_dim", module.start_dim, shape)
+    return 1.0
+
+
+@register_lipschitz_bound(nn.Unflatten)
+def _unflatten(module: nn.Unflatten, shape) -> float:
+    """1 (a rearrangement) unless it splits the batch dimension."""
+    if not isinstance(module.dim, int):
+        raise LipschitzBoundError(module, f"Unflatten of the named dimension {module.dim!r} is not supported; "
+                                          "give the dimension's index")
+    _refuse_batch_dim(module, "dim", module.dim, shape)
+    return 1.0
+
+
+@register_lipschitz_bound(MaxMin)
+def _max_min(module: MaxMin, shape) -> float:
+    """1: it permutes each pair of channels along ``module.dim`` (not the batch dimension)."""
+    _refuse_batch_dim(module, "dim", module.dim, shape)
+    return 1.0
 
 
 @register_lipschitz_bound(nn.LeakyReLU)

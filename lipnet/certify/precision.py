@@ -7,8 +7,9 @@ grows with the intermediate activations, not with the logits; a margin below tha
 certifies nothing. So certification
 
 1. evaluates :func:`float64_copy`, a copy of the model in float64 whose Gram layers apply the
-   original's normalized weights, cast exactly (the same function in exact arithmetic, whose
-   Lipschitz bound is the original's);
+   original's normalized weights, and whose convex residual blocks its mixing coefficients,
+   cast exactly (the same function in exact arithmetic, whose Lipschitz bound is the
+   original's);
 2. with TF32 and cuDNN off (:func:`exact_kernels`), so that every linear map is computed by
    plain sums of products;
 3. bounds, per example, the L2 distance between the float64 logits and the exact ones by
@@ -59,22 +60,36 @@ def float64_copy(model: nn.Module) -> nn.Module:
     Gram layers of the copy apply the original's normalized weight (computed by the original
     in its own dtype, cached in eval mode) cast exactly to float64, so the copy's
     :func:`~lipnet.certify.lipschitz_bound` certifies the weights the original applies.
-    Everything else is cast with ``.double()`` (exact for float32, bfloat16 and float16).
+    Likewise a :class:`~lipnet.nn.ConvexResidual` of the copy mixes with the coefficients
+    ``1 - alpha`` and ``alpha`` that the original computes in its own dtype (in float16,
+    ``sigmoid`` and ``1 - sigmoid`` may sum to ``1 + 2^-12``; recomputed in float64 they would
+    describe another function). Everything else is cast with ``.double()`` (exact for
+    float32, bfloat16 and float16).
     """
     model = _unwrap(model)
     twin = copy.deepcopy(model)
     for original, module in zip(model.modules(), twin.modules(), strict=True):
         if isinstance(original, GramNormalized):
-            module.normalized_weight = _applied_by(original)
+            module.normalized_weight = _weight_applied_by(original)
+        if isinstance(original, ConvexResidual):
+            module.coefficients = _coefficients_applied_by(original)
     return twin.double()
 
 
-def _applied_by(layer: GramNormalized) -> Callable:
+def _weight_applied_by(layer: GramNormalized) -> Callable:
     def normalized_weight(input_size=None) -> torch.Tensor:
         with torch.no_grad():
             return layer.normalized_weight(input_size).detach().double()
 
     return normalized_weight
+
+
+def _coefficients_applied_by(block: ConvexResidual) -> Callable:
+    def coefficients() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return tuple(c.detach().double() for c in block.coefficients())
+
+    return coefficients
 
 
 @contextmanager

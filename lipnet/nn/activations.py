@@ -6,6 +6,11 @@ import torch
 from torch import nn
 
 
+#: How to pair the channels of inputs with or without a batch dimension.
+_UNBATCHED = ("For inputs with or without a batch dimension, count dim from the end: -1 for features (N, C) or (C,), "
+              "-2 for (N, C, L) or (C, L), -3 for (N, C, H, W) or (C, H, W)")
+
+
 def max_min(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """MaxMin (GroupSort with groups of 2): ``(a, b) -> (max(a, b), min(a, b))``.
 
@@ -26,6 +31,9 @@ def max_min(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         >>> max_min(torch.tensor([[1.0, -2.0, 3.0, 5.0]]))
         tensor([[ 3.,  5.,  1., -2.]])
     """
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"MaxMin pairs the channels along dim {dim}, which an input of shape {tuple(x.shape)} "
+                         f"does not have; dim counts the batch dimension, as in nn.Softmax(dim). {_UNBATCHED}")
     if x.shape[dim] % 2:
         raise ValueError(f"MaxMin needs an even number of channels along dim {dim}, got {x.shape[dim]}")
     if torch.is_grad_enabled() and x.requires_grad:
@@ -86,6 +94,14 @@ class _MaxMinForwardMode(_MaxMin):
 
 class MaxMin(nn.Module):
     """Module form of :func:`max_min` (Lipschitz constant 1).
+
+    ``dim`` is an index into the input's shape, as in ``nn.Softmax(dim)``: the default
+    ``dim=1`` is the channel dimension of a batch ``(N, C, *)``. A layer before it that also
+    accepts unbatched inputs (``nn.Conv2d`` takes ``(C, H, W)``) leaves the channels at
+    ``dim=0`` of those; to pair the channels of both, count from the end: ``dim=-3`` after a
+    2-D convolution, ``-2`` after a 1-D one, ``-1`` after a linear layer. An input that has no dimension
+    ``dim`` is refused with this advice; a 3-D input to ``MaxMin(dim=1)`` is taken as
+    ``(N, C, L)``.
 
     Example:
         >>> MaxMin()(torch.tensor([[1.0, -2.0, 3.0, 5.0]]))

@@ -202,10 +202,29 @@ class GlobalL2NormPool2d(nn.Module):
         return 1.0
 
 
-class GlobalScaledAvgPool2d(nn.Module):
-    """Per-channel ``sum / sqrt(h * w)`` over all spatial positions, output ``(N, C, 1, 1)``.
+def float32_sqrt_down(n: int) -> float:
+    """A float32 value ``<= sqrt(n)`` (the largest, for ``n`` below ``2^48``).
 
-    Global average pooling has norm ``1 / sqrt(h * w)``; this scaled form has norm 1.
+    Tensors of float32, float16 and bfloat16 multiply by a Python float rounded to float32
+    (their arithmetic type), float64 ones by the float itself; this one every dtype applies
+    exactly, so a layer scaled by it applies one multiplier, at most ``sqrt(n)``, in every
+    dtype (and so does the float64 copy that certification evaluates). It is
+    ``r = fl64(sqrt(n))`` with its significand cut to float32's 24 bits. That is not above
+    ``sqrt(n)``: a cut below ``r`` is below ``sqrt(n)`` (``r`` is the float64 nearest to it),
+    and an ``r`` with a 24-bit significand that is not ``sqrt(n)`` itself differs from it by
+    more than half a float64 ulp (``|n - r^2| >= 2^-2k`` for ``r = a 2^-k``, ``a < 2^24``),
+    so it would not have been the nearest.
+    """
+    mantissa, exponent = math.frexp(math.sqrt(n))
+    return math.ldexp(math.floor(math.ldexp(mantissa, 24)), exponent - 24)
+
+
+class GlobalScaledAvgPool2d(nn.Module):
+    """Per-channel ``sum * s / (h * w)`` over all spatial positions, output ``(N, C, 1, 1)``,
+    with ``s`` :func:`float32_sqrt_down` of ``h * w`` (``sqrt(h * w)`` to 2^-24).
+
+    Global average pooling has norm ``1 / sqrt(h * w)``; this scaled form has norm
+    ``s / sqrt(h * w) <= 1``, in every dtype.
 
     Example:
         >>> GlobalScaledAvgPool2d()(torch.ones(1, 1, 2, 2)).item()
@@ -213,9 +232,10 @@ class GlobalScaledAvgPool2d(nn.Module):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return scaled_avg_pool2d(x, x.shape[-2:])
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        return F.avg_pool2d(x, size) * float32_sqrt_down(math.prod(size))
 
     def lipschitz_bound(self, input_size=None) -> float:
-        """``1 + 2^-52``: a single window per channel, scaled by ``fl(sqrt(h * w))``, which may lie
-        half an ulp above ``sqrt(h * w)``."""
+        """``1 + 2^-52``: a single window per channel, scaled by at most ``sqrt(h * w)``
+        (:func:`float32_sqrt_down`)."""
         return math.nextafter(1.0, math.inf)

@@ -77,8 +77,12 @@ class GramSequential(nn.Sequential):
     are computed in one stacked bound computation (:func:`stacked_normalized_weights`) for
     the input size it sees; a later layer that sees another size is bounded again on its own
     input. The output equals the plain ``nn.Sequential``'s up to rounding, and each layer
-    is 1-Lipschitz as when it runs alone. Children with forward hooks (or any global
-    forward hook) run as plain modules.
+    is 1-Lipschitz as when it runs alone. Stacking calls a child's
+    ``_forward_normalized`` instead of the child itself, so it is used only for children that
+    run their class's ``forward`` as written (:func:`stackable_call`): children with hooks of
+    any kind (forward or backward, their own or global), a ``forward`` of their own (an
+    overriding subclass, or one assigned to the instance) or an overridden ``__call__`` run
+    as plain modules.
 
     Stacking pays where each operation costs a kernel launch (GPUs: one set of launches for
     ``L`` layers); on a CPU the arithmetic dominates and the larger stacked tensors were
@@ -139,13 +143,60 @@ class GramSequential(nn.Sequential):
 
     def _stackable(self) -> dict[int, tuple]:
         """``{index: stack key}`` of the children that may be bounded with others: Gram layers
-        with a stack key and no hooks."""
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        with a stack key whose call :func:`stackable_call` allows."""
+        if _global_hooks():
             return {}
         found = {}
         for index, module in enumerate(self):
-            if (isinstance(module, GramNormalized) and hasattr(module, "_forward_normalized")
-                    and not (module._forward_hooks or module._forward_pre_hooks)
-                    and (key := module.stack_key()) is not None):
+            if stackable_call(module) and (key := module.stack_key()) is not None:
                 found[index] = key
         return found if len(found) > 1 else {}
+
+
+#: What ``nn.Module.__call__`` runs: overriding one of these changes what ``module(x)`` computes.
+_CALL_METHODS = ("__call__", "_wrapped_call_impl", "_call_impl")
+
+
+def call_override(module: nn.Module) -> str | None:
+    """What makes ``module(x)`` compute something other than ``type(module).forward(module, x)``
+    (hooks aside), or ``None``.
+
+    That is a ``forward`` (or ``_call_impl``) assigned to the instance, as wrappers that patch
+    ``module.forward`` do, which ``nn.Module.__call__`` runs instead of the class's, or a
+    class that overrides ``__call__`` (or the ``nn.Module`` methods it calls).
+    """
+    for name in ("forward", *_CALL_METHODS[1:]):
+        if name in vars(module):
+            return f"has its own {name} (assigned to the instance: module.{name} = ...)"
+    for name in _CALL_METHODS:
+        if getattr(type(module), name) is not getattr(nn.Module, name):
+            return f"overrides nn.Module.{name} (in class {type(module).__name__})"
+    return None
+
+
+def stackable_call(module: nn.Module) -> bool:
+    """Whether :class:`GramSequential` may replace ``module(x)`` by ``module._forward_normalized``
+    with a stacked weight: ``module`` is a Gram layer whose ``forward`` and ``normalized_weight``
+    are those of the class defining ``_forward_normalized`` (so ``forward`` is
+    ``_forward_normalized(x, normalized_weight(size))``), not overridden on the instance or by
+    :func:`call_override`, and it has no hooks of its own (forward, forward pre-, backward
+    or backward pre-hooks), which the direct call would skip. Global hooks are checked
+    by the caller, once."""
+    if not isinstance(module, GramNormalized):
+        return False
+    cls = type(module)
+    owner = next((c for c in cls.__mro__ if "_forward_normalized" in vars(c)), None)
+    if owner is None or "forward" not in vars(owner) or call_override(module) is not None:
+        return False
+    if any(getattr(cls, name) is not getattr(owner, name) or name in vars(module)
+           for name in ("forward", "_forward_normalized", "normalized_weight")):
+        return False
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Whether any global module hook (``nn.modules.module.register_module_*_hook``) is registered."""
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
