@@ -19,6 +19,7 @@ residual blocks may have a bound of ``2^k``; the report says so.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -521,7 +522,6 @@ class _ChildrenAsLeaves(torch.fx.Tracer):
 
 def _trace(module: nn.Module) -> torch.fx.Graph:
     """The graph of ``module.forward`` with its children as leaves; extra arguments take their defaults."""
-    import inspect
 
     parameters = list(inspect.signature(module.forward).parameters.values())
     if not parameters or parameters[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
@@ -580,6 +580,71 @@ def _depends_on_input(node: torch.fx.Node) -> bool:
     return False
 
 
+_IN_PLACE_OPERATIONS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
+                        "lshift", "rshift")
+#: ``a += b`` and friends, ``a[i] = b``: they write into their first argument.
+_IN_PLACE_OPERATORS = {getattr(operator, f"i{name}") for name in _IN_PLACE_OPERATIONS} | {operator.setitem}
+_IN_PLACE_DUNDERS = {f"__i{name}__" for name in _IN_PLACE_OPERATIONS} | {"__setitem__"}
+#: In-place methods that change the size or memory of a tensor, not only its values.
+_MEMORY_CHANGES = {"resize_", "resize_as_", "set_", "as_strided_", torch.Tensor.resize_, torch.Tensor.resize_as_,
+                   torch.Tensor.set_, torch.Tensor.as_strided_}
+
+
+def _writes_into_first_argument(node: torch.fx.Node, module: nn.Module) -> bool:
+    """Whether a node writes into the tensor of its first argument: a method or function whose
+    name ends in ``_`` (``mul_``, ``torch.relu_``), ``a += b``, ``a[i] = b``, ``inplace=True``
+    given by keyword or position, or a child with an in-place module anywhere inside it (an
+    ``nn.Sequential`` ending in ``ReLU(inplace=True)`` writes into its input as well)."""
+    if node.op == "call_module":
+        return any(getattr(m, "inplace", False) is True for m in module.get_submodule(node.target).modules())
+    if node.op not in ("call_function", "call_method"):
+        return False
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    if target in _IN_PLACE_OPERATORS or name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.endswith("__")):
+        return True
+    inplace = node.kwargs.get("inplace", False)
+    if "inplace" not in node.kwargs and node.op == "call_function":
+        try:
+            inplace = inspect.signature(target).bind(*node.args, **node.kwargs).arguments.get("inplace", False)
+        except (TypeError, ValueError):  # no signature (a builtin) or other arguments: no inplace argument
+            inplace = False
+    return isinstance(inplace, torch.fx.Node) or bool(inplace)
+
+
+def _leaves(value) -> list:
+    """The values in nested lists, tuples (``torch.Size``) and dicts."""
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    return [value]
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    return [v for v in _leaves(value) if torch.is_tensor(v)]
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The version counter of a tensor (bumped by every in-place write into its memory); None for
+    an inference tensor, which has none (and cannot be written into outside inference mode)."""
+    return None if tensor.is_inference() else tensor._version
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether writing into ``a`` may change ``b``: the same tensor, or the same memory block
+    (a view, or a tensor whose memory cannot be read, counts as shared)."""
+    if a is b:
+        return True
+    try:
+        if a.layout != torch.strided or b.layout != torch.strided:
+            return True
+        first, second = a.untyped_storage(), b.untyped_storage()
+        return first.nbytes() > 0 and a.device == b.device and first.data_ptr() == second.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return True
+
+
 def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
     """Sound Lipschitz bound of a module with its own ``forward``, from its ``torch.fx`` graph.
 
@@ -599,9 +664,13 @@ def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
       provided every tensor involved keeps the batch as its first dimension;
     * concatenation along a non-batch dimension: ``sqrt(sum L(u_i)^2)``.
 
-    Any other operation raises :class:`~lipnet.certify.LipschitzBoundError`; so do an
-    in-place operation on a value used elsewhere, and a graph that does not reproduce the
-    module's output. All float arithmetic rounds upwards.
+    Any other operation raises :class:`~lipnet.certify.LipschitzBoundError`; so do a
+    rearrangement given anything but sizes and dimensions (``view(dtype)`` reinterprets bits),
+    a write into the input, a parameter, a buffer or an attribute (``out=``, in-place methods,
+    ``resize_``), an in-place operation on a value used elsewhere or on a tensor whose memory a
+    value read later shares (``contiguous()``, ``nn.Identity`` and no-op reshapes return their
+    input), reading a value after anything changed it in place, and a graph that does not
+    reproduce the module's output. All float arithmetic rounds upwards.
 
     Args:
         module: e.g. a torchvision ``BasicBlock``.
@@ -662,12 +731,40 @@ class _BoundInterpreter(torch.fx.Interpreter):
         # ("input",), ("constant",), ("child", child, u), ("linear", [(u, factor), ...]), ("exact", u), ("cat", [u, ...])
         self.rule: dict[torch.fx.Node, tuple] = {}
         self.result: float | None = None
+        self.position = {node: i for i, node in enumerate(traced.graph.nodes)}
+        # Version counters of each node's tensors when it ran (an in-place write anywhere in their
+        # memory bumps them), and the tensors no node may write into (set by run).
+        self.versions: dict[torch.fx.Node, list[int | None]] = {}
+        self.protected: list[tuple[torch.Tensor, int | None, str]] = []
+        self.attributes: dict[torch.fx.Node, object] = {}
 
     def fail(self, node: torch.fx.Node, reason: str):
         raise LipschitzBoundError(self.module, f"node {node.format_node()}: {reason}")
 
+    def run(self, x: torch.Tensor):
+        """Run on ``x`` outside inference mode (whose tensors have no version counters and cannot
+        be written into), noting the tensors that no node may write into: the input, the module's
+        parameters and buffers and the attributes its graph reads."""
+        with torch.inference_mode(False):
+            if x.is_inference():
+                x = x.clone()
+            self.protected = [(tensor, _version(tensor), f"its parameter or buffer {name!r}") for name, tensor in
+                              [*self.module.named_parameters(), *self.module.named_buffers()]]
+            self.attributes = {node: self.fetch_attr(node.target) for node in self.graph.nodes if node.op == "get_attr"}
+            self.protected += [(value, _version(value), f"its attribute {node.target!r}")
+                               for node, value in self.attributes.items() if torch.is_tensor(value)]
+            return super().run(x)
+
     def run_node(self, node: torch.fx.Node):
+        if node.op in ("call_function", "call_method", "call_module", "output"):
+            self._check_reads(node)
+        if node.op in ("call_function", "call_method", "call_module"):
+            self._check_writes(node)
         value = super().run_node(node)
+        if node.op == "placeholder" and torch.is_tensor(value):
+            self.protected.append((value, _version(value), "the input"))
+        self._check_state(node, value)
+        self.versions[node] = [_version(t) for t in _tensors(value)]
         if node.op == "output":
             (out,) = node.args
             if not isinstance(out, torch.fx.Node) or not torch.is_tensor(self.env[out]):
@@ -677,24 +774,71 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self.bound[node] = self._node_bound(node, value)
         return value
 
-    def _in_place_check(self, node, target):
-        # A child module counts as in place when it or any module inside it is (an nn.Sequential
-        # ending in ReLU(inplace=True) writes into its input as well).
-        in_place = (isinstance(target, str) and target.endswith("_")) or node.kwargs.get("inplace") is True or \
-            target in (operator.iadd, operator.isub, operator.imul, operator.itruediv) or \
-            (node.op == "call_module" and any(getattr(m, "inplace", False) is True
-                                              for m in self.module.get_submodule(node.target).modules()))
-        if not (in_place and node.args and isinstance(node.args[0], torch.fx.Node)):
+    def _check_writes(self, node: torch.fx.Node):
+        """Refuse, before it runs, a node that writes into a tensor whose values the bounds take as given."""
+        if "out" in node.kwargs:
+            self.fail(node, "writes its result into an existing tensor (out=...), which other nodes may read as a "
+                            "constant; use the returned value")
+        if node.op in ("call_function", "call_method") and node.target in _MEMORY_CHANGES:
+            self.fail(node, "changes the size or memory of a tensor in place (resize_, set_); build a new tensor")
+        if not (_writes_into_first_argument(node, self.module) and node.args and
+                isinstance(node.args[0], torch.fx.Node) and torch.is_tensor(self.env[node.args[0]])):
             return
         operand = node.args[0]
-        if len(operand.users) > 1:
+        written = self.env[operand]
+        for tensor, _, what in self.protected:
+            if _shares_memory(written, tensor):
+                self.fail(node, f"an in-place operation that writes into {what} (through the same tensor or its "
+                                "memory: contiguous(), nn.Identity and no-op reshapes return their input); use the "
+                                "out-of-place form")
+        dependent = any(self.bound.get(a, 0.0) > 0 for a in _tensor_args(node))
+        if dependent and len(operand.users) > 1:
             self.fail(node, "an in-place operation on a value that is also used elsewhere")
-        # Writing into a view changes its base (and the other views of it), and writing into
-        # the input changes the caller's tensor: values this trace has already bounded.
-        value = self.env.get(operand)
-        if operand.op == "placeholder" or (torch.is_tensor(value) and value._base is not None):
-            self.fail(node, "an in-place operation on the input or on a view of another value (it also changes "
-                            "that value); use the out-of-place form")
+        if dependent and written._base is not None:
+            self.fail(node, "an in-place operation on a view of another value (it also changes that value); use "
+                            "the out-of-place form")
+        # Any other value in the same memory that is read later would change under its bound: the
+        # same tensor object (contiguous(), nn.Identity, a no-op flatten return their input) or a view.
+        # A write of constants only matters to values that depend on the input.
+        position = self.position[node]
+        for other, value in self.env.items():
+            if other is operand or not any(self.position[user] > position for user in other.users) or \
+                    not (dependent or self.bound.get(other, 0.0) > 0):
+                continue
+            if any(_shares_memory(written, tensor) for tensor in _tensors(value)):
+                self.fail(node, f"an in-place operation on a tensor that is also the value of %{other.name} (the "
+                                "same tensor or its memory: contiguous(), nn.Identity and no-op reshapes return "
+                                "their input), which is used later; use the out-of-place form")
+
+    def _check_reads(self, node: torch.fx.Node):
+        """Refuse a node that reads an input-dependent value changed in place since it was bounded."""
+        for a in _tensor_args(node):
+            if self.bound.get(a, 0.0) > 0 and [_version(t) for t in _tensors(self.env[a])] != self.versions[a]:
+                self.fail(node, f"reads %{a.name} after an in-place operation changed it through another name for "
+                                "the same memory (its bound no longer holds); use out-of-place operations")
+
+    def _check_state(self, node: torch.fx.Node, value):
+        """Refuse a node that wrote into the input, a parameter, a buffer or an attribute, or that
+        read an attribute replaced since the run began."""
+        if node.op == "get_attr" and value is not self.attributes[node]:
+            self.fail(node, f"reads attribute {node.target!r}, which the forward replaces while it runs; its value "
+                            "cannot be taken as a constant")
+        for tensor, version, what in self.protected:
+            if _version(tensor) != version:
+                self.fail(node, f"writes into {what}, whose values this bound takes as given; use out-of-place "
+                                "operations")
+
+    def _check_rearrangement(self, node: torch.fx.Node, source: torch.Tensor, *parts: torch.Tensor):
+        """Refuse a rearrangement or split given more than sizes and dimensions, or changing the dtype."""
+        given = _leaves(torch.fx.node.map_arg((node.args[1:], node.kwargs), lambda n: self.env[n]))
+        for v in given:
+            if not (isinstance(v, int) and not isinstance(v, bool) or isinstance(v, torch.memory_format)):
+                self.fail(node, f"a rearrangement given a {type(v).__name__} ({v!r}): only sizes and dimensions "
+                                "are allowed (view(dtype) reinterprets the bits, which is not Lipschitz)")
+        for p in parts:
+            if p.dtype != source.dtype:
+                self.fail(node, f"changes the dtype from {source.dtype} to {p.dtype} (view(dtype) reinterprets "
+                                "the bits, which is not Lipschitz)")
 
     def _batched(self, node, *values):
         for v in values:
@@ -713,7 +857,6 @@ class _BoundInterpreter(torch.fx.Interpreter):
                 target is getattr and len(node.args) == 2 and node.args[1] in _SHAPE_ATTRIBUTES):
             self.rule[node] = ("constant",)
             return 0.0  # constant, or a property of the input's shape (not of its values)
-        self._in_place_check(node, target)
         for v in (value if isinstance(value, (tuple, list)) and node.op != "call_module" else (value,)):
             if torch.is_tensor(v) and not (v.is_floating_point() or v.is_complex()):
                 self.fail(node, f"a {v.dtype} result that depends on the input (e.g. argmax indices): not a Lipschitz "
@@ -778,10 +921,12 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self.rule[node] = ("linear", [(dependent[0], 1.0)])
             return self.bound[dependent[0]]
         if target in _REARRANGEMENTS and single:
+            self._check_rearrangement(node, self.env[dependent[0]], value)
             self._batched(node, self.env[dependent[0]], value)
             self.rule[node] = ("exact", dependent[0])
             return self.bound[dependent[0]]
         if target in _SPLITS and single:
+            self._check_rearrangement(node, self.env[dependent[0]], *value)
             self._batched(node, self.env[dependent[0]], *value)
             self.rule[node] = ("exact", dependent[0])
             return self.bound[dependent[0]]
