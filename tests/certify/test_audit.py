@@ -7,17 +7,26 @@ import torch
 from torch import nn
 
 from lipnet.certify import SoundnessError, SoundnessWarning, audit, certified_accuracy, register_lipschitz_bound
+from lipnet.certify.lipschitz import _REGISTRY
 from lipnet.nn import GramConv2d
 
 
 class Amplify(nn.Module):
-    """Multiplies by 20 but is (falsely) registered below as 1-Lipschitz."""
+    """Multiplies by 20 but is (falsely) registered as 1-Lipschitz by the fixture ``amplify``."""
 
     def forward(self, x):
         return 20 * x
 
 
-register_lipschitz_bound(Amplify, lambda module, shape: 1.0)
+@pytest.fixture
+def amplify():
+    """Registers the false bound of ``Amplify`` for one test, then restores the registry."""
+    assert Amplify not in _REGISTRY
+    register_lipschitz_bound(Amplify, lambda module, shape: 1.0)
+    try:
+        yield Amplify
+    finally:
+        del _REGISTRY[Amplify]
 
 
 def test_sound_model_passes_and_the_attack_is_not_toothless(trained_net, blobs):
@@ -32,8 +41,8 @@ def test_sound_model_passes_and_the_attack_is_not_toothless(trained_net, blobs):
     assert large.n_broken > 0 and large.sound and large.certified_accuracy < large.clean_accuracy
 
 
-def test_a_falsely_certified_layer_makes_the_audit_fail(trained_net, blobs):
-    broken = nn.Sequential(*list(trained_net)[:-1], Amplify(), trained_net[-1]).eval()
+def test_a_falsely_certified_layer_makes_the_audit_fail(trained_net, blobs, amplify):
+    broken = nn.Sequential(*list(trained_net)[:-1], amplify(), trained_net[-1]).eval()
     x, y = blobs(32, seed=12)
     certification = certified_accuracy(broken, (x, y), eps=[1.0], progress=False)
     assert certification.certified[0] > 0.5  # the false bound certifies a lot

@@ -1,0 +1,75 @@
+"""Directed rounding in ``certified_radius``, checked in exact rational arithmetic.
+
+With ``rounding=0`` the logits are taken as exact, so nothing but the radius computation's
+own rounding separates a returned radius from the exact certificate: denominators must be
+rounded up and quotients down. The ordinary radius tests use the heuristic allowance,
+which is ten orders of magnitude larger and hides an ulp in the wrong direction; here every
+radius is compared with the exact quotient as a ``Fraction``. Values of ``L`` that are not
+short binary fractions make the roundings visible.
+"""
+
+from fractions import Fraction
+
+import pytest
+import torch
+
+from lipnet.certify import certified_radius
+from lipnet.certify.radius import row_distance_upper_bound
+
+LIPSCHITZ = [1.3, 0.9999, 0.31, 2.1]
+
+
+def random_logits(n, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, dtype=torch.float64, generator=gen)
+    return logits, logits.argmax(dim=1)
+
+
+def exact_margins(row, label):
+    """``f_y - f_j`` for every ``j != y``, exactly."""
+    return {j: Fraction(row[label]) - Fraction(v) for j, v in enumerate(row) if j != label}
+
+
+@pytest.mark.parametrize("lipschitz", LIPSCHITZ)
+def test_generic_radii_never_exceed_the_exact_certificate(lipschitz):
+    """``r <= min_j (f_y - f_j) / (sqrt(2) L)``, i.e. ``2 (r L)^2 <= margin^2``."""
+    logits, labels = random_logits(3000, 3, seed=0)
+    radii = certified_radius(logits, labels, lipschitz=lipschitz, rounding=torch.zeros(len(labels)))
+    bound = Fraction(lipschitz)
+    for row, label, radius in zip(logits.tolist(), labels.tolist(), radii.tolist()):
+        margin = min(exact_margins(row, label).values())
+        assert 2 * (Fraction(radius) * bound) ** 2 <= margin ** 2, (row, label, radius)
+        assert radius >= float(margin) / (2 ** 0.5 * lipschitz) * (1 - 1e-14)  # and no looser than rounding
+
+
+@pytest.mark.parametrize("body", LIPSCHITZ)
+def test_last_layer_radii_never_exceed_the_exact_certificate(body):
+    """``r * L_body * D[y, j] <= f_y - f_j`` for every ``j``, with ``D`` the row-distance bound
+    (itself checked against the exact distances below)."""
+    logits, labels = random_logits(3000, 3, seed=1)
+    weight = torch.randn(3, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    radii = certified_radius(logits, labels, last_layer=weight, body_lipschitz=body,
+                             rounding=torch.zeros(len(labels)))
+    distances = [[Fraction(d) for d in row] for row in row_distance_upper_bound(weight).tolist()]
+    for row, label, radius in zip(logits.tolist(), labels.tolist(), radii.tolist()):
+        margins = exact_margins(row, label)
+        for j, margin in margins.items():
+            assert Fraction(radius) * Fraction(body) * distances[label][j] <= margin, (row, label, j, radius)
+        tightest = min(float(m) / (body * float(distances[label][j])) for j, m in margins.items())
+        assert radius >= tightest * (1 - 1e-14)
+
+
+def test_row_distance_upper_bound_is_above_the_exact_distances():
+    """``D[y, j]^2 >= sum_i (w_yi - w_ji)^2`` in rational arithmetic, with no tolerance, for
+    long rows (where the float64 sum accumulates most rounding) and for nearly equal rows."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(7, 3000, dtype=torch.float64, generator=gen)
+    weight[6] = weight[5] + 1e-9 * torch.randn(3000, dtype=torch.float64, generator=gen)
+    bound = row_distance_upper_bound(weight).tolist()
+    rows = [[Fraction(v) for v in row] for row in weight.tolist()]
+    for y in range(len(rows)):
+        assert bound[y][y] == 0
+        for j in range(y + 1, len(rows)):
+            exact_square = sum((a - b) ** 2 for a, b in zip(rows[y], rows[j]))
+            assert Fraction(bound[y][j]) ** 2 >= exact_square, (y, j)
+            assert Fraction(bound[j][y]) ** 2 >= exact_square, (j, y)
