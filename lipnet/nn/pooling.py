@@ -121,11 +121,34 @@ def l2_norm_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0) -> torc
     return sums.clamp_min(SQUARED_FLOOR).sqrt().to(x.dtype)
 
 
+def float32_sqrt_down(n: int) -> float:
+    """A float32 value ``<= sqrt(n)`` (the largest, for ``n`` below ``2^48``).
+
+    Tensors of float32, float16 and bfloat16 multiply by a Python float rounded to float32
+    (their arithmetic type), float64 ones by the float itself; this one every dtype applies
+    exactly, so a layer scaled by it applies one multiplier, at most ``sqrt(n)``, in every
+    dtype (and so does the float64 copy that certification evaluates). It is
+    ``r = fl64(sqrt(n))`` with its significand cut to float32's 24 bits. That is not above
+    ``sqrt(n)``: a cut below ``r`` is below ``sqrt(n)`` (``r`` is the float64 nearest to it),
+    and an ``r`` with a 24-bit significand that is not ``sqrt(n)`` itself differs from it by
+    more than half a float64 ulp (``|n - r^2| >= 2^-2k`` for ``r = a 2^-k``, ``a < 2^24``),
+    so it would not have been the nearest.
+    """
+    mantissa, exponent = math.frexp(math.sqrt(n))
+    return math.ldexp(math.floor(math.ldexp(mantissa, 24)), exponent - 24)
+
+
 def scaled_avg_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0) -> torch.Tensor:
-    """``sum_{i in W} x_i / sqrt(k_h * k_w)``: average pooling times ``sqrt(k_h * k_w)``."""
+    """``s * sum_{i in W} x_i / (k_h * k_w)``: average pooling times ``s <= sqrt(k_h * k_w)``.
+
+    ``s`` is :func:`float32_sqrt_down` of the window's area: ``sqrt(k_h * k_w)`` itself for
+    square areas, otherwise less than a float32 ulp below it, and the same multiplier in every
+    dtype. ``math.sqrt`` rounds up for some areas (``sqrt(2)`` in float64, ``sqrt(6)`` once
+    rounded to float32), which made those windows' maps slightly more than 1-Lipschitz.
+    """
     kernel_size = pair(kernel_size)
     stride = kernel_size if stride is None else pair(stride)
-    return F.avg_pool2d(x, kernel_size, stride, padding) * math.sqrt(math.prod(kernel_size))
+    return F.avg_pool2d(x, kernel_size, stride, padding) * float32_sqrt_down(math.prod(kernel_size))
 
 
 class _WindowPool2d(nn.Module):
@@ -170,7 +193,7 @@ class L2NormPool2d(_WindowPool2d):
 
 
 class ScaledAvgPool2d(_WindowPool2d):
-    """Average pooling times ``sqrt(k_h * k_w)`` (:func:`scaled_avg_pool2d`).
+    """Average pooling times ``sqrt(k_h * k_w)``, rounded down (:func:`scaled_avg_pool2d`).
 
     A ``k x k`` average pooling with stride ``k`` has operator norm ``1 / k``; the scaling
     makes it 1-Lipschitz (norm exactly 1), so it loses no margin in a 1-Lipschitz network.
@@ -200,23 +223,6 @@ class GlobalL2NormPool2d(nn.Module):
     def lipschitz_bound(self, input_size=None) -> float:
         """1: a single window per channel."""
         return 1.0
-
-
-def float32_sqrt_down(n: int) -> float:
-    """A float32 value ``<= sqrt(n)`` (the largest, for ``n`` below ``2^48``).
-
-    Tensors of float32, float16 and bfloat16 multiply by a Python float rounded to float32
-    (their arithmetic type), float64 ones by the float itself; this one every dtype applies
-    exactly, so a layer scaled by it applies one multiplier, at most ``sqrt(n)``, in every
-    dtype (and so does the float64 copy that certification evaluates). It is
-    ``r = fl64(sqrt(n))`` with its significand cut to float32's 24 bits. That is not above
-    ``sqrt(n)``: a cut below ``r`` is below ``sqrt(n)`` (``r`` is the float64 nearest to it),
-    and an ``r`` with a 24-bit significand that is not ``sqrt(n)`` itself differs from it by
-    more than half a float64 ulp (``|n - r^2| >= 2^-2k`` for ``r = a 2^-k``, ``a < 2^24``),
-    so it would not have been the nearest.
-    """
-    mantissa, exponent = math.frexp(math.sqrt(n))
-    return math.ldexp(math.floor(math.ldexp(mantissa, 24)), exponent - 24)
 
 
 class GlobalScaledAvgPool2d(nn.Module):

@@ -66,7 +66,23 @@ def test_scaled_avg_pool_exact_norm_at_most_bound(kernel_size, stride, padding, 
     assert exact <= bound
     if pool.stride == pool.kernel_size or all(s >= k for s, k in zip(pool.stride, pool.kernel_size)):
         assert bound == pytest.approx(1.0, abs=1e-15)
-        assert exact == pytest.approx(1.0, abs=1e-12)  # tight: a full window exists
+        assert exact == pytest.approx(1.0, abs=2.0 ** -23)  # tight (a full window) up to the scale's rounding
+
+
+@pytest.mark.parametrize("kernel_size", [(1, 2), (2, 1), (2, 3), (1, 5), (3, 5), (2, 4), (3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_scaled_avg_pool_applies_one_scale_at_most_sqrt_of_the_area_in_every_dtype(kernel_size, dtype):
+    """A full window of ones comes out as the applied scale ``s`` itself; ``s^2 <= k_h k_w``
+    exactly (``math.sqrt(2)`` is above ``sqrt(2)`` in float64, ``sqrt(6)`` once in float32)."""
+    from fractions import Fraction
+
+    area = math.prod(kernel_size)
+    scale = ScaledAvgPool2d(kernel_size)(torch.ones(1, 1, *kernel_size, dtype=dtype)).item()
+    reference = ScaledAvgPool2d(kernel_size)(torch.ones(1, 1, *kernel_size, dtype=torch.float64)).item()
+    if dtype != torch.bfloat16:  # bf16 rounds the product to 8 bits (rounding, left to certification)
+        assert scale == reference
+    assert Fraction(reference) ** 2 <= area
+    assert Fraction(reference) ** 2 >= area * (1 - 2.0 ** -22)
 
 
 def test_overlapping_scaled_avg_pool_bound_is_nearly_attained():
