@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -405,3 +407,23 @@ def test_a_constant_network_exports_with_bound_zero_and_unbounded_radii():
     logits = exported(torch.randn(2, 4))
     radii = exported.certified_radius(logits)
     assert torch.equal(radii, certified_radius(logits, logits.argmax(1), 0.0)) and bool((radii > 1e300).all())
+
+
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """A crash at any point leaves the old file or the whole new one, also on power loss."""
+    calls = []
+    real_fsync, real_replace = runtime.os.fsync, runtime.os.replace
+
+    def fsync(fd):
+        calls.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(runtime.os, "fsync", fsync)
+    monkeypatch.setattr(runtime.os, "replace", replace)
+    runtime.atomic_write(tmp_path / "f.bin", lambda out: out.write(b"new bytes"))
+    assert (tmp_path / "f.bin").read_bytes() == b"new bytes"
+    assert calls == ["fsync file", "replace", "fsync folder"]

@@ -42,6 +42,27 @@ def test_optimizer_steps_in_eval_mode_refresh_the_cache(make, shape, fused):
 
 
 @pytest.mark.parametrize("make, shape", LAYERS)
+@pytest.mark.parametrize("edit", ["row", "whole", "copy"])
+def test_in_place_edits_of_the_weight_in_eval_mode_refresh_the_cache(make, shape, edit):
+    """Same tensor, same memory, no optimizer step: only the version counter changes."""
+    layer, x = fresh(make, shape)
+    with torch.no_grad():
+        before = layer(x)
+        if edit == "row":
+            layer.weight[0].mul_(5)
+        elif edit == "whole":
+            layer.weight.mul_(-1)
+        else:
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(1)))
+        after = layer(x)
+    assert not torch.equal(before, after)
+    twin, _ = fresh(make, shape)
+    twin.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(after, twin(x))
+
+
+@pytest.mark.parametrize("make, shape", LAYERS)
 def test_a_new_weight_tensor_is_never_served_an_old_one(make, shape):
     layer, x = fresh(make, shape)
     with torch.no_grad():

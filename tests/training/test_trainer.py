@@ -187,6 +187,27 @@ def test_divergence_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypat
     assert info["epoch"] == 1
 
 
+def test_metrics_never_run_ahead_of_the_checkpoint(data_dir, tmp_path, monkeypatch):
+    """A save that fails at epoch 2 leaves metrics.jsonl at epoch 1, what --resume restores."""
+    from lipnet.training import trainer
+
+    saves = {"n": 0}
+    original = trainer.save_checkpoint
+
+    def failing_second(path, payload):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise OSError("disk full")
+        original(path, payload)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", failing_second)
+    with pytest.raises(OSError, match="disk full"):
+        train(tiny(data_dir, tmp_path / "run", certify=False), log=quiet)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["training"]["epochs_done"] == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["ce", "emma"])  # emma also differentiates the last weight outside DDP's forward
 def test_ddp_with_two_gloo_processes_keeps_identical_weights(data_dir, tmp_path, loss):
