@@ -134,6 +134,12 @@ def test_max_pooling_obeys_the_same_bound(kernel_size, stride, padding, dilation
     for _ in range(5):
         x = torch.randn(1, 2, 8, 7, dtype=torch.float64)
         assert jacobian_norm(pool, x) <= bound * (1 + 1e-12)
+    # The worst case: a spike that is the maximum of every window holding it, at a position
+    # (odd, away from the borders) held by m windows in all these configurations. Its Jacobian
+    # column has m ones, so the bound sqrt(m) is attained.
+    x = -torch.rand(1, 1, 24, 24, dtype=torch.float64)
+    x[0, 0, 11, 11] = 1.0
+    assert jacobian_norm(pool, x) == pytest.approx(bound, rel=1e-12)
 
 
 def test_adaptive_windows_match_pytorch():
