@@ -11,6 +11,8 @@ on changes (:meth:`GramNormalized._cache_key`), so inference computes no bound p
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -261,7 +263,9 @@ class GramNormalized:
             return 0.0
         bound = float(self._operator_norm(weight, input_size, CERTIFICATION_N_ITER, exhaustive=True))
         rows, cols, taps = self._matrix_shape()
-        log_bound = abs(torch.log(torch.tensor(bound)).item()) if bound > 0 else 0.0
+        # math.log of the float64 bound: a float32 tensor would round a bound below ~1e-45 to 0
+        # (log -inf, an infinite margin) and lose its digits below ~1e-38.
+        log_bound = abs(math.log(bound)) if bound > 0 else 0.0
         margin = relative_rounding_margin(torch.float64, inner=max(rows, cols), rank=min(rows, cols), taps=taps,
                                           n_iter=CERTIFICATION_N_ITER, log_bound=log_bound)
         return bound * (1 + margin)
