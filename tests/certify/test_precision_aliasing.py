@@ -12,7 +12,9 @@ length 1 has taps of size ~7e8 and an operator of norm 1.
 A sound bound replaces ``lam`` in the rounding term by ``max(lam, ||conv_|W| || / sqrt(K))``,
 ``||conv_|W| ||`` the bound of the same convolution with the kernel ``|W|``
 (``conv2d_spectral_norm`` of ``|W|`` with the layer's geometry): equal to the present term
-where no taps alias (every entry of ``A`` is then one tap).
+where no taps alias (every entry of ``A`` is then one tap). ``K`` must also count the products
+of each output, ``c_in / groups * k_h * k_w``, which exceeds ``numel(h) + 1`` for a kernel larger
+than its input (a 3x3 kernel with circular padding on a 1x1 input sums 9 products).
 """
 
 from fractions import Fraction
