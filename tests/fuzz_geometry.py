@@ -19,11 +19,18 @@ that dense matrix. The inequalities checked:
   tolerance at all (it carries a relative margin >= 1e-6 against its own rounding, far above
   the float64 SVD's error of ~1e-15, so a sound certificate is never below the computed norm);
 * networks: the certificate is ``>=`` the Jacobian's norm at random points, and for linear
-  stacks ``>=`` the norm of the composed dense operator.
+  stacks ``>=`` the norm of the composed dense operator; in training mode (``GramSequential``
+  stacking the bounds of equal layers) the Jacobian's norm is ``<= 1 + tol``.
+
+Geometries PyTorch rejects must be rejected by lipnet too (a ``ValueError`` from the public
+bounds, an error from the layer), not bounded. Where taps that read one input sample nearly
+cancel, the normalized taps are large and float rounding follows ``|W| |x|``, not the result:
+comparisons of computed outputs allow for that magnitude (``magnitude_norm``).
 
 Each case is reproducible from ``(kind, seed)``: ``python tests/fuzz_geometry.py --kind conv2d
---seed 123 --count 1 -v`` prints the case and its ratios. Without ``--count`` limits it runs
-for ``--minutes``. ``tests/bounds/test_fuzz_soundness.py`` runs a fixed-seed slice in CI.
+--seed 123 --count 1 -v`` prints the case and its ratios. Without ``--count`` it runs for
+``--minutes``; ``--sweep`` runs the exhaustive one-axis sweep (:func:`sweep_conv1d`).
+``tests/bounds/test_fuzz_soundness.py`` runs a fixed-seed slice in CI.
 """
 
 from __future__ import annotations
@@ -38,7 +45,6 @@ import traceback
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lipnet.bounds import conv1d_spectral_norm, conv2d_spectral_norm, matrix_spectral_norm, refine_exceeding
