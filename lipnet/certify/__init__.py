@@ -2,7 +2,10 @@
 
 * :func:`lipschitz_bound` composes certified per-module bounds into a float64 upper bound on
   the L2 Lipschitz constant of a network (unknown modules raise; register bounds with
-  :func:`register_lipschitz_bound`).
+  :func:`register_lipschitz_bound`). Beyond lipnet's layers it knows torch's activations
+  (:mod:`~lipnet.certify.activation_bounds`), BatchNorm in eval mode
+  (:mod:`~lipnet.certify.batch_norm_bound`), shuffles, padding and nearest upsampling
+  (:mod:`~lipnet.certify.copy_map_bounds`).
 * :func:`certified_radius` turns logits into certified L2 radii (generic or last-layer form,
   with a rounding margin on the logits).
 * :func:`certified_accuracy` measures clean and certified accuracy over a data set.
@@ -19,6 +22,9 @@ from lipnet.certify.lipschitz import (
     register_lipschitz_bound,
 )
 from lipnet.certify.radius import certified_radius, logit_rounding_margin
+
+# Bounds of torch's activations, BatchNorm and copying maps, registered on import.
+from lipnet.certify import activation_bounds, batch_norm_bound, copy_map_bounds  # noqa: F401
 
 __all__ = [
     "DEFAULT_EPS",

@@ -19,6 +19,10 @@ How a module's bound is found, first match wins:
    :class:`~lipnet.nn.ConvexResidual` (and subclasses that keep their ``forward``), the
    composition of their children's bounds.
 
+The bounds of torch's other activations, of BatchNorm in eval mode and of shuffles, padding
+and nearest upsampling are registered by :mod:`lipnet.certify.activation_bounds`,
+:mod:`lipnet.certify.batch_norm_bound` and :mod:`lipnet.certify.copy_map_bounds`.
+
 A module matching neither raises :class:`UnknownModuleError`, naming the module's path in
 the model and its type: there is no default of 1. Bounds are for the model in eval mode
 (dropout is the identity), the mode in which it is certified.
