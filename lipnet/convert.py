@@ -32,7 +32,7 @@ from torch import nn
 
 from lipnet.bounds.gram import DEFAULT_N_ITER
 from lipnet.certify import LipschitzBoundError, UnknownModuleError, lipschitz_bound, register_lipschitz_bound
-from lipnet.certify.lipschitz import add_up, mul_up
+from lipnet.certify.lipschitz import _REGISTRY, _lookup, add_up, mul_up
 from lipnet.certify.precision import UNIT_ROUNDOFF, example_norms
 from lipnet.export.exporter import check_input_shape, example_input
 from lipnet.nn.activations import MaxMin
@@ -375,11 +375,17 @@ _ATTENTION = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.T
               nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 _ATTENTION_PROBLEM = "dot-product attention is not Lipschitz (Kim, Papamakarios, Mnih, ICML 2021)"
 
+#: Activations with a bound in lipnet.certify that depends on the module alone (may exceed 1, or be refused).
+_BOUNDED_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.CELU, nn.SELU, nn.Hardswish, nn.Hardsigmoid,
+                        nn.PReLU, nn.RReLU, nn.Threshold, nn.Hardshrink)
+_ACTIVATION_FIX = "lipnet.nn.MaxMin (convert(..., activation='maxmin') replaces nn.ReLU only)"
+#: Modules whose bound training changes without constraint: reported even while it is at most 1.
+_UNCONSTRAINED = (nn.modules.batchnorm._BatchNorm,)
 #: ``(types, problem, fix)``: what is known to be wrong with a module type, and the way out.
 _ADVICE = (
     (nn.modules.batchnorm._BatchNorm,
-     "scales each channel by weight / sqrt(running_var + eps), an unconstrained factor, and normalizes by batch "
-     "statistics in train mode",
+     "scales each channel by weight / sqrt(running_var + eps), a factor that training leaves unconstrained, and "
+     "normalizes by batch statistics in train mode",
      "remove it: Gram layers need no normalization (replace={nn.BatchNorm2d: lambda m: nn.Identity()}); to keep a "
      "pretrained scale, fold it into the previous convolution before converting "
      "(torch.nn.utils.fusion.fuse_conv_bn_eval)"),
@@ -389,10 +395,9 @@ _ADVICE = (
     ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool3d, nn.LPPool1d, nn.LPPool2d),
      "pooling that is not 1-Lipschitz (overlapping windows put inputs in several windows)", _POOL_FIX),
     (_ATTENTION, _ATTENTION_PROBLEM, None),
-    ((nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.CELU, nn.SELU, nn.Hardswish, nn.Hardsigmoid, nn.PReLU, nn.RReLU,
-      nn.Threshold, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.GLU),
-     "an activation that is not 1-Lipschitz or has no bound in lipnet.certify",
-     "lipnet.nn.MaxMin (convert(..., activation='maxmin') replaces nn.ReLU only)"),
+    (_BOUNDED_ACTIVATIONS, "an activation that is not 1-Lipschitz", _ACTIVATION_FIX),
+    ((nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.GLU), "an activation with no bound in lipnet.certify",
+     _ACTIVATION_FIX),
     ((nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear, nn.Embedding),
      "a linear layer that lipnet has no Gram normalization for", None),
 )
@@ -445,23 +450,43 @@ def _obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None:
         return None  # composed from their children / a bound > 1 by design (certificates in pixel space)
     problem, fix = next(((p, f) for types, p, f in _ADVICE if isinstance(module, types)), (None, None))
     calls = shapes.get(id(module)) if shapes is not None else None
-    if calls is None:
-        if shapes is not None or problem is None:
-            return None  # not called by the forward pass / nothing known from the type alone
-        if isinstance(module, nn.MaxPool2d):
-            bound = pooling_lipschitz_bound(module.kernel_size, module.stride, module.dilation)
-            return None if bound <= _ONE else Obstacle(path, name, f"{problem}: Lipschitz bound {bound:.4g}, not 1",
-                                                       fix, blocking=False)
-        return Obstacle(path, name, problem, fix, blocking=True)
+    if calls is None and (shapes is not None or problem is None):
+        return None  # not called by the forward pass / nothing known from the type alone
     try:
-        bound = max(lipschitz_bound(module, shape[1:]) for shape in calls)
+        if calls is not None:
+            bound = max(lipschitz_bound(module, shape[1:]) for shape in calls)
+        elif (bound := _bound_from_module(module)) is None:
+            return Obstacle(path, name, problem, fix, blocking=True)
     except LipschitzBoundError as error:
-        return Obstacle(path, name, problem or f"lipnet.certify has no Lipschitz bound for it ({error.reason})",
-                        fix or "replace it by a lipnet layer, or register a sound bound with "
+        reason = "" if isinstance(error, UnknownModuleError) or problem is None else f" ({error.reason})"
+        return Obstacle(path, name, (problem or f"lipnet.certify has no Lipschitz bound for it ({error.reason})") +
+                        reason, fix or "replace it by a lipnet layer, or register a sound bound with "
                         "lipnet.certify.register_lipschitz_bound", blocking=True)
+    if isinstance(module, _UNCONSTRAINED):
+        return Obstacle(path, name, f"{problem}: Lipschitz bound {bound:.4g} with its current values, which training "
+                        "may raise above 1", fix, blocking=False)
     if bound > _ONE:
         return Obstacle(path, name, f"{problem + ': ' if problem else ''}Lipschitz bound {bound:.4g}, not 1", fix,
                         blocking=False)
+    return None
+
+
+def _bound_from_module(module: nn.Module) -> float | None:
+    """The bound of a module whose bound does not depend on its input's shape (max pooling,
+    BatchNorm, the activations of :data:`_BOUNDED_ACTIVATIONS`), or ``None`` for the others;
+    raises :class:`LipschitzBoundError` when lipnet.certify refuses it."""
+    if isinstance(module, nn.MaxPool2d):
+        return pooling_lipschitz_bound(module.kernel_size, module.stride, module.dilation)
+    if isinstance(module, _BOUNDED_ACTIVATIONS + _UNCONSTRAINED):
+        bound = _lookup(_REGISTRY, module)
+        if bound is None:  # a subclass with its own forward
+            raise UnknownModuleError(module)
+        try:
+            return bound(module, ())
+        except LipschitzBoundError:
+            raise
+        except (ValueError, TypeError) as error:  # as lipschitz_bound reports a registered bound's failure
+            raise LipschitzBoundError(module, str(error)) from error
     return None
 
 

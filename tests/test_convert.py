@@ -84,12 +84,33 @@ def test_report_names_batchnorm_and_maxpool_with_their_fixes():
                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 2 * 2, 10))
     for shape in (None, (3, 8, 8)):
         _, report = convert(net, input_shape=shape)
+        # Bounded by its running statistics (1 / sqrt(1 + eps) as initialized), which training changes freely.
         (bn,) = obstacle(report, "torch.nn.BatchNorm2d")
-        assert bn.path == "1" and bn.blocking and "nn.Identity()" in bn.fix
+        assert bn.path == "1" and not bn.blocking and "nn.Identity()" in bn.fix and "bound 1 " in bn.problem
         (pool,) = obstacle(report, "torch.nn.MaxPool2d")  # the 2x2 stride-2 one is 1-Lipschitz
         assert pool.path == "3" and not pool.blocking and "bound 2" in pool.problem and "L2NormPool2d" in pool.fix
         assert "BatchNorm2d" in str(report) and "MaxPool2d" in str(report)
+    assert report.certifiable and report.lipschitz_bound <= 2 * (1 + 1e-5)
+    # Without running statistics BatchNorm normalizes by its batch even in eval mode: no bound.
+    net[1] = nn.BatchNorm2d(8, track_running_stats=False)
+    for shape in (None, (3, 8, 8)):
+        _, report = convert(net, input_shape=shape)
+        (bn,) = obstacle(report, "torch.nn.BatchNorm2d")
+        assert bn.blocking and "no running statistics" in bn.problem and "nn.Identity()" in bn.fix
     assert not report.certifiable and "BatchNorm2d" in report.bound_error
+
+
+def test_activations_with_bounds_are_reported_by_their_bounds():
+    net = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4), nn.Hardsigmoid(), nn.Linear(4, 4),
+                        nn.Softplus(), nn.Linear(4, 4), nn.Softplus(threshold=40.0), nn.Linear(4, 4), nn.Softmax(-1))
+    for shape in (None, (4,)):
+        _, report = convert(net, input_shape=shape)
+        found = {o.path: o for o in report.obstacles}
+        assert set(found) == {"1", "5", "9"}  # Hardsigmoid (1/6) and Softplus with threshold 40 (1) are 1-Lipschitz
+        assert not found["1"].blocking and "bound 1.129" in found["1"].problem and "MaxMin" in found["1"].fix
+        assert found["5"].blocking and "threshold >= 34" in found["5"].problem
+        assert found["9"].blocking and "no bound" in found["9"].problem
+    assert not report.certifiable and "Softplus" in report.bound_error
 
 
 def test_replace_removes_the_obstacles():
@@ -109,7 +130,7 @@ def test_torchvision_resnet18_report_names_batchnorm_maxpool_and_residuals():
     assert sum(isinstance(m, GramConv2d) for m in converted.modules()) == 20
     assert torch.equal(converted.layer3[0].downsample[0].weight, net.layer3[0].downsample[0].weight)
     bns = obstacle(report, "torch.nn.BatchNorm2d")
-    assert len(bns) == 20 and all(o.blocking for o in bns)
+    assert len(bns) == 20 and not any(o.blocking for o in bns)
     (pool,) = obstacle(report, "torch.nn.MaxPool2d")
     assert pool.path == "maxpool" and "bound 2" in pool.problem
     blocks = obstacle(report, "torchvision.models.resnet.BasicBlock")
