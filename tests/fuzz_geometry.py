@@ -61,6 +61,9 @@ WEIGHT_KINDS = ("gaussian", "rank1", "one_tap", "one_tap_all_channels", "constan
                 "zero", "off_grid")
 #: Scales only float64 holds (products of such entries underflow or overflow).
 FLOAT64_KINDS = ("tiny64", "huge64")
+#: Opt-in (``--cancelling``): two taps of +-2^40 on top of a Gaussian kernel, which lose every
+#: digit of the rest where they read one sample (tests/bounds/test_circular_aliasing.py, xfail).
+CANCELLING_KINDS: list[str] = []
 
 
 class Violation(AssertionError):
@@ -139,6 +142,15 @@ def make_weight(kind: str, shape, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(shape, generator=gen, **f64) * (torch.rand(shape, generator=gen, **f64) < 0.2)
     if kind == "zero":
         return torch.zeros(shape, **f64)
+    if kind == "cancelling":
+        w = torch.randn(shape, generator=gen, **f64)
+        flat_taps = math.prod(taps) if taps else 1
+        if flat_taps >= 2:
+            first, second = torch.randperm(flat_taps, generator=gen)[:2].tolist()
+            view = w.view(c_out, c_in, flat_taps)
+            view[:, :, first] += 2.0**40
+            view[:, :, second] -= 2.0**40
+        return w
     if kind == "off_grid":  # a cosine whose peak lies between FFT frequencies
         w0 = math.pi / (2.1 + float(torch.rand(1, generator=gen)))
         phase = sum(torch.arange(k, **f64).view([k if i == a else 1 for i in range(len(taps))])
@@ -148,9 +160,11 @@ def make_weight(kind: str, shape, gen: torch.Generator) -> torch.Tensor:
 
 
 def draw_weight_kind(rng: random.Random, dtype: torch.dtype) -> str:
-    kinds = WEIGHT_KINDS + (FLOAT64_KINDS if dtype == torch.float64 else ())
+    kinds = WEIGHT_KINDS + (FLOAT64_KINDS if dtype == torch.float64 else ()) + tuple(CANCELLING_KINDS) * 4
     if dtype in (torch.bfloat16, torch.float16):
         kinds = tuple(k for k in kinds if k not in ("tiny", "huge"))  # out of their range
+    if dtype == torch.float16:
+        kinds = tuple(k for k in kinds if k != "cancelling")  # 2^40 too
     return rng.choice(kinds)
 
 
@@ -815,7 +829,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="the exhaustive one-axis sweep instead")
+    parser.add_argument("--cancelling", action="store_true", help="also draw kernels with two cancelling taps")
     args = parser.parse_args(argv)
+    if args.cancelling:
+        CANCELLING_KINDS.append("cancelling")
     torch.set_num_threads(args.threads)
     if args.sweep:
         return _run_sweep()
