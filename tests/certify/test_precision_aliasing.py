@@ -10,7 +10,14 @@ or dilation wrapping around a small input) an entry of ``A`` is their sum. The r
 length 1 has taps of size ~7e8 and an operator of norm 1, and ``certified_accuracy`` then
 certifies (at radius 1.5e-9) a point that the exact model, on the weights it applies, misclassifies.
 
-A sound bound replaces ``lam`` in the rounding term by ``max(lam, ||conv_|W| || / sqrt(K))``,
+Where lipnet's layer bound does not add aliased taps itself, this cannot happen: zero padding
+has no aliasing, and reflect and replicate padding are bounded by the valid convolution on the
+padded input times the copies, which bounds every tap, so normalized taps stay <= 1 (the
+argument above holds with the valid convolution's matrix). Large taps over a small operator
+come from circular padding whose kernel reaches around the input, the circulant adding the
+aliased taps (``tests/bounds/test_circular_aliasing.py``); bounding such an axis by its copies,
+as the fix described there does, also makes these tests pass (checked). Otherwise, a sound
+rounding bound replaces ``lam`` in the rounding term by ``max(lam, ||conv_|W| || / sqrt(K))``,
 ``||conv_|W| ||`` the bound of the same convolution with the kernel ``|W|``
 (``conv2d_spectral_norm`` of ``|W|`` with the layer's geometry): equal to the present term
 where no taps alias (every entry of ``A`` is then one tap). ``K`` must also count the products
