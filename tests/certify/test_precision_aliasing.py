@@ -71,9 +71,16 @@ def test_certified_points_are_classified_correctly_in_exact_arithmetic():
     a = [[Fraction(float(v)) for v in row] for row in fc.normalized_weight().tolist()]
     y = (w0 + w1) * Fraction(float(x))  # both outputs of the convolution, exactly
     exact0 = (a[0][0] + a[0][1]) * y
-    with torch.no_grad():  # class 1's logit halfway between the exact and the computed logit of class 0
-        fc.bias[1] = float((exact0 + computed) / 2)
-    exact1 = (a[1][0] + a[1][1]) * y + Fraction(float(fc.bias[1]))
-    assert exact1 > exact0  # the exact model predicts class 1 at x
-    result = certified_accuracy(model, (x, torch.tensor([0])), eps=[1e-10], progress=False)
-    assert not bool(result.correct[0]) and result.certified[0] == 0  # radius 1.5e-9 is claimed for class 0
+    # Class 1's logit between the exact and the computed logit of class 0: the float64 pass and
+    # exact arithmetic then predict different classes (where the rounding is that large).
+    bias = float((exact0 + computed) / 2)
+    if not min(exact0, computed) < Fraction(bias) < max(exact0, computed):
+        return  # the rounding is below the logits' resolution: no such point
+    with torch.no_grad():
+        fc.bias[1] = bias
+    label = 0 if computed > Fraction(bias) else 1  # the float64 prediction
+    assert (exact0 > Fraction(bias)) != (label == 0)  # exact arithmetic predicts the other class
+    result = certified_accuracy(model, (x, torch.tensor([label])), eps=[1e-10], progress=False)
+    # The float64 argmax may be wrong within rounding, but no radius may be certified for it
+    # (without the fix: 1.5e-9).
+    assert float(result.radii[0]) == 0 and result.certified[0] == 0
