@@ -34,8 +34,8 @@ def _load_fuzz():
 
 fuzz = _load_fuzz()
 
-SEEDS = {"conv2d": range(0, 100), "conv1d": range(0, 40), "linear": range(0, 40), "residual": range(0, 40),
-         "network": range(0, 12)}
+SEEDS = {"conv2d": range(0, 200), "conv1d": range(0, 80), "linear": range(0, 80), "residual": range(0, 80),
+         "network": range(0, 20)}
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch's note on 'same' padding with even kernels
