@@ -17,15 +17,21 @@ certifies nothing. So certification
    Lipschitz bound ``lam`` fed an input with error ``e`` returns an output with error at most
    ``lam * e + r``, where its own rounding is
 
-       r <= 4 u K^{3/2} (lam ||h|| + ||y||),    K = max(numel(h), numel(y)) + 1,
+       r <= 4 u K^{3/2} (lam ||h|| + ||y||),    K = max(numel(h), numel(y), products) + 1,
 
-   for input ``h``, output ``y`` (one example) and unit roundoff ``u = 2^-53``.
+   for input ``h``, output ``y`` (one example), unit roundoff ``u = 2^-53`` and, for a
+   convolution, ``products = c_in / groups * k_h * k_w`` (:func:`products_per_output`).
 
 Why ``r`` holds for a linear map ``y = A h + b`` (Higham, *Accuracy and Stability of
 Numerical Algorithms*, 2nd ed., 2002, section 3.1): each computed output is a sum of at most
 ``K`` products, so ``|fl(y) - y| <= gamma_K (|A| |h| + |b|)`` elementwise, with
 ``gamma_K = K u / (1 - K u)``. In L2, ``|| |A| ||_2 <= sqrt(||A||_1 ||A||_inf) <= sqrt(K) ||A||_2``
-(each row and each column has at most ``K`` entries), and ``||b|| <= ||y|| + ||A h||``. So
+(each row and each column has at most ``K`` entries), and ``||b|| <= ||y|| + ||A h||``.
+A convolution whose taps read copies of one input sample (padding that copies, on an input
+smaller than the kernel) sums one product per tap, not per entry of ``A``: there ``A`` is the
+valid convolution ``V`` (one entry per tap) after the copy operator ``P``, and the same argument
+holds with ``|V| |P h|`` and ``lam >= ||V|| ||P||``, which is how :mod:`lipnet.bounds.circulant`
+bounds such layers (circular padding included: its circulant would add the aliased taps). So
 ``r <= gamma_K ((sqrt(K) + 1) lam ||h|| + ||y||) <= 4 u K^{3/2} (lam ||h|| + ||y||)`` for
 ``K u < 1/2``. Elementwise activations (MaxMin, ReLU: exact; tanh and the like: a few ulps),
 pooling (sums of at most ``K`` terms) and input normalization are covered by the same
@@ -48,7 +54,7 @@ from torch import nn
 
 from lipnet.certify.lipschitz import _REGISTRY, _lookup, _unwrap
 from lipnet.nn.normalized import GramNormalized
-from lipnet.nn.residual import ConvexResidual
+from lipnet.nn.residual import ConvexResidual, GramResidualConv2d
 
 #: Unit roundoff of float64.
 UNIT_ROUNDOFF = 2.0 ** -53
@@ -112,12 +118,26 @@ def exact_kernels():
         torch.set_float32_matmul_precision(before[2])
 
 
-def local_rounding_bound(h: torch.Tensor, y: torch.Tensor, lipschitz: float) -> torch.Tensor:
-    """Per-example bound on the float64 rounding error of one module, ``4 u K^1.5 (lam ||h|| + ||y||)``."""
-    terms = max(h[0].numel(), y[0].numel()) + 1
+def local_rounding_bound(h: torch.Tensor, y: torch.Tensor, lipschitz: float, products: int = 0) -> torch.Tensor:
+    """Per-example bound on the float64 rounding error of one module, ``4 u K^1.5 (lam ||h|| + ||y||)``.
+
+    ``K = max(numel(h), numel(y), products) + 1``, with ``products`` the number of products
+    summed into one output where that can exceed the input's size: a convolution whose kernel
+    reads copies of its input (circular, reflect or replicate padding on an input smaller than
+    the kernel) sums ``c_in / groups * k_h * k_w`` of them (:func:`products_per_output`).
+    """
+    terms = max(h[0].numel(), y[0].numel(), products) + 1
     if terms * UNIT_ROUNDOFF >= 0.5:
         raise ValueError(f"a module with {terms} inputs or outputs per example is too large for the rounding bound")
     return 4 * UNIT_ROUNDOFF * terms ** 1.5 * (lipschitz * example_norms(h) + example_norms(y))
+
+
+def products_per_output(module: nn.Module) -> int:
+    """Products a convolution sums into one output (``c_in / groups * k_h * k_w``, plus one for
+    the identity of :class:`~lipnet.nn.GramResidualConv2d`); 0 for other modules."""
+    if not isinstance(module, nn.modules.conv._ConvNd):
+        return 0
+    return module.weight.shape[1] * math.prod(module.kernel_size) + int(isinstance(module, GramResidualConv2d))
 
 
 def forward_with_error_bound(model: nn.Module, x: torch.Tensor, bounds: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +162,7 @@ def _propagate(module: nn.Module, h: torch.Tensor, err: torch.Tensor, bounds: di
             return rounding(module, h, err, bounds, _propagate)
         lam = bounds[key]
         y = module(h)
-        return y, lam * err + local_rounding_bound(h, y, lam)
+        return y, lam * err + local_rounding_bound(h, y, lam, products_per_output(module))
     if isinstance(module, nn.Sequential):
         for child in module:
             h, err = _propagate(child, h, err, bounds)

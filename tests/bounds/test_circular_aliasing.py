@@ -8,12 +8,10 @@ the operator's norm, or 0, and the rounding margin, which presumes that every ta
 entry of the circulant (``sigma_max >= ||W||_F / sqrt(rank)``), does not cover it. The exact
 norms here sum the taps one at a time in rational arithmetic.
 
-A sound fix: where two taps of a circular axis share ``(tap_phase, tap_shift)``, embed that axis
-as reflect and replicate padding are (the padding's copies, ``input_copies = max`` count of
-``j mod n``, then the valid convolution on the padded length, whose taps are distinct), at the
-cost of tightness on inputs smaller than the kernel's reach; ``tests/bounds/test_conv.py``
-asserts that tightness (``test_circular_same_is_tight`` with kernel 5 on n = 3 and 4) and uses the
-circular bound at n = 2 as the naive FFT (``test_fft_at_input_size_is_unsound_for_zero_padding``).
+Such an axis is therefore bounded like reflect and replicate padding
+(``lipnet.bounds.circulant``: the padding's copies, ``input_copies = max`` count of ``j mod n``,
+then the valid convolution on the padded length, whose taps are distinct), at the cost of
+tightness on inputs smaller than the kernel's reach.
 """
 
 from fractions import Fraction
@@ -27,9 +25,6 @@ from lipnet.certify import lipschitz_bound
 from lipnet.nn import GramConv1d, GramConv2d
 
 CANCELLING = [2.0**40, 2.0**-20, -(2.0**40)]
-ALIASED = pytest.mark.xfail(strict=True, reason="circular taps that read one sample are added inside one symbol "
-                                                "entry, where cancelling taps lose their digits (module docstring)")
-
 
 def exact_norm(conv: nn.Module, weight: torch.Tensor, in_shape) -> float:
     """The operator norm of ``conv`` with ``weight``: its matrix summed tap by tap in fractions
@@ -53,7 +48,6 @@ def plain1d(n_taps=3, **kwargs):
     return nn.Conv1d(1, 1, n_taps, bias=False, dtype=torch.float64, padding_mode="circular", **kwargs)
 
 
-@ALIASED
 def test_public_bound_of_cancelling_aliased_taps():
     weight = torch.tensor([[CANCELLING]], dtype=torch.float64)
     exact = exact_norm(plain1d(padding=1), weight, (1, 1))
@@ -61,7 +55,6 @@ def test_public_bound_of_cancelling_aliased_taps():
     assert float(conv1d_spectral_norm(weight, 1, padding=1, padding_mode="circular", n_iter=14)) >= exact
 
 
-@ALIASED
 def test_normalized_layer_and_certificate_with_cancelling_aliased_taps():
     layer = GramConv1d(1, 1, 3, padding=1, padding_mode="circular", bias=False, dtype=torch.float64)
     with torch.no_grad():
@@ -72,7 +65,6 @@ def test_normalized_layer_and_certificate_with_cancelling_aliased_taps():
     assert lipschitz_bound(nn.Sequential(layer), (1, 1)) >= exact
 
 
-@ALIASED
 def test_2d_kernel_wrapping_around_a_2x2_input():
     """A 3x3 kernel with circular padding 1 on a 2x2 input: taps at offsets -1 and +1 read one
     sample on each axis."""

@@ -4,6 +4,7 @@ The exact norm comes from the dense operator built from impulse responses of
 F.conv2d in float64 (lipnet.bounds.reference), i.e. from PyTorch itself.
 """
 
+import itertools
 import math
 import random
 
@@ -121,13 +122,19 @@ def test_sound_on_grid_of_geometries(mode, stride, kernel):
 @pytest.mark.parametrize("n", [3, 4, 7, 10])
 @pytest.mark.parametrize("kernel", [3, 5, (3, 1)])
 def test_circular_same_is_tight(c_in, c_out, n, kernel):
-    """The default float32 training bound is within 1e-5 of the exact circular norm."""
+    """The default float32 training bound is within 1e-5 of the exact circular norm, unless the
+    kernel reaches around the input (5 taps on 3 or 4 samples): then two taps read one sample,
+    and the axis is bounded by its copies instead (sound, not tight; see test_circular_aliasing)."""
     weight = torch.randn(c_out, c_in, *((kernel, kernel) if isinstance(kernel, int) else kernel))
     kw = dict(padding="same", padding_mode="circular")
     exact = exact_conv2d_spectral_norm(weight, n, **kw)
     bound = conv2d_spectral_norm(weight, n, **kw).item()
-    assert abs(bound / exact - 1) < 1e-5
-    assert conv2d_embedding(weight.shape[-2:], n, **kw).exact
+    aliased = max(weight.shape[-2:]) > n
+    assert conv2d_embedding(weight.shape[-2:], n, **kw).exact != aliased
+    if aliased:
+        assert bound >= exact * (1 - 1e-6)
+    else:
+        assert abs(bound / exact - 1) < 1e-5
 
 
 @pytest.mark.parametrize("c", [16, 32, 64])
@@ -175,7 +182,10 @@ def test_fft_at_input_size_is_unsound_for_zero_padding():
     for _ in range(50):
         weight = torch.randn(1, 1, 3, 3, dtype=torch.float64, generator=gen)
         exact = exact_conv2d_spectral_norm(weight, n, padding=1)
-        naive = conv2d_spectral_norm(weight, n, padding=1, padding_mode="circular").item()
+        taps = torch.zeros(1, 1, n, n, dtype=torch.float64)  # the 3x3 kernel wrapped onto n x n
+        for i, j in itertools.product(range(3), repeat=2):
+            taps[..., (i - 1) % n, (j - 1) % n] += weight[..., i, j]
+        naive = torch.fft.fft2(taps).abs().max().item()
         if naive < exact * (1 - 1e-3):
             found = True
             break

@@ -10,19 +10,13 @@ or dilation wrapping around a small input) an entry of ``A`` is their sum. The r
 length 1 has taps of size ~7e8 and an operator of norm 1, and ``certified_accuracy`` then
 certifies (at radius 1.5e-9) a point that the exact model, on the weights it applies, misclassifies.
 
-Where lipnet's layer bound does not add aliased taps itself, this cannot happen: zero padding
-has no aliasing, and reflect and replicate padding are bounded by the valid convolution on the
-padded input times the copies, which bounds every tap, so normalized taps stay <= 1 (the
-argument above holds with the valid convolution's matrix). Large taps over a small operator
-come from circular padding whose kernel reaches around the input, the circulant adding the
-aliased taps (``tests/bounds/test_circular_aliasing.py``); bounding such an axis by its copies,
-as the fix described there does, also makes these tests pass (checked). Otherwise, a sound
-rounding bound replaces ``lam`` in the rounding term by ``max(lam, ||conv_|W| || / sqrt(K))``,
-``||conv_|W| ||`` the bound of the same convolution with the kernel ``|W|``
-(``conv2d_spectral_norm`` of ``|W|`` with the layer's geometry): equal to the present term
-where no taps alias (every entry of ``A`` is then one tap). ``K`` must also count the products
-of each output, ``c_in / groups * k_h * k_w``, which exceeds ``numel(h) + 1`` for a kernel larger
-than its input (a 3x3 kernel with circular padding on a 1x1 input sums 9 products).
+lipnet's layer bounds never add aliased taps: zero padding has none, and reflect, replicate and
+(on inputs shorter than the kernel's reach) circular padding are bounded by the valid
+convolution on the padded input times the copies, which bounds every tap, so normalized taps
+stay <= 1 and the argument above holds with the valid convolution's matrix
+(``tests/bounds/test_circular_aliasing.py``). ``K`` also counts the products of each output,
+``c_in / groups * k_h * k_w``, which exceeds ``numel(h) + 1`` for a kernel larger than its input
+(a 3x3 kernel with circular padding on a 1x1 input sums 9 products).
 """
 
 from fractions import Fraction
@@ -37,8 +31,6 @@ from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_e
 from lipnet.nn import GramConv1d, GramLinear
 
 
-@pytest.mark.xfail(strict=True, reason="precision.py bounds a convolution's rounding by |A| |h|; aliased taps "
-                                       "that cancel round at the size of |W| |h| (see the module docstring)")
 def test_rounding_bound_covers_cancelling_aliased_taps():
     conv = GramConv1d(1, 1, 2, padding=1, padding_mode="circular", bias=False, dtype=torch.float64)
     with torch.no_grad():  # on a length-1 input both taps read the one sample: A = w0 + w1
@@ -54,8 +46,6 @@ def test_rounding_bound_covers_cancelling_aliased_taps():
     assert actual <= float(err[0])  # 4.2e-9 against a claimed 5.7e-16
 
 
-@pytest.mark.xfail(strict=True, reason="the same rounding bound: certified_accuracy certifies a point the exact "
-                                       "model misclassifies")
 def test_certified_points_are_classified_correctly_in_exact_arithmetic():
     conv = GramConv1d(1, 1, 2, padding=1, padding_mode="circular", bias=False, dtype=torch.float64)
     fc = GramLinear(2, 2, dtype=torch.float64)
