@@ -93,6 +93,9 @@ class ConvexResidual(nn.Module):
         branch: a module mapping inputs to outputs of the same shape.
         alpha: initial mixing weight, strictly between 0 and 1.
         learnable: whether ``alpha`` is trained (stored as the logit ``alpha_logit``).
+        device, dtype: of ``alpha_logit``, as for torch's layers; by default those of the
+            branch's first floating-point parameter or buffer (so a branch built with
+            ``dtype=torch.float64`` gives a float64 block), else torch's defaults.
 
     Example:
         >>> block = ConvexResidual(nn.Sequential(GramConv2d(4, 4, 3, padding=1), nn.ReLU()), alpha=0.25)
@@ -100,12 +103,16 @@ class ConvexResidual(nn.Module):
         torch.Size([1, 4, 8, 8])
     """
 
-    def __init__(self, branch: nn.Module, alpha: float = 0.5, learnable: bool = True):
+    def __init__(self, branch: nn.Module, alpha: float = 0.5, learnable: bool = True, device=None, dtype=None):
         super().__init__()
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be strictly between 0 and 1, got {alpha}")
         self.branch = branch
-        logit = torch.tensor(math.log(alpha / (1 - alpha)))
+        like = next((t for t in (*branch.parameters(), *branch.buffers()) if t.is_floating_point()), None)
+        if like is not None:
+            dtype = like.dtype if dtype is None else dtype
+            device = like.device if device is None else device
+        logit = torch.tensor(math.log(alpha / (1 - alpha)), device=device, dtype=dtype)
         if learnable:
             self.alpha_logit = nn.Parameter(logit)
         else:

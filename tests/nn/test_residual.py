@@ -105,6 +105,19 @@ def test_convex_residual_forward_and_coefficients():
     assert "alpha_logit" in dict(fixed.named_buffers())
 
 
+def test_convex_residual_takes_its_branchs_dtype_and_certifies_in_float64():
+    """A float64 network whose first parameter is the mixing logit: the certification's dry run
+    takes that parameter's dtype, which used to be float32 and crash the float64 convolution."""
+    from lipnet.certify import lipschitz_bound
+
+    block = ConvexResidual(nn.Sequential(GramConv2d(2, 2, 3, padding=1, dtype=torch.float64), nn.ReLU()), alpha=0.3)
+    assert block.alpha_logit.dtype == torch.float64
+    assert ConvexResidual(nn.ReLU()).alpha_logit.dtype == torch.get_default_dtype()
+    assert ConvexResidual(nn.ReLU(), dtype=torch.float64).alpha_logit.dtype == torch.float64
+    bound = lipschitz_bound(nn.Sequential(block), (2, 5, 5))
+    assert 0.9 <= bound <= 1 + 1e-5  # a 1-Lipschitz branch mixed with the identity
+
+
 def test_convex_residual_rejects_bad_input():
     with pytest.raises(ValueError, match="strictly between"):
         ConvexResidual(nn.Identity(), alpha=1.0)
