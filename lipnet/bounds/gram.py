@@ -261,11 +261,18 @@ def max_gram_bound_of_grams(gram: torch.Tensor, log_scale: torch.Tensor, n_iter:
     if not isinstance(n_iter, int) or n_iter < 1 or screen < 1:
         raise ValueError(f"the first Gram step is taken: n_iter and the screening steps of this batch of {batch} "
                          f"must be >= 1, got n_iter={n_iter!r}, screen_iter={screen_iter!r}")
+    # Each matrix scaled by a power of two (exact) to largest |entry| in [1, 2), as
+    # _gram_first_inplace scales the symbols: where taps nearly cancel at a frequency, its Gram
+    # matrix may be so small beside the batch's common scale that the squares of its entries
+    # underflow, and its Frobenius norm, the next step's divisor, would be 0.
+    peak = torch.linalg.vector_norm(gram, ord=float("inf"), dim=(-2, -1)).clamp_min(torch.finfo(gram.dtype).tiny)
+    peak = torch.exp2(torch.floor(torch.log2(peak)))
+    gram = gram / peak[..., None, None]
+    log_scale = log_scale.expand(layers, batch).to(gram.dtype) + torch.log(peak)
     real_form = arithmetic_dominates(layers * batch, r, gram.device)
     if not real_form:
         gram = hermitian_from_real_form(gram)
-    return _max_bound(gram, log_scale.expand(layers, batch).to(gram.real.dtype), n_iter, screen, n_candidates,
-                      keep_iterates, real_form)
+    return _max_bound(gram, log_scale, n_iter, screen, n_candidates, keep_iterates, real_form)
 
 
 def _max_bound(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int, screen: int, n_candidates: int,

@@ -99,8 +99,6 @@ def test_detects_a_certificate_too_small(monkeypatch, kind, factor):
     assert _catches(kind, "certified")
 
 
-@pytest.mark.xfail(strict=True, reason="max_gram_bound_of_grams normalizes the Gram matrices from the "
-                                       "autocorrelation by their Frobenius norm, whose squares underflow")
 def test_autocorrelation_bound_of_a_frequency_with_a_tiny_gram_matrix():
     """Found by the fuzz (``--cancelling``): taps of +-2^40 cancel at frequency 0, where the Gram
     matrix from the kernel's autocorrelation (12x12 inputs: more frequencies than pairs of taps)
@@ -108,13 +106,8 @@ def test_autocorrelation_bound_of_a_frequency_with_a_tiny_gram_matrix():
     norm is 0, the rescaling by ``tiny`` overflows two squarings later, and the bound is NaN
     (a finite weight refused as 'too large for its dtype').
 
-    Fix: in ``lipnet.bounds.gram.max_gram_bound_of_grams``, scale each Gram matrix to largest
-    ``|entry|`` 1 first, as ``_gram_first_inplace`` scales the symbols (``peak =
-    vector_norm(gram, inf, dim=(-2, -1)).clamp_min(tiny)``, ``gram / peak``, ``log_scale +
-    log(peak)``). It changes the bounds at rounding level, which turns up that
-    ``tests/nn/test_gram_conv_wiring.py``'s reflect case (kernel 2, stride 2, dilation 2,
-    groups 2) has the same bound for stride 1 and 2 up to one ulp: its check that the stride
-    changes the bound needs another case."""
+    Fixed in ``lipnet.bounds.gram.max_gram_bound_of_grams``: each Gram matrix is first scaled by
+    a power of two to largest ``|entry|`` in ``[1, 2)``, as the symbols are."""
     big = 2.0**40
     weight = torch.tensor([[[[-1.0, -big], [big, 2.0]], [[2.0, -big], [big, 1.0]]],
                            [[[2.0, -big], [big, -1.0]], [[-1.0, -big], [big, 1.0]]]])

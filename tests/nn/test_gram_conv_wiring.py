@@ -35,7 +35,7 @@ LAYERS = [
     dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 2), dilation=(3, 2), groups=2),
     dict(kernel_size=3, stride=2, padding=1, dilation=(2, 3), groups=4, padding_mode="circular"),
     dict(kernel_size=(3, 2), stride=(2, 3), padding=1, dilation=(1, 3), padding_mode="replicate"),
-    dict(kernel_size=2, stride=2, padding=1, dilation=2, groups=2, padding_mode="reflect"),
+    dict(kernel_size=3, stride=2, padding=1, dilation=(2, 3), groups=2, padding_mode="reflect"),
 ]
 
 
