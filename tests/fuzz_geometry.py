@@ -566,23 +566,6 @@ def draw_network(rng: random.Random, gen: torch.Generator, linear_only: bool):
                     layers.append(nn.ReLU())
                     plain.append(("relu", None, None))
             continue
-            for _ in range(rng.randint(2, 3)):
-                conv = gram_layer(conv_case)
-                _fill(conv, rng, gen)
-                layers.append(conv)
-                plain.append(("conv", conv_case, conv))
-                if not linear_only and rng.random() < 0.3:
-                    layers.append(nn.ReLU())
-                    plain.append(("relu", None, None))
-            out = conv(torch.zeros(1, c, *size, dtype=dtype))
-            if tuple(out.shape[1:]) != (c, *size):  # a trunk applies its layers to one shape
-                del layers[-1], plain[-1]
-                while layers and isinstance(layers[-1], nn.ReLU):
-                    del layers[-1], plain[-1]
-                c, size = tuple(out.shape[1:2])[0], tuple(out.shape[-2:])
-                layers.append(conv)
-                plain.append(("conv", conv_case, conv))
-            continue
         if roll < 0.25 and size[0] * size[1] * c <= 400:
             kernel = (rng.randint(1, 4), rng.randint(1, 4))
             groups = rng.choice([g for g in (1, 2) if c % g == 0])
