@@ -108,17 +108,32 @@ def axis_embedding(
     if padding_mode == "circular":
         if max(pad_lo, pad_hi) > n:
             raise ValueError(f"circular padding ({pad_lo}, {pad_hi}) wraps around an input of size {n} more than once")
-        return _circular_embedding(n, kernel, stride, dilation, pad_lo, pad_hi, m)
-    if padding_mode == "zeros" or (pad_lo == 0 and pad_hi == 0):
+        circulant = _circular_embedding(n, kernel, stride, dilation, pad_lo, m)
+        if circulant is not None:
+            return circulant
+        # Two taps read one sample (the kernel reaches around the input): bounded by its copies below.
+    elif padding_mode == "zeros" or (pad_lo == 0 and pad_hi == 0):
         return _zero_padded_embedding(n, kernel, stride, dilation, pad_lo, m)
+    # Padding that copies samples: the copies (``||P|| = sqrt(max copies)``), then the valid
+    # convolution on the padded length, whose taps are distinct.
     copies = _padding_copies(n, pad_lo, pad_hi, padding_mode)
     valid = _zero_padded_embedding(n + pad_lo + pad_hi, kernel, stride, dilation, 0, m)
     return AxisEmbedding(valid.fft_size, valid.phases, valid.tap_phase, valid.tap_shift, valid.tap_live,
                          valid.row_copies, copies, exact=False)
 
 
-def _circular_embedding(n: int, kernel: int, stride: int, dilation: int, pad_lo: int, pad_hi: int,
-                        m: int) -> AxisEmbedding:
+def _circular_embedding(n: int, kernel: int, stride: int, dilation: int, pad_lo: int,
+                        m: int) -> AxisEmbedding | None:
+    """The circulant of a circular convolution, or ``None`` where two taps read one sample.
+
+    That happens when the kernel reaches around the input. The circulant would add such taps
+    into one entry of the symbol, where nearly cancelling taps lose their digits in floating
+    point (``2^40 + 2^-20 - 2^40`` is 0), so a computed bound could be far below the operator's
+    norm, and neither the bound's rounding margin (:mod:`lipnet.bounds.rounding`) nor the
+    certification's rounding bound, which both take every entry to be one tap, would cover it.
+    :func:`axis_embedding` then bounds the axis by its copies, as for reflect padding: sound, and
+    loose by up to ``sqrt(copies)``, for inputs shorter than the kernel's reach only.
+    """
     # y[i] = sum_a W[a] x[(s*i + d*a - pad_lo) mod n].
     offsets = [dilation * a - pad_lo for a in range(kernel)]
     if n % stride == 0:
@@ -136,29 +151,10 @@ def _circular_embedding(n: int, kernel: int, stride: int, dilation: int, pad_lo:
         rows = [(stride * i) % n for i in range(m)]
         phases = 1
     if len(set(zip(tap_phase, tap_shift))) < kernel:
-        return _aliased_circular_embedding(n, kernel, stride, dilation, pad_lo, pad_hi, m)
+        return None
     row_copies = max(Counter(rows).values())
     exact = m == size and row_copies == 1
     return AxisEmbedding(size, phases, tap_phase, tap_shift, (True,) * kernel, row_copies, 1, exact)
-
-
-def _aliased_circular_embedding(n: int, kernel: int, stride: int, dilation: int, pad_lo: int, pad_hi: int,
-                                m: int) -> AxisEmbedding:
-    """Circular padding whose kernel reaches around the input: two taps read one sample.
-
-    The circulant would add such taps into one entry of the symbol, where nearly cancelling
-    taps lose their digits in floating point (``2^40 + 2^-20 - 2^40`` is 0), so a computed
-    bound could be far below the operator's norm, and neither the bound's rounding margin
-    (:mod:`lipnet.bounds.rounding`) nor the certification's rounding bound, which both take
-    every entry to be one tap, would cover it. Such an axis is bounded like reflect padding
-    instead: the circular copies of the input (``||P|| = sqrt(max copies)``), then the valid
-    convolution on the padded length, whose taps are distinct. Sound, and loose by up to
-    ``sqrt(copies)``; it only arises for inputs shorter than the kernel's reach.
-    """
-    copies = max(Counter((j % n) for j in range(-pad_lo, n + pad_hi)).values())
-    valid = _zero_padded_embedding(n + pad_lo + pad_hi, kernel, stride, dilation, 0, m)
-    return AxisEmbedding(valid.fft_size, valid.phases, valid.tap_phase, valid.tap_shift, valid.tap_live,
-                         valid.row_copies, copies, exact=False)
 
 
 def _zero_padded_embedding(n: int, kernel: int, stride: int, dilation: int, pad_lo: int, m: int) -> AxisEmbedding:
@@ -200,13 +196,15 @@ def _wraps_onto_support(size: int, m: int, taps, supports) -> bool:
 
 
 def _padding_copies(n: int, pad_lo: int, pad_hi: int, padding_mode: str) -> int:
-    """Largest number of times an input sample appears in the reflect/replicate-padded input."""
+    """Largest number of times an input sample appears in the reflect/replicate/circular-padded input."""
     if padding_mode == "reflect" and max(pad_lo, pad_hi) >= n:
         raise ValueError(f"reflect padding ({pad_lo}, {pad_hi}) must be smaller than the input size {n}")
     sources = []
     for j in range(-pad_lo, n + pad_hi):
         if padding_mode == "reflect":
             sources.append(-j if j < 0 else (2 * (n - 1) - j if j >= n else j))
+        elif padding_mode == "circular":
+            sources.append(j % n)
         else:
             sources.append(min(max(j, 0), n - 1))
     return max(Counter(sources).values())
