@@ -32,7 +32,7 @@ from torch import nn
 
 from lipnet.bounds.gram import DEFAULT_N_ITER
 from lipnet.certify import LipschitzBoundError, UnknownModuleError, lipschitz_bound, register_lipschitz_bound
-from lipnet.certify.lipschitz import _REGISTRY, _lookup, add_up, mul_up
+from lipnet.certify.lipschitz import _REGISTRY, _lookup, add_up, call_registered_bound, mul_up
 from lipnet.certify.precision import UNIT_ROUNDOFF, example_norms
 from lipnet.export.exporter import check_input_shape, example_input
 from lipnet.nn.activations import MaxMin
@@ -481,12 +481,7 @@ def _bound_from_module(module: nn.Module) -> float | None:
         bound = _lookup(_REGISTRY, module)
         if bound is None:  # a subclass with its own forward
             raise UnknownModuleError(module)
-        try:
-            return bound(module, ())
-        except LipschitzBoundError:
-            raise
-        except (ValueError, TypeError) as error:  # as lipschitz_bound reports a registered bound's failure
-            raise LipschitzBoundError(module, str(error)) from error
+        return call_registered_bound(bound, module, ())
     return None
 
 

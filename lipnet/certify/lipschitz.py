@@ -177,6 +177,17 @@ def _round_up_exact(rounded: float, exact: Fraction) -> float:
     return math.nextafter(rounded, math.inf)
 
 
+def call_registered_bound(fn: BoundFunction, module: nn.Module, shape: tuple[int, ...]) -> float:
+    """``fn(module, shape)``, a rule's failure to read the module's settings (``ValueError``,
+    ``TypeError``) reported as the :class:`LipschitzBoundError` of that module."""
+    try:
+        return fn(module, shape)
+    except LipschitzBoundError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise LipschitzBoundError(module, f"its registered bound failed on inputs of shape {shape}: {exc}") from exc
+
+
 def _module_bound(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """``(bound, module(x))`` for the dummy input ``x``."""
     check_no_forward_hooks(module)
@@ -184,12 +195,7 @@ def _module_bound(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tens
     shape = tuple(x.shape[1:])
     fn = _lookup(_REGISTRY, module)
     if fn is not None:
-        try:
-            value = fn(module, shape)
-        except LipschitzBoundError:
-            raise
-        except (ValueError, TypeError) as exc:  # the rule cannot read this module's settings
-            raise LipschitzBoundError(module, f"its registered bound failed on inputs of shape {shape}: {exc}") from exc
+        value = call_registered_bound(fn, module, shape)
     elif callable(getattr(module, "lipschitz_bound", None)):
         _check_method_matches_forward(module)
         method = module.lipschitz_bound
