@@ -158,6 +158,29 @@ def test_tiny_weights_stay_finite_and_zero_weights_are_the_zero_map_without_grad
     assert TINY > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cfg", [dict(padding=1), dict(padding=4, dilation=4)], ids=["corners", "dilated"])
+def test_a_weight_that_reads_only_padding_is_the_zero_map_in_every_dtype(dtype, cfg):
+    """On a 1x1 input, the corner taps of a 3x3 kernel read only zero padding: the operator is
+    zero (bound 0) though the weight is not. float16 (largest value 65504) once overflowed
+    W / TINY to inf and the forward to inf * 0 = NaN."""
+    layer = GramConv2d(2, 2, 3, dtype=dtype, **cfg)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[:, :, 0, 0] = 1.0
+    x = torch.randn(3, 2, 1, 1, dtype=dtype, requires_grad=True)
+    assert layer.weight_norm_bound((1, 1)).item() == 0.0
+    assert torch.isfinite(layer.normalized_weight((1, 1))).all()
+    out = layer(x)
+    assert out.sub(layer.bias.view(1, -1, 1, 1)).abs().max().item() == 0.0
+    (grad_x,) = torch.autograd.grad(out.sum(), x)
+    assert grad_x.abs().max().item() == 0.0
+    with torch.no_grad():
+        layer.weight[:, :, 1, 1] = 1e-3  # a tiny operator beside a large ignored tap: finite, still <= 1
+    assert torch.isfinite(layer(x)).all()
+    assert layer.lipschitz_bound((1, 1)) <= 1 + 1e-5
+
+
 @pytest.mark.parametrize("stacked", [False, True], ids=["alone", "stacked"])
 def test_a_zero_weight_refuses_its_gradient_with_a_clear_error(stacked):
     """W / ||W|| has no derivative at W = 0 (the clamp would make it 1e12 times the incoming one);

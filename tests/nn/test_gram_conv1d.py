@@ -76,6 +76,19 @@ def test_clear_errors():
         torch.jit.trace(GramConv1d(2, 2, 3), torch.randn(1, 2, 8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_weight_that_reads_only_padding_is_the_zero_map_in_every_dtype(dtype):
+    """As for GramConv2d: the outer taps on a length-1 input read only padding (bound 0), and
+    float16 once overflowed the normalized weight to inf and the forward to NaN."""
+    layer = GramConv1d(2, 2, 3, padding=1, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[:, :, 0] = 1.0
+    x = torch.randn(3, 2, 1, dtype=dtype)
+    assert layer.weight_norm_bound(1).item() == 0.0
+    assert layer(x).sub(layer.bias.view(1, -1, 1)).abs().max().item() == 0.0
+
+
 def test_trains_and_gradients_match_finite_differences():
     layer = GramConv1d(2, 3, 3, padding=1, dtype=torch.float64)
     x = torch.randn(2, 2, 10, dtype=torch.float64)
