@@ -89,12 +89,13 @@ def test_compiled_conv_bound_takes_the_arithmetic_path_on_gpu():
     real form, as on the CPU: it matches the eager bound (symbols, complex products) up to
     rounding and stays above the exact norm."""
     import lipnet.bounds.conv as conv
+    from lipnet.bounds.circulant import distinct_frequencies
     from lipnet.bounds.conv import conv2d_embedding
 
     torch.manual_seed(0)
     weight = torch.randn(16, 16, 3, 3, device="cuda", requires_grad=True)
     emb = conv2d_embedding(3, 16, padding=1)
-    frequencies = emb.height.fft_size * (emb.width.fft_size // 2 + 1)
+    frequencies = len(distinct_frequencies(emb.height.fft_size, emb.width.fft_size))
     assert not conv._uses_symbol_lags(emb, weight.shape, 1, frequencies, 5, weight.device)  # eager: launches
     eager = conv2d_spectral_norm(weight, 16, padding=1)
     (eager_grad,) = torch.autograd.grad(eager, weight)

@@ -14,7 +14,8 @@ with equality of the two sides (up to Gram convergence) for circular 'same' conv
 Groups give a block-diagonal operator: the maximum over groups is taken.
 
 For real kernels ``K(-f) = conj(K(f))`` has the same singular values, so only the
-half-plane of frequencies ``0 <= f_w <= N_w // 2`` is evaluated (as ``rfft2`` does).
+half-plane of frequencies ``0 <= f_w <= N_w // 2`` is evaluated (as ``rfft2`` does), less the
+conjugates that half-plane still holds twice (:func:`~lipnet.bounds.circulant.distinct_frequencies`).
 
 References:
     Sedghi, Gupta, Long. "The Singular Values of Convolutional Layers", ICLR 2019.
@@ -31,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from lipnet.bounds.batching import vmap_into_stack
-from lipnet.bounds.circulant import AxisEmbedding, axis_embedding, pair, resolve_padding
+from lipnet.bounds.circulant import AxisEmbedding, axis_embedding, distinct_frequencies, pair, resolve_padding
 from lipnet.bounds.gram import (
     DEFAULT_N_CANDIDATES,
     DEFAULT_N_ITER,
@@ -99,7 +100,8 @@ def conv2d_symbol(weight: torch.Tensor, embedding: ConvEmbedding, groups: int = 
 
     Returns:
         Complex tensor of shape ``(groups, F, c_out // groups, (c_in // groups) * s_h * s_w)``
-        over the ``F = N_h * (N_w // 2 + 1)`` frequencies of the half-plane.
+        over the ``F`` frequencies of :func:`~lipnet.bounds.circulant.distinct_frequencies`
+        (one of each conjugate pair, row-major).
     """
     k_h, k_w = weight.shape[-2:]
     h, w = embedding
@@ -395,12 +397,15 @@ _DFT_CACHE: dict = {}
 
 def _tap_dft(embedding: ConvEmbedding, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``E[(a, b), r, s, (x, y)] = e_h[a, r, x] e_w[b, s, y]``: kernel taps to (input phase,
-    frequency) of both axes, ``x`` over all ``N_h`` and ``y`` over the half-plane ``N_w // 2 + 1``."""
+    frequency) of both axes, over one frequency ``(x, y)`` of each conjugate pair
+    (:func:`lipnet.bounds.circulant.distinct_frequencies`)."""
 
     def build(device):
         e_h, e_w = _axis_dft(embedding.height, False, device), _axis_dft(embedding.width, True, device)
         (k_h, r, x), (k_w, s, y) = e_h.shape, e_w.shape
-        return torch.einsum("arx,bsy->abrsxy", e_h, e_w).reshape(k_h * k_w, r, s, x * y)
+        grid = torch.einsum("arx,bsy->abrsxy", e_h, e_w).reshape(k_h * k_w, r, s, x * y)
+        kept = [f_h * y + f_w for f_h, f_w in distinct_frequencies(x, embedding.width.fft_size)]
+        return grid[..., kept]
     return _cached_constant((embedding, dtype, device), dtype, device, build)
 
 

@@ -37,12 +37,12 @@ from typing import NamedTuple
 
 import torch
 
-from lipnet.bounds.circulant import AxisEmbedding
+from lipnet.bounds.circulant import AxisEmbedding, distinct_frequencies
 
 
 class SymbolLags(NamedTuple):
     """Constants of :func:`symbol_gram_real_form` for one embedding (``T`` taps, ``D`` lags,
-    ``F`` frequencies of the half-plane)."""
+    ``F`` frequencies of :func:`~lipnet.bounds.circulant.distinct_frequencies`)."""
 
     pairs: torch.Tensor  # (D, T * T): which tap pairs (t, t') sum into lag d (0 or 1)
     twiddles: torch.Tensor  # (F, D): cos phi_d(f) - sin phi_d(f)
@@ -70,14 +70,13 @@ def symbol_lags(height: AxisEmbedding, width: AxisEmbedding, dtype: torch.dtype,
     pairs = torch.zeros(len(lags), len(taps) ** 2, dtype=torch.float64, device=device)
     pairs[rows, columns] = 1
     n_h, n_w = height.fft_size, width.fft_size
-    f_h = torch.arange(n_h, dtype=torch.float64, device=device)
-    f_w = torch.arange(n_w // 2 + 1, dtype=torch.float64, device=device)
+    frequencies = torch.tensor(distinct_frequencies(n_h, n_w), dtype=torch.float64, device=device)
+    f_h, f_w = frequencies[:, 0, None], frequencies[:, 1, None]
     d_h = torch.tensor([d for d, _ in lags], dtype=torch.float64, device=device)
     d_w = torch.tensor([d for _, d in lags], dtype=torch.float64, device=device)
     # Reduce f * d modulo N in integers before the angle, for accurate large products.
-    turns = (torch.remainder(f_h[:, None, None] * d_h, n_h) / n_h
-             + torch.remainder(f_w[None, :, None] * d_w, n_w) / n_w)
-    angle = 2 * math.pi * turns.reshape(n_h * (n_w // 2 + 1), len(lags))
+    turns = torch.remainder(f_h * d_h, n_h) / n_h + torch.remainder(f_w * d_w, n_w) / n_w
+    angle = 2 * math.pi * turns
     twiddles = torch.cos(angle) - torch.sin(angle)
     return SymbolLags(pairs.to(dtype), twiddles.to(dtype))
 

@@ -18,6 +18,7 @@ from lipnet.bounds import (
     conv2d_symbol,
     exact_conv2d_spectral_norm,
 )
+from lipnet.bounds.circulant import distinct_frequencies
 from lipnet.bounds.reference import conv2d_operator_matrix
 
 MODES = ["zeros", "circular", "reflect", "replicate"]
@@ -222,7 +223,31 @@ def test_symbol_shape_and_half_plane():
     emb = conv2d_embedding(3, (8, 9), stride=(2, 1), padding=1)
     symbol = conv2d_symbol(weight, emb, groups=2)
     n_h, n_w = emb.height.fft_size, emb.width.fft_size
-    assert symbol.shape == (2, n_h * (n_w // 2 + 1), 3, 2 * 2)
+    assert symbol.shape == (2, len(distinct_frequencies(n_h, n_w)), 3, 2 * 2)
+    assert len(distinct_frequencies(n_h, n_w)) < n_h * (n_w // 2 + 1)  # rfft2's half-plane holds conjugates twice
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 6), (2, 2), (5, 5), (6, 7), (8, 8)])
+def test_the_symbols_are_rfft2_less_its_repeated_conjugates(size):
+    """Each kept frequency's symbol is rfft2's (of the kernel placed on the circulant grid), and
+    every half-plane frequency left out is the conjugate of one kept: its symbol's singular
+    values are the same, so the maximum over the kept ones is the circulant's norm."""
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    emb = conv2d_embedding(3, size, padding=1, padding_mode="circular")
+    n_h, n_w = emb.height.fft_size, emb.width.fft_size
+    grid = torch.zeros(3, 2, n_h, n_w, dtype=torch.float64)
+    for a, b in itertools.product(range(3), range(3)):
+        grid[:, :, emb.height.tap_shift[a] % n_h, emb.width.tap_shift[b] % n_w] += weight[:, :, a, b]
+    spectrum = torch.fft.rfft2(grid).permute(2, 3, 0, 1)  # (N_h, N_w // 2 + 1, c_out, c_in)
+    symbol = conv2d_symbol(weight, emb)[0]
+    kept = distinct_frequencies(n_h, n_w)
+    for index, (f_h, f_w) in enumerate(kept):
+        torch.testing.assert_close(symbol[index], spectrum[f_h, f_w])
+    left_out = [f for f in itertools.product(range(n_h), range(n_w // 2 + 1)) if f not in kept]
+    for f_h, f_w in left_out:
+        mirror = (-f_h % n_h, -f_w % n_w)
+        assert mirror in kept
+        torch.testing.assert_close(spectrum[f_h, f_w], spectrum[mirror].conj())
 
 
 def test_differentiable_and_gradcheck():

@@ -6,6 +6,7 @@ import lipnet.bounds.gram as gram
 from lipnet.bounds import conv2d_embedding, conv2d_spectral_norm, conv2d_symbol, exact_conv2d_spectral_norm
 from lipnet.bounds.gram import screening_steps
 from lipnet.bounds.hermitian import hermitian_real_form
+from lipnet.bounds.circulant import distinct_frequencies
 from lipnet.bounds.symbol_gram import symbol_gram_real_form, symbol_lags
 
 GEOMETRIES = [
@@ -22,7 +23,7 @@ GEOMETRIES = [
 def _lags_used(weight, size, **kw):
     embedding = conv2d_embedding(weight.shape[-2:], size, **{k: v for k, v in kw.items() if k != "groups"})
     groups = kw.get("groups", 1)
-    frequencies = embedding.height.fft_size * (embedding.width.fft_size // 2 + 1)
+    frequencies = len(distinct_frequencies(embedding.height.fft_size, embedding.width.fft_size))
     screen = screening_steps(groups * frequencies, 10, 5, 8)
     return conv._uses_symbol_lags(embedding, weight.shape, groups, frequencies, screen, weight.device)
 
@@ -136,14 +137,14 @@ def test_when_the_autocorrelation_is_used(monkeypatch):
     where arithmetic sets the bound's time: on the CPU, for a large eager bound off it (here
     8 stacked layers), and wherever launches cost no host time."""
     emb = conv2d_embedding(3, 32, padding=1)
-    frequencies = emb.height.fft_size * (emb.width.fft_size // 2 + 1)
+    frequencies = len(distinct_frequencies(emb.height.fft_size, emb.width.fft_size))
     cpu = torch.device("cpu")
     assert conv._uses_symbol_lags(emb, (64, 64, 3, 3), 1, frequencies, 5, cpu)
     assert not conv._uses_symbol_lags(emb, (64, 64, 3, 3), 1, frequencies, 5, torch.device("meta"))
     assert not conv._uses_symbol_lags(emb, (64, 64, 3, 3), 1, frequencies, 0, cpu)  # Frobenius screening
     assert not conv._uses_symbol_lags(emb, (65, 64, 3, 3), 1, frequencies, 5, cpu)  # K^H K is the smaller side
     small = conv2d_embedding(3, 8, padding=1)
-    assert not conv._uses_symbol_lags(small, (256, 256, 3, 3), 1, 9 * 5, 5, cpu)
+    assert not conv._uses_symbol_lags(small, (256, 256, 3, 3), 1, len(distinct_frequencies(9, 9)), 5, cpu)
     meta = torch.device("meta")
     assert conv._uses_symbol_lags(emb, (8, 128, 128, 3, 3), 1, frequencies, 5, meta)
     assert not conv._uses_symbol_lags(emb, (8, 128, 128, 3, 3), 1, frequencies, 0, meta)
