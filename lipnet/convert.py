@@ -151,10 +151,16 @@ def convert(
     Args:
         model: any ``nn.Module`` tree (e.g. a torchvision model).
         activation: ``"maxmin"`` replaces each ``nn.ReLU`` by :class:`~lipnet.nn.MaxMin`
-            (1-Lipschitz *and* gradient-norm preserving; pairs channels along dim 1). A ReLU
-            whose input has an odd number of channels is kept (ReLU is 1-Lipschitz too), and
-            the report says so; without ``input_shape`` the channel counts cannot be checked
-            and every ReLU is replaced. ``None`` keeps the ReLUs.
+            (1-Lipschitz *and* gradient-norm preserving), which pairs the channels along a
+            ``dim`` counted from the end (``-3`` after a 2-D convolution, ``-2`` after a 1-D
+            one, ``-1`` after a linear layer), so that inputs with and without a batch
+            dimension are paired alike. The layout is read from the layers before the ReLU in
+            an ``nn.Sequential``, else from the rank of what it receives with ``input_shape``
+            (its dim 1 in a batch); where neither tells, the MaxMin gets ``dim=1`` (the
+            channels of a batch) and the report says so. A ReLU whose input has an odd number
+            of channels is kept (ReLU is 1-Lipschitz too), and the report says so; without
+            ``input_shape`` the channel counts cannot be checked and every ReLU is replaced.
+            ``None`` keeps the ReLUs.
         input_shape: shape of one input without the batch dimension, e.g. ``(3, 32, 32)``.
             Enables the channel check above, the analysis of containers with their own
             forward, and the certified bound of the converted model in the report.
@@ -265,11 +271,13 @@ def _plan(model, activation, replace, n_iter, shapes, report) -> dict[int, nn.Mo
     """``{id(old module): new module}``, and the report's changes and notes."""
     plan: dict[int, nn.Module] = {}
     opaque: list[str] = []  # modules whose descendants are not visited
+    layouts = _channel_dims(model) if activation == "maxmin" else {}
+    unknown: list[str] = []  # ReLUs replaced by MaxMin(dim=1), their layout unknown
     for path, module in model.named_modules(remove_duplicate=False):
         if _inside(path, opaque):
             continue
         if id(module) not in plan:
-            new = _replacement(path, module, activation, replace, n_iter, shapes, report)
+            new = _replacement(path, module, activation, replace, n_iter, shapes, layouts, unknown, report)
             if new is None:
                 if isinstance(module, (nn.MultiheadAttention, GramConv1d, GramConv2d, GramLinear)):
                     opaque.append(path)  # uses its children's weights directly / already converted
@@ -277,6 +285,14 @@ def _plan(model, activation, replace, n_iter, shapes, report) -> dict[int, nn.Mo
             plan[id(module)] = new
         report.changes.append(Change(path, _short(module), _short(plan[id(module)])))
         opaque.append(path)
+    if unknown:
+        listed = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        report.notes.append(f"ReLU at {listed} replaced by MaxMin(dim=1), which pairs dim 1: the channels of a batch "
+                            "(N, C, ...), but the second dimension of an input without a batch dimension. The layout "
+                            "of the ReLU's input is unknown (no known layer before it in an nn.Sequential, and no "
+                            "input_shape or inputs of several ranks): pass input_shape, or set the MaxMin's dim "
+                            "counted from the end (-3 for (N, C, H, W) or (C, H, W), -2 for (N, C, L) or (C, L), -1 "
+                            "for features)")
     return plan
 
 
@@ -285,7 +301,9 @@ def _inside(path: str, prefixes: list[str]) -> bool:
     return any((p == "" and path != "") or path.startswith(p + ".") for p in prefixes)
 
 
-def _replacement(path, module, activation, replace, n_iter, shapes, report) -> nn.Module | None:
+def _replacement(path, module, activation, replace, n_iter, shapes, layouts, unknown, report) -> nn.Module | None:
+    """The module that replaces ``module`` at ``path``, or ``None``; notes in ``report``, and the
+    paths of ReLUs whose channel layout is unknown (replaced by ``MaxMin(dim=1)``) in ``unknown``."""
     for cls in type(module).__mro__:
         if cls in replace:
             new = replace[cls](module)
@@ -308,16 +326,70 @@ def _replacement(path, module, activation, replace, n_iter, shapes, report) -> n
         if shapes is not None and not calls:
             report.notes.append(f"ReLU at '{path}' kept: it is not called on inputs of the given shape")
             return None
-        if calls and any(len(s) < 2 or s[1] % 2 for s in calls):
-            counts = sorted({s[1] if len(s) > 1 else 0 for s in calls})
-            report.notes.append(f"ReLU at '{path}' kept: MaxMin pairs the channels along dim 1 and this ReLU sees "
+        dim = _maxmin_dim(layouts.get(id(module), {None}), calls)
+        if calls and any(not -len(s) <= dim < len(s) or len(s) < 2 or s[dim] % 2 for s in calls):
+            counts = sorted({s[dim] if -len(s) <= dim < len(s) and len(s) > 1 else 0 for s in calls})
+            report.notes.append(f"ReLU at '{path}' kept: MaxMin pairs the channels along dim {dim} and this ReLU sees "
                                 f"{', '.join(map(str, counts))} channel(s), an odd count (ReLU is 1-Lipschitz too, "
                                 "just not gradient-norm preserving)")
             return None
-        new = MaxMin(dim=1)
+        new = MaxMin(dim=dim)
+        if dim == 1:
+            unknown.append(repr(path))
         new.train(module.training)
         return new
     return None
+
+
+#: ``(types, dim)``: where the channels of these modules' output are, counted from the end (the
+#: same for inputs with and without a batch dimension).
+_OUTPUT_CHANNELS = (
+    ((nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout2d), -3),
+    ((nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d, nn.Dropout1d), -2),
+    ((nn.Linear,), -1),
+)
+#: Modules whose output has the layout of their input.
+_SAME_LAYOUT = (nn.ReLU, MaxMin, nn.Identity, nn.Dropout)
+
+
+def _channel_dims(model: nn.Module) -> dict[int, set[int | None]]:
+    """Where the channels of each module's input are, counted from the end, by module ``id``: a set
+    (a module may be called in several places) holding ``None`` where the layout is unknown.
+
+    Only ``nn.Sequential`` (and :class:`~lipnet.nn.GramSequential`) are known to pass the output of
+    a child to the next; the input of the model and of other containers' children is unknown.
+    """
+    dims: dict[int, set[int | None]] = {}
+
+    def visit(module: nn.Module, dim: int | None) -> int | None:
+        """Records ``dim`` for ``module``'s input and returns its output's."""
+        dims.setdefault(id(module), set()).add(dim)
+        children = [child for child in module._modules.values() if child is not None]
+        if isinstance(module, nn.Sequential) and type(module).forward in (nn.Sequential.forward,
+                                                                          GramSequential.forward):
+            for child in children:
+                dim = visit(child, dim)
+            return dim
+        for child in children:
+            visit(child, None)
+        if isinstance(module, _SAME_LAYOUT):
+            return dim
+        return next((out for types, out in _OUTPUT_CHANNELS if isinstance(module, types)), None)
+
+    visit(model, None)
+    return dims
+
+
+def _maxmin_dim(layouts: set[int | None], calls) -> int:
+    """The ``dim`` of the MaxMin that replaces a ReLU: where its input's channels are, counted from
+    the end, from the layers before it (``layouts``) or else from the rank of the inputs it
+    receives (``calls``, batch included: the channels are dim 1); ``1`` where neither tells."""
+    if len(layouts) == 1 and None not in layouts:
+        return next(iter(layouts))
+    ranks = {len(shape) for shape in calls or ()}
+    if len(ranks) == 1 and (rank := ranks.pop()) >= 2:
+        return 1 - rank
+    return 1
 
 
 def _unconvertible(module: nn.Module) -> str | None:

@@ -79,6 +79,50 @@ def test_relu_on_odd_channel_counts_is_kept():
     assert type(converted[3]) is nn.ReLU
 
 
+class ConvReLU(nn.Module):
+    """A ReLU outside an nn.Sequential: its layout is known only from input_shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv(x))
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["without_input_shape", "with_input_shape"])
+@pytest.mark.parametrize("make, shape, dim", [
+    pytest.param(lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1),
+                                       nn.Dropout(), nn.ReLU()), (3, 5, 5), -3, id="conv2d"),
+    pytest.param(lambda: nn.Sequential(nn.Conv1d(2, 6, 3, padding=1), nn.ReLU()), (2, 7), -2, id="conv1d"),
+    pytest.param(lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4), nn.ReLU())), (6,),
+                 -1, id="linear"),
+])
+def test_maxmin_pairs_the_channels_of_batched_and_unbatched_inputs_alike(make, shape, dim, given):
+    """nn.Conv2d, nn.Conv1d and nn.Linear take inputs without a batch dimension; MaxMin(dim=1) paired
+    the height, the length or nothing (an error) of those."""
+    torch.manual_seed(0)
+    converted, report = convert(make(), input_shape=shape if given else None)
+    converted.eval()
+    assert {m.dim for m in converted.modules() if isinstance(m, MaxMin)} == {dim}
+    assert not any("MaxMin(dim=1)" in note for note in report.notes)
+    x = torch.randn(shape)
+    torch.testing.assert_close(converted(x), converted(x[None])[0])
+
+
+def test_maxmin_after_an_unknown_layout_pairs_dim_1_and_the_report_says_so():
+    torch.manual_seed(0)
+    converted, report = convert(ConvReLU())
+    assert converted.relu.dim == 1
+    assert any("'relu' replaced by MaxMin(dim=1)" in note and "without a batch dimension" in note
+               for note in report.notes)
+    converted, report = convert(ConvReLU(), input_shape=(3, 5, 5), certify=False)  # the rank of its input: (N, C, H, W)
+    assert converted.relu.dim == -3 and not any("MaxMin(dim=1)" in note for note in report.notes)
+    x = torch.randn(3, 5, 5)
+    torch.testing.assert_close(converted.eval()(x), converted(x[None])[0])
+
+
 def test_report_names_batchnorm_and_maxpool_with_their_fixes():
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 2 * 2, 10))
