@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lipnet.bounds.autocast import autocast_disabled
 from lipnet.bounds.gram import DEFAULT_N_ITER, max_matrix_spectral_norm
 from lipnet.nn.normalized import GramNormalized
 
@@ -29,7 +30,7 @@ class GramLinear(GramNormalized, nn.Linear):
         self._init_normalization(n_iter)
 
     def _operator_norm(self, weight, input_size, n_iter, exhaustive=False):
-        with torch.autocast(weight.device.type, enabled=False):
+        with autocast_disabled(weight.device.type):
             if weight.dtype not in (torch.float32, torch.float64):
                 weight = weight.float()
             return max_matrix_spectral_norm(weight[None], n_iter)
