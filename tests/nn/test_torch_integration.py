@@ -92,11 +92,7 @@ def test_skip_init_then_reset_parameters(spec):
     torch.testing.assert_close(layer(x), reference(spec, layer.weight, layer.bias, x), rtol=0, atol=0)
 
 
-META_FORWARD_BUG = ("conv2d_spectral_norm enters torch.autocast(weight.device.type, enabled=False), and torch.autocast "
-                    "raises 'unsupported scalarType' for the meta device (lipnet/bounds/conv.py)")
-
-
-@pytest.mark.parametrize("spec", specs(xfail=META_FORWARD_BUG, xfail_names=("conv2d", "conv1d", "residual")))
+@pytest.mark.parametrize("spec", specs())
 def test_a_forward_on_the_meta_device_infers_shapes_as_torch_does(spec):
     """Shape inference on the meta device (no memory, no values), then materialization: what
     ``nn.Conv2d`` and ``nn.Linear`` allow."""
