@@ -210,8 +210,18 @@ class _ConvSpectralBound(torch.autograd.Function):
         weight, dft, _, _, groups, n_iter, screen_iter, n_candidates, _ = inputs
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(weight, dft, *output)  # the weight only to tie a second derivative to it
+        ctx.save_for_forward(dft, *output)
         ctx.shape, ctx.groups, ctx.n_iter, ctx.dtype = weight.shape, groups, n_iter, weight.dtype
         ctx.stops = bound_steps(groups * dft.shape[-1], n_iter, screen_iter, n_candidates)
+
+    @staticmethod
+    def jvp(ctx, weight_tangent, *_):
+        """Forward mode: each bound is a scalar, so its tangent is its gradient (the backward's,
+        through the maximizing frequency) against the kernel's tangent."""
+        dft, *saved = ctx.saved_tensors
+        grad = _conv_bound_grad(MaxBound(*saved), torch.ones_like(saved[0]), dft, tuple(ctx.shape), ctx.groups,
+                                ctx.n_iter, ctx.stops, ctx.dtype)
+        return (grad * weight_tangent).flatten(1).sum(1), *(None for _ in saved[1:])
 
     @staticmethod
     def vmap(info, in_dims, *inputs):

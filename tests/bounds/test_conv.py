@@ -256,6 +256,22 @@ def test_differentiable_and_gradcheck():
     assert torch.autograd.gradcheck(fn, (weight,))
 
 
+@pytest.mark.parametrize("size", [6, 16])  # 16: the first Gram step from the autocorrelation
+@pytest.mark.parametrize("geometry", [dict(padding=1), dict(stride=2, padding=1, groups=2)], ids=str)
+def test_forward_mode_derivative_is_the_reverse_one_and_a_finite_difference(geometry, size):
+    """jvp, jacfwd (vmapped jvp) and jacrev agree, for stacked kernels, with a central difference."""
+    weight = torch.randn(2, 4, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    tangent = torch.randn_like(weight)
+
+    def bound(w):
+        return conv2d_spectral_norm(w, size, **geometry)
+    _, forward = torch.func.jvp(bound, (weight,), (tangent,))
+    step = 1e-6
+    central = (bound(weight + step * tangent) - bound(weight - step * tangent)) / (2 * step)
+    torch.testing.assert_close(forward, central, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(torch.func.jacfwd(bound)(weight), torch.func.jacrev(bound)(weight))
+
+
 def test_half_precision_and_autocast():
     weight = torch.randn(4, 4, 3, 3)
     ref = conv2d_spectral_norm(weight, 8, padding=1)
