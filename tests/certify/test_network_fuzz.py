@@ -1,0 +1,70 @@
+"""Soundness failures of lipnet.certify found by the network fuzz (``tests/fuzz_networks.py``)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lipnet.certify import LipschitzBoundError, lipschitz_bound
+from lipnet.nn import ConvexResidual
+
+
+def _ratio(model, x, y) -> float:
+    with torch.no_grad():
+        return float((model(x.clone()) - model(y.clone())).norm() / (x - y).norm())
+
+
+@pytest.mark.xfail(strict=True, reason="ConvexResidual's bound assumes (1 - alpha) x + alpha f(x), but an in-place "
+                                       "first module of the branch overwrites x before the block adds it back")
+def test_convex_residual_whose_branch_overwrites_its_input():
+    """``x + f(relu_(x))`` is the pre-activation block's classic in-place slip: with
+    LeakyReLU(5, inplace=True) the block computes ``leaky(x)`` (Lipschitz 5), certified 3."""
+    model = nn.Sequential(ConvexResidual(nn.LeakyReLU(5.0, inplace=True), alpha=0.5, dtype=torch.float64))
+    x, y = -torch.ones(1, 3, dtype=torch.float64), -2 * torch.ones(1, 3, dtype=torch.float64)
+    assert _ratio(model, x, y) == pytest.approx(5.0)
+    with pytest.raises(LipschitzBoundError, match="in place"):
+        lipschitz_bound(model, (3,))
+
+
+@pytest.mark.xfail(strict=True, reason="max pooling with return_indices=True returns (values, indices): a bound was "
+                                       "given for a tuple with jumping integer indices, and a module after it crashed")
+@pytest.mark.parametrize("pool,shape", [(nn.MaxPool2d(2, return_indices=True), (1, 4, 4)),
+                                        (nn.MaxPool1d(2, return_indices=True), (2, 4)),
+                                        (nn.AdaptiveMaxPool2d(1, return_indices=True), (1, 4, 4))])
+def test_max_pooling_that_returns_indices_is_refused(pool, shape):
+    with pytest.raises(LipschitzBoundError, match="not a tensor"):
+        lipschitz_bound(nn.Sequential(pool), shape)
+    with pytest.raises(LipschitzBoundError, match="not a tensor"):
+        lipschitz_bound(nn.Sequential(pool, nn.ReLU()), shape)
+
+
+@pytest.mark.xfail(strict=True, reason="a NaN slope, bound or mean gives NaN outputs, which no Lipschitz constant "
+                                       "bounds, but the bound was max(1, nan) = 1 (or 1 / min(std))")
+@pytest.mark.parametrize("module", [nn.LeakyReLU(math.nan), nn.ELU(math.nan), nn.Hardtanh(math.nan, 1.0)])
+def test_activation_with_a_nan_parameter_is_refused(module):
+    """After Hardsigmoid the dry run sees 0.5, where LeakyReLU(nan) and ELU(nan) are finite."""
+    assert bool(module(torch.tensor([-1.0, 0.5])).isnan().any())
+    with pytest.raises(LipschitzBoundError, match="NaN"):
+        lipschitz_bound(nn.Sequential(nn.Hardsigmoid(), module), (2,))
+
+
+@pytest.mark.xfail(strict=True, reason="a module whose output is not finite (a NaN input-normalization mean) was "
+                                       "bounded")
+def test_module_with_non_finite_output_is_refused():
+    from lipnet.nn import InputNormalization
+
+    model = nn.Sequential(InputNormalization([math.nan, 0.0], [1.0, 1.0]))
+    assert bool(model(torch.zeros(1, 2, 3)).isnan().any())
+    with pytest.raises(LipschitzBoundError, match="not finite"):
+        lipschitz_bound(model, (2, 3))
+
+
+@pytest.mark.xfail(strict=True, reason="Softplus computes log1p(exp(beta x)) / beta below its threshold; above "
+                                       "log(float32 max) ~ 88.7 (709.8 in float64) exp overflows and the output is inf")
+@pytest.mark.parametrize("threshold,dtype", [(100.0, torch.float32), (1000.0, torch.float64)])
+def test_softplus_whose_exp_overflows_below_its_threshold_is_refused(threshold, dtype):
+    module = nn.Softplus(beta=1.0, threshold=threshold)
+    assert math.isinf(float(module(torch.tensor([threshold - 1], dtype=dtype))))
+    with pytest.raises(LipschitzBoundError, match="overflow"):
+        lipschitz_bound(module, (1,))
