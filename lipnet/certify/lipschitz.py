@@ -366,8 +366,24 @@ def _sequential_bound(module: nn.Sequential, x: torch.Tensor):
 
 def _convex_residual_bound(module: ConvexResidual, x: torch.Tensor):
     """``|1 - alpha| + |alpha| * Lip(branch)`` with the coefficients the forward applies: those
-    of ``module.coefficients()`` cast, as the forward casts them, to its operands' dtypes."""
+    of ``module.coefficients()`` cast, as the forward casts them, to its operands' dtypes.
+
+    The forward computes ``branch(x)`` before it reads ``x`` again, so a branch that overwrites
+    its input in place (``nn.LeakyReLU(5, inplace=True)`` as its first module) makes the block
+    ``(1 - alpha) f_0(x) + alpha f(x)``, not the combination bounded here: refused, as seen by
+    the version counter of the dry run's input (a tensor that has one even under inference mode).
+    """
+    with torch.inference_mode(False):
+        x = x.clone()
+    version = x._version
     branch_bound, out = _module_bound(module.branch, x)
+    if x._version != version:
+        raise LipschitzBoundError(module, (
+            "its branch overwrites the block's input in place (an in-place module such as nn.ReLU(inplace=True) "
+            "or a view of the input written to), and ConvexResidual.forward reads that input again after the branch: "
+            "it computes (1 - alpha) g(x) + alpha f(x) with g the in-place part, not (1 - alpha) x + alpha f(x), and "
+            "the bound |1 - alpha| + |alpha| Lip(f) does not hold. Use inplace=False for the modules that act on the "
+            "branch's input"))
     keep, alpha = module.coefficients()
     keep, alpha = (abs(float(c.detach().to(t.dtype).double())) for c, t in ((keep, x), (alpha, out)))
     return add_up(keep, mul_up(alpha, branch_bound)), module(x)
