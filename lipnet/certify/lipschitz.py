@@ -132,9 +132,12 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
             module has forward hooks (they may change its output); a module's call runs
             another ``forward`` than its class's (one assigned to the instance, or an
             overridden ``__call__``); a subclass overrides ``forward`` (or a helper its bound
-            relies on) but inherits the bound; or a module acts on the batch dimension
+            relies on) but inherits the bound; a module acts on the batch dimension
             (``nn.Flatten(0, ...)``, ``nn.Unflatten(0, ...)``, ``MaxMin(dim=0)``), so that an
-            example's output depends on the rest of its batch.
+            example's output depends on the rest of its batch; a module's output on the dry run
+            has entries that are not finite; a module passes something else than a tensor to the
+            next one of an ``nn.Sequential``; or a :class:`~lipnet.nn.ConvexResidual`'s branch
+            overwrites its input in place.
 
     Example:
         >>> from lipnet.nn import GramConv2d, GramLinear, MaxMin
@@ -207,7 +210,7 @@ def _module_bound(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tens
     value = _checked(module, value)
     if (record := _RECORD.get()) is not None:
         record[(id(module), shape)] = value
-    return value, module(x)
+    return value, _checked_output(module, module(x))
 
 
 def module_lipschitz_bounds(model: nn.Module, input_shape) -> tuple[float, dict]:
@@ -335,6 +338,25 @@ def _checked(module: nn.Module, value) -> float:
     return value
 
 
+def _checked_output(module: nn.Module, out):
+    """The dry run's output of a module bounded as a unit, refused where it is not finite.
+
+    A Lipschitz map is finite everywhere: an output with NaN or infinite entries (a NaN
+    parameter, an overflow) at the dry run's input has no Lipschitz constant. The
+    floating-point tensors of a tuple output (max pooling's values next to its indices) are
+    checked alike; what may follow a tuple is :func:`_sequential_bound`'s concern.
+    """
+    tensors = out if isinstance(out, tuple | list) else (out,)
+    for tensor in tensors:
+        if (torch.is_tensor(tensor) and tensor.is_floating_point() and not tensor.is_meta
+                and not bool(torch.isfinite(tensor).all())):
+            raise LipschitzBoundError(module, (
+                f"{type(module).__name__}'s output on the dry run (the model applied to zeros) has entries that are "
+                "not finite (NaN or infinite): a NaN parameter or an overflow, and no Lipschitz constant bounds a map "
+                "that is not finite; check its parameters and buffers for NaN or inf"))
+    return out
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside ``torch.compile`` and (Distributed)DataParallel wrappers."""
     while True:
@@ -357,10 +379,21 @@ def _dtype_and_device(model: nn.Module):
 
 
 def _sequential_bound(module: nn.Sequential, x: torch.Tensor):
+    """The product of the children's bounds; a child that returns something else than a tensor
+    to the next one is refused (the bound of max pooling with ``return_indices=True`` is that of
+    its values; the integer indices passed on with them jump)."""
     bound = 1.0
+    previous = None
     for child in module:
+        if previous is not None and not torch.is_tensor(x):
+            raise LipschitzBoundError(previous, (
+                f"{type(previous).__name__} returns a {type(x).__name__}, not a tensor, to the next module of its "
+                "nn.Sequential (max pooling with return_indices=True returns values and indices, and indices jump "
+                "under tiny changes of the input); its bound describes tensor outputs only. Use "
+                "return_indices=False, or take the values in a module of your own"))
         child_bound, x = _module_bound(child, x)
         bound = mul_up(bound, child_bound)
+        previous = child
     return bound, x
 
 
@@ -407,9 +440,26 @@ for _type in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
               nn.FeatureAlphaDropout):
     register_lipschitz_bound(_type, _constant(1.0))
 # Activations with derivative in [-1, 1].
-for _type in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, nn.Softsign):
+for _type in (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Softsign):
     register_lipschitz_bound(_type, _constant(1.0))
 register_lipschitz_bound(nn.Sigmoid, _constant(0.25))
+
+
+def refuse_nan_parameters(module: nn.Module, **parameters) -> None:
+    """Refuse ``module`` when one of its scalar ``parameters`` is NaN: its outputs are NaN for
+    some inputs (``0 * nan``, ``clamp(x, nan)``), which no Lipschitz constant bounds."""
+    for name, value in parameters.items():
+        if math.isnan(float(value)):
+            raise LipschitzBoundError(module, (
+                f"{type(module).__name__} has {name}=NaN, so some of its outputs are NaN and no Lipschitz constant "
+                f"bounds it; set {name} to a number"))
+
+
+@register_lipschitz_bound(nn.Hardtanh)
+def _hardtanh(module: nn.Hardtanh, shape) -> float:
+    """1: ``clamp(x, min_val, max_val)`` (infinite limits included; NaN ones refused)."""
+    refuse_nan_parameters(module, min_val=module.min_val, max_val=module.max_val)
+    return 1.0
 
 
 def _refuse_batch_dim(module: nn.Module, name: str, dim: int, shape) -> None:
@@ -451,13 +501,15 @@ def _max_min(module: MaxMin, shape) -> float:
 
 @register_lipschitz_bound(nn.LeakyReLU)
 def _leaky_relu(module: nn.LeakyReLU, shape) -> float:
-    """Slopes 1 and ``negative_slope``."""
+    """Slopes 1 and ``negative_slope`` (NaN refused: ``max(1, nan)`` is 1)."""
+    refuse_nan_parameters(module, negative_slope=module.negative_slope)
     return max(1.0, abs(float(module.negative_slope)))
 
 
 @register_lipschitz_bound(nn.ELU)
 def _elu(module: nn.ELU, shape) -> float:
-    """Derivative 1 for ``x > 0`` and ``alpha * exp(x) <= alpha`` for ``x <= 0``."""
+    """Derivative 1 for ``x > 0`` and ``alpha * exp(x) <= alpha`` for ``x <= 0`` (NaN refused)."""
+    refuse_nan_parameters(module, alpha=module.alpha)
     return max(1.0, abs(float(module.alpha)))
 
 
