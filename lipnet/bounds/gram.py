@@ -26,7 +26,12 @@ entries and the diagonal deviations, which are non-negative, so there is no canc
 
 Raw Gram iterates overflow after a few steps, so every iterate is divided by its
 Frobenius norm and the logarithm of the scale is carried separately. The scale factors
-cancel exactly in the bound, so they are treated as constants by autograd.
+cancel exactly in the bound, so they are treated as constants by autograd. The logarithm
+is carried in float64 whatever the dtype of the matrices, and the bound is read off in
+float64 before it is rounded to their dtype: in float32 its rounding, relative to
+``|log scale|`` (about 69 for entries near 1e30, and multiplied by ``2^t`` by the steps),
+once let the bound of a matrix with entries near 1e30 or 1e-30 undershoot its norm by
+about 1e-5 relative; in float64 it is about 1e-14.
 
 The batched bound of :func:`max_matrix_spectral_norm` carries complex iterates, which are
 Hermitian from the first step on, in their real form (:mod:`lipnet.bounds.hermitian`): the
@@ -244,7 +249,9 @@ def max_gram_bound_of_grams(gram: torch.Tensor, log_scale: torch.Tensor, n_iter:
         gram: ``(L, B, r, r)``, the real forms (:mod:`lipnet.bounds.hermitian`) of the Gram
             matrices ``exp(log_scale) gram`` of the matrices on their smaller side, e.g. from
             :func:`lipnet.bounds.symbol_gram.symbol_gram_real_form`.
-        log_scale: ``(L, B)`` or broadcastable to it.
+        log_scale: ``(L, B)`` or broadcastable to it; best in float64. A logarithm in a lower
+            precision (e.g. ``torch.log`` of a float32 scale) is taken as rounded by up to one
+            unit in its last place, and raised by that much (:func:`_raised_to_float64`).
         n_iter, screen_iter, n_candidates, keep_iterates: as in :func:`max_gram_bound`
             (``n_iter, screen_iter >= 1``: the first step is taken).
 
@@ -268,11 +275,23 @@ def max_gram_bound_of_grams(gram: torch.Tensor, log_scale: torch.Tensor, n_iter:
     peak = torch.linalg.vector_norm(gram, ord=float("inf"), dim=(-2, -1)).clamp_min(torch.finfo(gram.dtype).tiny)
     peak = torch.exp2(torch.floor(torch.log2(peak)))
     gram = gram / peak[..., None, None]
-    log_scale = log_scale.expand(layers, batch).to(gram.dtype) + torch.log(peak)
+    log_scale = _raised_to_float64(log_scale).expand(layers, batch) + torch.log(peak.double())
     real_form = arithmetic_dominates(layers * batch, r, gram.device)
     if not real_form:
         gram = hermitian_from_real_form(gram)
     return _max_bound(gram, log_scale, n_iter, screen, n_candidates, keep_iterates, real_form)
+
+
+def _raised_to_float64(log_scale: torch.Tensor) -> torch.Tensor:
+    """``log_scale`` in float64, at least the logarithm it was rounded from: one in a lower
+    precision is raised by ``eps |log_scale|``, at least one unit in its last place. That
+    covers ``2 log(s)`` from ``torch.log`` of a float32 ``s``, whose error is below one unit
+    (0.84 measured on the CPU; CUDA's ``logf`` is documented within 1), so that the bound
+    stays an upper one."""
+    wide = log_scale.double()
+    if log_scale.dtype == torch.float64:
+        return wide
+    return wide + wide.abs() * torch.finfo(log_scale.dtype).eps
 
 
 def _max_bound(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int, screen: int, n_candidates: int,
@@ -495,10 +514,11 @@ def _gram_first(mat: torch.Tensor, n_iter: int):
     """
     scale = _nonzero(mat.detach().abs().amax(dim=(-2, -1)))
     a = mat / scale[..., None, None]
+    log_scale = torch.log(scale.double())  # float64 (module docstring)
     if n_iter == 0:
-        return a, torch.log(scale)
+        return a, log_scale
     g = a @ a.mH if mat.shape[-2] <= mat.shape[-1] else a.mH @ a
-    return g, 2 * torch.log(scale)
+    return g, 2 * log_scale
 
 
 def _gram_steps(g: torch.Tensor, log_scale: torch.Tensor, steps: int):
@@ -507,7 +527,7 @@ def _gram_steps(g: torch.Tensor, log_scale: torch.Tensor, steps: int):
         # Entries of g / ||g||_F lie in [-1, 1], and ||g^H g||_F >= sigma_max(g)^2 >= 1/rank.
         frob = _nonzero(_squared_frobenius(g.detach()).sqrt())
         g = g / frob[..., None, None]
-        log_scale = 2 * (log_scale + torch.log(frob))
+        log_scale = 2 * (log_scale + torch.log(frob.double()))
         g = g.mH @ g
     return g, log_scale
 
@@ -528,13 +548,14 @@ def _gram_first_inplace(mat: torch.Tensor, n_iter: int, real_form: bool = False)
     scale = torch.linalg.vector_norm(_real_view(mat), ord=float("inf"), dim=(-3, -2, -1))
     scale = scale.clamp_min(torch.finfo(mat.real.dtype).tiny)
     a = mat / scale.view(-1, 1, 1)
+    log_scale = torch.log(scale.double())  # float64 (module docstring)
     if n_iter == 0:
-        return a, torch.log(scale)
+        return a, log_scale
     if real_form:
         g = gram_real_form(a)
     else:
         g = a @ a.mH if mat.shape[-2] <= mat.shape[-1] else a.mH @ a
-    return g, 2 * torch.log(scale)
+    return g, 2 * log_scale
 
 
 def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, hermitian: bool = True,
@@ -548,9 +569,9 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
     rounding level). Only every other step rescales: from ``||g||_F = 1`` one squaring gives
     ``1 / r <= ||g^2||_F <= 1`` (``sigma_max(g)^2 >= 1 / r`` for ``r x r`` matrices), far from
     overflow and underflow, and the rounding of a product is relative to ``||g||_F^2``
-    whatever the scale. The logarithms of the rescalings are added up once at the end:
-    ``G_S = exp(2^S l_0 + sum_j 2^(S-j) log f_j) g_S`` over the rescaled steps ``j``
-    (counted from 0) with Frobenius norms ``f_j``.
+    whatever the scale. The logarithms of the rescalings are added up once at the end, in
+    float64 (``log_scale`` is float64): ``G_S = exp(2^S l_0 + sum_j 2^(S-j) log f_j) g_S`` over
+    the rescaled steps ``j`` (counted from 0) with Frobenius norms ``f_j``.
 
     ``keep``: a list that receives ``(g_k, l_k)`` for every iterate ``G_k = exp(l_k) g_k``
     from the first to the last (``steps + 1`` of them), ``l_k`` in float64.
@@ -565,7 +586,7 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
         if keep is not None:
             keep.append((g, kept_log_scale))
         return g, log_scale
-    tiny = torch.finfo(log_scale.dtype).tiny
+    tiny = torch.finfo(g.dtype).tiny  # of the real dtype for a complex g
     norms = []
     # Real form: buffers reused by every squaring (S and -D, and the iterate before last, which
     # receives the next one), unless the iterates are kept. Not in a compiled or exported graph:
@@ -596,14 +617,15 @@ def _gram_steps_inplace(g: torch.Tensor, log_scale: torch.Tensor, steps: int, he
     if keep is not None:
         keep.append((g, kept_log_scale))
     weights = torch.exp2(torch.arange(steps, 0, -2, dtype=log_scale.dtype, device=log_scale.device))
-    return g, log_scale * 2.0**steps + (weights[:, None] * torch.log(torch.stack(norms))).sum(0)
+    return g, log_scale * 2.0**steps + (weights[:, None] * torch.log(torch.stack(norms).double())).sum(0)
 
 
 def _gram_bound_nograd(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int):
     """:func:`_gram_bound` without autograd: ``log 0 = -inf`` gives the exact 0 of zero matrices
     without selections (no gradient to keep finite here). A first iterate not computed as
     ``A^H A`` (:mod:`lipnet.bounds.symbol_gram`) can be indefinite by rounding where it is
-    nearly zero; a negative trace form then gives way to the Frobenius form."""
+    nearly zero; a negative trace form then gives way to the Frobenius form. The bound is
+    computed in float64 (``log_scale``'s dtype) and rounded to that of ``g``."""
     if n_iter == 0:
         lam = torch.linalg.vector_norm(_real_view(g), dim=(-3, -2, -1))
         trace_form = torch.zeros_like(lam, dtype=torch.bool)
@@ -613,13 +635,14 @@ def _gram_bound_nograd(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int):
         trace = torch.add(mean, spread, alpha=(g.shape[-1] - 1) ** 0.5)
         trace_form = (trace < frob) & (trace >= 0)
         lam = torch.where(trace_form, trace, frob)
-    return torch.exp((torch.log(lam) + log_scale) / 2**n_iter), trace_form
+    return torch.exp((torch.log(lam) + log_scale) / 2**n_iter).to(lam.dtype), trace_form
 
 
 def _gram_bound(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int):
     """``(bound, trace_form)``: the bound from ``G_t = exp(log_scale) g`` and whether its
     trace form (module docstring) was below the Frobenius form. Exactly 0, with a finite
-    gradient, for zero matrices; NaN propagates."""
+    gradient, for zero matrices; NaN propagates. Computed in float64 (``log_scale``'s dtype)
+    and rounded to the real dtype of ``g``."""
     if n_iter > 0:  # g is Hermitian positive semi-definite
         mean, spread, squared_frobenius = _trace_statistics(g)
         lam = _safe_sqrt(squared_frobenius)
@@ -631,7 +654,7 @@ def _gram_bound(g: torch.Tensor, log_scale: torch.Tensor, n_iter: int):
         trace_form = torch.zeros_like(lam, dtype=torch.bool)
     zero = lam == 0
     log_bound = (torch.log(torch.where(zero, torch.ones_like(lam), lam)) + log_scale) / 2**n_iter
-    return torch.where(zero, torch.zeros_like(log_bound), torch.exp(log_bound)), trace_form
+    return torch.where(zero, torch.zeros_like(lam), torch.exp(log_bound).to(lam.dtype)), trace_form
 
 
 def _smoothing(dtype: torch.dtype) -> float:

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lipnet.bounds import gram, matrix_spectral_norm, max_matrix_spectral_norm
+from lipnet.bounds import conv2d_spectral_norm, gram, matrix_spectral_norm, max_matrix_spectral_norm
+from lipnet.bounds.reference import conv2d_operator_matrix
 
 
 def exact_norm(mat):
@@ -35,6 +36,43 @@ def test_no_overflow_or_underflow(n_iter, magnitude, dtype):
     rel = 1e-12 if dtype == torch.float64 else 1e-5
     assert bound >= exact * (1 - rel)
     assert bound <= torch.linalg.matrix_norm(mat) * (1 + rel)
+
+
+def _orthogonal(n: int, seed: int) -> torch.Tensor:
+    """All singular values equal: the trace form is exact up to its smoothing (about 1e-6 after
+    10 steps), so an undershoot of the bound shows."""
+    return torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))[0]
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e30])
+def test_float32_bounds_of_extreme_matrices_are_above_their_float64_norm(magnitude):
+    """The log-scale is carried in float64: in float32 its rounding, relative to |log scale|
+    (about 69 here), let these bounds undershoot the norm by up to 1e-5."""
+    q = _orthogonal(16, seed=1)
+    for k in range(40):
+        mat = (q * (magnitude * 10 ** (k / 40))).float()
+        exact = exact_norm(mat)
+        for bound in (matrix_spectral_norm(mat, 10), max_matrix_spectral_norm(mat[None], 10)):
+            assert bound.dtype == torch.float32
+            assert bound.double() >= exact * (1 - 1e-7)
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e30])
+@pytest.mark.parametrize("kernel_size", [1, 3], ids=["autocorrelation", "symbols"])
+def test_float32_conv_bounds_of_extreme_kernels_are_above_the_dense_float64_norm(magnitude, kernel_size):
+    """As above through both ways of the first Gram step of a convolution: from the kernel's
+    autocorrelation (a 1x1 kernel: its float32 log-scale comes in from the caller) and from
+    the symbols; against the SVD of the dense operator."""
+    q, centre = _orthogonal(8, seed=2), kernel_size // 2
+    for k in range(12):
+        weight = torch.zeros(8, 8, kernel_size, kernel_size, dtype=torch.float64)
+        weight[:, :, centre, centre] = q * (magnitude * 10 ** (k / 12))
+        weight = weight.float()
+        geometry = dict(padding=centre, padding_mode="circular")
+        exact = torch.linalg.matrix_norm(conv2d_operator_matrix(weight, 4, **geometry), 2)
+        bound = conv2d_spectral_norm(weight, 4, n_iter=10, screen_iter=10, **geometry)
+        assert bound.dtype == torch.float32
+        assert bound.double() >= exact * (1 - 1e-7)
 
 
 def test_mixed_scales_in_one_matrix():
