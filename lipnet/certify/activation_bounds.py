@@ -34,6 +34,9 @@ SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
 #: Softplus thresholds at least this switch to the identity within one unit roundoff (``e^-34 / 34 < 2^-53``).
 SOFTPLUS_MIN_THRESHOLD = 34.0
+#: Softplus thresholds at most this keep ``exp(beta x)`` finite below the switch in float32, in
+#: which torch computes float32, bfloat16 and float16 softplus (``log(float32 max) ~ 88.72``).
+SOFTPLUS_MAX_THRESHOLD = 88.0
 
 
 def raised(value: float) -> float:
@@ -193,7 +196,9 @@ def _softplus(module: nn.Softplus, shape) -> float:
     below float64's resolution. For ``beta x > t >= 34`` the identity differs from the smooth
     softplus by ``log(1 + e^-(beta x)) / |beta| <= |x| e^-t / t < 2^-53 |x|``, less than one
     rounding of the input, which :mod:`lipnet.certify.precision` accounts for; the constant is
-    the smooth softplus's.
+    the smooth softplus's. Below the switch torch computes ``log1p(exp(beta x)) / beta``, whose
+    ``exp`` overflows to inf for ``beta x`` above ``log(float32 max) ~ 88.7`` in float32 (709.8
+    in float64): thresholds above :data:`SOFTPLUS_MAX_THRESHOLD` are refused too.
     """
     beta, threshold = float(module.beta), float(module.threshold)
     if beta == 0 or not math.isfinite(beta):
@@ -206,6 +211,12 @@ def _softplus(module: nn.Softplus, shape) -> float:
             f"no Lipschitz constant. Use threshold >= {SOFTPLUS_MIN_THRESHOLD:g} (e.g. module.threshold = 40.0; the "
             "outputs change by less than the jump), where the switch is within float64 rounding of the smooth "
             "softplus, whose Lipschitz constant is 1"))
+    if threshold > SOFTPLUS_MAX_THRESHOLD:
+        raise LipschitzBoundError(module, (
+            f"Softplus(beta={beta:g}, threshold={threshold:g}) computes log1p(exp(beta * x)) / beta wherever beta * x "
+            f"<= threshold, and exp overflows to inf above log(float32 max) ~ 88.7 (709.8 in float64): its output is "
+            f"inf there. Use a threshold between {SOFTPLUS_MIN_THRESHOLD:g} and {SOFTPLUS_MAX_THRESHOLD:g} "
+            "(e.g. module.threshold = 40.0)"))
     return 1.0
 
 
