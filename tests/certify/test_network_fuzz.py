@@ -69,3 +69,11 @@ def test_softplus_whose_exp_overflows_below_its_threshold_is_refused(threshold, 
     assert math.isinf(float(module(torch.tensor([threshold - 1], dtype=dtype))))
     with pytest.raises(LipschitzBoundError, match="overflow"):
         lipschitz_bound(module, (1,))
+
+
+@pytest.mark.xfail(strict=True, reason="RReLU's rule takes Fraction(upper), which raises OverflowError (not wrapped "
+                                       "as a LipschitzBoundError) for an infinite bound")
+@pytest.mark.parametrize("lower,upper", [(-2.0, math.inf), (-math.inf, 0.5)])
+def test_rrelu_with_a_bound_that_is_not_finite_is_refused(lower, upper):
+    with pytest.raises(LipschitzBoundError, match="RReLU"):
+        lipschitz_bound(nn.RReLU(lower, upper), (3,))
