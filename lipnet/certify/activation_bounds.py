@@ -232,8 +232,12 @@ def _prelu(module: nn.PReLU, shape) -> float:
 @register_lipschitz_bound(nn.RReLU)
 def _rrelu(module: nn.RReLU, shape) -> float:
     """``max(1, |lower + upper| / 2)``: in eval mode a leaky ReLU of slope ``(lower + upper) / 2``
-    (exact, and as torch rounds it)."""
+    (exact, and as torch rounds it); a bound that is not finite is refused."""
     lower, upper = float(module.lower), float(module.upper)
+    if not (math.isfinite(lower) and math.isfinite(upper)):
+        raise LipschitzBoundError(module, (
+            f"RReLU(lower={lower}, upper={upper}) has a slope (lower + upper) / 2 that is not a finite number in eval "
+            "mode, so no Lipschitz constant bounds it; use finite lower and upper"))
     return max(1.0, float_up(abs(Fraction(lower) + Fraction(upper)) / 2), abs((lower + upper) / 2))
 
 

@@ -71,9 +71,9 @@ def test_softplus_whose_exp_overflows_below_its_threshold_is_refused(threshold, 
         lipschitz_bound(module, (1,))
 
 
-@pytest.mark.xfail(strict=True, reason="RReLU's rule takes Fraction(upper), which raises OverflowError (not wrapped "
-                                       "as a LipschitzBoundError) for an infinite bound")
-@pytest.mark.parametrize("lower,upper", [(-2.0, math.inf), (-math.inf, 0.5)])
+@pytest.mark.parametrize("lower,upper", [(-2.0, math.inf), (-math.inf, 0.5), (math.nan, 0.5)])
 def test_rrelu_with_a_bound_that_is_not_finite_is_refused(lower, upper):
+    """The rule took ``Fraction(upper)``, which raised an OverflowError for an infinite bound (a
+    NaN one raised a ValueError, wrapped as a refusal); since, both are refused by name."""
     with pytest.raises(LipschitzBoundError, match="RReLU"):
         lipschitz_bound(nn.RReLU(lower, upper), (3,))
