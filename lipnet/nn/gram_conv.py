@@ -8,10 +8,10 @@ from torch import nn
 from lipnet.bounds.circulant import resolve_padding
 from lipnet.bounds.conv import conv2d_embedding, conv2d_spectral_norm
 from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
-from lipnet.nn.normalized import GramNormalized
+from lipnet.nn.normalized import GramNormalizedConv
 
 
-class GramConv2d(GramNormalized, nn.Conv2d):
+class GramConv2d(GramNormalizedConv, nn.Conv2d):
     """``nn.Conv2d`` whose weight is divided by a Gram-iteration bound on its operator norm.
 
     Same constructor, attributes and ``state_dict`` keys as ``nn.Conv2d`` (it *is* an
@@ -45,19 +45,13 @@ class GramConv2d(GramNormalized, nn.Conv2d):
         Gram Iteration", ICML 2023.
     """
 
-    LIPSCHITZ_BOUND_DEPENDS_ON = (*GramNormalized.LIPSCHITZ_BOUND_DEPENDS_ON, "_forward_normalized", "_conv_forward")
-
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", device=None, dtype=None, *, n_iter: int = DEFAULT_N_ITER,
                  screen_iter: int = DEFAULT_SCREEN_ITER):
         stride, padding, dilation = (_both_axes(value) for value in (stride, padding, dilation))
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        self._init_normalization(n_iter)
-        if not isinstance(screen_iter, int) or screen_iter < 0:
-            raise ValueError(f"screen_iter must be an integer >= 0, got {screen_iter!r}")
-        self.screen_iter = screen_iter
-        self._last_input_size = None
+        self._init_conv_normalization(n_iter, screen_iter)
         # Reject unsupported geometry now rather than at the first batch.
         conv2d_embedding(self.kernel_size, self._min_input_size(), stride=self.stride, padding=self.padding,
                          dilation=self.dilation, padding_mode=self.padding_mode)
@@ -86,29 +80,9 @@ class GramConv2d(GramNormalized, nn.Conv2d):
                                     dilation=self.dilation, groups=self.groups, padding_mode=self.padding_mode,
                                     n_iter=n_iter, screen_iter=n_iter if exhaustive else self.screen_iter)
 
-    def _check_padding_unchanged(self) -> None:
-        """Non-zero padding modes pad by ``_reversed_padding_repeated_twice``, which ``nn.Conv2d``
-        fixes at construction, while the bound reads ``padding``: refuse a ``padding`` changed since."""
-        if self.padding_mode == "zeros":
-            return  # F.conv2d reads self.padding itself
+    def _fixed_padding(self):
         (top, bottom), (left, right) = resolve_padding(self.padding, self.kernel_size, self.dilation, self.stride)
-        if tuple(self._reversed_padding_repeated_twice) != (left, right, top, bottom):
-            raise ValueError(f"{type(self).__name__}: padding was changed to {self.padding!r} after construction, but "
-                             f"with padding_mode={self.padding_mode!r} the forward still pads by "
-                             f"{tuple(self._reversed_padding_repeated_twice)} (nn.Conv2d fixes it at construction); "
-                             "build a new layer with the padding you want")
-
-    def stack_key(self):
-        # Only the bound this class defines is known to take stacks (conv2d_spectral_norm does;
-        # a subclass may override it).
-        if type(self)._operator_norm is not GramConv2d._operator_norm:
-            return None
-        weight = self.weight
-        return (GramConv2d, tuple(weight.shape), weight.dtype, weight.device, *self._geometry(), self.n_iter,
-                self.screen_iter)
-
-    def _geometry(self):
-        return self.stride, self.padding, self.dilation, self.groups, self.padding_mode
+        return left, right, top, bottom
 
     def _matrix_shape(self):
         stride = self.stride[0] * self.stride[1]
@@ -122,10 +96,6 @@ class GramConv2d(GramNormalized, nn.Conv2d):
         """The convolution with ``weight``, the normalized weight for this input's size."""
         self._last_input_size = (int(input.shape[-2]), int(input.shape[-1]))
         return self._conv_forward(input, weight, self.bias)
-
-    def extra_repr(self) -> str:
-        screen = "" if self.screen_iter == DEFAULT_SCREEN_ITER else f", screen_iter={self.screen_iter}"
-        return super().extra_repr() + f", n_iter={self.n_iter}" + screen
 
 
 def _both_axes(value):

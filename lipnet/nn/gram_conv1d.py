@@ -8,10 +8,10 @@ from torch import nn
 from lipnet.bounds.circulant import resolve_padding
 from lipnet.bounds.conv import conv1d_as_conv2d, conv1d_spectral_norm, conv2d_embedding
 from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
-from lipnet.nn.normalized import GramNormalized
+from lipnet.nn.normalized import GramNormalizedConv
 
 
-class GramConv1d(GramNormalized, nn.Conv1d):
+class GramConv1d(GramNormalizedConv, nn.Conv1d):
     """``nn.Conv1d`` whose weight is divided by a Gram-iteration bound on its operator norm.
 
     Same constructor, attributes and ``state_dict`` keys as ``nn.Conv1d`` (it *is* an
@@ -33,18 +33,12 @@ class GramConv1d(GramNormalized, nn.Conv1d):
         True
     """
 
-    LIPSCHITZ_BOUND_DEPENDS_ON = (*GramNormalized.LIPSCHITZ_BOUND_DEPENDS_ON, "_forward_normalized", "_conv_forward")
-
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", device=None, dtype=None, *, n_iter: int = DEFAULT_N_ITER,
                  screen_iter: int = DEFAULT_SCREEN_ITER):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        self._init_normalization(n_iter)
-        if not isinstance(screen_iter, int) or screen_iter < 0:
-            raise ValueError(f"screen_iter must be an integer >= 0, got {screen_iter!r}")
-        self.screen_iter = screen_iter
-        self._last_input_size = None
+        self._init_conv_normalization(n_iter, screen_iter)
         # Reject unsupported geometry now rather than at the first batch.
         conv2d_embedding((1, *self.kernel_size), (1, self._min_length()), padding_mode=self.padding_mode,
                          **self._as_conv2d())
@@ -76,29 +70,11 @@ class GramConv1d(GramNormalized, nn.Conv1d):
                                     dilation=self.dilation, groups=self.groups, padding_mode=self.padding_mode,
                                     n_iter=n_iter, screen_iter=n_iter if exhaustive else self.screen_iter)
 
-    def _check_padding_unchanged(self) -> None:
-        """As :meth:`lipnet.nn.GramConv2d._check_padding_unchanged`: with a non-zero padding mode the
-        forward pads by what ``nn.Conv1d`` fixed at construction, while the bound reads ``padding``."""
-        if self.padding_mode == "zeros":
-            return
+    def _fixed_padding(self):
         geometry = self._as_conv2d()
         _, (left, right) = resolve_padding(geometry["padding"], (1, *self.kernel_size), geometry["dilation"],
                                            geometry["stride"])
-        if tuple(self._reversed_padding_repeated_twice) != (left, right):
-            raise ValueError(f"{type(self).__name__}: padding was changed to {self.padding!r} after construction, but "
-                             f"with padding_mode={self.padding_mode!r} the forward still pads by "
-                             f"{tuple(self._reversed_padding_repeated_twice)} (nn.Conv1d fixes it at construction); "
-                             "build a new layer with the padding you want")
-
-    def stack_key(self):
-        if type(self)._operator_norm is not GramConv1d._operator_norm:
-            return None
-        weight = self.weight
-        return (GramConv1d, tuple(weight.shape), weight.dtype, weight.device, *self._geometry(), self.n_iter,
-                self.screen_iter)
-
-    def _geometry(self):
-        return self.stride, self.padding, self.dilation, self.groups, self.padding_mode
+        return left, right
 
     def _matrix_shape(self):
         return self.out_channels // self.groups, self.in_channels // self.groups * self.stride[0], self.kernel_size[0]
@@ -110,7 +86,3 @@ class GramConv1d(GramNormalized, nn.Conv1d):
         """The convolution with ``weight``, the normalized weight for this input's length."""
         self._last_input_size = (int(input.shape[-1]),)
         return self._conv_forward(input, weight, self.bias)
-
-    def extra_repr(self) -> str:
-        screen = "" if self.screen_iter == DEFAULT_SCREEN_ITER else f", screen_iter={self.screen_iter}"
-        return super().extra_repr() + f", n_iter={self.n_iter}" + screen

@@ -17,7 +17,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lipnet.bounds.first_order import error_on_backward
-from lipnet.bounds.gram import refines_exceeding
+from lipnet.bounds.gram import DEFAULT_SCREEN_ITER, refines_exceeding
 from lipnet.bounds.rounding import relative_rounding_margin
 
 #: Bounds below this are treated as this value: ``W / max(bound, TINY)`` keeps zero and
@@ -311,3 +311,59 @@ class GramNormalized:
         """
         self._eval_cache.clear()
         return super().train(mode)
+
+
+class GramNormalizedConv(GramNormalized):
+    """Mixin for the Gram-normalized convolutions (:class:`~lipnet.nn.GramConv2d`,
+    :class:`~lipnet.nn.GramConv1d`): what they share besides their bound and input size.
+
+    The class that derives from this one directly (before its ``nn.Conv2d`` or ``nn.Conv1d``)
+    defines :meth:`_operator_norm`, which takes stacks of weights (:meth:`stack_key`), and
+    :meth:`_fixed_padding`, and calls :meth:`_init_conv_normalization` in its constructor.
+    """
+
+    LIPSCHITZ_BOUND_DEPENDS_ON = (*GramNormalized.LIPSCHITZ_BOUND_DEPENDS_ON, "_forward_normalized", "_conv_forward")
+    screen_iter: int
+
+    def _init_conv_normalization(self, n_iter: int, screen_iter: int) -> None:
+        self._init_normalization(n_iter)
+        if not isinstance(screen_iter, int) or screen_iter < 0:
+            raise ValueError(f"screen_iter must be an integer >= 0, got {screen_iter!r}")
+        self.screen_iter = screen_iter
+        self._last_input_size = None
+
+    def _geometry(self):
+        return self.stride, self.padding, self.dilation, self.groups, self.padding_mode
+
+    def _fixed_padding(self) -> tuple[int, ...]:
+        """The ``_reversed_padding_repeated_twice`` that the ``nn.Conv2d`` or ``nn.Conv1d``
+        constructor would fix for the current ``padding``."""
+        raise NotImplementedError
+
+    def _check_padding_unchanged(self) -> None:
+        """Non-zero padding modes pad by ``_reversed_padding_repeated_twice``, which the
+        ``nn.Conv2d`` or ``nn.Conv1d`` constructor fixes, while the bound reads ``padding``:
+        refuse a ``padding`` changed since."""
+        if self.padding_mode == "zeros":
+            return  # F.conv2d and F.conv1d read self.padding themselves
+        if tuple(self._reversed_padding_repeated_twice) != tuple(self._fixed_padding()):
+            torch_class = next(cls for cls in type(self).__mro__ if cls.__module__ == "torch.nn.modules.conv")
+            raise ValueError(f"{type(self).__name__}: padding was changed to {self.padding!r} after construction, but "
+                             f"with padding_mode={self.padding_mode!r} the forward still pads by "
+                             f"{tuple(self._reversed_padding_repeated_twice)} (nn.{torch_class.__name__} fixes it at "
+                             "construction); build a new layer with the padding you want")
+
+    def stack_key(self):
+        # Only the bound of the class right below this mixin (GramConv2d, GramConv1d) is known
+        # to take stacks (conv2d_spectral_norm and conv1d_spectral_norm do); a subclass may
+        # override it.
+        owner = next(cls for cls in type(self).__mro__ if GramNormalizedConv in cls.__bases__)
+        if type(self)._operator_norm is not owner._operator_norm:
+            return None
+        weight = self.weight
+        return (owner, tuple(weight.shape), weight.dtype, weight.device, *self._geometry(), self.n_iter,
+                self.screen_iter)
+
+    def extra_repr(self) -> str:
+        screen = "" if self.screen_iter == DEFAULT_SCREEN_ITER else f", screen_iter={self.screen_iter}"
+        return super().extra_repr() + f", n_iter={self.n_iter}" + screen

@@ -89,6 +89,34 @@ def test_a_weight_that_reads_only_padding_is_the_zero_map_in_every_dtype(dtype):
     assert layer(x).sub(layer.bias.view(1, -1, 1)).abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("cls, torch_cls, shape", [(lipnet.nn.GramConv2d, "Conv2d", (1, 2, 8, 8)),
+                                                     (GramConv1d, "Conv1d", (1, 2, 8))], ids=["2d", "1d"])
+def test_both_convolutions_share_stack_keys_padding_checks_and_settings(cls, torch_cls, shape):
+    """What GramConv2d and GramConv1d share (lipnet.nn.normalized.GramNormalizedConv)."""
+    key = cls(2, 4, 3, padding=1).stack_key()
+    assert key[0] is cls and key == cls(2, 4, 3, padding=1).stack_key()
+    for other in (dict(padding=2), dict(padding=1, n_iter=6), dict(padding=1, screen_iter=7)):
+        assert cls(2, 4, 3, **other).stack_key() != key
+    assert "n_iter=10, screen_iter=7" in repr(cls(2, 4, 3, screen_iter=7))
+
+    class OwnBound(cls):
+        def _operator_norm(self, weight, input_size, n_iter, exhaustive=False):
+            return super()._operator_norm(weight, input_size, n_iter, exhaustive) * 2
+
+    assert OwnBound(2, 4, 3).stack_key() is None
+    layer = cls(2, 4, 3, padding=1, padding_mode="circular")
+    layer(torch.randn(shape))
+    layer.padding = (0,) * (len(shape) - 2)
+    with pytest.raises(ValueError, match=rf"padding was changed .* \(nn.{torch_cls} fixes it at construction\)"):
+        layer(torch.randn(shape))
+    with pytest.raises(ValueError, match="screen_iter must be an integer >= 0"):
+        cls(2, 4, 3, screen_iter=-1)
+
+
+def test_a_residual_convolution_stacks_with_plain_ones():
+    assert lipnet.nn.GramResidualConv2d(4, 3).stack_key() == lipnet.nn.GramConv2d(4, 4, 3, padding="same").stack_key()
+
+
 def test_trains_and_gradients_match_finite_differences():
     layer = GramConv1d(2, 3, 3, padding=1, dtype=torch.float64)
     x = torch.randn(2, 2, 10, dtype=torch.float64)
