@@ -210,18 +210,8 @@ class _ConvSpectralBound(torch.autograd.Function):
         weight, dft, _, _, groups, n_iter, screen_iter, n_candidates, _ = inputs
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(weight, dft, *output)  # the weight only to tie a second derivative to it
-        ctx.save_for_forward(dft, *output)
         ctx.shape, ctx.groups, ctx.n_iter, ctx.dtype = weight.shape, groups, n_iter, weight.dtype
         ctx.stops = bound_steps(groups * dft.shape[-1], n_iter, screen_iter, n_candidates)
-
-    @staticmethod
-    def jvp(ctx, weight_tangent, *_):
-        """Forward mode: each bound is a scalar, so its tangent is its gradient (the backward's,
-        through the maximizing frequency) against the kernel's tangent."""
-        dft, *saved = ctx.saved_tensors
-        grad = _conv_bound_grad(MaxBound(*saved), torch.ones_like(saved[0]), dft, tuple(ctx.shape), ctx.groups,
-                                ctx.n_iter, ctx.stops, ctx.dtype)
-        return (grad * weight_tangent).flatten(1).sum(1), *(None for _ in saved[1:])
 
     @staticmethod
     def vmap(info, in_dims, *inputs):
@@ -237,6 +227,29 @@ class _ConvSpectralBound(torch.autograd.Function):
             return (_conv_bound_grad(MaxBound(*saved), grad_output, dft, *settings),)
         (grad,) = replayed(gradient, (grad_output, *saved), lambda: ("conv bound gradient", dft.data_ptr(), *settings))
         return grad, None, None, None, None, None, None, None, None
+
+
+class _ConvSpectralBoundForwardMode(_ConvSpectralBound):
+    """:class:`_ConvSpectralBound` with forward-mode derivatives (``torch.func.jvp``, ``jacfwd``,
+    dual tensors); outside ``torch.compile``, which traces autograd functions only without one."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _ConvSpectralBound.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[1], *output)
+
+    @staticmethod
+    def vmap(info, in_dims, *inputs):
+        return vmap_into_stack(_ConvSpectralBoundForwardMode.apply, in_dims, *inputs)
+
+    @staticmethod
+    def jvp(ctx, weight_tangent, *_):
+        """Each bound is a scalar: its tangent is its gradient (the backward's, through the
+        maximizing frequency) against the kernel's tangent."""
+        dft, *saved = ctx.saved_tensors
+        grad = _conv_bound_grad(MaxBound(*saved), torch.ones_like(saved[0]), dft, tuple(ctx.shape), ctx.groups,
+                                ctx.n_iter, ctx.stops, ctx.dtype)
+        return (grad * weight_tangent).flatten(1).sum(1), *(None for _ in saved[1:])
 
 
 def _address(tensor: torch.Tensor | None) -> int | None:
@@ -330,8 +343,9 @@ def conv2d_spectral_norm(
         factor = embedding.norm_factor
         del embedding  # not live across the autograd.Function call (torch 2.11's compiler cannot rebuild it)
         keep = torch.is_grad_enabled() and weight.requires_grad  # a backward pass may follow
-        value = _ConvSpectralBound.apply(weight if stacked else weight[None], dft, *lags, groups, n_iter,
-                                         screen_iter, n_candidates, keep)[0]
+        bound = _ConvSpectralBound if torch.compiler.is_compiling() else _ConvSpectralBoundForwardMode
+        value = bound.apply(weight if stacked else weight[None], dft, *lags, groups, n_iter, screen_iter,
+                            n_candidates, keep)[0]
         return factor * (value if stacked else value[0])
 
 
