@@ -179,7 +179,12 @@ def _gelu(module: nn.GELU, shape) -> float:
 
 @register_lipschitz_bound(nn.CELU)
 def _celu(module: nn.CELU, shape) -> float:
-    """1 for ``alpha > 0``: slopes 1 (``x > 0``) and ``e^(x / alpha) <= 1`` (``x <= 0``)."""
+    """1 for finite ``alpha > 0``: slopes 1 (``x > 0``) and ``e^(x / alpha) <= 1`` (``x <= 0``);
+    ``alpha = inf`` computes ``inf * (e^0 - 1) = NaN`` there."""
+    if not math.isfinite(float(module.alpha)):
+        raise LipschitzBoundError(module, (
+            f"CELU with alpha={module.alpha} computes alpha * (exp(x / alpha) - 1) = inf * 0 = NaN for x <= 0: no "
+            "Lipschitz constant; use a finite alpha > 0"))
     if not float(module.alpha) > 0:
         raise LipschitzBoundError(module, (
             f"CELU with alpha={module.alpha} has slope e^(x / alpha) for x < 0, which grows without bound "

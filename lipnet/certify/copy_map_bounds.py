@@ -89,8 +89,19 @@ def _constant_pad(module: nn.Module, shape) -> float:
 @register_lipschitz_bound(padding._CircularPadNd)
 def _copying_pad(module: nn.Module, shape) -> float:
     """``sqrt(max_i m_i)``: reflection pads copy entries near a border (up to 3 times per axis),
-    replication pads the border entries (``1 + pad`` times), circular pads the wrapped ones."""
+    replication pads the border entries (``1 + pad`` times), circular pads the wrapped ones.
+
+    Circular padding with a negative (cropping) entry is refused: torch's wraps part of it from
+    output entries that the crop left unwritten in some configurations (``CircularPad1d((1, -1))``
+    on one sample), so its output holds whatever memory was there, not a function of the input.
+    """
     _refuse_padded_batch(module, shape)
+    if isinstance(module, padding._CircularPadNd) and min(module.padding) < 0:
+        raise LipschitzBoundError(module, (
+            f"{type(module).__name__}{tuple(module.padding)} has negative (cropping) padding, with which torch's "
+            "circular padding reads memory outside its input in some configurations (its output is then not a "
+            "function of the input, and changes with the batch); crop separately, e.g. with a negative "
+            "nn.ZeroPad or slicing, and pad with non-negative circular padding"))
     return sqrt_up(copy_multiplicity(module, shape))
 
 
