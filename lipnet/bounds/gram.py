@@ -141,7 +141,8 @@ def max_matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER,
     if mat.dim() != 3:  # the rest is checked by max_gram_bound
         raise ValueError(f"max_matrix_spectral_norm expects a batch (B, m, n), got shape {tuple(mat.shape)}")
     keep = torch.is_grad_enabled() and mat.requires_grad  # a backward pass may follow
-    return _MaxGramBound.apply(mat[None], n_iter, screen_iter, n_candidates, keep)[0][0]
+    bound = _MaxGramBound if torch.compiler.is_compiling() else _MaxGramBoundForwardMode
+    return bound.apply(mat[None], n_iter, screen_iter, n_candidates, keep)[0][0]
 
 
 class MaxBound(NamedTuple):
@@ -495,6 +496,31 @@ class _MaxGramBound(torch.autograd.Function):
         (grad,) = replayed(gradient, (grad_output, *ctx.saved_tensors[1:]),
                            lambda: ("matrix bound gradient", n_iter, stops, tuple(batch_shape)))
         return grad, None, None, None, None
+
+
+class _MaxGramBoundForwardMode(_MaxGramBound):
+    """:class:`_MaxGramBound` with forward-mode derivatives (``torch.func.jvp``, ``jacfwd``,
+    dual tensors); outside ``torch.compile``, which traces autograd functions only without one."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _MaxGramBound.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*output)
+
+    @staticmethod
+    def vmap(info, in_dims, *inputs):
+        return vmap_into_stack(_MaxGramBoundForwardMode.apply, in_dims, *inputs)
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        """Each bound is a real scalar of its batch's maximizer alone: its tangent is the real
+        inner product of that matrix's gradient (the backward's) with the matrix's tangent."""
+        found = MaxBound(*ctx.saved_tensors)
+        grad_best = max_gram_bound_grad(found, ctx.n_iter, ctx.stops)
+        index = found.best.view(-1, 1, 1, 1).expand(-1, 1, *tangent.shape[2:])
+        moved = tangent.gather(1, index)[:, 0].to(grad_best.dtype)
+        value = (grad_best.conj() * moved).real if grad_best.is_complex() else grad_best * moved
+        return value.sum((-2, -1)).to(found.value.dtype), *(None for _ in ctx.saved_tensors[1:])
 
 
 def _check_matrices(mat: torch.Tensor, n_iter: int) -> None:

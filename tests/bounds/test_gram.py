@@ -350,3 +350,21 @@ def test_iterates_are_kept_only_where_arithmetic_dominates(monkeypatch):
     assert gram.max_gram_bound(mat, 10, 5, 8, keep_iterates=True).iterates is not None
     monkeypatch.setattr(gram, "arithmetic_dominates", lambda batch, size, device: False)
     assert gram.max_gram_bound(mat, 10, 5, 8, keep_iterates=True).iterates is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("batch", [3, 40])  # 40: screening, then candidates
+def test_forward_mode_derivative_is_the_reverse_one_and_a_finite_difference(dtype, batch):
+    mat = torch.randn(batch, 5, 7, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    tangent = torch.randn(mat.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    _, forward = torch.func.jvp(max_matrix_spectral_norm, (mat,), (tangent,))
+    step = 1e-6
+    central = (max_matrix_spectral_norm(mat + step * tangent) - max_matrix_spectral_norm(mat - step * tangent)) / (2 * step)
+    torch.testing.assert_close(forward, central, rtol=1e-6, atol=1e-9)
+    _, pullback = torch.func.vjp(max_matrix_spectral_norm, mat)
+    (reverse,) = pullback(torch.ones((), dtype=torch.float64))
+    torch.testing.assert_close(forward, (reverse.conj() * tangent).real.sum() if dtype.is_complex
+                               else (reverse * tangent).sum())
+    if not dtype.is_complex:  # torch's jacfwd takes real inputs only
+        torch.testing.assert_close(torch.func.jacfwd(max_matrix_spectral_norm)(mat),
+                                   torch.func.jacrev(max_matrix_spectral_norm)(mat))

@@ -187,12 +187,7 @@ def test_gradcheck_through_the_layer_with_respect_to_weight_and_input(spec):
     assert torch.autograd.gradcheck(lambda w, z: functional_call(layer, {"weight": w}, (z,)), (weight, x), fast_mode=True)
 
 
-FORWARD_MODE_BUG = ("the bounds' autograd Functions (_MaxGramBound in lipnet/bounds/gram.py, _ConvSpectralBound in "
-                    "lipnet/bounds/conv.py) define no jvp: forward-mode AD with respect to the weight raises torch's "
-                    "'You must implement the jvp function' where nn.Linear and nn.Conv2d work")
-
-
-@pytest.mark.parametrize("spec", specs(xfail=FORWARD_MODE_BUG, xfail_names=("linear",)))
+@pytest.mark.parametrize("spec", specs())
 def test_forward_mode_derivative_with_respect_to_the_weight_equals_the_reverse_one(spec):
     layer = spec.gram(dtype=torch.float64)
     x = inputs(spec, torch.float64)
