@@ -60,8 +60,11 @@ def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size) -> 
                 if not bool(torch.isfinite(bounds[i])):
                     layers[i]._raise_not_finite(bounds[i])
                 zero.append(i)
-    scale = bounds.clamp_min(TINY).to(weights.dtype).view(-1, *([1] * (weights.dim() - 1)))
-    normalized = list((weights / scale).unbind(0))
+    if weights.dtype.itemsize >= 4:
+        scale = bounds.clamp_min(TINY).to(weights.dtype).view(-1, *([1] * (weights.dim() - 1)))
+        normalized = list((weights / scale).unbind(0))
+    else:  # each rounded quotient checked and kept finite, as a layer alone does (GramNormalized._divide)
+        normalized = [layer._divide(weight, bound, input_size) for layer, weight, bound in zip(layers, own, bounds)]
     for i in zero:  # each layer's own weight gradient, not the stack's
         normalized[i] = refuse_weight_gradient(normalized[i], layers[i])
     return normalized

@@ -152,6 +152,28 @@ def test_a_diverged_layer_in_a_stack_is_named():
     assert torch.isnan(weights[1]).all() and torch.isfinite(weights[0]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_low_precision_stack_is_normalized_as_each_layer_alone(dtype):
+    """Rounded to float16/bfloat16, each quotient is checked and kept finite as a layer alone
+    does: the same weights, none NaN where the operator is zero (taps that read only padding:
+    a bound of 0), and each applied operator <= 1 at float32's accuracy."""
+    torch.manual_seed(0)
+    convs = [GramConv2d(4, 4, 3, padding=1).to(dtype) for _ in range(3)]
+    with torch.no_grad():
+        convs[1].weight.zero_()
+        convs[1].weight[:, :, 0, 0] = torch.randn(4, 4)  # reads only padding on a 1 x 1 input
+        for conv in (convs[0], convs[2]):
+            conv.weight.mul_(30)
+    for size in [(1, 1), (5, 5)]:
+        stacked = stacked_normalized_weights(convs, size)
+        for conv, weight in zip(convs, stacked):
+            assert torch.equal(weight, conv.normalized_weight(size))
+            assert not weight.isnan().any()
+            exact = exact_conv2d_spectral_norm(weight.double(), size, padding=1)
+            assert exact <= 1 + 1e-5
+    assert exact_conv2d_spectral_norm(stacked_normalized_weights(convs, (1, 1))[1].double(), (1, 1), padding=1) == 0
+
+
 def test_a_subclass_with_its_own_bound_is_not_stacked():
     class Looser(GramConv2d):
         def _operator_norm(self, weight, input_size, n_iter, exhaustive=False):
