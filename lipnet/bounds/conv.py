@@ -196,7 +196,7 @@ class _ConvSpectralBound(torch.autograd.Function):
                 # underflow where the maximum can be.
                 scale = kernel.abs().amax(dim=(1, 2, 3, 4)).clamp_min(torch.finfo(kernel.dtype).tiny)
                 gram = symbol_gram_real_form(kernel / scale.view(-1, 1, 1, 1, 1), SymbolLags(pairs, twiddles), groups)
-                found = max_gram_bound_of_grams(gram, 2 * torch.log(scale)[:, None], n_iter, screen_iter,
+                found = max_gram_bound_of_grams(gram, 2 * torch.log(scale.double())[:, None], n_iter, screen_iter,
                                                 n_candidates, keep_iterates=keep)
                 found = found._replace(matrix=_symbol_at(kernel, dft, groups, found.best))
             return tuple(field for field in found if field is not None)
