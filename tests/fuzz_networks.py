@@ -870,8 +870,13 @@ def elementwise_targets(module, shape, d: Draw, bound: float) -> list[torch.Tens
                         f"{float(grid[where])!r} and {float(grid[where + 1])!r}")
     size = grid.view(-1, *[1] * len(shape)).abs()
     top = slopes.abs().amax(dim=0, keepdim=True)
-    # the steepest point nearest zero (a PReLU slope holds on a half-line)
+    # the steepest point nearest zero (a PReLU slope holds on a half-line), refined on a finer grid
     steep = grid[((slopes.abs() >= top * (1 - 1e-12)) * (1e9 - size)).argmax(dim=0)]
+    offsets = torch.linspace(-0.03, 0.03, 61, dtype=F64).view(-1, *[1] * len(shape))
+    local = (steep + offsets).requires_grad_(True)
+    with torch.enable_grad():
+        (local_slopes,) = torch.autograd.grad(module(local.clone()).sum(), local)
+    steep = local.detach().gather(0, local_slopes.abs().argmax(dim=0, keepdim=True))[0]
     sharpest = (slopes[1:] - slopes[:-1]).abs().argmax(dim=0)  # the midpoint of the largest change of slope
     kinks = (grid[sharpest] + grid[sharpest + 1]) / 2
     mixed = torch.where(torch.rand(shape, generator=d.gen, dtype=F64) < 0.5, steep, kinks)
