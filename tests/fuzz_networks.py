@@ -22,7 +22,7 @@ accepted modules only. For its certificate ``L = lipschitz_bound(model, shape)``
 
 * ``jacobian``: ``L >= ||J(x)||_2``, the float64 Jacobian from
   ``torch.autograd.functional.jacobian`` and its SVD, at zero, at random points of scales
-  1e-3 to 1e2 and at adversarial points: for every elementwise module, inputs that put its
+  1e-3 to 1e2 and at adversarial points: for a few elementwise modules, inputs that put their
   entries at their steepest slope and at the sharpest kink of its derivative (both read from
   the module itself on a grid: GELU's steepest point ``sqrt 2``, PReLU's 0, a Softplus
   switch), and for max-like modules (MaxMin, max and L2-norm pooling) inputs with ties and
@@ -30,7 +30,9 @@ accepted modules only. For its certificate ``L = lipschitz_bound(model, shape)``
   overlapping windows), each reached through the modules before it by Gauss-Newton steps;
   and along a short gradient ascent of ``||f(x) - f(y)|| / ||x - y||``. The Jacobian is
   rounded relative to the magnitudes it sums, so the allowance is ``1e-10 L c``, with ``c``
-  the product over Gram layers of ``|| |W| || / ||W||`` (:func:`cancellation`);
+  the product over Gram layers of ``|| |A| || / bound`` (:func:`cancellation`), plus ``2^-23 L``
+  for torch's derivative of Hardsigmoid and Hardswish (:data:`BACKWARD_CONSTANT_TOL`). It is
+  taken of a copy without in-place modules (:func:`out_of_place`);
 * ``dense``: for networks of affine modules only (Gram layers, padding, shuffles, nearest
   upsampling, average pooling, BatchNorm, input normalization), ``L >=`` the norm of the dense
   operator with columns ``f(e_i) - f(0)``, less their rounding (below);
@@ -39,8 +41,8 @@ accepted modules only. For its certificate ``L = lipschitz_bound(model, shape)``
   with ``err`` the rounding bound of
   :func:`lipnet.certify.precision.forward_with_error_bound`: exactly the claim a certificate
   makes of float64 logits. A jump (a Softplus switch to the identity) fails it;
-* ``slope``: for each elementwise module, on its grid, ``|f(b) - f(a)| / (b - a)`` (less its
-  rounding) is at most the module's own bound;
+* ``slope``: for those elementwise modules, on their grid, ``|f(b) - f(a)| / (b - a)`` (less
+  its rounding) is at most the module's own bound;
 * ``finite``, ``batch``: an accepted network's outputs are finite, and an example's output does
   not depend on the rest of its batch (within the rounding bound).
 
@@ -601,7 +603,7 @@ class Log:
     """What a case drew and measured."""
 
     checked: set = field(default_factory=set)  # types (as drawn) in a certified network
-    drawn: dict = field(default_factory=dict)  # id(module) -> the type it was drawn as
+    drawn: dict = field(default_factory=dict)  # id(module) -> (module, the type it was drawn as)
     refused: Counter = field(default_factory=Counter)  # type -> refusals
     rejected: Counter = field(default_factory=Counter)  # type -> draws torch (or the budget) rejected
 
@@ -702,7 +704,7 @@ def draw_module(d: Draw, shape, kinds: dict, budget: Budget, log: Log, item=None
         certify_alone(nn.Sequential(module, nn.Identity()), shape, LipschitzBoundError, log,
                       f"{_name(item)} passing on a tuple")
         return None
-    log.drawn[id(module)] = item  # a lazy module has changed its class
+    log.drawn[id(module)] = (module, item)  # a lazy module has changed its class; the reference keeps the id
     return module, out
 
 
@@ -712,7 +714,7 @@ def draw_chain(d: Draw, shape, length: int, kinds, budget, log, depth=0, preserv
     modules = []
     for i in range(length):
         item = forced if i == forced_at else None
-        for _ in range(1 if isinstance(item, str) else 30 if item is not None else 6):
+        for _ in range(1 if isinstance(item, str) or item in ALWAYS_REFUSED else 30 if item is not None else 6):
             drawn = draw_module(d, shape, kinds, budget, log, item, depth, preserve=preserve)
             if drawn is not None:
                 modules.append(drawn[0])
@@ -976,7 +978,7 @@ class Checker:
             raise Violation(f"pairs: ||f(x) - f(y)|| = {float(diff[i])!r} > L ||x - y|| + err = {float(allowed[i])!r} "
                             f"(L = {self.bound!r}, ||x - y|| = {float(dist[i])!r}, err {float(err[i])!r} + "
                             f"{float(err[n + i])!r}) on a {what} pair, ||x|| = {float(x[i].norm())!r}")
-        useful = (err[:n] + err[n:]) < 1e-6 * self.bound * dist
+        useful = (err[:n] + err[n:]) < 1e-9 * self.bound * dist  # ratios where rounding cannot show
         if bool(useful.any()) and self.bound > 0:
             self.note("pairs", float((diff / (self.bound * dist))[useful].max()))
 
@@ -1001,7 +1003,7 @@ class Checker:
         if not exact <= self.bound + rounding:
             raise Violation(f"dense: the composed operator has norm {exact!r} > certified {self.bound!r} (rounding "
                             f"allowance {rounding:.3g})")
-        if rounding < 1e-3 * self.bound:
+        if rounding < 1e-9 * self.bound:  # a ratio where rounding cannot show
             self.note("dense", exact / self.bound if self.bound else 0.0)
 
     def ascent(self, x, direction, steps):
@@ -1035,7 +1037,7 @@ def check_network(model, shape, affine: bool, kinds: dict, d: Draw, budget: Budg
         raise Violation(f"crash: lipschitz_bound raised {type(error).__name__}: {error}\n{traceback.format_exc()}")
     checker = Checker(model, shape, bound, record, bound * cancellation(model, shape))
     for module in model.modules():
-        log.checked.add(log.drawn.get(id(module), type(module)))
+        log.checked.add(log.drawn.get(id(module), (module, type(module)))[1])
     # Random points (and zero), their batch independence, pairs at several distances.
     points = [torch.zeros(shape, dtype=F64)]
     points += [d.randn(*shape, scale=d.scale(-3, 2)) for _ in range(budget.random_points)]
