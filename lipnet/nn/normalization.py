@@ -34,6 +34,8 @@ class InputNormalization(nn.Module):
             raise ValueError(f"mean and std must have the same length, got {mean.numel()} and {std.numel()}")
         if not torch.all(std > 0):
             raise ValueError(f"std must be positive, got {std.tolist()}")
+        if not torch.all(torch.isfinite(mean)):
+            raise ValueError(f"mean must be finite, got {mean.tolist()}")
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
@@ -48,10 +50,13 @@ class InputNormalization(nn.Module):
         return (x - self.mean.view(shape).to(x.dtype)) / self.std.view(shape).to(x.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        std = state_dict.get(prefix + "std")
+        std, mean = state_dict.get(prefix + "std"), state_dict.get(prefix + "mean")
         if torch.is_tensor(std) and not bool(torch.all(std > 0)):
             raise ValueError(f"InputNormalization: the std loaded from the state_dict must be positive, got "
                              f"{std.tolist()}")
+        if torch.is_tensor(mean) and not bool(torch.all(torch.isfinite(mean))):
+            raise ValueError(f"InputNormalization: the mean loaded from the state_dict must be finite, got "
+                             f"{mean.tolist()}")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def lipschitz_bound(self) -> float:
@@ -61,6 +66,9 @@ class InputNormalization(nn.Module):
             raise ValueError(f"InputNormalization: std must be positive, got {self.std.tolist()} (the constructor and "
                              "load_state_dict check it; it was written into the buffer since). Set a positive std, "
                              "e.g. with load_state_dict")
+        if not bool(torch.isfinite(self.mean).all()):  # a non-finite output is no function with a bound
+            raise ValueError(f"InputNormalization: mean must be finite, got {self.mean.tolist()} (the constructor and "
+                             "load_state_dict check it; it was written into the buffer since)")
         return math.nextafter(1 / smallest, math.inf)
 
     def extra_repr(self) -> str:

@@ -206,3 +206,17 @@ def test_a_bad_std_written_into_input_normalization_is_named(std):
         norm.lipschitz_bound()
     with pytest.raises(ValueError, match="InputNormalization"):
         lipschitz_bound(nn.Sequential(norm, nn.Flatten()), (2, 3, 3))
+
+
+@pytest.mark.parametrize("mean", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_mean_in_input_normalization_is_refused_everywhere(mean):
+    """Its outputs would be NaN or infinite: no bound holds for them."""
+    with pytest.raises(ValueError, match="mean must be finite"):
+        InputNormalization([0.5, mean], [0.25, 0.25])
+    norm = InputNormalization([0.5, 0.5], [0.25, 0.25])
+    with pytest.raises(ValueError, match="mean loaded from the state_dict must be finite"):
+        norm.load_state_dict({"mean": torch.tensor([0.5, mean]), "std": torch.tensor([0.25, 0.25])})
+    with torch.no_grad():
+        norm.mean[1] = mean
+    with pytest.raises(ValueError, match="InputNormalization: mean must be finite"):
+        norm.lipschitz_bound()
