@@ -1,5 +1,13 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# The fuzz scripts (tests/fuzz_*.py, also run as programs) import as top-level modules, as
+# they do when run: ``import fuzz_geometry``.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(autouse=True)

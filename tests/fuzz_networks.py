@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import math
 import random
 import sys
@@ -66,7 +65,6 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -80,18 +78,8 @@ from lipnet.nn import (ConvexResidual, GlobalL2NormPool2d, GlobalScaledAvgPool2d
                        GramResidualConv2d, GramSequential, InputNormalization, L2NormPool2d, MaxMin, ScaledAvgPool2d)
 from lipnet.nn.normalized import GramNormalized
 
+import fuzz_geometry as _geometry  # beside this script: on sys.path when run, and in tests/conftest.py
 
-def _sibling(name: str):
-    """The test script ``tests/<name>.py`` as a module (tests/ is not a package)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_geometry = _sibling("fuzz_geometry")
 Violation = _geometry.Violation
 make_weight, sigma_max = _geometry.make_weight, _geometry.sigma_max
 

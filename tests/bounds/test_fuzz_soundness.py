@@ -8,9 +8,6 @@ fixed, so the test is deterministic; ``python tests/fuzz_geometry.py --minutes 1
 The last tests check that the fuzz fails when a bound is 0.1% too small.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,18 +18,8 @@ from lipnet.certify import lipschitz_bound
 from lipnet.nn import GramConv2d, GramLinear
 from lipnet.nn.normalized import GramNormalized
 
+import fuzz_geometry as fuzz  # tests/ is on sys.path: tests/conftest.py
 
-def _load_fuzz():
-    name = "fuzz_geometry"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "fuzz_geometry.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fuzz = _load_fuzz()
 
 SEEDS = {"conv2d": range(0, 200), "conv1d": range(0, 80), "linear": range(0, 80), "residual": range(0, 80),
          "network": range(0, 20)}

@@ -9,10 +9,7 @@ new rule is fuzzed as soon as it is registered. The seeds are fixed and the budg
 the fuzz fails when a rule is 0.1% too small.
 """
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,18 +20,8 @@ from lipnet.certify.lipschitz import _REGISTRY
 from lipnet.nn import ConvexResidual, GramConv2d
 from lipnet.nn.normalized import GramNormalized
 
+import fuzz_networks as fuzz  # tests/ is on sys.path: tests/conftest.py
 
-def _load_fuzz():
-    name = "fuzz_networks"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "fuzz_networks.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fuzz = _load_fuzz()
 #: Each type and trap is forced into this many networks.
 ROUNDS = 2
 
