@@ -49,8 +49,6 @@ def test_a_module_outside_the_runtime_allowlist_is_refused_with_a_value_error():
     assert outcome.startswith("refused: operator aten.prelu")
 
 
-@pytest.mark.xfail(strict=True, raises=fuzz_export.Violation,
-                   reason="export's self-check reuses its inputs, which an in-place first module overwrites")
 def test_a_network_starting_with_an_in_place_module_exports():
     model = nn.Sequential(nn.SiLU(inplace=True), nn.ReLU()).eval()
     assert fuzz_export.check_case(model, (4,), seed=0, deploy=False) == "passed"
