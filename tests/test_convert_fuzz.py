@@ -5,8 +5,13 @@ import importlib
 import operator
 
 import pytest
+import torch
+from torch import nn
 
 import fuzz_convert
+
+from lipnet import convert
+from lipnet.certify import LipschitzBoundError, lipschitz_bound
 
 convert_module = importlib.import_module("lipnet.convert")  # lipnet.convert is also the function's name
 
@@ -33,3 +38,27 @@ def test_the_fuzz_catches_an_add_rule_slightly_too_small(monkeypatch):
 
     monkeypatch.setattr(convert_module._BoundInterpreter, "_node_bound", shrunk)
     assert any(fuzz_convert.run_case(seed).failures for seed in range(40))
+
+
+class _ScaledByBatchSize(nn.Module):
+    """``x * x.shape[0]``: the factor is the batch size, which the traced bound read at batch 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.spare = nn.Conv2d(1, 1, 1)
+
+    def forward(self, x):
+        return x * x.shape[0]
+
+
+@pytest.mark.xfail(strict=True, reason="found by the convert fuzz: a factor read from the batch size was bounded at "
+                                       "the tracing batch (3), so a batch of 100 has slope 100 > certificate 3")
+def test_a_factor_computed_from_the_batch_size_is_not_certified_at_the_tracing_batch():
+    converted, _ = convert(_ScaledByBatchSize().double(), input_shape=(2, 2, 2))
+    try:
+        bound = lipschitz_bound(converted, (2, 2, 2))
+    except LipschitzBoundError:
+        return
+    x, y = torch.randn(2, 100, 2, 2, 2, dtype=torch.float64)
+    slope = float(((converted(x) - converted(y)).flatten(1).norm(dim=1) / (x - y).flatten(1).norm(dim=1)).max())
+    assert slope <= bound * (1 + 1e-9)
