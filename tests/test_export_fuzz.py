@@ -20,8 +20,8 @@ def one_thread():
 
 
 def test_random_networks_export_bitwise_with_their_bound_and_isolated_from_the_source():
-    outcomes = [fuzz_export.run_case(seed)[0] for seed in range(30)]
-    assert outcomes.count("passed") >= 10, outcomes
+    outcomes = [fuzz_export.run_case(seed)[0] for seed in range(20)]
+    assert outcomes.count("passed") >= 15, outcomes
 
 
 def test_an_exported_model_runs_bitwise_in_a_fresh_process_without_lipnet():
@@ -44,9 +44,16 @@ def test_the_fuzz_reports_a_baked_weight_perturbed_by_1e_6(monkeypatch):
         fuzz_export.check_case(model, (6,), seed=0, deploy=False)
 
 
-def test_a_module_outside_the_runtime_allowlist_is_refused_with_a_value_error():
-    outcome = fuzz_export.check_case(nn.Sequential(nn.PReLU(), GramLinear(3, 2)).eval(), (3,), seed=0, deploy=False)
-    assert outcome.startswith("refused: operator aten.prelu")
+def test_a_module_export_refuses_raises_a_value_error_saying_why():
+    outcome = fuzz_export.check_case(nn.Sequential(nn.Linear(3, 2)).eval(), (3,), seed=0, deploy=False)
+    assert outcome.startswith("refused: cannot certify the exported model"), outcome
+
+
+def test_every_module_type_lipnet_certify_accepts_traces_to_operators_the_runtime_allows():
+    """A certifiable network with a float32-finite weight is never refused (PReLU, Mish, 1-D and 3-D
+    pooling, Dropout2d in eval ... once were: their ATen operators were outside the allowlist)."""
+    outcomes = [fuzz_export.run_case(seed)[0] for seed in range(20, 36)]
+    assert [o for o in outcomes if o != "passed"] == [], outcomes
 
 
 def test_a_network_starting_with_an_in_place_module_exports():

@@ -81,6 +81,13 @@ ATEN_OPS = frozenset("""
     scalar_tensor select sigmoid sigmoid_ sign silu silu_ slice softmax softplus sort split split_with_sizes
     sqrt square squeeze stack sub sub_ sum sym_numel sym_size sym_stride t tanh tanh_ to topk transpose
     type_as unbind unflatten unsqueeze upsample_bilinear2d upsample_nearest2d view where zeros zeros_like
+    _prelu_kernel _upsample_nearest_exact1d _upsample_nearest_exact2d _upsample_nearest_exact3d
+    adaptive_avg_pool1d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool3d alpha_dropout avg_pool1d
+    avg_pool3d celu celu_ channel_shuffle feature_alpha_dropout feature_dropout feature_dropout_ dropout_
+    hardshrink hardsigmoid_ hardswish_ leaky_relu log_sigmoid log_sigmoid_forward max_pool1d
+    max_pool1d_with_indices max_pool3d max_pool3d_with_indices mish mish_ native_channel_shuffle prelu
+    reflection_pad1d reflection_pad3d replication_pad1d replication_pad3d rrelu rrelu_ selu selu_ softshrink
+    threshold threshold_ upsample_nearest1d upsample_nearest3d
 """.split())
 
 _PYTHON_FUNCTIONS = {f"operator.{name}": getattr(operator, name)
