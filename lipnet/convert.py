@@ -672,6 +672,21 @@ def _depends_on_input(node: torch.fx.Node) -> bool:
     return False
 
 
+def _reads_input_shape(node: torch.fx.Node) -> bool:
+    """Whether a node's value can depend on the shape of a value that depends on the input (its
+    batch size, for one: ``x.shape[0]``, ``x.size(0)``, ``x.numel()``, ``len(x)``)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        stack.extend(_tensor_args(n))
+    return False
+
+
 _IN_PLACE_OPERATIONS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
                         "lshift", "rshift")
 #: ``a += b`` and friends, ``a[i] = b``: they write into their first argument.
@@ -749,7 +764,7 @@ def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
     * ``u + w``, ``u - w``: ``L(u) + L(w)`` (triangle inequality; no broadcasting of a
       non-constant operand, which would copy entries);
     * ``c * u``, ``u / c`` with ``c`` a constant number or tensor: ``max|c| L(u)``,
-      ``L(u) / min|c|``;
+      ``L(u) / min|c|`` (not a number read from the input's shape, such as its batch size);
     * ReLU, tanh, hardtanh, negation, eval-mode dropout: ``L(u)``;
     * per-example rearrangements (flatten, view, reshape, permute, transpose, squeeze,
       unsqueeze, contiguous, clone) and selections (chunk, split, basic slicing): ``L(u)``,
@@ -829,6 +844,8 @@ class _BoundInterpreter(torch.fx.Interpreter):
         self.versions: dict[torch.fx.Node, list[int | None]] = {}
         self.protected: list[tuple[torch.Tensor, int | None, str]] = []
         self.attributes: dict[torch.fx.Node, object] = {}
+        # Numbers read from the shape of a value that depends on the input (x.shape[0], x.numel()).
+        self.shape_numbers: set[torch.fx.Node] = set()
 
     def fail(self, node: torch.fx.Node, reason: str):
         raise LipschitzBoundError(self.module, f"node {node.format_node()}: {reason}")
@@ -857,6 +874,9 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self.protected.append((value, _version(value), "the input"))
         self._check_state(node, value)
         self.versions[node] = [_version(t) for t in _tensors(value)]
+        if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool) and \
+                _reads_input_shape(node):
+            self.shape_numbers.add(node)
         if node.op == "output":
             (out,) = node.args
             if not isinstance(out, torch.fx.Node) or not torch.is_tensor(self.env[out]):
@@ -932,6 +952,21 @@ class _BoundInterpreter(torch.fx.Interpreter):
                 self.fail(node, f"changes the dtype from {source.dtype} to {p.dtype} (view(dtype) reinterprets "
                                 "the bits, which is not Lipschitz)")
 
+    def _reads_shape_number(self, node: torch.fx.Node) -> bool:
+        """Whether a constant (bound 0) is computed from a number read from the shape of a value
+        that depends on the input: its batch size, say, which changes from batch to batch. Sizes
+        passed whole (``torch.full(x.shape, 2.0)``) give constants that do not change with it."""
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n in seen or self.bound.get(n, 0.0) > 0:
+                continue
+            seen.add(n)
+            if n in self.shape_numbers:
+                return True
+            stack.extend(_tensor_args(n))
+        return False
+
     def _batched(self, node, *values):
         for v in values:
             if torch.is_tensor(v) and (v.dim() == 0 or v.shape[0] != self.batch):
@@ -983,6 +1018,10 @@ class _BoundInterpreter(torch.fx.Interpreter):
                 self.fail(node, "a product or quotient of two values that depend on the input")
             u = dependent[0]
             other = node.args[1] if node.args[0] is u else node.args[0]
+            if isinstance(other, torch.fx.Node) and self._reads_shape_number(other):
+                self.fail(node, "a factor computed from the shape of a value that depends on the input (the batch "
+                                "size, read by x.shape[0], x.size(0) or x.numel(), changes it from batch to batch); "
+                                "use a constant")
             constant = self.env[other] if isinstance(other, torch.fx.Node) else other
             if torch.is_tensor(constant):
                 magnitudes = constant.detach().abs()

@@ -3,7 +3,7 @@
 Each case is a random float64 ``nn.Module`` whose ``forward`` is generated Python source: a
 random DAG over submodules (``nn.Conv2d`` and ``nn.Linear`` that convert turns into Gram
 layers, ReLU, pooling, eval-mode BatchNorm, one submodule used twice), sums and differences of
-branches, products with constants (negative, zero, large, tensors), concatenation, chunk /
+branches, products with constants (negative, zero, large, tensors, numbers read from the shape), concatenation, chunk /
 split / slicing, view / reshape / flatten / permute / transpose round trips, ``F.relu``,
 ``torch.relu``, ``F.pad``, ``.detach()``, added constants, products of two branches (must be
 refused) and in-place operations (refused or sound). The model is converted with
@@ -53,6 +53,7 @@ class Case:
     outcome: str = ""
     bound: float | None = None
     measured: float = 0.0
+    error: str = ""
     failures: list = field(default_factory=list)
 
 
@@ -98,7 +99,7 @@ class Builder:
                          "sub", "alpha", "scale", "scale", "tensor_scale", "cat", "chunk", "split", "slice",
                          "index", "view", "reshape", "permute", "transpose", "contiguous", "fn_relu",
                          "torch_relu", "tanh", "hardtanh", "pad", "detach", "neg", "dropout", "const", "double",
-                         "mul2", "square", "div2", "inplace_relu", "iadd", "add_", "mul_", "unused"])
+                         "mul2", "square", "div2", "shape_scale", "inplace_relu", "iadd", "add_", "mul_", "unused"])
         if kind == "conv":
             co = r.choice([2, 4])
             m = self.module(nn.Conv2d(c, co, 3, padding=1, bias=r.random() < 0.5))
@@ -139,6 +140,9 @@ class Builder:
         elif kind == "scale":
             s = r.choice(SCALARS)
             self.emit(kind, r.choice([f"{a} * {s}", f"{s} * {a}", f"{a} / {s}"]), c, [a])
+        elif kind == "shape_scale":  # a factor read from the shape: the batch size varies
+            self.emit(kind, r.choice([f"{a} * {a}.shape[0]", f"{a} / {a}.size(0)", f"{a} * {a}.shape[1]",
+                                      f"{a} * ({a}.shape[0] - 1)", f"{a} / {a}.numel()"]), c, [a])
         elif kind == "tensor_scale":
             b = self.buffer(torch.randn(1, c, 1, 1, dtype=F64) * r.choice([1, 100, 1e-3]))
             self.emit(kind, r.choice([f"{a} * self.{b}", f"self.{b} * {a}", f"{a} / self.{b}"]), c, [a])
@@ -237,6 +241,8 @@ def draw_case(seed: int) -> tuple[nn.Module, Case]:
     model = cls()
     for name, m in builder.modules.items():
         model.add_module(name, m)
+    if not builder.modules:  # convert traces only containers: one with an unused child
+        model.add_module("spare", nn.Conv2d(1, 1, 1))
     for name, b in builder.buffers.items():
         model.register_buffer(name, b)
     model = model.double().eval()
@@ -298,10 +304,12 @@ def run_case(seed: int) -> Case:
         converted = converted.double().eval()
         bound = lipschitz_bound(converted, case.shape)
     except (LipschitzBoundError, ValueError, TypeError) as error:
-        if type(error) not in (LipschitzBoundError, ValueError, TypeError) and \
-                not isinstance(error, LipschitzBoundError):
-            case.failures.append(f"unexpected error type: {type(error).__name__}: {error}")
         case.outcome = "refused"
+        case.error = f"{type(error).__name__}: {error}"
+        if not isinstance(error, LipschitzBoundError) and "/lipnet/" not in traceback.extract_tb(
+                error.__traceback__)[-1].filename:
+            case.failures.append(f"a {type(error).__name__} raised outside lipnet, not a refusal: {error}\n"
+                                 f"{traceback.format_exc()}")
         return case
     except Exception as error:  # noqa: BLE001 (any other crash is a finding)
         case.outcome = "crash"
@@ -322,7 +330,8 @@ def run_case(seed: int) -> Case:
 
 
 def report(case: Case) -> str:
-    return (f"seed {case.seed}: {case.outcome}, shape {case.shape}, bound {case.bound}, measured {case.measured:.6g}\n"
+    return (f"seed {case.seed}: {case.outcome}, shape {case.shape}, bound {case.bound}, measured {case.measured:.6g}"
+            + (f" ({case.error})" if case.error else "") + "\n"
             + "\n".join(case.failures) + f"\n{case.source}")
 
 

@@ -51,8 +51,6 @@ class _ScaledByBatchSize(nn.Module):
         return x * x.shape[0]
 
 
-@pytest.mark.xfail(strict=True, reason="found by the convert fuzz: a factor read from the batch size was bounded at "
-                                       "the tracing batch (3), so a batch of 100 has slope 100 > certificate 3")
 def test_a_factor_computed_from_the_batch_size_is_not_certified_at_the_tracing_batch():
     converted, _ = convert(_ScaledByBatchSize().double(), input_shape=(2, 2, 2))
     try:
