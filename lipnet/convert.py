@@ -639,6 +639,8 @@ _REARRANGEMENTS = {torch.flatten, "flatten", "view", "reshape", torch.reshape, "
                    "clone"}
 _SPLITS = {torch.chunk, "chunk", torch.split, "split", torch.unbind, "unbind"}
 _CATS = {torch.cat, torch.concat}
+#: Factories whose first argument (or ``size=``) is a size: a shape passed there sets no value.
+_FACTORIES = {torch.full, torch.zeros, torch.ones, torch.empty}
 _SHAPE_METHODS = ("size", "dim", "numel")
 _SHAPE_ATTRIBUTES = ("shape", "ndim", "dtype", "device")
 
@@ -874,7 +876,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self.protected.append((value, _version(value), "the input"))
         self._check_state(node, value)
         self.versions[node] = [_version(t) for t in _tensors(value)]
-        if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool) and \
+        if isinstance(value, (int, float, torch.SymInt, torch.SymFloat, torch.Size)) and not isinstance(value, bool) and \
                 _reads_input_shape(node):
             self.shape_numbers.add(node)
         if node.op == "output":
@@ -955,7 +957,8 @@ class _BoundInterpreter(torch.fx.Interpreter):
     def _reads_shape_number(self, node: torch.fx.Node) -> bool:
         """Whether a constant (bound 0) is computed from a number read from the shape of a value
         that depends on the input: its batch size, say, which changes from batch to batch. Sizes
-        passed whole (``torch.full(x.shape, 2.0)``) give constants that do not change with it."""
+        passed whole as the size of a factory (``torch.full(x.shape, 2.0)``) give constants that do
+        not change with it; ``torch.tensor(x.shape)`` does."""
         seen, stack = set(), [node]
         while stack:
             n = stack.pop()
@@ -964,7 +967,11 @@ class _BoundInterpreter(torch.fx.Interpreter):
             seen.add(n)
             if n in self.shape_numbers:
                 return True
-            stack.extend(_tensor_args(n))
+            if n.op == "call_function" and n.target in _FACTORIES:
+                stack.extend(_tensor_args(n)[1:] if n.args and isinstance(n.args[0], torch.fx.Node) else
+                             [a for a in _tensor_args(n) if a is not n.kwargs.get("size")])
+            else:
+                stack.extend(_tensor_args(n))
         return False
 
     def _batched(self, node, *values):

@@ -69,8 +69,6 @@ class _ScaledByBatchSizeTensor(_ScaledByBatchSize):
         return x * torch.tensor(x.shape, dtype=x.dtype)[0]
 
 
-@pytest.mark.xfail(strict=True, reason="a factor read from the shape through torch.tensor(x.shape) is a tensor "
-                                       "constant to the traced bound, which takes its value at batch 3")
 def test_a_tensor_factor_built_from_the_batch_size_is_not_certified_at_the_tracing_batch():
     converted, _ = convert(_ScaledByBatchSizeTensor().double(), input_shape=(2, 2, 2))
     try:
