@@ -661,26 +661,23 @@ def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
 
 def _depends_on_input(node: torch.fx.Node) -> bool:
     """Whether a node's value can depend on the values of the graph's input."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen or (n.op == "call_method" and n.target in _SHAPE_METHODS) or (
-                n.target is getattr and len(n.args) == 2 and n.args[1] in _SHAPE_ATTRIBUTES):
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            return True
-        stack.extend(_tensor_args(n))
-    return False
+    return _reaches_input(node, lambda n: (n.op == "call_method" and n.target in _SHAPE_METHODS) or (
+        n.target is getattr and len(n.args) == 2 and n.args[1] in _SHAPE_ATTRIBUTES))
 
 
 def _reads_input_shape(node: torch.fx.Node) -> bool:
     """Whether a node's value can depend on the shape of a value that depends on the input (its
     batch size, for one: ``x.shape[0]``, ``x.size(0)``, ``x.numel()``, ``len(x)``)."""
+    return _reaches_input(node, lambda n: False)
+
+
+def _reaches_input(node: torch.fx.Node, cut) -> bool:
+    """Whether the graph's input is among the arguments of ``node``, followed back through
+    every node except those for which ``cut(node)`` holds."""
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
-        if n in seen:
+        if n in seen or cut(n):
             continue
         seen.add(n)
         if n.op == "placeholder":
