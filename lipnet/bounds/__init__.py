@@ -1,6 +1,7 @@
 """Upper bounds on spectral norms (pure functions on tensors)."""
 
 from lipnet.bounds.conv import conv1d_spectral_norm, conv2d_embedding, conv2d_spectral_norm, conv2d_symbol
+from lipnet.bounds.conv_transpose import conv_transpose2d_output_size, conv_transpose2d_spectral_norm
 from lipnet.bounds.gram import (
     DEFAULT_N_ITER,
     matrix_spectral_norm,
@@ -14,6 +15,7 @@ from lipnet.bounds.reference import (
     conv2d_power_iteration,
     exact_conv1d_spectral_norm,
     exact_conv2d_spectral_norm,
+    exact_conv_transpose2d_spectral_norm,
 )
 
 __all__ = [
@@ -24,9 +26,12 @@ __all__ = [
     "conv2d_power_iteration",
     "conv2d_spectral_norm",
     "conv2d_symbol",
+    "conv_transpose2d_output_size",
+    "conv_transpose2d_spectral_norm",
     "cuda_graphs",
     "exact_conv1d_spectral_norm",
     "exact_conv2d_spectral_norm",
+    "exact_conv_transpose2d_spectral_norm",
     "matrix_spectral_norm",
     "max_matrix_spectral_norm",
     "refine_exceeding",

@@ -120,3 +120,16 @@ def conv2d_power_iteration(weight, input_size, *, n_iter=100, generator=None, **
         v = (grad / norm).detach()
     with torch.no_grad():
         return float(conv2d_apply(v, weight, **conv_kwargs).norm())
+
+
+def exact_conv_transpose2d_spectral_norm(weight, input_size, *, stride=1, padding=0, output_padding=0, dilation=1,
+                                         groups=1) -> float:
+    """The exact operator norm of ``nn.ConvTranspose2d`` (without bias) on inputs of spatial
+    size ``input_size``, in float64: the largest singular value of the dense operator built
+    from the impulse responses of ``F.conv_transpose2d`` (small inputs only)."""
+    weight = weight.detach().to(torch.float64)
+    h, w = pair(input_size)
+    dim = weight.shape[0] * h * w
+    impulses = torch.eye(dim, dtype=torch.float64, device=weight.device).reshape(dim, weight.shape[0], h, w)
+    out = F.conv_transpose2d(impulses, weight, None, stride, padding, output_padding, groups, dilation)
+    return float(torch.linalg.matrix_norm(out.reshape(dim, -1).T, ord=2))
