@@ -5,7 +5,7 @@ operator norms (:mod:`lipnet.bounds`), so networks built from them are 1-Lipschi
 their predictions come with certified L2 robustness radii.
 """
 
-from lipnet.nn import GramConv1d, GramConv2d, GramLinear
+from lipnet.nn import GramConv1d, GramConv2d, GramConvTranspose2d, GramLinear
 
 __version__ = "0.1.0"
 
@@ -13,4 +13,4 @@ __version__ = "0.1.0"
 from lipnet.convert import convert  # noqa: E402
 from lipnet.export import export  # noqa: E402
 
-__all__ = ["GramConv1d", "GramConv2d", "GramLinear", "__version__", "convert", "export"]
+__all__ = ["GramConv1d", "GramConv2d", "GramConvTranspose2d", "GramLinear", "__version__", "convert", "export"]

@@ -3,6 +3,7 @@
 from lipnet.nn.activations import MaxMin, max_min
 from lipnet.nn.gram_conv import GramConv2d
 from lipnet.nn.gram_conv1d import GramConv1d
+from lipnet.nn.gram_conv_transpose import GramConvTranspose2d
 from lipnet.nn.gram_linear import GramLinear
 from lipnet.nn.normalization import InputNormalization
 from lipnet.nn.pooling import GlobalL2NormPool2d, GlobalScaledAvgPool2d, L2NormPool2d, ScaledAvgPool2d
@@ -15,6 +16,7 @@ __all__ = [
     "GlobalScaledAvgPool2d",
     "GramConv1d",
     "GramConv2d",
+    "GramConvTranspose2d",
     "GramLinear",
     "GramResidualConv2d",
     "GramSequential",

@@ -9,14 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from lipnet.bounds import exact_conv1d_spectral_norm, exact_conv2d_spectral_norm
+from lipnet.bounds import exact_conv1d_spectral_norm, exact_conv2d_spectral_norm, exact_conv_transpose2d_spectral_norm
 from lipnet.certify import lipschitz_bound
-from lipnet.nn import GramConv1d, GramConv2d, GramLinear, InputNormalization
+from lipnet.nn import GramConv1d, GramConv2d, GramConvTranspose2d, GramLinear, InputNormalization
 
 LAYERS = [
     pytest.param(lambda **kw: GramLinear(6, 4, **kw), (3, 6), id="linear"),
     pytest.param(lambda **kw: GramConv2d(2, 3, 3, padding=1, **kw), (2, 2, 6, 6), id="conv2d"),
     pytest.param(lambda **kw: GramConv1d(2, 3, 3, padding=1, **kw), (2, 2, 7), id="conv1d"),
+    pytest.param(lambda **kw: GramConvTranspose2d(2, 3, 4, stride=2, padding=1, **kw), (2, 2, 5, 5),
+                 id="conv_transpose2d"),
 ]
 
 
@@ -43,6 +45,10 @@ def applied_norm(layer, input_size):
     weight = layer.normalized_weight(input_size).detach().double()
     if isinstance(layer, GramLinear):
         return float(torch.linalg.matrix_norm(weight, 2))
+    if isinstance(layer, GramConvTranspose2d):
+        return exact_conv_transpose2d_spectral_norm(weight, input_size, stride=layer.stride, padding=layer.padding,
+                                                    output_padding=layer.output_padding, dilation=layer.dilation,
+                                                    groups=layer.groups)
     geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
                     padding_mode=layer.padding_mode)
     if isinstance(layer, GramConv1d):
@@ -152,6 +158,7 @@ LOW_PRECISION_LAYERS = [
     pytest.param(lambda: GramConv2d(6, 6, 3, padding=1, padding_mode="circular"), (6, 6), id="conv2d"),
     pytest.param(lambda: GramConv2d(4, 6, 3, stride=2, padding=1, padding_mode="circular"), (6, 6), id="conv2d-strided"),
     pytest.param(lambda: GramConv1d(6, 6, 3, padding=1, padding_mode="circular"), (12,), id="conv1d"),
+    pytest.param(lambda: GramConvTranspose2d(6, 4, 4, stride=2, padding=1), (4, 4), id="conv_transpose2d"),
 ]
 
 

@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vjp, vmap
 from torch.nn.utils import parametrize, prune
 from torch.utils.checkpoint import checkpoint
 
-from lipnet.nn import GramConv1d, GramConv2d, GramLinear, GramResidualConv2d, MaxMin
+from lipnet.nn import GramConv1d, GramConv2d, GramConvTranspose2d, GramLinear, GramResidualConv2d, MaxMin
 
 
 class Spec(NamedTuple):
@@ -32,6 +32,8 @@ SPECS = {
                    (2, 2, 6, 6)),
     "conv1d": Spec(functools.partial(GramConv1d, 2, 3, 3, padding=1), functools.partial(nn.Conv1d, 2, 3, 3, padding=1),
                    (2, 2, 7)),
+    "conv_transpose2d": Spec(functools.partial(GramConvTranspose2d, 2, 3, 4, stride=2, padding=1),
+                             functools.partial(nn.ConvTranspose2d, 2, 3, 4, stride=2, padding=1), (2, 2, 5, 5)),
     "residual": Spec(functools.partial(GramResidualConv2d, 3, 3), functools.partial(nn.Conv2d, 3, 3, 3, padding="same"),
                      (2, 3, 6, 6)),
 }
