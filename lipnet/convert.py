@@ -1,7 +1,8 @@
 """Convert an existing PyTorch model to lipnet layers, and say what still stands in the way.
 
 :func:`convert` swaps every ``nn.Conv2d`` for a :class:`~lipnet.nn.GramConv2d`, every ``nn.Conv1d``
-for a :class:`~lipnet.nn.GramConv1d` and every ``nn.Linear`` for a :class:`~lipnet.nn.GramLinear`
+for a :class:`~lipnet.nn.GramConv1d`, every ``nn.ConvTranspose2d`` for a
+:class:`~lipnet.nn.GramConvTranspose2d` and every ``nn.Linear`` for a :class:`~lipnet.nn.GramLinear`
 (same arguments, same weights), and
 optionally every ``nn.ReLU`` for :class:`~lipnet.nn.MaxMin`. It returns the converted copy
 and a :class:`ConversionReport` listing each change and each module that keeps the model
@@ -38,6 +39,7 @@ from lipnet.export.exporter import check_input_shape, example_input
 from lipnet.nn.activations import MaxMin
 from lipnet.nn.gram_conv import GramConv2d
 from lipnet.nn.gram_conv1d import GramConv1d
+from lipnet.nn.gram_conv_transpose import GramConvTranspose2d
 from lipnet.nn.gram_linear import GramLinear
 from lipnet.nn.pooling import pooling_lipschitz_bound, sqrt_up
 from lipnet.nn.residual import ConvexResidual, GramResidualConv2d
@@ -146,7 +148,8 @@ def convert(
     inplace: bool = False,
     certify: bool = True,
 ) -> Conversion:
-    """Swap ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Linear`` (and ``nn.ReLU``) for lipnet layers, and report the rest.
+    """Swap ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.ConvTranspose2d`` / ``nn.Linear`` (and ``nn.ReLU``) for lipnet
+    layers, and report the rest.
 
     Args:
         model: any ``nn.Module`` tree (e.g. a torchvision model).
@@ -178,9 +181,9 @@ def convert(
         ``(model, report)``: the converted model (same device, dtype and train/eval mode,
         weights carried over) and its :class:`ConversionReport`.
 
-    Only modules of exactly type ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Linear`` are converted; subclasses
-    (which may have their own ``forward``) and layers with hooks or parametrizations are
-    left alone and reported. Converting a pretrained model keeps its weights, but the Gram
+    Only modules of exactly type ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.ConvTranspose2d`` / ``nn.Linear`` are
+    converted; subclasses (which may have their own ``forward``) and layers with hooks or
+    parametrizations are left alone and reported. Converting a pretrained model keeps its weights, but the Gram
     layers apply ``W / ||W||``, so the function changes: fine-tune it.
 
     Example:
@@ -279,7 +282,7 @@ def _plan(model, activation, replace, n_iter, shapes, report) -> dict[int, nn.Mo
         if id(module) not in plan:
             new = _replacement(path, module, activation, replace, n_iter, shapes, layouts, unknown, report)
             if new is None:
-                if isinstance(module, (nn.MultiheadAttention, GramConv1d, GramConv2d, GramLinear)):
+                if isinstance(module, (nn.MultiheadAttention, *_GRAM_LAYERS)):
                     opaque.append(path)  # uses its children's weights directly / already converted
                 continue
             plan[id(module)] = new
@@ -311,7 +314,7 @@ def _replacement(path, module, activation, replace, n_iter, shapes, layouts, unk
                 raise TypeError(f"replace[{cls.__name__}] returned {type(new).__name__} for {path or 'the model'}, "
                                 "not an nn.Module")
             return new
-    if isinstance(module, _LINEAR) and not isinstance(module, (GramConv1d, GramConv2d, GramLinear)):
+    if isinstance(module, _LINEAR) and not isinstance(module, _GRAM_LAYERS):
         reason = _unconvertible(module)
         if reason is not None:
             report.notes.append(f"{type(module).__name__} at '{path}' not converted: {reason}")
@@ -344,7 +347,7 @@ def _replacement(path, module, activation, replace, n_iter, shapes, layouts, unk
 #: ``(types, dim)``: where the channels of these modules' output are, counted from the end (the
 #: same for inputs with and without a batch dimension).
 _OUTPUT_CHANNELS = (
-    ((nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout2d), -3),
+    ((nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout2d), -3),
     ((nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d, nn.Dropout1d), -2),
     ((nn.Linear,), -1),
 )
@@ -393,7 +396,8 @@ def _maxmin_dim(layouts: set[int | None], calls) -> int:
 
 
 def _unconvertible(module: nn.Module) -> str | None:
-    """Why an ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Linear`` cannot be swapped for a Gram layer, or ``None``."""
+    """Why an ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.ConvTranspose2d`` / ``nn.Linear`` cannot be swapped for a Gram
+    layer, or ``None``."""
     if torch.nn.utils.parametrize.is_parametrized(module):
         return "it has parametrizations (remove them first, e.g. torch.nn.utils.parametrize.remove_parametrizations)"
     if type(module) not in _LINEAR:
@@ -408,7 +412,11 @@ def _unconvertible(module: nn.Module) -> str | None:
 
 def _gram_layer(module: nn.Module, n_iter: int) -> nn.Module:
     factory = dict(device=module.weight.device, dtype=module.weight.dtype)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(module, nn.ConvTranspose2d):
+        new = GramConvTranspose2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                                  module.padding, module.output_padding, module.groups, module.bias is not None,
+                                  module.dilation, module.padding_mode, n_iter=n_iter, **factory)
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
         new = (GramConv1d if isinstance(module, nn.Conv1d) else GramConv2d)(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                          module.padding, module.dilation, module.groups, module.bias is not None,
                          module.padding_mode, n_iter=n_iter, **factory)
@@ -437,8 +445,9 @@ def _qualname(module: nn.Module) -> str:
 
 # ----------------------------------------------------------------------------- diagnosis
 
-#: The layer types :func:`convert` swaps for Gram layers (exact types).
-_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Linear)
+#: The layer types :func:`convert` swaps for Gram layers (exact types), and the Gram layers.
+_LINEAR = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+_GRAM_LAYERS = (GramConv1d, GramConv2d, GramConvTranspose2d, GramLinear)
 _POOL_FIX = ("lipnet.nn.L2NormPool2d(k) or lipnet.nn.ScaledAvgPool2d(k), stride k (non-overlapping windows: "
              "1-Lipschitz), e.g. replace={nn.MaxPool2d: lambda m: L2NormPool2d(2)}")
 _RESIDUAL_FIX = ("lipnet.nn.GramResidualConv2d (bounds I + conv itself: 1-Lipschitz) or lipnet.nn.ConvexResidual "
@@ -470,12 +479,12 @@ _ADVICE = (
     (_BOUNDED_ACTIVATIONS, "an activation that is not 1-Lipschitz", _ACTIVATION_FIX),
     ((nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.GLU), "an activation with no bound in lipnet.certify",
      _ACTIVATION_FIX),
-    ((nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear, nn.Embedding),
+    ((nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose3d, nn.Bilinear, nn.Embedding),
      "a linear layer that lipnet has no Gram normalization for", None),
 )
 #: lipnet and torch modules that are 1-Lipschitz by construction (exact types: a subclass may
 #: change the forward, and is checked against lipnet.certify instead).
-_ONE_LIPSCHITZ_MODULES = (GramConv1d, GramConv2d, GramLinear, GramResidualConv2d, MaxMin, nn.ReLU, nn.Identity, nn.Flatten)
+_ONE_LIPSCHITZ_MODULES = (*_GRAM_LAYERS, GramResidualConv2d, MaxMin, nn.ReLU, nn.Identity, nn.Flatten)
 
 #: Bounds up to this count as 1 (they are 1 up to the rounding margins of float64 bounds).
 _ONE = 1 + 1e-6
@@ -515,7 +524,8 @@ def _obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None:
                         "certifying", blocking=False)
     if isinstance(module, _LINEAR):
         return Obstacle(path, name, "an unnormalized linear layer (see the notes for why it was not converted)",
-                        "lipnet.nn.GramConv2d / lipnet.nn.GramConv1d / lipnet.nn.GramLinear", blocking=True)
+                        "lipnet.nn.GramConv2d / lipnet.nn.GramConv1d / lipnet.nn.GramConvTranspose2d / "
+                        "lipnet.nn.GramLinear", blocking=True)
     if _is_custom_container(module):
         return _container_obstacle(path, module, shapes)
     if isinstance(module, (nn.Sequential, ConvexResidual)) or type(module).__name__ == "InputNormalization":

@@ -1,8 +1,8 @@
 """Randomized fuzz of :func:`lipnet.convert.convert`'s traced bounds.
 
 Each case is a random float64 ``nn.Module`` whose ``forward`` is generated Python source: a
-random DAG over submodules (``nn.Conv2d`` and ``nn.Linear`` that convert turns into Gram
-layers, ReLU, pooling, eval-mode BatchNorm, one submodule used twice), sums and differences of
+random DAG over submodules (``nn.Conv2d``, ``nn.ConvTranspose2d`` and ``nn.Linear`` that convert turns
+into Gram layers, ReLU, pooling, eval-mode BatchNorm, one submodule used twice), sums and differences of
 branches, products with constants (negative, zero, large, tensors, numbers read from the shape), concatenation, chunk /
 split / slicing, view / reshape / flatten / permute / transpose round trips, ``F.relu``,
 ``torch.relu``, ``F.pad``, ``.detach()``, added constants, products of two branches (must be
@@ -95,14 +95,15 @@ class Builder:
     def step(self):
         r, (h, w) = self.rng, self.shape[1:]
         a, c = self.pick()
-        kind = r.choice(["conv", "conv", "reuse", "relu", "relu_inplace", "bn", "pool", "linear", "add", "add",
+        kind = r.choice(["conv", "conv", "tconv", "reuse", "relu", "relu_inplace", "bn", "pool", "linear", "add", "add",
                          "sub", "alpha", "scale", "scale", "tensor_scale", "cat", "chunk", "split", "slice",
                          "index", "view", "reshape", "permute", "transpose", "contiguous", "fn_relu",
                          "torch_relu", "tanh", "hardtanh", "pad", "detach", "neg", "dropout", "const", "double",
                          "mul2", "square", "div2", "shape_scale", "inplace_relu", "iadd", "add_", "mul_", "unused"])
-        if kind == "conv":
+        if kind in ("conv", "tconv"):
             co = r.choice([2, 4])
-            m = self.module(nn.Conv2d(c, co, 3, padding=1, bias=r.random() < 0.5))
+            layer = nn.Conv2d if kind == "conv" else nn.ConvTranspose2d  # both keep the size
+            m = self.module(layer(c, co, 3, padding=1, bias=r.random() < 0.5))
             self.convs.append((m, c, co))
             self.emit(kind, f"self.{m}({a})", co, [a])
         elif kind == "reuse":

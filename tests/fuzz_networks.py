@@ -74,8 +74,9 @@ import lipnet.nn
 from lipnet.certify import LipschitzBoundError, UnknownModuleError, lipschitz_bound
 from lipnet.certify.lipschitz import _COMPOSITES, _REGISTRY, module_lipschitz_bounds
 from lipnet.certify.precision import UNIT_ROUNDOFF, forward_with_error_bound
-from lipnet.nn import (ConvexResidual, GlobalL2NormPool2d, GlobalScaledAvgPool2d, GramConv1d, GramConv2d, GramLinear,
-                       GramResidualConv2d, GramSequential, InputNormalization, L2NormPool2d, MaxMin, ScaledAvgPool2d)
+from lipnet.nn import (ConvexResidual, GlobalL2NormPool2d, GlobalScaledAvgPool2d, GramConv1d, GramConv2d,
+                       GramConvTranspose2d, GramLinear, GramResidualConv2d, GramSequential, InputNormalization,
+                       L2NormPool2d, MaxMin, ScaledAvgPool2d)
 from lipnet.nn.normalized import GramNormalized
 
 import fuzz_geometry as _geometry  # beside this script: on sys.path when run, and in tests/conftest.py
@@ -192,6 +193,20 @@ def build_gram_conv(cls, axes):
         layer = cls(shape[0], c_out, groups=groups, bias=d.chance(0.5), dtype=F64, **_conv_geometry(d, axes))
         return _gram_weight(d, layer)
     return build
+
+
+def build_gram_conv_transpose(d: Draw, shape):
+    groups, c_out = _groups(d, shape[0], (1, 2, 3))
+    stride, dilation = (d.int(1, 2), d.int(1, 2)), ((d.int(1, 2), d.int(1, 2)) if d.chance(0.3) else (1, 1))
+    layer = GramConvTranspose2d(shape[0], c_out, (d.int(1, 3), d.int(1, 3)), stride=stride,
+                                padding=(d.int(0, 2), d.int(0, 2)),
+                                output_padding=tuple(d.int(0, max(s, e) - 1) for s, e in zip(stride, dilation)),
+                                groups=groups, bias=d.chance(0.5), dilation=dilation, dtype=F64)
+    try:
+        layer._input_size(shape[1:])
+    except ValueError:  # no output for inputs of this size
+        return None
+    return _gram_weight(d, layer)
 
 
 def build_gram_linear(d: Draw, shape):
@@ -406,6 +421,7 @@ ZOO: dict[type, Kind] = {
     GramLinear: Kind(build_gram_linear, affine=True),
     GramConv1d: Kind(build_gram_conv(GramConv1d, 1), ranks=(2,), affine=True),
     GramConv2d: Kind(build_gram_conv(GramConv2d, 2), ranks=(3,), affine=True),
+    GramConvTranspose2d: Kind(build_gram_conv_transpose, ranks=(3,), affine=True),
     GramResidualConv2d: Kind(build_gram_residual, ranks=(3,), affine=True),
     InputNormalization: Kind(build_input_normalization, affine=True),
     MaxMin: Kind(build_maxmin, maxlike=True),
@@ -805,6 +821,11 @@ def cancellation(model: nn.Module, shape) -> float:
             weight = module.normalized_weight().abs()
             apply = lambda x, w=weight: F.linear(x, w)  # noqa: E731
             bound = module.lipschitz_bound()
+        elif isinstance(module, GramConvTranspose2d):
+            weight = module.normalized_weight(in_shape[1:]).abs()
+            apply = lambda x, m=module, w=weight: F.conv_transpose2d(  # noqa: E731
+                x, w, None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
+            bound = module.lipschitz_bound(in_shape[1:])
         else:
             size = in_shape[1] if isinstance(module, GramConv1d) else in_shape[1:]
             weight = module.normalized_weight(size).abs()

@@ -8,7 +8,7 @@ from torch import nn
 from lipnet import convert, export
 from lipnet.certify import LipschitzBoundError, certified_accuracy, lipschitz_bound
 from lipnet.convert import Conversion, ConversionReport, traced_lipschitz_bound
-from lipnet.nn import GramConv2d, GramLinear, L2NormPool2d, MaxMin
+from lipnet.nn import GramConv2d, GramConvTranspose2d, GramLinear, L2NormPool2d, MaxMin
 
 
 def small_cnn():
@@ -58,6 +58,23 @@ def test_swaps_layers_and_carries_everything_over():
     assert report.changes[0].old.startswith("Conv2d(3, 8") and report.changes[0].new.startswith("GramConv2d(3, 8")
     assert report.obstacles == [] and report.certifiable and report.lipschitz_bound <= 1 + 1e-5
     assert isinstance(report, ConversionReport) and "Converted 5 module(s)" in str(report)
+
+
+def test_transposed_convolutions_of_a_decoder_are_swapped_and_certified():
+    decoder = nn.Sequential(nn.Linear(8, 64), nn.Unflatten(1, (4, 4, 4)),
+                            nn.ConvTranspose2d(4, 8, 4, stride=2, padding=1, groups=2), nn.ReLU(),
+                            nn.ConvTranspose2d(8, 3, 3, stride=2, padding=1, output_padding=1, bias=False))
+    converted, report = convert(decoder, input_shape=(8,))
+    for index in (2, 4):
+        old, new = decoder[index], converted[index]
+        assert type(new) is GramConvTranspose2d
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "output_padding", "groups",
+                     "dilation"):
+            assert getattr(new, name) == getattr(old, name)
+        torch.testing.assert_close(new.weight, old.weight, rtol=0, atol=0)
+    assert converted[4].bias is None and type(converted[3]) is MaxMin and converted[3].dim == -3
+    assert report.certifiable and 1 - 1e-3 <= report.lipschitz_bound <= 1 + 1e-4
+    assert converted(torch.randn(2, 8)).shape == decoder(torch.randn(2, 8)).shape == (2, 3, 16, 16)
 
 
 def test_inplace_converts_the_model_itself():

@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from lipnet import export
-from lipnet.bounds.reference import exact_conv2d_spectral_norm
+from lipnet.bounds.reference import exact_conv2d_spectral_norm, exact_conv_transpose2d_spectral_norm
 from lipnet.certify import certified_radius, lipschitz_bound
 from lipnet.export import ExportedModel, load, runtime
 from lipnet.nn import (
     ConvexResidual,
     GlobalL2NormPool2d,
     GramConv2d,
+    GramConvTranspose2d,
     GramLinear,
     GramResidualConv2d,
     InputNormalization,
@@ -119,6 +120,55 @@ def test_stored_bound_is_sound_for_the_exported_weights():
     exact *= float(torch.linalg.matrix_norm(linear.weight.double(), ord=2))
     assert exact <= exported.lipschitz_bound
     assert exported.lipschitz_bound <= 1 + 1e-4
+
+
+class EncoderDecoder(nn.Module):
+    """Down and up again, the decoder told the encoder's input size (``output_size``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = GramConv2d(3, 4, 3, stride=2, padding=1)
+        self.act = MaxMin()
+        self.up = GramConvTranspose2d(4, 3, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.up(self.act(self.down(x)), output_size=x.shape[-2:])
+
+
+def test_transposed_convolutions_export_as_nn_conv_transpose2d_with_their_output_padding():
+    net = train_steps(nn.Sequential(GramConv2d(3, 4, 3, padding=1), MaxMin(),
+                                    GramConvTranspose2d(4, 2, 4, stride=2, padding=1), nn.Flatten(),
+                                    GramLinear(2 * 16 * 16, 10)))
+    exported = export(net, SHAPE)
+    x = torch.randn(4, *SHAPE)
+    assert max_diff(exported(x), net.eval()(x)) <= 1e-6
+    assert exported.lipschitz_bound == lipschitz_bound(net, SHAPE) <= 1 + 1e-4
+    (up,) = [m for m in exported.modules() if type(m) is nn.ConvTranspose2d]
+    exact = exact_conv_transpose2d_spectral_norm(up.weight, 8, stride=2, padding=1)
+    assert exact <= 1 + 1e-6
+    # the decoder of an encoder-decoder, applied with output_size: its output padding is baked in
+    model = EncoderDecoder()
+    exported = export(model, SHAPE, certify=False)
+    assert max_diff(exported(x), model.eval()(x)) == 0 and exported(x).shape == x.shape
+    (up,) = [m for m in exported.modules() if type(m) is nn.ConvTranspose2d]
+    assert up.output_padding == (1, 1)
+    torch.testing.assert_close(up.weight, model.up.normalized_weight(), rtol=0, atol=0)
+    assert exact_conv_transpose2d_spectral_norm(up.weight, 4, stride=2, padding=1, output_padding=1) <= 1 + 1e-6
+
+
+def test_a_transposed_convolution_applied_at_two_output_sizes_cannot_be_baked():
+    up = GramConvTranspose2d(3, 3, 3, stride=2, padding=1)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = up
+
+        def forward(self, x):
+            return self.up(x, output_size=(15, 15)) + self.up(x, output_size=(16, 16))[..., 1:, 1:]
+
+    with pytest.raises(ValueError, match="outputs of spatial sizes"):
+        export(Twice(), SHAPE, certify=False)
 
 
 def test_batch_size_is_free_but_the_input_shape_is_enforced():

@@ -4,8 +4,10 @@ The export is a snapshot of the function the model computes *now*, in eval mode,
 inputs of one shape:
 
 1. The model is deep-copied and put in eval mode; the input's spatial size at each
-   :class:`~lipnet.nn.GramConv2d` (or :class:`~lipnet.nn.GramConv1d`) is recorded on a probe batch.
-2. Every Gram layer is replaced by a plain ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Linear`` holding a copy of
+   :class:`~lipnet.nn.GramConv2d` (or :class:`~lipnet.nn.GramConv1d`), and the output size of each
+   :class:`~lipnet.nn.GramConvTranspose2d`, is recorded on a probe batch.
+2. Every Gram layer is replaced by a plain ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.ConvTranspose2d`` /
+   ``nn.Linear`` holding a copy of
    ``layer.normalized_weight(input_size)``: the exact tensor its forward pass applies,
    computed from the current weight (no state but the weight is involved, so exporting
    before or after loading a checkpoint, in train or eval mode, can only give the function
@@ -14,7 +16,8 @@ inputs of one shape:
    layers bound, in float64, exactly the tensors that were baked.
 4. The plain copy is traced with ``torch.export`` (batch dimension dynamic) and written as
    an archive of plain data and tensors (:mod:`lipnet.export.runtime`); convolutions and
-   dense layers become ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Linear`` modules again.
+   dense layers become ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.ConvTranspose2d`` / ``nn.Linear`` modules
+   again.
 5. The archive is rebuilt by the runtime exactly as a deployment would, and its outputs
    are compared with the original model's; any difference raises.
 """
@@ -32,6 +35,7 @@ from lipnet.certify import LipschitzBoundError, lipschitz_bound
 from lipnet.export import runtime
 from lipnet.nn.gram_conv import GramConv2d
 from lipnet.nn.gram_conv1d import GramConv1d
+from lipnet.nn.gram_conv_transpose import GramConvTranspose2d
 from lipnet.nn.gram_linear import GramLinear
 
 #: Tolerance of the self-check, in units of the dtype's epsilon times the output scale.
@@ -43,6 +47,8 @@ _CHECK_ULPS = 8
 _TENSOR_INPUTS = ("PARAMETER", "BUFFER", "CONSTANT_TENSOR")
 # Operators dropped from the graph: metadata assertions that pin the export device.
 _DROPPED_OPS = ("_assert_tensor_metadata",)
+#: The Gram convolutions, whose normalized weight depends on the size they are applied to.
+_GRAM_CONVS = (GramConv1d, GramConv2d, GramConvTranspose2d)
 
 
 def export(model: nn.Module, input_shape: Sequence[int], *, certify: bool = True) -> runtime.ExportedModel:
@@ -118,19 +124,26 @@ def example_input(model: nn.Module, input_shape, *, batch: int, seed: int) -> to
 
 
 def _input_sizes(model: nn.Module, probe: torch.Tensor) -> dict[int, tuple[int, ...]]:
-    """Spatial size of the input of each Gram convolution (by ``id``) on ``probe``: ``(h, w)``, or
-    ``(n,)`` for a 1-D one."""
+    """The size each Gram convolution's bound is for (by ``id``) on ``probe``: the spatial size of
+    its input, ``(h, w)`` or ``(n,)`` for a 1-D one; the spatial size of its output for a
+    transposed one (an :class:`~lipnet.nn.gram_conv_transpose.OutputSize`)."""
     sizes: dict[int, tuple[int, ...]] = {}
     names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
 
-    def record(module, args):
-        size = tuple(int(s) for s in args[0].shape[-len(module.kernel_size):])
+    def record(module, args, kwargs):
+        if isinstance(module, GramConvTranspose2d):
+            output_size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
+            size, _ = module._output_size(args[0], output_size)
+            what = "outputs"
+        else:
+            size, what = tuple(int(s) for s in args[0].shape[-len(module.kernel_size):]), "inputs"
         if sizes.setdefault(id(module), size) != size:
-            raise ValueError(f"layer {names[id(module)]!r} is applied to inputs of spatial sizes "
-                             f"{sizes[id(module)]} and {size}: its normalized weight differs between them, so it "
-                             f"cannot be baked into one {'nn.Conv1d' if isinstance(module, GramConv1d) else 'nn.Conv2d'}")
+            raise ValueError(f"layer {names[id(module)]!r} is applied with {what} of spatial sizes "
+                             f"{tuple(sizes[id(module)])} and {tuple(size)}: its normalized weight differs between "
+                             f"them, so it cannot be baked into one nn.{_plain_type(module).__name__}")
 
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, (GramConv1d, GramConv2d))]
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()
+               if isinstance(m, _GRAM_CONVS)]
     try:
         with torch.no_grad():
             model(probe.clone())
@@ -151,7 +164,7 @@ def _bake(reference: nn.Module, probe: torch.Tensor) -> nn.Module:
     replacements = {}
     with torch.no_grad():
         for layer in reference.modules():
-            if isinstance(layer, GramLinear) or (isinstance(layer, (GramConv1d, GramConv2d)) and id(layer) in sizes):
+            if isinstance(layer, GramLinear) or (isinstance(layer, _GRAM_CONVS) and id(layer) in sizes):
                 replacements[id(layer)] = _plain_layer(layer, sizes.get(id(layer)))
     # deepcopy substitutes the objects its memo already maps, wherever (and however often) they occur.
     return copy.deepcopy(reference, memo=replacements)
@@ -160,15 +173,29 @@ def _bake(reference: nn.Module, probe: torch.Tensor) -> nn.Module:
 def _plain_layer(layer: nn.Module, input_size) -> nn.Module:
     weight = layer.normalized_weight(input_size).detach().clone()
     factory = dict(device=weight.device, dtype=weight.dtype)
-    if isinstance(layer, (GramConv1d, GramConv2d)):
-        plain = (nn.Conv1d if isinstance(layer, GramConv1d) else nn.Conv2d)(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                          layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, **factory)
+    if isinstance(layer, GramConvTranspose2d):
+        plain = nn.ConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                                   layer.output_padding, layer.groups, layer.bias is not None, layer.dilation,
+                                   layer.padding_mode, **factory)
+    elif isinstance(layer, (GramConv1d, GramConv2d)):
+        plain = _plain_type(layer)(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                                   layer.padding, layer.dilation, layer.groups, layer.bias is not None,
+                                   layer.padding_mode, **factory)
     else:
         plain = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, **factory)
     plain.weight = nn.Parameter(weight, requires_grad=False)
     if layer.bias is not None:
         plain.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
     return plain
+
+
+def _plain_type(layer: nn.Module) -> type[nn.Module]:
+    """The ``torch.nn`` class a Gram layer is exported as."""
+    for gram, plain in ((GramConvTranspose2d, nn.ConvTranspose2d), (GramConv1d, nn.Conv1d), (GramConv2d, nn.Conv2d),
+                        (GramLinear, nn.Linear)):
+        if isinstance(layer, gram):
+            return plain
+    raise TypeError(f"{type(layer).__name__} is not a Gram layer")
 
 
 def _certified_bound(reference: nn.Module, input_shape) -> float:
@@ -248,6 +275,7 @@ _LAYER_OPS = {
     torch.ops.aten.conv1d.padding: "torch.nn.Conv1d",
     torch.ops.aten.conv2d.default: "torch.nn.Conv2d",
     torch.ops.aten.conv2d.padding: "torch.nn.Conv2d",
+    torch.ops.aten.conv_transpose2d.input: "torch.nn.ConvTranspose2d",
     torch.ops.aten.linear.default: "torch.nn.Linear",
 }
 
@@ -272,6 +300,11 @@ def _layers(graph: torch.fx.Graph, lifted: dict[str, str]) -> dict:
         shape = weight.meta["val"].shape
         if _LAYER_OPS[node.target] == "torch.nn.Linear":
             kwargs = {"in_features": shape[1], "out_features": shape[0], "bias": bias is not None}
+        elif _LAYER_OPS[node.target] == "torch.nn.ConvTranspose2d":
+            kwargs = {"in_channels": shape[0], "out_channels": shape[1] * args["groups"],
+                      "kernel_size": tuple(shape[2:]), "stride": tuple(args["stride"]),
+                      "padding": tuple(args["padding"]), "output_padding": tuple(args["output_padding"]),
+                      "groups": args["groups"], "bias": bias is not None, "dilation": tuple(args["dilation"])}
         else:
             padding = args["padding"] if isinstance(args["padding"], str) else tuple(args["padding"])
             kwargs = {"in_channels": shape[1] * args["groups"], "out_channels": shape[0],

@@ -65,14 +65,15 @@ CERTIFICATE = ("an input x whose logits z = model(x) have top class c is certifi
 LOGIT_ROUNDING_ULPS = 1024
 
 #: Layer types the archive's ``modules`` may name.
-MODULES = {"torch.nn.Conv1d": nn.Conv1d, "torch.nn.Conv2d": nn.Conv2d, "torch.nn.Linear": nn.Linear}
+MODULES = {"torch.nn.Conv1d": nn.Conv1d, "torch.nn.Conv2d": nn.Conv2d, "torch.nn.ConvTranspose2d": nn.ConvTranspose2d,
+           "torch.nn.Linear": nn.Linear}
 
 #: ATen operator packets an archive may call (any overload): pure tensor computations.
 ATEN_OPS = frozenset("""
     _adaptive_avg_pool2d _assert_scalar _native_batch_norm_legit_no_training _softmax _to_copy _log_softmax
     abs adaptive_avg_pool2d adaptive_max_pool2d add add_ addmm alias amax amin arange avg_pool2d
     batch_norm bmm cat chunk clamp clamp_ clamp_max clamp_max_ clamp_min clamp_min_ clone constant_pad_nd
-    contiguous conv1d conv2d convolution cumsum detach div div_ dropout elu elu_ eq erf exp expand expm1
+    contiguous conv1d conv2d conv_transpose2d convolution cumsum detach div div_ dropout elu elu_ eq erf exp expand expm1
     flatten flip full full_like ge gelu gt hardsigmoid hardswish hardtanh hardtanh_ index_select
     layer_norm le leaky_relu leaky_relu_ lift_fresh_copy linalg_vector_norm linear log log1p log_softmax
     logsumexp lt matmul max max_pool2d max_pool2d_with_indices maximum mean min minimum mm mul mul_
