@@ -108,6 +108,12 @@ class TrainConfig:
          "eval_batch_size", "eval_eps", "eval_every", "test_subset"})
 
     def __post_init__(self):
+        for name in ("data_dir", "out_dir"):  # paths are stored as text (checkpoints hold plain values)
+            if isinstance(getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        for name, kind in typing.get_type_hints(type(self)).items():
+            if name != "OPERATIONAL":
+                _check_type(name, getattr(self, name), kind)
         choices = {"loss": CertifiedMarginLoss.KINDS, "schedule": ("cosine", "linear", "constant"),
                    "amp": ("auto", "bf16", "none"), "compile_mode": COMPILE_MODES}
         for name, allowed in choices.items():
@@ -126,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"lr must be at most 1e6, got {self.lr:g}")
         if self.warmup_epochs < 0 or self.weight_decay < 0:
             raise ValueError(f"warmup_epochs and weight_decay must be >= 0, got {self.warmup_epochs}, {self.weight_decay}")
+        if self.input_std is not None and not self.input_std > 0:
+            raise ValueError(f"input_std must be > 0 (or None for the data set's std), got {self.input_std}")
         if self.crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0 pixels, got {self.crop_padding}")
         if self.threads is not None and self.threads < 1:
@@ -136,17 +144,16 @@ class TrainConfig:
         for name in ("train_subset", "test_subset"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or None for all), got {getattr(self, name)}")
-        object.__setattr__(self, "eval_eps", tuple(float(e) for e in self.eval_eps))
+        object.__setattr__(self, "eval_eps", tuple(sorted({float(e) for e in self.eval_eps})))
         if not self.eval_eps or any(not (math.isfinite(e) and e >= 0) for e in self.eval_eps):
             raise ValueError(f"eval_eps must be one or more finite radii >= 0, got {list(self.eval_eps)}")
         if not 0 <= self.seed < 2 ** 63:  # the seed of torch's generators
             raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed}")
         if not str(self.out_dir).strip():
             raise ValueError("out_dir must name a folder, got an empty path (use '.' for the current folder)")
+        if self.data_dir is not None and not self.data_dir.strip():
+            raise ValueError("data_dir must name a folder, got an empty path (use none for the default folders)")
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
-        for name in ("data_dir", "out_dir"):  # paths are stored as text (checkpoints hold plain values)
-            if isinstance(getattr(self, name), os.PathLike):
-                object.__setattr__(self, name, os.fspath(getattr(self, name)))
         for name, value in self.to_dict().items():
             if not _is_plain(value):
                 raise ValueError(f"{name} must hold plain Python values (str, int, float, bool, None, lists and "
@@ -211,6 +218,33 @@ class TrainConfig:
         return self.replace(**changes)
 
 
+_KIND_NAMES = {int: "an int", float: "a number", bool: "a bool (true or false)", str: "a str", dict: "a dict"}
+
+
+def _unwrap_optional(kind) -> tuple[typing.Any, bool]:
+    """``(T, True)`` for a field of type ``T | None``, else ``(kind, False)``."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind):
+        return next(a for a in typing.get_args(kind) if a is not type(None)), True
+    return kind, False
+
+
+def _check_type(name: str, value, kind) -> None:
+    """Refuse a value of the wrong type for field ``name`` (a ``bool`` for an int, a string for a number ...)."""
+    kind, optional = _unwrap_optional(kind)
+    if optional and value is None:
+        return
+    if typing.get_origin(kind) is tuple:
+        ok = type(value) in (list, tuple) and all(type(v) in (int, float) for v in value)
+        expected = "a list of numbers"
+    else:
+        ok = type(value) in (int, float) if kind is float else isinstance(value, dict) if kind is dict else \
+            type(value) is kind
+        expected = _KIND_NAMES[kind]
+    if not ok:
+        raise ValueError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r} "
+                         f"({type(value).__name__})")
+
+
 def _is_plain(value) -> bool:
     """Whether ``value`` is made only of exact builtin types (what ``torch.load(weights_only=True)`` reads)."""
     if type(value) in (str, int, float, bool, type(None)):
@@ -228,11 +262,9 @@ def parse_number(text: str) -> float:
 
 
 def _parse(text: str, kind, key: str):
-    optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
-    if optional:
-        if text.lower() == "none":
-            return None
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    kind, optional = _unwrap_optional(kind)
+    if optional and text.lower() == "none":
+        return None
     try:
         if kind is bool:
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):

@@ -145,6 +145,9 @@ class CertifiedMarginLoss(nn.Module):
         if kind == "emma" and offset is not None:
             raise ValueError("the 'emma' loss sets its margins per class pair from eps and the last layer; "
                              "it takes no offset (use eps, or the 'ce' loss with an offset)")
+        if offset is not None and not offset >= 0:
+            raise ValueError(f"offset must be >= 0 (the logit margin asked of the true class over the others), "
+                             f"got {offset}")
         self.kind, self.eps, self.lipschitz = kind, float(eps), float(lipschitz)
         self.offset = margin_for(eps, lipschitz) if offset is None else float(offset)
         self.temperature = temperature

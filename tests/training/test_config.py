@@ -67,3 +67,26 @@ def test_settings_are_validated_before_any_training():
     assert config.data_dir == "/data" and config.out_dir == "runs/x"  # stored as text in checkpoints
     # The report's radii do not change what is trained: a resumed run may change them.
     assert TrainConfig(eval_eps=(0.1,)).changed_fields(TrainConfig(eval_eps=(0.2,))) == []
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"epochs": 2.5}, "epochs must be an int"), ({"batch_size": True}, "batch_size must be an int"),
+    ({"lr": "0.1"}, "lr must be a number"), ({"resume": "false"}, "resume must be a bool"),
+    ({"flip": 1}, "flip must be a bool"), ({"dataset": 10}, "dataset must be a str"),
+    ({"train_subset": 10.0}, "train_subset must be an int"), ({"eval_eps": 0.5}, "eval_eps must be"),
+    ({"model_kwargs": [("width", 8)]}, "model_kwargs must be a dict"), ({"offset": -1.0}, "offset must be >= 0"),
+    ({"input_std": 0.0}, "input_std must be > 0"), ({"input_std": -0.5}, "input_std must be > 0"),
+    ({"data_dir": " "}, "data_dir must name a folder"),
+])
+def test_settings_of_the_wrong_type_or_sign_are_refused_by_name(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**bad)
+
+
+def test_a_stored_config_with_a_value_of_the_wrong_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="epochs must be an int, got 'six'"):
+        TrainConfig.from_dict({**TrainConfig().to_dict(), "epochs": "six"})
+
+
+def test_the_report_radii_are_sorted_without_repeats():
+    assert TrainConfig().with_overrides(["--eval-eps", "0.5,0.1,36/255,0.1"]).eval_eps == (0.1, 36 / 255, 0.5)
