@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(config)
-    except (DatasetNotFoundError, DatasetError, CheckpointError, FileExistsError, FileNotFoundError,
-            FloatingPointError, ValueError) as error:
+    except (DatasetNotFoundError, DatasetError, CheckpointError, OSError, FloatingPointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

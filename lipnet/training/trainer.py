@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from lipnet.bounds.gram import refines_exceeding
 from lipnet.certify.accuracy import split_last_linear
 from lipnet.checkpoint import load_checkpoint, model_payload, remove_stale_temporaries, save_checkpoint, save_model
-from lipnet.data import DatasetInfo, DeviceLoader, ImageDataset, load_dataset
+from lipnet.data import DatasetInfo, DeviceLoader, ImageDataset, dataset_info, load_dataset
 from lipnet.export.runtime import atomic_write
 from lipnet.models import build_model
 from lipnet.nn import InputNormalization
@@ -111,22 +112,36 @@ def _last_linear(model: nn.Module) -> nn.Linear:
     return split[1]
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``out_dir`` that cannot hold the run's files, without creating it (a run that
+    fails on its data leaves nothing behind)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"out_dir {out_dir} is a file; give a folder for the run's checkpoints and report")
+    existing = next(folder for folder in (out_dir, *out_dir.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"out_dir {out_dir} cannot be created: {existing} is a file; give a folder for the "
+                                 "run's checkpoints and report")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"out_dir {out_dir}: cannot write into {existing.absolute()} (permission denied); "
+                              "choose another --out-dir")
+
+
 class _Run:
     def __init__(self, config: TrainConfig, env: Distributed, log: Callable[[str], None]):
         self.config, self.env = config, env
         self.log = log if env.is_main else (lambda message: None)
         self.out_dir = Path(config.out_dir)
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise FileExistsError(f"out_dir {self.out_dir} is a file; give a folder for the run's checkpoints and report")
+        _check_out_dir(self.out_dir)
         if config.batch_size % env.world_size:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {env.world_size} processes")
         torch.manual_seed(config.seed)
+        # The model first: a wrong name or argument is refused before the data is read.
+        self.model = build_run_model(config, dataset_info(config.dataset)).to(env.device)
         self.train_data, self.test_data = self._load_data()
         for split, data in (("train", self.train_data), ("test", self.test_data)):
             if len(data) < env.world_size:
                 raise ValueError(f"the {split} set has {len(data)} example(s), fewer than the {env.world_size} "
                                  "process(es): nothing to train or evaluate on")
-        self.model = build_run_model(config, self.train_data.info).to(env.device)
         self.loss_fn = CertifiedMarginLoss(config.loss, config.train_eps, nominal_lipschitz(self.model),
                                            config.offset, config.temperature)
         self.margin = self.loss_fn.offset

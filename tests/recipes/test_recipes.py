@@ -73,3 +73,9 @@ def test_missing_data_and_bad_settings_exit_with_a_message(tmp_path, capsys, mon
 def test_recipes_hold_plain_settings():
     for config in RECIPES.values():
         assert json.loads(json.dumps(config.to_dict())) == config.to_dict()
+
+
+def test_an_out_dir_under_a_file_exits_with_a_message(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert main(["mnist", "--out-dir", str(tmp_path / "a-file" / "run")]) == 1
+    assert "a-file is a file" in capsys.readouterr().err

@@ -1,8 +1,10 @@
 """The training loop on tiny synthetic data: it learns, it resumes exactly, it loses nothing, DDP agrees."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,3 +300,26 @@ def test_two_runs_never_share_an_out_dir_and_a_killed_run_leaves_no_lock(data_di
     train(tiny(data_dir, tmp_path / "run", epochs=1, certify=False), log=messages.append)
     assert any("removed .metrics.jsonl.tmp" in m for m in messages)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model.pt"]
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"model": "resnet50"}, ValueError, "unknown model 'resnet50'"),
+    ({"model_kwargs": {"bogus": 1}}, ValueError, "unexpected keyword argument 'bogus'"),
+    ({"dataset": "imagenet"}, ValueError, "unknown data set 'imagenet'"),
+    ({"out_dir": "a-file/run"}, NotADirectoryError, "a-file is a file"),
+])
+def test_a_bad_model_data_set_or_out_dir_is_refused_before_loading_data(tmp_path, monkeypatch, changes, error, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setattr("lipnet.training.trainer.load_dataset", lambda *a, **k: pytest.fail("the data was loaded"))
+    with pytest.raises(error, match=message):
+        train(tiny(tmp_path / "data", tmp_path / "run").replace(**changes), log=quiet)
+
+
+def test_a_read_only_out_dir_is_refused_before_loading_data(tmp_path, monkeypatch):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    monkeypatch.setattr("lipnet.training.trainer.load_dataset", lambda *a, **k: pytest.fail("the data was loaded"))
+    if os.geteuid() == 0:  # root may write into read-only folders: pretend not to be
+        monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "ro")
+    with pytest.raises(PermissionError, match="cannot write"):
+        train(tiny(tmp_path / "data", tmp_path / "ro" / "run"), log=quiet)
