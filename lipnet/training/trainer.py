@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from lipnet.bounds.gram import refines_exceeding
 from lipnet.certify.accuracy import split_last_linear
-from lipnet.checkpoint import load_checkpoint, model_payload, remove_stale_temporaries, save_checkpoint, save_model
+from lipnet.checkpoint import (CheckpointError, load_checkpoint, model_payload, remove_stale_temporaries,
+                               save_checkpoint, save_model)
 from lipnet.data import DatasetInfo, DeviceLoader, ImageDataset, dataset_info, load_dataset
 from lipnet.export.runtime import atomic_write
 from lipnet.models import build_model
@@ -413,25 +414,25 @@ class _Run:
         # On the CPU: the optimizer keeps its step counters there (on the GPU they would cost
         # host syncs every step); load_state_dict moves the rest to the parameters' device.
         payload = load_checkpoint(path, map_location="cpu")
-        training = payload.get("training")
-        if not isinstance(training, dict):
-            raise ValueError(f"{path} is a model checkpoint without training state; it cannot be resumed")
-        saved = TrainConfig.from_dict(payload["info"]["config"])
+        saved = _stored_config(payload, path)
         changed = saved.changed_fields(self.config)
         if changed:
             old, new = saved.to_dict(), self.config.to_dict()
             diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
             raise ValueError(f"--resume with different settings ({diff}); resume with the settings of the run, or "
                              "start a new run in another --out-dir")
+        training = _training_state(payload, path, self.config.epochs)
         self._check_same_training_data(payload["info"].get("data"))
         if training["world_size"] != self.env.world_size:
             self.log(f"warning: the run used {training['world_size']} process(es), now {self.env.world_size}: it "
                      "continues, but the data order differs from an uninterrupted run")
-        self.model.load_state_dict(payload["state_dict"])
+        _load_part(path, "weights", self.model.load_state_dict, payload["state_dict"])
         self._replan(training.get("epochs", self.epochs))  # the plan of a time-budgeted run
-        self.optimizer.load_state_dict(training["optimizer"])  # after: it holds the learning rate to go on with
-        self.scheduler.load_state_dict(training["scheduler"])
-        torch.set_rng_state(training["rng"]["torch"].cpu())
+        # After the re-plan: the optimizer holds the learning rate to go on with.
+        _load_part(path, "optimizer state", self.optimizer.load_state_dict, training["optimizer"])
+        _load_part(path, "scheduler state", self.scheduler.load_state_dict, training["scheduler"])
+        _load_part(path, "random number generator state", lambda rng: torch.set_rng_state(rng["torch"].cpu()),
+                   training["rng"])
         if "cuda" in training["rng"] and self.env.device.type == "cuda":
             torch.cuda.set_rng_state(training["rng"]["cuda"].cpu(), self.env.device)
         return training["epochs_done"], list(training["history"])
@@ -449,6 +450,58 @@ class _Run:
         if before.get("source") != now["source"]:
             self.log(f"warning: the training set was read from {before.get('source')}, now from {now['source']} "
                      "(same size)")
+
+
+#: What :meth:`_Run._save` stores under a checkpoint's ``"training"`` (``"epochs"`` only since
+#: time budgets: the planned count).
+_TRAINING_STATE = ("epochs_done", "optimizer", "scheduler", "rng", "history", "world_size")
+
+
+def _stored_config(payload: dict, path: Path) -> TrainConfig:
+    """The settings of the run that wrote checkpoint ``payload`` (a :class:`CheckpointError` if
+    they are missing or invalid)."""
+    values = (payload.get("info") or {}).get("config")
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} lacks the run's settings (info['config']): it was not written by a training "
+                              "run, so it cannot be resumed; start a new run in another --out-dir")
+    try:
+        return TrainConfig.from_dict(values)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: its stored settings are invalid ({exc}); start a new run in another "
+                              "--out-dir") from exc
+
+
+def _training_state(payload: dict, path: Path, epochs: int) -> dict:
+    """The checkpoint's training state, checked for what resuming reads from it."""
+    training = payload.get("training")
+    if not isinstance(training, dict):
+        raise CheckpointError(f"{path} is a model checkpoint without training state; it cannot be resumed")
+    for key in _TRAINING_STATE:
+        if key not in training:
+            raise CheckpointError(f"{path} lacks its {key!r} training state (written by another version of lipnet, "
+                                  "or edited); it cannot be resumed: start a new run in another --out-dir")
+    done, planned, history = training["epochs_done"], training.get("epochs", epochs), training["history"]
+    if not (type(done) is int and type(planned) is int and 0 <= done <= planned <= epochs):
+        raise CheckpointError(f"{path} says it was saved after epoch {done!r} of {planned!r}, which a run of {epochs} "
+                              "epochs cannot have written; it cannot be resumed")
+    if not (isinstance(history, list) and len(history) == done and all(isinstance(h, dict) for h in history)):
+        count = len(history) if isinstance(history, list) else type(history).__name__
+        raise CheckpointError(f"{path} holds {count} epochs of metrics for {done} epoch(s) done; it is damaged and "
+                              "cannot be resumed")
+    if not (isinstance(training["rng"], dict) and "torch" in training["rng"]):
+        raise CheckpointError(f"{path} lacks the random number generator's state (rng['torch']); it cannot be resumed")
+    return training
+
+
+def _load_part(path: Path, part: str, load: Callable[[object], object], state) -> None:
+    """``load(state)``, a part of the checkpoint at ``path``, with a :class:`CheckpointError` that
+    names the part if it does not fit this run."""
+    try:
+        load(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: cannot load its {part} into this run ({type(exc).__name__}: {str(exc)[:400]}); "
+                              "was it written by another version of lipnet? Start a new run in another --out-dir") \
+            from exc
 
 
 def _summary(record: dict, epochs: int) -> str:

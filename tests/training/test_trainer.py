@@ -323,3 +323,33 @@ def test_a_read_only_out_dir_is_refused_before_loading_data(tmp_path, monkeypatc
         monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "ro")
     with pytest.raises(PermissionError, match="cannot write"):
         train(tiny(tmp_path / "data", tmp_path / "ro" / "run"), log=quiet)
+
+
+def _other_weights(payload):
+    payload["state_dict"] = {k: torch.cat([v, v]) if v.dim() else v for k, v in payload["state_dict"].items()}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_other_weights, "cannot load its weights"),
+    (lambda p: p["training"].pop("optimizer"), "lacks its 'optimizer'"),
+    (lambda p: p["training"].__setitem__("scheduler", {}), "scheduler state"),
+    (lambda p: p["training"]["rng"].__setitem__("torch", torch.zeros(3)), "random number generator"),
+    (lambda p: p["info"].pop("config"), "lacks the run's settings"),
+    (lambda p: p["info"]["config"].__setitem__("epochs", "three"), "epochs must be an int"),
+    (lambda p: p["training"].__setitem__("epochs_done", 7), "after epoch 7 of 3"),
+    (lambda p: p["training"].__setitem__("history", []), "0 epochs of metrics for 1 epoch"),
+])
+def test_resuming_a_checkpoint_that_does_not_fit_the_run_is_a_checkpoint_error(data_dir, tmp_path, damage, message):
+    from lipnet.checkpoint import CheckpointError, save_checkpoint
+
+
+    def stop(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(data_dir, tmp_path / "run", certify=False), on_epoch_end=stop, log=quiet)
+    payload = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    damage(payload)
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", payload)
+    with pytest.raises(CheckpointError, match=message):
+        train(tiny(data_dir, tmp_path / "run", certify=False, resume=True), log=quiet)
