@@ -142,6 +142,23 @@ def test_conv1d_layer_on_gpu_matches_cpu_and_bounds_the_exact_norm():
     assert exact <= certified <= 1 + 1e-5
 
 
+def test_conv_transpose2d_layer_on_gpu_matches_cpu_and_bounds_the_exact_norm():
+    from lipnet.bounds import exact_conv_transpose2d_spectral_norm
+
+    torch.manual_seed(0)
+    cpu = lipnet.GramConvTranspose2d(6, 4, 4, stride=2, padding=1)
+    gpu = lipnet.GramConvTranspose2d(6, 4, 4, stride=2, padding=1).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(4, 6, 7, 7)
+    torch.testing.assert_close(gpu(x.cuda(), output_size=[15, 15]).cpu(), cpu(x, output_size=[15, 15]),
+                               rtol=1e-4, atol=1e-5)
+    gpu(x.cuda()).square().sum().backward()
+    assert torch.isfinite(gpu.weight.grad).all()
+    normalized = gpu.normalized_weight((7, 7)).detach().double().cpu()
+    exact = exact_conv_transpose2d_spectral_norm(normalized, 7, stride=2, padding=1)
+    assert exact <= gpu.lipschitz_bound((7, 7)) <= 1 + 1e-5
+
+
 def test_bf16_autocast_forward_is_close_to_float32():
     torch.manual_seed(0)
     model = build_model("convnet-xs", in_channels=3, num_classes=10, input_size=32).cuda()
