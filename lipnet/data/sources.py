@@ -63,7 +63,8 @@ def load_dataset(name: str, split: str = "test", *, data_dir: str | os.PathLike 
         name: ``"fashion-mnist"``, ``"mnist"``, ``"cifar10"`` or ``"cifar100"``.
         split: ``"train"`` or ``"test"``.
         data_dir: folder to search first (and to download into); default
-            ``$LIPNET_DATA_DIR`` or ``./data``.
+            ``$LIPNET_DATA_DIR`` or ``./data``. Given, it must be a folder (unless
+            ``download``): a mistyped one is an error, not a fall-back to a system-wide copy.
         download: when no local copy is found, download it with torchvision into ``data_dir``.
 
     Returns:
@@ -71,8 +72,8 @@ def load_dataset(name: str, split: str = "test", *, data_dir: str | os.PathLike 
         ``(N,)``), ``info`` (shape, classes, mean, std) and ``source`` (where it was read).
 
     Raises:
-        DatasetNotFoundError: nothing found; the message lists every folder searched and
-            how to get the data.
+        DatasetNotFoundError: nothing found, or ``data_dir`` is not a folder; the message lists
+            every folder searched and how to get the data.
         DatasetError: a file was found but is corrupt or has the wrong shape.
 
     Example:
@@ -84,6 +85,8 @@ def load_dataset(name: str, split: str = "test", *, data_dir: str | os.PathLike 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = Path(data_dir) if data_dir is not None else default_data_dir()
+    if data_dir is not None and not download and not root.is_dir():
+        raise DatasetNotFoundError(_no_data_dir_message(info, split, root))
     folders = search_folders(info, root)
     try:
         found = _find(info, split, folders)
@@ -280,6 +283,15 @@ def _download(info: DatasetInfo, split: str, root: Path) -> str | None:
     except Exception as exc:  # noqa: BLE001 - reported in the not-found message
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def _no_data_dir_message(info: DatasetInfo, split: str, root: Path) -> str:
+    """The error for an explicit ``data_dir`` that is not a folder: searching the other folders
+    instead would silently read another copy (a system-wide one) than the one asked for."""
+    state = "is not a folder" if root.exists() else "does not exist"
+    return (f"{info.name} ({split} split) not found: the data folder {root.absolute()} {state}. Point --data-dir at "
+            f"the folder that holds {info.name}, or leave it out to search the default folders; or pass --download "
+            "to fetch it into that folder.")
 
 
 def _not_found_message(info: DatasetInfo, split: str, folders: list[Path], download_error: str | None = None) -> str:

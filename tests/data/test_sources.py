@@ -86,12 +86,22 @@ def test_cifar_pickled_batches(tmp_path):
 
 def test_missing_data_message_lists_folders_and_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv("LIPNET_DATA_DIR", raising=False)
+    (tmp_path / "nowhere").mkdir()
     with pytest.raises(DatasetNotFoundError) as err:
         load_dataset("mnist", "train", data_dir=tmp_path / "nowhere")
     message = str(err.value)
     assert str((tmp_path / "nowhere").absolute()) in message
     assert str((tmp_path / "nowhere" / "mnist").absolute()) in message
     assert "--download" in message and "MNIST/raw" in message and "train.npz" in message
+
+
+@pytest.mark.parametrize("make", [lambda path: None, lambda path: path.write_text("")], ids=["missing", "a file"])
+def test_a_data_dir_that_is_not_a_folder_is_an_error_not_a_fall_back(tmp_path, make):
+    """fashion-mnist is also installed system-wide: a mistyped --data-dir must not silently read that copy."""
+    make(tmp_path / "typo")
+    with pytest.raises(DatasetNotFoundError, match=r"fashion-mnist \(train split\) not found: the data folder .*typo "
+                                                   r"(does not exist|is not a folder).*--download"):
+        load_dataset("fashion-mnist", "train", data_dir=tmp_path / "typo")
 
 
 def test_failed_download_is_reported(tmp_path, monkeypatch):
