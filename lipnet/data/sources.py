@@ -216,6 +216,13 @@ def _read_npz(info: DatasetInfo, split: str, paths: list[Path]):
             x = x[..., None]
         if x.ndim != 4 or y.ndim == 0 or len(x) != len(y):
             raise DatasetError(f"{path}: expected 'x' (N, H, W, C) and 'y' (N,), got {x.shape} and {y.shape}")
+        channels, height, width = info.shape
+        if x.shape[1:] != (height, width, channels):
+            raise DatasetError(f"{path}: {info.name} images are {height}x{width}x{channels} (HWC), got "
+                               f"{'x'.join(map(str, x.shape[1:]))}: is this file another data set?")
+        if y.size != len(y):
+            raise DatasetError(f"{path}: 'y' must hold one class label per image (shape (N,)), got {y.shape}; "
+                               "one-hot labels? store their argmax")
         if not np.issubdtype(y.dtype, np.integer):
             raise DatasetError(f"{path}: 'y' must hold integer class labels, got {y.dtype}")
         images.append(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))

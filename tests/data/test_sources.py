@@ -132,7 +132,7 @@ def test_corrupt_and_truncated_files_give_clear_errors(tmp_path):
 
 def test_wrong_shape_or_labels_are_rejected(tmp_path):
     np.savez(tmp_path / "test.npz", x=np.zeros((2, 28, 28, 1), np.uint8), y=np.zeros(2, np.uint8))
-    with pytest.raises(ValueError, match=r"\(3, 32, 32\)"):
+    with pytest.raises(DatasetError, match=r"cifar10 images are 32x32x3 \(HWC\), got 28x28x1"):
         load_dataset("cifar10", "test", data_dir=tmp_path)
     np.savez(tmp_path / "test.npz", x=np.zeros((2, 32, 32, 3), np.uint8), y=np.array([0, 10]))
     with pytest.raises(ValueError, match="labels must lie in"):
@@ -227,3 +227,13 @@ def test_download_completes_a_partial_download_but_never_mixes_folders(tmp_path,
     write_npz(synthetic_dataset("mnist", 32, split="train"), elsewhere / "mnist" / "train.npz")
     with pytest.raises(DatasetNotFoundError, match="holds the train split"):  # the download cannot join it
         load_dataset("mnist", "test", data_dir=elsewhere, download=True)
+
+
+def test_a_shard_of_another_shape_or_one_hot_labels_are_named(tmp_path):
+    np.savez(tmp_path / "train-1-of-2.npz", x=np.zeros((2, 32, 32, 3), np.uint8), y=np.zeros(2, np.uint8))
+    np.savez(tmp_path / "train-2-of-2.npz", x=np.zeros((2, 28, 28, 1), np.uint8), y=np.zeros(2, np.uint8))
+    with pytest.raises(DatasetError, match=r"train-2-of-2.npz: cifar10 images are 32x32x3 \(HWC\), got 28x28x1"):
+        load_dataset("cifar10", "train", data_dir=tmp_path)
+    np.savez(tmp_path / "test.npz", x=np.zeros((2, 32, 32, 3), np.uint8), y=np.eye(10, dtype=np.int64)[:2])
+    with pytest.raises(DatasetError, match=r"test.npz: 'y' must hold one class label per image .*\(2, 10\)"):
+        load_dataset("cifar10", "test", data_dir=tmp_path)
