@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from lipnet.checkpoint import CheckpointError
@@ -65,20 +67,36 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         train(config)
     except (DatasetNotFoundError, DatasetError, CheckpointError, OSError, FloatingPointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        how = "stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
         checkpoint = Path(config.out_dir) / "checkpoint.pt"
         if checkpoint.exists():
-            print(f"\ninterrupted; the last finished epoch is saved in {checkpoint}: run the same command with "
+            print(f"\n{how}; the last finished epoch is saved in {checkpoint}: run the same command with "
                   "--resume to continue", file=sys.stderr)
         else:
-            print("\ninterrupted before the first epoch finished: nothing was saved", file=sys.stderr)
-        return 130
+            print(f"\n{how} before the first epoch finished: nothing was saved", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler preempting the run), raised like Ctrl-C's KeyboardInterrupt
+    so that the run stops the same way: a save in progress is abandoned (the previous checkpoint
+    stays), the folder's lock is released and the message says how to resume."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -79,3 +79,28 @@ def test_an_out_dir_under_a_file_exits_with_a_message(tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     assert main(["mnist", "--out-dir", str(tmp_path / "a-file" / "run")]) == 1
     assert "a-file is a file" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
+    """A scheduler preempting the job sends SIGTERM: the run says where its last epoch is and exits 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    write_npz(synthetic_dataset("mnist", 64, split="train"), data / "train.npz")
+    write_npz(synthetic_dataset("mnist", 16, split="test", seed=1), data / "test.npz")
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "recipes.train", "mnist", "--data-dir", str(data), "--out-dir", str(out),
+            "--epochs", "1000", "--batch-size", "32", "--progress", "false", "--threads", "1", "--certify", "false",
+            "--model", "convnet", "--model-kwargs", '{"widths": [4], "depths": [1], "dense": []}']
+    run = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists()
