@@ -43,13 +43,22 @@ def usage(name: str) -> str:
 
 
 def _shown(value) -> str:
+    """A setting as ``--key`` reads it back exactly (so that values copied from ``--help`` resume a run)."""
     if isinstance(value, bool) or value is None:
         return str(value).lower() if value is not None else "none"
     if isinstance(value, list):
-        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        return ",".join(_shown(v) for v in value)
     if isinstance(value, dict):
         return json.dumps(value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return _shown_number(value) if isinstance(value, float) else str(value)
+
+
+def _shown_number(value: float) -> str:
+    """``0.002``, ``72/255`` (radii in pixel levels), else Python's shortest exact form."""
+    if float(f"{value:g}") == value:
+        return f"{value:g}"
+    levels = round(value * 255)
+    return f"{levels}/255" if levels / 255 == value else repr(value)
 
 
 def main(argv: list[str] | None = None) -> int:

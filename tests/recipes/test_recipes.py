@@ -104,3 +104,14 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
     assert run.returncode == 143, err
     assert "stopped by SIGTERM" in err and "--resume" in err
     assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_the_settings_help_shows_give_back_the_recipe_exactly(name):
+    """Values copied from --help (train_eps 72/255 ...) must not make --resume refuse a changed setting."""
+    from recipes.train import usage
+
+    shown = re.findall(r"^  (--[a-z-]+) +(.+)$", usage(name).split("Settings of")[1].split("What they mean")[0], re.M)
+    assert len(shown) == len(RECIPES[name].to_dict())
+    args = [item for key, value in shown for item in (key, value)]
+    assert parse([name, *args]) == (name, RECIPES[name])
