@@ -28,6 +28,10 @@ def parse(argv: list[str]):
     """``(recipe name, config)`` from the command line."""
     name = argv[0] if argv and not argv[0].startswith("-") else DEFAULT
     overrides = argv[1:] if argv and not argv[0].startswith("-") else argv
+    for i, arg in enumerate(overrides):
+        if arg in RECIPES and not (i and overrides[i - 1].startswith("--")):  # not the value of a --key
+            rest = " ".join(overrides[:i] + overrides[i + 1:])
+            raise ValueError(f"the recipe name comes first: python -m recipes.train {arg} {rest}")
     return name, get_recipe(name).with_overrides(overrides)
 
 
