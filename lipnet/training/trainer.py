@@ -238,7 +238,8 @@ class _Run:
                 # The test set already on the device, so the uint8 -> float conversion happens there.
                 report = certification_report(self.model, self.test_loader.data, config.eval_eps, self.out_dir,
                                               history=history,
-                                              extra={"train_seconds": train_seconds, "data": self._data_info()},
+                                              extra={"epochs": self.epochs, "train_seconds": train_seconds,
+                                                     "config": config.to_dict(), "data": self._data_info()},
                                               device=env.device, batch_size=config.eval_batch_size,
                                               progress=config.progress)
                 self.log(report.pop("table"))

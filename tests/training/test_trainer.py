@@ -353,3 +353,10 @@ def test_resuming_a_checkpoint_that_does_not_fit_the_run_is_a_checkpoint_error(d
     save_checkpoint(tmp_path / "run" / "checkpoint.pt", payload)
     with pytest.raises(CheckpointError, match=message):
         train(tiny(data_dir, tmp_path / "run", certify=False, resume=True), log=quiet)
+
+
+def test_the_report_names_the_epochs_a_time_budget_left_and_the_settings(data_dir, tmp_path):
+    result = train(tiny(data_dir, tmp_path / "run", epochs=3, time_budget=1e-6), log=quiet)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["epochs"] == 1 == len(result.history)  # the count depends on the machine: reported with the result
+    assert report["config"] == tiny(data_dir, tmp_path / "run", epochs=3, time_budget=1e-6).to_dict()
