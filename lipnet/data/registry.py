@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -79,6 +80,14 @@ class ImageDataset:
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.info.shape
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the labels and the pixels (hex): equal for the same examples in the same
+        order wherever they were read from, different for any other images."""
+        digest = hashlib.sha256()
+        for tensor in (self.labels, self.images):
+            digest.update(tensor.detach().cpu().contiguous().numpy())
+        return digest.hexdigest()
 
     def subset(self, n: int | None) -> "ImageDataset":
         """The first ``n`` examples (all of them for ``None``)."""

@@ -139,6 +139,8 @@ class _Run:
         # The model first: a wrong name or argument is refused before the data is read.
         self.model = build_run_model(config, dataset_info(config.dataset)).to(env.device)
         self.train_data, self.test_data = self._load_data()
+        self._data_description = {split: {"source": data.source, "examples": len(data), "sha256": data.fingerprint()}
+                                  for split, data in (("train", self.train_data), ("test", self.test_data))}
         for split, data in (("train", self.train_data), ("test", self.test_data)):
             if len(data) < env.world_size:
                 raise ValueError(f"the {split} set has {len(data)} example(s), fewer than the {env.world_size} "
@@ -383,9 +385,9 @@ class _Run:
                 "data": self._data_info()}
 
     def _data_info(self) -> dict:
-        """Where each split was read and how many examples it has (stored in checkpoints and the report)."""
-        return {split: {"source": data.source, "examples": len(data)}
-                for split, data in (("train", self.train_data), ("test", self.test_data))}
+        """Where each split was read, how many examples it has and their fingerprint (stored in
+        checkpoints and the report)."""
+        return {split: dict(description) for split, description in self._data_description.items()}
 
     def _save(self, epochs_done: int, history: list[dict]) -> None:
         payload = model_payload(self.model, **self._info(epochs_done, history))
@@ -439,8 +441,9 @@ class _Run:
         return training["epochs_done"], list(training["history"])
 
     def _check_same_training_data(self, saved: dict | None) -> None:
-        """Refuse to resume on a training set of another size (another data order and schedule);
-        warn when it comes from another place. Checkpoints from before this record pass."""
+        """Refuse to resume on other training images (another size, or the same size with another
+        fingerprint); say so when the same images come from another place. Checkpoints from before
+        these records pass (without a fingerprint: only the size is compared)."""
         if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
             return
         before, now = saved["train"], self._data_info()["train"]
@@ -448,9 +451,14 @@ class _Run:
             raise ValueError(f"--resume on another training set: the run trained on {before.get('examples')} images "
                              f"({before.get('source')}), now {now['examples']} ({now['source']}); resume with the "
                              "same data, or start a new run in another --out-dir")
+        if before.get("sha256", now["sha256"]) != now["sha256"]:
+            raise ValueError(f"--resume on another training set: the run trained on {now['examples']} images "
+                             f"({before.get('source')}, sha256 {before['sha256'][:12]}...), now {now['examples']} other "
+                             f"images ({now['source']}, sha256 {now['sha256'][:12]}...); resume with the same data, or "
+                             "start a new run in another --out-dir")
         if before.get("source") != now["source"]:
-            self.log(f"warning: the training set was read from {before.get('source')}, now from {now['source']} "
-                     "(same size)")
+            same = "the same images" if "sha256" in before else "same size"
+            self.log(f"note: the training set was read from {before.get('source')}, now from {now['source']} ({same})")
 
 
 #: What :meth:`_Run._save` stores under a checkpoint's ``"training"`` (``"epochs"`` only since
