@@ -92,7 +92,8 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
         # Epochs without the estimate (eval_every > 1) hold None.
         points = [(h["epoch"], 100 * h[key]) for h in history if h.get(key) is not None]
         if points and not all(math.isnan(v) for _, v in points):
-            acc_ax.plot(*zip(*points), label=label)
+            # Markers when some epochs lack the estimate: a single point draws no line.
+            acc_ax.plot(*zip(*points), label=label, marker="o" if len(points) < len(history) else None, markersize=3)
     acc_ax.set_xlabel("epoch")
     acc_ax.set_ylabel("%")
     acc_ax.set_ylim(0, 100)
