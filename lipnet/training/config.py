@@ -53,12 +53,12 @@ class TrainConfig:
             taken every ``eval_every`` epochs and after the last one (``null`` in the metrics
             of the others); they are for monitoring only and do not change training.
     Operations
-        seed, threads (CPU threads of torch; ``None``: its default), device ("auto": CUDA when
-        available), amp ("auto": bf16 autocast on CUDA only), compile (torch.compile the training
-        forward on CUDA; ignored on CPU, where compiling costs more than it saves), compile_mode
-        (torch.compile's ``mode``: "default", "reduce-overhead" for CUDA graphs, which replay the
-        many small kernels of the bounds without launch overhead, "max-autotune",
-        "max-autotune-no-cudagraphs"), out_dir (one run at a time: a second run into it is
+        seed, threads (CPU threads of torch, at most the CPUs the process may use; ``None``: its
+        default), device ("auto": CUDA when available), amp ("auto": bf16 autocast on CUDA only),
+        compile (torch.compile the training forward on CUDA; ignored on CPU, where compiling
+        costs more than it saves), compile_mode (torch.compile's ``mode``: "default",
+        "reduce-overhead" for CUDA graphs, which replay the many small kernels of the bounds
+        without launch overhead, "max-autotune", "max-autotune-no-cudagraphs"), out_dir (one run at a time: a second run into it is
         refused), resume, certify (final report), progress (bars).
     """
 

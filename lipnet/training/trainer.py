@@ -68,6 +68,9 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | No
         log: where the main process prints its one-line summaries.
     """
     if config.threads is not None:
+        if config.threads > available_cpus():
+            raise ValueError(f"threads {config.threads} is more than the {available_cpus()} CPUs this process may use; "
+                             "ask for at most that many (or none for torch's default)")
         torch.set_num_threads(config.threads)
     env = init_distributed(config.device)
     try:
@@ -75,6 +78,13 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | No
     finally:
         if env.enabled:
             shutdown_distributed()
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the system tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def build_run_model(config: TrainConfig, info: DatasetInfo) -> nn.Module:
