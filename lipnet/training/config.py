@@ -58,8 +58,9 @@ class TrainConfig:
         compile (torch.compile the training forward on CUDA; ignored on CPU, where compiling
         costs more than it saves), compile_mode (torch.compile's ``mode``: "default",
         "reduce-overhead" for CUDA graphs, which replay the many small kernels of the bounds
-        without launch overhead, "max-autotune", "max-autotune-no-cudagraphs"), out_dir (one run at a time: a second run into it is
-        refused), resume, certify (final report), progress (bars).
+        without launch overhead, "max-autotune", "max-autotune-no-cudagraphs"), out_dir (one
+        run at a time: a second run into it is refused), resume, certify (final report),
+        progress (bars).
     """
 
     dataset: str = "fashion-mnist"
