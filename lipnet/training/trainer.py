@@ -147,7 +147,11 @@ class _Run:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {env.world_size} processes")
         torch.manual_seed(config.seed)
         # The model first: a wrong name or argument is refused before the data is read.
-        self.model = build_run_model(config, dataset_info(config.dataset)).to(env.device)
+        info = dataset_info(config.dataset)
+        self.model = build_run_model(config, info).to(env.device)
+        if config.crop_padding >= min(info.shape[1:]):
+            raise ValueError(f"crop_padding {config.crop_padding} must be smaller than the {min(info.shape[1:])}-pixel "
+                             f"images of {info.name}: larger shifts crop mostly padding")
         self.train_data, self.test_data = self._load_data()
         self._data_description = {split: {"source": data.source, "examples": len(data), "sha256": data.fingerprint()}
                                   for split, data in (("train", self.train_data), ("test", self.test_data))}

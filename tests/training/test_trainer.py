@@ -307,6 +307,7 @@ def test_two_runs_never_share_an_out_dir_and_a_killed_run_leaves_no_lock(data_di
     ({"model": "resnet50"}, ValueError, "unknown model 'resnet50'"),
     ({"model_kwargs": {"bogus": 1}}, ValueError, "unexpected keyword argument 'bogus'"),
     ({"dataset": "imagenet"}, ValueError, "unknown data set 'imagenet'"),
+    ({"crop_padding": 28}, ValueError, "crop_padding 28 must be smaller than the 28-pixel images"),
     ({"out_dir": "a-file/run"}, NotADirectoryError, "a-file is a file"),
 ])
 def test_a_bad_model_data_set_or_out_dir_is_refused_before_loading_data(tmp_path, monkeypatch, changes, error, message):
