@@ -3,10 +3,10 @@
     python -m recipes.train [RECIPE] [--key value ...]
 
 RECIPE is one of fashion-mnist (default), mnist, cifar10, cifar10-long, cifar100. Any
-setting below can be overridden, e.g. ``cifar10 --epochs 2 --lr 1e-3 --eval-eps
-36/255,72/255 --model-kwargs '{"width": 128}'``, and ``--resume`` continues a run. For
-several GPUs: ``torchrun --nproc_per_node=N -m recipes.train cifar10``. ``RECIPE --help``
-lists that recipe's settings.
+setting below can be overridden (``--key value`` or ``--key=value``), e.g. ``cifar10
+--epochs 2 --lr 1e-3 --eval-eps 36/255,72/255 --model-kwargs '{"width": 128}'``, and
+``--resume`` continues a run. For several GPUs: ``torchrun --nproc_per_node=N -m
+recipes.train cifar10``. ``RECIPE --help`` lists that recipe's settings.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def parse(argv: list[str]):
     name = argv[0] if argv and not argv[0].startswith("-") else DEFAULT
     overrides = argv[1:] if argv and not argv[0].startswith("-") else argv
     for i, arg in enumerate(overrides):
-        if arg in RECIPES and not (i and overrides[i - 1].startswith("--")):  # not the value of a --key
+        if arg in RECIPES and not (i and overrides[i - 1].startswith("--") and "=" not in overrides[i - 1]):
             rest = " ".join(overrides[:i] + overrides[i + 1:])
             raise ValueError(f"the recipe name comes first: python -m recipes.train {arg} {rest}")
     return name, get_recipe(name).with_overrides(overrides)

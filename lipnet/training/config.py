@@ -191,7 +191,7 @@ class TrainConfig:
         return [k for k in mine if k not in self.OPERATIONAL and mine[k] != theirs[k]]
 
     def with_overrides(self, args: list[str]) -> "TrainConfig":
-        """Apply ``["--key", "value", ...]`` (``--key`` alone sets a boolean to true).
+        """Apply ``["--key", "value", ...]`` or ``["--key=value", ...]`` (``--key`` alone sets a boolean to true).
 
         Keys are field names with ``-`` or ``_``. Values are parsed by the field's type:
         numbers accept fractions (``36/255``), lists are comma separated, ``none`` clears an
@@ -200,22 +200,24 @@ class TrainConfig:
         types_ = typing.get_type_hints(type(self))
         changes, i = {}, 0
         while i < len(args):
-            arg = args[i]
-            if not arg.startswith("--"):
-                raise ValueError(f"expected --key, got {arg!r}")
-            key = arg[2:].replace("-", "_")
+            if not args[i].startswith("--"):
+                raise ValueError(f"expected --key, got {args[i]!r}")
+            option, equals, inline = args[i].partition("=")  # --key value, or --key=value
+            key = option[2:].replace("-", "_")
             if key not in types_ or key == "OPERATIONAL":
-                raise ValueError(f"unknown setting --{arg[2:]}; known: "
+                raise ValueError(f"unknown setting {option}; known: "
                                  + ", ".join("--" + k.replace("_", "-") for k in self.to_dict()))
-            has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
-            if has_value:
+            if equals:
+                changes[key] = _parse(inline, types_[key], key)
+                i += 1
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
                 changes[key] = _parse(args[i + 1], types_[key], key)
                 i += 2
             elif types_[key] is bool:
                 changes[key] = True
                 i += 1
             else:
-                raise ValueError(f"--{arg[2:]} needs a value")
+                raise ValueError(f"{option} needs a value")
         return self.replace(**changes)
 
 

@@ -120,3 +120,5 @@ def test_the_settings_help_shows_give_back_the_recipe_exactly(name):
 def test_a_recipe_name_after_the_settings_is_explained(capsys):
     assert main(["--epochs", "2", "cifar10"]) == 2
     assert "the recipe name comes first: python -m recipes.train cifar10 --epochs 2" in capsys.readouterr().err
+    assert main(["--epochs=2", "cifar10"]) == 2
+    assert "the recipe name comes first: python -m recipes.train cifar10 --epochs=2" in capsys.readouterr().err

@@ -90,3 +90,10 @@ def test_a_stored_config_with_a_value_of_the_wrong_type_is_a_clear_error():
 
 def test_the_report_radii_are_sorted_without_repeats():
     assert TrainConfig().with_overrides(["--eval-eps", "0.5,0.1,36/255,0.1"]).eval_eps == (0.1, 36 / 255, 0.5)
+
+
+def test_overrides_also_take_the_key_equals_value_form():
+    config = TrainConfig().with_overrides(["--epochs=3", "--eval-eps=36/255,0.5", "--flip", "--data-dir=a=b"])
+    assert config.epochs == 3 and config.eval_eps == (36 / 255, 0.5) and config.flip and config.data_dir == "a=b"
+    with pytest.raises(ValueError, match="--epochs: cannot parse ''"):
+        TrainConfig().with_overrides(["--epochs="])
