@@ -368,3 +368,28 @@ def test_forward_mode_derivative_is_the_reverse_one_and_a_finite_difference(dtyp
     if not dtype.is_complex:  # torch's jacfwd takes real inputs only
         torch.testing.assert_close(torch.func.jacfwd(max_matrix_spectral_norm)(mat),
                                    torch.func.jacrev(max_matrix_spectral_norm)(mat))
+
+
+
+@pytest.mark.parametrize("slice_bytes, stepped", [(16 * 8 * 8 * 8 + 100, True), (3 * 8 * 8 * 8, False)])
+def test_cpu_slices_of_the_batch_give_the_bound_of_the_whole_batch(monkeypatch, slice_bytes, stepped):
+    """The CPU steps the real forms of many small matrices in slices (gram.CPU_SLICE_BYTES): the
+    bounds and gradients are those of the batch stepped at once, whether the slices are used
+    (16 matrices 8 x 8 each in float64, the last slice shorter) or too short to be (3 matrices)."""
+    torch.manual_seed(0)
+    mats = torch.randn(74, 8, 8, dtype=torch.complex128, requires_grad=True)
+    kernel = torch.randn(8, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def bounds():
+        matrices = max_matrix_spectral_norm(mats, n_iter=9, screen_iter=4, n_candidates=3)
+        conv = conv2d_spectral_norm(kernel, 16, padding=1, n_iter=9, screen_iter=4)
+        return matrices.detach(), conv.detach(), *torch.autograd.grad(matrices.sum() + conv, (mats, kernel))
+
+    whole = bounds()
+    batches, step = [], gram._gram_steps_batch
+    monkeypatch.setattr(gram, "CPU_SLICE_BYTES", slice_bytes)
+    monkeypatch.setattr(gram, "_gram_steps_batch", lambda g, *args: batches.append(len(g)) or step(g, *args))
+    sliced = bounds()
+    for a, b in zip(sliced, whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    assert max(batches) == (16 if stepped else 145)  # the screening of the conv's 145 frequencies
