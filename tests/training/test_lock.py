@@ -3,12 +3,18 @@
 import subprocess
 import sys
 
+from lipnet.training import lock
 from lipnet.training.lock import FolderLock
 
 _CONTENDER = r"""
-import sys, time
-from lipnet.training.lock import FolderLock, FolderInUseError
-start = float(sys.argv[2])
+import importlib.util, sys, time
+# The module alone, not the package (whose import of torch would take most of the test).
+spec = importlib.util.spec_from_file_location("lock", sys.argv[2])
+lock_module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lock_module)
+FolderLock, FolderInUseError = lock_module.FolderLock, lock_module.FolderInUseError
+print("ready", flush=True)
+start = float(sys.stdin.readline())  # the same instant for every contender, once all are ready
 while time.time() < start:
     pass
 try:
@@ -30,9 +36,13 @@ def test_exactly_one_of_racing_processes_owns_the_folder(tmp_path):
         if trial == 1:  # a lock file left by a killed run: no process holds it
             folder.mkdir()
             (folder / ".lock").write_text("host gone, process 1")
-        start = time.time() + 1.5
-        racers = [subprocess.Popen([sys.executable, "-c", _CONTENDER, str(folder), str(start)], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True) for _ in range(4)]
+        racers = [subprocess.Popen([sys.executable, "-c", _CONTENDER, str(folder), lock.__file__],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+        assert [p.stdout.readline().strip() for p in racers] == ["ready"] * 4
+        start = time.time() + 0.2
+        for p in racers:
+            p.stdin.write(f"{start}\n")
+            p.stdin.flush()
         outcomes = sorted(p.stdout.readline().strip() for p in racers)
         for p in racers:
             p.communicate("", timeout=60)
