@@ -49,6 +49,11 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"unknown device {name!r}: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} asked for, but this machine has no GPU {device.index} "
+                         f"({torch.cuda.device_count()} GPU(s): cuda:0 ...)")
+    if device.type not in ("cpu", "cuda", "mps") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise ValueError(f"a run cannot train on {name!r}: use --device auto, cpu, cuda, cuda:N or mps")
     return device
 
 
