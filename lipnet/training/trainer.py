@@ -93,8 +93,15 @@ def build_run_model(config: TrainConfig, info: DatasetInfo) -> nn.Module:
     if height != width:
         raise ValueError(f"square images expected, got {height}x{width}")
     std = list(info.std) if config.input_std is None else [float(config.input_std)] * channels
-    return build_model(config.model, in_channels=channels, num_classes=info.num_classes, input_size=height,
-                       mean=list(info.mean), std=std, **config.model_kwargs)
+    from_data = {"in_channels": channels, "num_classes": info.num_classes, "input_size": height,
+                 "mean": list(info.mean), "std": std}
+    for key in from_data.keys() & config.model_kwargs.keys():
+        hint = " (the normalization's std: use --input-std)" if key == "std" else ""
+        raise ValueError(f"model_kwargs cannot set {key}: the data set sets it{hint}")
+    try:
+        return build_model(config.model, **from_data, **config.model_kwargs)
+    except RuntimeError as exc:  # e.g. a negative width reaching torch
+        raise ValueError(f"model {config.model!r} with {config.model_kwargs}: {exc}") from exc
 
 
 def nominal_lipschitz(model: nn.Module) -> float:
