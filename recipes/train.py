@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import signal
 import sys
 import threading
@@ -89,17 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as stop:
         how = "stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
-        checkpoint = Path(config.out_dir) / "checkpoint.pt"
-        if checkpoint.exists():
-            print(f"\n{how}; the last finished epoch is saved in {checkpoint}: run the same command with "
-                  "--resume to continue", file=sys.stderr)
-        else:
-            print(f"\n{how} before the first epoch finished: nothing was saved", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: the main process says it once
+            print(_stopped(how, Path(config.out_dir) / "checkpoint.pt"), file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _stopped(how: str, checkpoint: Path) -> str:
+    """What a stopped run left, and how to continue it."""
+    if checkpoint.exists():
+        return (f"\n{how}; the last finished epoch is saved in {checkpoint}: run the same command with --resume to "
+                "continue")
+    return f"\n{how} before the first epoch finished: nothing was saved"
 
 
 class Terminated(KeyboardInterrupt):

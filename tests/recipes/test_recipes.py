@@ -122,3 +122,14 @@ def test_a_recipe_name_after_the_settings_is_explained(capsys):
     assert "the recipe name comes first: python -m recipes.train cifar10 --epochs 2" in capsys.readouterr().err
     assert main(["--epochs=2", "cifar10"]) == 2
     assert "the recipe name comes first: python -m recipes.train cifar10 --epochs=2" in capsys.readouterr().err
+
+
+def test_under_torchrun_only_the_main_process_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("recipes.train.train", interrupted)
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["mnist", "--out-dir", str(tmp_path / "run")]) == 130
+        assert ("interrupted before the first epoch finished" in capsys.readouterr().err) is said
