@@ -68,8 +68,8 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | No
         log: where the main process prints its one-line summaries.
     """
     if config.threads is not None:
-        if config.threads > available_cpus():
-            raise ValueError(f"threads {config.threads} is more than the {available_cpus()} CPUs this process may use; "
+        if config.threads > _available_cpus():
+            raise ValueError(f"threads {config.threads} is more than the {_available_cpus()} CPUs this process may use; "
                              "ask for at most that many (or none for torch's default)")
         torch.set_num_threads(config.threads)
     env = init_distributed(config.device)
@@ -80,7 +80,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | No
             shutdown_distributed()
 
 
-def available_cpus() -> int:
+def _available_cpus() -> int:
     """The CPUs this process may run on (its affinity where the system tells it)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))

@@ -389,7 +389,7 @@ def test_resume_refuses_other_training_images_of_the_same_size_but_not_the_same_
 
 def test_more_threads_than_cpus_is_refused_before_anything_runs(tmp_path, monkeypatch):
     """torch.set_num_threads(20000) aborts the process inside libgomp: refuse it with a message."""
-    monkeypatch.setattr("lipnet.training.trainer.available_cpus", lambda: 2)
+    monkeypatch.setattr("lipnet.training.trainer._available_cpus", lambda: 2)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail("threads were set"))
     with pytest.raises(ValueError, match="threads 3 is more than the 2 CPUs"):
         train(tiny(tmp_path, tmp_path / "run", threads=3), log=quiet)
