@@ -68,9 +68,10 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | No
         log: where the main process prints its one-line summaries.
     """
     if config.threads is not None:
-        if config.threads > _available_cpus():
-            raise ValueError(f"threads {config.threads} is more than the {_available_cpus()} CPUs this process may use; "
-                             "ask for at most that many (or none for torch's default)")
+        cpus = _available_cpus()
+        if config.threads > cpus:
+            raise ValueError(f"threads {config.threads} is more than the {cpus} CPUs this process may use; ask for "
+                             "at most that many (or none for torch's default)")
         torch.set_num_threads(config.threads)
     env = init_distributed(config.device)
     try:
@@ -474,9 +475,9 @@ class _Run:
                              "same data, or start a new run in another --out-dir")
         if before.get("sha256", now["sha256"]) != now["sha256"]:
             raise ValueError(f"--resume on another training set: the run trained on {now['examples']} images "
-                             f"({before.get('source')}, sha256 {before['sha256'][:12]}...), now {now['examples']} other "
-                             f"images ({now['source']}, sha256 {now['sha256'][:12]}...); resume with the same data, or "
-                             "start a new run in another --out-dir")
+                             f"({before.get('source')}, sha256 {before['sha256'][:12]}...), now {now['examples']} "
+                             f"other images ({now['source']}, sha256 {now['sha256'][:12]}...); resume with the same "
+                             "data, or start a new run in another --out-dir")
         if before.get("source") != now["source"]:
             same = "the same images" if "sha256" in before else "same size"
             self.log(f"note: the training set was read from {before.get('source')}, now from {now['source']} ({same})")
