@@ -69,13 +69,14 @@ def _check_plain(value, where: str) -> None:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that saves killed mid-write left in ``folder`` (``.NAME.*.tmp``,
-    as :func:`~lipnet.export.runtime.atomic_write` names them).
+    """Delete the temporary files that saves killed mid-write left in ``folder``:
+    ``.NAME.<pid>.<12 hex digits>.tmp``, exactly as :func:`~lipnet.export.runtime.atomic_write`
+    names them (other hidden ``.tmp`` files, e.g. a user's, are kept).
 
     Call it only when no other process is saving into ``folder``. Returns what was removed.
     """
     folder = Path(folder)
-    ours = re.compile(r"\..+\..+\.tmp")
+    ours = re.compile(r"\..+\.[0-9]+\.[0-9a-f]{12}\.tmp")
     stale = sorted(p for p in folder.glob(".*.tmp") if ours.fullmatch(p.name) and p.is_file()) if folder.is_dir() else []
     for path in stale:
         path.unlink()

@@ -143,7 +143,10 @@ def test_stale_temporaries_of_killed_saves_are_swept(tmp_path):
 
     model = build_model("convnet-xs", in_channels=1, num_classes=10, input_size=28)
     save_model(tmp_path / "model.pt", model)
-    (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
-    (tmp_path / "notes.tmp").write_text("not ours")
-    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".checkpoint.pt.abc123.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "notes.tmp"]
+    (tmp_path / ".checkpoint.pt.4242.0123456789ab.tmp").write_bytes(b"half a checkpoint")
+    # a user's own hidden temporaries, not named as atomic_write names its files, are kept
+    for name in ("notes.tmp", ".draft.v2.tmp", ".checkpoint.pt.abc123.tmp", ".model.pt.12.0123456789AB.tmp"):
+        (tmp_path / name).write_text("not ours")
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".checkpoint.pt.4242.0123456789ab.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint.pt.abc123.tmp", ".draft.v2.tmp",
+                                                           ".model.pt.12.0123456789AB.tmp", "model.pt", "notes.tmp"]

@@ -285,7 +285,11 @@ def _parse(text: str, kind, key: str):
                 raise ValueError("expected a JSON object")
             return value
         if typing.get_origin(kind) is tuple:
-            return tuple(parse_number(t) for t in text.split(",") if t.strip())
+            items = text.split(",")
+            if any(not item.strip() for item in items):
+                raise ValueError("an empty item (two commas in a row, or one at either end); list the values "
+                                 "separated by single commas, e.g. 0.1,36/255")
+            return tuple(parse_number(item) for item in items)
     except (ValueError, ZeroDivisionError, json.JSONDecodeError) as exc:
         raise ValueError(f"--{key.replace('_', '-')}: cannot parse {text!r}: {exc}") from exc
     raise TypeError(f"no parser for {key}: {kind}")

@@ -90,6 +90,9 @@ def test_a_stored_config_with_a_value_of_the_wrong_type_is_a_clear_error():
 
 def test_the_report_radii_are_sorted_without_repeats():
     assert TrainConfig().with_overrides(["--eval-eps", "0.5,0.1,36/255,0.1"]).eval_eps == (0.1, 36 / 255, 0.5)
+    for typo in ("0.1,,0.2", "0.1,0.2,", ",0.1", ""):  # an item lost to a typo is not silently dropped
+        with pytest.raises(ValueError, match="empty item"):
+            TrainConfig().with_overrides(["--eval-eps", typo])
 
 
 def test_overrides_also_take_the_key_equals_value_form():

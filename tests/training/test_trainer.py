@@ -296,10 +296,10 @@ def test_two_runs_never_share_an_out_dir_and_a_killed_run_leaves_no_lock(data_di
         holder.kill()  # no clean-up runs: the lock file stays, the system's lock goes
         holder.wait()
     assert (tmp_path / "run" / ".lock").exists()
-    (tmp_path / "run" / ".metrics.jsonl.tmp").write_text("half a line")
+    (tmp_path / "run" / ".metrics.jsonl.4242.0123456789ab.tmp").write_text("half a line")  # as atomic_write names it
     messages = []
     train(tiny(data_dir, tmp_path / "run", epochs=1, certify=False), log=messages.append)
-    assert any("removed .metrics.jsonl.tmp" in m for m in messages)
+    assert any("removed .metrics.jsonl.4242.0123456789ab.tmp" in m for m in messages)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model.pt"]
 
 
