@@ -84,12 +84,14 @@ class GramConvTranspose2d(GramNormalizedConv, nn.ConvTranspose2d):
     def _output_size(self, input: torch.Tensor, output_size=None) -> tuple[OutputSize, list[int]]:
         """``(size, output_padding)``: the spatial output size of the forward on ``input`` (with
         ``output_size`` as ``nn.ConvTranspose2d.forward`` reads it) and the output padding it uses."""
-        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2,
-                                              self.dilation)
+        output_padding = list(self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2,
+                                                   self.dilation))
+        if len(output_padding) == 1:  # an int output_padding set after construction: torch expands (1,) alike
+            output_padding *= 2
         size = conv_transpose2d_output_size(tuple(int(n) for n in input.shape[-2:]), self.kernel_size,
                                             stride=self.stride, padding=self.padding,
                                             output_padding=tuple(output_padding), dilation=self.dilation)
-        return OutputSize(*size), list(output_padding)
+        return OutputSize(*size), output_padding
 
     def _input_size(self, input_size):
         if isinstance(input_size, OutputSize):

@@ -322,7 +322,9 @@ class GramNormalizedConv(GramNormalized):
     :meth:`_fixed_padding`, and calls :meth:`_init_conv_normalization` in its constructor.
     """
 
-    LIPSCHITZ_BOUND_DEPENDS_ON = (*GramNormalized.LIPSCHITZ_BOUND_DEPENDS_ON, "_forward_normalized", "_conv_forward")
+    # _input_size: which input size the bound is for (an override could bound a smaller one than the forward sees).
+    LIPSCHITZ_BOUND_DEPENDS_ON = (*GramNormalized.LIPSCHITZ_BOUND_DEPENDS_ON, "_forward_normalized", "_conv_forward",
+                                  "_input_size")
     screen_iter: int
 
     def _init_conv_normalization(self, n_iter: int, screen_iter: int) -> None:

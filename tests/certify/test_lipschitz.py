@@ -301,6 +301,24 @@ def test_overriding_a_helper_the_bound_relies_on_is_refused(helper):
         lipschitz_bound(nn.Sequential(Tampered(2, 2, 3, padding=1)), (2, 6, 6))
 
 
+@pytest.mark.parametrize("dims", [1, 2])
+def test_overriding_the_input_size_of_a_convolution_bound_is_refused(dims):
+    """A subclass bounding (and so normalizing for) a smaller input than the forward applies to
+    would be certified ~1 while its operator on the real input is larger."""
+    from lipnet.nn import GramConv1d
+
+    base = GramConv2d if dims == 2 else GramConv1d
+    Smaller = type("Smaller", (base,), {"_input_size": lambda self, input_size: (1,) * dims})
+    layer = Smaller(2, 2, 3, padding=1, bias=False, dtype=torch.float64)
+    nn.init.ones_(layer.weight)  # low-pass: its norm on 8 points per axis is well above its norm on 1
+    shape = (2,) + (8,) * dims
+    x = torch.randn(shape, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(lambda v: layer(v[None])[0], x).reshape(-1, x.numel())
+    assert float(torch.linalg.matrix_norm(jacobian, 2)) > 1.5
+    with pytest.raises(LipschitzBoundError, match=f"overrides {base.__name__}._input_size"):
+        lipschitz_bound(nn.Sequential(layer), shape)
+
+
 def test_a_pool_subclass_with_its_own_forward_is_refused():
     from lipnet.nn import L2NormPool2d, ScaledAvgPool2d
 

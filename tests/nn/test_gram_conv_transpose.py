@@ -143,3 +143,39 @@ def test_an_input_without_output_is_refused_with_the_reason():
 def test_the_bound_needs_a_size_before_the_first_forward():
     with pytest.raises(ValueError, match="input_size"):
         GramConvTranspose2d(2, 2, 3).lipschitz_bound()
+
+
+def test_a_subclass_that_bounds_another_size_than_it_applies_is_refused_by_certify():
+    """``_input_size`` says which output size the bound is for; a subclass that overrides it (here to a
+    smaller size, whose norm is lower) would be certified ~1 while it applies more than 1."""
+    from lipnet.certify import LipschitzBoundError
+    from lipnet.nn.gram_conv_transpose import OutputSize
+
+    class Smaller(GramConvTranspose2d):
+        def _input_size(self, input_size):
+            return OutputSize(1, 1)  # where only the centre tap acts
+
+    layer = Smaller(2, 2, 3, padding=1, bias=False, dtype=torch.float64)
+    nn.init.ones_(layer.weight)  # a low-pass kernel: its norm grows with the input size
+    x = torch.randn(2, 8, 8, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(lambda v: layer(v[None])[0], x).reshape(-1, x.numel())
+    assert float(torch.linalg.matrix_norm(jacobian, 2)) > 1.5  # what it applies on 8 x 8
+    with pytest.raises(LipschitzBoundError, match="_input_size"):
+        lipschitz_bound(nn.Sequential(layer), (2, 8, 8))
+
+
+def test_an_output_padding_set_as_an_int_after_construction_works_as_in_torch():
+    """``nn.ConvTranspose2d`` reads ``output_padding = 1`` as ``(1, 1)`` (its ``_output_padding``
+    returns ``(1,)``, which ``F.conv_transpose2d`` expands)."""
+    torch.manual_seed(5)
+    plain = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1)
+    layer = GramConvTranspose2d(2, 3, 3, stride=2, padding=1)
+    layer.load_state_dict(plain.state_dict())
+    plain.output_padding = layer.output_padding = 1
+    x = torch.randn(2, 2, 5, 5)
+    y = layer(x)
+    assert y.shape == plain(x).shape == (2, 3, 10, 10)
+    weight = layer.normalized_weight((5, 5)).detach()
+    torch.testing.assert_close(y, F.conv_transpose2d(x, weight, layer.bias, 2, 1, 1))
+    assert exact_conv_transpose2d_spectral_norm(weight.double(), 5, stride=2, padding=1, output_padding=1) <= 1 + 1e-6
+    assert layer.lipschitz_bound((5, 5)) >= 1 - 1e-3
