@@ -9,8 +9,9 @@ Three on-disk formats are read, in this order, in each folder searched:
 * the four IDX files directly in the folder (as Debian's ``dataset-fashion-mnist`` installs them).
 
 The folders searched are ``data_dir/<name>``, then ``data_dir`` (default ``$LIPNET_DATA_DIR``
-or ``./data``), then the system folders of the data set. The first folder holding the data
-set wins; the training log and every loaded split name the files they came from.
+or ``./data``; a ``data_dir`` given or set in the variable must exist), then the system folders
+of the data set. The first folder holding the data set wins; the training log and every loaded
+split name the files they came from.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def default_data_dir() -> Path:
-    """``$LIPNET_DATA_DIR`` if set, else ``./data``."""
-    return Path(os.environ.get("LIPNET_DATA_DIR", "data"))
+    """``$LIPNET_DATA_DIR`` if set (and not empty), else ``./data``."""
+    return Path(os.environ.get("LIPNET_DATA_DIR") or "data")
 
 
 def load_dataset(name: str, split: str = "test", *, data_dir: str | os.PathLike | None = None,
@@ -63,8 +64,9 @@ def load_dataset(name: str, split: str = "test", *, data_dir: str | os.PathLike 
         name: ``"fashion-mnist"``, ``"mnist"``, ``"cifar10"`` or ``"cifar100"``.
         split: ``"train"`` or ``"test"``.
         data_dir: folder to search first (and to download into); default
-            ``$LIPNET_DATA_DIR`` or ``./data``. Given, it must be a folder (unless
-            ``download``): a mistyped one is an error, not a fall-back to a system-wide copy.
+            ``$LIPNET_DATA_DIR`` or ``./data``. Given, or set in ``$LIPNET_DATA_DIR``, it must
+            be a folder (unless ``download``): a mistyped one is an error, not a fall-back to a
+            system-wide copy.
         download: when no local copy is found, download it with torchvision into ``data_dir``.
 
     Returns:
@@ -72,8 +74,8 @@ def load_dataset(name: str, split: str = "test", *, data_dir: str | os.PathLike 
         ``(N,)``), ``info`` (shape, classes, mean, std) and ``source`` (where it was read).
 
     Raises:
-        DatasetNotFoundError: nothing found, or ``data_dir`` is not a folder; the message lists
-            every folder searched and how to get the data.
+        DatasetNotFoundError: nothing found, or ``data_dir`` (``$LIPNET_DATA_DIR``) is not a
+            folder; the message lists every folder searched and how to get the data.
         DatasetError: a file was found but is corrupt or has the wrong shape.
 
     Example:
@@ -85,8 +87,9 @@ def load_dataset(name: str, split: str = "test", *, data_dir: str | os.PathLike 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = Path(data_dir) if data_dir is not None else default_data_dir()
-    if data_dir is not None and not download and not root.is_dir():
-        raise DatasetNotFoundError(_no_data_dir_message(info, split, root))
+    chosen = data_dir is not None or bool(os.environ.get("LIPNET_DATA_DIR"))
+    if chosen and not download and not root.is_dir():
+        raise DatasetNotFoundError(_no_data_dir_message(info, split, root, from_environment=data_dir is None))
     folders = search_folders(info, root)
     try:
         found = _find(info, split, folders)
@@ -292,10 +295,15 @@ def _download(info: DatasetInfo, split: str, root: Path) -> str | None:
     return None
 
 
-def _no_data_dir_message(info: DatasetInfo, split: str, root: Path) -> str:
-    """The error for an explicit ``data_dir`` that is not a folder: searching the other folders
-    instead would silently read another copy (a system-wide one) than the one asked for."""
+def _no_data_dir_message(info: DatasetInfo, split: str, root: Path, from_environment: bool = False) -> str:
+    """The error for an explicit ``data_dir`` (or ``$LIPNET_DATA_DIR``) that is not a folder:
+    searching the other folders instead would silently read another copy (a system-wide one)
+    than the one asked for."""
     state = "is not a folder" if root.exists() else "does not exist"
+    if from_environment:
+        return (f"{info.name} ({split} split) not found: $LIPNET_DATA_DIR is {root.absolute()}, which {state}. Set "
+                f"it to the folder that holds {info.name}, or unset it to search the default folders (or pass "
+                "--data-dir); or pass --download to fetch it into that folder.")
     return (f"{info.name} ({split} split) not found: the data folder {root.absolute()} {state}. Point --data-dir at "
             f"the folder that holds {info.name}, or leave it out to search the default folders; or pass --download "
             "to fetch it into that folder.")

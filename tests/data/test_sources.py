@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lipnet.data import DatasetError, DatasetNotFoundError, load_dataset, read_idx, synthetic_dataset, write_npz
+from lipnet.data import DatasetError, DatasetNotFoundError, default_data_dir, load_dataset, read_idx, synthetic_dataset, write_npz
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -102,6 +102,22 @@ def test_a_data_dir_that_is_not_a_folder_is_an_error_not_a_fall_back(tmp_path, m
     with pytest.raises(DatasetNotFoundError, match=r"fashion-mnist \(train split\) not found: the data folder .*typo "
                                                    r"(does not exist|is not a folder).*--download"):
         load_dataset("fashion-mnist", "train", data_dir=tmp_path / "typo")
+
+
+@pytest.mark.parametrize("make", [lambda path: None, lambda path: path.write_text("")], ids=["missing", "a file"])
+def test_a_lipnet_data_dir_that_is_not_a_folder_is_an_error_not_a_fall_back(tmp_path, monkeypatch, make):
+    """Setting $LIPNET_DATA_DIR means it: a mistyped one must not silently read the system-wide fashion-mnist."""
+    make(tmp_path / "typo")
+    monkeypatch.setenv("LIPNET_DATA_DIR", str(tmp_path / "typo"))
+    with pytest.raises(DatasetNotFoundError, match=r"\$LIPNET_DATA_DIR .*typo.* (does not exist|is not a folder)"):
+        load_dataset("fashion-mnist", "train")
+    mnist_like(tmp_path / "given")  # an explicit data_dir is searched instead of the variable's folder
+    assert len(load_dataset("fashion-mnist", "train", data_dir=tmp_path / "given")) == 12
+
+
+def test_an_empty_lipnet_data_dir_counts_as_unset(monkeypatch):
+    monkeypatch.setenv("LIPNET_DATA_DIR", "")
+    assert default_data_dir() == Path("data")
 
 
 def test_failed_download_is_reported(tmp_path, monkeypatch):
