@@ -17,6 +17,8 @@ from lipnet.training.losses import CertifiedMarginLoss
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: Those of them that replay CUDA graphs (each step then marks its start).
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+#: The smallest positive normal float32: an ``input_std`` below it cannot be stored by the model.
+FLOAT32_TINY = 2.0 ** -126
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,9 @@ class TrainConfig:
     Model
         model: registry name (``lipnet.models.MODELS``). model_kwargs: extra arguments.
         input_std: ``None`` normalizes by the data set's per-channel std (the model is then
-        ``1 / min(std)``-Lipschitz in pixels); a number uses that std for every channel.
+        ``1 / min(std)``-Lipschitz in pixels, and its certificate counts that factor); a
+        number uses that std for every channel: a finite number > 0 (below 0.01, a model of
+        over 100-Lipschitz in pixels, is warned about: certified radii shrink as much).
     Optimization
         epochs, batch_size (global, over all processes), lr (peak), weight_decay,
         warmup_epochs (linear warm-up, at most half of the run, then ``schedule``: "cosine",
@@ -123,7 +127,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "temperature", "train_eps", "weight_decay", "warmup_epochs", "offset", "time_budget"):
+        for name in ("lr", "temperature", "train_eps", "weight_decay", "warmup_epochs", "offset", "time_budget",
+                     "input_std"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -135,6 +140,10 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs and weight_decay must be >= 0, got {self.warmup_epochs}, {self.weight_decay}")
         if self.input_std is not None and not self.input_std > 0:
             raise ValueError(f"input_std must be > 0 (or None for the data set's std), got {self.input_std}")
+        if self.input_std is not None and self.input_std < FLOAT32_TINY:
+            raise ValueError(f"input_std {self.input_std:g} is below the smallest normal float32 ({FLOAT32_TINY:.3g}), "
+                             "the precision the model stores it in; the data sets' pixel stds are about 0.2 to 0.4 "
+                             "(pixels in [0, 1]): give one of that size, or none for the data set's own")
         if self.crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0 pixels, got {self.crop_padding}")
         if self.threads is not None and self.threads < 1:

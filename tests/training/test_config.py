@@ -76,6 +76,9 @@ def test_settings_are_validated_before_any_training():
     ({"train_subset": 10.0}, "train_subset must be an int"), ({"eval_eps": 0.5}, "eval_eps must be"),
     ({"model_kwargs": [("width", 8)]}, "model_kwargs must be a dict"), ({"offset": -1.0}, "offset must be >= 0"),
     ({"input_std": 0.0}, "input_std must be > 0"), ({"input_std": -0.5}, "input_std must be > 0"),
+    ({"input_std": float("inf")}, "input_std must be a finite number"),
+    ({"input_std": float("nan")}, "input_std must be a finite number"),
+    ({"input_std": 1e-50}, "input_std 1e-50 is below the smallest normal float32"),
     ({"data_dir": " "}, "data_dir must name a folder"),
 ])
 def test_settings_of_the_wrong_type_or_sign_are_refused_by_name(bad, message):

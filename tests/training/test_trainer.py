@@ -11,7 +11,7 @@ import torch
 
 from lipnet.checkpoint import load_checkpoint, load_model
 from lipnet.data import synthetic_dataset, write_npz
-from lipnet.training import CertifiedMarginLoss, TrainConfig, plan_epochs, train
+from lipnet.training import CertifiedMarginLoss, TrainConfig, build_run_model, plan_epochs, train
 
 TIMING = {"train_seconds", "eval_seconds", "images_per_second"}
 
@@ -393,3 +393,23 @@ def test_more_threads_than_cpus_is_refused_before_anything_runs(tmp_path, monkey
     monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail("threads were set"))
     with pytest.raises(ValueError, match="threads 3 is more than the 2 CPUs"):
         train(tiny(tmp_path, tmp_path / "run", threads=3), log=quiet)
+
+
+def test_a_tiny_input_std_is_warned_about_and_counted_by_the_certificate():
+    """Dividing by the std scales the Lipschitz constant in pixels by 1 / std: sound (the
+    certificate counts it) but a tiny std leaves almost no certified radius."""
+    import warnings
+
+    from lipnet.certify import lipschitz_bound
+    from lipnet.data import dataset_info
+
+    info = dataset_info("mnist")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MNIST's own std (0.3081) is legitimate: no warning
+        torch.manual_seed(0)
+        usual = lipschitz_bound(build_run_model(TrainConfig(dataset="mnist", input_std=0.3081), info).eval(),
+                                (1, 28, 28))
+    torch.manual_seed(0)  # the same weights
+    with pytest.warns(UserWarning, match=r"input_std 0.001 makes the model up to 1000-Lipschitz"):
+        model = build_run_model(TrainConfig(dataset="mnist", input_std=1e-3), info).eval()
+    assert lipschitz_bound(model, (1, 28, 28)) == pytest.approx(usual * 308.1, rel=1e-4)
