@@ -656,7 +656,7 @@ def _gram_steps_batch(g: torch.Tensor, log_scale: torch.Tensor, steps: int, herm
         return g, log_scale
     tiny = torch.finfo(g.dtype).tiny  # of the real dtype for a complex g
     norms = []
-    # Real form: buffers reused by every squaring (S and -D, and the iterate before last, which
+    # Real form: buffers reused by every squaring (D, and the iterate before last, which
     # receives the next one), unless the iterates are kept. Not in a compiled or exported graph:
     # the compiler plans memory itself, and out= operations there would fail when an exported
     # program runs with autograd on.
@@ -674,7 +674,7 @@ def _gram_steps_batch(g: torch.Tensor, log_scale: torch.Tensor, steps: int, herm
             keep.append((g, kept_log_scale))
             kept_log_scale = 2 * kept_log_scale
         if real_form and (hermitian or step > 0):
-            work = g.new_empty((2, *g.shape)) if work is None and reuse else work
+            work = torch.empty_like(g) if work is None and reuse else work
             g, spare = square_real_form(g, out=spare, work=work), (g if reuse else None)
         elif hermitian or step > 0:
             g = torch.bmm(g, g)

@@ -17,15 +17,16 @@ Products in the real form (``r x r`` iterates; a complex product costs ``8 r^3``
   ``B B^T + C C^T + C B^T - B C^T = U V^T`` with ``U = [B, C]`` and ``V = [B - C, B + C]``,
   the real and imaginary parts of ``A`` and of ``(1 + i) A`` side by side: one real product
   with inner dimension ``2 n``, ``4 m^2 n`` flops instead of ``8 m^2 n``.
-* Square of a Hermitian ``G``: ``G^2 = (X^2 - Y^2) + i (XY + YX)``. With ``P = XY``
-  (``P^T = -YX``) and ``Q = (X + Y)(X - Y) = M M^T = X^2 - Y^2 - P - P^T``, its real form is
-  ``Q + 2 P = M M^T + S D / 2`` with ``S = M + M^T = 2X`` and ``D = M - M^T = 2Y``: two real
-  products, ``4 r^3`` flops instead of ``8 r^3``.
+* Square of a Hermitian ``G``: ``G^2 = (X^2 - Y^2) + i (XY + YX)``, whose real form is
+  ``X^2 - Y^2 + XY + YX = M M - 2 Y^2 = M M - D D / 2`` with ``D = M - M^T = 2Y``
+  (``M M = X^2 + XY + YX + Y^2``): two real products, ``4 r^3`` flops instead of ``8 r^3``,
+  and one elementwise operation (``D``).
 
-Rounding: ``fl(M M^T)`` and ``fl(S D) / 2`` each err by at most ``gamma_r ||M||_F^2`` in
-Frobenius norm (``||S||_F ||D||_F <= 2 ||M||_F^2`` by the parallelogram law), so a squaring
-in the real form errs by at most about ``2 gamma_r ||G||_F^2``, the order of a complex
-product's error (:mod:`lipnet.bounds.rounding` allows for it).
+Rounding: ``fl(M M)`` errs by at most ``gamma_r ||M||_F^2`` in Frobenius norm and
+``fl(D D) / 2`` by at most ``gamma_r ||D||_F^2 / 2 <= 2 gamma_r ||M||_F^2``
+(``||D||_F^2 = 4 ||Y||_F^2 <= 4 ||M||_F^2``), so a squaring in the real form errs by at most
+about ``3 gamma_r ||G||_F^2``, the order of a complex product's error
+(:mod:`lipnet.bounds.rounding` allows for it).
 """
 
 from __future__ import annotations
@@ -60,15 +61,13 @@ def gram_real_form(a: torch.Tensor) -> torch.Tensor:
 
 def square_real_form(m: torch.Tensor, out: torch.Tensor | None = None,
                      work: torch.Tensor | None = None) -> torch.Tensor:
-    """Real form of ``G^2`` from the real form ``m`` ``(B, r, r)`` of Hermitian ``G``.
+    """Real form of ``G^2`` from the real form ``m`` ``(B, r, r)`` of Hermitian ``G``:
+    ``M M - D D / 2`` with ``D = M - M^T`` (module docstring).
 
-    ``out`` (shape of ``m``) and ``work`` (``(2, B, r, r)``), buffers not overlapping ``m``,
-    receive the result and the intermediates ``S`` and ``-D``: a loop of squarings can reuse
-    its memory instead of allocating three fresh matrices per step (on the CPU, touching
-    fresh pages costs about as much as the elementwise operations themselves).
+    ``out`` and ``work`` (both of ``m``'s shape), buffers not overlapping ``m``, receive the
+    result and ``D``: a loop of squarings can reuse its memory instead of allocating two fresh
+    matrices per step (on the CPU, touching fresh pages costs about as much as the elementwise
+    operation itself).
     """
-    mt = m.mT
-    s, minus_d = (None, None) if work is None else work
-    s = torch.add(m, mt, out=s)  # the one elementwise operation with a transposed (strided) operand
-    minus_d = torch.add(s, m, alpha=-2, out=minus_d)  # M^T - M = -D
-    return torch.bmm(m, mt, out=out).baddbmm_(s, minus_d, alpha=-0.5)
+    d = torch.sub(m, m.mT, out=work)  # the one elementwise operation, with a transposed (strided) operand
+    return torch.bmm(m, m, out=out).baddbmm_(d, d, alpha=-0.5)

@@ -10,11 +10,11 @@ rounding. With unit roundoff ``u`` and standard error bounds for sums and produc
 * a first Gram iterate built from the kernel's autocorrelation instead
   (:mod:`lipnet.bounds.symbol_gram`) errs by at most ``~sqrt(2) taps rank (inner + 2 taps^2) u``
   relative to the largest one;
-* a Gram step ``fl(G^H G)`` on a Frobenius-normalised ``G`` has error ``<= 2 gamma_inner``
-  in Frobenius norm (a complex product, or the two real products of the real form of
-  :mod:`lipnet.bounds.hermitian`) while ``sigma_max(G)^2 >= 1 / rank``: relative
-  ``2 inner * u * rank``; through the ``2^-t`` roots the steps add up to at most that
-  amount once more;
+* a Gram step ``fl(G^H G)`` on a Frobenius-normalised ``G`` has error ``<= 3 gamma_inner``
+  in Frobenius norm (``2 gamma_inner`` for a complex product, ``3 gamma_inner`` for the two real
+  products of the real form of :mod:`lipnet.bounds.hermitian`) while
+  ``sigma_max(G)^2 >= 1 / rank``: relative ``3 inner * u * rank``; through the ``2^-t`` roots
+  the steps add up to at most that amount once more;
 * the final estimate of ``lambda_max(G_t)`` (its Frobenius norm, or the trace form
   ``m + sqrt(r - 1) s'`` of :mod:`lipnet.bounds.gram`) is a sum of non-negative terms, so it
   carries a relative error of at most ``~r u``, below the Gram-step term;
@@ -49,6 +49,6 @@ def relative_rounding_margin(dtype: torch.dtype, *, inner: int, rank: int, taps:
     """
     u = torch.finfo(dtype).eps / 2
     autocorrelation = 1.5 * taps * rank * (inner + 2 * taps**2)
-    worst = u * ((taps + 2) * math.sqrt(rank) + autocorrelation + 4 * inner * rank
+    worst = u * ((taps + 2) * math.sqrt(rank) + autocorrelation + 6 * inner * rank
                  + (n_iter + 3) * (4 + abs(log_bound)))
     return max(MIN_RELATIVE_MARGIN, 10 * worst)
