@@ -40,10 +40,16 @@ class TrainConfig:
         epochs, batch_size (global, over all processes), lr (peak), weight_decay,
         warmup_epochs (linear warm-up, at most half of the run, then ``schedule``: "cosine",
         "linear" or "constant", down to 0).
-        time_budget: seconds of training (``None``: no limit). After the first epoch the run
-        measures its steady speed and lowers ``epochs`` to what fits; the learning-rate
-        schedule is re-planned for that count (so it still ends at 0) and the count is kept in
-        the checkpoint, so ``--resume`` continues the same plan.
+        time_budget: seconds for the epochs (``None``: no limit): their training and their
+        test-set estimates (``eval_every``; a budgeted run also takes the first epoch's, to
+        measure it), before a ``--resume`` too. NOT counted: start-up (data loading,
+        building the model), checkpoint saves, and the final certification (``certify``),
+        which runs once after the budget (its time is ``certify_seconds`` in the report).
+        After the first epoch the run measures its steady speed and lowers ``epochs`` to what
+        fits, and after every later epoch it checks what it has spent so far and lowers them
+        again if needed (never raises them); the learning-rate schedule is re-planned for
+        that count (so it still ends at 0) and the count is kept in the checkpoint, so
+        ``--resume`` continues the same plan.
     Loss (see :mod:`lipnet.training.losses`)
         loss: "ce" (offset cross-entropy), "hinge" (multi-margin hinge) or "emma" (the
         cross-entropy of the logits an attack of size ``train_eps`` could reach, per class

@@ -32,20 +32,35 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, shape))
 
 
-def plan_epochs(time_budget: float, seconds_so_far: float, seconds_per_epoch: float, max_epochs: int) -> int:
-    """How many epochs in all fit in ``time_budget`` seconds, measured after the first epoch.
+def plan_epochs(time_budget: float, seconds_so_far: float, seconds_per_epoch: float, max_epochs: int, *,
+                epochs_done: int = 1, eval_seconds: float = 0.0, eval_every: int = 1) -> int:
+    """How many epochs in all fit in ``time_budget`` seconds, measured after ``epochs_done`` epochs.
 
-    ``seconds_so_far`` is what the first epoch took (compilation and warm-up included) and
-    ``seconds_per_epoch`` the steady-state estimate of each further one. At least the epoch
-    already done, at most ``max_epochs``.
+    ``seconds_so_far`` is everything those epochs took (training and test-set estimates,
+    compilation and warm-up included) and ``seconds_per_epoch`` the steady-state estimate of
+    the training of each further one; a further epoch that takes the test-set estimate (every
+    ``eval_every``-th epoch, and the last) costs ``eval_seconds`` more. At least the epochs
+    already done (and 1), at most ``max_epochs``.
 
     Example:
         >>> plan_epochs(100.0, seconds_so_far=30.0, seconds_per_epoch=10.0, max_epochs=20)
         8
         >>> plan_epochs(100.0, seconds_so_far=120.0, seconds_per_epoch=10.0, max_epochs=20)
         1
+        >>> plan_epochs(100.0, 30.0, 10.0, 20, eval_seconds=20.0, eval_every=3)  # estimates after epochs 3 and 4
+        4
     """
-    if seconds_per_epoch <= 0:
-        return max_epochs
-    further = math.floor(max(0.0, time_budget - seconds_so_far) / seconds_per_epoch)
-    return max(1, min(max_epochs, 1 + further))
+    done = max(1, epochs_done)
+
+    def cost(total: int) -> float:  # of epochs done + 1 ... total
+        estimates = total // eval_every - done // eval_every + (total % eval_every != 0)
+        return (total - done) * seconds_per_epoch + estimates * eval_seconds
+
+    low, high = done, max(done, max_epochs)  # the cost grows with the total: the largest that fits, by bisection
+    while low < high:
+        middle = (low + high + 1) // 2
+        if seconds_so_far + cost(middle) <= time_budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low

@@ -244,13 +244,13 @@ class _Run:
                  f"{config.model}, {sum(p.numel() for p in self.model.parameters()):,} parameters, {env.world_size} "
                  f"process(es) on {env.device}, margin {self.margin:.4g} (train eps {config.train_eps:g})")
         train_seconds = sum(h["train_seconds"] for h in history)
-        epoch = start_epoch
+        self._first_epoch = epoch = start_epoch
         while epoch < self.epochs:
             record = self._epoch(forward, epoch)
             history.append(record)
             train_seconds += record["train_seconds"]
-            if epoch == 0 and config.time_budget is not None:
-                self._plan(record)
+            if config.time_budget is not None:
+                self._fit_budget(history)
                 record["lr"] = self.scheduler.get_last_lr()[0]  # the rate the re-planned schedule goes on with
                 if record["test_acc"] is None and epoch + 1 >= self.epochs:  # the plan made it the last epoch
                     start = time.perf_counter()
@@ -294,7 +294,10 @@ class _Run:
         start = time.perf_counter()
         bar = tqdm(self.loader.epoch(epoch), total=len(self.loader), desc=f"epoch {epoch + 1}/{self.epochs}",
                    leave=False, disable=not (config.progress and env.is_main))
-        timed_from = min(5, self.steps // 4) if epoch == 0 and config.time_budget is not None else None
+        # The steady speed is measured in the first epoch of each process (after a resume too:
+        # that epoch's compilation and warm-up would make the time-budget check stop too soon).
+        timed_from = min(5, self.steps // 4) if epoch == self._first_epoch and config.time_budget is not None \
+            else None
         for step, (x, y) in enumerate(bar):
             if step == timed_from:  # past compilation and warm-up: the steady speed starts here
                 steady_start = self._synchronized_time()
@@ -325,7 +328,10 @@ class _Run:
         loss_sum, correct, margin_ok, count = env.sum([*totals.tolist(), count])
         self._check_finite(epoch, loss_sum)
         start = time.perf_counter()
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 >= self.epochs:
+        # A time-budgeted run also takes the first epoch's estimate: the budget counts them, so
+        # their cost is measured before the plan.
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 >= self.epochs or (
+                epoch == 0 and config.time_budget is not None):
             test_acc, test_margin_acc = self._test_metrics()
         else:
             test_acc = test_margin_acc = None
@@ -373,15 +379,27 @@ class _Run:
         # recipe, or one re-planned for a time budget).
         return make_scheduler(self.optimizer, total, min(warmup, total // 2), config.schedule)
 
-    def _plan(self, first: dict) -> None:
-        """Fit the run into ``config.time_budget`` after its first epoch (same plan on every process)."""
-        per_epoch = self._steady_step_seconds * self.steps + first["eval_seconds"]
-        planned = plan_epochs(self.config.time_budget, first["train_seconds"] + first["eval_seconds"], per_epoch,
-                              self.config.epochs)
-        planned = round(self.env.sum([planned if self.env.is_main else 0])[0])
-        self.log(f"time budget {self.config.time_budget:g} s: about {per_epoch:.1f} s per epoch after the first "
-                 f"({first['train_seconds'] + first['eval_seconds']:.1f} s), so {planned} of {self.config.epochs} "
-                 "epochs")
+    def _fit_budget(self, history: list[dict]) -> None:
+        """After each epoch, lower the planned epochs so that the run fits ``config.time_budget``
+        (the same plan on every process). What counts is everything measured so far (every
+        epoch's training and test-set estimates, before a resume too) and, for each further
+        epoch, the steady training speed plus the last estimate's time when it takes one. The
+        plan is only ever lowered; the learning-rate schedule is re-planned to end at 0."""
+        config, done = self.config, len(history)
+        spent = sum(h["train_seconds"] + h["eval_seconds"] for h in history)
+        per_epoch = (self._steady_step_seconds * self.steps if done == self._first_epoch + 1
+                     else history[-1]["train_seconds"])
+        eval_seconds = next((h["eval_seconds"] for h in reversed(history) if h["test_acc"] is not None), 0.0)
+        planned = plan_epochs(config.time_budget, spent, per_epoch, self.epochs, epochs_done=done,
+                              eval_seconds=eval_seconds, eval_every=config.eval_every)
+        planned = min(self.epochs, round(self.env.sum([planned if self.env.is_main else 0])[0]))
+        if done == 1:
+            self.log(f"time budget {config.time_budget:g} s: about {per_epoch:.1f} s per epoch after the first "
+                     f"({spent:.1f} s), {eval_seconds:.1f} s per test-set estimate, so {planned} of {config.epochs} "
+                     "epochs")
+        elif planned < self.epochs:
+            self.log(f"time budget {config.time_budget:g} s: {spent:.1f} s spent after epoch {done} (training and "
+                     f"test-set estimates), so {planned} epochs instead of {self.epochs}")
         self._replan(planned)
 
     def _replan(self, epochs: int) -> None:

@@ -110,6 +110,13 @@ def test_plan_epochs_fits_the_budget():
     assert plan_epochs(100.0, 30.0, 10.0, max_epochs=5) == 5
     assert plan_epochs(100.0, 150.0, 10.0, max_epochs=5) == 1  # the first epoch alone is over budget
     assert plan_epochs(100.0, 30.0, 0.0, max_epochs=5) == 5
+    # The test-set estimates count: every 3rd epoch and the last take 20 s more.
+    # 30 + 3 * 10 + 2 * 20 (epochs 3 and 4, the last) <= 100 < 30 + 4 * 10 + 2 * 20 (epochs 3 and 5)
+    assert plan_epochs(100.0, 30.0, 10.0, max_epochs=20, eval_seconds=20.0, eval_every=3) == 4
+    # 60 + 2 * 10 + 20 (epoch 5, the last) <= 100 < 60 + 3 * 10 + 20 (epoch 6)
+    assert plan_epochs(100.0, 60.0, 10.0, max_epochs=20, epochs_done=3, eval_seconds=20.0, eval_every=3) == 5
+    assert plan_epochs(100.0, 120.0, 10.0, max_epochs=20, epochs_done=3, eval_seconds=20.0) == 3  # over: stop now
+    assert plan_epochs(100.0, 30.0, 10.0, max_epochs=10 ** 12) == 8  # no loop over the epochs
     with pytest.raises(ValueError, match="time_budget"):
         tiny("data", "out", time_budget=0)
 
@@ -122,7 +129,7 @@ def test_a_time_budget_lowers_the_epochs_and_resume_keeps_the_plan(data_dir, tmp
     assert load_checkpoint(tmp_path / "short" / "checkpoint.pt")["training"]["epochs"] == 1
     # A plan of 2 of 3 epochs, with an interruption after the first: resuming follows the plan
     # (2 epochs, the re-planned schedule) exactly as the uninterrupted run does.
-    monkeypatch.setattr("lipnet.training.trainer.plan_epochs", lambda *args: 2)
+    monkeypatch.setattr("lipnet.training.trainer.plan_epochs", lambda *args, **kwargs: 2)
     full = train(tiny(data_dir, tmp_path / "full", certify=False, time_budget=60), log=quiet)
     assert [h["epoch"] for h in full.history] == [1, 2] and full.history[-1]["lr"] == pytest.approx(0, abs=1e-12)
 
@@ -131,7 +138,8 @@ def test_a_time_budget_lowers_the_epochs_and_resume_keeps_the_plan(data_dir, tmp
 
     with pytest.raises(KeyboardInterrupt):
         train(tiny(data_dir, tmp_path / "cut", certify=False, time_budget=60), on_epoch_end=interrupt, log=quiet)
-    monkeypatch.setattr("lipnet.training.trainer.plan_epochs", lambda *args: pytest.fail("planned twice"))
+    # The budget is checked after every epoch, but a check never raises the plan.
+    monkeypatch.setattr("lipnet.training.trainer.plan_epochs", lambda *args, **kwargs: 3)
     resumed = train(tiny(data_dir, tmp_path / "cut", certify=False, time_budget=60, resume=True), log=quiet)
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -166,7 +174,7 @@ def test_an_empty_test_set_fails_before_training(data_dir, tmp_path):
 
 
 def test_a_budget_shorter_than_the_warmup_still_decays(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("lipnet.training.trainer.plan_epochs", lambda *args: 2)
+    monkeypatch.setattr("lipnet.training.trainer.plan_epochs", lambda *args, **kwargs: 2)
     result = train(tiny(data_dir, tmp_path / "run", certify=False, epochs=6, warmup_epochs=2, time_budget=60),
                    log=quiet)
     assert [h["epoch"] for h in result.history] == [1, 2]
@@ -413,3 +421,43 @@ def test_a_tiny_input_std_is_warned_about_and_counted_by_the_certificate():
     with pytest.warns(UserWarning, match=r"input_std 0.001 makes the model up to 1000-Lipschitz"):
         model = build_run_model(TrainConfig(dataset="mnist", input_std=1e-3), info).eval()
     assert lipschitz_bound(model, (1, 28, 28)) == pytest.approx(usual * 308.1, rel=1e-4)
+
+
+def _slow_estimates(monkeypatch, seconds):
+    """Make the per-epoch test-set estimates take ``seconds(call)`` more (call counts from 0)."""
+    import time
+
+    from lipnet.training.trainer import _Run
+
+    original, calls = _Run._test_metrics, []
+
+    def slow(self):
+        time.sleep(seconds(len(calls)))
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(_Run, "_test_metrics", slow)
+
+
+def test_a_time_budget_counts_the_test_set_estimates_of_later_epochs(data_dir, tmp_path, monkeypatch):
+    """With eval_every=3 the first epoch takes no estimate; the budget must still count those of
+    epochs 3, 6, ... (here 0.4 s each: all 12 epochs would take over 1.6 s of a 1-s budget)."""
+    _slow_estimates(monkeypatch, lambda call: 0.4)
+    result = train(tiny(data_dir, tmp_path / "run", certify=False, epochs=12, eval_every=3, time_budget=1.0),
+                   log=quiet)
+    spent = sum(h["train_seconds"] + h["eval_seconds"] for h in result.history)
+    assert len(result.history) < 12 and spent < 1.25
+    assert result.history[-1]["lr"] == pytest.approx(0, abs=1e-12) and result.history[-1]["test_acc"] is not None
+
+
+def test_a_time_budget_is_checked_after_every_epoch(data_dir, tmp_path, monkeypatch):
+    """Estimates that become slow after the plan (the first is instant) lower the epochs again, and
+    the re-planned schedule still ends at 0."""
+    _slow_estimates(monkeypatch, lambda call: 0.0 if call == 0 else 0.5)
+    messages = []
+    result = train(tiny(data_dir, tmp_path / "run", certify=False, epochs=8, time_budget=1.2), log=messages.append)
+    spent = sum(h["train_seconds"] + h["eval_seconds"] for h in result.history)
+    assert len(result.history) < 8 and spent < 1.2 + 0.6
+    assert result.history[-1]["lr"] == pytest.approx(0, abs=1e-12)
+    assert any("spent after epoch" in m for m in messages)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["training"]["epochs"] == len(result.history)
