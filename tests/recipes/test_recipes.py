@@ -133,3 +133,48 @@ def test_under_torchrun_only_the_main_process_says_how_to_resume(tmp_path, capsy
         monkeypatch.setenv("RANK", rank)
         assert main(["mnist", "--out-dir", str(tmp_path / "run")]) == 130
         assert ("interrupted before the first epoch finished" in capsys.readouterr().err) is said
+
+
+def test_ctrl_c_while_torch_is_imported_exits_quietly(tmp_path):
+    """Ctrl-C during the seconds torch takes to import: one line and exit 130, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    importing = tmp_path / "importing-torch"
+    # A start-up hook that holds the import of torch until the signal comes.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import pathlib, sys, time\n"
+        "class HoldTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        f"            pathlib.Path({str(importing)!r}).touch()\n"
+        "            time.sleep(60)\n"
+        "sys.meta_path.insert(0, HoldTorch())\n")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    run = subprocess.Popen([sys.executable, "-m", "recipes.train", "mnist", "--epochs", "1"], cwd=root, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not importing.exists() and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.02)
+    assert importing.exists(), run.communicate(timeout=60)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "interrupted" in err
+    assert out == ""
+
+
+@pytest.mark.parametrize("argv, cli", [
+    (["python", "-m", "recipes.train", "mnist"], True), (["python", "-u", "-m", "recipes.train"], True),  # torchrun
+    (["python", "-mrecipes.train"], True), (["python", "-m", "pytest", "tests/recipes"], False), (["python"], False),
+])
+def test_only_the_command_line_turns_ctrl_c_at_import_into_an_exit(argv, cli):
+    """Imported as a library (a notebook, pytest), a Ctrl-C during the import stays the caller's KeyboardInterrupt."""
+    from recipes import _started_as_command_line
+
+    assert _started_as_command_line(argv) is cli
