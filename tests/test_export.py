@@ -262,6 +262,18 @@ def test_bad_inputs_get_clear_errors():
     exported.eval()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_gram_layer_with_a_non_finite_weight_is_named_not_blamed_on_the_input_shape(value):
+    net = plain_net()
+    with torch.no_grad():
+        net[2].weight[0, 0, 0, 0] = value
+    with pytest.raises(ValueError, match="cannot export") as raised:
+        export(net, SHAPE)
+    message = str(raised.value)
+    assert "'2.weight'" in message and ("NaN" if value != value else "inf") in message
+    assert "does not accept inputs" not in message
+
+
 def test_a_convolution_applied_at_two_sizes_cannot_be_baked():
     conv = GramConv2d(3, 3, 3, padding=1)
 
