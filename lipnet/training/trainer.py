@@ -387,8 +387,11 @@ class _Run:
         plan is only ever lowered; the learning-rate schedule is re-planned to end at 0."""
         config, done = self.config, len(history)
         spent = sum(h["train_seconds"] + h["eval_seconds"] for h in history)
-        per_epoch = (self._steady_step_seconds * self.steps if done == self._first_epoch + 1
-                     else history[-1]["train_seconds"])
+        # The first epoch of this process includes compilation and warm-up: its steady steps
+        # stand for it; later, the mean of the epochs since (one slow epoch would lower the plan,
+        # which never rises again).
+        steady = [h["train_seconds"] for h in history[self._first_epoch + 1:]]
+        per_epoch = sum(steady) / len(steady) if steady else self._steady_step_seconds * self.steps
         eval_seconds = next((h["eval_seconds"] for h in reversed(history) if h["test_acc"] is not None), 0.0)
         planned = plan_epochs(config.time_budget, spent, per_epoch, self.epochs, epochs_done=done,
                               eval_seconds=eval_seconds, eval_every=config.eval_every)

@@ -461,3 +461,20 @@ def test_a_time_budget_is_checked_after_every_epoch(data_dir, tmp_path, monkeypa
     assert result.history[-1]["lr"] == pytest.approx(0, abs=1e-12)
     assert any("spent after epoch" in m for m in messages)
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["training"]["epochs"] == len(result.history)
+
+
+def test_one_slow_epoch_does_not_cut_a_time_budgeted_run(data_dir, tmp_path, monkeypatch):
+    """The further epochs are planned at the mean speed of the epochs since the first, not at the last
+    epoch's: one slow epoch (here 1 s among 0.1-s ones) would otherwise lower the plan for good."""
+    from lipnet.training.trainer import _Run
+
+    original = _Run._epoch
+
+    def timed(self, forward, epoch):
+        record = original(self, forward, epoch)
+        record["train_seconds"] = 1.0 if epoch == 5 else 0.1
+        return record
+
+    monkeypatch.setattr(_Run, "_epoch", timed)
+    result = train(tiny(data_dir, tmp_path / "run", certify=False, epochs=10, time_budget=3.0), log=lambda m: None)
+    assert len(result.history) == 10
