@@ -120,12 +120,33 @@ def applied_weight(layer: nn.Linear | torch.Tensor) -> torch.Tensor:
 def row_distance_upper_bound(weight: torch.Tensor) -> torch.Tensor:
     """``D[y, j] >= ||w_y - w_j||_2`` for the rows of a float64 ``(K, n)`` matrix.
 
+    Each difference ``d = w_y - w_j`` is scaled by the power of two ``2^-e`` that brings its
+    largest entry into ``[1/2, 1)`` (exact), so that its squares neither underflow (a
+    difference of ``1e-200`` would square to 0 and certify an infinite radius) nor overflow.
     The differences, squares and sums are computed in float64 (relative error below
-    ``(n + 2) u``) and the result is multiplied by ``1 + (n + 4) * 2^-52``.
+    ``(n + 2) u``), the result is multiplied by ``1 + (n + 4) * 2^-52`` and by ``2^e``, and
+    rounded up by one ulp (the product may be subnormal). Squares that underflow once scaled
+    are below ``2^-1074`` each and change the sum (at least 1/4) by less than that margin.
     """
     weight = weight.double()
-    norms = torch.stack([(weight - row).square().sum(dim=1).sqrt() for row in weight])
-    return norms * (1 + (weight.shape[1] + 4) * 2.0**-52)
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("the last layer's weight has NaN or inf entries: no radius can be certified")
+    slack = 1 + (weight.shape[1] + 4) * 2.0**-52
+    rows = []
+    for row in weight:
+        difference = weight - row
+        _, exponent = torch.frexp(difference.abs().amax(dim=1, keepdim=True))
+        norm = _times_power_of_two(difference, -exponent).square().sum(dim=1).sqrt() * slack
+        norm = _times_power_of_two(norm, exponent[:, 0])
+        rows.append(torch.where(norm > 0, _round_up(norm), norm))
+    return torch.stack(rows)
+
+
+def _times_power_of_two(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """``x * 2^exponent`` in two steps whose factors are normal floats (``|exponent| <= 2150``),
+    so that an implementation of ``ldexp`` as ``x * 2.0**exponent`` cannot overflow the factor."""
+    half = torch.div(exponent, 2, rounding_mode="floor")
+    return torch.ldexp(torch.ldexp(x, half), exponent - half)
 
 
 def _round_up(x):

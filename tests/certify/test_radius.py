@@ -144,3 +144,5 @@ def test_bad_arguments_say_what_to_do():
         certified_radius(logits, labels, lipschitz=-1.0)
     with pytest.raises(ValueError, match="K >= 2"):
         certified_radius(torch.randn(3, 1), labels, lipschitz=1.0)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        certified_radius(logits, labels, last_layer=torch.tensor([[1.0], [math.nan], [0.0], [2.0]]), body_lipschitz=1.0)

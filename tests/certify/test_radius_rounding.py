@@ -8,6 +8,7 @@ radius is compared with the exact quotient as a ``Fraction``. Values of ``L`` th
 short binary fractions make the roundings visible.
 """
 
+import math
 from fractions import Fraction
 
 import pytest
@@ -73,3 +74,32 @@ def test_row_distance_upper_bound_is_above_the_exact_distances():
             exact_square = sum((a - b) ** 2 for a, b in zip(rows[y], rows[j]))
             assert Fraction(bound[y][j]) ** 2 >= exact_square, (y, j)
             assert Fraction(bound[j][y]) ** 2 >= exact_square, (j, y)
+
+
+def exact_sqrt(square: Fraction) -> float:
+    """``sqrt(square)`` to float64 precision, also where ``square`` is outside float64's range."""
+    if square == 0:
+        return 0.0
+    k = (square.numerator.bit_length() - square.denominator.bit_length()) // 2
+    return math.ldexp(math.sqrt(square / Fraction(4) ** k), k)
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-160, 3e-162, 2.0 ** -1070, 1e150, 1e300])
+def test_row_distance_upper_bound_survives_underflow_and_overflow(scale):
+    """Rows whose differences square below the smallest float64 (or into its subnormals) or
+    above the largest: the bound still holds exactly and stays tight; a tiny difference taken
+    for 0 made the last-layer radius 1.8e308 where the exact one is about 1e200."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(3, 5, dtype=torch.float64, generator=gen) * scale
+    bound = row_distance_upper_bound(weight).tolist()
+    rows = [[Fraction(v) for v in row] for row in weight.tolist()]
+    distances = [[exact_sqrt(sum((a - b) ** 2 for a, b in zip(u, v))) for v in rows] for u in rows]
+    for y in range(3):
+        for j in range(3):
+            exact_square = sum((a - b) ** 2 for a, b in zip(rows[y], rows[j]))
+            assert Fraction(bound[y][j]) ** 2 >= exact_square, (y, j)
+            assert bound[y][j] <= distances[y][j] * (1 + 1e-12) + 2.0 ** -1072, (y, j)  # and as tight
+    logits = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    radius = certified_radius(logits, torch.tensor([0]), last_layer=weight, body_lipschitz=1.0,
+                              rounding=torch.zeros(1)).item()
+    assert radius <= min(1 / distances[0][1], 1 / distances[0][2])
