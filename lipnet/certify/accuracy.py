@@ -147,6 +147,8 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] = DEFAULT_EP
             elif tuple(x.shape[1:]) != bounds["input_shape"]:
                 raise ValueError(f"inputs of shape {tuple(x.shape[1:])} after inputs of shape "
                                  f"{bounds['input_shape']}: the Lipschitz bound holds for one input shape")
+            if len(x) == 0:  # an empty batch (a loader's last one, a filtered one): nothing to certify in it
+                continue
             logits, err = forward_with_error_bound(exact, x, bounds["modules"])
             rounding = rounding_allowance(logits, err)
             if split is None:
@@ -156,7 +158,7 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] = DEFAULT_EP
                                      rounding=rounding)
             radii.append(r.cpu())
             correct.append((logits.argmax(dim=1) == y).cpu())
-    if bounds is None:
+    if not radii:
         raise ValueError("data is empty: nothing to certify")
     radii, correct = torch.cat(radii), torch.cat(correct)
     return CertificationResult(

@@ -77,7 +77,7 @@ def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz: floa
         raise ValueError("give either lipschitz=L (generic form) or last_layer=... and body_lipschitz=L_body "
                          "(last-layer form)")
     f = logits.detach().double()
-    labels = labels.to(f.device)
+    labels = labels.to(f.device, torch.long)
     if rounding is None:
         rounding = logit_rounding_margin(logits)
     rounding = torch.as_tensor(rounding, dtype=torch.float64, device=f.device)
@@ -165,7 +165,8 @@ def _check_bound(value, name: str) -> float:
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must have shape (N, K) with K >= 2 classes, got {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:1] or labels.is_floating_point() or labels.is_complex():
+    if (labels.shape != logits.shape[:1] or labels.is_floating_point() or labels.is_complex()
+            or labels.dtype == torch.bool):
         raise ValueError(f"labels must be {logits.shape[0]} integer labels, got {labels.dtype} {tuple(labels.shape)}")
     if labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[1]):
         raise ValueError(f"labels must lie in [0, {logits.shape[1]}), got values from {int(labels.min())} to "

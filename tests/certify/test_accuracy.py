@@ -193,3 +193,17 @@ def test_module_bounds_name_every_bounded_layer(trained_net, blobs):
     summary = json.loads(json.dumps(result.to_dict()))
     assert summary["module_bounds"][0]["module"] == table[0]["module"]
     assert summary["module_bounds"][0]["input_shape"] == list(table[0]["input_shape"])
+
+
+def test_integer_labels_of_any_dtype_and_empty_batches_are_accepted(small_net, blobs):
+    """uint8 / int32 labels crashed (gather, one_hot); an empty batch of a loader raised an
+    IndexError in the rounding bound."""
+    x, y = blobs(20)
+    expected = certified_accuracy(small_net, (x, y), eps=[0.1], progress=False)
+    for dtype in (torch.uint8, torch.int32):
+        result = certified_accuracy(small_net, (x, y.to(dtype)), eps=[0.1], progress=False)
+        assert torch.equal(result.radii, expected.radii) and result.certified == expected.certified
+    result = certified_accuracy(small_net, [(x[:0], y[:0]), (x, y), (x[:0], y[:0])], eps=[0.1], progress=False)
+    assert torch.equal(result.radii, expected.radii) and result.clean_accuracy == expected.clean_accuracy
+    with pytest.raises(ValueError, match="empty"):
+        certified_accuracy(small_net, [(x[:0], y[:0])], progress=False)

@@ -146,3 +146,19 @@ def test_bad_arguments_say_what_to_do():
         certified_radius(torch.randn(3, 1), labels, lipschitz=1.0)
     with pytest.raises(ValueError, match="NaN or inf"):
         certified_radius(logits, labels, last_layer=torch.tensor([[1.0], [math.nan], [0.0], [2.0]]), body_lipschitz=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_labels_of_any_integer_dtype_give_the_int64_radii(dtype):
+    """uint8 and int32 labels (as data sets store them) crashed in gather or one_hot."""
+    logits, labels = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]]), torch.tensor([0, 1])
+    expected = certified_radius(logits, labels, lipschitz=1.0)
+    assert torch.equal(certified_radius(logits, labels.to(dtype), lipschitz=1.0), expected)
+    weight = torch.randn(3, 2)
+    assert torch.equal(certified_radius(logits, labels.to(dtype), last_layer=weight, body_lipschitz=1.0),
+                       certified_radius(logits, labels, last_layer=weight, body_lipschitz=1.0))
+
+
+def test_boolean_labels_are_refused():
+    with pytest.raises(ValueError, match="integer labels"):
+        certified_radius(torch.randn(2, 2), torch.tensor([True, False]), lipschitz=1.0)
