@@ -214,17 +214,20 @@ class GramNormalized:
         layer applies then has a bound <= 1 at float32's accuracy, as a float32 layer does. The
         check reads values: it is skipped where they cannot steer Python (:func:`can_check_values`).
 
-        The divisor of a bfloat16 or float16 weight is also at least ``max|W| / (M / 2)``, ``M``
-        the dtype's largest finite value, so every entry of the quotient stays finite: an entry
-        that reads only zero padding (a convolution whose taps all fall outside a small input)
-        is not part of the operator, so the bound may be 0, and ``W / TINY`` would overflow
-        float16 (``M`` = 65504) to inf and make the forward ``inf * 0`` = NaN. As in float32,
-        where ``W / TINY`` stays finite, such a layer is then the zero map. Dividing by more than
-        the bound only lowers the operator norm.
+        The divisor is also at least ``max|W| / (M / 2)``, ``M`` the weight dtype's largest finite
+        value, so every entry of the quotient stays finite: an entry that reads only zero padding
+        (a convolution whose taps all fall outside a small input) is not part of the operator,
+        so the bound may be 0, and ``W / TINY`` would overflow to inf (in float16, whose ``M`` is
+        65504, for entries of 1; in float32 above about 3e26) and make the forward
+        ``inf * 0`` = NaN. Such a layer is then the zero map. Dividing by more than the bound only
+        lowers the operator norm.
         """
         bound = bound.clamp_min(TINY)
         if weight.dtype.itemsize >= 4:
-            return weight / bound.to(weight.dtype)
+            bound = bound.to(weight.dtype)
+            if weight.numel():
+                bound = torch.maximum(bound, weight.detach().abs().amax() / (torch.finfo(weight.dtype).max / 2))
+            return weight / bound
         bound = torch.maximum(bound.float(), weight.abs().amax().float() / (torch.finfo(weight.dtype).max / 2))
         quotient = weight.float() / bound
         rounded = quotient.to(weight.dtype)

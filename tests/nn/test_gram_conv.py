@@ -158,16 +158,18 @@ def test_tiny_weights_stay_finite_and_zero_weights_are_the_zero_map_without_grad
     assert TINY > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype, value", [(torch.float32, 1.0), (torch.bfloat16, 1.0), (torch.float16, 1.0),
+                                          (torch.float32, 1e30), (torch.float64, 1e300), (torch.bfloat16, 1e30)])
 @pytest.mark.parametrize("cfg", [dict(padding=1), dict(padding=4, dilation=4)], ids=["corners", "dilated"])
-def test_a_weight_that_reads_only_padding_is_the_zero_map_in_every_dtype(dtype, cfg):
+def test_a_weight_that_reads_only_padding_is_the_zero_map_in_every_dtype(dtype, value, cfg):
     """On a 1x1 input, the corner taps of a 3x3 kernel read only zero padding: the operator is
     zero (bound 0) though the weight is not. float16 (largest value 65504) once overflowed
-    W / TINY to inf and the forward to inf * 0 = NaN."""
+    W / TINY to inf and the forward to inf * 0 = NaN, and so did float32 for entries above
+    about 3e26 (and float64 above 1e296)."""
     layer = GramConv2d(2, 2, 3, dtype=dtype, **cfg)
     with torch.no_grad():
         layer.weight.zero_()
-        layer.weight[:, :, 0, 0] = 1.0
+        layer.weight[:, :, 0, 0] = value
     x = torch.randn(3, 2, 1, 1, dtype=dtype, requires_grad=True)
     assert layer.weight_norm_bound((1, 1)).item() == 0.0
     assert torch.isfinite(layer.normalized_weight((1, 1))).all()
