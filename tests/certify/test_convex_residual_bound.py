@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lipnet.certify import lipschitz_bound
+from lipnet.certify import LipschitzBoundError, lipschitz_bound
 from lipnet.nn import ConvexResidual, GramConv2d, GramResidualConv2d
 
 ALPHAS = [0.05, 0.3, 0.5, 0.8, 0.97]
@@ -54,3 +54,13 @@ def test_a_block_with_an_aligned_linear_branch_is_certified_soundly(alpha):
     block = ConvexResidual(nn.Sequential(branch, ConvexResidual(nn.Identity(), 0.5)), alpha).double().eval()
     exact = exact_lipschitz(block, (2, 6, 6))
     assert lipschitz_bound(block, (2, 6, 6)) >= exact
+
+
+def test_a_nan_mixing_weight_is_refused_with_the_blocks_path():
+    """A diverged ``alpha_logit`` (NaN) makes the block output NaN: no Lipschitz constant. The
+    bound's exact rounding raised ``ValueError: cannot convert NaN to integer ratio`` instead."""
+    block = nn.Sequential(ConvexResidual(nn.Identity(), 0.5))
+    with torch.no_grad():
+        block[0].alpha_logit.fill_(float("nan"))
+    with pytest.raises(LipschitzBoundError, match=r"module '0' .*alpha_logit is NaN"):
+        lipschitz_bound(block, (4,))
