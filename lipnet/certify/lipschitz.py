@@ -421,7 +421,7 @@ def _convex_residual_bound(module: ConvexResidual, x: torch.Tensor):
     keep, alpha = (abs(float(c.detach().to(t.dtype).double())) for c, t in ((keep, x), (alpha, out)))
     if math.isnan(keep) or math.isnan(alpha):
         raise LipschitzBoundError(module, (
-            f"its mixing weight is NaN (alpha_logit is NaN: training diverged), so the block's output is NaN and no "
+            "its mixing weight is NaN (alpha_logit is NaN: training diverged), so the block's output is NaN and no "
             "Lipschitz constant bounds it; restore alpha_logit from a checkpoint or set it to a number"))
     return add_up(keep, mul_up(alpha, branch_bound)), module(x)
 
