@@ -77,7 +77,8 @@ class GramConv1d(GramNormalizedConv, nn.Conv1d):
         return left, right
 
     def _matrix_shape(self):
-        return self.out_channels // self.groups, self.in_channels // self.groups * self.stride[0], self.kernel_size[0]
+        stride = self._as_conv2d()["stride"][1]  # an int set after construction counts as F.conv1d takes it
+        return self.out_channels // self.groups, self.in_channels // self.groups * stride, self.kernel_size[0]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._forward_normalized(input, self.normalized_weight((int(input.shape[-1]),)))

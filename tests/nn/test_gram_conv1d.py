@@ -76,6 +76,18 @@ def test_clear_errors():
         torch.jit.trace(GramConv1d(2, 2, 3), torch.randn(1, 2, 8))
 
 
+def test_geometry_set_as_an_int_after_construction_is_certified():
+    """``layer.stride = 2`` is what ``nn.Conv1d`` runs (F.conv1d takes an int); the forward and
+    the bound took it, but the certified bound raised ``TypeError: 'int' object is not
+    subscriptable`` (its rounding margin read ``stride[0]``)."""
+    layer = GramConv1d(2, 3, 3, padding=1, dtype=torch.float64)
+    layer.stride, layer.dilation = 2, 2
+    assert layer(torch.randn(1, 2, 9, dtype=torch.float64)).shape[-1] == 4
+    weight = layer.normalized_weight(9)
+    exact = exact_conv1d_spectral_norm(weight, 9, stride=2, padding=1, dilation=2)
+    assert exact <= layer.lipschitz_bound(9) <= 1 + 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_weight_that_reads_only_padding_is_the_zero_map_in_every_dtype(dtype):
     """As for GramConv2d: the outer taps on a length-1 input read only padding (bound 0), and
