@@ -131,35 +131,25 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] = DEFAULT_EP
     if model_device is not None and model_device != device and not (
             device.index is None and model_device.type == device.type):
         raise ValueError(f"the model is on {model_device} but device={device}: move it with model.to(device) first")
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     radii, correct = [], []
-    bounds = None
     batches = _batches(data, batch_size)
     with evaluating(model), torch.no_grad(), exact_kernels():
-        exact = float64_copy(model)
-        split = split_last_linear(exact) if last_layer == "auto" else None
+        exact = ExactLogits(model, last_layer)
         for x, y in tqdm(batches, desc="certify", disable=not progress, total=_length(data, batch_size)):
-            # The input the model would see (its dtype), then exactly in float64.
-            x = _as_input(x, dtype).to(device).double()
-            y = y.to(device)
-            if bounds is None:
-                bounds = _bounds(exact, split, tuple(x.shape[1:]))
-            elif tuple(x.shape[1:]) != bounds["input_shape"]:
-                raise ValueError(f"inputs of shape {tuple(x.shape[1:])} after inputs of shape "
-                                 f"{bounds['input_shape']}: the Lipschitz bound holds for one input shape")
+            logits, rounding = exact(x.to(device))
             if len(x) == 0:  # an empty batch (a loader's last one, a filtered one): nothing to certify in it
                 continue
-            logits, err = forward_with_error_bound(exact, x, bounds["modules"])
-            rounding = rounding_allowance(logits, err)
-            if split is None:
-                r = certified_radius(logits, y, bounds["lipschitz"], rounding=rounding)
+            y = y.to(device)
+            if exact.split is None:
+                r = certified_radius(logits, y, exact.bounds["lipschitz"], rounding=rounding)
             else:
-                r = certified_radius(logits, y, last_layer=split[1], body_lipschitz=bounds["body_lipschitz"],
+                r = certified_radius(logits, y, last_layer=exact.split[1], body_lipschitz=exact.bounds["body_lipschitz"],
                                      rounding=rounding)
             radii.append(r.cpu())
             correct.append((logits.argmax(dim=1) == y).cpu())
     if not radii:
         raise ValueError("data is empty: nothing to certify")
+    bounds = exact.bounds
     radii, correct = torch.cat(radii), torch.cat(correct)
     return CertificationResult(
         eps=eps,
@@ -170,7 +160,7 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] = DEFAULT_EP
         lipschitz=bounds["lipschitz"],
         body_lipschitz=bounds.get("body_lipschitz"),
         input_shape=bounds["input_shape"],
-        module_bounds=module_bound_table(exact, bounds["modules"]),
+        module_bounds=module_bound_table(exact.model, bounds["modules"]),
     )
 
 
@@ -214,15 +204,43 @@ def is_plain_linear(layer: nn.Module) -> bool:
     return overridden_forward_part(layer, GramLinear if isinstance(layer, GramLinear) else nn.Linear) is None
 
 
-def _bounds(model: nn.Module, split, input_shape: tuple[int, ...]) -> dict:
-    lipschitz, modules = module_lipschitz_bounds(model, input_shape)
-    bounds = {"input_shape": input_shape, "lipschitz": lipschitz, "modules": modules}
-    if split is not None:
-        bounds["body_lipschitz"] = lipschitz_bound(split[0], input_shape)
-    return bounds
+class ExactLogits:
+    """The logits of ``model`` in exact arithmetic, up to a proven per-example allowance.
+
+    Holds :func:`~lipnet.certify.precision.float64_copy` of the model and, from the first
+    batch on, its Lipschitz bounds for that batch's input shape (``bounds``: ``input_shape``,
+    ``lipschitz``, ``modules`` and, when ``split`` is the copy's ``(body, last linear layer)``,
+    ``body_lipschitz``). Calling it on inputs (cast to the model's dtype first: the input the
+    model would see) returns ``(logits, rounding)``, the float64 logits and the bound on each
+    logit's error of :func:`~lipnet.certify.precision.rounding_allowance`. Use it with the
+    model in eval mode, without gradients, under :func:`~lipnet.certify.precision.exact_kernels`.
+    """
+
+    def __init__(self, model: nn.Module, last_layer: str = "auto"):
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        self.model = float64_copy(model)
+        self.split = split_last_linear(self.model) if last_layer == "auto" else None
+        self.bounds = None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = model_input(x, self.dtype).double()
+        shape = tuple(x.shape[1:])
+        if self.bounds is None:
+            lipschitz, modules = module_lipschitz_bounds(self.model, shape)
+            self.bounds = {"input_shape": shape, "lipschitz": lipschitz, "modules": modules}
+            if self.split is not None:
+                self.bounds["body_lipschitz"] = lipschitz_bound(self.split[0], shape)
+        elif shape != self.bounds["input_shape"]:
+            raise ValueError(f"inputs of shape {shape} after inputs of shape {self.bounds['input_shape']}: the "
+                             "Lipschitz bound holds for one input shape")
+        if len(x) == 0:
+            return x.new_zeros((0, 0)), x.new_zeros(0)
+        logits, err = forward_with_error_bound(self.model, x, self.bounds["modules"])
+        return logits, rounding_allowance(logits, err)
 
 
-def _as_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def model_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a model of ``dtype`` sees it: ``uint8`` images scaled to ``[0, 1]``, floats cast."""
     if x.dtype == torch.uint8:
         return x.to(dtype) / 255
     return x.to(dtype) if x.is_floating_point() else x

@@ -4,7 +4,10 @@ A certificate says that no input within the certified radius changes the predict
 attack that finds such an input proves the certificate (hence the Lipschitz bound, a layer
 or the radius formula) wrong. :func:`audit` attacks the correctly classified points,
 recomputes every adversarial example's prediction and L2 distance itself, and counts the
-*soundness failures*: points misclassified at a distance below their certified radius.
+*soundness failures*: points misclassified at a distance below their certified radius. As the
+certificates, the predictions are those of the model in exact arithmetic: a point counts as a
+failure only when the float64 evaluation with its proven error bound shows it misclassified
+(a float32 pass may misclassify a point within rounding of a decision boundary).
 It also reports the empirical robust accuracy (points not broken within ``eps``), which
 can only be below the certified accuracy if some certified point was broken.
 
@@ -23,8 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lipnet.certify.accuracy import CertificationResult, certified_accuracy
+from lipnet.certify.accuracy import CertificationResult, ExactLogits, certified_accuracy, model_input
 from lipnet.certify.modes import evaluating, frozen
+from lipnet.certify.precision import exact_kernels
 
 #: Attacks of each audit version (the targeted ones need enough classes; see ``_attacks``).
 VERSIONS = {
@@ -161,13 +165,12 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, ver
             x_adv = _run_autoattack(attacked, x[index], y[index], eps, version, batch_size, device, seed)
         else:
             x_adv = x[index]
-        with torch.no_grad():
-            predictions = torch.cat([attacked(x_adv[i:i + batch_size].to(device)).argmax(dim=1).cpu()
-                                     for i in range(0, x_adv.shape[0], batch_size)] or [y[:0]])
+        misclassified, provably = _exact_misclassification(model, x_adv, y[index], batch_size, device)
 
-    misclassified = predictions != y[index]
-    distances = (x_adv.double() - x[index].double()).flatten(1).norm(dim=1)
-    unsound = misclassified & (distances < radii[index])
+    # Distances between the inputs as the model sees them (its dtype), as certified.
+    distances = (model_input(x_adv, attacked.dtype).double() - model_input(x[index], attacked.dtype).double()
+                 ).flatten(1).norm(dim=1)
+    unsound = provably & (distances < radii[index])
     # AutoAttack projects onto the eps-sphere in float32: allow that rounding, except where it
     # would carry a certified point past its radius (then the break is outside the certificate).
     within_eps = distances <= eps * (1 + PROJECTION_TOLERANCE)
@@ -189,6 +192,27 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, ver
     if not result.sound:
         _report(result, on_failure)
     return result
+
+
+def _exact_misclassification(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                             device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether the model in exact arithmetic (as certified: :class:`~lipnet.certify.accuracy.ExactLogits`)
+    misclassifies each input: by its float64 prediction, and provably (another logit above the
+    label's by more than twice their error bound). A float32 forward pass may misclassify an input
+    within rounding of a decision boundary that the exact model, whose certificates these are,
+    classifies right."""
+    misclassified, provably = [], []
+    with torch.no_grad(), exact_kernels():
+        exact = ExactLogits(model, last_layer="none")
+        for start in range(0, x.shape[0], batch_size):
+            labels = y[start:start + batch_size].to(device)
+            logits, rounding = exact(x[start:start + batch_size].to(device))
+            own = logits.gather(1, labels[:, None].long())[:, 0]
+            others = logits.scatter(1, labels[:, None].long(), -math.inf).amax(dim=1)
+            misclassified.append((logits.argmax(dim=1) != labels).cpu())
+            provably.append((others - own > 2 * rounding).cpu())
+    empty = torch.zeros(0, dtype=torch.bool)
+    return torch.cat([empty, *misclassified]), torch.cat([empty, *provably])
 
 
 class _FloatLogits(nn.Module):

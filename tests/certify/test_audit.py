@@ -117,3 +117,26 @@ def test_breaks_just_past_eps_by_float32_projection_count(trained_net, blobs, mo
     assert just_past.n_broken == 1 and just_past.robust_accuracy == 0.0 and just_past.sound
     beyond = audit(trained_net, x0, y0, distance * (1 - 1e-3), version="apgd")
     assert beyond.n_broken == 0 and beyond.robust_accuracy == 1.0
+
+
+def test_a_float32_misclassification_within_rounding_is_no_soundness_failure():
+    """The certificate is about the model in exact arithmetic. At x = (1/2, 1/2 + 2^-20), with
+    logits x + 1000, the exact model predicts class 1 with radius 6.7e-7, but float32 rounds
+    both logits to the same number and predicts class 0: the audit called that a broken
+    certificate (SoundnessError, distance 0 < radius) though no exact prediction changed.
+    Predictions at the attack's points are now those of the exact model, as certified."""
+    net = nn.Sequential(nn.Linear(2, 2)).eval()
+    register = importlib.import_module("lipnet.certify.lipschitz")._REGISTRY
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(2))
+        net[0].bias.fill_(1000.0)
+    x, y = torch.tensor([[0.5, 0.5 + 2.0 ** -20]]), torch.tensor([1])
+    assert net(x).argmax(dim=1).item() == 0  # float32 ties and picks class 0
+    register[nn.Linear] = lambda module, shape: 1.0  # exact for the identity
+    try:
+        certification = certified_accuracy(net, (x, y), eps=[0.1], progress=False)
+        assert certification.correct.item() and certification.radii.item() > 6e-7  # true: x is exact there
+        result = audit(net, x, y, 0.1, version="apgd", certification=certification)
+    finally:
+        del register[nn.Linear]
+    assert result.sound and result.n_failures == 0 and result.n_broken == 0  # the exact prediction is right
