@@ -105,6 +105,9 @@ class ConvexResidual(nn.Module):
 
     def __init__(self, branch: nn.Module, alpha: float = 0.5, learnable: bool = True, device=None, dtype=None):
         super().__init__()
+        if not isinstance(branch, nn.Module):
+            raise TypeError(f"ConvexResidual: branch must be an nn.Module (lipnet.certify composes the bounds of its "
+                            f"modules), got {type(branch).__name__}; wrap a function in a module of its own")
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be strictly between 0 and 1, got {alpha}")
         self.branch = branch

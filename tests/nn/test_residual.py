@@ -123,6 +123,9 @@ def test_convex_residual_rejects_bad_input():
         ConvexResidual(nn.Identity(), alpha=1.0)
     with pytest.raises(ValueError, match="preserve the shape"):
         ConvexResidual(nn.Conv2d(2, 3, 1))(torch.randn(1, 2, 3, 3))
+    # A plain function crashed with "'function' object has no attribute 'parameters'".
+    with pytest.raises(TypeError, match="branch must be an nn.Module"):
+        ConvexResidual(torch.tanh)
 
 
 def test_identity_kernel_rejects_bad_groups():
