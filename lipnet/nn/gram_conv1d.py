@@ -77,7 +77,7 @@ class GramConv1d(GramNormalizedConv, nn.Conv1d):
         return left, right
 
     def _matrix_shape(self):
-        stride = self._as_conv2d()["stride"][1]  # an int set after construction counts as F.conv1d takes it
+        (_, stride) = conv1d_as_conv2d(self.stride)["stride"]  # also an int set after construction, as F.conv1d takes
         return self.out_channels // self.groups, self.in_channels // self.groups * stride, self.kernel_size[0]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
