@@ -12,11 +12,20 @@ def evaluating(model: nn.Module):
     """Eval mode for every submodule, then each module's own ``training`` flag restored.
 
     Unlike ``model.train(previous)``, a model with some submodules in eval mode and others
-    in train mode gets back exactly that mix.
+    in train mode gets back exactly that mix. A module that stays in training mode after
+    ``model.eval()`` (a ``train`` override, as Monte-Carlo dropout has) is refused with a
+    ``ValueError``: its output is not the eval-mode function that certificates describe.
     """
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
+        for name, module in model.named_modules():
+            if module.training:
+                raise ValueError(
+                    f"module {name!r} ({type(module).__name__}) stays in training mode after model.eval() (its train() "
+                    "keeps it there), so it does not compute the eval-mode function that Lipschitz bounds and "
+                    "certificates describe (dropout in training mode is random and scales by 1/(1-p)); certify a model "
+                    "whose modules all follow eval()")
         yield model
     finally:
         for module, training in modes:

@@ -128,3 +128,26 @@ def test_global_scaled_average_pooling_bounds_the_multiplier_it_applies_in_float
         bound = lipschitz_bound(nn.Sequential(pool), (1, 1, n))
         assert Fraction(float(multiplier)) ** 2 <= n * Fraction(bound) ** 2
         assert float64_copy(pool)(x.double()) == multiplier.double()  # certification sees the same function
+
+
+# ----------------------------------------------------------------------------- modules that stay in training mode
+
+
+class MCDropout(nn.Dropout):
+    """Monte-Carlo dropout: ``train`` keeps it in training mode, so eval() leaves it random."""
+
+    def train(self, mode=True):
+        return super().train(True)
+
+
+def test_a_module_that_stays_in_training_mode_is_refused():
+    """Dropout kept in training mode (p = 0.5 doubles what it keeps) was bounded by 1 as in
+    eval mode, and the random model certified at 38% for eps = 0.01."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), GramLinear(4, 16), MCDropout(0.5), GramLinear(16, 3))
+    x, y = torch.rand(50, 1, 2, 2), torch.randint(0, 3, (50,))
+    with pytest.raises(ValueError, match=r"'2' \(MCDropout\) stays in training mode"):
+        certified_accuracy(net, (x, y), eps=[0.01], progress=False)
+    with pytest.raises(ValueError, match="stays in training mode"):
+        lipschitz_bound(net, (1, 2, 2))
+    assert all(m.training for m in net.modules())  # modes restored
