@@ -117,7 +117,7 @@ def silu_lipschitz() -> float:
 
 @functools.cache
 def mish_lipschitz() -> float:
-    """``~1.0886``: Lipschitz constant of ``x tanh(softplus(x))``.
+    """``~1.0885``: Lipschitz constant of ``x tanh(softplus(x))``.
 
     With ``t = tanh(softplus(x))``, ``t' = sech^2(softplus(x)) sigma(x) > 0``, ``f' = t + x t'`` and
     ``f'' = sech^2(softplus) sigma (2 + x q(x))``, ``q = 1 - sigma (1 + 2 t)``. ``q`` decreases
