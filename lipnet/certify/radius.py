@@ -83,7 +83,8 @@ def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz: floa
     rounding = torch.as_tensor(rounding, dtype=torch.float64, device=f.device)
     if rounding.shape != (f.shape[0],) or not bool((rounding >= 0).all()):
         raise ValueError(f"rounding must hold one error bound >= 0 per example, shape ({f.shape[0]},)")
-    margins = f.gather(1, labels[:, None]) - f - 2 * rounding[:, None]  # (N, K)
+    own_logit = f.gather(1, labels[:, None])
+    margins = own_logit - f - 2 * rounding[:, None]  # (N, K)
     own = torch.nn.functional.one_hot(labels, f.shape[1]).bool()
     if last_layer is None:
         denominator = torch.full_like(f, _round_up(math.sqrt(2) * _check_bound(lipschitz, "lipschitz")))
@@ -95,7 +96,14 @@ def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz: floa
         if distances.shape[0] != f.shape[1]:
             raise ValueError(f"last_layer has {distances.shape[0]} outputs but the logits have {f.shape[1]} classes")
         denominator = _round_up(_check_bound(body_lipschitz, "body_lipschitz") * distances[labels])
-    radii = torch.nextafter(margins / denominator, torch.zeros_like(margins))  # rounded towards 0
+    radii = _quotient_down(margins, denominator)
+    # A margin beyond the largest float (logits near +-1e308) overflows to inf: halve it (exact
+    # for logits that large), divide, and double back; beyond the largest float, the largest float.
+    overflow = torch.isposinf(margins)
+    if bool(overflow.any()):
+        halves = own_logit / 2 - f / 2 - rounding[:, None]
+        doubled = (2 * _quotient_down(halves, denominator)).clamp_max(torch.finfo(torch.float64).max)
+        radii = torch.where(overflow, doubled, radii)
     # A zero denominator means f_y - f_j never changes: no constraint if its margin is positive.
     radii = torch.where(denominator == 0, torch.where(margins > 0, math.inf, 0.0), radii)
     # A wrong (or tied) prediction has a margin <= -2 delta < 0 for some j, hence radius 0.
@@ -147,6 +155,12 @@ def _times_power_of_two(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor
     so that an implementation of ``ldexp`` as ``x * 2.0**exponent`` cannot overflow the factor."""
     half = torch.div(exponent, 2, rounding_mode="floor")
     return torch.ldexp(torch.ldexp(x, half), exponent - half)
+
+
+def _quotient_down(numerator: torch.Tensor, denominator) -> torch.Tensor:
+    """``numerator / denominator`` rounded towards 0."""
+    quotient = numerator / denominator
+    return torch.nextafter(quotient, torch.zeros_like(quotient))
 
 
 def _round_up(x):

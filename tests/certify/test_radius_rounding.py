@@ -103,3 +103,17 @@ def test_row_distance_upper_bound_survives_underflow_and_overflow(scale):
     radius = certified_radius(logits, torch.tensor([0]), last_layer=weight, body_lipschitz=1.0,
                               rounding=torch.zeros(1)).item()
     assert radius <= min(1 / distances[0][1], 1 / distances[0][2])
+
+
+def test_margins_above_the_largest_float_are_not_taken_as_infinite():
+    """Logits of +-1e308 have a margin of 2e308, which overflows float64: the radius came out
+    1.8e308 where the exact one is 2e308 / (2 sqrt 2) = 7.1e307 (and 5e307 in the last-layer form)."""
+    logits, labels = torch.tensor([[1e308, -1e308, -1e308]], dtype=torch.float64), torch.tensor([0])
+    margin = 2 * Fraction(1e308)
+    generic = certified_radius(logits, labels, lipschitz=2.0, rounding=torch.zeros(1)).item()
+    assert 8 * Fraction(generic) ** 2 <= margin ** 2 and generic > 7.07e307 * (1 - 1e-12)
+    weight = torch.tensor([[1.0], [0.0], [1.0 - 2.0**-20]], dtype=torch.float64)
+    last = certified_radius(logits, labels, last_layer=weight, body_lipschitz=4.0, rounding=torch.zeros(1)).item()
+    assert Fraction(last) * 4 <= margin and last > 5e307 * (1 - 1e-12)
+    huge = certified_radius(logits, labels, lipschitz=2.0**-20, rounding=torch.zeros(1)).item()
+    assert huge == torch.finfo(torch.float64).max  # a true lower bound of the exact 7.4e313
