@@ -165,12 +165,18 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
 
 
 def mul_up(a: float, b: float) -> float:
-    """The smallest float ``>= a * b`` (``a, b >= 0``): the product rounded upwards, exactly."""
+    """The smallest float ``>= a * b`` (``a, b >= 0``): the product rounded upwards, exactly
+    (inf when it exceeds the largest float, and when ``a`` or ``b`` is such an inf)."""
+    if math.isinf(a) or math.isinf(b):
+        return math.inf
     return _round_up_exact(a * b, Fraction(a) * Fraction(b))
 
 
 def add_up(a: float, b: float) -> float:
-    """The smallest float ``>= a + b`` (``a, b >= 0``): the sum rounded upwards, exactly."""
+    """The smallest float ``>= a + b`` (``a, b >= 0``): the sum rounded upwards, exactly
+    (inf as for :func:`mul_up`)."""
+    if math.isinf(a) or math.isinf(b):
+        return math.inf
     return _round_up_exact(a + b, Fraction(a) + Fraction(b))
 
 

@@ -345,3 +345,27 @@ def test_global_scaled_average_pooling_allows_for_its_rounded_scale():
     for h, w in ((1, 2), (3, 5)):  # fl(sqrt(hw)) rounds up for these
         scale = Fraction(math.sqrt(h * w))
         assert Fraction(GlobalScaledAvgPool2d().lipschitz_bound()) ** 2 >= scale ** 2 / (h * w)
+
+
+class _Scale(nn.Module):
+    """``x -> s x`` with a float64 factor, bounded by its own ``lipschitz_bound``."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = nn.Parameter(torch.tensor(factor, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.factor
+
+    def lipschitz_bound(self):
+        return abs(float(self.factor))
+
+
+def test_a_composed_bound_beyond_the_largest_float_rounds_up_to_inf():
+    """Each module's bound is finite, their product is not a float: rounded upwards it is inf
+    (sound), and a further product or sum with it stays inf. The exact rounding converted the
+    inf to a Fraction and raised ``OverflowError: cannot convert Infinity to integer ratio``."""
+    assert mul_up(1e200, 1e200) == math.inf
+    assert mul_up(math.inf, 2.0) == mul_up(0.5, math.inf) == add_up(math.inf, 1.0) == add_up(1.0, math.inf) == math.inf
+    assert lipschitz_bound(nn.Sequential(_Scale(1e200), _Scale(1e200), _Scale(1e-300)), (3,)) == math.inf
+    assert lipschitz_bound(ConvexResidual(nn.Sequential(_Scale(1e200), _Scale(1e200)), 0.5), (3,)) == math.inf
