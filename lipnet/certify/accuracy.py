@@ -64,7 +64,10 @@ class CertificationResult:
         return int(self.radii.numel())
 
     def certified_accuracy(self, eps: float) -> float:
-        """Fraction of examples whose certified radius exceeds ``eps`` (any ``eps``)."""
+        """Fraction of examples whose certified radius exceeds ``eps`` (any radius ``eps >= 0``)."""
+        if not float(eps) >= 0:
+            raise ValueError(f"eps must be a radius >= 0, got {eps} (every radius, 0 for a wrong prediction, exceeds a "
+                             "negative one)")
         return float((self.radii > eps).double().mean()) if self.n else math.nan
 
     def to_dict(self) -> dict:

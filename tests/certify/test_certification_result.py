@@ -3,6 +3,7 @@
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -41,3 +42,13 @@ def test_it_agrees_with_certified_at_every_eps_with_misclassified_examples():
         assert result.certified_accuracy(e) == expected
     assert result.certified_accuracy(0.0) <= result.clean_accuracy
     assert result.certified_accuracy(0.0) == float((result.radii > 0).double().mean())
+
+
+def test_a_negative_or_nan_eps_is_refused():
+    """radius > -0.1 holds for misclassified examples (radius 0) too: certified_accuracy(-0.1)
+    was 1.0 for a result whose clean accuracy is 0.5."""
+    result = result_with_radii([0.0, 0.0, 0.25, 0.5])
+    for eps in (-0.1, math.nan, -math.inf):
+        with pytest.raises(ValueError, match="eps"):
+            result.certified_accuracy(eps)
+    assert result.certified_accuracy(math.inf) == 0.0
