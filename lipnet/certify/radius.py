@@ -38,10 +38,16 @@ LOGIT_ROUNDING_ULPS = 1024
 
 
 def logit_rounding_margin(logits: torch.Tensor) -> torch.Tensor:
-    """Per-example uncertainty ``delta`` of the logits (float64, shape ``(N,)``)."""
-    eps = torch.finfo(logits.dtype).eps if logits.is_floating_point() else 0.0
-    scale = logits.detach().double().abs().amax(dim=1).clamp_min(1.0)
-    return LOGIT_ROUNDING_ULPS * eps * scale
+    """Per-example uncertainty ``delta`` of the logits (float64, shape ``(N,)``).
+
+    Integer logits are exact, but their conversion to float64 rounds beyond ``2^53``: there
+    ``delta`` is half the float64 spacing at the largest logit (``2^-53`` relative).
+    """
+    if logits.is_floating_point():
+        scale = logits.detach().double().abs().amax(dim=1).clamp_min(1.0)
+        return LOGIT_ROUNDING_ULPS * torch.finfo(logits.dtype).eps * scale
+    largest = logits.detach().double().abs().amax(dim=1)
+    return torch.where(largest > 2.0**53, largest * 2.0**-53, 0.0)
 
 
 def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz: float | None = None, *,

@@ -117,3 +117,13 @@ def test_margins_above_the_largest_float_are_not_taken_as_infinite():
     assert Fraction(last) * 4 <= margin and last > 5e307 * (1 - 1e-12)
     huge = certified_radius(logits, labels, lipschitz=2.0**-20, rounding=torch.zeros(1)).item()
     assert huge == torch.finfo(torch.float64).max  # a true lower bound of the exact 7.4e313
+
+
+def test_integer_logits_beyond_two_to_the_53_are_not_taken_as_exact():
+    """int64 logits 2^60 + 256 and 2^60 + 127 differ by 129, but in float64 the second rounds to
+    2^60 and the margin read 256: the radius was 181, twice the exact 91."""
+    logits, labels = torch.tensor([[2**60 + 256, 2**60 + 127]]), torch.tensor([0])
+    radius = certified_radius(logits, labels, lipschitz=1.0).item()
+    assert 2 * Fraction(radius) ** 2 <= 129 ** 2
+    small = torch.tensor([[5, 2]], dtype=torch.int32)  # exact in float64: no allowance
+    assert certified_radius(small, labels, lipschitz=1.0).item() == pytest.approx(3 / 2 ** 0.5, rel=1e-15)
