@@ -69,6 +69,10 @@ def _eps_applied(eps: float) -> float:
 def channel_scale_bounds(module: nn.modules.batchnorm._BatchNorm) -> list[float]:
     """Upper bounds on ``|s_c| = |gamma_c| / sqrt(var_c + eps)``, one per channel."""
     stats, eps = _statistics(module), _eps_applied(float(module.eps))
+    if math.isnan(eps):
+        raise LipschitzBoundError(module, (
+            f"{type(module).__name__} has eps=nan, so its output is NaN and no Lipschitz constant bounds it; set eps "
+            "to a small positive number (1e-5 is torch's default)"))
     bounds = []
     for gamma, var in zip(stats["weight"], stats["running_var"]):
         if not var + eps > 0:

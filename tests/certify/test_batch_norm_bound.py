@@ -100,6 +100,8 @@ def test_train_mode_model_is_bounded_in_eval_mode():
     (lambda: with_statistics(nn.BatchNorm2d(3), [0.0] * 3, [1.0] * 3, [1.0, float("nan"), 1.0]), "weight has NaN"),
     (lambda: with_statistics(nn.BatchNorm2d(3), [0.0] * 3, [1.0, -1.0, 1.0]), "running_var has an entry"),
     (lambda: with_statistics(nn.BatchNorm2d(3, eps=0.0), [0.0] * 3, [1.0, 0.0, 1.0]), "running_var has an entry"),
+    # A NaN eps was reported as "running_var has an entry 1.0 <= -eps".
+    (lambda: nn.BatchNorm2d(3, eps=float("nan")), r"eps=nan, so its output is NaN"),
     (lambda: nn.LazyBatchNorm2d(), "forward hooks"),  # its initializing pre-hook; the bound itself refuses too
 ])
 def test_refusals_name_the_module(make, match):
