@@ -179,8 +179,25 @@ def _propagate(module: nn.Module, h: torch.Tensor, err: torch.Tensor, bounds: di
 
 
 def example_norms(t: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of each example (first dimension) of ``t``, in float64."""
-    return t.detach().double().flatten(1).norm(dim=1)
+    """The L2 norm of each example (first dimension) of ``t``, in float64, rounded up by an ulp.
+
+    Each example is scaled by the power of two that brings its largest entry into ``[1/2, 1)``
+    (exact), so that squares of entries below ``1e-154`` do not underflow to 0 nor those above
+    ``1e154`` overflow to inf.
+    """
+    t = t.detach().double().flatten(1)
+    if t.shape[1] == 0:
+        return t.new_zeros(t.shape[0])
+    _, exponent = torch.frexp(t.abs().amax(dim=1, keepdim=True))
+    norms = times_power_of_two(times_power_of_two(t, -exponent).norm(dim=1), exponent[:, 0])
+    return torch.where(norms > 0, torch.nextafter(norms, torch.full_like(norms, math.inf)), norms)
+
+
+def times_power_of_two(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """``x * 2^exponent`` in two steps whose factors are normal floats (``|exponent| <= 2150``),
+    so that an implementation of ``ldexp`` as ``x * 2.0**exponent`` cannot overflow the factor."""
+    half = torch.div(exponent, 2, rounding_mode="floor")
+    return torch.ldexp(torch.ldexp(x, half), exponent - half)
 
 
 def rounding_allowance(logits: torch.Tensor, err: torch.Tensor) -> torch.Tensor:

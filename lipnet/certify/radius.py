@@ -31,6 +31,7 @@ import math
 import torch
 from torch import nn
 
+from lipnet.certify.precision import times_power_of_two
 from lipnet.nn.normalized import GramNormalized
 
 #: Units of the logits' machine epsilon by which each logit is assumed uncertain.
@@ -150,17 +151,10 @@ def row_distance_upper_bound(weight: torch.Tensor) -> torch.Tensor:
     for row in weight:
         difference = weight - row
         _, exponent = torch.frexp(difference.abs().amax(dim=1, keepdim=True))
-        norm = _times_power_of_two(difference, -exponent).square().sum(dim=1).sqrt() * slack
-        norm = _times_power_of_two(norm, exponent[:, 0])
+        norm = times_power_of_two(difference, -exponent).square().sum(dim=1).sqrt() * slack
+        norm = times_power_of_two(norm, exponent[:, 0])
         rows.append(torch.where(norm > 0, _round_up(norm), norm))
     return torch.stack(rows)
-
-
-def _times_power_of_two(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
-    """``x * 2^exponent`` in two steps whose factors are normal floats (``|exponent| <= 2150``),
-    so that an implementation of ``ldexp`` as ``x * 2.0**exponent`` cannot overflow the factor."""
-    half = torch.div(exponent, 2, rounding_mode="floor")
-    return torch.ldexp(torch.ldexp(x, half), exponent - half)
 
 
 def _quotient_down(numerator: torch.Tensor, denominator) -> torch.Tensor:

@@ -139,3 +139,15 @@ def test_radii_never_exceed_those_of_the_exact_logits_under_huge_cancelling_bias
     exceeding = [i for i, (z, radius) in enumerate(zip(logits, result.radii.tolist()))
                  if Fraction(radius) ** 2 * scale > (z[0] - z[1]) ** 2]
     assert not exceeding, (exceeding, result.radii[exceeding])
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-160, 1e160, 1e300])
+def test_example_norms_neither_underflow_nor_overflow(scale):
+    """The squares of activations of 1e-200 underflowed to 0 (a rounding bound of 0 where the
+    error is 1e-216, which a later layer with a large bound amplifies) and those of 1e160
+    overflowed to inf (an infinite error bound, and NaN after a layer bounded by 0)."""
+    from lipnet.certify.precision import example_norms
+
+    h = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64) * scale
+    assert example_norms(h).tolist() == [pytest.approx(5 * scale, rel=1e-15), 0.0]
+    assert local_rounding_bound(h, h, 0.0)[0] > 0
