@@ -123,7 +123,8 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
 
     Returns:
         A float ``L`` with ``||model(x) - model(x')|| <= L ||x - x'||`` for all inputs of that
-        shape, in exact arithmetic on the weights the layers apply.
+        shape, in exact arithmetic on the weights the layers apply (inf when the product of the
+        module bounds, each finite, exceeds the largest float).
 
     Raises:
         UnknownModuleError: a module has no known bound (the message names it and says how
