@@ -86,8 +86,8 @@ class CertificationResult:
         }
 
 
-def certified_accuracy(model: nn.Module, data, eps: Sequence[float] = DEFAULT_EPS, *, last_layer: str = "auto",
-                       device: torch.device | str | None = None, batch_size: int = 500,
+def certified_accuracy(model: nn.Module, data, eps: Sequence[float] | float = DEFAULT_EPS, *,
+                       last_layer: str = "auto", device: torch.device | str | None = None, batch_size: int = 500,
                        progress: bool = True) -> CertificationResult:
     """Clean accuracy and certified accuracy at every ``eps`` in one pass over ``data``.
 
@@ -107,7 +107,7 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] = DEFAULT_EP
         data: ``(x, y)`` tensors, an iterable of ``(x, y)`` batches (e.g. a ``DataLoader``),
             or an object with ``images`` and ``labels`` (``lipnet.data.ImageDataset``).
             ``uint8`` images are scaled to ``[0, 1]``; other inputs are used as they are.
-        eps: L2 radii at which certified accuracy is reported.
+        eps: L2 radii at which certified accuracy is reported (or a single radius).
         last_layer: ``"auto"`` uses the tighter last-layer radius when the model is an
             ``nn.Sequential`` ending in an ``nn.Linear`` (e.g. ``GramLinear``); ``"none"``
             always uses the generic radius ``margin / (sqrt(2) L)``.
@@ -124,7 +124,10 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] = DEFAULT_EP
         >>> 0 <= result.certified[0] <= result.clean_accuracy <= 1
         True
     """
-    eps = tuple(float(e) for e in eps)
+    if isinstance(eps, str):
+        raise ValueError(f"eps must be numbers (radii), got the string {eps!r}")
+    eps = (float(eps),) if isinstance(eps, int | float) or (torch.is_tensor(eps) and eps.dim() == 0) else tuple(
+        float(e) for e in eps)
     if any(not e >= 0 or math.isinf(e) for e in eps):
         raise ValueError(f"eps must be finite radii >= 0, got {eps}")
     if last_layer not in ("auto", "none"):
@@ -146,8 +149,8 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] = DEFAULT_EP
             if exact.split is None:
                 r = certified_radius(logits, y, exact.bounds["lipschitz"], rounding=rounding)
             else:
-                r = certified_radius(logits, y, last_layer=exact.split[1], body_lipschitz=exact.bounds["body_lipschitz"],
-                                     rounding=rounding)
+                r = certified_radius(logits, y, last_layer=exact.split[1],
+                                     body_lipschitz=exact.bounds["body_lipschitz"], rounding=rounding)
             radii.append(r.cpu())
             correct.append((logits.argmax(dim=1) == y).cpu())
     if not radii:

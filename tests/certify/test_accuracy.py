@@ -207,3 +207,13 @@ def test_integer_labels_of_any_dtype_and_empty_batches_are_accepted(small_net, b
     assert torch.equal(result.radii, expected.radii) and result.clean_accuracy == expected.clean_accuracy
     with pytest.raises(ValueError, match="empty"):
         certified_accuracy(small_net, [(x[:0], y[:0])], progress=False)
+
+
+def test_a_single_radius_may_be_given_as_a_number(small_net, blobs):
+    """eps=0.1 raised TypeError: 'float' object is not iterable."""
+    x, y = blobs(20)
+    single = certified_accuracy(small_net, (x, y), eps=0.1, progress=False)
+    assert single.eps == (0.1,) and single.certified == certified_accuracy(small_net, (x, y), eps=[0.1],
+                                                                           progress=False).certified
+    with pytest.raises(ValueError, match="eps"):
+        certified_accuracy(small_net, (x, y), eps="0.1", progress=False)
