@@ -148,6 +148,8 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, ver
     if x.dtype == torch.uint8:
         x = x.float() / 255
     x, y = x.detach().float().cpu(), y.detach().cpu()
+    if x.shape[0] == 0:
+        raise ValueError("x holds no inputs: nothing to audit")
     if x.min() < 0 or x.max() > 1:
         raise ValueError("AutoAttack clips inputs to [0, 1], but x lies in "
                          f"[{float(x.min()):.3g}, {float(x.max()):.3g}]; put the input normalization inside the model")

@@ -140,3 +140,10 @@ def test_a_float32_misclassification_within_rounding_is_no_soundness_failure():
     finally:
         del register[nn.Linear]
     assert result.sound and result.n_failures == 0 and result.n_broken == 0  # the exact prediction is right
+
+
+def test_no_inputs_is_refused_with_a_message(trained_net, blobs):
+    """An empty x raised RuntimeError: min(): Expected reduction dim ..."""
+    x, y = blobs(4)
+    with pytest.raises(ValueError, match="no inputs"):
+        audit(trained_net, x[:0], y[:0], 0.1, version="apgd")
