@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lipnet.bounds.circulant import resolve_padding
+from lipnet.bounds.circulant import pair, resolve_padding
 from lipnet.bounds.conv import conv2d_embedding, conv2d_spectral_norm
 from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
 from lipnet.nn.normalized import GramNormalizedConv
@@ -85,7 +85,8 @@ class GramConv2d(GramNormalizedConv, nn.Conv2d):
         return left, right, top, bottom
 
     def _matrix_shape(self):
-        stride = self.stride[0] * self.stride[1]
+        stride_h, stride_w = pair(_both_axes(self.stride))  # also an int set after construction, as F.conv2d takes
+        stride = stride_h * stride_w
         taps = self.kernel_size[0] * self.kernel_size[1]
         return self.out_channels // self.groups, self.in_channels // self.groups * stride, taps
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipnet.bounds.circulant import pair
 from lipnet.bounds.conv import conv2d_spectral_norm
 from lipnet.bounds.conv_transpose import conv_transpose2d_output_size
 from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
@@ -113,7 +114,8 @@ class GramConvTranspose2d(GramNormalizedConv, nn.ConvTranspose2d):
                                     screen_iter=n_iter if exhaustive else self.screen_iter)
 
     def _matrix_shape(self):
-        stride = self.stride[0] * self.stride[1]
+        stride_h, stride_w = pair(self.stride)  # also an int set after construction, as F.conv_transpose2d takes
+        stride = stride_h * stride_w
         taps = self.kernel_size[0] * self.kernel_size[1]
         return self.in_channels // self.groups, self.out_channels // self.groups * stride, taps
 

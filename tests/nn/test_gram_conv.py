@@ -297,3 +297,22 @@ def test_an_exported_program_runs_with_a_trainable_weight():
     with torch.no_grad():
         expected = layer(x)
     torch.testing.assert_close(program.module()(x).detach(), expected)
+
+
+@pytest.mark.parametrize("attr, value", [("stride", 2), ("padding", 2), ("dilation", 2)])
+def test_an_int_geometry_set_after_construction_is_bounded_as_torch_applies_it(attr, value):
+    """``nn.Conv2d`` stores pairs, but ``layer.stride = 2`` runs in torch (``F.conv2d`` takes ints);
+    the certificate of such a layer once crashed on ``self.stride[0]``."""
+    from lipnet.certify import lipschitz_bound
+
+    torch.manual_seed(0)
+    layer = GramConv2d(2, 3, 3, padding=1, dtype=torch.float64)
+    setattr(layer, attr, value)
+    x = torch.randn(2, 2, 7, 7, dtype=torch.float64)
+    weight = layer.normalized_weight((7, 7)).detach()
+    torch.testing.assert_close(layer(x), nn.functional.conv2d(x, weight, layer.bias, layer.stride, layer.padding,
+                                                              layer.dilation))
+    exact = exact_conv2d_spectral_norm(weight, (7, 7), stride=layer.stride, padding=layer.padding,
+                                       dilation=layer.dilation)
+    assert exact <= 1 + 1e-9
+    assert lipschitz_bound(nn.Sequential(layer), (2, 7, 7)) >= exact

@@ -179,3 +179,17 @@ def test_an_output_padding_set_as_an_int_after_construction_works_as_in_torch():
     torch.testing.assert_close(y, F.conv_transpose2d(x, weight, layer.bias, 2, 1, 1))
     assert exact_conv_transpose2d_spectral_norm(weight.double(), 5, stride=2, padding=1, output_padding=1) <= 1 + 1e-6
     assert layer.lipschitz_bound((5, 5)) >= 1 - 1e-3
+
+
+def test_an_int_stride_set_after_construction_is_bounded_as_torch_applies_it():
+    """``layer.stride = 2`` runs in torch; the certificate once crashed on ``self.stride[0]``."""
+    torch.manual_seed(0)
+    layer = GramConvTranspose2d(2, 3, 3, stride=(1, 1), padding=(1, 1), dtype=torch.float64)
+    layer.stride = 2
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    y = layer(x)
+    weight = layer.normalized_weight((5, 5)).detach()
+    torch.testing.assert_close(y, F.conv_transpose2d(x, weight, layer.bias, 2, 1))
+    exact = exact_conv_transpose2d_spectral_norm(weight, (5, 5), stride=2, padding=1)
+    assert exact <= 1 + 1e-9
+    assert lipschitz_bound(nn.Sequential(layer), (2, 5, 5)) >= exact
