@@ -121,6 +121,19 @@ class ConvexResidual(nn.Module):
         else:
             self.register_buffer("alpha_logit", logit)
 
+    @property
+    def alpha(self) -> float:
+        """The mixing weight ``sigmoid(alpha_logit)``; setting it (strictly between 0 and 1) sets
+        ``alpha_logit`` in place, so an optimizer holding it sees the change."""
+        return float(torch.sigmoid(self.alpha_logit.detach()))
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        if not 0 < value < 1:
+            raise ValueError(f"alpha must be strictly between 0 and 1, got {value}")
+        with torch.no_grad():
+            self.alpha_logit.fill_(math.log(value / (1 - value)))
+
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(1 - alpha, alpha)`` exactly as the forward pass applies them."""
         alpha = torch.sigmoid(self.alpha_logit)

@@ -105,6 +105,27 @@ def test_convex_residual_forward_and_coefficients():
     assert "alpha_logit" in dict(fixed.named_buffers())
 
 
+def test_convex_residual_alpha_reads_and_sets_the_logit_the_forward_and_bound_use():
+    """``block.alpha = 0.9`` once made a plain attribute that neither the forward nor the bound read."""
+    from lipnet.certify import lipschitz_bound
+
+    branch = nn.Sequential(GramConv2d(2, 2, 3, padding=1, dtype=torch.float64))
+    block = ConvexResidual(branch, alpha=0.25, dtype=torch.float64)
+    assert block.alpha == pytest.approx(0.25)
+    logit = block.alpha_logit
+    block.alpha = 0.9
+    assert block.alpha_logit is logit and block.alpha == pytest.approx(0.9)  # in place: an optimizer keeps it
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(block(x), 0.1 * x + 0.9 * branch(x))
+    with torch.no_grad():
+        branch[0].weight.mul_(3)  # still normalized: the bound reads the new alpha either way
+    assert lipschitz_bound(nn.Sequential(block), (2, 5, 5)) <= 1 + 1e-5
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="strictly between"):
+            block.alpha = bad
+    assert block.alpha == pytest.approx(0.9)
+
+
 def test_convex_residual_takes_its_branchs_dtype_and_certifies_in_float64():
     """A float64 network whose first parameter is the mixing logit: the certification's dry run
     takes that parameter's dtype, which used to be float32 and crash the float64 convolution."""
