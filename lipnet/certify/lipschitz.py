@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from collections.abc import Callable
 from contextvars import ContextVar
 from fractions import Fraction
@@ -527,15 +528,27 @@ def _elu(module: nn.ELU, shape) -> float:
 @register_lipschitz_bound(nn.MaxPool2d)
 def _max_pool(module: nn.MaxPool2d, shape) -> float:
     """``sqrt(m)`` (see :mod:`lipnet.nn.pooling`); valid for any padding and ceil_mode."""
-    return pooling_lipschitz_bound(module.kernel_size, module.stride, module.dilation)
+    kernel = _pool_pair(module.kernel_size)
+    return pooling_lipschitz_bound(kernel, _pool_pair(module.stride, kernel), _pool_pair(module.dilation))
+
+
+def _pool_pair(value, default=None) -> tuple[int, int]:
+    """A 2-D pooling setting as torch's functional pooling reads it: one value for both axes
+    (``2``, ``(2,)``), a pair, or, for the stride only, ``None`` or empty for ``default`` (the
+    kernel size)."""
+    if default is not None and (value is None or isinstance(value, tuple | list) and len(value) == 0):
+        return default
+    if isinstance(value, tuple | list) and len(value) == 1:
+        value = value[0]
+    return pair(value)
 
 
 @register_lipschitz_bound(nn.AvgPool2d)
 def _avg_pool(module: nn.AvgPool2d, shape) -> float:
     """``sqrt(m) * sqrt(k_h k_w) / divisor``: average pooling is a scaled sum over each window."""
-    kernel = pair(module.kernel_size)
-    stride = kernel if module.stride is None else pair(module.stride)
-    padding = pair(module.padding)
+    kernel = _pool_pair(module.kernel_size)
+    stride = _pool_pair(module.stride, kernel)
+    padding = _pool_pair(module.padding)
     if module.ceil_mode or (not module.count_include_pad and any(padding)):
         raise LipschitzBoundError(module, "AvgPool2d with ceil_mode=True, or with padding and "
                                           "count_include_pad=False, divides some windows by fewer entries; "
@@ -563,14 +576,22 @@ def _adaptive_max_pool(module: nn.AdaptiveMaxPool2d, shape) -> float:
 # 1-D pooling: the 2-D bounds with a window of height 1 (one window per sample on that axis).
 
 
-def _single(value) -> int:
-    return value[0] if isinstance(value, tuple | list) else value
+def _single(value, default=None) -> int:
+    """A 1-D pooling setting as torch reads it: ``2`` or ``(2,)``, or, for the stride only,
+    ``None`` or empty for ``default`` (the kernel size)."""
+    if default is not None and (value is None or isinstance(value, tuple | list) and len(value) == 0):
+        return default
+    if isinstance(value, tuple | list):
+        if len(value) != 1:
+            raise ValueError(f"expected an int or a 1-tuple, got {value!r}")
+        value = value[0]
+    return operator.index(value)
 
 
 @register_lipschitz_bound(nn.MaxPool1d)
 def _max_pool1d(module: nn.MaxPool1d, shape) -> float:
     kernel = _single(module.kernel_size)
-    stride = kernel if module.stride is None else _single(module.stride)
+    stride = _single(module.stride, kernel)
     return pooling_lipschitz_bound((1, kernel), (1, stride), (1, _single(module.dilation)))
 
 
@@ -578,7 +599,7 @@ def _max_pool1d(module: nn.MaxPool1d, shape) -> float:
 def _avg_pool1d(module: nn.AvgPool1d, shape) -> float:
     """``sqrt(m) * sqrt(k) / k``, as for ``nn.AvgPool2d``."""
     kernel = _single(module.kernel_size)
-    stride = kernel if module.stride is None else _single(module.stride)
+    stride = _single(module.stride, kernel)
     if module.ceil_mode or (not module.count_include_pad and _single(module.padding)):
         raise LipschitzBoundError(module, "AvgPool1d with ceil_mode=True, or with padding and count_include_pad=False, "
                                           "divides some windows by fewer entries; use ceil_mode=False and "
@@ -587,7 +608,7 @@ def _avg_pool1d(module: nn.AvgPool1d, shape) -> float:
 
 
 def _adaptive_output_length(module, shape) -> int:
-    out = _single(module.output_size)
+    out = module.output_size[0] if isinstance(module.output_size, tuple | list) else module.output_size
     return shape[-1] if out is None else int(out)
 
 

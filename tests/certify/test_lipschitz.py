@@ -333,8 +333,30 @@ def test_a_pool_subclass_with_its_own_forward_is_refused():
 
 
 def test_a_registered_rule_that_cannot_read_a_module_names_it():
+    pool = nn.AvgPool2d(2)
+    pool.kernel_size = "2"  # torch would fail too; the rule's failure is named
     with pytest.raises(LipschitzBoundError, match="registered bound failed"):
-        lipschitz_bound(nn.Sequential(nn.AvgPool2d((2,))), (1, 4, 4))
+        lipschitz_bound(nn.Sequential(pool), (1, 4, 4))
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.MaxPool2d((3,)), (1, 6, 6)),
+    (lambda: nn.MaxPool2d(2, stride=(1,)), (1, 6, 6)),
+    (lambda: nn.MaxPool2d(2, stride=[]), (1, 6, 6)),
+    (lambda: nn.AvgPool2d(2, stride=(1,)), (1, 6, 6)),
+    (lambda: nn.AvgPool2d((2,), stride=[]), (1, 6, 6)),
+    (lambda: nn.MaxPool1d(2, stride=[]), (1, 7)),
+    (lambda: nn.MaxPool1d((3,), stride=(1,)), (1, 7)),
+    (lambda: nn.AvgPool1d(2, stride=[]), (1, 7)),
+])
+def test_pooling_shorthands_torch_runs_are_bounded_as_torch_reads_them(make, shape):
+    """``(3,)`` for both axes and an empty stride for the kernel size, as torch's functional pooling
+    reads them (refused or a raw IndexError before); the bound holds for the Jacobian."""
+    pool = make()
+    bound = lipschitz_bound(nn.Sequential(pool), shape)
+    x = torch.randn(shape, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(lambda v: pool(v[None])[0], x).reshape(-1, x.numel())
+    assert float(torch.linalg.matrix_norm(jacobian, 2)) <= bound * (1 + 1e-12)
 
 
 def test_global_scaled_average_pooling_allows_for_its_rounded_scale():
