@@ -33,7 +33,15 @@ from torch import nn
 
 from lipnet.bounds.gram import DEFAULT_N_ITER
 from lipnet.certify import LipschitzBoundError, UnknownModuleError, lipschitz_bound, register_lipschitz_bound
-from lipnet.certify.lipschitz import _REGISTRY, _lookup, add_up, call_registered_bound, mul_up
+from lipnet.certify.lipschitz import (
+    _REGISTRY,
+    _lookup,
+    add_up,
+    call_registered_bound,
+    check_no_forward_hooks,
+    check_runs_own_forward,
+    mul_up,
+)
 from lipnet.certify.precision import UNIT_ROUNDOFF, example_norms
 from lipnet.export.exporter import check_input_shape, example_input
 from lipnet.nn.activations import MaxMin
@@ -785,8 +793,9 @@ def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
     a write into the input, a parameter, a buffer or an attribute (``out=``, in-place methods,
     ``resize_``), an in-place operation on a value used elsewhere or on a tensor whose memory a
     value read later shares (``contiguous()``, ``nn.Identity`` and no-op reshapes return their
-    input), reading a value after anything changed it in place, and a graph that does not
-    reproduce the module's output. All float arithmetic rounds upwards.
+    input), reading a value after anything changed it in place, a module with forward hooks
+    or a ``forward`` assigned to the instance (the graph is the class's forward, without them),
+    and a graph that does not reproduce the module's output. All float arithmetic rounds upwards.
 
     Args:
         module: e.g. a torchvision ``BasicBlock``.
@@ -803,6 +812,10 @@ def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
 
 def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=lipschitz_bound) -> float:
     """:func:`traced_lipschitz_bound` in eval mode; ``child_bound(child, shape)`` bounds the leaves."""
+    # torch.fx traces the class's forward, without hooks; the module must compute exactly that
+    # (the check of the graph against the forward tolerates differences of 1e-6).
+    check_no_forward_hooks(module)
+    check_runs_own_forward(module)
     try:
         graph = _trace(module)
     except Exception as error:

@@ -341,3 +341,36 @@ def test_rearrangements_with_sizes_and_in_place_on_fresh_values_are_still_bounde
     assert largest_slope(module, (4,)) <= bound * (1 + SLOPE_ROUNDING)
     assert float(module.scale) == 3.0
 
+
+
+# ----------------------------------------------------------------------------- the module computes its graph
+
+
+def wiggle(x):
+    """A term of Lipschitz constant 1 below the graph check's tolerance (|term| <= 1e-7)."""
+    return 1e-7 * torch.sin(1e7 * x)
+
+
+def test_a_forward_hook_is_refused():
+    """A hook changes the output outside the graph; a change below the check's tolerance
+    doubled the slope of a module bounded as 1."""
+    module = Container(lambda self, x: x * 1.0).double()
+    module.register_forward_hook(lambda m, args, out: out + wiggle(args[0]))
+    with pytest.raises(LipschitzBoundError, match="hook"):
+        traced_lipschitz_bound(module, (4,))
+
+
+def test_a_forward_pre_hook_is_refused():
+    module = Container(lambda self, x: x * 1.0).double()
+    module.register_forward_pre_hook(lambda m, args: (args[0] + wiggle(args[0]),))
+    with pytest.raises(LipschitzBoundError, match="hook"):
+        traced_lipschitz_bound(module, (4,))
+
+
+def test_a_forward_assigned_to_the_instance_is_refused():
+    """torch.fx traces the class's forward; the module runs the instance's."""
+    module = Container(lambda self, x: x * 1.0).double()
+    module.forward = lambda x: x + wiggle(x)
+    with pytest.raises(LipschitzBoundError, match="forward"):
+        traced_lipschitz_bound(module, (4,))
+
