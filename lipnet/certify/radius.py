@@ -135,25 +135,31 @@ def applied_weight(layer: nn.Linear | torch.Tensor) -> torch.Tensor:
 def row_distance_upper_bound(weight: torch.Tensor) -> torch.Tensor:
     """``D[y, j] >= ||w_y - w_j||_2`` for the rows of a float64 ``(K, n)`` matrix.
 
-    Each difference ``d = w_y - w_j`` is scaled by the power of two ``2^-e`` that brings its
-    largest entry into ``[1/2, 1)`` (exact), so that its squares neither underflow (a
-    difference of ``1e-200`` would square to 0 and certify an infinite radius) nor overflow.
     The differences, squares and sums are computed in float64 (relative error below
-    ``(n + 2) u``), the result is multiplied by ``1 + (n + 4) * 2^-52`` and by ``2^e``, and
-    rounded up by one ulp (the product may be subnormal). Squares that underflow once scaled
-    are below ``2^-1074`` each and change the sum (at least 1/4) by less than that margin.
+    ``(n + 2) u``), the result is multiplied by ``1 + (n + 4) * 2^-52`` and rounded up by an
+    ulp. That error bound holds while no square overflows and those that underflow are
+    negligible: for distances in ``[2^-400, 2^500]`` (squares that underflow, each below
+    ``2^-1022``, change a sum of at least ``2^-800`` by less than ``n 2^-222`` relative).
+    Outside that range (a difference of ``1e-200`` squares to 0 and would certify an infinite
+    radius) each difference is first scaled by the power of two ``2^-e`` that brings its
+    largest entry into ``[1/2, 1)`` (exact), and the result scaled back.
     """
     weight = weight.double()
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("the last layer's weight has NaN or inf entries: no radius can be certified")
     slack = 1 + (weight.shape[1] + 4) * 2.0**-52
     rows = []
-    for row in weight:
+    for y, row in enumerate(weight):
         difference = weight - row
-        _, exponent = torch.frexp(difference.abs().amax(dim=1, keepdim=True))
-        norm = times_power_of_two(difference, -exponent).square().sum(dim=1).sqrt() * slack
-        norm = times_power_of_two(norm, exponent[:, 0])
-        rows.append(torch.where(norm > 0, _round_up(norm), norm))
+        norms = difference.square().sum(dim=1).sqrt() * slack
+        outside = ~((norms >= 2.0**-400) & (norms <= 2.0**500))
+        outside[y] = False  # w_y - w_y = 0 exactly
+        if bool(outside.any()):
+            scaled = difference[outside]
+            _, exponent = torch.frexp(scaled.abs().amax(dim=1, keepdim=True))
+            scaled = times_power_of_two(scaled, -exponent).square().sum(dim=1).sqrt() * slack
+            norms[outside] = times_power_of_two(scaled, exponent[:, 0])
+        rows.append(torch.where(norms > 0, _round_up(norms), norms))
     return torch.stack(rows)
 
 
