@@ -181,15 +181,17 @@ def _propagate(module: nn.Module, h: torch.Tensor, err: torch.Tensor, bounds: di
 def example_norms(t: torch.Tensor) -> torch.Tensor:
     """The L2 norm of each example (first dimension) of ``t``, in float64, rounded up by an ulp.
 
-    Each example is scaled by the power of two that brings its largest entry into ``[1/2, 1)``
-    (exact), so that squares of entries below ``1e-154`` do not underflow to 0 nor those above
-    ``1e154`` overflow to inf.
+    An example whose norm lies outside ``[2^-400, 2^500]``, where squares may underflow to 0
+    (entries below ``1e-154``) or overflow to inf (above ``1e154``), is scaled by the power of
+    two that brings its largest entry into ``[1/2, 1)`` (exact) before squaring.
     """
     t = t.detach().double().flatten(1)
-    if t.shape[1] == 0:
-        return t.new_zeros(t.shape[0])
-    _, exponent = torch.frexp(t.abs().amax(dim=1, keepdim=True))
-    norms = times_power_of_two(times_power_of_two(t, -exponent).norm(dim=1), exponent[:, 0])
+    norms = t.norm(dim=1)
+    outside = ~((norms >= 2.0**-400) & (norms <= 2.0**500)) & (t.shape[1] > 0)
+    if bool(outside.any()):
+        scaled = t[outside]
+        _, exponent = torch.frexp(scaled.abs().amax(dim=1, keepdim=True))
+        norms[outside] = times_power_of_two(times_power_of_two(scaled, -exponent).norm(dim=1), exponent[:, 0])
     return torch.where(norms > 0, torch.nextafter(norms, torch.full_like(norms, math.inf)), norms)
 
 
