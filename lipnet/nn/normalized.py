@@ -65,17 +65,18 @@ def unusable_bounds(bounds: torch.Tensor, tracked) -> torch.Tensor:
 
 
 def refuse_weight_gradient(normalized: torch.Tensor, layer) -> torch.Tensor:
-    """``normalized`` (the zero normalized weight of an all-zero weight), whose gradient raises a
-    clear ``ValueError`` when asked for. The forward (the zero map) and gradients with respect to
-    the input are unaffected; the derivative of ``W / ||W||`` at 0 does not exist (the clamp
-    of the bound would make it about 1e12 times the incoming one)."""
+    """``normalized`` (the normalized weight of a layer whose operator is zero: bound 0), whose
+    gradient raises a clear ``ValueError`` when asked for. The forward (the zero map) and
+    gradients with respect to the input are unaffected; the derivative of ``W / ||W||`` at 0
+    does not exist (the clamp of the bound would make it about 1e12 times the incoming one)."""
     name = type(layer).__name__
     return error_on_backward(normalized, ValueError(
-        f"{name}: the weight is zero, so the normalized weight W / ||W|| has no direction and no derivative, and a "
-        "gradient with respect to it was asked for (it would be about 1e12 times the incoming one). Initialize the "
-        "weight with nonzero values (e.g. reset_parameters()); a residual branch that starts as the identity is "
-        "GramResidualConv2d with a zero weight. Forward passes and gradients with respect to the input work with a "
-        "zero weight: it is the zero map."))
+        f"{name}: the weight is zero as an operator (its bound is 0: an all-zero weight, taps that read only zero "
+        "padding on this input size, or a residual kernel that cancels the identity), so the normalized weight "
+        "W / ||W|| has no direction and no derivative, and a gradient with respect to it was asked for (it would be "
+        "about 1e12 times the incoming one). Initialize the weight with nonzero values (e.g. reset_parameters()); "
+        "a residual branch that starts as the identity is GramResidualConv2d with a zero weight. Forward passes and "
+        "gradients with respect to the input work: the layer is the zero map."))
 
 
 #: Gram iterations of the float64 certification bound.
