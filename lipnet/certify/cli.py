@@ -194,8 +194,9 @@ def plot_certified_accuracy(result: CertificationResult, audits: list[AuditResul
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    finite = result.radii[torch.isfinite(result.radii)]
-    top = max([*result.eps, float(finite.max()) if finite.numel() else 0.0]) * 1.05 or 1.0
+    # The largest float64 stands for an unbounded radius (a logit gap that never changes), like inf.
+    finite = result.radii[result.radii < torch.finfo(torch.float64).max]
+    top = min(max([*result.eps, float(finite.max()) if finite.numel() else 0.0]) * 1.05, 1e300) or 1.0
     grid = torch.linspace(0, top, 400, dtype=torch.float64)
     curve = [(result.radii > e).double().mean().item() * 100 for e in grid]
     figure = Figure(figsize=(6, 4), dpi=120)

@@ -164,3 +164,15 @@ def test_results_that_cannot_be_written_exit_2_and_leave_no_part(tmp_path, check
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["certified_accuracy.png"]  # no summary, no part
     assert main([*common, "--out", str(tmp_path / "good")]) == 0
     assert sorted(p.name for p in (tmp_path / "good").iterdir()) == ["certified_accuracy.png", "certify.json"]
+
+
+def test_plot_with_the_largest_float_as_radius(tmp_path, small_net, blobs):
+    """A constant logit gap (identical last-layer rows, a zero last layer) certifies the largest
+    float64; 1.05 times it overflowed the axis to inf and matplotlib raised a ValueError."""
+    from lipnet.certify import certified_accuracy
+    from lipnet.certify.cli import plot_certified_accuracy
+
+    result = certified_accuracy(small_net, blobs(10), eps=[0.1], progress=False)
+    result.radii[0] = torch.finfo(torch.float64).max
+    plot_certified_accuracy(result, [], tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
