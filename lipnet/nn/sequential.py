@@ -61,8 +61,11 @@ def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size) -> 
                     layers[i]._raise_not_finite(bounds[i])
                 zero.append(i)
     if weights.dtype.itemsize >= 4:
-        scale = bounds.clamp_min(TINY).to(weights.dtype).view(-1, *([1] * (weights.dim() - 1)))
-        normalized = list((weights / scale).unbind(0))
+        scale = bounds.clamp_min(TINY).to(weights.dtype)
+        if weights.numel():  # at least max|W| / (M / 2), as for a layer alone (GramNormalized._divide)
+            floor = weights.detach().abs().flatten(1).amax(1) / (torch.finfo(weights.dtype).max / 2)
+            scale = torch.maximum(scale, floor)
+        normalized = list((weights / scale.view(-1, *([1] * (weights.dim() - 1)))).unbind(0))
     else:  # each rounded quotient checked and kept finite, as a layer alone does (GramNormalized._divide)
         normalized = [layer._divide(weight, bound, input_size) for layer, weight, bound in zip(layers, own, bounds)]
     for i in zero:  # each layer's own weight gradient, not the stack's

@@ -174,6 +174,20 @@ def test_a_low_precision_stack_is_normalized_as_each_layer_alone(dtype):
     assert exact_conv2d_spectral_norm(stacked_normalized_weights(convs, (1, 1))[1].double(), (1, 1), padding=1) == 0
 
 
+@pytest.mark.parametrize("dtype, value", [(torch.float32, 1e30), (torch.float64, 1e300)])
+def test_a_huge_weight_reading_only_padding_is_finite_in_a_stack(dtype, value):
+    """A stack divides by at least max|W| / (M / 2) as a layer alone does: a bound of 0 (taps that
+    read only zero padding) once overflowed W / TINY to inf and the forward to NaN."""
+    convs = [GramConv2d(2, 2, 3, padding=1, dtype=dtype) for _ in range(2)]
+    with torch.no_grad():
+        convs[0].weight.zero_()
+        convs[0].weight[:, :, 0, 0] = value
+    stacked = stacked_normalized_weights(convs, (1, 1))
+    for conv, weight in zip(convs, stacked):
+        assert torch.isfinite(weight).all()
+        assert torch.equal(weight, conv.normalized_weight((1, 1)))
+
+
 def test_a_subclass_with_its_own_bound_is_not_stacked():
     class Looser(GramConv2d):
         def _operator_norm(self, weight, input_size, n_iter, exhaustive=False):
