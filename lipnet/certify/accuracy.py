@@ -126,8 +126,9 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] | float = DE
     """
     if isinstance(eps, str):
         raise ValueError(f"eps must be numbers (radii), got the string {eps!r}")
-    eps = (float(eps),) if isinstance(eps, int | float) or (torch.is_tensor(eps) and eps.dim() == 0) else tuple(
-        float(e) for e in eps)
+    if isinstance(eps, int | float) or (torch.is_tensor(eps) and eps.dim() == 0):
+        eps = (eps,)
+    eps = tuple(float(e) for e in eps)
     if any(not e >= 0 or math.isinf(e) for e in eps):
         raise ValueError(f"eps must be finite radii >= 0, got {eps}")
     if last_layer not in ("auto", "none"):
