@@ -657,6 +657,8 @@ _REARRANGEMENTS = {torch.flatten, "flatten", "view", "reshape", torch.reshape, "
                    "clone"}
 _SPLITS = {torch.chunk, "chunk", torch.split, "split", torch.unbind, "unbind"}
 _CATS = {torch.cat, torch.concat}
+#: Elementwise operations: applied to constants that are the same for every example, they give such constants.
+_ELEMENTWISE = _SUMS | _SCALINGS | (_ONE_LIPSCHITZ - {F.dropout}) | {"to"}
 #: Factories whose first argument (or ``size=``) is a size: a shape passed there sets no value.
 _FACTORIES = {torch.full, torch.zeros, torch.ones, torch.empty}
 _SHAPE_METHODS = ("size", "dim", "numel")
@@ -866,8 +868,13 @@ class _BoundInterpreter(torch.fx.Interpreter):
         self.versions: dict[torch.fx.Node, list[int | None]] = {}
         self.protected: list[tuple[torch.Tensor, int | None, str]] = []
         self.attributes: dict[torch.fx.Node, object] = {}
-        # Numbers read from the shape of a value that depends on the input (x.shape[0], x.numel()).
+        # Numbers read from the shape of a value that depends on the input (x.shape[0], x.numel()),
+        # and constants whose values may depend on the batch size or on an example's position in
+        # the batch (torch.ones(x.shape).cumsum(0)): no factor may be computed from either.
         self.shape_numbers: set[torch.fx.Node] = set()
+        # Constants of the input's shape that are the same for every example: a factory given that
+        # shape (torch.full(x.shape, 2.0)), then elementwise operations only.
+        self.batch_constants: set[torch.fx.Node] = set()
 
     def fail(self, node: torch.fx.Node, reason: str):
         raise LipschitzBoundError(self.module, f"node {node.format_node()}: {reason}")
@@ -906,7 +913,38 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self.result = self.bound[out]
         else:
             self.bound[node] = self._node_bound(node, value)
+            if self.bound[node] == 0 and node.op in ("call_function", "call_method", "call_module"):
+                self._note_batch_constant(node)
         return value
+
+    def _note_batch_constant(self, node: torch.fx.Node):
+        """Track the constants built from a factory of the input's shape: the same for every
+        example while only elementwise operations act on them; anything else (``cumsum(0)``,
+        ``sum(0)``, indexing, ``torch.empty``'s arbitrary values) may give each position in the
+        batch, or each batch size, its own values, so such a constant counts as a shape number."""
+        size = (node.args[0] if node.args else node.kwargs.get("size")) if _key(node) in _FACTORIES else None
+        sizes: list[torch.fx.Node] = []
+        torch.fx.node.map_arg(size, lambda n: sizes.append(n) or n)
+        if any(_reads_input_shape(n) for n in sizes):
+            (self.batch_constants if node.target is not torch.empty else self.shape_numbers).add(node)
+        elif any(a in self.batch_constants for a in _tensor_args(node)):
+            (self.batch_constants if _key(node) in _ELEMENTWISE else self.shape_numbers).add(node)
+        # A write into a constant (c.mul_(x.shape[0]), c[3:].mul_(100) on c = torch.ones(x.shape))
+        # changes every value in the same memory: if it reads a shape number, or writes into a
+        # constant of the input's shape otherwise than elementwise on all of it, all of them count
+        # as shape numbers.
+        operand = node.args[0] if node.args else None
+        if not (isinstance(operand, torch.fx.Node) and torch.is_tensor(self.env.get(operand)) and
+                _writes_into_first_argument(node, self.module)):
+            return
+        written = self.env[operand]
+        sharing = [other for other, value in self.env.items() if self.bound.get(other, 0.0) == 0 and
+                   any(_shares_memory(written, t) for t in _tensors(value))]
+        whole = operand in self.batch_constants and _key(node) in _ELEMENTWISE
+        if self._reads_shape_number(node) or not whole and any(other in self.batch_constants for other in sharing):
+            for other in (*sharing, node):
+                self.batch_constants.discard(other)
+                self.shape_numbers.add(other)
 
     def _check_writes(self, node: torch.fx.Node):
         """Refuse, before it runs, a node that writes into a tensor whose values the bounds take as given."""
@@ -1047,8 +1085,9 @@ class _BoundInterpreter(torch.fx.Interpreter):
             other = node.args[1] if node.args[0] is u else node.args[0]
             if isinstance(other, torch.fx.Node) and self._reads_shape_number(other):
                 self.fail(node, "a factor computed from the shape of a value that depends on the input (the batch "
-                                "size, read by x.shape[0], x.size(0) or x.numel(), changes it from batch to batch); "
-                                "use a constant")
+                                "size, read by x.shape[0], x.size(0) or x.numel(), changes it from batch to batch, and "
+                                "a constant of the input's shape acted on by more than elementwise operations, e.g. "
+                                "torch.ones(x.shape).cumsum(0), may differ from example to example); use a constant")
             constant = self.env[other] if isinstance(other, torch.fx.Node) else other
             if torch.is_tensor(constant):
                 magnitudes = constant.detach().abs()

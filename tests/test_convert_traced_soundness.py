@@ -374,3 +374,47 @@ def test_a_forward_assigned_to_the_instance_is_refused():
     with pytest.raises(LipschitzBoundError, match="forward"):
         traced_lipschitz_bound(module, (4,))
 
+
+# ----------------------------------------------------------------------------- constants built from the batch
+
+
+def batch_slope(module, shape, batch=10):
+    """The slope of the last example of a batch of ``batch``: perturbing it alone."""
+    x = torch.randn(batch, *shape, dtype=torch.float64)
+    step = torch.zeros_like(x)
+    step[-1] = 1e-3
+    with torch.no_grad():
+        return float((module(x + step) - module(x))[-1].norm() / step[-1].norm())
+
+
+BATCH_POSITION_FACTORS = {
+    # the factor of example i is i + 1: 3 at the tracing batch of 3, 10 at a batch of 10
+    "cumsum": lambda self, x: x * torch.ones(x.shape, dtype=x.dtype).cumsum(0),
+    # 1 for the first three examples (both tracing batches), 101 from the fourth on
+    "threshold": lambda self, x: x * (1 + 100 * (torch.ones(x.shape, dtype=x.dtype).cumsum(0) > 3)),
+    # the batch size read back from a tensor of the batch's shape
+    "sum over the batch": lambda self, x: x * torch.zeros(x.shape, dtype=x.dtype).add(1).sum(0),
+    # written in place: the batch size into a constant, a factor into the fourth example on
+    "mul_ by the batch size": lambda self, x: (lambda c: (c.mul_(x.shape[0]), x * c)[1])(torch.ones(4, dtype=x.dtype)),
+    "mul_ through a view": lambda self, x: (lambda c: (c[3:].mul_(100), x * c)[1])(torch.ones(x.shape, dtype=x.dtype)),
+    "mul_ by a cumsum": lambda self, x: (lambda c: (c.mul_(torch.ones(x.shape, dtype=x.dtype).cumsum(0)), x * c)[1])(
+        torch.ones(x.shape, dtype=x.dtype)),
+}
+
+
+@pytest.mark.parametrize("name", BATCH_POSITION_FACTORS)
+def test_a_factor_that_depends_on_the_position_in_the_batch_is_refused(name):
+    module = Container(BATCH_POSITION_FACTORS[name]).double()
+    try:
+        bound = traced_lipschitz_bound(module, (4,))
+    except LipschitzBoundError:
+        return
+    slope = batch_slope(module, (4,))
+    assert slope <= bound * (1 + 1e-9), f"false certificate: traced bound {bound} < slope {slope} at a batch of 10"
+
+
+def test_factors_of_the_batch_shape_built_elementwise_stay_accepted():
+    module = Container(lambda self, x: x * (torch.full(x.shape, 2.0, dtype=x.dtype) * 3 - 1)).double()
+    assert traced_lipschitz_bound(module, (4,)) == 5.0
+    assert batch_slope(module, (4,)) <= 5.0 * (1 + 1e-9)
+
