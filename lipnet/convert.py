@@ -912,7 +912,13 @@ class _BoundInterpreter(torch.fx.Interpreter):
                 self.fail(node, "the forward must return one tensor")
             self.result = self.bound[out]
         else:
-            self.bound[node] = self._node_bound(node, value)
+            try:
+                self.bound[node] = self._node_bound(node, value)
+            except LipschitzBoundError:
+                raise
+            except Exception as error:  # a rule given values of kinds it does not take: refused, not a crash
+                self.fail(node, f"its arguments are not of the kinds its Lipschitz rule takes ({type(error).__name__}: "
+                                f"{error})")
             if self.bound[node] == 0 and node.op in ("call_function", "call_method", "call_module"):
                 self._note_batch_constant(node)
         return value
@@ -1059,9 +1065,14 @@ class _BoundInterpreter(torch.fx.Interpreter):
             if dependent != [first] or len(node.args) != 1 or node.kwargs:
                 self.fail(node, "a child called with more than its input tensor")
             x = self.env[first]
+            if not torch.is_tensor(x):
+                self.fail(node, f"a child called with a {type(x).__name__}, not a tensor")
             self._batched(node, x, value)
             self.rule[node] = ("child", child, first)
             return mul_up(self.child_bound(child, tuple(x.shape[1:])), self.bound[first])
+        if target in _SUMS | _SCALINGS and not torch.is_tensor(value):
+            self.fail(node, f"a sum or product giving a {type(value).__name__} (tuple concatenation or repetition "
+                            "copies its parts): no Lipschitz rule for it")
         if target in _SUMS:
             alpha = node.kwargs.get("alpha", 1)
             operands = [a for a in node.args if isinstance(a, torch.fx.Node)]
@@ -1090,7 +1101,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
                                 "torch.ones(x.shape).cumsum(0), may differ from example to example); use a constant")
             constant = self.env[other] if isinstance(other, torch.fx.Node) else other
             if torch.is_tensor(constant):
-                magnitudes = constant.detach().abs()
+                magnitudes = constant.detach().abs() if constant.dtype != torch.bool else constant.detach().double()
                 if magnitudes.numel() == 0:
                     self.fail(node, "an empty factor")
                 big, small = float(magnitudes.max()), float(magnitudes.min())

@@ -418,3 +418,31 @@ def test_factors_of_the_batch_shape_built_elementwise_stay_accepted():
     assert traced_lipschitz_bound(module, (4,)) == 5.0
     assert batch_slope(module, (4,)) <= 5.0 * (1 + 1e-9)
 
+
+
+# ----------------------------------------------------------------------------- refused cleanly, not crashing
+
+
+def test_a_boolean_mask_is_a_factor_of_one():
+    """``x * mask`` with a boolean buffer raised NotImplementedError ("abs_cpu" not implemented for 'Bool')."""
+    module = Container(lambda self, x: x * self.buf, buffer=torch.tensor([True, False, True, True])).double()
+    assert traced_lipschitz_bound(module, (4,)) == 1.0
+    assert largest_slope(module, (4,)) <= 1 + SLOPE_ROUNDING
+
+
+SEQUENCE_OPERATIONS = {
+    # tuple concatenation and repetition are operator.add / operator.mul on the chunks
+    "tuple + tuple": lambda self, x: (lambda t: torch.cat([t[0], t[2]], 1))(x.chunk(2, 1) + x.chunk(2, 1)),
+    "tuple * 2": lambda self, x: (lambda t: torch.cat([t[0], t[2]], 1))(x.chunk(2, 1) * 2),
+    "child given a tuple": lambda self, x: self.inner(x.chunk(2, 1))[0],
+}
+
+
+@pytest.mark.parametrize("name", SEQUENCE_OPERATIONS)
+def test_operations_on_sequences_are_refused_with_a_lipschitz_bound_error(name):
+    """They raised AttributeError ('tuple' object has no attribute 'shape'), which convert does not catch."""
+    module = Container(SEQUENCE_OPERATIONS[name]).double()
+    with pytest.raises(LipschitzBoundError):
+        traced_lipschitz_bound(module, (4,))
+    _, report = convert(module, input_shape=(4,))
+    assert report.lipschitz_bound is None and report.bound_error
