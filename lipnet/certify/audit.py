@@ -147,7 +147,9 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, ver
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if x.dtype == torch.uint8:
         x = x.float() / 255
-    x, y = x.detach().float().cpu(), y.detach().cpu()
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.shape != x.shape[:1]:
+        raise ValueError(f"y must hold {x.shape[0]} integer labels, got {y.dtype} {tuple(y.shape)}")
+    x, y = x.detach().float().cpu(), y.detach().cpu().long()
     if x.shape[0] == 0:
         raise ValueError("x holds no inputs: nothing to audit")
     if x.min() < 0 or x.max() > 1:

@@ -147,3 +147,15 @@ def test_no_inputs_is_refused_with_a_message(trained_net, blobs):
     x, y = blobs(4)
     with pytest.raises(ValueError, match="no inputs"):
         audit(trained_net, x[:0], y[:0], 0.1, version="apgd")
+
+
+def test_labels_of_any_integer_dtype_are_audited_alike(trained_net, blobs):
+    """uint8 labels (as data sets store them) crashed in AutoAttack: 'Index put requires the
+    source and destination dtypes match, got Byte ... and Long'."""
+    x, y = blobs(6, seed=18)
+    expected = audit(trained_net, x, y, 0.2, version="apgd")
+    result = audit(trained_net, x, y.to(torch.uint8), 0.2, version="apgd")
+    assert (result.n_correct, result.n_certified, result.n_robust) == (
+        expected.n_correct, expected.n_certified, expected.n_robust)
+    with pytest.raises(ValueError, match="integer labels"):
+        audit(trained_net, x, y.float(), 0.2, version="apgd")
