@@ -599,12 +599,14 @@ def _container_obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None
     sums = [node for node in graph.nodes
             if _key(node) in _SUMS and sum(_depends_on_input(a) for a in _tensor_args(node)) > 1]
     calls = shapes.get(id(module)) if shapes is not None else None
+    own = 1.0  # the bound of its forward's own operations, children counted as 1-Lipschitz
     if calls:
         # Check the operations of its forward only: children get bound 1 here (they are diagnosed on their own).
         modes = {m: m.training for m in module.modules()}
         module.eval()
         try:
-            _traced_bound(module, calls[0][1:], child_bound=lambda child, shape: 1.0)
+            own = max(_traced_bound(module, shape[1:], child_bound=lambda child, shape: 1.0)
+                      for shape in dict.fromkeys(calls))
         except LipschitzBoundError as error:
             return Obstacle(path, name, f"its Lipschitz bound cannot be derived from its forward: {error.reason}",
                             "register a sound bound with lipnet.certify.register_lipschitz_bound, or rebuild it "
@@ -615,8 +617,14 @@ def _container_obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None
     if sums:
         return Obstacle(path, name, f"adds {len(sums)} pair(s) of branches computed from its input (a residual "
                         "connection): a sum is bounded by the sum of the branches' bounds, x + f(x) by 1 + Lip(f), "
-                        "2 for a 1-Lipschitz f, so k such blocks in a row can give 2^k", _RESIDUAL_FIX,
-                        blocking=False)
+                        "2 for a 1-Lipschitz f, so k such blocks in a row can give 2^k" +
+                        (f"; its forward's bound with 1-Lipschitz children is {own:.4g}" if calls else ""),
+                        _RESIDUAL_FIX, blocking=False)
+    if own > _ONE:
+        return Obstacle(path, name, f"its forward scales or copies values (constant factors, concatenations of a "
+                        f"value with itself): Lipschitz bound {own:.4g} with 1-Lipschitz children, not 1",
+                        "scale by factors of at most 1, and concatenate distinct values (or divide their copies by "
+                        "sqrt(number of copies))", blocking=False)
     return None
 
 

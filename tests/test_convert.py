@@ -496,3 +496,25 @@ def test_the_rounding_of_a_traced_container_is_propagated_node_by_node():
     assert radius <= 0.2 / 2 ** 0.5  # the exact margin's radius; the lost digits make it 0 here
     with torch.no_grad():  # a point at distance 0.21 is misclassified, so no radius above that holds
         assert int(converted(x + torch.tensor([[-0.15, 0.15]], dtype=torch.float64)).argmax()) == 1
+
+
+class Amplifies(nn.Module):
+    """A container whose own forward scales (3 x) or copies (``torch.cat([y, y])``: sqrt 2) its child's output."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.how = how
+
+    def forward(self, x):
+        y = self.linear(x)
+        return 3 * y if self.how == "scale" else torch.cat([y, y], 1)
+
+
+@pytest.mark.parametrize("how, bound", [("scale", 3.0), ("copy", 2 ** 0.5)])
+def test_a_container_whose_forward_amplifies_is_an_obstacle(how, bound):
+    """The model's bound was 3 (or sqrt 2) with its 1-Lipschitz Gram layer, and no obstacle said why."""
+    _, report = convert(nn.Sequential(Amplifies(how)), input_shape=(4,))
+    assert report.lipschitz_bound == pytest.approx(bound, rel=1e-5)
+    (found,) = obstacle(report, f"{__name__}.Amplifies")
+    assert not found.blocking and f"{bound:.4g}" in found.problem
