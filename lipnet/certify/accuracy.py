@@ -135,9 +135,12 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] | float = DE
         raise ValueError(f"last_layer must be 'auto' or 'none', got {last_layer!r}")
     model_device = next((p.device for p in model.parameters()), None)
     device = torch.device(device) if device is not None else model_device or torch.device("cpu")
-    if model_device is not None and model_device != device and not (
-            device.index is None and model_device.type == device.type):
-        raise ValueError(f"the model is on {model_device} but device={device}: move it with model.to(device) first")
+    if model_device is not None:
+        if model_device.type != device.type or (
+                device.type != "cpu" and None not in (device.index, model_device.index)
+                and device.index != model_device.index):
+            raise ValueError(f"the model is on {model_device} but device={device}: move it with model.to(device) first")
+        device = model_device  # "cuda" for a model on cuda:1 means cuda:1, not the current GPU
     radii, correct = [], []
     batches = _batches(data, batch_size)
     with evaluating(model), torch.no_grad(), exact_kernels():

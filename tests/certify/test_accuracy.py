@@ -217,3 +217,12 @@ def test_a_single_radius_may_be_given_as_a_number(small_net, blobs):
                                                                            progress=False).certified
     with pytest.raises(ValueError, match="eps"):
         certified_accuracy(small_net, (x, y), eps="0.1", progress=False)
+
+
+def test_a_device_naming_the_models_device_is_accepted(small_net, blobs):
+    """device='cpu:0' for a model on the CPU was refused ('the model is on cpu but device=cpu:0');
+    likewise device='cuda' must send the batches to the model's own GPU, not the current one."""
+    x, y = blobs(10)
+    expected = certified_accuracy(small_net, (x, y), eps=[0.1], progress=False)
+    result = certified_accuracy(small_net, (x, y), eps=[0.1], device="cpu:0", progress=False)
+    assert torch.equal(result.radii, expected.radii)
