@@ -133,14 +133,7 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] | float = DE
         raise ValueError(f"eps must be finite radii >= 0, got {eps}")
     if last_layer not in ("auto", "none"):
         raise ValueError(f"last_layer must be 'auto' or 'none', got {last_layer!r}")
-    model_device = next((p.device for p in model.parameters()), None)
-    device = torch.device(device) if device is not None else model_device or torch.device("cpu")
-    if model_device is not None:
-        if model_device.type != device.type or (
-                device.type != "cpu" and None not in (device.index, model_device.index)
-                and device.index != model_device.index):
-            raise ValueError(f"the model is on {model_device} but device={device}: move it with model.to(device) first")
-        device = model_device  # "cuda" for a model on cuda:1 means cuda:1, not the current GPU
+    device = resolve_device(model, device)
     radii, correct = [], []
     batches = _batches(data, batch_size)
     with evaluating(model), torch.no_grad(), exact_kernels():
@@ -172,6 +165,19 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] | float = DE
         input_shape=bounds["input_shape"],
         module_bounds=module_bound_table(exact.model, bounds["modules"]),
     )
+
+
+def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """The device of ``model``'s parameters (the CPU without any), which ``device`` must name if
+    given: ``"cuda"`` for a model on ``cuda:1`` means ``cuda:1``, not the current GPU."""
+    model_device = next((p.device for p in model.parameters()), None)
+    device = torch.device(device) if device is not None else model_device or torch.device("cpu")
+    if model_device is None:
+        return device
+    if model_device.type != device.type or (device.type != "cpu" and None not in (device.index, model_device.index)
+                                            and device.index != model_device.index):
+        raise ValueError(f"the model is on {model_device} but device={device}: move it with model.to(device) first")
+    return model_device
 
 
 def module_bound_table(model: nn.Module, modules: dict) -> tuple[dict, ...]:

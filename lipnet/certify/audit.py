@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lipnet.certify.accuracy import CertificationResult, ExactLogits, certified_accuracy, model_input
+from lipnet.certify.accuracy import CertificationResult, ExactLogits, certified_accuracy, model_input, resolve_device
 from lipnet.certify.modes import evaluating, frozen
 from lipnet.certify.precision import exact_kernels
 
@@ -143,8 +143,7 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, ver
         raise ValueError(f"on_failure must be 'raise' or 'warn', got {on_failure!r}")
     if not eps > 0 or math.isinf(eps):
         raise ValueError(f"eps must be a finite radius > 0, got {eps}")
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = resolve_device(model, device)
     if x.dtype == torch.uint8:
         x = x.float() / 255
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.shape != x.shape[:1]:

@@ -159,3 +159,12 @@ def test_labels_of_any_integer_dtype_are_audited_alike(trained_net, blobs):
         expected.n_correct, expected.n_certified, expected.n_robust)
     with pytest.raises(ValueError, match="integer labels"):
         audit(trained_net, x, y.float(), 0.2, version="apgd")
+
+
+def test_a_device_naming_the_models_device_is_accepted(trained_net, blobs, monkeypatch):
+    """device='cpu:0' for a CPU model: certified_accuracy inside the audit refused it."""
+    audit_module = importlib.import_module("lipnet.certify.audit")
+    monkeypatch.setattr(audit_module, "_run_autoattack", lambda model, xs, *args: xs.clone())
+    x, y = blobs(4, seed=19)
+    result = audit(trained_net, x, y, 0.1, version="apgd", device="cpu:0")
+    assert result.sound and result.n_broken == 0
