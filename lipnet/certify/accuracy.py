@@ -139,9 +139,9 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] | float = DE
     with evaluating(model), torch.no_grad(), exact_kernels():
         exact = ExactLogits(model, last_layer)
         for x, y in tqdm(batches, desc="certify", disable=not progress, total=_length(data, batch_size)):
-            logits, rounding = exact(x.to(device))
             if len(x) == 0:  # an empty batch (a loader's last one, a filtered one): nothing to certify in it
                 continue
+            logits, rounding = exact(x.to(device))
             y = y.to(device)
             if exact.split is None:
                 r = certified_radius(logits, y, exact.bounds["lipschitz"], rounding=rounding)
@@ -226,10 +226,11 @@ class ExactLogits:
     Holds :func:`~lipnet.certify.precision.float64_copy` of the model and, from the first
     batch on, its Lipschitz bounds for that batch's input shape (``bounds``: ``input_shape``,
     ``lipschitz``, ``modules`` and, when ``split`` is the copy's ``(body, last linear layer)``,
-    ``body_lipschitz``). Calling it on inputs (cast to the model's dtype first: the input the
-    model would see) returns ``(logits, rounding)``, the float64 logits and the bound on each
-    logit's error of :func:`~lipnet.certify.precision.rounding_allowance`. Use it with the
-    model in eval mode, without gradients, under :func:`~lipnet.certify.precision.exact_kernels`.
+    ``body_lipschitz``). Calling it on a non-empty batch of inputs (cast to the model's dtype
+    first: the input the model would see) returns ``(logits, rounding)``, the float64 logits and
+    the bound on each logit's error of :func:`~lipnet.certify.precision.rounding_allowance`. Use
+    it with the model in eval mode, without gradients, under
+    :func:`~lipnet.certify.precision.exact_kernels`.
     """
 
     def __init__(self, model: nn.Module, last_layer: str = "auto"):
@@ -249,8 +250,6 @@ class ExactLogits:
         elif shape != self.bounds["input_shape"]:
             raise ValueError(f"inputs of shape {shape} after inputs of shape {self.bounds['input_shape']}: the "
                              "Lipschitz bound holds for one input shape")
-        if len(x) == 0:
-            return x.new_zeros((0, 0)), x.new_zeros(0)
         logits, err = forward_with_error_bound(self.model, x, self.bounds["modules"])
         return logits, rounding_allowance(logits, err)
 

@@ -226,3 +226,10 @@ def test_a_device_naming_the_models_device_is_accepted(small_net, blobs):
     expected = certified_accuracy(small_net, (x, y), eps=[0.1], progress=False)
     result = certified_accuracy(small_net, (x, y), eps=[0.1], device="cpu:0", progress=False)
     assert torch.equal(result.radii, expected.radii)
+
+
+def test_an_empty_batch_of_another_shape_does_not_set_the_input_shape(small_net, blobs):
+    """The bounds were computed for the shape of the first batch even when it was empty."""
+    x, y = blobs(10)
+    result = certified_accuracy(small_net, [(torch.zeros(0, 64), y[:0]), (x, y)], eps=[0.1], progress=False)
+    assert result.input_shape == (1, 8, 8) and result.n == 10
