@@ -394,10 +394,15 @@ def _channel_dims(model: nn.Module) -> dict[int, set[int | None]]:
 def _maxmin_dim(layouts: set[int | None], calls) -> int:
     """The ``dim`` of the MaxMin that replaces a ReLU: where its input's channels are, counted from
     the end, from the layers before it (``layouts``) or else from the rank of the inputs it
-    receives (``calls``, batch included: the channels are dim 1); ``1`` where neither tells."""
-    if len(layouts) == 1 and None not in layouts:
-        return next(iter(layouts))
+    receives (``calls``, batch included: the channels are dim 1); ``1`` where neither tells. A
+    layout that would be the batch dimension of an input it receives (``MaxPool2d`` pools an
+    ``(N, H, W)`` batch as one ``(C, H, W)`` input: its "channels", ``-3``, are the examples)
+    gives way to the rank: MaxMin must never pair examples."""
     ranks = {len(shape) for shape in calls or ()}
+    if len(layouts) == 1 and None not in layouts:
+        dim = next(iter(layouts))
+        if not any(dim % rank == 0 for rank in ranks):
+            return dim
     if len(ranks) == 1 and (rank := ranks.pop()) >= 2:
         return 1 - rank
     return 1

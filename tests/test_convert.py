@@ -518,3 +518,16 @@ def test_a_container_whose_forward_amplifies_is_an_obstacle(how, bound):
     assert report.lipschitz_bound == pytest.approx(bound, rel=1e-5)
     (found,) = obstacle(report, f"{__name__}.Amplifies")
     assert not found.blocking and f"{bound:.4g}" in found.problem
+
+
+def test_maxmin_never_pairs_along_the_batch_dimension():
+    """MaxPool2d on (N, H, W) pools each example as one channel; the MaxMin after it got dim=-3
+    from the pooling's layout, the batch dimension of its (N, H/2, W/2) input: example 0's output
+    changed with example 1, and the converted model was not certifiable."""
+    net = nn.Sequential(nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(16, 10))
+    converted, report = convert(net, input_shape=(8, 8))
+    x = torch.randn(4, 8, 8)
+    others = x.clone()
+    others[1:] += 1
+    assert torch.equal(converted(x)[0], converted(others)[0])
+    assert report.certifiable, report.bound_error
