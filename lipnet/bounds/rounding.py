@@ -52,3 +52,12 @@ def relative_rounding_margin(dtype: torch.dtype, *, inner: int, rank: int, taps:
     worst = u * ((taps + 2) * math.sqrt(rank) + autocorrelation + 6 * inner * rank
                  + (n_iter + 3) * (4 + abs(log_bound)))
     return max(MIN_RELATIVE_MARGIN, 10 * worst)
+
+
+def with_rounding_margin(bound: float, dtype: torch.dtype, *, inner: int, rank: int, taps: int, n_iter: int) -> float:
+    """``bound * (1 + relative_rounding_margin(...))``: a Gram bound computed in ``dtype`` made
+    an upper bound of the exact one (its logarithm, from the float ``bound`` itself: a bound
+    below ~1e-45 read in float32 would lose its digits or give an infinite margin)."""
+    log_bound = abs(math.log(bound)) if bound > 0 else 0.0
+    margin = relative_rounding_margin(dtype, inner=inner, rank=rank, taps=taps, n_iter=n_iter, log_bound=log_bound)
+    return bound * (1 + margin)

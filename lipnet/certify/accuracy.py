@@ -10,17 +10,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lipnet.bounds.gram import max_matrix_spectral_norm
+from lipnet.bounds.rounding import with_rounding_margin
 from lipnet.certify.lipschitz import (
+    LipschitzBoundError,
     has_forward_hooks,
     lipschitz_bound,
     module_lipschitz_bounds,
+    mul_up,
     overridden_forward_part,
 )
 from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_error_bound, rounding_allowance
 from lipnet.certify.modes import evaluating
 from lipnet.certify.radius import certified_radius
 from lipnet.nn.gram_linear import GramLinear
-from lipnet.nn.normalized import GramNormalized
+from lipnet.nn.normalized import CERTIFICATION_N_ITER, GramNormalized
 from lipnet.nn.sequential import GramSequential
 
 #: The L2 radii (pixels in [0, 1]) most papers report on CIFAR-10.
@@ -243,15 +247,39 @@ class ExactLogits:
         x = model_input(x, self.dtype).double()
         shape = tuple(x.shape[1:])
         if self.bounds is None:
-            lipschitz, modules = module_lipschitz_bounds(self.model, shape)
-            self.bounds = {"input_shape": shape, "lipschitz": lipschitz, "modules": modules}
-            if self.split is not None:
-                self.bounds["body_lipschitz"] = lipschitz_bound(self.split[0], shape)
+            self.bounds = {"input_shape": shape, **self._bounds(shape, x.device)}
         elif shape != self.bounds["input_shape"]:
             raise ValueError(f"inputs of shape {shape} after inputs of shape {self.bounds['input_shape']}: the "
                              "Lipschitz bound holds for one input shape")
         logits, err = forward_with_error_bound(self.model, x, self.bounds["modules"])
         return logits, rounding_allowance(logits, err)
+
+
+    def _bounds(self, shape: tuple[int, ...], device: torch.device) -> dict:
+        """``lipschitz``, ``modules`` and, with a split, ``body_lipschitz`` for inputs of ``shape``.
+
+        A plain ``nn.Linear`` last layer (no rule of :mod:`lipnet.certify.lipschitz` bounds a
+        plain layer) is bounded here by the Gram bound of its weight in float64 with its rounding
+        margin: the last-layer radii do not use it, but the generic constant and the rounding
+        error of the logits do."""
+        if self.split is None:
+            lipschitz, modules = module_lipschitz_bounds(self.model, shape)
+            return {"lipschitz": lipschitz, "modules": modules}
+        body, last = self.split
+        if isinstance(last, GramLinear):
+            lipschitz, modules = module_lipschitz_bounds(self.model, shape)
+            return {"lipschitz": lipschitz, "modules": modules, "body_lipschitz": lipschitz_bound(body, shape)}
+        body_lipschitz, modules = module_lipschitz_bounds(body, shape)
+        with torch.no_grad():
+            features = body(torch.zeros((1, *shape), dtype=torch.float64, device=device))
+        weight = last.weight.detach().double()
+        if not bool(torch.isfinite(weight).all()):
+            raise LipschitzBoundError(last, "the last linear layer's weight has NaN or inf entries")
+        own = 0.0 if weight.numel() == 0 else with_rounding_margin(
+            float(max_matrix_spectral_norm(weight[None], CERTIFICATION_N_ITER, screen_iter=CERTIFICATION_N_ITER)),
+            torch.float64, inner=max(weight.shape), rank=min(weight.shape), taps=1, n_iter=CERTIFICATION_N_ITER)
+        modules[(id(last), tuple(features.shape[1:]))] = own
+        return {"lipschitz": mul_up(body_lipschitz, own), "modules": modules, "body_lipschitz": body_lipschitz}
 
 
 def model_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

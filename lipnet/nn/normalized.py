@@ -11,14 +11,13 @@ on changes (:meth:`GramNormalized._cache_key`), so inference computes no bound p
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lipnet.bounds.first_order import error_on_backward
 from lipnet.bounds.gram import DEFAULT_SCREEN_ITER, refines_exceeding
-from lipnet.bounds.rounding import relative_rounding_margin
+from lipnet.bounds.rounding import with_rounding_margin
 
 #: Bounds below this are treated as this value: ``W / max(bound, TINY)`` keeps zero and
 #: tiny weights finite and is still 1-Lipschitz (its norm is ``bound / max(bound, TINY)``).
@@ -276,12 +275,8 @@ class GramNormalized:
             return 0.0
         bound = float(self._operator_norm(weight, input_size, CERTIFICATION_N_ITER, exhaustive=True))
         rows, cols, taps = self._matrix_shape()
-        # math.log of the float64 bound: a float32 tensor would round a bound below ~1e-45 to 0
-        # (log -inf, an infinite margin) and lose its digits below ~1e-38.
-        log_bound = abs(math.log(bound)) if bound > 0 else 0.0
-        margin = relative_rounding_margin(torch.float64, inner=max(rows, cols), rank=min(rows, cols), taps=taps,
-                                          n_iter=CERTIFICATION_N_ITER, log_bound=log_bound)
-        return bound * (1 + margin)
+        return with_rounding_margin(bound, torch.float64, inner=max(rows, cols), rank=min(rows, cols), taps=taps,
+                                    n_iter=CERTIFICATION_N_ITER)
 
     def __prepare_scriptable__(self):
         raise TypeError(f"{type(self).__name__} cannot be compiled by TorchScript (torch.jit.script): its forward computes "

@@ -233,3 +233,36 @@ def test_an_empty_batch_of_another_shape_does_not_set_the_input_shape(small_net,
     x, y = blobs(10)
     result = certified_accuracy(small_net, [(torch.zeros(0, 64), y[:0]), (x, y)], eps=[0.1], progress=False)
     assert result.input_shape == (1, 8, 8) and result.n == 10
+
+
+def test_a_plain_linear_last_layer_is_certified_in_the_last_layer_form(trained_net, blobs):
+    """An unconstrained last layer (its per-pair constants ||w_y - w_j|| are what the last-layer
+    radius uses) once failed with UnknownModuleError: no rule bounds a plain nn.Linear. Its own
+    bound (Gram in float64 with the rounding margin) enters the generic constant and the rounding."""
+    x, y = blobs(seed=3)
+    last = trained_net[-1]
+    plain = nn.Linear(last.in_features, last.out_features, dtype=last.weight.dtype)
+    with torch.no_grad():
+        plain.weight.copy_(3 * last.normalized_weight())  # norm 3: a free layer, not a normalized one
+        plain.bias.copy_(last.bias)
+    net = nn.Sequential(*trained_net[:-1], plain).eval()
+    body = nn.Sequential(*trained_net[:-1]).eval()
+    result = certified_accuracy(net, (x, y), eps=[0.1], progress=False)
+    body_lipschitz = lipschitz_bound(body, (1, 8, 8))
+    exact_last = float(torch.linalg.matrix_norm(plain.weight.double(), 2))
+    assert result.body_lipschitz == body_lipschitz
+    assert exact_last * body_lipschitz <= result.lipschitz <= exact_last * body_lipschitz * (1 + 1e-5)
+    with torch.no_grad():
+        logits = net(x)
+    expected = certified_radius(logits, y, last_layer=plain, body_lipschitz=body_lipschitz)
+    torch.testing.assert_close(result.radii, expected, rtol=2e-3, atol=1e-6)
+    assert result.certified[0] > 0.3
+    with torch.no_grad():  # the radii hold against random moves of their length
+        for _ in range(20):
+            delta = torch.randn_like(x)
+            delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * result.radii.float().view(-1, 1, 1, 1)
+            assert torch.all((net(x + 0.999 * delta).argmax(dim=1) == y) | (result.radii == 0))
+    with torch.no_grad():
+        plain.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        certified_accuracy(net, (x, y), eps=[0.1], progress=False)
