@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,13 @@ def test_certified_radius_matches_lipnet_certify():
     integers = torch.tensor([[5, 1, 0], [2, 2, 1]])
     assert torch.equal(exported.certified_radius(integers),
                        certified_radius(integers, integers.argmax(1), exported.lipschitz_bound))
+    # Beyond 2^53 integers round in float64; beyond the largest float the margin overflows: both
+    # as lipnet.certify takes them (a radius of 181 for the exact 91; 1.8e308 for the exact ~1e308 / L).
+    for extreme in (torch.tensor([[2**60 + 256, 2**60 + 127, 0]]), torch.tensor([[1.7e308, -1.7e308, 0.0]], dtype=torch.float64)):
+        expected = certified_radius(extreme, extreme.argmax(1), exported.lipschitz_bound)
+        assert torch.equal(exported.certified_radius(extreme), expected)
+        margin = Fraction(int(extreme[0, 0])) - Fraction(int(extreme[0, 1]))  # exact
+        assert Fraction(float(expected[0])) <= margin / Fraction(2**0.5 * exported.lipschitz_bound) * Fraction(1 + 1e-15)
 
 
 def test_float64_models_export_in_float64():

@@ -189,14 +189,25 @@ class ExportedModel(nn.Module):
         if not bool(torch.isfinite(logits).all()):
             raise ValueError("logits contain NaN or inf: no radius can be certified")
         f = logits.detach().double()
-        eps = torch.finfo(logits.dtype).eps if logits.is_floating_point() else 0.0  # integers: exact
-        delta = LOGIT_ROUNDING_ULPS * eps * f.abs().amax(dim=1).clamp_min(1.0)
+        largest = f.abs().amax(dim=1)
+        if logits.is_floating_point():
+            delta = LOGIT_ROUNDING_ULPS * torch.finfo(logits.dtype).eps * largest.clamp_min(1.0)
+        else:  # integers are exact, but float64 rounds them beyond 2^53 (by half its spacing)
+            delta = torch.where(largest > 2.0**53, largest * 2.0**-53, 0.0)
         top = f.topk(2, dim=1).values
         margin = top[:, 0] - top[:, 1] - 2 * delta
         denominator = math.nextafter(math.sqrt(2) * self.lipschitz_bound, math.inf)
         if denominator == 0:
             return torch.where(margin > 0, torch.full_like(margin, math.inf), torch.zeros_like(margin))
-        return torch.nextafter(margin / denominator, torch.zeros_like(margin)).clamp_min(0.0)
+        radius = torch.nextafter(margin / denominator, torch.zeros_like(margin))
+        # A margin beyond the largest float (logits near +-1e308) overflows to inf: halve it (exact
+        # for logits that large), divide, round towards 0 and double back.
+        overflow = torch.isposinf(margin)
+        if bool(overflow.any()):
+            half = (top[:, 0] / 2 - top[:, 1] / 2 - delta) / denominator
+            doubled = 2 * torch.nextafter(half, torch.zeros_like(half))
+            radius = torch.where(overflow, doubled.clamp_max(torch.finfo(torch.float64).max), radius)
+        return radius.clamp_min(0.0)
 
     def archive(self) -> dict:
         """The archive (see the module docstring), with tensors copied to the CPU."""
