@@ -172,7 +172,8 @@ class ExportedModel(nn.Module):
         The same computation as ``lipnet.certify.certified_radius(logits, logits.argmax(1),
         lipschitz_bound)``: each logit is treated as uncertain by
         ``delta = LOGIT_ROUNDING_ULPS * eps(dtype) * max(1, max_j |z_j|)`` (the forward pass
-        is in floating point), and the radius ``(z_top - z_second - 2 delta) / (sqrt(2) L)``
+        is in floating point; integer logits are exact up to ``2^53``, beyond which ``delta`` is
+        half their float64 spacing), and the radius ``(z_top - z_second - 2 delta) / (sqrt(2) L)``
         is computed in float64 with the denominator rounded up and the quotient rounded
         down. A tie, or a margin below ``2 delta``, gives radius 0.
 
