@@ -596,7 +596,7 @@ def _container_obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None
     if isinstance(module, _ATTENTION):
         return Obstacle(path, name, _ATTENTION_PROBLEM, None, blocking=True)
     try:
-        graph = _trace(module)
+        graph = _trace(module).graph
     except Exception as error:
         return Obstacle(path, name, f"its forward cannot be traced by torch.fx ({type(error).__name__}: {error}), so "
                         "how it combines its children is unknown", "register a sound bound with "
@@ -643,8 +643,11 @@ class _ChildrenAsLeaves(torch.fx.Tracer):
         return True
 
 
-def _trace(module: nn.Module) -> torch.fx.Graph:
-    """The graph of ``module.forward`` with its children as leaves; extra arguments take their defaults."""
+def _trace(module: nn.Module) -> torch.fx.GraphModule:
+    """The graph of ``module.forward`` with its children as leaves, as a ``GraphModule``; extra
+    arguments take their defaults. torch.fx stores the tensors the forward creates as attributes
+    of the module it traces (``_tensor_constant0``, ...): they are copied into the GraphModule
+    and removed from the module, which would otherwise gain one per trace."""
 
     parameters = list(inspect.signature(module.forward).parameters.values())
     if not parameters or parameters[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
@@ -657,7 +660,15 @@ def _trace(module: nn.Module) -> torch.fx.Graph:
         if p.default is inspect.Parameter.empty:
             raise TypeError(f"forward takes a second required argument {p.name!r}: only one input is supported")
         concrete[p.name] = p.default
-    return _ChildrenAsLeaves().trace(module, concrete_args=concrete or None)
+    before = set(vars(module))
+    try:
+        traced = torch.fx.GraphModule(module, _ChildrenAsLeaves().trace(module, concrete_args=concrete or None))
+    finally:
+        created = set(vars(module)) - before
+        for name in created:
+            delattr(module, name)
+    traced.created_attributes = frozenset(created)
+    return traced
 
 
 _SUMS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, "add", "sub", "add_", "sub_"}
@@ -713,10 +724,16 @@ def _reaches_input(node: torch.fx.Node, cut) -> bool:
         if n in seen or cut(n):
             continue
         seen.add(n)
-        if n.op == "placeholder":
+        if _is_input(n):
             return True
         stack.extend(_tensor_args(n))
     return False
+
+
+def _is_input(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is the input of its graph: its first placeholder (the others are the extra
+    arguments of ``forward``, at their defaults)."""
+    return node.op == "placeholder" and node is next(iter(node.graph.nodes))
 
 
 _IN_PLACE_OPERATIONS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
@@ -832,12 +849,11 @@ def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=l
     check_no_forward_hooks(module)
     check_runs_own_forward(module)
     try:
-        graph = _trace(module)
+        traced = _trace(module)
     except Exception as error:
         raise LipschitzBoundError(module, f"its forward cannot be traced by torch.fx ({type(error).__name__}: "
                                           f"{error}); register a bound with lipnet.certify.register_lipschitz_bound"
                                   ) from error
-    traced = torch.fx.GraphModule(module, graph)
     cache: dict = {}
 
     def cached_child_bound(child, shape):
@@ -867,7 +883,8 @@ class _BoundInterpreter(torch.fx.Interpreter):
 
     def __init__(self, traced: torch.fx.GraphModule, module: nn.Module, batch: int, child_bound, keep_values=False):
         super().__init__(traced, garbage_collect_values=not keep_values)
-        self.module = module
+        self.module = module  # attributes are read from the module itself: a child may replace them
+        self.traced = traced
         self.batch = batch
         self.child_bound = child_bound
         self.bound: dict[torch.fx.Node, float] = {}
@@ -891,6 +908,13 @@ class _BoundInterpreter(torch.fx.Interpreter):
 
     def fail(self, node: torch.fx.Node, reason: str):
         raise LipschitzBoundError(self.module, f"node {node.format_node()}: {reason}")
+
+    def fetch_attr(self, target: str):
+        """An attribute of the module, or a tensor its forward creates (kept by the GraphModule, see
+        :func:`_trace`)."""
+        if target in getattr(self.traced, "created_attributes", ()):
+            return getattr(self.traced, target)
+        return super().fetch_attr(target)
 
     def run(self, x: torch.Tensor):
         """Run on ``x`` outside inference mode (whose tensors have no version counters and cannot
@@ -1060,9 +1084,9 @@ class _BoundInterpreter(torch.fx.Interpreter):
     def _node_bound(self, node: torch.fx.Node, value) -> float:
         args = _tensor_args(node)
         dependent = [a for a in args if self.bound.get(a, 0.0) > 0]
-        if node.op == "placeholder":
-            self.rule[node] = ("input",)
-            return 1.0
+        if node.op == "placeholder":  # the input, or an extra argument of forward at its default (a constant)
+            self.rule[node] = ("input",) if _is_input(node) else ("constant",)
+            return 1.0 if _is_input(node) else 0.0
         target = node.target
         if node.op == "get_attr" or not dependent or (node.op == "call_method" and target in _SHAPE_METHODS) or (
                 target is getattr and len(node.args) == 2 and node.args[1] in _SHAPE_ATTRIBUTES):
@@ -1193,7 +1217,7 @@ def _traced_rounding(module: nn.Module, h: torch.Tensor, err: torch.Tensor, boun
     elementwise node with Lipschitz factors ``f_i`` on operands ``a_i`` and value ``y`` adds at most
     ``4 u (sum f_i ||a_i|| + ||y||)`` to ``sum f_i e(a_i)``; rearrangements and concatenations are
     exact (the latter combines its parts' errors in L2)."""
-    traced = torch.fx.GraphModule(module, _trace(module))
+    traced = _trace(module)
 
     def child_bound(child, shape):
         found = bounds.get((id(child), shape))

@@ -281,7 +281,7 @@ def test_positional_inplace_in_a_graph_is_checked_like_the_keyword(monkeypatch):
     y = graph.call_function(torch.mul, (x, 2.0))
     clipped = graph.call_function(F.hardtanh, (y, -1.0, 1.0, True))
     graph.output(graph.call_function(torch.add, (clipped, y)))
-    monkeypatch.setattr(module, "_trace", lambda module: graph)
+    monkeypatch.setattr(module, "_trace", lambda module: torch.fx.GraphModule(module, graph))
     block = Container(forward)
     with pytest.raises(LipschitzBoundError, match="in-place operation on a value that is also used elsewhere"):
         traced_lipschitz_bound(block, (4,))
@@ -446,3 +446,72 @@ def test_operations_on_sequences_are_refused_with_a_lipschitz_bound_error(name):
         traced_lipschitz_bound(module, (4,))
     _, report = convert(module, input_shape=(4,))
     assert report.lipschitz_bound is None and report.bound_error
+
+
+# ----------------------------------------------------------------------------- arguments with defaults
+
+
+class Scaled(nn.Module):
+    """``forward(x, scale=3.0)``: the extra argument takes its default."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Identity()
+
+    def forward(self, x, scale=3.0):
+        return self.inner(x) * scale
+
+
+class Optional(nn.Module):
+    """``forward(x, y=None)``: y defaults to x, so the output is x + 2 x."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Identity()
+
+    def forward(self, x, y=None):
+        if y is None:
+            y = x
+        return self.inner(x) + 2 * y
+
+
+class Copies(nn.Module):
+    """``forward(x, *, copies=4)``: ``torch.cat([x] * copies)``, bound sqrt(4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Identity()
+
+    def forward(self, x, *, copies=4):
+        return torch.cat([self.inner(x)] * copies, 1)
+
+
+class TensorDefault(Scaled):
+    def forward(self, x, scale=torch.tensor(5.0, dtype=torch.float64)):
+        return self.inner(x) * scale
+
+
+@pytest.mark.parametrize("module, bound", [(Scaled, 3.0), (Optional, 3.0), (Copies, 2.0)],
+                         ids=["scale=3.0", "y=None", "copies=4"])
+def test_extra_arguments_take_their_defaults(module, bound):
+    """torch.fx guards each default (scale == 3.0, y is None) with a node reading its placeholder,
+    which was bounded as a second input: every such module was refused."""
+    module = module().double()
+    assert bound <= traced_lipschitz_bound(module, (4,)) <= bound * (1 + 1e-12)
+    assert largest_slope(module.float(), (4,)) <= bound * (1 + SLOPE_ROUNDING)
+
+
+def test_a_tensor_default_is_refused_cleanly():
+    """torch.fx cannot compile a graph whose placeholder defaults to a tensor: that raised NameError."""
+    with pytest.raises(LipschitzBoundError, match="torch.fx"):
+        traced_lipschitz_bound(TensorDefault().double(), (4,))
+
+
+def test_tracing_leaves_no_attributes_on_the_module():
+    """torch.fx stores the tensors a forward creates as attributes of the traced module: every
+    bound added one (_tensor_constant0, 1, 2, ...: a leak that grew with each certified batch)."""
+    module = Container(lambda self, x: x * torch.tensor([1.0, 2.0, 3.0, 4.0])).double()
+    before = set(vars(module))
+    for _ in range(3):
+        assert traced_lipschitz_bound(module, (4,)) == 4.0
+    assert set(vars(module)) == before
