@@ -205,6 +205,9 @@ def _module_bound(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tens
     check_runs_own_forward(module)
     shape = tuple(x.shape[1:])
     fn = _lookup(_REGISTRY, module)
+    record = _RECORD.get()
+    if record is not None and (id(module), shape) in record:  # bounded before (module_lipschitz_bounds's reuse)
+        return record[(id(module), shape)], _checked_output(module, module(x))
     if fn is not None:
         value = call_registered_bound(fn, module, shape)
     elif callable(getattr(module, "lipschitz_bound", None)):
@@ -216,19 +219,21 @@ def _module_bound(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tens
     else:
         raise UnknownModuleError(module)
     value = _checked(module, value)
-    if (record := _RECORD.get()) is not None:
+    if record is not None:
         record[(id(module), shape)] = value
     return value, _checked_output(module, module(x))
 
 
-def module_lipschitz_bounds(model: nn.Module, input_shape) -> tuple[float, dict]:
+def module_lipschitz_bounds(model: nn.Module, input_shape, reuse: dict | None = None) -> tuple[float, dict]:
     """:func:`lipschitz_bound` and the bound of each module it bounded as a unit.
 
     Returns ``(L, bounds)`` with ``bounds[(id(module), shape)]`` the bound used for
     ``module`` on inputs of ``shape`` (one example); containers that compose their children
-    (``nn.Sequential``, :class:`~lipnet.nn.ConvexResidual`) have no entry.
+    (``nn.Sequential``, :class:`~lipnet.nn.ConvexResidual`) have no entry. A module bounded
+    twice on one shape (called twice, or listed in ``reuse``, the ``bounds`` of an earlier call
+    on the same unchanged modules) is bounded once.
     """
-    record: dict = {}
+    record: dict = dict(reuse or {})
     token = _RECORD.set(record)
     try:
         bound = lipschitz_bound(model, input_shape)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lipnet.certify.accuracy as accuracy_module
 from lipnet.certify import certified_accuracy, certified_radius, lipschitz_bound, split_last_linear
 from lipnet.nn import GramLinear, MaxMin
+from lipnet.nn.normalized import GramNormalized
 
 
 def test_matches_the_radii_of_the_whole_data_and_is_consistent(trained_net, blobs):
@@ -77,9 +78,9 @@ def test_every_data_form_gives_the_same_result(trained_net, blobs):
 def test_bounds_are_computed_once_and_modes_restored(monkeypatch, small_net, blobs):
     net = small_net.train()
     calls = []
-    bound, with_modules = accuracy_module.lipschitz_bound, accuracy_module.module_lipschitz_bounds
-    monkeypatch.setattr(accuracy_module, "lipschitz_bound", lambda *a: calls.append(a) or bound(*a))
-    monkeypatch.setattr(accuracy_module, "module_lipschitz_bounds", lambda *a: calls.append(a) or with_modules(*a))
+    with_modules = accuracy_module.module_lipschitz_bounds
+    monkeypatch.setattr(accuracy_module, "module_lipschitz_bounds",
+                        lambda *a, **k: calls.append(a) or with_modules(*a, **k))
     x, y = blobs(120)
     certified_accuracy(net, (x, y), batch_size=10, progress=False)
     assert len(calls) == 2  # the model and its body, once for 12 batches
@@ -266,3 +267,20 @@ def test_a_plain_linear_last_layer_is_certified_in_the_last_layer_form(trained_n
         plain.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         certified_accuracy(net, (x, y), eps=[0.1], progress=False)
+
+
+def test_each_layer_is_bounded_once_per_certification(trained_net, blobs, monkeypatch):
+    """The whole model's bound and the body's (last-layer form) share their layers' float64 bounds:
+    each Gram layer's exhaustive bound, the costly part, was computed twice."""
+    calls = []
+    original = GramNormalized.lipschitz_bound
+
+    def counted(self, input_size=None):
+        calls.append(type(self).__name__)
+        return original(self, input_size)
+
+    monkeypatch.setattr(GramNormalized, "lipschitz_bound", counted)
+    x, y = blobs(seed=4)
+    result = certified_accuracy(trained_net, (x, y), eps=[0.1], progress=False)
+    gram_layers = [m for m in trained_net.modules() if isinstance(m, GramNormalized)]
+    assert len(calls) == len(gram_layers) and result.body_lipschitz is not None
