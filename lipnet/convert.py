@@ -499,6 +499,10 @@ _ADVICE = (
 #: change the forward, and is checked against lipnet.certify instead).
 _ONE_LIPSCHITZ_MODULES = (*_GRAM_LAYERS, GramResidualConv2d, MaxMin, nn.ReLU, nn.Identity, nn.Flatten)
 
+#: 1-Lipschitz types that lipnet.certify refuses where they act on the batch dimension
+#: (``nn.Flatten(0, ...)``, ``MaxMin(dim=0)``): checked like the others.
+_MAY_ACT_ON_THE_BATCH = (nn.Flatten, MaxMin)
+
 #: Bounds up to this count as 1 (they are 1 up to the rounding margins of float64 bounds).
 _ONE = 1 + 1e-6
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -527,7 +531,7 @@ def _diagnose(model: nn.Module, shapes, report: ConversionReport) -> None:
 
 def _obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None:
     name = _qualname(module)
-    if type(module) in _ONE_LIPSCHITZ_MODULES:
+    if type(module) in _ONE_LIPSCHITZ_MODULES and not isinstance(module, _MAY_ACT_ON_THE_BATCH):
         return None
     if isinstance(module, _DROPOUT):
         if not module.training:

@@ -531,3 +531,13 @@ def test_maxmin_never_pairs_along_the_batch_dimension():
     others[1:] += 1
     assert torch.equal(converted(x)[0], converted(others)[0])
     assert report.certifiable, report.bound_error
+
+
+@pytest.mark.parametrize("layer", [nn.Flatten(0, -1), MaxMin(dim=0)], ids=["Flatten(0, -1)", "MaxMin(dim=0)"])
+def test_a_layer_acting_on_the_batch_is_a_blocking_obstacle(layer):
+    """They are 1-Lipschitz types, skipped by the diagnosis: the report listed no obstacle for a
+    model lipnet.certify refuses because of them."""
+    _, report = convert(nn.Sequential(nn.Linear(4, 4), layer), input_shape=(4,), activation=None)
+    assert not report.certifiable
+    (found,) = [o for o in report.obstacles if o.path == "1"]
+    assert found.blocking and "batch dimension" in found.problem
