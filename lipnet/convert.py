@@ -1142,10 +1142,9 @@ class _BoundInterpreter(torch.fx.Interpreter):
                                 "torch.ones(x.shape).cumsum(0), may differ from example to example); use a constant")
             constant = self.env[other] if isinstance(other, torch.fx.Node) else other
             if torch.is_tensor(constant):
-                magnitudes = constant.detach().abs() if constant.dtype != torch.bool else constant.detach().double()
-                if magnitudes.numel() == 0:
+                if constant.numel() == 0:
                     self.fail(node, "an empty factor")
-                big, small = float(magnitudes.max()), float(magnitudes.min())
+                big, small = _magnitudes(constant)
             elif isinstance(constant, (int, float)) and not isinstance(constant, bool):
                 big = small = abs(float(constant))
             else:
@@ -1208,6 +1207,26 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self.rule[node] = ("cat", [p for p in parts if isinstance(p, torch.fx.Node) and self.bound[p] > 0])
             return sqrt_up(total) if total > 0 else 0.0
         self.fail(node, "no Lipschitz rule for this operation")
+
+
+def _magnitudes(constant: torch.Tensor) -> tuple[float, float | int]:
+    """``(max |c|, min |c|)`` of a constant factor, the first a float rounded upwards. Integers
+    are read exactly (``abs`` of the most negative one overflows to itself: ``abs(-128) == -128``
+    in int8, and int64 magnitudes above 2^53 round to floats), complex magnitudes in float64 with
+    a margin of one rounding."""
+    values = constant.detach()
+    if values.is_complex():
+        magnitudes = values.to(torch.complex128).abs()
+        return math.nextafter(float(magnitudes.max()), math.inf), math.nextafter(float(magnitudes.min()), 0.0)
+    if values.is_floating_point() or values.dtype == torch.bool:
+        magnitudes = values.double().abs()  # exact for every floating dtype
+        return float(magnitudes.max()), float(magnitudes.min())
+    big = max(abs(int(values.max())), abs(int(values.min())))
+    positive, negative = values[values >= 0], values[values < 0]
+    small = min(([int(positive.min())] if positive.numel() else []) +
+                ([-int(negative.max())] if negative.numel() else []))
+    rounded = float(big)
+    return (rounded if rounded >= big else math.nextafter(rounded, math.inf)), small
 
 
 def _traced_rounding(module: nn.Module, h: torch.Tensor, err: torch.Tensor, bounds: dict, propagate):

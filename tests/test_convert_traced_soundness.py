@@ -515,3 +515,18 @@ def test_tracing_leaves_no_attributes_on_the_module():
     for _ in range(3):
         assert traced_lipschitz_bound(module, (4,)) == 4.0
     assert set(vars(module)) == before
+
+
+# ----------------------------------------------------------------------------- factors of every dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
+def test_the_most_negative_integer_factor_counts_in_full(dtype):
+    """``abs`` of the most negative integer overflows to itself (int8: abs(-128) == -128), so the
+    factor [-128, 0, 1, 1] was bounded as 1 (slope 128), and a quotient by [-128, -128] got a
+    negative bound."""
+    low = torch.iinfo(dtype).min
+    module = Container(lambda self, x: x * self.buf, buffer=torch.tensor([low, 0, 1, 1], dtype=dtype)).double()
+    assert traced_lipschitz_bound(module, (4,)) >= -float(low)
+    quotient = Container(lambda self, x: x / self.buf, buffer=torch.tensor([low, low], dtype=dtype)).double()
+    assert traced_lipschitz_bound(quotient, (2,)) >= 1 / -float(low)
