@@ -499,3 +499,13 @@ def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_
     runtime.atomic_write(tmp_path / "f.bin", lambda out: out.write(b"new bytes"))
     assert (tmp_path / "f.bin").read_bytes() == b"new bytes"
     assert calls == ["fsync file", "replace", "fsync folder"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_an_archive_with_non_finite_weights_is_refused(value):
+    archive = export(plain_net(), SHAPE).archive()
+    name = next(k for k, v in archive["state_dict"].items() if v.is_floating_point() and v.dim() >= 2)
+    state_dict = {k: v.clone() for k, v in archive["state_dict"].items()}
+    state_dict[name].view(-1)[0] = value  # its outputs are NaN or inf: no radius and no bound mean anything
+    with pytest.raises(ValueError, match=f"non-finite.*{name}"):
+        runtime.build({**archive, "state_dict": state_dict})

@@ -361,6 +361,11 @@ def _build(archive: dict) -> ExportedModel:
     state_dict, modules, nodes = archive["state_dict"], archive["modules"], archive["nodes"]
     if not (isinstance(state_dict, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state_dict.items())):
         raise ValueError("the archive's state_dict must map names to tensors")
+    non_finite = [k for k, v in state_dict.items()
+                  if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    if non_finite:
+        raise ValueError(f"the archive holds non-finite (NaN or inf) values in {', '.join(non_finite)}: the network "
+                         "it describes computes NaN or inf, and its bound means nothing; export the model again")
     if not isinstance(modules, dict):
         raise ValueError(f"the archive's modules must be a dict, got {type(modules).__name__}")
     root: dict = {}
