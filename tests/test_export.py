@@ -509,3 +509,17 @@ def test_an_archive_with_non_finite_weights_is_refused(value):
     state_dict[name].view(-1)[0] = value  # its outputs are NaN or inf: no radius and no bound mean anything
     with pytest.raises(ValueError, match=f"non-finite.*{name}"):
         runtime.build({**archive, "state_dict": state_dict})
+
+
+def test_layer_sizes_claimed_by_an_archive_allocate_nothing_before_its_tensors_are_checked():
+    import resource
+
+    archive = export(plain_net(), SHAPE).archive()
+    name, spec = next((k, v) for k, v in archive["modules"].items() if v["type"] == "torch.nn.Linear")
+    huge = {**archive["modules"], name: {**spec, "kwargs": {**spec["kwargs"], "in_features": 2**14,
+                                                            "out_features": 2**14}}}  # a 1 GiB weight
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="size mismatch"):
+        runtime.build({**archive, "modules": huge})
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # Linux: KiB
+    assert grown_mib < 256, f"building the layers the archive names took {grown_mib:.0f} MiB"

@@ -375,7 +375,11 @@ def _build(archive: dict) -> ExportedModel:
             raise ValueError(f"module {name!r}: expected {{'type', 'kwargs'}}, got {spec!r:.200}")
         if spec["type"] not in MODULES:
             raise ValueError(f"module {name!r}: type {spec['type']!r} is not one of {sorted(MODULES)}")
-        root[name] = MODULES[spec["type"]](**{k: decode(v) for k, v in spec["kwargs"].items()})
+        if "device" in spec["kwargs"]:
+            raise ValueError(f"module {name!r}: its kwargs name a device; load(map_location=...) chooses it")
+        # On the meta device: sizes from the archive allocate nothing (nor run an initialization)
+        # before load_state_dict(assign=True) checks them against the archive's tensors.
+        root[name] = MODULES[spec["type"]](**{k: decode(v) for k, v in spec["kwargs"].items()}, device="meta")
     if not (isinstance(nodes, list) and nodes and all(isinstance(n, dict) for n in nodes)):
         raise ValueError("the archive's nodes must be a non-empty list of dicts")
     ops = [spec.get("op") for spec in nodes]
