@@ -197,10 +197,12 @@ class GramNormalized:
         if cacheable:
             if len(self._eval_cache) > 16:
                 self._eval_cache.clear()
-            # The weight itself, not a weak reference: while held, no new tensor can take its
-            # memory; and torch.utils.swap_tensors (``.to()`` with swapping, which
-            # ``torch.__future__`` can turn on) refuses tensors with weak references.
-            self._eval_cache[input_size] = (key, weight, normalized.detach())
+            # The weight itself, not a weak reference: torch.utils.swap_tensors (``.to()`` with
+            # swapping, which ``torch.__future__`` can turn on) refuses tensors with weak
+            # references. And its storage: ``weight.data = t`` moves the parameter to other memory
+            # without a new version, and while the cached storage is held no later tensor can
+            # take its address.
+            self._eval_cache[input_size] = (key, weight, normalized.detach(), weight.untyped_storage())
         return normalized
 
     def _divide(self, weight: torch.Tensor, bound: torch.Tensor, input_size) -> torch.Tensor:
@@ -251,13 +253,15 @@ class GramNormalized:
 
     def _cache_key(self, weight: torch.Tensor, input_size) -> tuple:
         """What a cached normalized weight depends on besides the identity of the weight tensor
-        (a new tensor may reuse a freed one's memory and version number): its version counter
-        and storage (in-place updates, ``weight.data = ...``), optimizer steps (fused ones do not
+        (a new tensor may reuse a freed one's memory and version number): its version counter,
+        address, shape and strides (in-place updates, ``weight.data = ...``, also a view of the
+        same memory such as ``weight.data = weight.data.t()``), optimizer steps (fused ones do not
         count versions), dtype and device, the bound's settings (the layer's Gram steps and
         :func:`lipnet.bounds.refine_exceeding`), the layer's geometry (:meth:`_geometry`: a stride
         or padding set after construction), and inference mode (whose tensors cannot be used
         outside it)."""
-        return (input_size, weight._version, weight.data_ptr(), weight.device, weight.dtype, _OPTIMIZER_STEPS[0],
+        return (input_size, weight._version, weight.data_ptr(), weight.shape, weight.stride(), weight.device,
+                weight.dtype, _OPTIMIZER_STEPS[0],
                 self.n_iter, getattr(self, "screen_iter", None), refines_exceeding(weight.device), self._geometry(),
                 torch.is_inference_mode_enabled())
 

@@ -212,3 +212,34 @@ def test_tracing_a_conv_layer_is_refused_with_the_way_out():
     layer, x = fresh(lambda: GramConv2d(2, 3, 3, padding=1), (2, 2, 6, 6))
     with pytest.raises(TypeError, match="lipnet.export"):
         torch.jit.trace(layer, x)
+
+
+@pytest.mark.parametrize("make, shape", LAYERS)
+def test_weight_data_assigned_twice_between_forwards_is_never_served_the_first_weight(make, shape):
+    """``weight.data = t`` keeps the parameter's version counter; after two such assignments the
+    second tensor may sit in the memory the first (cached) one freed, so its address is no
+    evidence of a new weight unless the cache keeps that memory from being reused."""
+    layer, x = fresh(make, shape)
+    generator = torch.Generator().manual_seed(1)
+    stale = 0
+    with torch.no_grad():
+        for _ in range(30):
+            layer(x)
+            first = torch.randn(layer.weight.shape, generator=generator)
+            layer.weight.data = first
+            del first
+            second = torch.randn(layer.weight.shape, generator=generator)
+            layer.weight.data = second
+            del second
+            stale += not torch.equal(layer(x), reference(layer, x))
+    assert stale == 0
+
+
+def test_weight_data_set_to_its_own_transpose_is_seen():
+    """Same memory, same version, other strides: another operator."""
+    layer, x = fresh(lambda: GramLinear(6, 6), (3, 6))
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.data = layer.weight.data.t()
+        after = layer(x)
+    assert not torch.equal(before, after) and torch.equal(after, reference(layer, x))
