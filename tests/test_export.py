@@ -523,3 +523,12 @@ def test_layer_sizes_claimed_by_an_archive_allocate_nothing_before_its_tensors_a
         runtime.build({**archive, "modules": huge})
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # Linux: KiB
     assert grown_mib < 256, f"building the layers the archive names took {grown_mib:.0f} MiB"
+
+
+def test_atomic_write_keeps_the_permissions_of_the_file_it_replaces(tmp_path):
+    path = tmp_path / "private.pt"
+    runtime.atomic_write(path, lambda out: out.write(b"old"))
+    os.chmod(path, 0o600)  # a user made it private: a plain open(path, "wb") keeps that
+    runtime.atomic_write(path, lambda out: out.write(b"new"))
+    assert path.read_bytes() == b"new"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -45,6 +45,7 @@ import math
 import operator
 import os
 import secrets
+import stat
 import zipfile
 
 import torch
@@ -249,8 +250,8 @@ def atomic_write(path, write) -> None:
     one, never a part.
 
     The bytes go to a temporary file ``.NAME.<pid>.<random>.tmp`` in the same folder (with the
-    permissions a plain ``open`` would give), which is flushed, fsynced and renamed over
-    ``path``; then the folder is fsynced.
+    permissions a plain ``open`` would give: those of the file it replaces, if any), which is
+    flushed, fsynced and renamed over ``path``; then the folder is fsynced.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -259,6 +260,7 @@ def atomic_write(path, write) -> None:
     # umask would mean setting it, which races with other threads creating files).
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
+        _keep_mode(fd, path)
         with os.fdopen(fd, "wb") as out:
             write(out)
             out.flush()
@@ -276,6 +278,17 @@ def atomic_write(path, write) -> None:
         os.fsync(folder_fd)
     finally:
         os.close(folder_fd)
+
+
+def _keep_mode(fd: int, path: str) -> None:
+    """Give the temporary file ``fd`` the permissions of the file it replaces, as writing ``path``
+    in place would keep them (a private ``0o600`` file stays private)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # a new file: the permissions os.open gave
+        return
+    if stat.S_ISREG(mode) and hasattr(os, "fchmod"):
+        os.fchmod(fd, stat.S_IMODE(mode))
 
 
 def load(f, map_location=None) -> ExportedModel:
