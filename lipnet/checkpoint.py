@@ -134,6 +134,15 @@ def _unreadable(path: Path, exc: Exception) -> str:
             f"tensors and plain values ({type(exc).__name__}{': ' + detail if detail else ''})")
 
 
+def _kind(tensor: torch.Tensor) -> str:
+    """The kind of number a tensor holds: its values survive a cast within a kind only."""
+    if tensor.is_complex():
+        return "complex"
+    if tensor.is_floating_point():
+        return "real"
+    return "bool" if tensor.dtype == torch.bool else "integer"
+
+
 def model_payload(model: nn.Module, **info) -> dict:
     """The checkpoint dict of a model built by :func:`lipnet.models.build_model`."""
     model = unwrap(model)
@@ -169,6 +178,12 @@ def load_model(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Modul
         model = build_model(spec["name"], **spec["kwargs"])
     except (TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild model {spec['name']!r} from {spec['kwargs']}: {exc}") from exc
+    expected = model.state_dict()
+    other_kind = [f"{name} ({tensor.dtype}, the model holds {expected[name].dtype})"
+                  for name, tensor in payload["state_dict"].items()
+                  if torch.is_tensor(tensor) and name in expected and _kind(tensor) != _kind(expected[name])]
+    if other_kind:  # load_state_dict would cast them: drop imaginary parts, round to integers
+        raise CheckpointError(f"{path}: the weights do not fit model {spec['name']!r}: {', '.join(other_kind)}")
     try:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, ValueError) as exc:

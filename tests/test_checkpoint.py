@@ -150,3 +150,13 @@ def test_stale_temporaries_of_killed_saves_are_swept(tmp_path):
     assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".checkpoint.pt.4242.0123456789ab.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint.pt.abc123.tmp", ".draft.v2.tmp",
                                                            ".model.pt.12.0123456789AB.tmp", "model.pt", "notes.tmp"]
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.bool])
+def test_weights_of_another_kind_of_number_are_refused_not_cast(tmp_path, dtype):
+    payload = checkpoint.model_payload(net())
+    name = next(k for k, v in payload["state_dict"].items() if v.is_floating_point() and v.dim() >= 2)
+    payload["state_dict"][name] = (payload["state_dict"][name] * 1000).to(dtype)  # copy_ would drop or round
+    save_checkpoint(tmp_path / "m.pt", payload)
+    with pytest.raises(CheckpointError, match=name):
+        load_model(tmp_path / "m.pt")
