@@ -42,6 +42,11 @@ class DeviceLoader:
                  seed: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:  # another rank would read other ranks' examples
+            raise ValueError(f"rank must lie in [0, world_size) and world_size be >= 1, got rank {rank} of "
+                             f"world_size {world_size}")
+        if padding < 0:
+            raise ValueError(f"padding must be >= 0, got {padding}")
         self.device = torch.device(device)
         self.data = data.to(self.device)
         self.batch_size = batch_size

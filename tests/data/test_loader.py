@@ -72,3 +72,15 @@ def test_every_seed_the_config_accepts_seeds_the_epochs():
         a, b = (torch.randint(0, 1000, (4,), generator=epoch_generator(seed, e)) for e in (3, 4))
         assert torch.equal(a, torch.randint(0, 1000, (4,), generator=epoch_generator(seed, 3)))
         assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rank, world_size", [(2, 2), (-1, 2), (0, 0), (0, -1)])
+def test_a_rank_outside_the_world_is_an_error_not_an_overlapping_shard(rank, world_size):
+    # rank 2 of 2 would read rank 0's examples shifted by one; rank -1 the last example only
+    with pytest.raises(ValueError, match="rank|world_size"):
+        DeviceLoader(toy(), 4, rank=rank, world_size=world_size, drop_last=False)
+
+
+def test_negative_padding_is_refused_when_the_loader_is_made():
+    with pytest.raises(ValueError, match="padding"):
+        DeviceLoader(toy(), 4, padding=-1)
