@@ -253,3 +253,11 @@ def test_a_shard_of_another_shape_or_one_hot_labels_are_named(tmp_path):
     np.savez(tmp_path / "test.npz", x=np.zeros((2, 32, 32, 3), np.uint8), y=np.eye(10, dtype=np.int64)[:2])
     with pytest.raises(DatasetError, match=r"test.npz: 'y' must hold one class label per image .*\(2, 10\)"):
         load_dataset("cifar10", "test", data_dir=tmp_path)
+
+
+def test_an_idx_file_cut_inside_its_header_is_a_dataset_error(tmp_path):
+    path = tmp_path / "cut-images-idx3-ubyte"
+    write_idx(path, np.zeros((2, 28, 28), np.uint8), compress=False)
+    path.write_bytes(path.read_bytes()[:9])  # magic + part of the three dimensions
+    with pytest.raises(DatasetError, match="truncated"):
+        read_idx(path)
