@@ -28,8 +28,10 @@ def random_crop_flip(images: torch.Tensor, padding: int = 0, flip: bool = False,
         >>> random_crop_flip(x).equal(x)
         True
     """
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
+    if images.dim() != 4:
+        raise ValueError(f"expected a batch of images (B, C, H, W), got shape {tuple(images.shape)}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
     if padding == 0 and not flip:
         return images.clone()
     b, _, h, w = images.shape

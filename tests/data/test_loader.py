@@ -84,3 +84,11 @@ def test_a_rank_outside_the_world_is_an_error_not_an_overlapping_shard(rank, wor
 def test_negative_padding_is_refused_when_the_loader_is_made():
     with pytest.raises(ValueError, match="padding"):
         DeviceLoader(toy(), 4, padding=-1)
+
+
+def test_crop_flip_names_what_it_takes():
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        random_crop_flip(x[0], padding=1)
+    with pytest.raises(ValueError, match="padding"):
+        random_crop_flip(x, padding=1.5)
