@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from lipnet.data.registry import ImageDataset, dataset_info
+from lipnet.export.runtime import atomic_write
 
 
 def synthetic_dataset(name: str, n: int, *, split: str = "train", seed: int = 0, noise: float = 0.25) -> ImageDataset:
@@ -24,6 +25,10 @@ def synthetic_dataset(name: str, n: int, *, split: str = "train", seed: int = 0,
         (torch.Size([20, 3, 32, 32]), torch.uint8)
     """
     info = dataset_info(name)
+    if not 0 <= noise <= 1:  # pixels outside [0, 255] would wrap around in uint8
+        raise ValueError(f"noise must lie in [0, 1], got {noise}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
     channels, height, width = info.shape
     coarse = torch.rand((info.num_classes, channels, 4, 4), generator=torch.Generator().manual_seed(12345))
     templates = torch.nn.functional.interpolate(coarse, size=(height, width), mode="nearest")
@@ -34,8 +39,16 @@ def synthetic_dataset(name: str, n: int, *, split: str = "train", seed: int = 0,
 
 
 def write_npz(data: ImageDataset, path: str | Path) -> Path:
-    """Save a split as ``.npz`` with ``x`` (uint8 NHWC) and ``y``, the format :func:`load_dataset` reads."""
+    """Save a split as ``.npz`` with ``x`` (uint8 NHWC) and ``y``, the format :func:`load_dataset` reads.
+
+    ``.npz`` is appended to a name without it (as ``numpy.savez`` does); the file is written
+    atomically (:func:`~lipnet.export.runtime.atomic_write`): a failed write keeps the previous one.
+    Returns the path written.
+    """
     path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, x=data.images.permute(0, 2, 3, 1).numpy(), y=data.labels.numpy())
+    x, y = data.images.permute(0, 2, 3, 1).cpu().numpy(), data.labels.cpu().numpy()
+    atomic_write(path, lambda out: np.savez(out, x=x, y=y))
     return path

@@ -261,3 +261,25 @@ def test_an_idx_file_cut_inside_its_header_is_a_dataset_error(tmp_path):
     path.write_bytes(path.read_bytes()[:9])  # magic + part of the three dimensions
     with pytest.raises(DatasetError, match="truncated"):
         read_idx(path)
+
+
+def test_write_npz_keeps_the_previous_file_when_a_write_fails_and_returns_the_path_written(tmp_path, monkeypatch):
+    path = write_npz(synthetic_dataset("mnist", 20), tmp_path / "test.npz")
+    good = path.read_bytes()
+
+    def disk_full(file, **arrays):
+        file.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_npz(synthetic_dataset("mnist", 30), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["test.npz"]
+    assert write_npz(synthetic_dataset("mnist", 20), tmp_path / "train").is_file()  # numpy adds .npz
+
+
+@pytest.mark.parametrize("noise", [-0.5, 1.5, float("nan")])
+def test_synthetic_noise_outside_0_1_is_refused_rather_than_wrapped_around_uint8(noise):
+    with pytest.raises(ValueError, match="noise"):
+        synthetic_dataset("mnist", 4, noise=noise)
