@@ -277,7 +277,10 @@ def _read_cifar(info: DatasetInfo, split: str, folder: Path):
     images, labels = [], []
     for name in _CIFAR_FILES[info.name][split]:
         with open(folder / name, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")  # the format torchvision downloads and reads
+            batch = _CifarUnpickler(f, folder / name).load()  # the format torchvision downloads and reads
+        if not (isinstance(batch, dict) and "data" in batch and _CIFAR_LABEL_KEY[info.name] in batch):
+            raise DatasetError(f"{folder / name} is not a CIFAR batch (a dict with 'data' and "
+                               f"{_CIFAR_LABEL_KEY[info.name]!r})")
         pixels = np.asarray(batch["data"])
         if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
             raise DatasetError(f"{folder / name}: pixel values must lie in [0, 255], got [{pixels.min()}, "
@@ -285,6 +288,26 @@ def _read_cifar(info: DatasetInfo, split: str, folder: Path):
         images.append(pixels.astype(np.uint8).reshape(-1, *info.shape))
         labels.append(np.asarray(batch[_CIFAR_LABEL_KEY[info.name]], dtype=np.int64))
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what CIFAR batches hold (dicts, lists, strings, numpy arrays) and nothing else:
+    a file that names any other function or class (which plain ``pickle.load`` would call) is
+    refused."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+                ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise DatasetError(f"{self.path} names {module}.{name}: CIFAR batches "
+                               "hold only arrays, lists and strings, and this file is not one (not unpickled)")
+        return super().find_class(module, name)
 
 
 def _download(info: DatasetInfo, split: str, root: Path) -> str | None:

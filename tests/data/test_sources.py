@@ -283,3 +283,24 @@ def test_write_npz_keeps_the_previous_file_when_a_write_fails_and_returns_the_pa
 def test_synthetic_noise_outside_0_1_is_refused_rather_than_wrapped_around_uint8(noise):
     with pytest.raises(ValueError, match="noise"):
         synthetic_dataset("mnist", 4, noise=noise)
+
+
+class _Planted:
+    """A pickle that, when loaded with plain pickle.load, creates a file (any call could run)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def test_a_cifar_batch_that_would_run_code_when_unpickled_is_refused(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    marker = tmp_path / "code-ran"
+    with open(folder / "test", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 3 * 32 * 32), np.uint8), "fine_labels": [0, 1], "x": _Planted(marker)}, f)
+    with pytest.raises(DatasetError, match="cifar-100-python"):
+        load_dataset("cifar100", "test", data_dir=tmp_path)
+    assert not marker.exists()
