@@ -12,7 +12,7 @@ from lipnet.bounds.circulant import pair
 from lipnet.bounds.conv import conv2d_spectral_norm
 from lipnet.bounds.conv_transpose import conv_transpose2d_output_size
 from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
-from lipnet.nn.normalized import GramNormalizedConv
+from lipnet.nn.normalized import GramNormalizedConv, snapshot
 
 
 class OutputSize(NamedTuple):
@@ -75,7 +75,7 @@ class GramConvTranspose2d(GramNormalizedConv, nn.ConvTranspose2d):
                                      padding=self.padding, output_padding=self.output_padding, dilation=self.dilation)
 
     def _geometry(self):
-        return (*super()._geometry(), self.output_padding)
+        return (*super()._geometry(), snapshot(self.output_padding))
 
     def _check_padding_unchanged(self) -> None:
         if self.padding_mode != "zeros":

@@ -78,6 +78,12 @@ def refuse_weight_gradient(normalized: torch.Tensor, layer) -> torch.Tensor:
         "gradients with respect to the input work: the layer is the zero map."))
 
 
+def snapshot(value):
+    """``value`` as the cache key keeps it: a list (torch's convolutions take ``conv.stride = [2, 2]``)
+    as a tuple, so that editing the list in place later is a change of the key."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 #: Gram iterations of the float64 certification bound.
 CERTIFICATION_N_ITER = 14
 
@@ -338,7 +344,8 @@ class GramNormalizedConv(GramNormalized):
         self._last_input_size = None
 
     def _geometry(self):
-        return self.stride, self.padding, self.dilation, self.groups, self.padding_mode
+        return tuple(snapshot(value) for value in (self.stride, self.padding, self.dilation, self.groups,
+                                                   self.padding_mode))
 
     def _fixed_padding(self) -> tuple[int, ...]:
         """The ``_reversed_padding_repeated_twice`` that the ``nn.Conv2d`` or ``nn.Conv1d``

@@ -227,3 +227,23 @@ def test_a_non_finite_mean_in_input_normalization_is_refused_everywhere(mean):
         norm.mean[1] = mean
     with pytest.raises(ValueError, match="InputNormalization: mean must be finite"):
         norm.lipschitz_bound()
+
+
+@pytest.mark.parametrize("make, shape, name", [
+    pytest.param(LAYERS[1].values[0], (2, 2, 8, 8), "stride", id="conv2d-stride"),
+    pytest.param(LAYERS[2].values[0], (2, 2, 8), "stride", id="conv1d-stride"),
+])
+def test_geometry_set_as_a_list_and_then_edited_in_place_is_seen(make, shape, name):
+    """torch's convolutions take a list (``conv.stride = [2, 2]``), which may then be edited in place:
+    the cache must not key on the list object itself. From stride 2 down to 1 the bound served was
+    the strided operator's, below the norm of the one applied (by a third for an all-ones kernel)."""
+    layer = make().eval()
+    setattr(layer, name, [2] * len(layer.kernel_size))
+    x = torch.randn(shape)
+    with torch.no_grad():
+        layer.weight.fill_(1)
+        layer(x)
+        getattr(layer, name)[0] = 1
+        served = layer(x)
+        assert applied_norm(layer, tuple(shape[2:])) <= 1 + 1e-5  # the weight the cache serves
+    torch.testing.assert_close(served, uncached(layer, x), rtol=0, atol=0)
