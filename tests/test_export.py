@@ -532,3 +532,12 @@ def test_atomic_write_keeps_the_permissions_of_the_file_it_replaces(tmp_path):
     runtime.atomic_write(path, lambda out: out.write(b"new"))
     assert path.read_bytes() == b"new"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("certify", [True, False])
+def test_a_non_finite_bias_or_plain_weight_is_named_at_export(certify):
+    net = plain_net()
+    with torch.no_grad():
+        net[5].bias[1] = float("nan")  # a Gram layer's bias: the Gram weight check did not look at it
+    with pytest.raises(ValueError, match=r"cannot export: '5\.bias' .*NaN"):
+        export(net, SHAPE, certify=certify)

@@ -37,7 +37,6 @@ from lipnet.nn.gram_conv import GramConv2d
 from lipnet.nn.gram_conv1d import GramConv1d
 from lipnet.nn.gram_conv_transpose import GramConvTranspose2d
 from lipnet.nn.gram_linear import GramLinear
-from lipnet.nn.normalized import GramNormalized
 
 #: Tolerance of the self-check, in units of the dtype's epsilon times the output scale.
 #: The exported graph runs the same kernels as the model, so it is exact on CPU; the
@@ -88,7 +87,7 @@ def export(model: nn.Module, input_shape: Sequence[int], *, certify: bool = True
         0.0
     """
     input_shape = check_input_shape(input_shape)
-    _check_finite_gram_weights(model)
+    _check_finite_tensors(model)
     reference = copy.deepcopy(model).eval()
     probe = example_input(reference, input_shape, batch=2, seed=0)
     plain = _bake(reference, probe)
@@ -126,18 +125,17 @@ def example_input(model: nn.Module, input_shape, *, batch: int, seed: int) -> to
     return torch.randn(batch, *input_shape, generator=generator, dtype=dtype).to(device)
 
 
-def _check_finite_gram_weights(model: nn.Module) -> None:
-    """A ``ValueError`` naming the first Gram layer weight with NaN or inf (its bound, and so
-    every weight it would bake, is NaN), instead of the forward's error blamed on the input."""
-    for name, module in model.named_modules():
-        if isinstance(module, GramNormalized):
-            weight = module.weight.detach()
-            if not bool(torch.isfinite(weight).all()):
-                what = "NaN" if bool(torch.isnan(weight).any()) else "inf"
-                path = f"{name}.weight" if name else "weight"
-                raise ValueError(f"cannot export: {path!r} ({type(module).__name__}) contains {what}, so its "
-                                 "normalized weight is undefined. Training has probably diverged: export the last "
-                                 "checkpoint with finite weights")
+def _check_finite_tensors(model: nn.Module) -> None:
+    """A ``ValueError`` naming the first parameter or buffer with NaN or inf (a Gram layer's
+    bound, and so every weight it would bake, is then NaN; any other tensor makes the outputs
+    NaN), instead of the forward's error blamed on the input or the runtime's on the archive."""
+    for path, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor.detach()).all()):
+            what = "NaN" if bool(torch.isnan(tensor.detach()).any()) else "inf"
+            owner = model.get_submodule(path.rpartition(".")[0])
+            raise ValueError(f"cannot export: {path!r} ({type(owner).__name__}) contains {what}, so the exported "
+                             "network would compute NaN or inf. Training has probably diverged: export the last "
+                             "checkpoint with finite weights")
 
 
 def _input_sizes(model: nn.Module, probe: torch.Tensor) -> dict[int, tuple[int, ...]]:
