@@ -541,3 +541,20 @@ def test_a_non_finite_bias_or_plain_weight_is_named_at_export(certify):
         net[5].bias[1] = float("nan")  # a Gram layer's bias: the Gram weight check did not look at it
     with pytest.raises(ValueError, match=r"cannot export: '5\.bias' .*NaN"):
         export(net, SHAPE, certify=certify)
+
+
+def test_a_folder_that_cannot_be_fsynced_does_not_fail_a_completed_write(tmp_path, monkeypatch):
+    """Some file systems (network, FUSE) refuse fsync on a folder with EINVAL: the file is
+    already renamed into place, so raising would report a save that succeeded as failed."""
+    import errno
+
+    real_fsync = runtime.os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(runtime.os, "fsync", fsync)
+    runtime.atomic_write(tmp_path / "f.bin", lambda out: out.write(b"new bytes"))
+    assert (tmp_path / "f.bin").read_bytes() == b"new bytes"

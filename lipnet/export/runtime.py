@@ -40,6 +40,7 @@ the certificate is as trustworthy as the file's origin.
 
 from __future__ import annotations
 
+import errno
 import keyword
 import math
 import operator
@@ -276,6 +277,9 @@ def atomic_write(path, write) -> None:
         return
     try:
         os.fsync(folder_fd)
+    except OSError as exc:  # file systems without folder fsync (EINVAL): the new file is in place
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(folder_fd)
 
