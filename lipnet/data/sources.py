@@ -282,6 +282,8 @@ def _read_cifar(info: DatasetInfo, split: str, folder: Path):
             raise DatasetError(f"{folder / name} is not a CIFAR batch (a dict with 'data' and "
                                f"{_CIFAR_LABEL_KEY[info.name]!r})")
         pixels = np.asarray(batch["data"])
+        if not np.issubdtype(pixels.dtype, np.integer):  # floats in [0, 1] would all become 0 in uint8
+            raise DatasetError(f"{folder / name}: 'data' must hold integer pixel values in [0, 255], got {pixels.dtype}")
         if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
             raise DatasetError(f"{folder / name}: pixel values must lie in [0, 255], got [{pixels.min()}, "
                                f"{pixels.max()}]")

@@ -304,3 +304,13 @@ def test_a_cifar_batch_that_would_run_code_when_unpickled_is_refused(tmp_path):
     with pytest.raises(DatasetError, match="cifar-100-python"):
         load_dataset("cifar100", "test", data_dir=tmp_path)
     assert not marker.exists()
+
+
+def test_cifar_pixels_that_are_not_integers_are_refused_not_truncated(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    x = np.random.default_rng(0).random((2, 3 * 32 * 32))  # floats in [0, 1): astype(uint8) makes them all 0
+    with open(folder / "test", "wb") as f:
+        pickle.dump({"data": x, "fine_labels": [0, 1]}, f)
+    with pytest.raises(DatasetError, match="float64"):
+        load_dataset("cifar100", "test", data_dir=tmp_path)
