@@ -288,7 +288,11 @@ def _read_cifar(info: DatasetInfo, split: str, folder: Path):
             raise DatasetError(f"{folder / name}: pixel values must lie in [0, 255], got [{pixels.min()}, "
                                f"{pixels.max()}]")
         images.append(pixels.astype(np.uint8).reshape(-1, *info.shape))
-        labels.append(np.asarray(batch[_CIFAR_LABEL_KEY[info.name]], dtype=np.int64))
+        y = np.asarray(batch[_CIFAR_LABEL_KEY[info.name]])
+        if not np.issubdtype(y.dtype, np.integer):  # 0.9 would silently become class 0
+            raise DatasetError(f"{folder / name}: {_CIFAR_LABEL_KEY[info.name]!r} must hold integer class labels, "
+                               f"got {y.dtype}")
+        labels.append(y.astype(np.int64))
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 

@@ -314,3 +314,12 @@ def test_cifar_pixels_that_are_not_integers_are_refused_not_truncated(tmp_path):
         pickle.dump({"data": x, "fine_labels": [0, 1]}, f)
     with pytest.raises(DatasetError, match="float64"):
         load_dataset("cifar100", "test", data_dir=tmp_path)
+
+
+def test_cifar_labels_that_are_not_integers_are_refused_not_truncated(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    with open(folder / "test", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 3 * 32 * 32), np.uint8), "fine_labels": [0.9, 1.5]}, f)
+    with pytest.raises(DatasetError, match="integer class labels"):
+        load_dataset("cifar100", "test", data_dir=tmp_path)
