@@ -142,11 +142,13 @@ class GramNormalized:
         """Differentiable upper bound on the operator norm of the raw weight (0 for an empty one)."""
         return self._checked_bound(input_size)[0]
 
-    def _checked_bound(self, input_size) -> tuple[torch.Tensor, bool]:
-        """``(bound, zero)``: the bound, checked (:func:`unusable_bounds`: a non-finite one raises),
-        and whether it is zero with a tracked weight gradient (then refuse that gradient)."""
+    def _checked_bound(self, input_size, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """``(bound, zero)``: the bound of ``weight`` (by default :meth:`_operator_weight`), checked
+        (:func:`unusable_bounds`: a non-finite one raises), and whether it is zero with a tracked
+        weight gradient (then refuse that gradient)."""
         self._refuse_complex()
-        weight = self._operator_weight()
+        if weight is None:
+            weight = self._operator_weight()
         if weight.numel() == 0:  # no input or no output features: the zero map
             return weight.sum(), False
         bound = self._operator_norm(weight, input_size, self.n_iter)
@@ -196,8 +198,11 @@ class GramNormalized:
             cached = self._eval_cache.get(input_size)
             if cached is not None and cached[0] == key and cached[1] is weight:
                 return cached[2]
-        bound, zero = self._checked_bound(input_size)
-        normalized = self._divide(self._operator_weight(), bound, input_size)
+        # One read of the operator weight for the bound and the quotient: a parametrization computes
+        # the weight anew at each access, and a random one (DropConnect) draws another each time.
+        operator_weight = self._operator_weight()
+        bound, zero = self._checked_bound(input_size, operator_weight)
+        normalized = self._divide(operator_weight, bound, input_size)
         if zero:
             normalized = refuse_weight_gradient(normalized, self)
         if cacheable:

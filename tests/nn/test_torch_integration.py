@@ -441,3 +441,22 @@ def test_activation_checkpointing_gives_the_gradients_of_a_plain_backward(spec, 
     layer(x).sin().sum().backward()
     torch.testing.assert_close(recomputed[0], layer.weight.grad, rtol=0, atol=0)
     torch.testing.assert_close(recomputed[1], x.grad, rtol=0, atol=0)
+
+
+class DropConnect(nn.Module):
+    """A random parametrization: each access of ``layer.weight`` draws a new mask."""
+
+    def forward(self, weight):
+        return weight * torch.rand_like(weight).lt(0.5) * 2
+
+
+@pytest.mark.parametrize("spec", specs())
+def test_a_random_parametrization_is_bounded_and_divided_as_one_draw(spec):
+    """The bound and the quotient must be of one read of the weight: dividing one draw by the
+    bound of another applied operators of norm up to about 2 here."""
+    torch.manual_seed(0)
+    layer = spec.gram(dtype=torch.float64)
+    parametrize.register_parametrization(layer, "weight", DropConnect())
+    x = inputs(spec, torch.float64)
+    worst = max(operator_norm(layer, x) for _ in range(10))
+    assert worst <= 1 + 1e-9
