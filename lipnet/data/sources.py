@@ -43,8 +43,10 @@ _CIFAR_FILES = {
 _CIFAR_LABEL_KEY = {"cifar10": "labels", "cifar100": "fine_labels"}
 
 
-class DatasetError(RuntimeError):
-    """A data set file exists but cannot be read (truncated, corrupt, wrong shape)."""
+class DatasetError(RuntimeError, ValueError):
+    """A data set file exists but cannot be read (truncated, corrupt, wrong shape, labels out of
+    range). Also a ``ValueError``, which :class:`~lipnet.data.ImageDataset` raises for the same
+    problems in tensors built by hand."""
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -116,7 +118,11 @@ def load_dataset(name: str, split: str = "test", *, data_dir: str | os.PathLike 
                            "The file is probably truncated or corrupt: delete it and get it again "
                            f"({info.how_to_get}).") from exc
     source = ", ".join(map(str, path)) if isinstance(path, list) else str(path)
-    dataset = ImageDataset(images, labels, info, split, source)
+    try:
+        dataset = ImageDataset(images, labels, info, split, source)
+    except ValueError as exc:  # images of another size, labels out of range: the files are wrong
+        raise DatasetError(f"{exc}: is this file another data set, or damaged? Get it again ({info.how_to_get})") \
+            from exc
     _warn_if_classes_are_missing(dataset)
     return dataset
 

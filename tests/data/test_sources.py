@@ -323,3 +323,15 @@ def test_cifar_labels_that_are_not_integers_are_refused_not_truncated(tmp_path):
         pickle.dump({"data": np.zeros((2, 3 * 32 * 32), np.uint8), "fine_labels": [0.9, 1.5]}, f)
     with pytest.raises(DatasetError, match="integer class labels"):
         load_dataset("cifar100", "test", data_dir=tmp_path)
+
+
+def test_files_of_another_image_size_or_with_labels_out_of_range_are_dataset_errors(tmp_path):
+    """Callers catch DatasetError for 'the file was found but is wrong' (the docs' promise)."""
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 32, 32), np.uint8), compress=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([1, 2], np.uint8), compress=False)
+    with pytest.raises(DatasetError, match=r"\(1, 28, 28\).*32"):
+        load_dataset("mnist", "test", data_dir=tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8), compress=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([1, 200], np.uint8), compress=False)
+    with pytest.raises(DatasetError, match=r"labels must lie in \[0, 10\)"):
+        load_dataset("mnist", "test", data_dir=tmp_path)
