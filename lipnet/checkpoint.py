@@ -15,6 +15,7 @@ it needs unpickling arbitrary objects.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import re
 from pathlib import Path
@@ -98,6 +99,11 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
     _check_integrity(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as exc:
+        if not (isinstance(exc, PermissionError) or exc.errno == errno.EIO):
+            raise CheckpointError(_unreadable(path, exc)) from exc
+        # The system refused: the file may be fine, so it is not called corrupt (and deleted).
+        raise CheckpointError(f"cannot open checkpoint {path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means the file is unusable
         raise CheckpointError(_unreadable(path, exc)) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

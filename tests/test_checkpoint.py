@@ -160,3 +160,16 @@ def test_weights_of_another_kind_of_number_are_refused_not_cast(tmp_path, dtype)
     save_checkpoint(tmp_path / "m.pt", payload)
     with pytest.raises(CheckpointError, match=name):
         load_model(tmp_path / "m.pt")
+
+
+def test_a_checkpoint_that_cannot_be_opened_is_not_called_corrupt(tmp_path, monkeypatch):
+    """Permission denied (or an I/O error) says so: 'truncated or corrupt' would get a good file deleted."""
+    path = save_model(tmp_path / "m.pt", net())
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(CheckpointError, match="Permission denied") as raised:
+        load_checkpoint(path)
+    assert "corrupt" not in str(raised.value)

@@ -558,3 +558,16 @@ def test_a_folder_that_cannot_be_fsynced_does_not_fail_a_completed_write(tmp_pat
     monkeypatch.setattr(runtime.os, "fsync", fsync)
     runtime.atomic_write(tmp_path / "f.bin", lambda out: out.write(b"new bytes"))
     assert (tmp_path / "f.bin").read_bytes() == b"new bytes"
+
+
+def test_an_export_that_cannot_be_opened_is_not_called_corrupt(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    export(plain_net(), SHAPE).save(path)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(runtime.torch, "load", denied)
+    with pytest.raises(OSError, match="Permission denied") as raised:
+        load(path)
+    assert "corrupt" not in str(raised.value)

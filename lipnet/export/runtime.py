@@ -300,13 +300,19 @@ def load(f, map_location=None) -> ExportedModel:
 
     ``f`` is a path or a file object. Raises ``ValueError`` for a damaged file (records that do
     not match their checksums, truncated, not a torch file) or an archive that is not a valid
-    lipnet export."""
+    lipnet export; a file the system refuses to read (permission denied, I/O error) is its
+    ``OSError``, not called damaged."""
     damaged = damaged_record(f)
     if damaged is not None:
         where = os.fspath(f) if isinstance(f, (str, os.PathLike)) else "the exported model"
         raise ValueError(f"{where} is damaged: {damaged}; export the model again or restore a copy")
     try:
         archive = torch.load(f, map_location=map_location, weights_only=True)
+    except OSError as exc:
+        if isinstance(exc, PermissionError) or exc.errno == errno.EIO:  # the system refused: the file may be fine
+            raise
+        raise ValueError(f"cannot read the exported model: the file is truncated, corrupt or not a torch file "
+                         f"({type(exc).__name__}: {exc})") from exc
     except Exception as exc:  # noqa: BLE001 - any failure to read means the file is unusable
         raise ValueError(f"cannot read the exported model: the file is truncated, corrupt, not a torch file, or "
                          f"holds objects other than tensors and plain values ({type(exc).__name__}: {exc})") from exc
