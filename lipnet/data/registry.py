@@ -91,6 +91,8 @@ class ImageDataset:
 
     def subset(self, n: int | None) -> "ImageDataset":
         """The first ``n`` examples (all of them for ``None``)."""
+        if n is not None and n < 0:
+            raise ValueError(f"subset size must be >= 0 (or None for all), got {n}")
         if n is None or n >= len(self):
             return self
         return ImageDataset(self.images[:n], self.labels[:n], self.info, self.split, f"{self.source} (first {n})")

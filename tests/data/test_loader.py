@@ -92,3 +92,9 @@ def test_crop_flip_names_what_it_takes():
         random_crop_flip(x[0], padding=1)
     with pytest.raises(ValueError, match="padding"):
         random_crop_flip(x, padding=1.5)
+
+
+def test_a_negative_subset_is_an_error_not_all_but_the_last_examples():
+    with pytest.raises(ValueError, match="subset"):
+        toy(10).subset(-1)  # images[:-1] would silently drop the last example
+    assert len(toy(10).subset(0)) == 0 and len(toy(10).subset(3)) == 3 and len(toy(10).subset(None)) == 10
