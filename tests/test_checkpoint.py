@@ -178,15 +178,19 @@ def test_a_checkpoint_that_cannot_be_opened_is_not_called_corrupt(tmp_path, monk
 def test_saving_over_a_symlink_or_a_folder_keeps_what_was_there(tmp_path):
     """The link is replaced by the new file (the file it pointed to, maybe another good
     checkpoint, is untouched); a folder in the way is an error and stays as it was."""
-    older = save_model(tmp_path / "epoch-1.pt", net(), epoch=1)
+    def payload(epoch):
+        return {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "model": {"name": "m", "kwargs": {}},
+                "state_dict": {"w": torch.ones(2)}, "info": {"epoch": epoch}}
+
+    older = save_checkpoint(tmp_path / "epoch-1.pt", payload(1))
     before = older.read_bytes()
     (tmp_path / "best.pt").symlink_to(older.name)
-    save_model(tmp_path / "best.pt", net(), epoch=2)
+    save_checkpoint(tmp_path / "best.pt", payload(2))
     assert older.read_bytes() == before and not (tmp_path / "best.pt").is_symlink()
-    assert load_model(tmp_path / "best.pt")[1] == {"epoch": 2}
+    assert load_checkpoint(tmp_path / "best.pt")["info"] == {"epoch": 2}
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("x")
     with pytest.raises(OSError):
-        save_model(tmp_path / "run", net())
+        save_checkpoint(tmp_path / "run", payload(3))
     assert (tmp_path / "run" / "keep.txt").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch-1.pt", "run"]  # no temporary left
