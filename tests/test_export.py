@@ -571,3 +571,27 @@ def test_an_export_that_cannot_be_opened_is_not_called_corrupt(tmp_path, monkeyp
     with pytest.raises(OSError, match="Permission denied") as raised:
         load(path)
     assert "corrupt" not in str(raised.value)
+
+
+@pytest.mark.parametrize("through_a_view", [False, True])
+def test_a_graph_that_writes_to_its_stored_tensors_is_refused(through_a_view):
+    """An in-place operator on a stored tensor (or a view of one) would change the network at
+    every call: here it doubles the outputs each time, whatever bound the file states."""
+    archive = export(plain_net(), SHAPE).archive()
+    *body, output = archive["nodes"][1:]
+    scaled = [{"name": "k", "op": "get_attr", "target": "k", "args": [], "kwargs": {}}]
+    if through_a_view:
+        scaled.append({"name": "kv", "op": "call_function", "target": "aten.view.default",
+                       "args": [{"$node": "k"}, [1]], "kwargs": {}})
+    scaled.append({"name": "k2", "op": "call_function", "target": "aten.mul_.Scalar",
+                   "args": [{"$node": scaled[-1]["name"]}, 2.0], "kwargs": {}})
+    nodes = [archive["nodes"][0], *scaled, *body,
+             {"name": "y2", "op": "call_function", "target": "aten.mul.Tensor", "args": [output["args"][0], {"$node": "k"}],
+              "kwargs": {}}, {**output, "args": [{"$node": "y2"}]}]
+    state_dict = {**archive["state_dict"], "k": torch.ones(1)}
+    with pytest.raises(ValueError, match="writes to a stored tensor"):
+        runtime.build({**archive, "nodes": nodes, "state_dict": state_dict})
+    pure = [n for n in nodes if n["name"] not in ("kv", "k2")]  # the same graph without the write loads
+    model = runtime.build({**archive, "nodes": pure, "state_dict": state_dict})
+    x = torch.randn(2, *SHAPE)
+    assert torch.equal(model(x), model(x))

@@ -410,6 +410,7 @@ def _build(archive: dict) -> ExportedModel:
         raise ValueError("the archive's graph must take one input (its first node) and end with its one output node")
     graph = torch.fx.Graph()
     env: dict = {}
+    stored: set = set()  # the nodes that are stored tensors or views of them
     for index, spec in enumerate(nodes):
         if set(spec) != {"name", "op", "target", "args", "kwargs"}:
             raise ValueError(f"node {index}: expected the keys name, op, target, args, kwargs, got {sorted(spec)}")
@@ -417,6 +418,7 @@ def _build(archive: dict) -> ExportedModel:
         if not isinstance(name, str) or name in env:
             raise ValueError(f"node {index}: its name {name!r} is not a string, or not unique")
         env[name] = _make_node(graph, spec, index, env, root, state_dict)
+        _check_writes(env[name], stored, name)
     network = torch.fx.GraphModule(root, graph, class_name="ExportedNetwork")
     network.load_state_dict(state_dict, strict=True, assign=True)
     model = ExportedModel(network, input_shape=input_shape, lipschitz_bound=bound, metadata=metadata, modules=modules,
@@ -493,6 +495,32 @@ def _make_node(graph: torch.fx.Graph, spec: dict, index: int, env: dict, root: d
     else:
         raise ValueError(f"node {name!r}: unsupported op {op!r}")
     return graph.create_node(op, target, args, kwargs, name=f"n{index}")
+
+
+def _check_writes(node: torch.fx.Node, stored: set, name: str) -> None:
+    """Refuse an operator that writes to a stored tensor or a view of one (the network would
+    change at every call, away from the weights its bound was computed for), and record in
+    ``stored`` the views of stored tensors that ``node`` returns."""
+    if node.op == "get_attr":
+        stored.add(node)
+    elif node.op == "call_function" and node.target is operator.getitem:
+        if node.args and node.args[0] in stored:  # an item of chunk / split / unbind of a stored tensor
+            stored.add(node)
+    elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        schema = node.target._schema
+        aliased = False
+        for i, argument in enumerate(schema.arguments):
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
+            inputs: list = []
+            torch.fx.node.map_arg(value, inputs.append)
+            if argument.alias_info is None or not any(n in stored for n in inputs):
+                continue
+            if argument.alias_info.is_write:
+                raise ValueError(f"node {name!r}: {node.target} writes to a stored tensor (or a view of one): the "
+                                 "network would change at every call; an export never does this")
+            aliased = True
+        if aliased and any(r.alias_info is not None for r in schema.returns):
+            stored.add(node)
 
 
 def _holds_tensor(value) -> bool:
