@@ -32,9 +32,10 @@ Nothing in an archive is executed when it is loaded: operators are looked up by 
 the allowlist :data:`ATEN_OPS` (and must be real overloads of them), layers are
 instantiated from ``torch.nn`` by name with the arguments of their constructors, and the
 graph is rebuilt with names of the runtime's own (the archive's node names, module paths
-and keyword names are checked as plain identifiers, never pasted into generated code). A
-file whose bytes changed after it was written (its zip records no longer match their
-CRC-32) is refused. A file edited on purpose, with matching checksums, can claim any bound:
+and keyword names are checked as plain identifiers, never pasted into generated code). The
+layers are created on the meta device and receive the archive's tensors, which must be finite
+and are never written to by the graph. A file whose bytes changed after it was written (its
+zip records no longer match their CRC-32) is refused. A file edited on purpose, with matching checksums, can claim any bound:
 the certificate is as trustworthy as the file's origin.
 """
 
