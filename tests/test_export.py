@@ -595,3 +595,9 @@ def test_a_graph_that_writes_to_its_stored_tensors_is_refused(through_a_view):
     model = runtime.build({**archive, "nodes": pure, "state_dict": state_dict})
     x = torch.randn(2, *SHAPE)
     assert torch.equal(model(x), model(x))
+
+
+def test_saving_into_a_missing_folder_names_the_folder_not_a_temporary_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-folder") as raised:
+        export(plain_net(), SHAPE).save(tmp_path / "no-such-folder" / "model.pt")
+    assert ".tmp" not in str(raised.value)

@@ -257,6 +257,8 @@ def atomic_write(path, write) -> None:
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):  # else the error would name the temporary file
+        raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: no such folder (create it first)", folder)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     # Mode 0o666 less the process umask, applied by the system (as open() does; reading the
     # umask would mean setting it, which races with other threads creating files).
