@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from lipnet.bounds.autocast import autocast_disabled
+from lipnet.bounds.autocast import autocast_disabled, ieee_float32_matmuls
 from lipnet.bounds.batching import vmap_into_stack
 from lipnet.bounds.circulant import AxisEmbedding, axis_embedding, distinct_frequencies, pair, resolve_padding
 from lipnet.bounds.gram import (
@@ -331,7 +331,7 @@ def conv2d_spectral_norm(
         raise TypeError("conv2d_spectral_norm expects a real kernel")
     embedding = conv2d_embedding(weight.shape[-2:], input_size, stride=stride, padding=padding,
                                  dilation=dilation, padding_mode=padding_mode)
-    with autocast_disabled(weight.device.type):
+    with autocast_disabled(weight.device.type), ieee_float32_matmuls():
         if weight.dtype not in (torch.float32, torch.float64):
             weight = weight.float()
         dft = _tap_dft_for(embedding, weight)

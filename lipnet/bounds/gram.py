@@ -51,6 +51,7 @@ from typing import NamedTuple
 
 import torch
 
+from lipnet.bounds.autocast import ieee_float32_matmuls
 from lipnet.bounds.batching import vmap_into_stack
 from lipnet.bounds.first_order import first_order_backward
 from lipnet.bounds.graphs import launches_are_free, replayed
@@ -108,9 +109,10 @@ def matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER) -> tor
         3.0
     """
     _check_matrices(mat, n_iter)
-    g, log_scale = _gram_first(mat, n_iter)
-    g, log_scale = _gram_steps(g, log_scale, n_iter - 1)
-    return _gram_bound(g, log_scale, n_iter)[0]
+    with ieee_float32_matmuls():
+        g, log_scale = _gram_first(mat, n_iter)
+        g, log_scale = _gram_steps(g, log_scale, n_iter - 1)
+        return _gram_bound(g, log_scale, n_iter)[0]
 
 
 def max_matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER,
@@ -149,7 +151,8 @@ def max_matrix_spectral_norm(mat: torch.Tensor, n_iter: int = DEFAULT_N_ITER,
         raise ValueError(f"max_matrix_spectral_norm expects a batch (B, m, n), got shape {tuple(mat.shape)}")
     keep = torch.is_grad_enabled() and mat.requires_grad  # a backward pass may follow
     bound = _MaxGramBound if torch.compiler.is_compiling() else _MaxGramBoundForwardMode
-    return bound.apply(mat[None], n_iter, screen_iter, n_candidates, keep)[0][0]
+    with ieee_float32_matmuls():
+        return bound.apply(mat[None], n_iter, screen_iter, n_candidates, keep)[0][0]
 
 
 class MaxBound(NamedTuple):

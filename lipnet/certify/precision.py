@@ -52,6 +52,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lipnet.bounds.autocast import ieee_float32_matmuls
 from lipnet.certify.lipschitz import _REGISTRY, _lookup, _unwrap
 from lipnet.nn.normalized import GramNormalized
 from lipnet.nn.residual import ConvexResidual, GramResidualConv2d
@@ -100,22 +101,21 @@ def _coefficients_applied_by(block: ConvexResidual) -> Callable:
 
 @contextmanager
 def exact_kernels():
-    """TF32 off (CUDA matmuls and convolutions), highest float32 matmul precision, no cuDNN.
+    """No cuDNN, and full float32 matrix products (:func:`~lipnet.bounds.autocast.ieee_float32_matmuls`).
 
     cuDNN may pick FFT or Winograd convolutions, whose rounding does not follow the
-    sum-of-products bound of this module; the native kernels do. Settings are restored.
+    sum-of-products bound of this module; the native kernels do (the certification pass is
+    float64, which TF32 never touches). Settings are restored. Only ``cudnn.enabled`` and the
+    backends' ``fp32_precision`` are read and set: the legacy TF32 settings raise when read
+    once a caller used both kinds.
     """
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-              torch.get_float32_matmul_precision())
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    before = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
     try:
-        with torch.backends.cudnn.flags(enabled=False, allow_tf32=False):
+        with ieee_float32_matmuls():
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[:2]
-        torch.set_float32_matmul_precision(before[2])
+        torch.backends.cudnn.enabled = before
 
 
 def local_rounding_bound(h: torch.Tensor, y: torch.Tensor, lipschitz: float, products: int = 0) -> torch.Tensor:

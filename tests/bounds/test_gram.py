@@ -393,3 +393,32 @@ def test_cpu_slices_of_the_batch_give_the_bound_of_the_whole_batch(monkeypatch, 
     for a, b in zip(sliced, whole):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     assert max(batches) == (16 if stepped else 145)  # the screening of the conv's 145 frequencies
+
+
+def _lowered_matmul_precision():
+    """``torch.set_float32_matmul_precision("medium")``, and whether it lowers this machine's float32
+    products (oneDNN's bfloat16 passes on CPUs with bfloat16 units; TF32 on a GPU)."""
+    torch.set_float32_matmul_precision("medium")
+    a = torch.randn(2, 128, 128, generator=torch.Generator().manual_seed(0))
+    error = float((torch.bmm(a, a).double() - torch.bmm(a.double(), a.double())).abs().max())
+    return error > 1e-3
+
+
+def test_bounds_keep_full_float32_products_whatever_the_matmul_precision():
+    """With bfloat16 passes (``"medium"``), a Gram bound of a 64 x 128 matrix fell 2e-4 below its
+    norm; the bounds pin full float32 products and restore the caller's setting."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        if not _lowered_matmul_precision():
+            pytest.skip("float32 products are not lowered on this machine")
+        for seed in range(4):
+            w = torch.randn(64, 128, generator=torch.Generator().manual_seed(seed))
+            exact = float(torch.linalg.matrix_norm(w.double(), 2))
+            assert float(max_matrix_spectral_norm(w[None])) >= exact * (1 - 1e-6)
+            assert float(matrix_spectral_norm(w)) >= exact * (1 - 1e-6)
+            k = torch.randn(16, 16, 3, 3, generator=torch.Generator().manual_seed(seed))
+            dense = float(torch.linalg.matrix_norm(conv2d_operator_matrix(k.double(), 6, padding=1), 2))
+            assert float(conv2d_spectral_norm(k, 6, padding=1)) >= dense * (1 - 1e-6)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -74,17 +74,42 @@ def test_cancelling_biases_never_inflate_a_certificate():
 
 
 def test_exact_kernels_restores_the_settings():
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-              torch.get_float32_matmul_precision(), torch.backends.cudnn.enabled)
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.enabled)
     torch.set_float32_matmul_precision("high")
     try:
         with exact_kernels():
-            assert torch.get_float32_matmul_precision() == "highest"
-            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cudnn.enabled
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee" and not torch.backends.cudnn.enabled
         assert torch.get_float32_matmul_precision() == "high"
-        assert torch.backends.cudnn.enabled == before[3]
+        assert torch.backends.cudnn.enabled == before[1]
     finally:
-        torch.set_float32_matmul_precision(before[2])
+        torch.set_float32_matmul_precision(before[0])
+
+
+def test_certification_works_with_precision_set_through_the_new_api():
+    """``torch.backends.cuda.matmul.fp32_precision = "tf32"`` (the API torch recommends) made the
+    legacy reads of exact_kernels raise 'you have used mix of the legacy and new APIs'. In a
+    fresh process: once used, the new API leaves the legacy reads raising for later tests."""
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from torch import nn
+from lipnet.certify import certified_accuracy
+from lipnet.nn import GramConv2d, GramLinear
+torch.manual_seed(0)
+net = nn.Sequential(GramConv2d(1, 2, 3, padding=1), nn.Flatten(), GramLinear(2 * 4 * 4, 3)).eval()
+x, y = torch.rand(6, 1, 4, 4), torch.randint(0, 3, (6,))
+expected = certified_accuracy(net, (x, y), eps=[0.1], progress=False).radii
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+radii = certified_accuracy(net, (x, y), eps=[0.1], progress=False).radii
+assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+assert torch.equal(radii, expected), (radii, expected)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_inputs_must_be_float64_and_bounds_recorded():
