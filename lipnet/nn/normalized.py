@@ -63,6 +63,18 @@ def unusable_bounds(bounds: torch.Tensor, tracked) -> torch.Tensor:
     return unusable
 
 
+def finite_quotient_divisor(bound: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``max(bound, TINY, max|W| / (M / 2))`` in ``dtype``, ``M`` the largest finite value of
+    ``weight``'s dtype: ``weight`` divided by it stays finite in that dtype even where the bound
+    is 0 (:meth:`GramNormalized._divide`). ``bound`` is 0-dim for one weight, ``(L,)`` for a
+    stack ``(L, ...)`` of weights (one divisor each)."""
+    divisor = bound.clamp_min(TINY).to(dtype)
+    if weight.numel() == 0:
+        return divisor
+    peak = weight.detach().abs().flatten(bound.dim()).amax(-1).to(dtype)
+    return torch.maximum(divisor, peak / (torch.finfo(weight.dtype).max / 2))
+
+
 def refuse_weight_gradient(normalized: torch.Tensor, layer) -> torch.Tensor:
     """``normalized`` (the normalized weight of a layer whose operator is zero: bound 0), whose
     gradient raises a clear ``ValueError`` when asked for. The forward (the zero map) and
@@ -235,13 +247,9 @@ class GramNormalized:
         ``inf * 0`` = NaN. Such a layer is then the zero map. Dividing by more than the bound only
         lowers the operator norm.
         """
-        bound = bound.clamp_min(TINY)
         if weight.dtype.itemsize >= 4:
-            bound = bound.to(weight.dtype)
-            if weight.numel():
-                bound = torch.maximum(bound, weight.detach().abs().amax() / (torch.finfo(weight.dtype).max / 2))
-            return weight / bound
-        bound = torch.maximum(bound.float(), weight.abs().amax().float() / (torch.finfo(weight.dtype).max / 2))
+            return weight / finite_quotient_divisor(bound, weight, weight.dtype)
+        bound = finite_quotient_divisor(bound, weight, torch.float32)
         quotient = weight.float() / bound
         rounded = quotient.to(weight.dtype)
         if rounded.numel() == 0 or not can_check_values(rounded):

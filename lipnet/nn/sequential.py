@@ -20,7 +20,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lipnet.nn.normalized import TINY, GramNormalized, can_check_values, refuse_weight_gradient, unusable_bounds
+from lipnet.nn.normalized import (
+    GramNormalized,
+    can_check_values,
+    finite_quotient_divisor,
+    refuse_weight_gradient,
+    unusable_bounds,
+)
 
 
 def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size) -> list[torch.Tensor]:
@@ -61,10 +67,7 @@ def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size) -> 
                     layers[i]._raise_not_finite(bounds[i])
                 zero.append(i)
     if weights.dtype.itemsize >= 4:
-        scale = bounds.clamp_min(TINY).to(weights.dtype)
-        if weights.numel():  # at least max|W| / (M / 2), as for a layer alone (GramNormalized._divide)
-            floor = weights.detach().abs().flatten(1).amax(1) / (torch.finfo(weights.dtype).max / 2)
-            scale = torch.maximum(scale, floor)
+        scale = finite_quotient_divisor(bounds, weights, weights.dtype)  # as for a layer alone
         normalized = list((weights / scale.view(-1, *([1] * (weights.dim() - 1)))).unbind(0))
     else:  # each rounded quotient checked and kept finite, as a layer alone does (GramNormalized._divide)
         normalized = [layer._divide(weight, bound, input_size) for layer, weight, bound in zip(layers, own, bounds)]
