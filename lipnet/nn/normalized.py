@@ -277,12 +277,12 @@ class GramNormalized:
         same memory such as ``weight.data = weight.data.t()``), optimizer steps (fused ones do not
         count versions), dtype and device, the bound's settings (the layer's Gram steps and
         :func:`lipnet.bounds.refine_exceeding`), the layer's geometry (:meth:`_geometry`: a stride
-        or padding set after construction), and inference mode (whose tensors cannot be used
-        outside it)."""
+        or padding set after construction), inference mode (whose tensors cannot be used
+        outside it), and ``check_finite`` (a weight cached unchecked is checked once it is on)."""
         return (input_size, weight._version, weight.data_ptr(), weight.shape, weight.stride(), weight.device,
                 weight.dtype, _OPTIMIZER_STEPS[0],
                 self.n_iter, getattr(self, "screen_iter", None), refines_exceeding(weight.device), self._geometry(),
-                torch.is_inference_mode_enabled())
+                torch.is_inference_mode_enabled(), self.check_finite)
 
     @torch.no_grad()
     def lipschitz_bound(self, input_size=None) -> float:

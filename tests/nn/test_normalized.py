@@ -243,3 +243,16 @@ def test_weight_data_set_to_its_own_transpose_is_seen():
         layer.weight.data = layer.weight.data.t()
         after = layer(x)
     assert not torch.equal(before, after) and torch.equal(after, reference(layer, x))
+
+
+def test_a_weight_cached_without_the_finite_check_is_checked_once_it_is_on():
+    """``check_finite`` is part of the cache key: a NaN weight cached while the check was off
+    (the trainer turns it off on CUDA) raises once it is back on, instead of serving NaN outputs."""
+    layer = GramLinear(4, 3).eval().requires_grad_(False)
+    layer.check_finite = False
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    assert torch.isnan(layer(torch.randn(2, 4))).all()
+    layer.check_finite = True
+    with pytest.raises(FloatingPointError, match="NaN"):
+        layer(torch.randn(2, 4))
