@@ -537,11 +537,16 @@ def _max_pool(module: nn.MaxPool2d, shape) -> float:
     return pooling_lipschitz_bound(kernel, _pool_pair(module.stride, kernel), _pool_pair(module.dilation))
 
 
+def _unset_stride(value) -> bool:
+    """Whether a pooling stride is left to its default, the kernel size (``None`` or empty, as torch reads it)."""
+    return value is None or isinstance(value, tuple | list) and len(value) == 0
+
+
 def _pool_pair(value, default=None) -> tuple[int, int]:
     """A 2-D pooling setting as torch's functional pooling reads it: one value for both axes
     (``2``, ``(2,)``), a pair, or, for the stride only, ``None`` or empty for ``default`` (the
     kernel size)."""
-    if default is not None and (value is None or isinstance(value, tuple | list) and len(value) == 0):
+    if default is not None and _unset_stride(value):
         return default
     if isinstance(value, tuple | list) and len(value) == 1:
         value = value[0]
@@ -584,7 +589,7 @@ def _adaptive_max_pool(module: nn.AdaptiveMaxPool2d, shape) -> float:
 def _single(value, default=None) -> int:
     """A 1-D pooling setting as torch reads it: ``2`` or ``(2,)``, or, for the stride only,
     ``None`` or empty for ``default`` (the kernel size)."""
-    if default is not None and (value is None or isinstance(value, tuple | list) and len(value) == 0):
+    if default is not None and _unset_stride(value):
         return default
     if isinstance(value, tuple | list):
         if len(value) != 1:
