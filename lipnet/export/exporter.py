@@ -71,8 +71,8 @@ def export(model: nn.Module, input_shape: Sequence[int], *, certify: bool = True
         single-file runtime :mod:`lipnet.export.runtime`.
 
     Raises:
-        ValueError: bad ``input_shape``, a model that does not accept it, a Gram layer whose
-            weight has NaN or inf, a layer applied to two spatial sizes, or an operator
+        ValueError: bad ``input_shape``, a model that does not accept it, a parameter or
+            buffer with NaN or inf, a layer applied to two spatial sizes, or an operator
             outside the runtime's allowlist.
         RuntimeError: the rebuilt model does not reproduce the original (a bug: report it).
 

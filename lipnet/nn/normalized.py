@@ -11,7 +11,6 @@ on changes (:meth:`GramNormalized._cache_key`), so inference computes no bound p
 
 from __future__ import annotations
 
-
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
