@@ -383,7 +383,8 @@ class _Run:
         """After each epoch, lower the planned epochs so that the run fits ``config.time_budget``
         (the same plan on every process). What counts is everything measured so far (every
         epoch's training and test-set estimates, before a resume too) and, for each further
-        epoch, the steady training speed plus the last estimate's time when it takes one. The
+        epoch, the training speed (the steady steps of this process's first epoch, then the mean
+        of the epochs since) plus the last estimate's time when it takes one. The
         plan is only ever lowered; the learning-rate schedule is re-planned to end at 0."""
         config, done = self.config, len(history)
         spent = sum(h["train_seconds"] + h["eval_seconds"] for h in history)
