@@ -98,3 +98,33 @@ def test_a_negative_subset_is_an_error_not_all_but_the_last_examples():
     with pytest.raises(ValueError, match="subset"):
         toy(10).subset(-1)  # images[:-1] would silently drop the last example
     assert len(toy(10).subset(0)) == 0 and len(toy(10).subset(3)) == 3 and len(toy(10).subset(None)) == 10
+
+
+def test_the_generators_of_a_hundred_and_more_ranks_do_not_repeat_the_order_or_each_other():
+    from lipnet.data.loader import epoch_generator
+
+    # stream 1 + rank: rank 100's stream 101 packed as (epoch + 1, stream 0) before, i.e. its
+    # augmentation of epoch e drew the same numbers as the shuffle of epoch e + 1
+    seeds = {(epoch, stream): epoch_generator(7, epoch, stream).initial_seed()
+             for epoch in range(3) for stream in range(0, 260)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert epoch_generator(7, 2, 101).initial_seed() != epoch_generator(7, 3, 0).initial_seed()
+    # streams of the packed range keep their seeds (earlier runs replay after a resume)
+    assert epoch_generator(7, 2, 5).initial_seed() == (7 * 1_000_003 + 2) * 101 + 5
+    # and the hashed ones are stable across calls
+    assert epoch_generator(7, 2, 150).initial_seed() == epoch_generator(7, 2, 150).initial_seed()
+
+
+def test_without_drop_last_the_ranks_read_every_example_once():
+    # evaluation: 43 examples over 3 processes used to lose the 43rd (n % world_size dropped)
+    data = toy(43)
+    data.images = torch.arange(43, dtype=torch.uint8).view(43, 1, 1, 1).expand(43, 1, 28, 28).contiguous()
+    seen = []
+    for rank in range(3):
+        loader = DeviceLoader(data, 4, seed=0, rank=rank, world_size=3, drop_last=False)
+        batches = [x for x, _ in loader.epoch(2)]
+        assert len(batches) == len(loader)
+        seen += torch.cat(batches)[:, 0, 0, 0].mul(255).round().long().tolist()
+    assert len(seen) == 43 and sorted(seen) == list(range(43))
+    # training keeps equal shards of full batches
+    assert {len(DeviceLoader(data, 4, rank=r, world_size=3)) for r in range(3)} == {3}
