@@ -601,3 +601,27 @@ def test_saving_into_a_missing_folder_names_the_folder_not_a_temporary_file(tmp_
     with pytest.raises(FileNotFoundError, match="no-such-folder") as raised:
         export(plain_net(), SHAPE).save(tmp_path / "no-such-folder" / "model.pt")
     assert ".tmp" not in str(raised.value)
+
+
+def test_an_archive_whose_check_run_would_exhaust_memory_is_refused_before_allocating():
+    """The load-time run on a zero example is first made on the meta device: a tampered
+    input_shape, or a graph node creating a huge tensor, is refused without allocating it."""
+    import resource
+
+    archive = export(plain_net(), SHAPE).archive()
+    *body, output = archive["nodes"][1:]
+    bomb = {"name": "z", "op": "call_function", "target": "aten.zeros.default",  # 1 GiB of zeros
+            "args": [[2 ** 14, 2 ** 14]], "kwargs": {"device": {"$device": "cpu"}}}
+    nodes = [archive["nodes"][0], bomb, *body, output]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="max_check_bytes.*by node"):
+        runtime.build({**archive, "nodes": nodes})
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # Linux: KiB
+    assert grown_mib < 256, f"refusing the archive took {grown_mib:.0f} MiB"
+    with pytest.raises(ValueError, match="max_check_bytes.*input alone"):  # 768 KiB of input
+        runtime.build({**archive, "input_shape": [3, 256, 256]}, max_check_bytes=2 ** 19)
+    with pytest.raises(ValueError, match="max_check_bytes"):
+        runtime.build(archive, max_check_bytes=0)
+    # the untampered archive's run takes a few KiB
+    model = runtime.build(archive, max_check_bytes=2 ** 16)
+    assert model(torch.zeros(1, *SHAPE)).shape == (1, 10)

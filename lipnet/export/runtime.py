@@ -53,7 +53,8 @@ import zipfile
 import torch
 from torch import nn
 
-__all__ = ["ATEN_OPS", "CERTIFICATE", "FORMAT", "FORMAT_VERSION", "LOGIT_ROUNDING_ULPS", "MODULES", "ExportedModel",
+__all__ = ["ATEN_OPS", "CERTIFICATE", "FORMAT", "FORMAT_VERSION", "LOGIT_ROUNDING_ULPS", "MAX_CHECK_BYTES", "MODULES",
+           "ExportedModel",
            "atomic_save", "atomic_write", "build", "damaged_record", "decode", "encode", "function_name", "load", "resolve_function"]
 
 FORMAT = "lipnet-export"
@@ -66,6 +67,10 @@ CERTIFICATE = ("an input x whose logits z = model(x) have top class c is certifi
 #: Units of the logits' machine epsilon by which each logit is assumed uncertain (the
 #: value of ``lipnet.certify.radius.LOGIT_ROUNDING_ULPS``).
 LOGIT_ROUNDING_ULPS = 1024
+
+#: The default limit of the check at load: the bytes that the results of one example's
+#: forward pass may take in all (see :func:`build`).
+MAX_CHECK_BYTES = 2 ** 30
 
 #: Layer types the archive's ``modules`` may name.
 MODULES = {"torch.nn.Conv1d": nn.Conv1d, "torch.nn.Conv2d": nn.Conv2d, "torch.nn.ConvTranspose2d": nn.ConvTranspose2d,
@@ -298,10 +303,10 @@ def _keep_mode(fd: int, path: str) -> None:
         os.fchmod(fd, stat.S_IMODE(mode))
 
 
-def load(f, map_location=None) -> ExportedModel:
+def load(f, map_location=None, *, max_check_bytes: int = MAX_CHECK_BYTES) -> ExportedModel:
     """Read an archive with ``torch.load(f, weights_only=True)`` and :func:`build` it.
 
-    ``f`` is a path or a file object. Raises ``ValueError`` for a damaged file (records that do
+    ``f`` is a path or a file object; ``max_check_bytes`` as in :func:`build`. Raises ``ValueError`` for a damaged file (records that do
     not match their checksums, truncated, not a torch file) or an archive that is not a valid
     lipnet export; a file the system refuses to read (permission denied, I/O error) is its
     ``OSError``, not called damaged."""
@@ -319,7 +324,7 @@ def load(f, map_location=None) -> ExportedModel:
     except Exception as exc:  # noqa: BLE001 - any failure to read means the file is unusable
         raise ValueError(f"cannot read the exported model: the file is truncated, corrupt, not a torch file, or "
                          f"holds objects other than tensors and plain values ({type(exc).__name__}: {exc})") from exc
-    return build(archive)
+    return build(archive, max_check_bytes=max_check_bytes)
 
 
 def damaged_record(f) -> str | None:
@@ -350,10 +355,17 @@ def damaged_record(f) -> str | None:
     return None
 
 
-def build(archive: dict) -> ExportedModel:
+def build(archive: dict, *, max_check_bytes: int = MAX_CHECK_BYTES) -> ExportedModel:
     """Instantiate the network an archive describes (nothing in the archive is executed).
 
+    The network is run once on a zero example to check it; first on the meta device, where
+    nothing is allocated, to refuse an archive whose ``input_shape`` or graph (e.g. a ``zeros``
+    node) would make that run's results take more than ``max_check_bytes`` in all (the sum of
+    the sizes of every intermediate result; default :data:`MAX_CHECK_BYTES`).
+
     Raises ``ValueError`` for anything but a well-formed archive of this format version."""
+    if type(max_check_bytes) is not int or max_check_bytes < 1:
+        raise ValueError(f"max_check_bytes must be a positive int, got {max_check_bytes!r}")
     if not isinstance(archive, dict) or archive.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} archive (expected a dict with format={FORMAT!r})")
     if archive.get("format_version") != FORMAT_VERSION:
@@ -363,7 +375,7 @@ def build(archive: dict) -> ExportedModel:
     if missing:
         raise ValueError(f"the archive lacks {', '.join(missing)}: it is damaged or was not written by lipnet.export")
     try:
-        return _build(archive)
+        return _build(archive, max_check_bytes)
     except ValueError:
         raise
     except Exception as exc:  # noqa: BLE001 - a malformed archive fails somewhere in torch: say so, uniformly
@@ -371,7 +383,7 @@ def build(archive: dict) -> ExportedModel:
                          "written by lipnet.export") from exc
 
 
-def _build(archive: dict) -> ExportedModel:
+def _build(archive: dict, max_check_bytes: int) -> ExportedModel:
     bound = archive["lipschitz_bound"]
     # 0 is a constant network (e.g. a zero last layer): every prediction holds at any radius.
     if bound is not None and not (type(bound) in (int, float) and math.isfinite(bound) and bound >= 0):
@@ -422,12 +434,75 @@ def _build(archive: dict) -> ExportedModel:
             raise ValueError(f"node {index}: its name {name!r} is not a string, or not unique")
         env[name] = _make_node(graph, spec, index, env, root, state_dict)
         _check_writes(env[name], stored, name)
+    dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
+    # The layers in ``root`` are on the meta device until the real tensors are assigned below.
+    meta_root = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in root.items()}
+    meta_network = torch.fx.GraphModule(meta_root, graph, class_name="ExportedNetwork")
+    meta_network.load_state_dict({k: v.to("meta") for k, v in state_dict.items()}, strict=True, assign=True)
+    _check_sizes(meta_network, input_shape, dtype, max_check_bytes)
     network = torch.fx.GraphModule(root, graph, class_name="ExportedNetwork")
     network.load_state_dict(state_dict, strict=True, assign=True)
     model = ExportedModel(network, input_shape=input_shape, lipschitz_bound=bound, metadata=metadata, modules=modules,
                           nodes=nodes)
     _check_runs(model)
     return model
+
+
+class _MetaRun(torch.fx.Interpreter):
+    """Runs a graph on the meta device (every device argument becomes ``meta``: nothing is
+    allocated) and adds up the bytes of its results, stopping once they pass ``limit``."""
+
+    def __init__(self, module: torch.fx.GraphModule, limit: int):
+        super().__init__(module)
+        self.limit, self.total = limit, 0
+
+    def call_function(self, target, args, kwargs):
+        if isinstance(target, torch._ops.OpOverload):
+            meta = torch.device("meta")
+            args = list(args)
+            for i, argument in enumerate(target._schema.arguments):
+                if str(argument.type) not in ("Device", "Optional[Device]", "Device?"):
+                    continue
+                if i < len(args) and args[i] is not None:
+                    args[i] = meta
+                elif kwargs.get(argument.name) is not None:
+                    kwargs = {**kwargs, argument.name: meta}
+        return super().call_function(target, tuple(args), kwargs)
+
+    def run_node(self, n: torch.fx.Node):
+        result = super().run_node(n)
+        sizes: list = []
+        torch.fx.node.map_aggregate(result, lambda v: sizes.append(v.numel() * v.element_size())
+                                    if torch.is_tensor(v) else None)
+        self.total += sum(sizes)
+        if self.total > self.limit:
+            raise _TooLarge(f"{self.total / 2 ** 20:,.0f} MiB by node {n.name} ({n.target})")
+        return result
+
+
+class _TooLarge(Exception):
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what  # torch.fx appends the graph's listing to the message
+
+
+def _check_sizes(network: torch.fx.GraphModule, input_shape: list, dtype: torch.dtype, limit: int) -> None:
+    """Refuse a graph whose run on one zero example would take more than ``limit`` bytes
+    (the sum of its results' sizes), measured on the meta device before any real run."""
+    x = torch.empty(1, *input_shape, dtype=dtype, device="meta")
+    run = _MetaRun(network, limit)
+    try:
+        if x.numel() * x.element_size() > limit:
+            raise _TooLarge(f"{x.numel() * x.element_size() / 2 ** 20:,.0f} MiB for the input alone")
+        with torch.no_grad():
+            run.run(x)
+    except _TooLarge as exc:
+        raise ValueError(f"checking the archive's graph on one example of its input_shape {tuple(input_shape)} "
+                         f"would take more than max_check_bytes = {limit:,} bytes ({exc.what}): the file claims a "
+                         "larger network than any export makes, or load it with a larger max_check_bytes") from None
+    except Exception as exc:  # noqa: BLE001 - whatever fails, the archive is what is wrong
+        raise ValueError(f"the archive's graph does not run on an input of shape (1, {', '.join(map(str, input_shape))}) "
+                         f"({type(exc).__name__}: {exc}): it is damaged or was not written by lipnet.export") from exc
 
 
 def _check_runs(model: ExportedModel) -> None:
