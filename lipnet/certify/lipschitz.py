@@ -42,7 +42,7 @@ from torch import nn
 
 from lipnet.bounds.circulant import pair
 from lipnet.certify.modes import evaluating
-from lipnet.nn.activations import MaxMin
+from lipnet.nn.activations import GroupSort, MaxMin
 from lipnet.nn.pooling import adaptive_pooling_lipschitz_bound, pooling_lipschitz_bound, sqrt_up, window_multiplicity
 from lipnet.nn.residual import ConvexResidual
 from lipnet.nn.sequential import GramSequential, call_override
@@ -135,11 +135,11 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
             another ``forward`` than its class's (one assigned to the instance, or an
             overridden ``__call__``); a subclass overrides ``forward`` (or a helper its bound
             relies on) but inherits the bound; a module acts on the batch dimension
-            (``nn.Flatten(0, ...)``, ``nn.Unflatten(0, ...)``, ``MaxMin(dim=0)``), so that an
-            example's output depends on the rest of its batch; a module's output on the dry run
-            has entries that are not finite; a module passes something else than a tensor to the
-            next one of an ``nn.Sequential``; or a :class:`~lipnet.nn.ConvexResidual`'s branch
-            overwrites its input in place.
+            (``nn.Flatten(0, ...)``, ``nn.Unflatten(0, ...)``, ``MaxMin(dim=0)``,
+            ``GroupSort(k, dim=0)``), so that an example's output depends on the rest of its
+            batch; a module's output on the dry run has entries that are not finite; a module
+            passes something else than a tensor to the next one of an ``nn.Sequential``; or a
+            :class:`~lipnet.nn.ConvexResidual`'s branch overwrites its input in place.
 
     Example:
         >>> from lipnet.nn import GramConv2d, GramLinear, MaxMin
@@ -512,6 +512,13 @@ def _unflatten(module: nn.Unflatten, shape) -> float:
 @register_lipschitz_bound(MaxMin)
 def _max_min(module: MaxMin, shape) -> float:
     """1: it permutes each pair of channels along ``module.dim`` (not the batch dimension)."""
+    _refuse_batch_dim(module, "dim", module.dim, shape)
+    return 1.0
+
+
+@register_lipschitz_bound(GroupSort)
+def _group_sort(module: GroupSort, shape) -> float:
+    """1: it permutes each group of channels along ``module.dim`` (not the batch dimension)."""
     _refuse_batch_dim(module, "dim", module.dim, shape)
     return 1.0
 

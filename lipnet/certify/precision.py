@@ -33,8 +33,8 @@ valid convolution ``V`` (one entry per tap) after the copy operator ``P``, and t
 holds with ``|V| |P h|`` and ``lam >= ||V|| ||P||``, which is how :mod:`lipnet.bounds.circulant`
 bounds such layers (circular padding included: its circulant would add the aliased taps). So
 ``r <= gamma_K ((sqrt(K) + 1) lam ||h|| + ||y||) <= 4 u K^{3/2} (lam ||h|| + ||y||)`` for
-``K u < 1/2``. Elementwise activations (MaxMin, ReLU: exact; tanh and the like: a few ulps),
-pooling (sums of at most ``K`` terms) and input normalization are covered by the same
+``K u < 1/2``. Elementwise activations (MaxMin, GroupSort, ReLU: exact; tanh and the like: a
+few ulps), pooling (sums of at most ``K`` terms) and input normalization are covered by the same
 expression. The model's rounding is thereby bounded for the modules lipnet knows; for a
 custom module with a registered bound, it assumes that module's forward is such a sum, unless
 the bound function carries its own propagation (``fn.propagate_rounding(module, h, err,

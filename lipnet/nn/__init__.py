@@ -1,6 +1,6 @@
 """1-Lipschitz layers."""
 
-from lipnet.nn.activations import MaxMin, max_min
+from lipnet.nn.activations import GroupSort, MaxMin, group_sort, max_min
 from lipnet.nn.gram_conv import GramConv2d
 from lipnet.nn.gram_conv1d import GramConv1d
 from lipnet.nn.gram_conv_transpose import GramConvTranspose2d
@@ -20,10 +20,12 @@ __all__ = [
     "GramLinear",
     "GramResidualConv2d",
     "GramSequential",
+    "GroupSort",
     "InputNormalization",
     "L2NormPool2d",
     "MaxMin",
     "ScaledAvgPool2d",
+    "group_sort",
     "max_min",
     "stacked_normalized_weights",
 ]
