@@ -44,7 +44,7 @@ from lipnet.certify.lipschitz import (
 )
 from lipnet.certify.precision import UNIT_ROUNDOFF, example_norms
 from lipnet.export.exporter import check_input_shape, example_input
-from lipnet.nn.activations import MaxMin
+from lipnet.nn.activations import GroupSort, MaxMin
 from lipnet.nn.gram_conv import GramConv2d
 from lipnet.nn.gram_conv1d import GramConv1d
 from lipnet.nn.gram_conv_transpose import GramConvTranspose2d
@@ -497,11 +497,11 @@ _ADVICE = (
 )
 #: lipnet and torch modules that are 1-Lipschitz by construction (exact types: a subclass may
 #: change the forward, and is checked against lipnet.certify instead).
-_ONE_LIPSCHITZ_MODULES = (*_GRAM_LAYERS, GramResidualConv2d, MaxMin, nn.ReLU, nn.Identity, nn.Flatten)
+_ONE_LIPSCHITZ_MODULES = (*_GRAM_LAYERS, GramResidualConv2d, MaxMin, GroupSort, nn.ReLU, nn.Identity, nn.Flatten)
 
 #: 1-Lipschitz types that lipnet.certify refuses where they act on the batch dimension
-#: (``nn.Flatten(0, ...)``, ``MaxMin(dim=0)``): checked like the others.
-_MAY_ACT_ON_THE_BATCH = (nn.Flatten, MaxMin)
+#: (``nn.Flatten(0, ...)``, ``MaxMin(dim=0)``, ``GroupSort(k, dim=0)``): checked like the others.
+_MAY_ACT_ON_THE_BATCH = (nn.Flatten, MaxMin, GroupSort)
 
 #: Bounds up to this count as 1 (they are 1 up to the rounding margins of float64 bounds).
 _ONE = 1 + 1e-6

@@ -75,8 +75,8 @@ from lipnet.certify import LipschitzBoundError, UnknownModuleError, lipschitz_bo
 from lipnet.certify.lipschitz import _COMPOSITES, _REGISTRY, module_lipschitz_bounds
 from lipnet.certify.precision import UNIT_ROUNDOFF, forward_with_error_bound
 from lipnet.nn import (ConvexResidual, GlobalL2NormPool2d, GlobalScaledAvgPool2d, GramConv1d, GramConv2d,
-                       GramConvTranspose2d, GramLinear, GramResidualConv2d, GramSequential, InputNormalization,
-                       L2NormPool2d, MaxMin, ScaledAvgPool2d)
+                       GramConvTranspose2d, GramLinear, GramResidualConv2d, GramSequential, GroupSort,
+                       InputNormalization, L2NormPool2d, MaxMin, ScaledAvgPool2d)
 from lipnet.nn.normalized import GramNormalized
 
 import fuzz_geometry as _geometry  # beside this script: on sys.path when run, and in tests/conftest.py
@@ -245,6 +245,17 @@ def build_maxmin(d: Draw, shape):
     if d.chance(0.3):
         dim -= len(shape) + 1  # the same dimension counted from the end
     return MaxMin(0 if d.chance(0.05) else dim)
+
+
+def build_group_sort(d: Draw, shape):
+    dim = d.choice([axis + 1 for axis, size in enumerate(shape) if size >= 2] or [None])
+    if dim is None:
+        return None
+    size = shape[dim - 1]
+    group_size = d.choice([k for k in range(2, size + 1) if size % k == 0])
+    if d.chance(0.3):
+        dim -= len(shape) + 1  # the same dimension counted from the end
+    return GroupSort(group_size, 0 if d.chance(0.05) else dim)
 
 
 def _window(d: Draw, size: int):
@@ -425,6 +436,7 @@ ZOO: dict[type, Kind] = {
     GramResidualConv2d: Kind(build_gram_residual, ranks=(3,), affine=True),
     InputNormalization: Kind(build_input_normalization, affine=True),
     MaxMin: Kind(build_maxmin, maxlike=True),
+    GroupSort: Kind(build_group_sort, maxlike=True),
     L2NormPool2d: Kind(build_window_pool(L2NormPool2d), ranks=(3,), maxlike=True),
     ScaledAvgPool2d: Kind(build_window_pool(ScaledAvgPool2d), ranks=(3,), affine=True),
     GlobalL2NormPool2d: Kind(_plain(GlobalL2NormPool2d), ranks=(3,), maxlike=True),
