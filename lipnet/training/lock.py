@@ -6,13 +6,15 @@ report, each believing it owns the folder. :class:`FolderLock` holds an exclusiv
 when the process ends, however it ends, so a killed run never leaves a lock behind (no
 stale-lock guessing from host names and process ids); the file holds the owner's host and
 process id for the message a second run gets, and is removed on release. Where ``fcntl`` is
-missing (Windows) nothing is locked.
+missing (Windows) nothing is locked, nor (with a warning) on a file system without locks.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import warnings
 from pathlib import Path
 
 try:
@@ -21,6 +23,8 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
 LOCK = ".lock"
+# flock's errors on file systems without locks (some network mounts), not held locks.
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 
 
 class FolderInUseError(FileExistsError):
@@ -51,31 +55,50 @@ class FolderLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+                if not self._lock(fd):
+                    os.close(fd)
+                    return self
+                # The holder before us may have removed the file after we opened it: then our lock
+                # is on a file nobody else will open, so take the lock again on the current one.
+                try:
+                    current = os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    current = None
+                if current == os.fstat(fd).st_ino:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"host {socket.gethostname()}, process {os.getpid()}".encode())
+                    self._fd = fd
+                    return self
+            except BaseException:  # an error or Ctrl-C: never keep a lock nobody will release
                 os.close(fd)
-                raise FolderInUseError(
-                    f"{self.path.parent} is in use by another run ({_read(self.path) or 'owner unknown'}, lock file "
-                    f"{self.path}): wait for it to finish or choose another --out-dir") from None
-            # The holder before us may have removed the file after we opened it: then our lock is
-            # on a file nobody else will open, so take the lock again on the current one.
-            try:
-                current = os.stat(self.path).st_ino
-            except FileNotFoundError:
-                current = None
-            if current == os.fstat(fd).st_ino:
-                break
+                raise
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"host {socket.gethostname()}, process {os.getpid()}".encode())
-        self._fd = fd
-        return self
+
+    def _lock(self, fd: int) -> bool:
+        """Lock ``fd``: True when locked, False where the file system has no locks (a warning)."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise FolderInUseError(
+                    f"{self.path.parent} is in use by another run ({_read(self.path) or 'owner unknown'}, lock "
+                    f"file {self.path}): wait for it to finish or choose another --out-dir") from None
+            if error.errno in _NO_LOCKS:
+                warnings.warn(f"{self.path.parent} is not locked: its file system has no locks ({error.strerror}); "
+                              "make sure no other run writes into it", stacklevel=3)
+                return False
+            raise
+        return True
 
     def release(self) -> None:
         if self._fd is None:
             return
         try:
-            self.path.unlink(missing_ok=True)  # while still locked: a waiting opener re-checks the inode
+            # While still locked: a waiting opener re-checks the inode. A file left behind (a
+            # read-only folder) is harmless, as no lock is ever guessed from a file.
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
         finally:
             os.close(self._fd)  # releases the lock
             self._fd = None

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+SHAPES = ("cosine", "linear", "constant")
+
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, shape: str = "cosine") -> float:
     """Multiplier of the peak learning rate at ``step``: linear warm-up, then ``shape`` down to 0.
@@ -14,6 +16,10 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, shape: str = "cosi
         >>> [round(lr_factor(s, 10, 2), 3) for s in (0, 1, 2, 6, 10)]
         [0.5, 1.0, 1.0, 0.5, 0.0]
     """
+    if shape not in SHAPES:  # before the warm-up, not when it ends hours into a run
+        raise ValueError(f"unknown schedule {shape!r}; use 'cosine', 'linear' or 'constant'")
+    if total_steps < 0 or warmup_steps < 0:
+        raise ValueError(f"total_steps and warmup_steps must be >= 0, got {total_steps} and {warmup_steps}")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if shape == "constant":
@@ -21,9 +27,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, shape: str = "cosi
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if shape == "linear":
         return 1.0 - progress
-    if shape == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown schedule {shape!r}; use 'cosine', 'linear' or 'constant'")
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
