@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lipnet.bounds.autocast import ieee_float32_matmuls
 from lipnet.bounds.gram import refines_exceeding
 from lipnet.certify.accuracy import split_last_linear
 from lipnet.checkpoint import (CheckpointError, load_checkpoint, model_payload, remove_stale_temporaries,
@@ -77,7 +78,12 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | No
         torch.set_num_threads(config.threads)
     env = init_distributed(config.device)
     try:
-        return _Run(config, env, log).run(on_epoch_end)
+        # Full float32 products for the whole run: a compiled step's Gram bounds follow the
+        # setting in force when it compiles (eager bounds pin it themselves), and with TF32 or
+        # bfloat16 passes a bound can fall below the norm it divides by. The network's own
+        # products run under autocast (bf16) or in cuDNN, which this does not touch.
+        with ieee_float32_matmuls():
+            return _Run(config, env, log).run(on_epoch_end)
     finally:
         if env.enabled:
             shutdown_distributed()

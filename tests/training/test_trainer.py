@@ -478,3 +478,27 @@ def test_one_slow_epoch_does_not_cut_a_time_budgeted_run(data_dir, tmp_path, mon
     monkeypatch.setattr(_Run, "_epoch", timed)
     result = train(tiny(data_dir, tmp_path / "run", certify=False, epochs=10, time_budget=3.0), log=lambda m: None)
     assert len(result.history) == 10
+
+
+def test_the_run_computes_full_float32_products_whatever_the_caller_set(data_dir, tmp_path):
+    """A compiled step's Gram bounds follow the matmul precision in force when it compiles;
+    with TF32 or bfloat16 passes a bound can fall below the norm it divides by. The run pins
+    full float32 (``fp32_precision = "ieee"``) for its duration and restores the caller's."""
+    from lipnet.bounds.autocast import _matmul_backends
+
+    backends = _matmul_backends()
+    if not backends:
+        pytest.skip("torch < 2.9 has no per-backend fp32_precision")
+    seen = []
+    saved = [backend.fp32_precision for backend in backends]
+    try:
+        for backend in backends:
+            backend.fp32_precision = "tf32" if backend is torch.backends.cuda.matmul else "bf16"
+        train(tiny(data_dir, tmp_path / "run", epochs=1), log=quiet,
+              on_epoch_end=lambda epoch, metrics: seen.append([b.fp32_precision for b in backends]))
+        assert seen == [["ieee"] * len(backends)]
+        assert [b.fp32_precision for b in backends] == [
+            "tf32" if b is torch.backends.cuda.matmul else "bf16" for b in backends]
+    finally:
+        for backend, value in zip(backends, saved):
+            backend.fp32_precision = value
