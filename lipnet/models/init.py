@@ -22,7 +22,8 @@ def orthogonal_init_(module: nn.Module) -> nn.Module:
     * residual convolutions (:class:`lipnet.nn.GramResidualConv2d`): the branch is zero, so
       the block starts as the identity;
     * other convolutions: the central tap is an orthogonal ``c_out x c_in`` matrix and the
-      other taps are zero (a 1x1 orthogonal convolution, an isometry up to its shape).
+      other taps are zero (a 1x1 orthogonal convolution, an isometry up to its shape);
+    * grouped convolutions: the above for each group's block.
 
     Biases are set to zero. Returns ``module``.
     """
@@ -30,12 +31,15 @@ def orthogonal_init_(module: nn.Module) -> nn.Module:
         if isinstance(layer, GramResidualConv2d):
             layer.weight.zero_()
         elif isinstance(layer, nn.Conv2d):
-            weight = layer.weight
-            if tuple(layer.kernel_size) == tuple(layer.stride):
-                nn.init.orthogonal_(weight.view(weight.shape[0], -1))
-            else:
-                weight.zero_()
-                nn.init.orthogonal_(weight[:, :, layer.kernel_size[0] // 2, layer.kernel_size[1] // 2])
+            patchify = tuple(layer.kernel_size) == tuple(layer.stride)
+            if not patchify:
+                layer.weight.zero_()
+            # A grouped convolution is block diagonal: each group's block is made orthogonal.
+            for weight in layer.weight.chunk(layer.groups):
+                if patchify:
+                    nn.init.orthogonal_(weight.view(weight.shape[0], -1))
+                else:
+                    nn.init.orthogonal_(weight[:, :, layer.kernel_size[0] // 2, layer.kernel_size[1] // 2])
         elif isinstance(layer, nn.Linear):
             nn.init.orthogonal_(layer.weight)
         else:

@@ -7,6 +7,7 @@ A *spec* is ``{"name": <registered name>, "kwargs": {...}}`` with plain-Python v
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 from torch import nn
@@ -62,7 +63,7 @@ def build_model(name: str, **kwargs) -> nn.Module:
         raise ValueError(f"model {name!r}: {exc}") from exc
     # Record a sized preset's values too, so the spec rebuilds this exact model even if the
     # preset changes later.
-    resolved = {**getattr(factory, "preset", {}), **kwargs}
+    resolved = {**{key: _plain(value, key) for key, value in getattr(factory, "preset", {}).items()}, **kwargs}
     setattr(model, _SPEC_ATTR, {"name": name, "kwargs": resolved})
     return model
 
@@ -74,7 +75,7 @@ def model_spec(model: nn.Module) -> dict:
     if spec is None:
         raise ValueError(f"{type(model).__name__} was not built by lipnet.models.build_model, so it has no spec; "
                          "register its architecture with @register_model and build it with build_model(name, ...)")
-    return {"name": spec["name"], "kwargs": dict(spec["kwargs"])}
+    return {"name": spec["name"], "kwargs": copy.deepcopy(spec["kwargs"])}  # the caller may change it
 
 
 def unwrap(model: nn.Module) -> nn.Module:
