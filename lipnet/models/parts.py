@@ -50,4 +50,5 @@ def dense_head(features: int, dense: Sequence[int], num_classes: int, *, n_iter:
 
 def _check_size(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        negative = " (a negative dimension)" if isinstance(value, int | float) and value < 0 else ""
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}{negative}")

@@ -59,7 +59,7 @@ def build_model(name: str, **kwargs) -> nn.Module:
     kwargs = {key: _plain(value, key) for key, value in kwargs.items()}
     try:
         model = factory(**kwargs)
-    except TypeError as exc:  # an unknown or missing keyword
+    except (TypeError, ValueError) as exc:  # an unknown or missing keyword, a size out of range
         raise ValueError(f"model {name!r}: {exc}") from exc
     # Record a sized preset's values too, so the spec rebuilds this exact model even if the
     # preset changes later.

@@ -45,7 +45,7 @@ class FolderLock:
     """
 
     def __init__(self, folder: str | os.PathLike):
-        self.path = Path(folder) / LOCK
+        self.path = Path(folder).absolute() / LOCK  # a chdir during the run must not change it
         self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
@@ -60,11 +60,7 @@ class FolderLock:
                     return self
                 # The holder before us may have removed the file after we opened it: then our lock
                 # is on a file nobody else will open, so take the lock again on the current one.
-                try:
-                    current = os.stat(self.path).st_ino
-                except FileNotFoundError:
-                    current = None
-                if current == os.fstat(fd).st_ino:
+                if _is_file_of(self.path, fd):
                     os.ftruncate(fd, 0)
                     os.write(fd, f"host {socket.gethostname()}, process {os.getpid()}".encode())
                     self._fd = fd
@@ -94,9 +90,11 @@ class FolderLock:
         if self._fd is None:
             return
         try:
-            # While still locked: a waiting opener re-checks the inode. A file left behind (a
-            # read-only folder) is harmless, as no lock is ever guessed from a file.
-            self.path.unlink(missing_ok=True)
+            # While still locked: a waiting opener re-checks the inode. Only our own file: the
+            # folder may have been renamed and the name taken by another run. A file left behind
+            # (a read-only folder) is harmless, as no lock is ever guessed from a file.
+            if _is_file_of(self.path, self._fd):
+                self.path.unlink()
         except OSError:
             pass
         finally:
@@ -115,3 +113,11 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except OSError:
         return ""
+
+
+def _is_file_of(path: Path, fd: int) -> bool:
+    """Whether ``path`` names the file open as ``fd`` (not a file created since under its name)."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(fd))
+    except FileNotFoundError:
+        return False

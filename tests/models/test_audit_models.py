@@ -65,3 +65,8 @@ def test_init_is_deterministic_under_a_seed_and_parameter_counts_follow_the_size
     # stem 3->4 (2x2), conv 4->4 (3x3), down 4->8 (2x2), conv 8->8 (3x3), 8*4*4 -> 16 -> 10
     expected = (4 * 3 * 4 + 4) + (4 * 4 * 9 + 4) + (8 * 4 * 4 + 8) + (8 * 8 * 9 + 8) + (128 * 16 + 16) + (16 * 10 + 10)
     assert sum(p.numel() for p in a.parameters()) == expected
+
+
+def test_a_size_error_names_the_model_it_came_from():
+    with pytest.raises(ValueError, match="model 'convnet-xs': dense width must be an integer >= 1, got -2"):
+        build_model("convnet-xs", in_channels=1, num_classes=10, input_size=28, dense=(-2,))

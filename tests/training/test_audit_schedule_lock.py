@@ -90,3 +90,30 @@ def test_a_failed_unlink_on_release_neither_masks_the_error_nor_keeps_the_lock(t
     with FolderLock(tmp_path):  # the lock itself was released
         with pytest.raises(FolderInUseError):
             FolderLock(tmp_path).acquire()
+
+
+def test_release_never_removes_the_lock_file_of_another_run(tmp_path, monkeypatch):
+    """The folder renamed (mv run run-old) while its run lives, a new run into the name: the
+    old run's release must not delete the new run's lock file, or a third run gets in too."""
+    folder = tmp_path / "run"
+    old = FolderLock(folder).acquire()
+    folder.rename(tmp_path / "run-old")
+    new = FolderLock(folder).acquire()
+    old.release()
+    with pytest.raises(FolderInUseError):
+        FolderLock(folder).acquire()
+    new.release()
+
+
+def test_a_relative_folder_is_released_where_it_was_locked(tmp_path, monkeypatch):
+    """A chdir during the run (a notebook): release must not touch ``run/.lock`` of the new
+    working directory, which another live run may hold."""
+    monkeypatch.chdir(tmp_path)
+    held = FolderLock("run").acquire()
+    other = FolderLock(tmp_path / "elsewhere" / "run").acquire()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    held.release()
+    with pytest.raises(FolderInUseError):
+        FolderLock(tmp_path / "elsewhere" / "run").acquire()
+    other.release()
+    assert not (tmp_path / "run" / ".lock").exists()
