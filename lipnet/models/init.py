@@ -37,13 +37,21 @@ def orthogonal_init_(module: nn.Module) -> nn.Module:
             # A grouped convolution is block diagonal: each group's block is made orthogonal.
             for weight in layer.weight.chunk(layer.groups):
                 if patchify:
-                    nn.init.orthogonal_(weight.view(weight.shape[0], -1))
+                    _orthogonal_(weight.view(weight.shape[0], -1))
                 else:
-                    nn.init.orthogonal_(weight[:, :, layer.kernel_size[0] // 2, layer.kernel_size[1] // 2])
+                    _orthogonal_(weight[:, :, layer.kernel_size[0] // 2, layer.kernel_size[1] // 2])
         elif isinstance(layer, nn.Linear):
-            nn.init.orthogonal_(layer.weight)
+            _orthogonal_(layer.weight)
         else:
             continue
         if layer.bias is not None:
             layer.bias.zero_()
     return module
+
+
+def _orthogonal_(matrix: torch.Tensor) -> None:
+    """``nn.init.orthogonal_``, through float32 for half and bfloat16 (which its QR lacks)."""
+    if matrix.dtype in (torch.float16, torch.bfloat16):
+        matrix.copy_(nn.init.orthogonal_(torch.empty(matrix.shape, device=matrix.device)))
+    else:
+        nn.init.orthogonal_(matrix)

@@ -70,3 +70,13 @@ def test_init_is_deterministic_under_a_seed_and_parameter_counts_follow_the_size
 def test_a_size_error_names_the_model_it_came_from():
     with pytest.raises(ValueError, match="model 'convnet-xs': dense width must be an integer >= 1, got -2"):
         build_model("convnet-xs", in_channels=1, num_classes=10, input_size=28, dense=(-2,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_orthogonal_init_of_a_low_precision_model(dtype):
+    conv = orthogonal_init_(GramConv2d(4, 4, 3, padding=1).to(dtype))
+    linear = orthogonal_init_(torch.nn.Linear(4, 6).to(dtype))
+    for matrix in (conv.weight[:, :, 1, 1], linear.weight):
+        gram = matrix.float().T @ matrix.float()
+        torch.testing.assert_close(gram, torch.eye(4), atol=2e-2, rtol=0)
+    assert conv.weight.dtype == dtype
