@@ -20,6 +20,9 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, shape: str = "cosi
         raise ValueError(f"unknown schedule {shape!r}; use 'cosine', 'linear' or 'constant'")
     if total_steps < 0 or warmup_steps < 0:
         raise ValueError(f"total_steps and warmup_steps must be >= 0, got {total_steps} and {warmup_steps}")
+    if warmup_steps > total_steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) exceed total_steps ({total_steps}): the rate would never "
+                         "decay; warm up for at most the whole run")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if shape == "constant":

@@ -25,6 +25,12 @@ def test_negative_step_counts_are_refused_rather_than_starting_mid_decay(total_s
         lr_factor(0, total_steps, warmup_steps)
 
 
+def test_a_warmup_longer_than_the_run_is_refused_rather_than_never_decaying():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with pytest.raises(ValueError, match="never decay"):
+        make_scheduler(optimizer, 10, 20)
+
+
 @pytest.mark.parametrize("shape", ["cosine", "linear", "constant"])
 def test_the_schedule_edges_and_a_resume_mid_schedule(shape):
     assert lr_factor(0, 1, 0, shape) == 1.0  # one step in all: at the peak
