@@ -50,5 +50,10 @@ def dense_head(features: int, dense: Sequence[int], num_classes: int, *, n_iter:
 
 def _check_size(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        negative = " (a negative dimension)" if isinstance(value, int | float) and value < 0 else ""
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}{negative}")
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_depth(name: str, value) -> None:
+    """A number of blocks: an integer >= 0 (a negative count would build fewer layers, silently)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")

@@ -80,3 +80,16 @@ def test_orthogonal_init_of_a_low_precision_model(dtype):
         gram = matrix.float().T @ matrix.float()
         torch.testing.assert_close(gram, torch.eye(4), atol=2e-2, rtol=0)
     assert conv.weight.dtype == dtype
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("convnet-xs", {"depths": (-1, 1)}, "each of depths must be an integer >= 0, got -1"),
+    ("convnet-xs", {"depths": (1.5, 1)}, "each of depths must be an integer >= 0, got 1.5"),
+    ("liresnet-xs", {"depth": -1}, "depth must be an integer >= 0, got -1"),
+])
+def test_a_negative_block_count_is_refused_not_built_with_fewer_layers(name, kwargs, message):
+    # range(-1) is empty: the network was built without the stage's convolutions
+    with pytest.raises(ValueError, match=f"model '{name}': {message}"):
+        build_model(name, in_channels=3, num_classes=10, input_size=32, **kwargs)
+    zero = {k: (0, 1) if k == "depths" else 0 for k in kwargs}  # no blocks is a valid choice
+    build_model(name, in_channels=3, num_classes=10, input_size=32, **zero)

@@ -318,7 +318,7 @@ def test_two_runs_never_share_an_out_dir_and_a_killed_run_leaves_no_lock(data_di
     ({"crop_padding": 28}, ValueError, "crop_padding 28 must be smaller than the 28-pixel images"),
     ({"model_kwargs": {"num_classes": 5}}, ValueError, "model_kwargs cannot set num_classes: the data set sets it"),
     ({"model_kwargs": {"std": [0.5]}}, ValueError, "model_kwargs cannot set std: .*--input-std"),
-    ({"model_kwargs": {"widths": [-4, 8]}}, ValueError, "model 'convnet'.*negative dimension"),
+    ({"model_kwargs": {"widths": [-4, 8]}}, ValueError, "model 'convnet'.*width must be an integer >= 1, got -4"),
     ({"out_dir": "a-file/run"}, NotADirectoryError, "a-file is a file"),
 ])
 def test_a_bad_model_data_set_or_out_dir_is_refused_before_loading_data(tmp_path, monkeypatch, changes, error, message):
