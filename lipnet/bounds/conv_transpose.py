@@ -96,6 +96,11 @@ def conv_transpose2d_spectral_norm(
         >>> bool(out.norm() <= bound * y.norm())
         True
     """
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"conv_transpose2d: groups must be a positive int, got {groups!r}")
+    if weight.dim() in (4, 5) and weight.shape[-4] % groups:
+        raise ValueError(f"conv_transpose2d: in_channels ({weight.shape[-4]}, the first dimension of a weight of shape "
+                         f"{tuple(weight.shape[-4:])}) must be divisible by groups ({groups})")
     kernel_size = tuple(int(k) for k in weight.shape[-2:])
     output_size = conv_transpose2d_output_size(input_size, kernel_size, stride=stride, padding=padding,
                                                output_padding=output_padding, dilation=dilation)

@@ -94,6 +94,8 @@ def symbol_gram_real_form(weight: torch.Tensor, lags: SymbolLags, groups: int = 
         :func:`lipnet.bounds.conv.conv2d_symbol`'s ``(groups, F)``.
     """
     layers, c_out, c_in_g, k_h, k_w = weight.shape
+    if not isinstance(groups, int) or groups < 1 or c_out % groups:
+        raise ValueError(f"groups must be a positive int dividing out_channels ({c_out}), got {groups!r}")
     taps, out_g = k_h * k_w, c_out // groups
     # (L G, T o, i): tap t's matrix of each group as a block of rows
     stacked = weight.reshape(layers * groups, out_g, c_in_g, taps).permute(0, 3, 1, 2).reshape(
