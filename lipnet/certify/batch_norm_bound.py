@@ -32,6 +32,15 @@ def channel_scale_bound(gamma: float, var: float, eps: float) -> float:
     return math.nextafter(abs(gamma) / denominator, math.inf)
 
 
+def _type_expression(module: nn.Module) -> str:
+    """How to write the module's type as a key of ``lipnet.convert``'s ``replace`` (which also
+    matches subclasses): its nearest class that ``torch.nn`` exports, else its own name."""
+    for cls in type(module).__mro__:
+        if issubclass(cls, nn.modules.batchnorm._BatchNorm) and getattr(nn, cls.__name__, None) is cls:
+            return f"nn.{cls.__name__}"
+    return type(module).__name__
+
+
 def _statistics(module: nn.modules.batchnorm._BatchNorm) -> dict[str, list[float]]:
     """The module's running statistics and affine parameters as float64 lists, checked."""
     name = type(module).__name__
@@ -40,7 +49,7 @@ def _statistics(module: nn.modules.batchnorm._BatchNorm) -> dict[str, list[float
             f"{name} has no running statistics (track_running_stats=False), so even in eval mode it normalizes each "
             "batch by its own mean and variance and an example's output depends on the rest of its batch: no "
             f"per-example Lipschitz bound exists. Use {name}(..., track_running_stats=True) and train it, or remove "
-            "it (replace={nn.BatchNorm2d: lambda m: nn.Identity()} in lipnet.convert)"))
+            f"it (replace={{{_type_expression(module)}: lambda m: nn.Identity()}} in lipnet.convert)"))
     tensors = {"running_mean": module.running_mean, "running_var": module.running_var,
                "weight": module.weight, "bias": module.bias}
     if any(t is not None and is_lazy(t) for t in tensors.values()):
