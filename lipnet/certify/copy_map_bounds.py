@@ -7,7 +7,11 @@ counting the outputs that copy input ``i``, so the L2 Lipschitz constant is exac
 channel shuffles) have ``m_i = 1``; zero or constant padding and cropping ``m_i <= 1``.
 Reflection, replication and circular padding copy border entries, nearest upsampling every
 entry: their multiplicities are read exactly from the module itself, applied to the indices of
-the entries of one input (:func:`copy_multiplicity`).
+the entries of one input (:func:`copy_multiplicity`), in float64 and in float32: torch's CPU
+kernels compute the source index of nearest upsampling in double arithmetic for float64 inputs
+and in float arithmetic for the others (its CUDA kernels in float for every dtype), and the two
+maps differ (2 samples upsampled to 82 copy the first 41 times in float64 on the CPU, 42 times
+in float32).
 """
 
 from __future__ import annotations
@@ -20,27 +24,52 @@ from lipnet.certify.lipschitz import LipschitzBoundError, register_lipschitz_bou
 from lipnet.nn.pooling import sqrt_up
 
 #: Upsampling modes whose every output copies one input (torch computes the source index of
-#: each output from the shapes and a float32 scale, the same on every device and dtype).
+#: each output from the shapes and a scale, in double or float arithmetic: module docstring).
 NEAREST_MODES = ("nearest", "nearest-exact")
+
+#: The dtypes whose index arithmetic differs (float64: double; float32, and float16, bfloat16
+#: and every dtype on CUDA alike: float), with the integers each holds exactly (``2^53``, ``2^24``).
+_INDEX_DTYPES = ((torch.float64, 2 ** 53), (torch.float32, 2 ** 24))
+
+
+def _copied_entries(module: nn.Module, index: torch.Tensor, dtype: torch.dtype, exact: int) -> torch.Tensor:
+    """For each output of ``module`` on the input entries' indices ``index`` (int64, one example)
+    run in ``dtype``, the index of the input entry it copies: digit by digit (base ``2^12``) where
+    the indices exceed the integers ``dtype`` holds exactly (``exact``). Every output must be one
+    of the digits it was given."""
+    count = index.numel()
+    base = max(count, 1) if count <= exact else 2 ** 12
+    source, scale, rest = 0, 1, index
+    while True:
+        digits = (rest % base).to(dtype)
+        with torch.no_grad():
+            out = module(digits).flatten()
+        if not bool(((out == out.round()) & (out >= 0) & (out < base)).all()):
+            raise LipschitzBoundError(module, f"{type(module).__name__} computed an output that is not a copy of an "
+                                              "input entry; its bound holds for maps that copy entries only")
+        source = source + out.long() * scale
+        rest, scale = rest // base, scale * base
+        if scale >= count:
+            return source
 
 
 def copy_multiplicity(module: nn.Module, shape: tuple[int, ...]) -> int:
     """``max_i m_i``: how many outputs copy the most-copied entry of an input of ``shape``.
 
-    The module runs once on the CPU, in float64, on ``(1, *shape)`` holding each entry's index
-    (exact below ``2^53``); every output must be one of those indices, and their counts are the
-    multiplicities.
+    The module runs on the CPU on ``(1, *shape)`` holding each entry's index, in float64 and in
+    float32 (whose index arithmetic may differ: module docstring); every output must be one of
+    those indices, and their counts are the multiplicities, the larger of the two maps' taken.
     """
     count = 1
     for size in shape:
         count *= size
-    index = torch.arange(count, dtype=torch.float64).reshape(1, *shape)
-    with torch.no_grad():
-        out = module(index).flatten()
-    if not bool(((out == out.round()) & (out >= 0) & (out < count)).all()):
-        raise LipschitzBoundError(module, f"{type(module).__name__} computed an output that is not a copy of an input "
-                                          "entry; its bound holds for maps that copy entries only")
-    return int(torch.bincount(out.long(), minlength=count).max()) if out.numel() else 0
+    index = torch.arange(count).reshape(1, *shape)
+    most = 0
+    for dtype, exact in _INDEX_DTYPES:
+        source = _copied_entries(module, index, dtype, exact)
+        if source.numel():
+            most = max(most, int(torch.bincount(source, minlength=count).max()))
+    return most
 
 
 def _refuse_padded_batch(module: nn.Module, shape) -> None:

@@ -24,16 +24,17 @@ CONTEXT = decimal.Context(prec=60)
 D = decimal.Decimal
 
 
-def dense_matrix(module: nn.Module, shape) -> torch.Tensor:
-    """The matrix of an affine map, float64 in and out: responses to each basis vector minus the response to 0."""
+def dense_matrix(module: nn.Module, shape, dtype=torch.float64) -> torch.Tensor:
+    """The matrix of an affine map applied in ``dtype``, in float64: responses to each basis
+    vector minus the response to 0."""
     n = math.prod(shape)
     with torch.no_grad():
-        basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
-        return (module(basis) - module(torch.zeros(1, *shape, dtype=torch.float64))).reshape(n, -1)
+        basis = torch.eye(n, dtype=dtype).reshape(n, *shape)
+        return (module(basis).double() - module(torch.zeros(1, *shape, dtype=dtype)).double()).reshape(n, -1)
 
 
-def dense_norm(module: nn.Module, shape) -> float:
-    a = dense_matrix(module, shape)
+def dense_norm(module: nn.Module, shape, dtype=torch.float64) -> float:
+    a = dense_matrix(module, shape, dtype)
     if a.numel() == 0:
         return 0.0
     gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
@@ -204,6 +205,9 @@ def test_copy_map_bounds_are_never_below_the_dense_norm_and_per_example():
         assert bound >= exact * (1 - 1e-14), (module, shape, bound, exact)
         if not isinstance(module, nn.modules.padding._ConstantPadNd):  # 1 also when it crops every input entry
             assert bound <= exact * (1 + 1e-12), (module, shape, bound, exact)
+        if not isinstance(module, nn.ConstantPad1d | nn.ConstantPad2d | nn.ConstantPad3d) or module.value == 0:
+            # The same copies in float32 (which holds 0 and 1 exactly), whose kernels may index otherwise.
+            assert bound >= dense_norm(module, shape, torch.float32) * (1 - 1e-14), (module, shape, bound)
         # An example's output depends on that example alone (no padding of the batch dimension).
         x = torch.randn(3, *shape, dtype=torch.float64)
         others = torch.cat((x[:1], torch.randn(2, *shape, dtype=torch.float64)))
@@ -211,6 +215,24 @@ def test_copy_map_bounds_are_never_below_the_dense_norm_and_per_example():
             assert torch.equal(module(x)[0], module(others)[0]) and torch.equal(module(x)[0], module(x[:1])[0])
         accepted += 1
     assert accepted >= 250
+
+
+def test_nearest_upsampling_bound_covers_the_index_map_of_every_dtype():
+    """torch's CPU kernels compute the source index of nearest upsampling in double arithmetic for
+    float64 inputs and in float arithmetic for the others (its CUDA kernels in float for every
+    dtype): 2 samples upsampled to 82 copy the first 41 times in float64 on the CPU, 42 times in
+    float32. The bound must cover the map that the module applies in any dtype."""
+    rng = random.Random(23)
+    cases = [(nn.Upsample(size=82), (1, 2)), (nn.Upsample(size=94), (3, 2)), (nn.Upsample(size=(58, 82)), (1, 35, 2))]
+    while len(cases) < 200:
+        dims = rng.choice([1, 2])
+        shape = (1, *(rng.randint(1, 40 if dims == 1 else 9) for _ in range(dims)))
+        size = tuple(rng.randint(1, 400 if dims == 1 else 40) for _ in range(dims))
+        cases.append((nn.Upsample(size=size, mode=rng.choice(["nearest", "nearest-exact"])), shape))
+    for module, shape in cases:
+        bound = lipschitz_bound(module, shape)
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            assert bound >= dense_norm(module, shape, dtype) * (1 - 1e-14), (module, shape, dtype, bound)
 
 
 # ----------------------------------------------------------------------------- GramConvTranspose2d
