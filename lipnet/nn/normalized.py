@@ -12,6 +12,7 @@ on changes (:meth:`GramNormalized._cache_key`), so inference computes no bound p
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lipnet.bounds.first_order import error_on_backward
@@ -149,6 +150,28 @@ class GramNormalized:
                             "its certificate are for real operators (a complex weight's imaginary part would be "
                             "dropped). Use a real dtype: float32, float64, bfloat16 or float16")
 
+    def _declared_weight_shape(self) -> tuple[int, ...] | None:
+        """The weight shape that the layer's settings describe (channels, features, kernel size),
+        which its bound reads besides the weight; ``None`` for a layer without such settings."""
+        if isinstance(self, nn.modules.conv._ConvNd):
+            rows, cols = ((self.in_channels, self.out_channels) if self.transposed
+                          else (self.out_channels, self.in_channels))
+            return (rows, cols // self.groups, *self.kernel_size)
+        if isinstance(self, nn.Linear):
+            return (self.out_features, self.in_features)
+        return None
+
+    def _check_weight_shape(self, weight: torch.Tensor) -> None:
+        """Refuse a weight whose shape the layer's settings do not describe: the bound reads
+        both (a transposed convolution's output size from ``kernel_size``, the rounding margins
+        from the channel counts), so a weight replaced by one of another kernel size or channel
+        count would be bounded as a different operator than the forward applies."""
+        expected = self._declared_weight_shape()
+        if expected is not None and tuple(weight.shape) != tuple(expected):
+            raise ValueError(f"{type(self).__name__}: the weight has shape {tuple(weight.shape)}, but the layer's "
+                             f"settings (channels, kernel_size, groups) describe {tuple(expected)}; a weight of another "
+                             "shape needs a layer built for it")
+
     def weight_norm_bound(self, input_size=None) -> torch.Tensor:
         """Differentiable upper bound on the operator norm of the raw weight (0 for an empty one)."""
         return self._checked_bound(input_size)[0]
@@ -160,6 +183,7 @@ class GramNormalized:
         self._refuse_complex()
         if weight is None:
             weight = self._operator_weight()
+        self._check_weight_shape(weight)
         if weight.numel() == 0:  # no input or no output features: the zero map
             return weight.sum(), False
         bound = self._operator_norm(weight, input_size, self.n_iter)
@@ -201,6 +225,7 @@ class GramNormalized:
         cacheable = not self.training and not torch.compiler.is_compiling()
         if cacheable:
             weight = self.weight  # a parametrization computes a new tensor at every access: read it once
+            self._check_weight_shape(weight)  # settings may change without the weight (not in the cache key)
             cacheable = not (torch.is_grad_enabled() and weight.requires_grad)
             # A weight of a torch.func transform (vmap, grad) is a wrapper without storage to key on.
             cacheable = cacheable and not torch._C._functorch.is_functorch_wrapped_tensor(weight)

@@ -75,9 +75,11 @@ class GramResidualConv2d(GramConv2d):
                          padding_mode=padding_mode, device=device, dtype=dtype, n_iter=n_iter, screen_iter=screen_iter)
 
     def _operator_weight(self) -> torch.Tensor:
+        weight = self.weight
+        self._check_weight_shape(weight)  # before the identity of the declared kernel size is added
         identity = identity_kernel(self.out_channels, self.kernel_size, self.groups,
-                                   dtype=self.weight.dtype, device=self.weight.device)
-        return self.weight + identity
+                                   dtype=weight.dtype, device=weight.device)
+        return weight + identity
 
     def extra_repr(self) -> str:
         return "residual, " + super().extra_repr()

@@ -55,6 +55,8 @@ def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size) -> 
         raise ValueError("stacked_normalized_weights: the layers must share one stack_key (same class, "
                          "weight shape, dtype, device, geometry and n_iter) for this input size")
     own = [layer._operator_weight() for layer in layers]
+    for layer, weight in zip(layers, own):
+        layer._check_weight_shape(weight)
     weights = torch.stack(own)
     bounds = layers[0]._operator_norm(weights, input_size, layers[0].n_iter)
     checked = [i for i, layer in enumerate(layers) if layer.check_finite]
