@@ -33,6 +33,33 @@ def _one_hot(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (classes == targets[..., None]).to(logits.dtype)
 
 
+def _checked(name: str, value: float, *, positive: bool = False, what: str = "") -> float:
+    """``value`` as a float, refused unless finite and ``> 0`` (``positive``) or ``>= 0``."""
+    value = float(value)
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite{what}, got {value}")
+    return value
+
+
+def _checked_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``logits`` in float32 at least (float64 stays), after checking they are ``(N, K)`` with
+    ``K >= 2`` and ``targets`` ``(N,)``: an offset or a ``logits / temperature`` in bfloat16 or
+    float16 would be rounded to 8 or 11 bits, or overflow."""
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must be (N, K) with K >= 2 classes (a margin needs a wrong class), "
+                         f"got shape {tuple(logits.shape)}")
+    if targets.shape != logits.shape[:1]:
+        raise ValueError(f"targets must be (N,) = {tuple(logits.shape[:1])} class indices, got shape "
+                         f"{tuple(targets.shape)}")
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Batch mean of ``-log_softmax(logits)[target]``; unlike ``F.cross_entropy`` it has no
+    ``ignore_index``, so a target of -100 is an index error, not an example left out."""
+    return -F.log_softmax(logits, 1).gather(1, targets[:, None]).mean()
+
+
 def offset_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, offset: float,
                          temperature: float = 1.0) -> torch.Tensor:
     """Cross-entropy of ``(logits - offset * onehot(targets)) / temperature``, times ``temperature``.
@@ -50,14 +77,16 @@ def offset_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, offset: fl
         >>> bool(offset_cross_entropy(z, y, offset=4.0) > offset_cross_entropy(z, y, offset=0.0))
         True
     """
+    offset, temperature = _checked("offset", offset), _checked("temperature", temperature, positive=True)
+    logits = _checked_logits(logits, targets)
     shifted = logits - offset * _one_hot(targets, logits)
-    return F.cross_entropy(shifted / temperature, targets) * temperature
+    return _cross_entropy(shifted / temperature, targets) * temperature
 
 
 def multi_margin_hinge(logits: torch.Tensor, targets: torch.Tensor, margin: float) -> torch.Tensor:
     """``mean_j relu(margin - (f_y - f_j))`` over the wrong classes ``j``, averaged over the batch.
 
-    Zero exactly when every margin exceeds ``margin``, i.e. when the batch is certified at
+    Zero exactly when every margin is at least ``margin``, i.e. when the batch is certified at
     the radius that ``margin`` stands for.
 
     Example:
@@ -65,10 +94,12 @@ def multi_margin_hinge(logits: torch.Tensor, targets: torch.Tensor, margin: floa
         >>> float(multi_margin_hinge(z, torch.tensor([0]), margin=1.0))
         0.0
     """
+    margin = _checked("margin", margin)
+    logits = _checked_logits(logits, targets)
     true = logits.gather(1, targets[:, None])
-    gaps = F.relu(margin - (true - logits))
-    wrong = 1 - _one_hot(targets, logits)
-    return (gaps * wrong).sum(1).div(logits.shape[-1] - 1).mean()
+    wrong = _one_hot(targets, logits) == 0
+    gaps = torch.where(wrong, F.relu(margin - (true - logits)), 0.0)
+    return gaps.sum(1).div(logits.shape[1] - 1).mean()
 
 
 def pairwise_lipschitz(weight: torch.Tensor, body_lipschitz: float) -> torch.Tensor:
@@ -81,6 +112,7 @@ def pairwise_lipschitz(weight: torch.Tensor, body_lipschitz: float) -> torch.Ten
         tensor([[0.0000, 1.4142],
                 [1.4142, 0.0000]])
     """
+    body_lipschitz = _checked("body_lipschitz", body_lipschitz)
     squared = (weight[:, None, :] - weight[None, :, :]).square().sum(-1)
     tiny = torch.finfo(squared.dtype).tiny
     return body_lipschitz * torch.where(squared > 0, squared.clamp_min(tiny).sqrt(), torch.zeros_like(squared))
@@ -91,9 +123,11 @@ def pairwise_margin_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, e
     """Cross-entropy of the logits an attack of L2 size ``eps`` could reach, class pair by class pair.
 
     Each wrong logit is raised by ``e_j K_yj`` with ``e_j = clamp((f_y - f_j) / K_yj, 0, eps)``
-    held constant (no gradient): by as much as a perturbation of size ``eps`` could raise it
+    (``eps`` where ``K_yj = 0`` and ``f_y > f_j``; 0 for the true class) held constant (no
+    gradient): by as much as a perturbation of size ``eps`` could raise it
     relative to ``f_y`` (``K = pair_lipschitz``, e.g. :func:`pairwise_lipschitz`), but never
-    past ``f_y``, so that classes already beaten at radius ``eps`` stop pulling and those
+    past ``f_y`` (a raise capped there ends exactly at ``f_y``, with the gradient of
+    ``f_j + e_j K_yj``), so that classes already beaten at radius ``eps`` stop pulling and those
     closest to the decision boundary get the gradient. The loss is ``temperature`` times the
     cross-entropy of those logits divided by ``temperature``; its gradient reaches ``K`` too,
     so it can also shrink the pair constants the certificate divides by.
@@ -107,14 +141,26 @@ def pairwise_margin_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, e
         >>> bool(pairwise_margin_cross_entropy(z, y, 2.0, k) > pairwise_margin_cross_entropy(z, y, 0.0, k))
         True
     """
+    eps, temperature = _checked("eps", eps), _checked("temperature", temperature, positive=True)
+    logits = _checked_logits(logits, targets)
+    classes = logits.shape[1]
+    if pair_lipschitz.shape != (classes, classes):
+        raise ValueError(f"pair_lipschitz must be ({classes}, {classes}) for logits of {classes} classes, got shape "
+                         f"{tuple(pair_lipschitz.shape)}")
     pairs = pair_lipschitz.to(logits.dtype).index_select(0, targets)  # (N, K): K_yj
+    true = logits.gather(1, targets[:, None])
     with torch.no_grad():
-        margins = logits.gather(1, targets[:, None]) - logits
+        margins = true - logits
         tiny = torch.finfo(logits.dtype).tiny
-        radius = torch.where(pairs > 0, margins / pairs.clamp_min(tiny), torch.full_like(margins, eps))
+        # A pair of constant difference (K_yj = 0) is beaten at every radius if f_y > f_j, never
+        # otherwise; the true class (margin 0) gets no raise, and so no gradient into K_yy.
+        radius = torch.where(pairs > 0, margins / pairs.clamp_min(tiny), torch.where(margins > 0, eps, 0.0))
         reach = radius.clamp(0, eps)
-    raised = logits + reach * pairs  # zero on the true class: K_yy = 0
-    return F.cross_entropy(raised / temperature, targets) * temperature
+    raised = logits + reach * pairs
+    with torch.no_grad():  # (margin / K_yj) K_yj can round past the margin
+        past = (raised > true) & (margins >= 0)
+    raised = torch.where(past, true.detach() + (raised - raised.detach()), raised)
+    return _cross_entropy(raised / temperature, targets) * temperature
 
 
 class CertifiedMarginLoss(nn.Module):
@@ -145,12 +191,11 @@ class CertifiedMarginLoss(nn.Module):
         if kind == "emma" and offset is not None:
             raise ValueError("the 'emma' loss sets its margins per class pair from eps and the last layer; "
                              "it takes no offset (use eps, or the 'ce' loss with an offset)")
-        if offset is not None and not offset >= 0:
-            raise ValueError(f"offset must be >= 0 (the logit margin asked of the true class over the others), "
-                             f"got {offset}")
-        self.kind, self.eps, self.lipschitz = kind, float(eps), float(lipschitz)
-        self.offset = margin_for(eps, lipschitz) if offset is None else float(offset)
-        self.temperature = temperature
+        self.kind, self.eps = kind, _checked("eps", eps, what=" (an L2 radius)")
+        self.lipschitz = _checked("lipschitz", lipschitz, positive=True, what=" (a Lipschitz bound)")
+        self.offset = margin_for(self.eps, self.lipschitz) if offset is None else \
+            _checked("offset", offset, what=" (the logit margin asked of the true class over the others)")
+        self.temperature = _checked("temperature", temperature, positive=True)
 
     @property
     def needs_last_weight(self) -> bool:
@@ -159,7 +204,6 @@ class CertifiedMarginLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 last_weight: torch.Tensor | None = None) -> torch.Tensor:
-        logits = logits.float()
         if self.kind == "ce":
             return offset_cross_entropy(logits, targets, self.offset, self.temperature)
         if self.kind == "hinge":
@@ -167,7 +211,11 @@ class CertifiedMarginLoss(nn.Module):
         if last_weight is None:
             raise ValueError("the 'emma' loss needs the last layer's applied weight: loss(logits, targets, "
                              "last_weight=...)")
-        pairs = pairwise_lipschitz(last_weight.float(), self.lipschitz)
+        if last_weight.dim() != 2 or last_weight.shape[0] != logits.shape[-1]:
+            raise ValueError(f"last_weight must be the last layer's (classes, features) weight, one row per logit "
+                             f"({logits.shape[-1]}), got shape {tuple(last_weight.shape)}")
+        pairs = pairwise_lipschitz(last_weight.to(torch.promote_types(last_weight.dtype, torch.float32)),
+                                   self.lipschitz)
         return pairwise_margin_cross_entropy(logits, targets, self.eps, pairs, self.temperature)
 
     def extra_repr(self) -> str:
