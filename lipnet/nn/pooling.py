@@ -29,6 +29,8 @@ Reference:
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from fractions import Fraction
 
 import torch
@@ -55,8 +57,9 @@ def window_multiplicity(kernel: int, stride: int, dilation: int = 1) -> int:
     and ``ceil_mode``.
     """
     for name, value in (("kernel size", kernel), ("stride", stride), ("dilation", dilation)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    kernel, stride, dilation = map(operator.index, (kernel, stride, dilation))
     return -(-kernel * math.gcd(dilation, stride) // stride)
 
 
