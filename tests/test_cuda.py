@@ -5,6 +5,7 @@ machine. Each test compares the GPU result with the CPU/float64 reference, so a 
 soundness or correctness bug fails here.
 """
 
+import copy
 import json
 
 import pytest
@@ -376,3 +377,46 @@ def test_bound_inside_a_callers_graph_capture_is_not_replayed(_bound_graphs):
     torch.cuda.synchronize()
     assert not _bound_graphs
     torch.testing.assert_close(captured, eager, rtol=1e-5, atol=0)  # captured: the real form
+
+
+def test_nearest_upsampling_bound_covers_the_cuda_index_map():
+    """torch's CUDA kernels compute nearest upsampling's source index in float arithmetic for
+    every dtype (its CPU kernels in double for float64): the bound, read on the CPU, must cover
+    the map the module applies on the GPU (2 samples to 82 copy one of them 42 times there)."""
+    from torch import nn
+
+    for size, shape in ((82, (1, 2)), (94, (3, 2)), ((58, 82), (1, 35, 2))):
+        module = nn.Upsample(size=size)
+        bound = lipschitz_bound(module, shape)
+        n = 1
+        for s in shape:
+            n *= s
+        for dtype in (torch.float64, torch.float32):
+            basis = torch.eye(n, dtype=dtype, device="cuda").reshape(n, *shape)
+            with torch.no_grad():
+                dense = module(basis).double().reshape(n, -1).cpu()
+            assert bound >= float(torch.linalg.matrix_norm(dense, 2)) * (1 - 1e-14), (size, shape, dtype)
+
+
+def test_group_sort_and_input_normalization_on_the_gpu_match_the_cpu():
+    """GroupSort (a sort per group) and InputNormalization (now computed in the promoted
+    dtype) give the CPU's outputs and gradients on CUDA, also under bf16 autocast."""
+    from torch import nn
+
+    from lipnet.nn import GramConv2d, GramLinear, GroupSort, InputNormalization
+
+    torch.manual_seed(0)
+    net = nn.Sequential(InputNormalization([0.5, 0.4, 0.3], [0.25, 0.2, 0.3]), GramConv2d(3, 8, 3, padding=1),
+                        GroupSort(4), nn.Flatten(), GramLinear(8 * 8 * 8, 10)).double()
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    gpu = copy.deepcopy(net).cuda()
+    for model, inp in ((net, x), (gpu, x.cuda())):
+        inp.requires_grad_(True)
+        model(inp).square().sum().backward()
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), net(x), rtol=1e-10, atol=1e-12)
+    for p, q in zip(net.parameters(), gpu.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-8, atol=1e-10)
+    assert lipschitz_bound(gpu.eval(), (3, 8, 8)) == pytest.approx(lipschitz_bound(net.eval(), (3, 8, 8)), rel=1e-9)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = gpu.float().train()(x.float().cuda())
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
