@@ -48,16 +48,24 @@ def test_loader_order_depends_on_epoch_and_seed_only():
     assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
 
 
-def test_ranks_split_each_epoch_into_disjoint_equal_shards():
-    data = toy(42)
-    data.images = torch.arange(42, dtype=torch.uint8).view(42, 1, 1, 1).expand(42, 1, 28, 28).contiguous()
+def read_shards(n: int, world_size: int, epoch: int = 0, batch_size: int = 4) -> list[list[list[int]]]:
+    """Per rank, the batches of example indices one evaluation epoch (no drop_last) reads from
+    ``n`` examples whose pixels hold their index."""
+    data = toy(n)
+    data.images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 28, 28).contiguous()
     shards = []
-    for rank in range(3):
-        loader = DeviceLoader(data, 4, seed=0, rank=rank, world_size=3, drop_last=False)
-        batches = [x for x, _ in loader.epoch(0)]
-        assert len(loader) == len(batches) == 4 and sum(len(b) for b in batches) == 14
-        shards.append(torch.cat(batches)[:, 0, 0, 0].mul(255).round().long())
-    assert sorted(torch.cat(shards).tolist()) == list(range(42))
+    for rank in range(world_size):
+        loader = DeviceLoader(data, batch_size, seed=0, rank=rank, world_size=world_size, drop_last=False)
+        batches = [x[:, 0, 0, 0].mul(255).round().long().tolist() for x, _ in loader.epoch(epoch)]
+        assert len(batches) == len(loader)
+        shards.append(batches)
+    return shards
+
+
+def test_ranks_split_each_epoch_into_disjoint_equal_shards():
+    shards = read_shards(42, 3)
+    assert all(len(batches) == 4 and sum(map(len, batches)) == 14 for batches in shards)
+    assert sorted(i for batches in shards for batch in batches for i in batch) == list(range(42))
 
 
 def test_too_little_data_for_a_batch_is_an_error():
@@ -117,14 +125,8 @@ def test_the_generators_of_a_hundred_and_more_ranks_do_not_repeat_the_order_or_e
 
 def test_without_drop_last_the_ranks_read_every_example_once():
     # evaluation: 43 examples over 3 processes used to lose the 43rd (n % world_size dropped)
-    data = toy(43)
-    data.images = torch.arange(43, dtype=torch.uint8).view(43, 1, 1, 1).expand(43, 1, 28, 28).contiguous()
-    seen = []
-    for rank in range(3):
-        loader = DeviceLoader(data, 4, seed=0, rank=rank, world_size=3, drop_last=False)
-        batches = [x for x, _ in loader.epoch(2)]
-        assert len(batches) == len(loader)
-        seen += torch.cat(batches)[:, 0, 0, 0].mul(255).round().long().tolist()
+    seen = [i for batches in read_shards(43, 3, epoch=2) for batch in batches for i in batch]
     assert len(seen) == 43 and sorted(seen) == list(range(43))
+    data = toy(43)
     # training keeps equal shards of full batches
     assert {len(DeviceLoader(data, 4, rank=r, world_size=3)) for r in range(3)} == {3}
