@@ -54,8 +54,8 @@ import torch
 from torch import nn
 
 __all__ = ["ATEN_OPS", "CERTIFICATE", "FORMAT", "FORMAT_VERSION", "LOGIT_ROUNDING_ULPS", "MAX_CHECK_BYTES", "MODULES",
-           "ExportedModel",
-           "atomic_save", "atomic_write", "build", "damaged_record", "decode", "encode", "function_name", "load", "resolve_function"]
+           "ExportedModel", "atomic_save", "atomic_write", "build", "damaged_record", "decode", "encode",
+           "function_name", "load", "resolve_function"]
 
 FORMAT = "lipnet-export"
 FORMAT_VERSION = 1
@@ -306,10 +306,10 @@ def _keep_mode(fd: int, path: str) -> None:
 def load(f, map_location=None, *, max_check_bytes: int = MAX_CHECK_BYTES) -> ExportedModel:
     """Read an archive with ``torch.load(f, weights_only=True)`` and :func:`build` it.
 
-    ``f`` is a path or a file object; ``max_check_bytes`` as in :func:`build`. Raises ``ValueError`` for a damaged file (records that do
-    not match their checksums, truncated, not a torch file) or an archive that is not a valid
-    lipnet export; a file the system refuses to read (permission denied, I/O error) is its
-    ``OSError``, not called damaged."""
+    ``f`` is a path or a file object; ``max_check_bytes`` as in :func:`build`. Raises
+    ``ValueError`` for a damaged file (records that do not match their checksums, truncated, not
+    a torch file) or an archive that is not a valid lipnet export; a file the system refuses to
+    read (permission denied, I/O error) is its ``OSError``, not called damaged."""
     damaged = damaged_record(f)
     if damaged is not None:
         where = os.fspath(f) if isinstance(f, (str, os.PathLike)) else "the exported model"
@@ -434,7 +434,7 @@ def _build(archive: dict, max_check_bytes: int) -> ExportedModel:
             raise ValueError(f"node {index}: its name {name!r} is not a string, or not unique")
         env[name] = _make_node(graph, spec, index, env, root, state_dict)
         _check_writes(env[name], stored, name)
-    dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
+    dtype, _ = _probe_kind(state_dict.values())
     # The layers in ``root`` are on the meta device until the real tensors are assigned below.
     meta_root = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in root.items()}
     meta_network = torch.fx.GraphModule(meta_root, graph, class_name="ExportedNetwork")
@@ -501,21 +501,29 @@ def _check_sizes(network: torch.fx.GraphModule, input_shape: list, dtype: torch.
                          f"would take more than max_check_bytes = {limit:,} bytes ({exc.what}): the file claims a "
                          "larger network than any export makes, or load it with a larger max_check_bytes") from None
     except Exception as exc:  # noqa: BLE001 - whatever fails, the archive is what is wrong
-        raise ValueError(f"the archive's graph does not run on an input of shape (1, {', '.join(map(str, input_shape))}) "
-                         f"({type(exc).__name__}: {exc}): it is damaged or was not written by lipnet.export") from exc
+        raise _does_not_run(input_shape, exc) from exc
+
+
+def _probe_kind(tensors) -> tuple[torch.dtype, torch.device | str]:
+    """The dtype and device of the zero example the checks run: the first floating tensor's."""
+    first = next((t for t in tensors if t.is_floating_point()), None)
+    return (first.dtype, first.device) if first is not None else (torch.float32, "cpu")
+
+
+def _does_not_run(input_shape, exc: Exception) -> ValueError:
+    return ValueError(f"the archive's graph does not run on an input of shape (1, {', '.join(map(str, input_shape))}) "
+                      f"({type(exc).__name__}: {exc}): it is damaged or was not written by lipnet.export")
 
 
 def _check_runs(model: ExportedModel) -> None:
     """One forward pass on a zero input: a graph whose operators get arguments they do not take,
     or that returns anything but one tensor, fails at load instead of at its first use."""
-    tensors = [t for t in model.network.state_dict().values() if t.is_floating_point()]
-    dtype, device = (tensors[0].dtype, tensors[0].device) if tensors else (torch.float32, "cpu")
+    dtype, device = _probe_kind(model.network.state_dict().values())
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, *model.input_shape, dtype=dtype, device=device))
     except Exception as exc:  # noqa: BLE001 - whatever fails, the archive is what is wrong
-        raise ValueError(f"the archive's graph does not run on an input of shape (1, {', '.join(map(str, model.input_shape))}) "
-                         f"({type(exc).__name__}: {exc}): it is damaged or was not written by lipnet.export") from exc
+        raise _does_not_run(model.input_shape, exc) from exc
     if not (torch.is_tensor(out) and out.dim() >= 1 and out.shape[0] == 1):
         raise ValueError(f"the archive's graph must return one tensor with the input's batch dimension, got "
                          f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}")
