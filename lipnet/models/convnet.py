@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
 from lipnet.models.init import orthogonal_init_
-from lipnet.models.parts import check_depth, dense_head, input_layers
+from lipnet.models.parts import check_count, dense_head, input_layers
 from lipnet.models.registry import register_sizes
 from lipnet.nn import GramConv2d, GramSequential, MaxMin
 
@@ -44,7 +44,7 @@ class ConvNet(GramSequential):
         if len(widths) != len(depths) or not widths:
             raise ValueError(f"widths and depths need one entry per stage, got {widths} and {depths}")
         for depth in depths:
-            check_depth("each of depths", depth)
+            check_count("each of depths", depth, minimum=0)
         if any(w % 2 for w in (*widths, *dense)):
             raise ValueError(f"MaxMin needs even widths, got widths={widths}, dense={dense}")
         layers = input_layers(in_channels, widths[0], mean=mean, std=std, stem_stride=stem_stride, n_iter=n_iter,

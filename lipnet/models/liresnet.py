@@ -8,7 +8,7 @@ from torch import nn
 
 from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
 from lipnet.models.init import orthogonal_init_
-from lipnet.models.parts import check_depth, dense_head, input_layers
+from lipnet.models.parts import check_count, dense_head, input_layers
 from lipnet.models.registry import register_sizes
 from lipnet.nn import GramConv2d, GramResidualConv2d, GramSequential, MaxMin
 
@@ -50,7 +50,7 @@ class LiResNet(GramSequential):
                  neck_width: int | None = None, dense: Sequence[int] = (512,), n_iter: int = DEFAULT_N_ITER,
                  screen_iter: int = DEFAULT_SCREEN_ITER):
         neck_width = width if neck_width is None else neck_width
-        check_depth("depth", depth)
+        check_count("depth", depth, minimum=0)
         if any(w % 2 for w in (width, neck_width, *dense)):
             raise ValueError(f"MaxMin needs even widths, got width={width}, neck_width={neck_width}, dense={dense}")
         layers = input_layers(in_channels, width, mean=mean, std=std, stem_stride=stem_stride, n_iter=n_iter,

@@ -18,8 +18,8 @@ def input_layers(in_channels: int, width: int, *, mean: Sequence[float] | None, 
     """
     if isinstance(stem_stride, bool) or stem_stride not in (1, 2):
         raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride!r}")
-    _check_size("in_channels", in_channels)
-    _check_size("width", width)
+    check_count("in_channels", in_channels)
+    check_count("width", width)
     mean = [0.0] * in_channels if mean is None else mean
     std = [1.0] * in_channels if std is None else std
     if len(mean) != in_channels or len(std) != in_channels:
@@ -39,7 +39,7 @@ def dense_head(features: int, dense: Sequence[int], num_classes: int, *, n_iter:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2 (a margin compares two logits), got {num_classes!r}")
     for hidden in dense:
-        _check_size("dense width", hidden)
+        check_count("dense width", hidden)
     layers: list[nn.Module] = [nn.Flatten()]
     for hidden in dense:
         layers += [GramLinear(features, hidden, n_iter=n_iter), MaxMin()]
@@ -48,12 +48,8 @@ def dense_head(features: int, dense: Sequence[int], num_classes: int, *, n_iter:
     return layers
 
 
-def _check_size(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def check_depth(name: str, value) -> None:
-    """A number of blocks: an integer >= 0 (a negative count would build fewer layers, silently)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+def check_count(name: str, value, minimum: int = 1) -> None:
+    """Refuse a size or a number of blocks that is not an integer ``>= minimum`` (a negative
+    block count would build fewer layers, silently)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
