@@ -11,6 +11,14 @@ _UNBATCHED = ("For inputs with or without a batch dimension, count dim from the 
               "-2 for (N, C, L) or (C, L), -3 for (N, C, H, W) or (C, H, W)")
 
 
+def _check_dim(x: torch.Tensor, dim: int, action: str) -> None:
+    """Refuse a channel dimension ``dim`` that ``x`` does not have, with the advice for
+    unbatched inputs (``action``: what the activation does along it, for the message)."""
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{action} the channels along dim {dim}, which an input of shape {tuple(x.shape)} "
+                         f"does not have; dim counts the batch dimension, as in nn.Softmax(dim). {_UNBATCHED}")
+
+
 def max_min(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """MaxMin (GroupSort with groups of 2): ``(a, b) -> (max(a, b), min(a, b))``.
 
@@ -31,9 +39,7 @@ def max_min(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         >>> max_min(torch.tensor([[1.0, -2.0, 3.0, 5.0]]))
         tensor([[ 3.,  5.,  1., -2.]])
     """
-    if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"MaxMin pairs the channels along dim {dim}, which an input of shape {tuple(x.shape)} "
-                         f"does not have; dim counts the batch dimension, as in nn.Softmax(dim). {_UNBATCHED}")
+    _check_dim(x, dim, "MaxMin pairs")
     if x.shape[dim] % 2:
         raise ValueError(f"MaxMin needs an even number of channels along dim {dim}, got {x.shape[dim]}")
     if torch.is_grad_enabled() and x.requires_grad:
@@ -154,9 +160,7 @@ def group_sort(x: torch.Tensor, group_size: int, dim: int = 1) -> torch.Tensor:
         tensor([[ 5.,  3.,  1., -2.]])
     """
     _check_group_size(group_size)
-    if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"GroupSort groups the channels along dim {dim}, which an input of shape {tuple(x.shape)} "
-                         f"does not have; dim counts the batch dimension, as in nn.Softmax(dim). {_UNBATCHED}")
+    _check_dim(x, dim, "GroupSort groups")
     if x.shape[dim] % group_size:
         raise ValueError(f"GroupSort with group_size={group_size} needs a multiple of {group_size} channels along "
                          f"dim {dim}, got {x.shape[dim]}; choose a group_size that divides the channel count")
