@@ -51,7 +51,12 @@ def _checked_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     if targets.shape != logits.shape[:1]:
         raise ValueError(f"targets must be (N,) = {tuple(logits.shape[:1])} class indices, got shape "
                          f"{tuple(targets.shape)}")
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return _at_least_float32(logits)
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32 if its dtype is narrower (bfloat16, float16); float64 stays."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -214,8 +219,7 @@ class CertifiedMarginLoss(nn.Module):
         if last_weight.dim() != 2 or last_weight.shape[0] != logits.shape[-1]:
             raise ValueError(f"last_weight must be the last layer's (classes, features) weight, one row per logit "
                              f"({logits.shape[-1]}), got shape {tuple(last_weight.shape)}")
-        pairs = pairwise_lipschitz(last_weight.to(torch.promote_types(last_weight.dtype, torch.float32)),
-                                   self.lipschitz)
+        pairs = pairwise_lipschitz(_at_least_float32(last_weight), self.lipschitz)
         return pairwise_margin_cross_entropy(logits, targets, self.eps, pairs, self.temperature)
 
     def extra_repr(self) -> str:
