@@ -1,6 +1,8 @@
 """Margin losses: hand-computed values and the margin they ask for."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,6 +66,32 @@ def test_pairwise_lipschitz_is_the_constant_of_each_logit_difference():
     w = w.clone().requires_grad_(True)
     pairwise_lipschitz(torch.cat([w, w[:1]]), 1.0).sum().backward()  # equal rows and the diagonal: zero distances
     assert torch.isfinite(w.grad).all()
+
+
+def test_pairwise_lipschitz_is_exact_for_close_rows():
+    # ||w_y||^2 + ||w_j||^2 - 2 <w_y, w_j> would cancel to rounding noise here
+    w = torch.full((2, 64), 1000.0, dtype=torch.float64)
+    w[1, 0] += 1e-6
+    assert math.isclose(float(pairwise_lipschitz(w, 1.0)[0, 1]), 1e-6, rel_tol=1e-6)
+    with pytest.raises(ValueError, match=r"\(classes, features\)"):
+        pairwise_lipschitz(torch.ones(3), 1.0)
+
+
+_PEAK_MEMORY = """
+import resource, torch
+from lipnet.training import pairwise_lipschitz
+w = torch.randn(1000, 512, requires_grad=True)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+pairwise_lipschitz(w, 1.0).sum().backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_pairwise_lipschitz_takes_memory_of_the_pairs_not_of_their_differences():
+    # 1000 classes of 512 features: a (K, K, features) tensor of differences is 2 GB in float32
+    done = subprocess.run([sys.executable, "-c", _PEAK_MEMORY], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) < 200  # MiB above the peak before the call
 
 
 def test_pairwise_margin_cross_entropy_raises_each_logit_as_far_as_the_radius_allows():
