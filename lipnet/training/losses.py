@@ -110,7 +110,8 @@ def multi_margin_hinge(logits: torch.Tensor, targets: torch.Tensor, margin: floa
 def pairwise_lipschitz(weight: torch.Tensor, body_lipschitz: float) -> torch.Tensor:
     """``K[y, j] = body_lipschitz * ||w_y - w_j||``: the Lipschitz constant of ``f_y - f_j``
     for a last layer with (applied) weight ``weight`` ``(K, features)``; differentiable, with a
-    zero (not NaN) gradient on the diagonal and for equal rows.
+    zero (not NaN) gradient on the diagonal and for equal rows; half-precision weights give
+    float32 constants.
 
     Example:
         >>> pairwise_lipschitz(torch.eye(2), 1.0)
@@ -123,6 +124,7 @@ def pairwise_lipschitz(weight: torch.Tensor, body_lipschitz: float) -> torch.Ten
                          f"{tuple(weight.shape)}")
     # Differences, not the Gram matrix (which cancels for close rows), in O(K^2) memory: the
     # (K, K, features) tensor of differences was gigabytes for ImageNet's 1000 classes.
+    weight = _at_least_float32(weight)  # cdist has no half-precision kernels
     return body_lipschitz * torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist")
 
 
@@ -222,7 +224,7 @@ class CertifiedMarginLoss(nn.Module):
         if last_weight.dim() != 2 or last_weight.shape[0] != logits.shape[-1]:
             raise ValueError(f"last_weight must be the last layer's (classes, features) weight, one row per logit "
                              f"({logits.shape[-1]}), got shape {tuple(last_weight.shape)}")
-        pairs = pairwise_lipschitz(_at_least_float32(last_weight), self.lipschitz)
+        pairs = pairwise_lipschitz(last_weight, self.lipschitz)
         return pairwise_margin_cross_entropy(logits, targets, self.eps, pairs, self.temperature)
 
     def extra_repr(self) -> str:

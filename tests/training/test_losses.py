@@ -73,6 +73,11 @@ def test_pairwise_lipschitz_is_exact_for_close_rows():
     w = torch.full((2, 64), 1000.0, dtype=torch.float64)
     w[1, 0] += 1e-6
     assert math.isclose(float(pairwise_lipschitz(w, 1.0)[0, 1]), 1e-6, rel_tol=1e-6)
+    half = torch.randn(3, 4).bfloat16().requires_grad_(True)
+    k = pairwise_lipschitz(half, 1.0)
+    k.sum().backward()
+    assert k.dtype == torch.float32 and half.grad.dtype == torch.bfloat16
+    assert torch.allclose(k, pairwise_lipschitz(half.detach().float(), 1.0))
     with pytest.raises(ValueError, match=r"\(classes, features\)"):
         pairwise_lipschitz(torch.ones(3), 1.0)
 
