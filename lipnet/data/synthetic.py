@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ def synthetic_dataset(name: str, n: int, *, split: str = "train", seed: int = 0,
     The templates are random 4x4 patterns upsampled to the image size (so that small
     translations keep them recognizable); they depend only on ``name``, so train and test
     splits share them. The labels cycle through the classes and the noise depends on
-    ``seed``. A small network separates the classes within a few steps.
+    ``seed`` and ``split`` (a test split never repeats the train split's images, whatever the
+    seeds). A small network separates the classes within a few steps.
 
     Example:
         >>> data = synthetic_dataset("cifar10", 20)
@@ -33,9 +35,18 @@ def synthetic_dataset(name: str, n: int, *, split: str = "train", seed: int = 0,
     coarse = torch.rand((info.num_classes, channels, 4, 4), generator=torch.Generator().manual_seed(12345))
     templates = torch.nn.functional.interpolate(coarse, size=(height, width), mode="nearest")
     labels = torch.arange(n) % info.num_classes
-    noise_values = torch.rand((n, *info.shape), generator=torch.Generator().manual_seed(seed))
+    noise_values = torch.rand((n, *info.shape), generator=torch.Generator().manual_seed(_noise_seed(seed, split)))
     images = (1 - noise) * templates[labels] + noise * noise_values
     return ImageDataset((images * 255).round().to(torch.uint8), labels, info, split, f"synthetic (seed {seed})")
+
+
+def _noise_seed(seed: int, split: str) -> int:
+    """``seed`` for the train split; for any other, a seed hashed from ``(seed, split)`` that
+    no non-negative train seed gives, and that differs between splits with overwhelming probability."""
+    if split == "train":
+        return seed
+    state = np.random.SeedSequence([seed % 2**64, zlib.crc32(split.encode())]).generate_state(1, np.uint64)
+    return int(state[0]) | 2**63
 
 
 def write_npz(data: ImageDataset, path: str | Path) -> Path:
