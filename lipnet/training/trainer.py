@@ -132,6 +132,9 @@ def nominal_lipschitz(model: nn.Module) -> float:
 
 def logit_margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``f_y - max_{j != y} f_j`` per example (negative when the prediction is wrong)."""
+    if logits.dim() != 2 or logits.shape[1] < 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be floating (N, K) with K >= 2 classes (a margin needs a wrong class), got "
+                         f"{logits.dtype} {tuple(logits.shape)}")
     true = logits.gather(1, targets[:, None]).squeeze(1)
     others = logits.scatter(1, targets[:, None], -math.inf)
     return true - others.amax(dim=1)

@@ -11,7 +11,7 @@ import torch
 
 from lipnet.checkpoint import load_checkpoint, load_model
 from lipnet.data import synthetic_dataset, write_npz
-from lipnet.training import CertifiedMarginLoss, TrainConfig, build_run_model, plan_epochs, train
+from lipnet.training import CertifiedMarginLoss, TrainConfig, build_run_model, logit_margins, plan_epochs, train
 
 TIMING = {"train_seconds", "eval_seconds", "images_per_second"}
 
@@ -502,3 +502,11 @@ def test_the_run_computes_full_float32_products_whatever_the_caller_set(data_dir
     finally:
         for backend, value in zip(backends, saved):
             backend.fp32_precision = value
+
+
+def test_logit_margins_are_the_true_logit_over_the_best_other():
+    z = torch.tensor([[3.0, 1.0, 2.5], [0.0, 2.0, -1.0]])
+    assert torch.equal(logit_margins(z, torch.tensor([0, 0])), torch.tensor([0.5, -2.0]))
+    for bad in (torch.tensor([[1.0]]), torch.tensor([[1, 2]]), torch.ones(2)):  # one class gave an infinite margin
+        with pytest.raises(ValueError, match="K >= 2"):
+            logit_margins(bad, torch.tensor([0]))
