@@ -256,15 +256,17 @@ def atomic_write(path, write) -> None:
     """Write a file through ``write(binary_file)`` so that a crash leaves the old file or the new
     one, never a part.
 
-    The bytes go to a temporary file ``.NAME.<pid>.<random>.tmp`` in the same folder (with the
-    permissions a plain ``open`` would give: those of the file it replaces, if any), which is
-    flushed, fsynced and renamed over ``path``; then the folder is fsynced.
+    The bytes go to a temporary file ``.NAME.<pid>.<random>.tmp`` (NAME: the file's name, cut to
+    200 bytes) in the same folder (with the permissions a plain ``open`` would give: those of the
+    file it replaces, if any), which is flushed, fsynced and renamed over ``path``; then the
+    folder is fsynced.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):  # else the error would name the temporary file
         raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: no such folder (create it first)", folder)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    name = os.fsdecode(os.fsencode(os.path.basename(path))[:200])  # leaves room in a 255-byte name for the rest
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     # Mode 0o666 less the process umask, applied by the system (as open() does; reading the
     # umask would mean setting it, which races with other threads creating files).
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
