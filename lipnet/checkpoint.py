@@ -40,29 +40,52 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     The bytes go to a temporary file in the same folder, which is flushed, fsynced and then
     renamed over ``path`` (``os.replace``), and the folder is fsynced: a crash at any moment
     leaves either the old checkpoint or the new one, never a truncated file.
+
+    Raises:
+        TypeError: ``payload`` holds a value ``torch.load(weights_only=True)`` would not read
+            back (nothing is written).
+        OSError: ``path`` is a folder, its folder cannot be made, or the write failed (disk
+            full, no permission); the message names ``path``, and a previous file there is kept.
     """
     path = Path(path)
-    _check_plain(payload, "payload")  # a value torch.load(weights_only=True) refuses would lose the run
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(payload, path)
+    _check_plain(payload, "payload", set())  # a value torch.load(weights_only=True) refuses would lose the run
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot save a checkpoint to {path}: it is a folder; name a file in it, "
+                                f"e.g. {path / 'checkpoint.pt'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's message would name the parent alone
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot save a checkpoint to {path}: {path.parent} is a file (or a "
+                                 "broken link), not a folder") from None
+    try:
+        atomic_save(payload, path)
+    except OSError as exc:  # the system's message names the temporary file, or no file at all
+        raise OSError(exc.errno, f"cannot save a checkpoint to {path}: {exc.strerror or exc}") from exc
     return path
 
 
 _PLAIN = (str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device)
 
 
-def _check_plain(value, where: str) -> None:
-    """Refuse values that ``torch.load(weights_only=True)`` would not read back."""
-    if torch.is_tensor(value) or type(value) in _PLAIN:
+def _check_plain(value, where: str, within: set) -> None:
+    """Refuse values that ``torch.load(weights_only=True)`` would not read back, or that hold no
+    values (a tensor on the meta device); ``within``: the containers ``value`` is inside."""
+    if type(value) in (torch.Tensor, nn.Parameter):  # a subclass of Tensor is refused by the loader
+        if value.is_meta:
+            raise TypeError(f"cannot save {where}: a tensor on the meta device holds no values (a model built "
+                            "with device='meta' and never given weights?)")
         return
-    if isinstance(value, dict) and type(value) in (dict, collections.OrderedDict):
-        for key, item in value.items():
-            _check_plain(key, f"{where} key {key!r}")
-            _check_plain(item, f"{where}[{key!r}]")
+    if type(value) in _PLAIN:
         return
-    if type(value) in (list, tuple):
-        for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]")
+    if type(value) in (dict, collections.OrderedDict, list, tuple):
+        if id(value) in within:
+            raise TypeError(f"cannot save {where}: it contains itself; store a tree of plain values")
+        within = within | {id(value)}
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(value, dict):
+                _check_plain(key, f"{where} key {key!r}", within)
+            _check_plain(item, f"{where}[{key!r}]", within)
         return
     raise TypeError(f"cannot save {where}: a {type(value).__module__}.{type(value).__qualname__} ({value!r:.80}) would "
                     "not load with torch.load(weights_only=True); store plain Python values and tensors (e.g. "
@@ -87,14 +110,27 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
     """Read and validate a checkpoint written by :func:`save_checkpoint` / :func:`save_model`.
 
+    ``map_location`` is passed to ``torch.load``: a device (``"cpu"``, ``"cuda:1"``,
+    :class:`torch.device`), a dict mapping devices, or a function of ``(storage, location)``.
+
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or not a lipnet checkpoint.
+        ValueError: ``map_location`` names no device.
     """
     path = Path(path)
+    if isinstance(map_location, str):  # torch.load's error for "gpu" would make a good file look corrupt
+        try:
+            torch.device(map_location)
+        except RuntimeError as exc:
+            raise ValueError(f"map_location={map_location!r} is not a device: pass 'cpu', 'cuda', 'cuda:1', ... "
+                             f"({exc})") from None
     if path.is_dir():
         hint = next((f"; did you mean {path / name}?" for name in ("model.pt", "checkpoint.pt") if (path / name).is_file()), "")
         raise CheckpointError(f"{path.absolute()} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
+        if path.is_symlink():
+            raise CheckpointError(f"no checkpoint at {path.absolute()}: it is a symbolic link to {os.readlink(path)}, "
+                                  "which does not lead to a file (missing, or a loop of links)")
         raise CheckpointError(f"no checkpoint at {path.absolute()}")
     _check_integrity(path)
     try:
@@ -172,7 +208,8 @@ def load_model(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Modul
     """Rebuild a model from a checkpoint: ``(model in eval mode, info)``.
 
     Works on the final ``model.pt`` of a run and on its training ``checkpoint.pt``. ``info``
-    holds what the writer stored (data set, config, metrics, epoch).
+    holds what the writer stored (data set, config, metrics, epoch). The model is put on the
+    device ``map_location`` (as in :func:`load_checkpoint`) put its weights on.
 
     Raises:
         CheckpointError: unreadable file, unknown architecture, weights that do not fit the
@@ -194,12 +231,15 @@ def load_model(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Modul
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path}: the weights do not fit model {spec['name']!r}: {exc}") from exc
-    bad = [name for name, t in payload["state_dict"].items()
-           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    # Checked as loaded, after the cast to the model's dtype: a float64 1e300 becomes inf in float32.
+    bad = [name for name, t in model.state_dict().items()
+           if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
     if bad:
         raise CheckpointError(f"{path}: non-finite (NaN or inf) values in {', '.join(bad)}; the run that wrote it "
                               "had diverged: use an earlier checkpoint or retrain with a lower learning rate")
     info = dict(payload.get("info") or {})
-    return model.to(map_location).eval(), info
+    # The model goes where map_location put the weights (it may be a dict or a function, not a device).
+    devices = {t.device for t in payload["state_dict"].values() if torch.is_tensor(t)}
+    return model.to(devices.pop() if len(devices) == 1 else "cpu").eval(), info
 
 
