@@ -33,7 +33,12 @@ valid convolution ``V`` (one entry per tap) after the copy operator ``P``, and t
 holds with ``|V| |P h|`` and ``lam >= ||V|| ||P||``, which is how :mod:`lipnet.bounds.circulant`
 bounds such layers (circular padding included: its circulant would add the aliased taps). So
 ``r <= gamma_K ((sqrt(K) + 1) lam ||h|| + ||y||) <= 4 u K^{3/2} (lam ||h|| + ||y||)`` for
-``K u < 1/2``. Elementwise activations (MaxMin, GroupSort, ReLU: exact; tanh and the like: a
+``K u < 1/2``. That model of rounding ignores underflow: a product or quotient whose result is
+subnormal has an absolute error up to ``2^-1075`` however small it is (``2^-1070 / 64`` rounds
+to 0), which later layers can scale up to the size of the logits. Sums of subnormals are exact,
+so each output gains at most ``K 2^-1074`` (``K`` products, the error amplified by at most 2 in
+the sum), ``K^{3/2} 2^-1074`` in L2 over at most ``K`` outputs (:func:`underflow_bound`), added
+to ``r``. Elementwise activations (MaxMin, GroupSort, ReLU: exact; tanh and the like: a
 few ulps), pooling (sums of at most ``K`` terms) and input normalization are covered by the same
 expression. The model's rounding is thereby bounded for the modules lipnet knows; for a
 custom module with a registered bound, it assumes that module's forward is such a sum, unless
@@ -119,7 +124,8 @@ def exact_kernels():
 
 
 def local_rounding_bound(h: torch.Tensor, y: torch.Tensor, lipschitz: float, products: int = 0) -> torch.Tensor:
-    """Per-example bound on the float64 rounding error of one module, ``4 u K^1.5 (lam ||h|| + ||y||)``.
+    """Per-example bound on the float64 rounding error of one module, ``4 u K^1.5 (lam ||h|| + ||y||)``
+    plus :func:`underflow_bound`.
 
     ``K = max(numel(h), numel(y), products) + 1``, with ``products`` the number of products
     summed into one output where that can exceed the input's size: a convolution whose kernel
@@ -129,7 +135,15 @@ def local_rounding_bound(h: torch.Tensor, y: torch.Tensor, lipschitz: float, pro
     terms = max(h[0].numel(), y[0].numel(), products) + 1
     if terms * UNIT_ROUNDOFF >= 0.5:
         raise ValueError(f"a module with {terms} inputs or outputs per example is too large for the rounding bound")
-    return 4 * UNIT_ROUNDOFF * terms ** 1.5 * (lipschitz * example_norms(h) + example_norms(y))
+    return 4 * UNIT_ROUNDOFF * terms ** 1.5 * (lipschitz * example_norms(h) + example_norms(y)) + underflow_bound(terms)
+
+
+def underflow_bound(terms: int) -> float:
+    """``>= K^1.5 2^-1074``: the L2 error, per example, that underflow adds to at most ``K`` outputs
+    of at most ``K`` products each (each product that underflows is off by up to ``2^-1075``,
+    absolutely). Also covers the roundings of the relative bound's own evaluation once it is
+    subnormal."""
+    return math.ulp(0.0) * math.ceil(terms ** 1.5)
 
 
 def products_per_output(module: nn.Module) -> int:
@@ -171,8 +185,10 @@ def _propagate(module: nn.Module, h: torch.Tensor, err: torch.Tensor, bounds: di
         out, branch_err = _propagate(module.branch, h, err, bounds)
         keep, alpha = (float(c.detach().double()) for c in module.coefficients())
         y = keep * h + alpha * out
-        # Two products and a sum per entry: at most 3 roundings of |keep h| + |alpha out| + |y|.
-        own = 3 * UNIT_ROUNDOFF * (abs(keep) * example_norms(h) + abs(alpha) * example_norms(out) + example_norms(y))
+        # Two products and a sum per entry: at most 3 roundings of |keep h| + |alpha out| + |y|,
+        # and 2^-1074 per entry from the two products underflowing.
+        own = (3 * UNIT_ROUNDOFF * (abs(keep) * example_norms(h) + abs(alpha) * example_norms(out) + example_norms(y))
+               + underflow_bound(y[0].numel()))
         return y, abs(keep) * err + abs(alpha) * branch_err + own
     raise ValueError(f"no Lipschitz bound was recorded for {type(module).__name__} on inputs of shape "
                      f"{tuple(h.shape[1:])}: compute the bounds with module_lipschitz_bounds on this model and shape")
