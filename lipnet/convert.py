@@ -817,7 +817,8 @@ def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
     * ``u + w``, ``u - w``: ``L(u) + L(w)`` (triangle inequality; no broadcasting of a
       non-constant operand, which would copy entries);
     * ``c * u``, ``u / c`` with ``c`` a constant number or tensor: ``max|c| L(u)``,
-      ``L(u) / min|c|`` (not a number read from the input's shape, such as its batch size);
+      ``L(u) / min|c|`` (not a number read from the input's shape, such as its batch size;
+      ``c`` as it was before the product, which ``c.mul_(u)`` overwrites);
     * ReLU, tanh, hardtanh, negation, eval-mode dropout: ``L(u)``;
     * per-example rearrangements (flatten, view, reshape, permute, transpose, squeeze,
       unsqueeze, contiguous, clone) and selections (chunk, split, basic slicing): ``L(u)``,
@@ -909,6 +910,8 @@ class _BoundInterpreter(torch.fx.Interpreter):
         # Constants of the input's shape that are the same for every example: a factory given that
         # shape (torch.full(x.shape, 2.0)), then elementwise operations only.
         self.batch_constants: set[torch.fx.Node] = set()
+        # The values of constant factors that in-place products overwrite, as they were before (_keep_factor).
+        self.overwritten_factors: dict[torch.fx.Node, torch.Tensor] = {}
 
     def fail(self, node: torch.fx.Node, reason: str):
         raise LipschitzBoundError(self.module, f"node {node.format_node()}: {reason}")
@@ -939,6 +942,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self._check_reads(node)
         if node.op in ("call_function", "call_method", "call_module"):
             self._check_writes(node)
+            self._keep_factor(node)
         value = super().run_node(node)
         if node.op == "placeholder" and torch.is_tensor(value):
             self.protected.append((value, _version(value), "the input"))
@@ -1028,6 +1032,14 @@ class _BoundInterpreter(torch.fx.Interpreter):
                 self.fail(node, f"an in-place operation on a tensor that is also the value of %{other.name} (the "
                                 "same tensor or its memory: contiguous(), nn.Identity and no-op reshapes return "
                                 "their input), which is used later; use the out-of-place form")
+
+    def _keep_factor(self, node: torch.fx.Node):
+        """Copy a constant factor that an in-place product overwrites (``c.mul_(y)`` leaves ``c * y``
+        in ``c``) before it runs: the bound takes the factor's values, not the product's."""
+        first = node.args[0] if node.args else None
+        if _key(node) in _SCALINGS and isinstance(first, torch.fx.Node) and self.bound.get(first, 0.0) == 0 and \
+                torch.is_tensor(self.env[first]) and _writes_into_first_argument(node, self.module):
+            self.overwritten_factors[node] = self.env[first].clone()
 
     def _check_reads(self, node: torch.fx.Node):
         """Refuse a node that reads an input-dependent value changed in place since it was bounded."""
@@ -1140,7 +1152,10 @@ class _BoundInterpreter(torch.fx.Interpreter):
                                 "size, read by x.shape[0], x.size(0) or x.numel(), changes it from batch to batch, and "
                                 "a constant of the input's shape acted on by more than elementwise operations, e.g. "
                                 "torch.ones(x.shape).cumsum(0), may differ from example to example); use a constant")
-            constant = self.env[other] if isinstance(other, torch.fx.Node) else other
+            if isinstance(other, torch.fx.Node):
+                constant = self.overwritten_factors.get(node, self.env[other])
+            else:
+                constant = other
             if torch.is_tensor(constant):
                 if constant.numel() == 0:
                     self.fail(node, "an empty factor")
