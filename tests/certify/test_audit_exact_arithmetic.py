@@ -450,3 +450,77 @@ def test_underflowing_convex_residual_mix_is_in_the_error_bound():
     assert alpha == 2.0 ** -40 and keep == 1 - 2.0 ** -40
     x = torch.full((1, n), 3 * 2.0 ** -1036, dtype=torch.float64)
     check_error_bound(block, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite intermediates, dtypes, modes, hooks, devices
+# ---------------------------------------------------------------------------------------------
+
+def overflowing_network():
+    """BatchNorm scales by ``+-2^1000``: inputs of size 1e10 overflow to ``+-inf``, and a ReLU maps ``-inf`` to 0."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(2, eps=0.25).double()
+    with torch.no_grad():
+        bn.running_mean.zero_()
+        bn.running_var.fill_(0.75)
+        bn.weight.copy_(torch.tensor([2.0 ** 1000, -(2.0 ** 1000)], dtype=torch.float64))
+        bn.bias.zero_()
+    return nn.Sequential(GramLinear(4, 2), bn, nn.ReLU(), GramLinear(2, 3)).double().eval()
+
+
+def test_an_overflow_inside_the_network_certifies_nothing():
+    """The logits of an example whose hidden values are ``-inf`` (then 0 after the ReLU) are finite, and
+    the float64 pass predicts a class; its error bound is infinite, so its radius is 0. Logits that are
+    themselves infinite or NaN are refused."""
+    model = overflowing_network()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=gen) * 1e10
+    with torch.no_grad():
+        hidden, logits = model[:2](x), model(x)
+    finite = [i for i in range(len(x)) if bool((hidden[i] == -math.inf).all())]
+    assert finite and bool(torch.isfinite(logits[finite]).all())
+    result = certified_accuracy(model, (x[finite], logits[finite].argmax(dim=1)), eps=[0.0], progress=False)
+    assert bool(result.correct.all()) and bool((result.radii == 0).all())
+    with pytest.raises(ValueError, match="NaN or inf"):
+        certified_accuracy(model, (x, logits.argmax(dim=1)), eps=[0.0], progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_radii_of_low_precision_models_hold_for_their_applied_weights(dtype):
+    """A model in ``dtype`` is certified on its inputs cast to ``dtype`` (what it sees), for the function its
+    weights define exactly (Gram layers: the normalized weights it applies, rounded in ``dtype``)."""
+    for seed in range(4):
+        model, x = conv_case(seed)
+        model = model.to(dtype)
+        x = (x / x.abs().max().clamp_min(1e-30)).to(dtype)  # inputs the dtype can hold
+        right, wrong = exact_labels(model, x)
+        check_radii(model, x, right)
+        assert bool((check_radii(model, x, wrong).radii == 0).all())
+
+
+def test_training_mode_and_gradients_do_not_change_the_certificate():
+    """A model in training mode with parameters that require grad is certified as in eval mode (BatchNorm
+    with its running statistics), and left in training mode without gradients accumulated."""
+    model, x = mlp_case(3)
+    labels, _ = exact_labels(model, x)
+    expected = certified_accuracy(model, (x, labels), eps=[0.0], progress=False).radii
+    model.train()
+    assert any(p.requires_grad for p in model.parameters())
+    result = check_radii(model, x, labels)
+    assert torch.equal(result.radii, expected)
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_hooks_and_meta_tensors_are_refused():
+    model, x = mlp_case(3)
+    labels, _ = exact_labels(model, x)
+    handle = model[2].register_forward_hook(lambda module, inputs, output: 4 * output)
+    with pytest.raises(Exception, match="hook"):
+        certified_accuracy(model, (x, labels), eps=[0.0], progress=False)
+    handle.remove()
+    handle = model[2].register_forward_pre_hook(lambda module, inputs: (4 * inputs[0],))
+    with pytest.raises(Exception, match="hook"):
+        certified_accuracy(model, (x, labels), eps=[0.0], progress=False)
+    handle.remove()
+    with pytest.raises(Exception):
+        certified_accuracy(model.to("meta"), (x.to("meta"), labels.to("meta")), eps=[0.0], progress=False)
