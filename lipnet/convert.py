@@ -821,8 +821,12 @@ def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
       ``c`` as it was before the product, which ``c.mul_(u)`` overwrites);
     * ReLU, tanh, hardtanh, negation, eval-mode dropout: ``L(u)``;
     * per-example rearrangements (flatten, view, reshape, permute, transpose, squeeze,
-      unsqueeze, contiguous, clone) and selections (chunk, split, basic slicing): ``L(u)``,
-      provided every tensor involved keeps the batch as its first dimension;
+      unsqueeze, contiguous, clone) and selections (chunk, split and unbind along a non-batch
+      dimension, basic slicing): ``L(u)``, provided every tensor involved keeps the batch as
+      its first dimension, and no size or dimension they are given is computed from the batch
+      size (it may be given as read, ``x.shape[0]``, ``x.size(0)`` or ``x.shape``, as the first
+      size of a view or reshape: ``(x.shape[0] - 1) % 3 + 1`` is the batch size at the traced
+      batches only);
     * concatenation along a non-batch dimension: ``sqrt(sum L(u_i)^2)``.
 
     Any other operation raises :class:`~lipnet.certify.LipschitzBoundError`; so do a
@@ -910,6 +914,10 @@ class _BoundInterpreter(torch.fx.Interpreter):
         # Constants of the input's shape that are the same for every example: a factory given that
         # shape (torch.full(x.shape, 2.0)), then elementwise operations only.
         self.batch_constants: set[torch.fx.Node] = set()
+        # Numbers and sizes that depend on the batch size, and those that are the batch size as read
+        # from a shape (_note_batch_number): only the latter may give the batch size to a view or reshape.
+        self.batch_numbers: set[torch.fx.Node] = set()
+        self.batch_sizes: set[torch.fx.Node] = set()
         # The values of constant factors that in-place products overwrite, as they were before (_keep_factor).
         self.overwritten_factors: dict[torch.fx.Node, torch.Tensor] = {}
 
@@ -948,6 +956,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self.protected.append((value, _version(value), "the input"))
         self._check_state(node, value)
         self.versions[node] = [_version(t) for t in _tensors(value)]
+        self._note_batch_number(node, value)
         if isinstance(value, (int, float, torch.SymInt, torch.SymFloat, torch.Size)) and not isinstance(value, bool) and \
                 _reads_input_shape(node):
             self.shape_numbers.add(node)
@@ -1070,6 +1079,55 @@ class _BoundInterpreter(torch.fx.Interpreter):
             if p.dtype != source.dtype:
                 self.fail(node, f"changes the dtype from {source.dtype} to {p.dtype} (view(dtype) reinterprets "
                                 "the bits, which is not Lipschitz)")
+        # The batch size may be given as it is, as the first size of a view or reshape; a number
+        # computed from it (``(x.shape[0] - 1) % 3 + 1`` is the batch size at 2 and 3, the batches
+        # traced, and 1 at 4, where the reshape puts four examples in one row) is refused.
+        first = None
+        if _key(node) in ("view", "reshape", torch.reshape):
+            first = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
+            if isinstance(first, (tuple, list)) and first:
+                first = first[0]
+        sizes: list[torch.fx.Node] = []
+        torch.fx.node.map_arg((node.args[1:], node.kwargs), lambda n: sizes.append(n) or n)
+        for n in sizes:
+            if n in self.batch_numbers and not (n is first and n in self.batch_sizes):
+                self.fail(node, f"a size or dimension computed from the batch size (%{n.name}): the graph is traced "
+                                "at two batch sizes, and such a number may put several examples in one row at "
+                                "others; give the batch size as x.shape[0], x.size(0) or -1, first, and other "
+                                "sizes from the other dimensions")
+
+    def _note_batch_number(self, node: torch.fx.Node, value):
+        """Note a number or size that depends on the batch size (``batch_numbers``): the first
+        dimension or the number of elements of a value whose shape depends on the input's, and what is
+        computed from them; and among them the batch size read as it is (``batch_sizes``: ``x.shape``,
+        ``x.shape[0]``, ``x.size(0)`` of a batched value)."""
+        if torch.is_tensor(value):
+            return
+        dims, first = None, None
+        if node.target is getattr and len(node.args) == 2 and node.args[1] == "shape" or (
+                node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs):
+            dims, owner, first = range(len(value)), node.args[0], value[0] if len(value) else None
+        elif node.op == "call_method" and node.target == "size":
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if isinstance(dim, int) and torch.is_tensor(self.env.get(node.args[0])):
+                dims, owner, first = [dim % max(1, self.env[node.args[0]].dim())], node.args[0], value
+        elif node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node) and isinstance(
+                self.env.get(node.args[0]), torch.Size) and isinstance(node.args[1], (int, slice)):
+            size = self.env[node.args[0]]
+            dims = range(len(size))[node.args[1]]
+            dims, owner = (dims if isinstance(dims, range) else [dims]), node.args[0]
+            first = value if isinstance(value, int) else (value[0] if len(value) else None)
+        if dims is not None:
+            if 0 in dims and _reads_input_shape(owner):
+                self.batch_numbers.add(node)
+                # (a constant's first dimension may be any number computed from the batch size)
+                if list(dims)[:1] == [0] and first == self.batch and (
+                        owner in self.batch_sizes or self.bound.get(owner, 0.0) > 0):
+                    self.batch_sizes.add(node)
+            return
+        if node.op == "call_method" and node.target == "numel" and _reads_input_shape(node) or \
+                any(a in self.batch_numbers for a in _tensor_args(node)):
+            self.batch_numbers.add(node)
 
     def _reads_shape_number(self, node: torch.fx.Node) -> bool:
         """Whether a constant (bound 0) is computed from a number read from the shape of a value
@@ -1189,6 +1247,11 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self.rule[node] = ("exact", dependent[0])
             return self.bound[dependent[0]]
         if target in _SPLITS and single:
+            dim = node.args[2 if target not in (torch.unbind, "unbind") else 1] if len(node.args) > (
+                2 if target not in (torch.unbind, "unbind") else 1) else node.kwargs.get("dim", 0)
+            if not isinstance(dim, int) or dim % self.env[dependent[0]].dim() == 0:
+                self.fail(node, "a split along the batch dimension (at other batch sizes its parts hold other "
+                                "examples, or some of them)")
             self._check_rearrangement(node, self.env[dependent[0]], *value)
             self._batched(node, self.env[dependent[0]], *value)
             self.rule[node] = ("exact", dependent[0])

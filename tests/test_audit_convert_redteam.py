@@ -16,6 +16,7 @@ from torch import nn
 
 from lipnet import convert
 from lipnet.certify import LipschitzBoundError, lipschitz_bound
+from lipnet.convert import traced_lipschitz_bound
 
 F64 = torch.float64
 #: Relative allowance for float64 rounding in a Jacobian or a finite difference.
@@ -48,6 +49,12 @@ def converted_bound(model, shape):
     converted, _ = convert(model.double().eval(), input_shape=shape)
     converted = converted.double().eval()
     return converted, lipschitz_bound(converted, shape)
+
+
+def traced(model, shape):
+    """:func:`traced_lipschitz_bound` of ``model`` with its layers converted."""
+    converted, _ = convert(model.double().eval())
+    return traced_lipschitz_bound(converted, shape)
 
 
 def assert_sound_or_refused(model, shape, points=()):
@@ -93,3 +100,60 @@ def test_an_in_place_product_into_a_constant_is_bounded_by_the_constant(factor, 
     true = lower_bound(converted, (4,))
     assert true == pytest.approx(factor * scale, rel=1e-6)
     assert true <= bound * (1 + SLACK)
+
+
+# ----------------------------------------------------------------------------- finding 2: batch-size arithmetic
+
+
+class Regroups(nn.Module):
+    """Reshapes to ``((B - 1) % 3 + 1, -1)``: the batch size B at B = 2 and 3 (the batches the
+    graph is traced at), 1 at B = 4, where it puts four examples in one row; the roll that
+    follows then moves an entry of one example into another's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        rows = y.reshape((y.shape[0] - 1) % 3 + 1, -1)
+        rolled = torch.cat([rows[:, 1:], rows[:, :1]], 1)
+        return rolled.reshape(y.shape[0], -1)
+
+
+def test_a_size_computed_from_the_batch_size_is_refused():
+    model = Regroups().double().eval()
+    x = torch.randn(4, 4, dtype=F64)
+    moved = x.clone()
+    moved[0] += 1.0
+    with torch.no_grad():  # only example 0 moved, and example 3's output moved with it
+        assert float((model(x)[3] - model(moved)[3]).norm()) > 1e-3
+    with pytest.raises(LipschitzBoundError, match="computed from the batch size"):
+        traced(model, (4,))
+    converted, report = convert(model, input_shape=(4,))
+    assert not report.certifiable
+
+
+@pytest.mark.parametrize("forward", [
+    lambda self, x: self.lin(x).split(5, 0)[0],  # every example at B <= 5, the first five at B = 8
+    lambda self, x: self.lin(x).chunk(1, -2)[0],
+    lambda self, x: self.lin(x).split(x.shape[0], 1)[0],  # B features of each example
+    lambda self, x: self.lin(x).view(x.numel() // 4, 4),
+], ids=["split(5, 0)", "chunk(1, -2)", "split(B, 1)", "view(numel // 4)"])
+def test_splits_along_the_batch_and_sizes_from_the_batch_are_refused(forward):
+    """``y.split(5, 0)[0]`` keeps the whole batch at the traced batches (2 and 3) and drops
+    examples from 6 on: it was certified (bound 1) though its output has 5 rows at a batch of 8."""
+    model = Container(forward).double().eval()
+    with pytest.raises(LipschitzBoundError, match="batch"):
+        traced(model, (4,))
+
+
+def test_the_batch_size_read_as_it_is_stays_accepted():
+    def forward(self, x):
+        y = self.lin(x)
+        b, features = x.shape
+        y = y.view(x.size(0), features // 2, 2).reshape(x.shape).view(b, -1)
+        return torch.reshape(y, (x.shape[0], 2, -1)).flatten(1).split(2, dim=1)[1] * 3.0
+
+    model = Container(forward).double().eval()
+    assert 3.0 <= traced(model, (4,)) <= 3.0 * (1 + 1e-5)
