@@ -24,6 +24,7 @@ import inspect
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -836,7 +837,15 @@ def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
     value read later shares (``contiguous()``, ``nn.Identity`` and no-op reshapes return their
     input), reading a value after anything changed it in place, a module with forward hooks
     or a ``forward`` assigned to the instance (the graph is the class's forward, without them),
-    and a graph that does not reproduce the module's output. All float arithmetic rounds upwards.
+    a forward that assigns attributes of the module or of children whose classes are not
+    lipnet's or torch's (the graph freezes the Python values the forward reads: a flag a child
+    sets from its input, a call counter), and a graph that does not reproduce the module's
+    output. All float arithmetic rounds upwards.
+
+    The graph holds the forward's tensor operations only: Python values it reads (attributes,
+    globals) are those at tracing, and the graph is compared with the forward on two batches.
+    A forward whose Python values change otherwise than by assignments it makes while it runs
+    there (a child that sets a flag only for inputs unlike those) is not caught.
 
     Args:
         module: e.g. a torchvision ``BasicBlock``.
@@ -864,18 +873,20 @@ def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=l
                                           f"{error}); register a bound with lipnet.certify.register_lipschitz_bound"
                                   ) from error
     cache: dict = {}
+    writes = _AttributeWrites(module)
 
     def cached_child_bound(child, shape):
         key = (id(child), shape)
         if key not in cache:
-            cache[key] = child_bound(child, shape)
+            with writes.paused():  # (lipschitz_bound sets and restores the children's training flags)
+                cache[key] = child_bound(child, shape)
         return cache[key]
 
     bound = math.inf
     for batch in (2, 3):
         run = _BoundInterpreter(traced, module, batch, cached_child_bound)
         x = example_input(module, input_shape, batch=batch, seed=batch)
-        with torch.no_grad():
+        with torch.no_grad(), writes.watching():
             out = run.run(x.clone())
             expected = module(x.clone())
         if not (torch.is_tensor(out) and torch.is_tensor(expected) and out.shape == expected.shape
@@ -885,6 +896,63 @@ def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=l
                                               "lipnet.certify.register_lipschitz_bound")
         bound = run.result
     return bound
+
+
+class _AttributeWrites:
+    """Refuses a forward that assigns an attribute of the module or of a descendant whose class is
+    not lipnet's or torch's, seen by ``nn.Module.__setattr__`` and ``__delattr__``, patched while
+    the forward runs (:meth:`watching`, as torch.fx patches ``nn.Module.__getattr__`` while it
+    traces), except while the bounds of children are computed (:meth:`paused`).
+
+    The graph freezes every Python value its forward reads when it is traced: a flag that a child
+    sets from its input (``self.large = bool(x.abs().max() > 50)``, read by the parent as ``if
+    self.gate.large: y = 100 * y``) or a call counter (``self.step += 1``) may take the forward
+    down another branch than the graph's at the next call. lipnet's and torch's modules keep no
+    such state (a Gram convolution notes the size of its input)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.tree = {id(m) for m in module.modules() if not type(m).__module__.startswith(("lipnet.", "torch."))}
+        self.writes: list[tuple[nn.Module, str]] = []
+        self.active = False
+
+    @contextmanager
+    def watching(self):
+        set_attribute, delete_attribute = nn.Module.__setattr__, nn.Module.__delattr__
+
+        def recording_set(module, name, value):
+            if self.active and id(module) in self.tree:
+                self.writes.append((module, name))
+            set_attribute(module, name, value)
+
+        def recording_delete(module, name):
+            if self.active and id(module) in self.tree:
+                self.writes.append((module, name))
+            delete_attribute(module, name)
+
+        nn.Module.__setattr__, nn.Module.__delattr__ = recording_set, recording_delete
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+            nn.Module.__setattr__, nn.Module.__delattr__ = set_attribute, delete_attribute
+        if self.writes:
+            owner, name = self.writes[0]
+            raise LipschitzBoundError(self.module, (
+                f"its forward assigns the attribute {name!r} of a {type(owner).__qualname__} while it runs: the "
+                "torch.fx graph freezes the Python values the forward reads when it is traced (a flag a child sets "
+                "from its input, a call counter), so the forward may take another branch than the graph's at the next "
+                "call; keep such state out of forward, or register a bound with "
+                "lipnet.certify.register_lipschitz_bound"))
+
+    @contextmanager
+    def paused(self):
+        active, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = active
 
 
 class _BoundInterpreter(torch.fx.Interpreter):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lipnet import convert
-from lipnet.certify import LipschitzBoundError, lipschitz_bound
+from lipnet.certify import LipschitzBoundError, lipschitz_bound, register_lipschitz_bound
 from lipnet.convert import traced_lipschitz_bound
 
 F64 = torch.float64
@@ -157,3 +157,82 @@ def test_the_batch_size_read_as_it_is_stays_accepted():
 
     model = Container(forward).double().eval()
     assert 3.0 <= traced(model, (4,)) <= 3.0 * (1 + 1e-5)
+
+
+# ----------------------------------------------------------------------------- finding 3: Python state
+
+
+class Gate(nn.Module):
+    """Returns its input, and notes in a Python attribute whether it is large."""
+
+    def __init__(self):
+        super().__init__()
+        self.large = False
+
+    def forward(self, x):
+        self.large = bool(x.abs().max() > 50)
+        return x
+
+
+register_lipschitz_bound(Gate, lambda module, shape: 1.0)  # true: it returns its input
+
+
+class Gated(nn.Module):
+    """Scales by 100 where its gate saw a large input: the trace froze ``self.gate.large``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.gate = Gate()
+
+    def forward(self, x):
+        y = self.gate(self.lin(x))
+        if self.gate.large:
+            y = y * 100.0
+        return y
+
+
+class Counted(nn.Module):
+    """Scales by 100 from its 1000th call on (a warm-up schedule kept in forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x) * (100.0 if self.calls > 1000 else 1.0)
+
+
+def test_a_flag_a_child_sets_from_its_input_is_refused():
+    """Certified 1.000001; the Jacobian at an input of norm 400 is 100."""
+    torch.manual_seed(0)
+    large = 200 * torch.randn(4, dtype=F64)
+    assert assert_sound_or_refused(Gated(), (4,), points=[large]) is None
+
+
+def test_a_call_counter_is_refused():
+    """Certified 1.000001; from the 1000th call on the slope is 100."""
+    torch.manual_seed(0)
+    model = Counted()
+    try:
+        converted, bound = converted_bound(model, (4,))
+    except LipschitzBoundError as error:
+        assert "assigns the attribute 'calls'" in error.reason
+        return
+    converted.calls = 1000
+    assert lower_bound(converted, (4,)) <= bound * (1 + SLACK), f"certified {bound}, slope 100 after 1000 calls"
+
+
+def test_lipnet_layers_that_note_their_input_size_stay_accepted():
+    """A Gram convolution notes its input size in forward (an attribute of a lipnet class)."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) + x
+
+    assert assert_sound_or_refused(Block(), (2, 4, 4)) is not None
