@@ -19,9 +19,11 @@ from __future__ import annotations
 import errno
 import gzip
 import hashlib
+import io
 import math
 import os
 import pickle
+import pickletools
 import re
 import stat
 import struct
@@ -406,7 +408,12 @@ def _read_cifar(info: DatasetInfo, split: str, folder: Path):
     for path in (folder / name for name in _CIFAR_FILES[info.name][split]):
         try:
             with open(path, "rb") as f:
-                batch = _CifarUnpickler(f, path).load()  # the format torchvision downloads and reads
+                data = f.read()
+            # The unpickler allocates the length a string's header claims before reading it: the
+            # lengths are checked against the file first (without running anything).
+            for _ in pickletools.genops(data):
+                pass
+            batch = _CifarUnpickler(io.BytesIO(data), path).load()  # the format torchvision downloads and reads
         except DatasetError:
             raise
         except Exception as exc:  # noqa: BLE001 - truncated pickles fail in many ways
