@@ -315,3 +315,39 @@ def test_stale_temporaries_are_swept_only_in_a_folder(tmp_path):
     assert remove_stale_temporaries(tmp_path / "file") == []
     (tmp_path / (".m" * 100 + ".pt.1.0123456789ab.tmp")).mkdir()  # a folder of that name is not ours to delete
     assert remove_stale_temporaries(tmp_path) == [] and len(names(tmp_path)) == 2
+
+
+def test_a_tensor_claiming_more_elements_than_its_storage_holds_is_refused_unallocated(tmp_path):
+    import tracemalloc
+
+    payload = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "model": {"name": "m", "kwargs": {}},
+               "state_dict": {"w": torch.arange(7.0)}, "info": {}}
+    path = save_checkpoint(tmp_path / "m.pt", payload)
+    with zipfile.ZipFile(path) as archive:
+        records = [(info, archive.read(info)) for info in archive.infolist()]
+    forged = tmp_path / "forged.pt"  # the shape (7,) in data.pkl becomes (10**9,), with matching checksums
+    with zipfile.ZipFile(forged, "w") as archive:
+        for info, data in records:
+            if info.filename.endswith("/data.pkl"):
+                assert data.count(b"K\x07\x85") == 1  # BININT1 7, TUPLE1
+                data = data.replace(b"K\x07\x85", b"J" + (10**9).to_bytes(4, "little") + b"\x85")
+            archive.writestr(info, data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="forged.pt: it is truncated, corrupt"):
+            load_checkpoint(forged)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
+
+
+def test_all_zero_weights_load_and_give_finite_outputs(tmp_path):
+    model = net()
+    for name, tensor in model.state_dict().items():
+        if name.endswith("weight"):
+            payload = checkpoint.model_payload(model)
+            payload["state_dict"][name] = torch.zeros_like(tensor)
+            save_checkpoint(tmp_path / "m.pt", payload)
+            loaded, _ = load_model(tmp_path / "m.pt")
+            assert torch.isfinite(loaded(torch.rand(2, 1, 28, 28))).all(), name
