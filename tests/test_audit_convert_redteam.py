@@ -12,6 +12,8 @@ their docstrings); the rest are patterns that were already right, kept as regres
 
 import pytest
 import torch
+import torch.nn.functional as F
+import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
 from lipnet import convert
@@ -236,3 +238,179 @@ def test_lipnet_layers_that_note_their_input_size_stay_accepted():
             return self.conv(x) + x
 
     assert assert_sound_or_refused(Block(), (2, 4, 4)) is not None
+
+
+# ----------------------------------------------------------------------------- already right
+
+
+# Forwards that use parameters, buffers and Python values directly, and operations lipnet has no
+# rule for (refused), or a rule that must hold (certified).
+FORWARDS = {
+    "x @ w": (lambda s, x: s.lin(x) @ s.w, dict(w=nn.Parameter(10 * torch.randn(4, 4)))),
+    "x * parameter": (lambda s, x: s.lin(x) * s.w, dict(w=nn.Parameter(torch.tensor(10.0)))),
+    "x + parameter": (lambda s, x: s.lin(x) + s.w, dict(w=nn.Parameter(torch.randn(4)))),
+    "x / buffer": (lambda s, x: s.lin(x) / s.w, dict(w=torch.tensor([1.0, 1.0, 1.0, 0.01]))),
+    "x * 2": (lambda s, x: s.lin(x) * 2, {}),
+    "x * x": (lambda s, x: s.lin(x) * s.lin(x), {}),
+    "x / x.norm()": (lambda s, x: s.lin(x) / s.lin(x).norm(), {}),
+    "cat([x, x])": (lambda s, x: torch.cat([s.lin(x), s.lin(x)], 1), {}),
+    "expand": (lambda s, x: s.lin(x).unsqueeze(1).expand(-1, 3, -1).flatten(1), {}),
+    "repeat": (lambda s, x: s.lin(x).repeat(1, 3), {}),
+    "stack": (lambda s, x: torch.stack([s.lin(x), s.lin(x)], 1).flatten(1), {}),
+    "x[:, [0, 0, 1]]": (lambda s, x: s.lin(x)[:, [0, 0, 1]], {}),
+    "x[..., :2]": (lambda s, x: s.lin(x)[..., :2], {}),
+    "pad reflect": (lambda s, x: F.pad(s.lin(x).view(-1, 1, 4), (2, 2), mode="reflect").flatten(1), {}),
+    "pad value": (lambda s, x: F.pad(s.lin(x), (1, 1), value=3.0), {}),
+    "interpolate": (lambda s, x: F.interpolate(s.lin(x).view(-1, 1, 4), scale_factor=2).flatten(1), {}),
+    "roll": (lambda s, x: torch.roll(s.lin(x), 1, 1), {}),
+    "roll over the batch": (lambda s, x: torch.roll(s.lin(x), 1, 0), {}),
+    "sum": (lambda s, x: s.lin(x).sum(1, keepdim=True), {}),
+    "mean": (lambda s, x: s.lin(x).mean(1, keepdim=True), {}),
+    "max(dim)": (lambda s, x: torch.max(s.lin(x), 1, keepdim=True).values, {}),
+    "where": (lambda s, x: torch.where(x > 0, s.lin(x), 3 * s.lin(x)), {}),
+    "clamp": (lambda s, x: torch.clamp(s.lin(x) * 5, -1, 1), {}),
+    "mul_(3)": (lambda s, x: s.lin(x).mul_(3), {}),
+    "abs": (lambda s, x: s.lin(x).abs() * 2, {}),
+    "sort": (lambda s, x: torch.sort(s.lin(x), 1).values, {}),
+    "normalize": (lambda s, x: F.normalize(s.lin(x)), {}),
+    "detach": (lambda s, x: s.lin(x).detach() * 5, {}),
+    "x.data": (lambda s, x: s.lin(x).data * 5, {}),
+    "rsub alpha": (lambda s, x: torch.rsub(s.lin(x), 1.0, alpha=5), {}),
+    "add(alpha=-3)": (lambda s, x: torch.add(s.lin(x), s.lin(x), alpha=-3), {}),
+    "add(const, x, alpha=7)": (lambda s, x: torch.add(s.w, s.lin(x), alpha=7), dict(w=torch.ones(4))),
+    "add(other=x)": (lambda s, x: torch.add(s.lin(x), other=s.lin(x), alpha=5), {}),
+    "sub_(alpha=5)": (lambda s, x: (s.lin(x) * 1.0).sub_(s.lin(x), alpha=5), {}),
+    "add_ into a constant then mul_": (lambda s, x: torch.full(x.shape, 2.0, dtype=x.dtype).add_(s.lin(x)).mul_(5), {}),
+    "div_ by a buffer": (lambda s, x: (s.lin(x) * 1.0).div_(s.w), dict(w=torch.tensor([1.0, 2.0, 0.01, 4.0]))),
+    "x.T": (lambda s, x: s.lin(x).T.T, {}),
+    "einsum": (lambda s, x: torch.einsum("bi,ij->bj", s.lin(x), s.w), dict(w=5 * torch.randn(4, 4))),
+    "F.linear": (lambda s, x: F.linear(s.lin(x), s.w), dict(w=5 * torch.randn(4, 4))),
+    "flip": (lambda s, x: s.lin(x).flip(1), {}),
+    "narrow": (lambda s, x: s.lin(x).narrow(1, 0, 2), {}),
+    "sigmoid * 4": (lambda s, x: torch.sigmoid(s.lin(x)) * 4, {}),
+    "lerp": (lambda s, x: torch.lerp(s.lin(x), x, 5.0), {}),
+    "aten.mul": (lambda s, x: torch.ops.aten.mul(s.lin(x), 100), {}),
+    "__rmul__": (lambda s, x: s.lin(x).__rmul__(100), {}),
+    "half": (lambda s, x: s.lin(x).half().double() * 3, {}),
+    "complex factor": (lambda s, x: torch.view_as_real(s.lin(x) * s.w).flatten(1), dict(w=torch.tensor(3 + 4j))),
+    "training branch": (lambda s, x: s.lin(x) * (1.0 if s.training else 50.0), {}),
+    "Python attribute factor": (lambda s, x: s.lin(x) * s.k, {}),
+    "lambda attribute": (lambda s, x: s.g(s.lin(x)), {}),
+    "residual x + 3 f(x)": (lambda s, x: x + 3 * s.lin(x), {}),
+    "child called twice": (lambda s, x: s.lin(s.lin(x) * 2) - s.lin(x), {}),
+}
+
+
+class Times100(torch.autograd.Function):
+    """Forward ``100 x``; its backward tells the truth, so that the Jacobian does too."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 100
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 100
+
+
+FORWARDS["autograd.Function"] = (lambda s, x: Times100.apply(s.lin(x)), {})
+
+
+@pytest.mark.parametrize("name", FORWARDS)
+def test_adversarial_forwards_are_certified_soundly_or_refused(name):
+    forward, buffers = FORWARDS[name]
+    torch.manual_seed(0)
+    model = Container(forward, **buffers)
+    model.k = 7.0
+    model.g = lambda t: t * 9.0
+    assert_sound_or_refused(model, (4,))
+
+
+def test_the_bounds_are_not_vacuous():
+    """The harness catches a bound that is too small: ``x * 10`` against a bound of 10 is tight."""
+    model = Container(lambda s, x: s.lin(x) * s.w, w=nn.Parameter(torch.tensor(10.0)))
+    converted, bound = converted_bound(model, (4,))
+    assert bound == pytest.approx(10.0, rel=1e-5)
+    assert lower_bound(converted, (4,)) == pytest.approx(bound, rel=1e-5)
+
+
+class Shared(nn.Module):
+    """One module in two containers, and a residual with a scaled branch."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.f = shared
+
+    def forward(self, x):
+        return x + 2.0 * self.f(x)
+
+
+def test_a_module_shared_between_two_containers():
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(Shared(shared), nn.ReLU(), Shared(shared))
+    bound = assert_sound_or_refused(model, (4,))
+    assert bound is not None and bound >= 9.0 * (1 - 1e-6)  # (1 + 2) ** 2
+    converted, _ = convert(model, input_shape=(4,))
+    assert converted[0].f is converted[2].f
+
+
+def conv_net():
+    return nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2))
+
+
+class TimesHundred(nn.Module):
+    def forward(self, w):
+        return 100 * w
+
+
+CHANGES_AFTER_CONVERSION = {
+    "padding_mode reflect": lambda net: setattr(net[0], "padding_mode", "reflect"),
+    "padding_mode circular": lambda net: setattr(net[0], "padding_mode", "circular"),
+    "padding_mode replicate": lambda net: setattr(net[0], "padding_mode", "replicate"),
+    "dilation 2, padding 2": lambda net: (setattr(net[0], "padding", (2, 2)), setattr(net[0], "dilation", (2, 2))),
+    "weight * 100": lambda net: net[0].weight.data.mul_(100),
+    "bias 1e6": lambda net: net[3].bias.data.fill_(1e6),
+    "parametrization scaling a conv weight": lambda net: parametrize.register_parametrization(
+        net[0], "weight", TimesHundred()),
+    "parametrization scaling a linear weight": lambda net: parametrize.register_parametrization(
+        net[3], "weight", TimesHundred()),
+    "spectral_norm": lambda net: torch.nn.utils.parametrizations.spectral_norm(net[3]),
+    "weight_norm": lambda net: torch.nn.utils.parametrizations.weight_norm(net[3]),
+    "forward hook": lambda net: net[3].register_forward_hook(lambda m, args, out: 100 * out),
+}
+
+
+@pytest.mark.parametrize("name", CHANGES_AFTER_CONVERSION)
+def test_changes_to_converted_layers_are_certified_soundly_or_refused(name):
+    torch.manual_seed(0)
+    converted, _ = convert(conv_net().double().eval(), input_shape=(2, 4, 4))
+    CHANGES_AFTER_CONVERSION[name](converted)
+    try:
+        bound = lipschitz_bound(converted.eval(), (2, 4, 4))
+    except LipschitzBoundError:
+        return
+    assert lower_bound(converted, (2, 4, 4)) <= bound * (1 + SLACK)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda layer: torch.nn.utils.parametrizations.spectral_norm(layer),
+    lambda layer: torch.nn.utils.parametrizations.weight_norm(layer),
+    lambda layer: parametrize.register_parametrization(layer, "weight", TimesHundred()),
+], ids=["spectral_norm", "weight_norm", "scaling"])
+def test_parametrized_layers_are_left_alone_and_not_certified(wrap):
+    torch.manual_seed(0)
+    net = conv_net()
+    wrap(net[3])
+    converted, report = convert(net.double(), input_shape=(2, 4, 4))
+    assert type(converted[3]).__name__.startswith("Parametrized")
+    assert not report.certifiable and any(o.path == "3" and o.blocking for o in report.obstacles)
+
+
+def test_a_compiled_child_is_refused():
+    torch.manual_seed(0)
+    net = nn.Sequential(torch.compile(nn.Linear(4, 4), backend="eager"), nn.Linear(4, 2))
+    converted, report = convert(net.double(), input_shape=(4,))
+    assert not report.certifiable
+    with pytest.raises(LipschitzBoundError, match="forward"):
+        lipschitz_bound(converted, (4,))
