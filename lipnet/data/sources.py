@@ -295,7 +295,9 @@ def _read_npz(info: DatasetInfo, split: str, paths: list[Path]):
     return torch.cat(images), torch.cat(labels)
 
 
-_MAX_DEFLATE_RATIO = 1032  # the most that deflate expands; a stored record: 1
+# The most a record of each kind can expand (deflate: 258 bytes from 2 bits); bzip2 and lzma have no
+# useful bound.
+_MAX_RATIO = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: 1032}
 
 
 def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -327,7 +329,8 @@ def _check_npy_record(path: Path, archive: zipfile.ZipFile, key: str, file_size:
     its header claims more bytes than its record holds: numpy allocates what the header claims
     before it reads."""
     record = archive.getinfo(f"{key}.npy")
-    if record.compress_size > file_size or record.file_size > max(record.compress_size, 1) * _MAX_DEFLATE_RATIO:
+    ratio = _MAX_RATIO.get(record.compress_type)
+    if record.compress_size > file_size or (ratio and record.file_size > max(record.compress_size, 1) * ratio):
         raise DatasetError(f"{path} is truncated or corrupt: its record of {key!r} claims {record.file_size} bytes "
                            f"from {record.compress_size} stored, in a file of {file_size}. Get it again.")
     with archive.open(record) as member:

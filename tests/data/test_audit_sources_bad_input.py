@@ -359,3 +359,17 @@ def test_a_cifar_batch_whose_string_claims_gigabytes_fails_before_allocating_the
     finally:
         tracemalloc.stop()
     assert peak < 64 * 2**20
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA],
+                         ids=["deflate", "bzip2", "lzma"])
+def test_compressed_archives_of_highly_compressible_arrays_load(tmp_path, compression):
+    """All-zero images deflate about 1000:1 (near deflate's limit), and far more with bzip2 or lzma."""
+    x, y = np.zeros((2000, 32, 32, 3), np.uint8), np.zeros(2000, np.int64)
+    with zipfile.ZipFile(tmp_path / "train.npz", "w", compression=compression, compresslevel=9) as archive:
+        for key, array in (("x", x), ("y", y)):
+            with archive.open(f"{key}.npy", "w") as record:
+                np.lib.format.write_array(record, array)
+    with pytest.warns(UserWarning, match="only 1 of its 10 classes"):
+        data = load_dataset("cifar10", "train", data_dir=tmp_path)
+    assert data.images.shape == (2000, 3, 32, 32) and not data.images.any()
