@@ -34,11 +34,11 @@ from torch import nn
 from lipnet.certify import certified_accuracy
 from lipnet.certify.accuracy import ExactLogits
 from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_error_bound
-from lipnet.nn import ConvexResidual, GramConv1d, GramConv2d, GramConvTranspose2d, GramLinear, GroupSort, \
-    InputNormalization, MaxMin
+from lipnet.nn import ConvexResidual, GramConv1d, GramConv2d, GramConvTranspose2d, GramLinear, GramResidualConv2d, \
+    GroupSort, InputNormalization, MaxMin
 from lipnet.nn.normalized import GramNormalized
 
-ORDER_BASED = (nn.ReLU, MaxMin, GroupSort, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+ORDER_BASED = (nn.ReLU, MaxMin, GroupSort, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool1d)
 WEIGHT_FREE = (nn.Flatten, nn.Unflatten, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Upsample,
                nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d, nn.PixelShuffle)
 
@@ -381,7 +381,32 @@ def conv1d_case(seed):
     return model, x
 
 
-CASES = [(builder, seed) for builder in (mlp_case, conv_case, conv1d_case) for seed in range(14)]
+def copy_padding_case(seed):
+    """Padding that copies on inputs at most the kernel's size (taps reading one sample several times),
+    strided and dilated, a residual convolution, Unflatten and adaptive max pooling."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    size = rng.choice([1, 2, 3])
+    mode = rng.choice(["replicate", "circular", "reflect"] if size > 1 else ["replicate", "circular"])
+    kernel = 3
+    dilation = rng.choice([1, 2]) if mode == "replicate" else 1
+    pad = dilation
+    if mode == "reflect":
+        pad = min(pad, size - 1)
+    if mode == "circular":
+        pad = min(pad, size)
+    layers = [GramConv2d(2, 4, kernel, padding=pad, dilation=dilation, padding_mode=mode,
+                         stride=rng.choice([1, 2])), GroupSort(2)]
+    shape = out_shape(nn.Sequential(*layers).double(), (2, size, size))
+    layers += [GramResidualConv2d(4, 3, padding_mode=rng.choice(["zeros", "replicate", "circular"])), MaxMin()]
+    layers += [nn.Flatten(), nn.Unflatten(1, shape), nn.AdaptiveMaxPool2d(1), nn.Flatten(), GramLinear(4, 3)]
+    model = nn.Sequential(*layers).double().eval()
+    x = torch.randn(3, 2, size, size, dtype=torch.float64) * rng.choice([1e-3, 1.0, 1e200])
+    cancel_biases(model, x)
+    return model, x
+
+
+CASES = [(builder, seed) for builder in (mlp_case, conv_case, conv1d_case, copy_padding_case) for seed in range(14)]
 
 
 @pytest.mark.parametrize("builder, seed", CASES, ids=[f"{b.__name__}-{s}" for b, s in CASES])
