@@ -549,3 +549,46 @@ def test_hooks_and_meta_tensors_are_refused():
     handle.remove()
     with pytest.raises(Exception):
         certified_accuracy(model.to("meta"), (x.to("meta"), labels.to("meta")), eps=[0.0], progress=False)
+
+
+class _ScaledThenAmplified(nn.Module):
+    """A container with its own forward, ``lin(bn(x / 64))``: bounded by ``lipnet.convert``'s traced bound,
+    whose elementwise ``x / 64`` node underflows for inputs ``2^-1070``."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(n, eps=0.25)
+        self.lin = nn.Linear(n, 1, bias=False)
+
+    def forward(self, x):
+        return self.lin(self.bn(x * 0.015625))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "lipnet.convert's traced rounding bound (_traced_rounding, 'linear' nodes: 4 u (sum f_i ||a_i|| + ||y||)) "
+    "has no underflow term; lipnet/convert.py is outside this audit's files"))
+def test_underflow_in_a_traced_container_is_in_the_error_bound():
+    """As :func:`test_underflowing_products_are_in_the_error_bound`, the underflow in a node of a traced
+    graph: ``x_i / 64 = 2^-1076`` rounds to 0, BatchNorm scales by ``2^1023``, the sum gives ``2^-47``
+    exactly (0 in float64), and the last layer's biases put the exact decision on the other side."""
+    from lipnet.convert import convert
+
+    n = 4096
+    net = convert(nn.Sequential(_ScaledThenAmplified(n), nn.Linear(1, 2)), input_shape=(n,), activation=None).model
+    net = net.double().eval()
+    inner, head = net[0], net[1]
+    with torch.no_grad():
+        inner.bn.running_mean.zero_()
+        inner.bn.running_var.fill_(0.75)
+        inner.bn.weight.fill_(2.0 ** 1023)
+        inner.bn.bias.zero_()
+        inner.lin.weight.fill_(1.0)
+        head.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+        head.bias.copy_(torch.tensor([0.75 * 2.0 ** -47, 0.0]))
+        x = torch.full((1, n), 2.0 ** -1070, dtype=torch.float64)
+        assert int(net(x).argmax()) == 0
+        hidden = sum(Fraction(w) for w in inner.lin.normalized_weight()[0].tolist()) * Fraction(2 ** (1023 - 1076))
+        exact = [Fraction(b) + Fraction(w) * hidden for b, w in zip(head.bias.tolist(), head.normalized_weight()[:, 0].tolist())]
+    assert exact[1] > exact[0]  # the exact model predicts class 1
+    result = certified_accuracy(net, (x, torch.tensor([0])), eps=[0.0], progress=False)
+    assert float(result.radii[0]) == 0.0
