@@ -283,7 +283,12 @@ class ExactLogits:
 
 
 def model_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` as a model of ``dtype`` sees it: ``uint8`` images scaled to ``[0, 1]``, floats cast."""
+    """``x`` as a model of ``dtype`` sees it: ``uint8`` images scaled to ``[0, 1]``, floats cast.
+
+    Complex inputs are refused: casting them to a real dtype drops their imaginary parts, and a
+    real model does not take them."""
+    if x.is_complex():
+        raise TypeError(f"inputs must be real, got {x.dtype}: casting would certify their real parts only")
     if x.dtype == torch.uint8:
         return x.to(dtype) / 255
     return x.to(dtype) if x.is_floating_point() else x

@@ -592,3 +592,12 @@ def test_underflow_in_a_traced_container_is_in_the_error_bound():
     assert exact[1] > exact[0]  # the exact model predicts class 1
     result = certified_accuracy(net, (x, torch.tensor([0])), eps=[0.0], progress=False)
     assert float(result.radii[0]) == 0.0
+
+
+def test_complex_inputs_are_refused():
+    """Cast to float64 they lost their imaginary parts (with a warning only) and their real parts were
+    certified, although the model itself refuses complex inputs."""
+    model = nn.Sequential(GramLinear(4, 3)).eval()
+    x = torch.randn(5, 4, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="real"):
+        certified_accuracy(model, (x, torch.zeros(5, dtype=torch.long)), eps=[0.0], progress=False)
