@@ -230,7 +230,7 @@ class ExactLogits:
     batch on, its Lipschitz bounds for that batch's input shape (``bounds``: ``input_shape``,
     ``lipschitz``, ``modules`` and, when ``split`` is the copy's ``(body, last linear layer)``,
     ``body_lipschitz``). Calling it on a non-empty batch of inputs (cast to the model's dtype
-    first: the input the model would see) returns ``(logits, rounding)``, the float64 logits and
+    first: the input the model would see; ``x`` itself is not written to) returns ``(logits, rounding)``, the float64 logits and
     the bound on each logit's error of :func:`~lipnet.certify.precision.rounding_allowance`. Use
     it with the model in eval mode, without gradients, under
     :func:`~lipnet.certify.precision.exact_kernels`.
@@ -243,7 +243,7 @@ class ExactLogits:
         self.bounds = None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = model_input(x, self.dtype).double()
+        x = model_input(x, self.dtype).to(torch.float64, copy=True)  # an in-place first module must not write to x
         shape = tuple(x.shape[1:])
         if self.bounds is None:
             self.bounds = {"input_shape": shape, **self._bounds(shape, x.device)}

@@ -601,3 +601,17 @@ def test_complex_inputs_are_refused():
     x = torch.randn(5, 4, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
     with pytest.raises(TypeError, match="real"):
         certified_accuracy(model, (x, torch.zeros(5, dtype=torch.long)), eps=[0.0], progress=False)
+
+
+def test_an_in_place_first_module_leaves_the_data_alone():
+    """A float64 model on float64 data got the data's own slices (``x.to(float64)`` is ``x``): a leading
+    ``ReLU(inplace=True)`` zeroed the caller's negative inputs."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=gen)
+    data = x.clone()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(inplace=True), GramLinear(4, 3)).double().eval()
+    labels, _ = exact_labels(nn.Sequential(nn.ReLU(), model[1]), x)
+    result = check_radii(model, data, labels)
+    assert torch.equal(data, x)
+    assert bool((result.radii > 0).any())
