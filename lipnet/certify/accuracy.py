@@ -174,6 +174,9 @@ def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch
     """The device of ``model``'s parameters (the CPU without any), which ``device`` must name if
     given: ``"cuda"`` for a model on ``cuda:1`` means ``cuda:1``, not the current GPU."""
     model_device = next((p.device for p in model.parameters()), None)
+    if model_device is not None and model_device.type == "meta":
+        raise ValueError("the model is on the meta device: its parameters hold no values to certify; materialize it "
+                         "first (model.to_empty(device=...) and load_state_dict)")
     device = torch.device(device) if device is not None else model_device or torch.device("cpu")
     if model_device is None:
         return device
