@@ -50,6 +50,7 @@ from lipnet.nn.gram_conv import GramConv2d
 from lipnet.nn.gram_conv1d import GramConv1d
 from lipnet.nn.gram_conv_transpose import GramConvTranspose2d
 from lipnet.nn.gram_linear import GramLinear
+from lipnet.nn.normalized import GramNormalizedConv
 from lipnet.nn.pooling import pooling_lipschitz_bound, sqrt_up
 from lipnet.nn.residual import ConvexResidual, GramResidualConv2d
 from lipnet.nn.sequential import GramSequential
@@ -837,10 +838,9 @@ def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
     value read later shares (``contiguous()``, ``nn.Identity`` and no-op reshapes return their
     input), reading a value after anything changed it in place, a module with forward hooks
     or a ``forward`` assigned to the instance (the graph is the class's forward, without them),
-    a forward that assigns attributes of the module or of children whose classes are not
-    lipnet's or torch's (the graph freezes the Python values the forward reads: a flag a child
-    sets from its input, a call counter), and a graph that does not reproduce the module's
-    output. All float arithmetic rounds upwards.
+    a forward that assigns attributes of the module or of its children (the graph freezes the
+    Python values the forward reads: a flag a child sets from its input, a call counter), and a
+    graph that does not reproduce the module's output. All float arithmetic rounds upwards.
 
     The graph holds the forward's tensor operations only: Python values it reads (attributes,
     globals) are those at tracing, and the graph is compared with the forward on two batches.
@@ -898,36 +898,44 @@ def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=l
     return bound
 
 
+#: The attributes a Gram convolution assigns in its forward (the size of the input it received).
+_FORWARD_NOTES = ("_last_input_size",)
+
+
 class _AttributeWrites:
-    """Refuses a forward that assigns an attribute of the module or of a descendant whose class is
-    not lipnet's or torch's, seen by ``nn.Module.__setattr__`` and ``__delattr__``, patched while
-    the forward runs (:meth:`watching`, as torch.fx patches ``nn.Module.__getattr__`` while it
-    traces), except while the bounds of children are computed (:meth:`paused`).
+    """Refuses a forward that assigns an attribute of the module or of a descendant, seen by
+    ``nn.Module.__setattr__`` and ``__delattr__``, patched while the forward runs
+    (:meth:`watching`, as torch.fx patches ``nn.Module.__getattr__`` while it traces), except
+    while the bounds of children are computed (:meth:`paused`).
 
     The graph freezes every Python value its forward reads when it is traced: a flag that a child
     sets from its input (``self.large = bool(x.abs().max() > 50)``, read by the parent as ``if
-    self.gate.large: y = 100 * y``) or a call counter (``self.step += 1``) may take the forward
-    down another branch than the graph's at the next call. lipnet's and torch's modules keep no
-    such state (a Gram convolution notes the size of its input)."""
+    self.gate.large: y = 100 * y``) or a call counter (``self.step += 1``, or one kept on a child,
+    ``self.relu.calls += 1``) may take the forward down another branch than the graph's at the
+    next call. The one attribute lipnet's layers assign in forward is the input size a Gram
+    convolution notes (:data:`_FORWARD_NOTES`), which no forward branches on."""
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.tree = {id(m) for m in module.modules() if not type(m).__module__.startswith(("lipnet.", "torch."))}
+        self.tree = {id(m) for m in module.modules()}
         self.writes: list[tuple[nn.Module, str]] = []
         self.active = False
+
+    def _note(self, module: nn.Module, name: str):
+        if self.active and id(module) in self.tree and not (
+                isinstance(module, GramNormalizedConv) and name in _FORWARD_NOTES):
+            self.writes.append((module, name))
 
     @contextmanager
     def watching(self):
         set_attribute, delete_attribute = nn.Module.__setattr__, nn.Module.__delattr__
 
         def recording_set(module, name, value):
-            if self.active and id(module) in self.tree:
-                self.writes.append((module, name))
+            self._note(module, name)
             set_attribute(module, name, value)
 
         def recording_delete(module, name):
-            if self.active and id(module) in self.tree:
-                self.writes.append((module, name))
+            self._note(module, name)
             delete_attribute(module, name)
 
         nn.Module.__setattr__, nn.Module.__delattr__ = recording_set, recording_delete

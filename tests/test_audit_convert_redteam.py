@@ -227,15 +227,46 @@ def test_a_call_counter_is_refused():
     assert lower_bound(converted, (4,)) <= bound * (1 + SLACK), f"certified {bound}, slope 100 after 1000 calls"
 
 
+class CountedOnAChild(nn.Module):
+    """The same counter, kept on a torch child: ``self.spare.calls``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.spare = nn.Identity()
+
+    def forward(self, x):
+        self.spare.calls = getattr(self.spare, "calls", 0) + 1
+        return self.lin(x) * (100.0 if self.spare.calls > 1000 else 1.0)
+
+
+class SetsAChildsMode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.drop = nn.Dropout(1e-12)
+
+    def forward(self, x):
+        self.drop.train()
+        return self.drop(self.lin(x))
+
+
+def test_state_kept_on_a_torch_child_or_its_mode_is_refused():
+    """Certified 1.000001 while the attribute checks spared torch's modules; slope 100 later."""
+    for model in (CountedOnAChild().double(), SetsAChildsMode().double()):
+        with pytest.raises(LipschitzBoundError, match="assigns the attribute '(calls|training)'"):
+            traced(model, (4,))
+
+
 def test_lipnet_layers_that_note_their_input_size_stay_accepted():
-    """A Gram convolution notes its input size in forward (an attribute of a lipnet class)."""
+    """A Gram convolution notes its input size in forward, here two sizes in turn."""
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(2, 2, 3, padding=1)
 
         def forward(self, x):
-            return self.conv(x) + x
+            return torch.cat([self.conv(x).flatten(1), self.conv(x[:, :, :2, :2]).flatten(1)], 1)
 
     assert assert_sound_or_refused(Block(), (2, 4, 4)) is not None
 
