@@ -219,7 +219,12 @@ def convert(
         raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
 
     report = ConversionReport()
-    target = model if inplace else copy.deepcopy(model)
+    try:
+        target = model if inplace else copy.deepcopy(model)
+    except RuntimeError as error:  # a tensor attribute computed with autograd, as torch.nn.utils.weight_norm leaves
+        raise ValueError(f"convert works on a copy of the model, and it cannot be copied ({error}); remove "
+                         "torch.nn.utils.weight_norm (torch.nn.utils.remove_weight_norm, or use "
+                         "torch.nn.utils.parametrizations.weight_norm), or pass inplace=True") from error
     shapes = _input_shapes(target, input_shape) if input_shape is not None else None
     if activation is not None and shapes is None:
         report.notes.append("input_shape not given: ReLU channel counts were not checked; MaxMin raises at the "

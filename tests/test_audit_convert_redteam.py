@@ -438,6 +438,18 @@ def test_parametrized_layers_are_left_alone_and_not_certified(wrap):
     assert not report.certifiable and any(o.path == "3" and o.blocking for o in report.obstacles)
 
 
+def test_a_model_that_cannot_be_copied_is_refused_with_a_clear_error():
+    """The deprecated torch.nn.utils.weight_norm leaves a non-leaf weight: copy.deepcopy's RuntimeError
+    came out of convert as it was."""
+    net = conv_net()
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(net[3])
+    with pytest.raises(ValueError, match="cannot be copied.*inplace=True"):
+        convert(net, input_shape=(2, 4, 4))
+    converted, report = convert(net, input_shape=(2, 4, 4), inplace=True)
+    assert not report.certifiable
+
+
 def test_a_compiled_child_is_refused():
     torch.manual_seed(0)
     net = nn.Sequential(torch.compile(nn.Linear(4, 4), backend="eager"), nn.Linear(4, 2))
