@@ -424,6 +424,36 @@ def test_changes_to_converted_layers_are_certified_soundly_or_refused(name):
     assert lower_bound(converted, (2, 4, 4)) <= bound * (1 + SLACK)
 
 
+LAYERS = {
+    "Conv2d padding same, kernel 4": (lambda: nn.Conv2d(2, 3, 4, padding="same"), (2, 5, 5)),
+    "Conv2d padding same, dilation 2": (lambda: nn.Conv2d(2, 3, 3, padding="same", dilation=2), (2, 5, 5)),
+    "Conv2d stride 2": (lambda: nn.Conv2d(2, 4, 3, stride=2), (2, 7, 7)),
+    "Conv2d circular": (lambda: nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), (2, 4, 4)),
+    "Conv2d reflect": (lambda: nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), (2, 4, 4)),
+    "Conv2d replicate": (lambda: nn.Conv2d(2, 2, 3, padding=2, padding_mode="replicate"), (2, 4, 4)),
+    "Conv2d groups": (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=2), (4, 4, 4)),
+    "Conv2d asymmetric": (lambda: nn.Conv2d(2, 2, (3, 1), padding=(2, 0), stride=(1, 2)), (2, 4, 4)),
+    "Conv1d circular": (lambda: nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular"), (2, 6)),
+    "Conv1d reflect stride 2": (lambda: nn.Conv1d(2, 3, 3, padding=2, stride=2, padding_mode="reflect"), (2, 7)),
+    "ConvTranspose2d output_padding": (lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1),
+                                       (2, 4, 4)),
+    "ConvTranspose2d dilation groups": (lambda: nn.ConvTranspose2d(4, 4, 3, stride=2, dilation=2, groups=2),
+                                        (4, 3, 3)),
+    "Linear on (3, 4)": (lambda: nn.Linear(4, 6), (3, 4)),
+}
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_converted_layers_keep_their_settings_soundly(name):
+    torch.manual_seed(0)
+    make, shape = LAYERS[name]
+    layer = make()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(10)
+    assert assert_sound_or_refused(nn.Sequential(layer, nn.Flatten()), shape) is not None
+
+
 @pytest.mark.parametrize("wrap", [
     lambda layer: torch.nn.utils.parametrizations.spectral_norm(layer),
     lambda layer: torch.nn.utils.parametrizations.weight_norm(layer),
