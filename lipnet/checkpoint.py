@@ -185,6 +185,20 @@ def _kind(tensor: torch.Tensor) -> str:
     return "bool" if tensor.dtype == torch.bool else "integer"
 
 
+def _misfits(weights: dict, expected: dict) -> list[str]:
+    """The weights of another shape than the model's (``expected``: its state dict), or of another
+    kind of number, which ``load_state_dict`` would cast (dropping imaginary parts, rounding)."""
+    misfits = []
+    for name, tensor in weights.items():
+        if not (torch.is_tensor(tensor) and name in expected):
+            continue  # a name the model lacks, or a value that is no tensor: load_state_dict names it
+        if _kind(tensor) != _kind(expected[name]):
+            misfits.append(f"{name} ({tensor.dtype}, the model holds {expected[name].dtype})")
+        elif tensor.shape != expected[name].shape:
+            misfits.append(f"{name} (shape {tuple(tensor.shape)}, the model's is {tuple(expected[name].shape)})")
+    return misfits
+
+
 def model_payload(model: nn.Module, **info) -> dict:
     """The checkpoint dict of a model built by :func:`lipnet.models.build_model`."""
     model = unwrap(model)
@@ -218,15 +232,16 @@ def load_model(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Modul
     payload = load_checkpoint(path, map_location=map_location)
     spec = payload["model"]
     try:
-        model = build_model(spec["name"], **spec["kwargs"])
+        # First on the meta device (shapes, no memory): a spec that disagrees with its weights, such
+        # as a width of 10**6, fails before gigabytes are allocated and initialized.
+        with torch.device("meta"):
+            expected = build_model(spec["name"], **spec["kwargs"]).state_dict()
     except (TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild model {spec['name']!r} from {spec['kwargs']}: {exc}") from exc
-    expected = model.state_dict()
-    other_kind = [f"{name} ({tensor.dtype}, the model holds {expected[name].dtype})"
-                  for name, tensor in payload["state_dict"].items()
-                  if torch.is_tensor(tensor) and name in expected and _kind(tensor) != _kind(expected[name])]
-    if other_kind:  # load_state_dict would cast them: drop imaginary parts, round to integers
-        raise CheckpointError(f"{path}: the weights do not fit model {spec['name']!r}: {', '.join(other_kind)}")
+    misfits = _misfits(payload["state_dict"], expected)
+    if misfits:
+        raise CheckpointError(f"{path}: the weights do not fit model {spec['name']!r}: {', '.join(misfits)}")
+    model = build_model(spec["name"], **spec["kwargs"])
     try:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, ValueError) as exc:

@@ -69,7 +69,7 @@ def test_weights_of_another_model_are_refused(tmp_path):
     payload = checkpoint.model_payload(net())
     payload["state_dict"] = net(in_channels=3, input_size=32).state_dict()  # same names, other shapes
     save_checkpoint(tmp_path / "m.pt", payload)
-    with pytest.raises(CheckpointError, match="do not fit model 'convnet-xs'(?s:.*)size mismatch for 1.weight"):
+    with pytest.raises(CheckpointError, match=r"do not fit model 'convnet-xs'(?s:.*)1.weight.*16, 3, 2, 2"):
         load_model(tmp_path / "m.pt")
     payload = checkpoint.model_payload(net())
     payload["state_dict"]["extra.weight"] = torch.zeros(3)
@@ -351,3 +351,22 @@ def test_all_zero_weights_load_and_give_finite_outputs(tmp_path):
             save_checkpoint(tmp_path / "m.pt", payload)
             loaded, _ = load_model(tmp_path / "m.pt")
             assert torch.isfinite(loaded(torch.rand(2, 1, 28, 28))).all(), name
+
+
+def test_a_spec_that_disagrees_with_its_weights_fails_before_building_the_model(tmp_path):
+    """A width of 10**5 in the spec (the weights are 128 wide): 800 MB to allocate and initialize
+    before load_state_dict would refuse it."""
+    import tracemalloc
+
+    payload = checkpoint.model_payload(net())
+    payload["model"]["kwargs"]["dense"] = [10**5]
+    save_checkpoint(tmp_path / "m.pt", payload)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=r"do not fit model 'convnet-xs': 10.weight \(shape \(128, 1568\), "
+                                                  r"the model's is \(100000, 1568\)\)"):
+            load_model(tmp_path / "m.pt")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
