@@ -136,5 +136,5 @@ def dataset_info(name: str) -> DatasetInfo:
     """The registry entry of ``name``, with a clear error for unknown names."""
     try:
         return DATASETS[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: a list or another unhashable value
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}") from None

@@ -373,3 +373,9 @@ def test_compressed_archives_of_highly_compressible_arrays_load(tmp_path, compre
     with pytest.warns(UserWarning, match="only 1 of its 10 classes"):
         data = load_dataset("cifar10", "train", data_dir=tmp_path)
     assert data.images.shape == (2000, 3, 32, 32) and not data.images.any()
+
+
+@pytest.mark.parametrize("name", [["cifar10"], None, 3, "CIFAR10"])
+def test_a_data_set_name_that_is_not_registered_is_a_value_error_listing_the_names(name):
+    with pytest.raises(ValueError, match="unknown data set .*; known: fashion-mnist, mnist, cifar10, cifar100"):
+        load_dataset(name, "test")
