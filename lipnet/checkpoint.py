@@ -48,7 +48,11 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
             full, no permission); the message names ``path``, and a previous file there is kept.
     """
     path = Path(path)
-    _check_plain(payload, "payload", set())  # a value torch.load(weights_only=True) refuses would lose the run
+    try:
+        _check_plain(payload, "payload", set())  # a value torch.load(weights_only=True) refuses would lose the run
+    except RecursionError:  # pickle would fail on it too, after the file was opened
+        raise TypeError("cannot save payload: it is nested too deeply (thousands of levels); store a flatter "
+                        "structure") from None
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, f"cannot save a checkpoint to {path}: it is a folder; name a file in it, "
                                 f"e.g. {path / 'checkpoint.pt'}")

@@ -370,3 +370,12 @@ def test_a_spec_that_disagrees_with_its_weights_fails_before_building_the_model(
     finally:
         tracemalloc.stop()
     assert peak < 64 * 2**20
+
+
+def test_a_payload_nested_thousands_of_levels_deep_is_a_type_error(tmp_path):
+    deep = []
+    for _ in range(20000):
+        deep = [deep]
+    with pytest.raises(TypeError, match="nested too deeply"):
+        save_model(tmp_path / "m.pt", net(), v=deep)
+    assert names(tmp_path) == []
