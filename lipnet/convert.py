@@ -43,7 +43,7 @@ from lipnet.certify.lipschitz import (
     check_runs_own_forward,
     mul_up,
 )
-from lipnet.certify.precision import UNIT_ROUNDOFF, example_norms
+from lipnet.certify.precision import UNIT_ROUNDOFF, example_norms, underflow_bound
 from lipnet.export.exporter import check_input_shape, example_input
 from lipnet.nn.activations import GroupSort, MaxMin
 from lipnet.nn.gram_conv import GramConv2d
@@ -1397,8 +1397,10 @@ def _traced_rounding(module: nn.Module, h: torch.Tensor, err: torch.Tensor, boun
     :mod:`lipnet.certify.precision` for a module as a whole does not hold for it. Here each node
     adds its own: children through ``propagate`` (the certification pass itself), and an
     elementwise node with Lipschitz factors ``f_i`` on operands ``a_i`` and value ``y`` adds at most
-    ``4 u (sum f_i ||a_i|| + ||y||)`` to ``sum f_i e(a_i)``; rearrangements and concatenations are
-    exact (the latter combines its parts' errors in L2)."""
+    ``4 u (sum f_i ||a_i|| + ||y||)`` to ``sum f_i e(a_i)``, and the underflow of its products
+    (:func:`~lipnet.certify.precision.underflow_bound` of its ``numel(y)`` outputs and operands:
+    ``x / 64`` rounds ``2^-1070`` to 0, which a later layer may scale by ``2^1023``);
+    rearrangements and concatenations are exact (the latter combines its parts' errors in L2)."""
     traced = _trace(module)
 
     def child_bound(child, shape):
@@ -1424,7 +1426,7 @@ def _traced_rounding(module: nn.Module, h: torch.Tensor, err: torch.Tensor, boun
             (terms,) = parts
             total = sum(factor * errors[a] for a, factor in terms)
             size = sum(factor * example_norms(run.env[a]) for a, factor in terms) + example_norms(run.env[node])
-            errors[node] = total + 4 * UNIT_ROUNDOFF * size
+            errors[node] = total + 4 * UNIT_ROUNDOFF * size + underflow_bound(run.env[node][0].numel() + len(terms))
         elif kind == "exact":
             errors[node] = errors[parts[0]]
         else:  # "cat"

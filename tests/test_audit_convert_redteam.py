@@ -10,6 +10,8 @@ The first tests are the findings, each failing before its fix (certified vs true
 their docstrings); the rest are patterns that were already right, kept as regression tests.
 """
 
+from fractions import Fraction
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
 from lipnet import convert
-from lipnet.certify import LipschitzBoundError, lipschitz_bound, register_lipschitz_bound
+from lipnet.certify import LipschitzBoundError, certified_accuracy, lipschitz_bound, register_lipschitz_bound
 from lipnet.convert import traced_lipschitz_bound
 
 F64 = torch.float64
@@ -269,6 +271,48 @@ def test_lipnet_layers_that_note_their_input_size_stay_accepted():
             return torch.cat([self.conv(x).flatten(1), self.conv(x[:, :, :2, :2]).flatten(1)], 1)
 
     assert assert_sound_or_refused(Block(), (2, 4, 4)) is not None
+
+
+# ----------------------------------------------------------------------------- finding 4: underflow in a graph
+
+
+class Underflows(nn.Module):
+    """``lin(bn(x / 64))``: on inputs ``2^-1070`` the traced node ``x / 64`` underflows to 0."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(features, eps=0.25)
+        self.lin = nn.Linear(features, 1, bias=False)
+
+    def forward(self, x):
+        return self.lin(self.bn(x / 64))
+
+
+def test_underflow_in_a_traced_node_is_in_the_rounding_bound():
+    """Each ``x_i / 64 = 2^-1076`` rounds to 0 in float64; BatchNorm then scales by ``2^1023``, so the
+    exact hidden value is ``sqrt(4096) 2^-53 = 2^-47`` and the float64 one 0, and biases of ``2^-47``
+    put the exact decision on class 1 and the float64 one on class 0. The traced rounding bound had no
+    underflow term: class 0 was certified (radius 2.2e-321, at eps 0) for an exact prediction of 1."""
+    features = 4096
+    net = convert(nn.Sequential(Underflows(features), nn.Linear(1, 2)), input_shape=(features,),
+                  activation=None).model.double().eval()
+    block, head = net
+    with torch.no_grad():
+        block.bn.running_mean.zero_()
+        block.bn.running_var.fill_(0.75)  # (0.75 + eps) ** -0.5 = 1
+        block.bn.weight.fill_(2.0 ** 1023)
+        block.bn.bias.zero_()
+        block.lin.weight.fill_(1.0)  # normalized: 1 / 64 each
+        head.weight.copy_(torch.tensor([[-1.0], [1.0]]))  # normalized: +-1 / sqrt(2)
+        head.bias.copy_(torch.tensor([0.75 * 2.0 ** -47, 0.0]))
+        x = torch.full((1, features), 2.0 ** -1070, dtype=F64)
+        assert int(net(x).argmax()) == 0
+        hidden = sum(Fraction(w) for w in block.lin.normalized_weight()[0].tolist()) * Fraction(2) ** (1023 - 1076)
+        exact = [Fraction(b) + Fraction(w) * hidden
+                 for b, w in zip(head.bias.tolist(), head.normalized_weight()[:, 0].tolist())]
+    assert exact[1] > exact[0]
+    result = certified_accuracy(net, (x, torch.tensor([0])), eps=[0.0], progress=False)
+    assert float(result.radii[0]) == 0.0
 
 
 # ----------------------------------------------------------------------------- already right
