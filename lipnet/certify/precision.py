@@ -58,8 +58,10 @@ import torch
 from torch import nn
 
 from lipnet.bounds.autocast import ieee_float32_matmuls
-from lipnet.certify.lipschitz import _REGISTRY, _lookup, _unwrap
+from lipnet.certify.copy_map_bounds import NEAREST_MODES, _copied_entries
+from lipnet.certify.lipschitz import _REGISTRY, _lookup, _unwrap, has_forward_hooks, overridden_forward_part
 from lipnet.nn.normalized import GramNormalized
+from lipnet.nn.pooling import sqrt_up
 from lipnet.nn.residual import ConvexResidual, GramResidualConv2d
 
 #: Unit roundoff of float64.
@@ -75,8 +77,12 @@ def float64_copy(model: nn.Module) -> nn.Module:
     Likewise a :class:`~lipnet.nn.ConvexResidual` of the copy mixes with the coefficients
     ``1 - alpha`` and ``alpha`` that the original computes in its own dtype (in float16,
     ``sigmoid`` and ``1 - sigmoid`` may sum to ``1 + 2^-12``; recomputed in float64 they would
-    describe another function). Everything else is cast with ``.double()`` (exact for
-    float32, bfloat16 and float16).
+    describe another function). Nearest upsampling of a model that is not float64 on the CPU
+    becomes :class:`UpsampleAsApplied`, which copies the entries the original copies: torch's
+    CPU kernels compute the source indices in double arithmetic for float64 inputs and in float
+    arithmetic otherwise (its CUDA kernels in float always), and the maps differ (2 samples
+    upsampled to 82: output 41 copies the second in float64, the first in float32).
+    Everything else is cast with ``.double()`` (exact for float32, bfloat16 and float16).
     """
     model = _unwrap(model)
     twin = copy.deepcopy(model)
@@ -85,7 +91,63 @@ def float64_copy(model: nn.Module) -> nn.Module:
             module.normalized_weight = _weight_applied_by(original)
         if isinstance(original, ConvexResidual):
             module.coefficients = _coefficients_applied_by(original)
+    if _index_arithmetic(model) != torch.float64:
+        for parent in list(twin.modules()):
+            for name, child in parent.named_children():
+                if _plain_nearest_upsampling(child):
+                    setattr(parent, name, UpsampleAsApplied(child))
     return twin.double()
+
+
+def _plain_nearest_upsampling(module: nn.Module) -> bool:
+    """An ``nn.Upsample`` (or ``nn.UpsamplingNearest2d``) in a nearest mode that runs ``nn.Upsample.forward``
+    without hooks (anything else keeps its own forward, which the bounds then judge)."""
+    return (isinstance(module, nn.Upsample) and module.mode in NEAREST_MODES and not has_forward_hooks(module)
+            and overridden_forward_part(module, nn.Upsample) is None)
+
+
+def _index_arithmetic(model: nn.Module) -> torch.dtype:
+    """The dtype of the index arithmetic of ``model``'s nearest upsampling: float64 for a float64
+    model on the CPU (the dtype of its first floating parameter, else torch's default), else float32."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = torch.get_default_dtype() if first is None else first.dtype
+    on_cpu = first is None or first.device.type == "cpu"
+    return torch.float64 if dtype == torch.float64 and on_cpu else torch.float32
+
+
+class UpsampleAsApplied(nn.Module):
+    """``upsample`` (nearest) copying, in any dtype, the entries it copies in float32 index arithmetic.
+
+    The map is read from ``upsample`` run on the CPU in float32 on the indices of the entries of
+    one channel (:func:`~lipnet.certify.copy_map_bounds._copied_entries`), once per input size,
+    and applied by indexing; its Lipschitz constant is ``sqrt`` of the largest number of copies
+    of one entry (:mod:`lipnet.certify.copy_map_bounds`).
+    """
+
+    def __init__(self, upsample: nn.Upsample):
+        super().__init__()
+        self.upsample = upsample
+        self._maps: dict[tuple[int, ...], tuple[tuple[int, ...], torch.Tensor]] = {}
+
+    def copy_map(self, spatial) -> tuple[tuple[int, ...], torch.Tensor]:
+        """``(output size, source)``: the spatial output size, and for each output entry of one
+        channel (flattened) the index of the input entry it copies."""
+        spatial = tuple(int(s) for s in spatial)
+        if spatial not in self._maps:
+            index = torch.arange(math.prod(spatial)).reshape(1, 1, *spatial)
+            with torch.no_grad():
+                size = tuple(self.upsample(torch.zeros(index.shape)).shape[2:])
+            self._maps[spatial] = size, _copied_entries(self.upsample, index, torch.float32, 2 ** 24)
+        return self._maps[spatial]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size, source = self.copy_map(x.shape[2:])
+        return x.flatten(2)[:, :, source.to(x.device)].reshape(*x.shape[:2], *size)
+
+    def lipschitz_bound(self, input_size) -> float:
+        """``sqrt(max_i m_i)`` of the copy map for inputs of spatial size ``input_size``."""
+        _, source = self.copy_map(input_size)
+        return sqrt_up(int(torch.bincount(source).max())) if source.numel() else 0.0
 
 
 def _weight_applied_by(layer: GramNormalized) -> Callable:

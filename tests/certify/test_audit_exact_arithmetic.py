@@ -33,14 +33,14 @@ from torch import nn
 
 from lipnet.certify import certified_accuracy
 from lipnet.certify.accuracy import ExactLogits
-from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_error_bound
+from lipnet.certify.precision import UpsampleAsApplied, exact_kernels, float64_copy, forward_with_error_bound
 from lipnet.nn import ConvexResidual, GramConv1d, GramConv2d, GramConvTranspose2d, GramLinear, GramResidualConv2d, \
     GroupSort, InputNormalization, MaxMin
 from lipnet.nn.normalized import GramNormalized
 
 ORDER_BASED = (nn.ReLU, MaxMin, GroupSort, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool1d)
 WEIGHT_FREE = (nn.Flatten, nn.Unflatten, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Upsample,
-               nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d, nn.PixelShuffle)
+               UpsampleAsApplied, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d, nn.PixelShuffle)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,3 +617,26 @@ def test_an_in_place_first_module_leaves_the_data_alone():
     result = check_radii(model, data, labels)
     assert torch.equal(data, x)
     assert bool((result.radii > 0).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_nearest_upsampling_is_certified_as_the_model_applies_it(dtype):
+    """Two samples upsampled to 82: output 41 copies the first in float32 index arithmetic (torch's CPU
+    kernel for every dtype but float64) and the second in float64. A head reading output 41 only made the
+    float32 model predict class 1 (logits -0.71, 0.71) while its float64 copy predicted class 0, which
+    was certified at radius 0.154."""
+    torch.manual_seed(0)
+    head = GramLinear(82, 2)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[0, 41], head.weight[1, 41] = 1.0, -1.0
+        head.bias.zero_()
+    model = nn.Sequential(nn.Upsample(size=82, mode="nearest"), nn.Flatten(), head).to(dtype).eval()
+    x = torch.tensor([[[-1.0, 1.0]]], dtype=dtype)
+    with torch.no_grad():
+        predicted = int(model(x).argmax())
+    assert predicted == (0 if dtype == torch.float64 else 1)
+    right, wrong = exact_labels(model, x)
+    assert int(right) == predicted
+    assert float(check_radii(model, x, right).radii[0]) > 0.1
+    assert float(check_radii(model, x, wrong).radii[0]) == 0.0
