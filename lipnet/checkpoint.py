@@ -119,15 +119,11 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or not a lipnet checkpoint.
-        ValueError: ``map_location`` names no device.
+        ValueError, TypeError: ``map_location`` is no device, dict or function, or one that
+            ``torch.load`` cannot place tensors on.
     """
     path = Path(path)
-    if isinstance(map_location, str):  # torch.load's error for "gpu" would make a good file look corrupt
-        try:
-            torch.device(map_location)
-        except RuntimeError as exc:
-            raise ValueError(f"map_location={map_location!r} is not a device: pass 'cpu', 'cuda', 'cuda:1', ... "
-                             f"({exc})") from None
+    _check_map_location(map_location)
     if path.is_dir():
         hint = next((f"; did you mean {path / name}?" for name in ("model.pt", "checkpoint.pt") if (path / name).is_file()), "")
         raise CheckpointError(f"{path.absolute()} is a folder, not a checkpoint file{hint}")
@@ -145,6 +141,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
         # The system refused: the file may be fine, so it is not called corrupt (and deleted).
         raise CheckpointError(f"cannot open checkpoint {path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means the file is unusable
+        if map_location is not None and "restore data location" in str(exc):  # a valid device torch.load refuses
+            raise ValueError(f"cannot load checkpoint {path} with map_location={map_location!r}: "
+                             f"{str(exc).splitlines()[0]}; pass 'cpu' or 'cuda:N'") from exc
         raise CheckpointError(_unreadable(path, exc)) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a lipnet checkpoint (no format tag {FORMAT!r}); "
@@ -158,6 +157,20 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
     if not isinstance(payload.get("info", {}), dict | None):
         raise CheckpointError(f"{path}: its 'info' is a {type(payload['info']).__name__}, not a dict of plain values")
     return payload
+
+
+def _check_map_location(map_location) -> None:
+    """Refuse a ``map_location`` that ``torch.load`` cannot use before it reads the file: its
+    error would make a good checkpoint look corrupt."""
+    if isinstance(map_location, str):
+        try:
+            torch.device(map_location)
+        except RuntimeError as exc:
+            raise ValueError(f"map_location={map_location!r} is not a device: pass 'cpu', 'cuda', 'cuda:1', ... "
+                             f"({exc})") from None
+    elif not (map_location is None or isinstance(map_location, (torch.device, dict)) or callable(map_location)):
+        raise TypeError(f"map_location must be a device ('cpu', 'cuda:1', a torch.device), a dict of devices or a "
+                        f"function of (storage, location), got {map_location!r}")
 
 
 def _check_integrity(path: Path) -> None:

@@ -161,10 +161,14 @@ def test_every_kind_of_map_location_loads_the_model(tmp_path, map_location):
     assert load_checkpoint(path, map_location=map_location)["format"] == checkpoint.FORMAT
 
 
-def test_a_map_location_naming_no_device_is_not_called_corruption(tmp_path):
+@pytest.mark.parametrize("map_location, error", [
+    ("gpu", ValueError), ("", ValueError), ("cpu:0", ValueError), (torch.device("cpu", 1), ValueError),
+    (0, TypeError), (["cpu"], TypeError),
+])
+def test_a_map_location_torch_cannot_use_is_not_called_corruption(tmp_path, map_location, error):
     path = save_model(tmp_path / "m.pt", net())
-    with pytest.raises(ValueError, match="map_location='gpu' is not a device") as raised:
-        load_model(path, map_location="gpu")
+    with pytest.raises(error, match=r"map_location") as raised:
+        load_model(path, map_location=map_location)
     assert not isinstance(raised.value, CheckpointError) and "corrupt" not in str(raised.value)
 
 
