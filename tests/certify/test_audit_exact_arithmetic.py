@@ -406,7 +406,29 @@ def copy_padding_case(seed):
     return model, x
 
 
+def deep_or_wide_case(seed):
+    """A stack of 40 layers of width 2 (MaxMin, BatchNorm gains up to 2^8, cancelling biases), or one
+    GramLinear of width 192 (``K = 193`` in the rounding bound) between large cancelling biases."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    if seed % 2:
+        layers = [GramLinear(192, 192), MaxMin(), GramLinear(192, 3)]
+        x = torch.randn(2, 192, dtype=torch.float64) * 1e3
+    else:
+        layers = []
+        for _ in range(20):
+            layers += [GramLinear(2, 2), MaxMin() if rng.random() < 0.5 else nn.ReLU()]
+            if rng.random() < 0.4:
+                layers.append(batch_norm_module(rng, 2, scale_exponent=rng.randint(0, 8)))
+        layers.append(GramLinear(2, 2))
+        x = torch.randn(3, 2, dtype=torch.float64)
+    model = nn.Sequential(*layers).double().eval()
+    cancel_biases(model, x)
+    return model, x
+
+
 CASES = [(builder, seed) for builder in (mlp_case, conv_case, conv1d_case, copy_padding_case) for seed in range(14)]
+CASES += [(deep_or_wide_case, seed) for seed in range(4)]
 
 
 @pytest.mark.parametrize("builder, seed", CASES, ids=[f"{b.__name__}-{s}" for b, s in CASES])
