@@ -92,6 +92,8 @@ def float64_copy(model: nn.Module) -> nn.Module:
         if isinstance(original, ConvexResidual):
             module.coefficients = _coefficients_applied_by(original)
     if _index_arithmetic(model) != torch.float64:
+        if _plain_nearest_upsampling(twin):
+            twin = UpsampleAsApplied(twin)
         for parent in list(twin.modules()):
             for name, child in parent.named_children():
                 if _plain_nearest_upsampling(child):

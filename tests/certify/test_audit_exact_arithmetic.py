@@ -660,3 +660,14 @@ def test_nearest_upsampling_is_certified_as_the_model_applies_it(dtype):
     assert int(right) == predicted
     assert float(check_radii(model, x, right).radii[0]) > 0.1
     assert float(check_radii(model, x, wrong).radii[0]) == 0.0
+
+
+def test_a_bare_nearest_upsampling_model_is_copied_as_applied():
+    """The model itself an ``nn.Upsample``: its float64 copy (run on float64 inputs) copies what the
+    float32 module copies."""
+    model = nn.Upsample(size=82, mode="nearest")
+    x = torch.arange(2.0).reshape(1, 1, 2)
+    twin = float64_copy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(x.double()), model(x).double())
+        assert not torch.equal(model(x.double()), model(x).double())  # the float64 map differs
