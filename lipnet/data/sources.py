@@ -361,6 +361,9 @@ def _read_idx_pair(info: DatasetInfo, split: str, folder: Path):
     labels = read_idx(label_file)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetError(f"IDX files in {folder} do not match: images {images.shape}, labels {labels.shape}")
+    if (1, *images.shape[1:]) != info.shape:
+        raise DatasetError(f"{image_file}: {info.name} images have shape {info.shape}, got {(1, *images.shape[1:])}: "
+                           "is this file another data set?")
     return torch.from_numpy(images)[:, None], torch.from_numpy(_class_labels(labels, info, str(label_file)))
 
 

@@ -379,3 +379,11 @@ def test_compressed_archives_of_highly_compressible_arrays_load(tmp_path, compre
 def test_a_data_set_name_that_is_not_registered_is_a_value_error_listing_the_names(name):
     with pytest.raises(ValueError, match="unknown data set .*; known: fashion-mnist, mnist, cifar10, cifar100"):
         load_dataset(name, "test")
+
+
+def test_idx_images_of_another_size_name_the_image_file(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images(3, (32, 32)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels(3))
+    with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte.gz: mnist images have shape \(1, 28, 28\), got "
+                                           r"\(1, 32, 32\)"):
+        load_dataset("mnist", "test", data_dir=tmp_path)
