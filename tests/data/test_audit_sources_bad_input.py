@@ -172,7 +172,8 @@ def test_shard_sets_of_two_counts_and_shards_of_another_shape_are_refused(tmp_pa
     with pytest.raises(DatasetError, match=r"train-2-of-2.npz: cifar10 images are 32x32x3 \(HWC\), got 28x28x3"):
         load_dataset("cifar10", "train", data_dir=tmp_path)
     np.savez(tmp_path / "train-1-of-3.npz", x=images(4, seed=3), y=labels(4))
-    with pytest.raises(DatasetError, match=r"incomplete shards of train .*have \['train-1-of-2.npz', 'train-1-of-3.npz'"):
+    with pytest.raises(DatasetError, match=r"incomplete shards of train .*have "
+                                           r"\['train-1-of-2.npz', 'train-1-of-3.npz'"):
         load_dataset("cifar10", "train", data_dir=tmp_path)
 
 
@@ -180,7 +181,8 @@ def test_shard_sets_of_two_counts_and_shards_of_another_shape_are_refused(tmp_pa
 
 @pytest.mark.parametrize("make, error", [
     (lambda path: path.mkdir(), "is a folder"),
-    (lambda path: path.symlink_to(path.with_name("gone.npz")), "is a symbolic link to .*gone.npz, which does not exist"),
+    (lambda path: path.symlink_to(path.with_name("gone.npz")),
+     "is a symbolic link to .*gone.npz, which does not exist"),
     (lambda path: (path.symlink_to(path.with_name("b.npz")), path.with_name("b.npz").symlink_to(path.name)),
      "is a symbolic link that leads back to itself"),
 ])
@@ -270,7 +272,8 @@ def test_empty_or_out_of_range_idx_labels_name_the_files(tmp_path):
         load_dataset("mnist", "test", data_dir=tmp_path)
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images(3, (28, 28)))
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([1, 12, 3]))
-    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte.gz: mnist labels must lie in \[0, 10\), got \[1, 12\]"):
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte.gz: mnist labels must lie in \[0, 10\), "
+                                           r"got \[1, 12\]"):
         load_dataset("mnist", "test", data_dir=tmp_path)
 
 
