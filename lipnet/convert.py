@@ -1037,7 +1037,6 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self.protected.append((value, _version(value), "the input"))
         self._check_state(node, value)
         self.versions[node] = [_version(t) for t in _tensors(value)]
-        self._note_batch_number(node, value)
         if isinstance(value, (int, float, torch.SymInt, torch.SymFloat, torch.Size)) and not isinstance(value, bool) and \
                 _reads_input_shape(node):
             self.shape_numbers.add(node)
@@ -1048,6 +1047,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self.result = self.bound[out]
         else:
             try:
+                self._note_batch_number(node, value)
                 self.bound[node] = self._node_bound(node, value)
             except LipschitzBoundError:
                 raise
