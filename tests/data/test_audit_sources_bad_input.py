@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lipnet.data import DatasetError, load_dataset, read_idx
-from lipnet.data import sources
+from lipnet.data import idx_files
 
 
 def images(n, shape=(32, 32, 3), seed=0):
@@ -214,7 +214,7 @@ def test_a_file_that_may_not_be_read_is_not_called_corrupt(tmp_path, monkeypatch
     def denied(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(sources, "open", denied, raising=False)  # the tests may run as root: chmod would not stop it
+    monkeypatch.setattr(idx_files, "open", denied, raising=False)  # the tests may run as root: chmod would not stop it
     with pytest.raises(DatasetError, match="train-images-idx3-ubyte: permission denied.*chmod") as raised:
         load_dataset("mnist", "train", data_dir=tmp_path)
     assert "corrupt" not in str(raised.value)
