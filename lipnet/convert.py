@@ -848,9 +848,10 @@ def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
     graph that does not reproduce the module's output. All float arithmetic rounds upwards.
 
     The graph holds the forward's tensor operations only: Python values it reads (attributes,
-    globals) are those at tracing, and the graph is compared with the forward on two batches.
-    A forward whose Python values change otherwise than by assignments it makes while it runs
-    there (a child that sets a flag only for inputs unlike those) is not caught.
+    globals) are those at tracing, and the graph is compared with the forward on two batches
+    here, and on the inputs certified by the certification pass (``propagate_rounding``). A
+    Python value that only other inputs would change (a flag a child sets for inputs above
+    some size) is not caught.
 
     Args:
         module: e.g. a torchvision ``BasicBlock``.
@@ -1394,22 +1395,35 @@ def _traced_rounding(module: nn.Module, h: torch.Tensor, err: torch.Tensor, boun
 
     A traced forward need not be one sum of products (``(x + c) - c`` with a large constant
     ``c`` loses the digits of ``x``), so the rounding allowance of
-    :mod:`lipnet.certify.precision` for a module as a whole does not hold for it. Here each node
-    adds its own: children through ``propagate`` (the certification pass itself), and an
+    :mod:`lipnet.certify.precision` for a module as a whole does not hold for it. The graph must
+    compute exactly what the forward computes on ``h``, assigning no attribute (see
+    :class:`_AttributeWrites`): a Python value it froze (a flag a child sets for large inputs
+    only) would make the logits certified differ from the model's. Each node then adds its own
+    rounding: children through ``propagate`` (the certification pass itself), and an
     elementwise node with Lipschitz factors ``f_i`` on operands ``a_i`` and value ``y`` adds at most
     ``4 u (sum f_i ||a_i|| + ||y||)`` to ``sum f_i e(a_i)``, and the underflow of its products
     (:func:`~lipnet.certify.precision.underflow_bound` of its ``numel(y)`` outputs and operands:
     ``x / 64`` rounds ``2^-1070`` to 0, which a later layer may scale by ``2^1023``);
     rearrangements and concatenations are exact (the latter combines its parts' errors in L2)."""
     traced = _trace(module)
+    writes = _AttributeWrites(module)
 
     def child_bound(child, shape):
         found = bounds.get((id(child), shape))
-        return lipschitz_bound(child, shape) if found is None else found
+        if found is not None:
+            return found
+        with writes.paused():
+            return lipschitz_bound(child, shape)
 
     run = _BoundInterpreter(traced, module, len(h), child_bound, keep_values=True)
-    with torch.no_grad():
+    with torch.no_grad(), writes.watching():
         y = run.run(h)
+        expected = module(h.clone())
+    if not (torch.is_tensor(expected) and torch.equal(y, expected)):
+        raise LipschitzBoundError(module, "its forward computes other values than its torch.fx graph on the inputs "
+                                          "being certified (a Python value the graph froze, such as an attribute set "
+                                          "for some inputs only); the bound and the logits describe the graph, not "
+                                          "the forward")
     errors: dict = {}
     for node in traced.graph.nodes:
         if node.op == "output":

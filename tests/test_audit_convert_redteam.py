@@ -273,6 +273,79 @@ def test_lipnet_layers_that_note_their_input_size_stay_accepted():
     assert assert_sound_or_refused(Block(), (2, 4, 4)) is not None
 
 
+# ----------------------------------------------------------------------------- finding 5: the certified logits
+
+
+class Latch(nn.Module):
+    """Returns its input; notes (for good) that it saw a large one: no write on small inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.large = False
+
+    def forward(self, x):
+        if x.abs().max() > 50:
+            self.large = True
+        return x
+
+
+register_lipschitz_bound(Latch, lambda module, shape: 1.0)
+
+#: Python state outside any module, set by a child and read by its parent.
+SEEN = {"large": False}
+
+
+class Notes(nn.Module):
+    """Returns its input; notes in a global dictionary whether it was large."""
+
+    def forward(self, x):
+        SEEN["large"] = bool(x.abs().max() > 50)
+        return x
+
+
+register_lipschitz_bound(Notes, lambda module, shape: 1.0)
+
+
+class FlipsAfterLatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.latch = Latch()
+
+    def forward(self, x):
+        y = self.latch(x)
+        return -y if self.latch.large else y
+
+
+class FlipsAfterNote(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.notes = Notes()
+
+    def forward(self, x):
+        y = self.notes(x)
+        return -y if SEEN["large"] else y
+
+
+@pytest.mark.parametrize("block", [FlipsAfterLatch, FlipsAfterNote])
+def test_logits_certified_through_a_graph_are_the_forwards(block):
+    """The certification pass takes a traced container's logits from its graph, which froze the
+    flag at False: certified_accuracy reported x = (100, 0, 0, 0) correct and certified at radius 1
+    while the model itself (which negates large inputs) predicts the other class there."""
+    net = nn.Sequential(block(), nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0]]))
+    net, report = convert(net.double(), input_shape=(4,))
+    assert report.certifiable  # the flag is not set by the inputs the bound is checked on
+    x, label = torch.tensor([[100.0, 0.0, 0.0, 0.0]], dtype=F64), torch.tensor([0])
+    try:
+        result = certified_accuracy(net, (x, label), eps=[0.0, 1.0], progress=False)
+    except LipschitzBoundError:
+        return
+    with torch.no_grad():
+        predicted = int(net.eval()(x).argmax())
+    assert result.certified[1] == 0.0 or predicted == 0, f"certified class 0, the model predicts {predicted}"
+
+
 # ----------------------------------------------------------------------------- finding 4: underflow in a graph
 
 
