@@ -822,10 +822,11 @@ def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
     * input: 1; constants (parameters read directly, shapes): 0;
     * child ``m`` applied to ``u``: ``lipschitz_bound(m, shape of u) * L(u)``;
     * ``u + w``, ``u - w``: ``L(u) + L(w)`` (triangle inequality; no broadcasting of a
-      non-constant operand, which would copy entries);
+      non-constant operand, which would copy entries; ``alpha`` as applied, like the factors below);
     * ``c * u``, ``u / c`` with ``c`` a constant number or tensor: ``max|c| L(u)``,
       ``L(u) / min|c|`` (not a number read from the input's shape, such as its batch size;
-      ``c`` as it was before the product, which ``c.mul_(u)`` overwrites);
+      ``c`` as it was before the product, which ``c.mul_(u)`` overwrites, and as the product
+      applies it, cast to its dtype and to float32 for half precisions);
     * ReLU, tanh, hardtanh, negation, eval-mode dropout: ``L(u)``;
     * per-example rearrangements (flatten, view, reshape, permute, transpose, squeeze,
       unsqueeze, contiguous, clone) and selections (chunk, split and unbind along a non-batch
@@ -1277,7 +1278,8 @@ class _BoundInterpreter(torch.fx.Interpreter):
                 if isinstance(a, torch.fx.Node) and self.bound[a] > 0:
                     if self.env[a].shape != value.shape:
                         self.fail(node, "a non-constant operand is broadcast (its entries are copied)")
-                    scale = abs(float(alpha)) if position == 1 else 1.0
+                    scale = max(abs(float(alpha)), *(_magnitudes(applied)[0] for applied in _applied_factors(
+                        alpha, value.dtype))) if position == 1 else 1.0
                     total = add_up(total, mul_up(scale, self.bound[a]))
                     terms.append((a, scale))
             self.rule[node] = ("linear", terms)
@@ -1304,6 +1306,9 @@ class _BoundInterpreter(torch.fx.Interpreter):
                 big = small = abs(float(constant))
             else:
                 self.fail(node, f"a factor of type {type(constant).__name__}")
+            for applied in _applied_factors(constant, value.dtype):
+                b, s = _magnitudes(applied)
+                big, small = max(big, b), min(small, s)
             if self.env[u].shape != value.shape:
                 self.fail(node, "a non-constant operand is broadcast (its entries are copied)")
             if target in (operator.truediv, operator.itruediv, torch.div, "div", "div_"):
@@ -1367,6 +1372,17 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self.rule[node] = ("cat", [p for p in parts if isinstance(p, torch.fx.Node) and self.bound[p] > 0])
             return sqrt_up(total) if total > 0 else 0.0
         self.fail(node, "no Lipschitz rule for this operation")
+
+
+def _applied_factors(constant, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The factor as a product or quotient of ``dtype`` may apply it: cast to ``dtype`` (a 0-dim
+    float32 tensor times a bfloat16 one: 1.005 becomes 1.0078125), and, for half precisions, to
+    float32, in which torch computes them (``x * 0.1`` multiplies by float32's 0.1, 1.5e-8 more)."""
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return []
+    value = constant.detach() if torch.is_tensor(constant) else torch.tensor(float(constant), dtype=torch.float64)
+    dtypes = {dtype} | ({torch.float32} if dtype in (torch.float16, torch.bfloat16) else set())
+    return [value.to(d) for d in dtypes if d != value.dtype]
 
 
 def _magnitudes(constant: torch.Tensor) -> tuple[float, float | int]:

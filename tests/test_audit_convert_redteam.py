@@ -346,6 +346,51 @@ def test_logits_certified_through_a_graph_are_the_forwards(block):
     assert result.certified[1] == 0.0 or predicted == 0, f"certified class 0, the model predicts {predicted}"
 
 
+# ----------------------------------------------------------------------------- finding 6: factors as applied
+
+
+class HalfPrecisionScale(nn.Module):
+    """A bfloat16 module (its first buffer) scaled by a float32 0-dim buffer: torch casts the
+    factor to bfloat16, 1.005 to 1.0078125."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Identity()
+        self.register_buffer("unused", torch.zeros(1, dtype=torch.bfloat16))
+        self.register_buffer("scale", torch.tensor(1.005))
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+
+class TimesOneTenth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Identity()
+
+    def forward(self, x):
+        return self.inner(x) * 0.1
+
+
+class AddsOneTenth(TimesOneTenth):
+    def forward(self, x):
+        return torch.add(torch.zeros(x.shape, dtype=x.dtype), self.inner(x), alpha=0.1)
+
+
+@pytest.mark.parametrize("module, dtype", [(HalfPrecisionScale, torch.bfloat16), (TimesOneTenth, torch.float32),
+                                           (AddsOneTenth, torch.float32)],
+                         ids=["bfloat16 x float32 buffer", "float32 x 0.1", "float32 add alpha=0.1"])
+def test_a_factor_is_bounded_as_the_product_applies_it(module, dtype):
+    """The bound read the factor as given: 1.005 for a bfloat16 model that multiplies by 1.0078125
+    (0.28% more), 0.1 for a float32 one that multiplies by float32's 0.1 (0.10000000149), and so
+    for torch.add's alpha."""
+    model = module().eval()
+    with torch.no_grad():
+        applied = float(model(torch.ones(1, 4, dtype=dtype))[0, 0])
+    assert applied in (1.0078125, float(torch.tensor(0.1)))
+    assert traced_lipschitz_bound(model, (4,)) >= applied
+
+
 # ----------------------------------------------------------------------------- finding 4: underflow in a graph
 
 
