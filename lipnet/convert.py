@@ -1278,8 +1278,8 @@ class _BoundInterpreter(torch.fx.Interpreter):
                 if isinstance(a, torch.fx.Node) and self.bound[a] > 0:
                     if self.env[a].shape != value.shape:
                         self.fail(node, "a non-constant operand is broadcast (its entries are copied)")
-                    scale = max(abs(float(alpha)), *(_magnitudes(applied)[0] for applied in _applied_factors(
-                        alpha, value.dtype))) if position == 1 else 1.0
+                    scale = max([abs(float(alpha)), *(_magnitudes(applied)[0] for applied in _applied_factors(
+                        alpha, value.dtype))]) if position == 1 else 1.0
                     total = add_up(total, mul_up(scale, self.bound[a]))
                     terms.append((a, scale))
             self.rule[node] = ("linear", terms)
