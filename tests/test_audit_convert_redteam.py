@@ -12,6 +12,7 @@ constant in their docstrings); one is a strict xfail, a finding whose fix belong
 as regression tests.
 """
 
+import importlib
 from fractions import Fraction
 
 import pytest
@@ -22,11 +23,26 @@ from torch import nn
 
 from lipnet import convert
 from lipnet.certify import LipschitzBoundError, certified_accuracy, lipschitz_bound, register_lipschitz_bound
+from lipnet.certify.lipschitz import _REGISTRY
 from lipnet.convert import traced_lipschitz_bound
+
+convert_module = importlib.import_module("lipnet.convert")  # (lipnet.convert is also the function)
 
 F64 = torch.float64
 #: Relative allowance for float64 rounding in a Jacobian or a finite difference.
 SLACK = 1e-9
+
+
+@pytest.fixture(autouse=True)
+def restore_registry():
+    """convert registers traced bounds for the container types it meets, process-wide: these tests
+    leave the registry as they found it (tests/certify/test_network_fuzz.py reads it)."""
+    registry, traced = dict(_REGISTRY), set(convert_module._TRACED_TYPES)
+    yield
+    _REGISTRY.clear()
+    _REGISTRY.update(registry)
+    convert_module._TRACED_TYPES.clear()
+    convert_module._TRACED_TYPES.update(traced)
 
 
 def jacobian_norm(model, x):
