@@ -288,7 +288,7 @@ def _input_shapes(model: nn.Module, input_shape) -> dict[int, list[tuple[int, ..
 def _plan(model, activation, replace, n_iter, shapes, report) -> dict[int, nn.Module]:
     """``{id(old module): new module}``, and the report's changes and notes."""
     plan: dict[int, nn.Module] = {}
-    opaque: list[str] = []  # modules whose descendants are not visited
+    opaque = _parametrizations(model)  # modules whose descendants are not visited
     layouts = _channel_dims(model) if activation == "maxmin" else {}
     unknown: list[str] = []  # ReLUs replaced by MaxMin(dim=1), their layout unknown
     for path, module in model.named_modules(remove_duplicate=False):
@@ -312,6 +312,15 @@ def _plan(model, activation, replace, n_iter, shapes, report) -> dict[int, nn.Mo
                             "counted from the end (-3 for (N, C, H, W) or (C, H, W), -2 for (N, C, L) or (C, L), -1 "
                             "for features)")
     return plan
+
+
+def _parametrizations(model: nn.Module) -> list[str]:
+    """The paths of the ``parametrizations`` of parametrized modules (``torch.nn.utils.parametrize``):
+    modules that compute weights from parameters, not layers on the data path, so neither
+    converted nor diagnosed (a parametrization called on a 0-dim parameter has no input shape)."""
+    return [f"{path}.parametrizations" if path else "parametrizations"
+            for path, module in model.named_modules(remove_duplicate=False)
+            if torch.nn.utils.parametrize.is_parametrized(module)]
 
 
 def _inside(path: str, prefixes: list[str]) -> bool:
@@ -524,7 +533,7 @@ def _diagnose(model: nn.Module, shapes, report: ConversionReport) -> None:
     their own forward are traced for residual sums. Without shapes, known problem types
     are reported from their type alone.
     """
-    opaque: list[str] = []
+    opaque = _parametrizations(model)
     for path, module in model.named_modules():
         if _inside(path, opaque):
             continue
@@ -1479,8 +1488,10 @@ def _register_traced_bounds(model: nn.Module, shapes, report: ConversionReport) 
     is computed from each instance's own graph, so it is sound for every instance.
     """
     seen: set[type] = set()
-    for module in model.modules():
-        if type(module) in seen | _TRACED_TYPES or not _is_custom_container(module) or isinstance(module, _ATTENTION):
+    parametrizations = _parametrizations(model)
+    for path, module in model.named_modules():
+        if type(module) in seen | _TRACED_TYPES or not _is_custom_container(module) or isinstance(
+                module, _ATTENTION) or _inside(path, parametrizations):
             continue
         calls = shapes.get(id(module))
         if not calls:

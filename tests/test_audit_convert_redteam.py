@@ -451,6 +451,55 @@ def test_underflow_in_a_traced_node_is_in_the_rounding_bound():
     assert float(result.radii[0]) == 0.0
 
 
+# ----------------------------------------------------------------------------- found: parametrized containers
+
+
+class Exp(nn.Module):
+    def forward(self, value):
+        return value.exp()
+
+
+class Mixes(nn.Module):
+    """A parametrization with a layer in it: it computes a weight, it is not a layer on the data path."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, value):
+        return self.lin(value)
+
+
+class ScaledByParameters(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.tensor(2.0))
+        self.mix = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale * self.mix
+
+
+def test_parametrizations_are_neither_converted_nor_diagnosed_as_layers():
+    """convert diagnosed the parametrization exp(scale) as a layer called on a batch, and raised
+    ValueError ("input_shape must be the shape of one input ..., got ()") for a 0-dim parameter; it
+    also swapped the nn.Linear inside a parametrization for a GramLinear, changing the weight."""
+    torch.manual_seed(0)
+    model = ScaledByParameters().double()
+    parametrize.register_parametrization(model, "scale", Exp())
+    parametrize.register_parametrization(model, "mix", Mixes().double())
+    with torch.no_grad():
+        mix = model.mix.clone()
+    converted, report = convert(model, input_shape=(4,))
+    assert type(converted.lin).__name__ == "GramLinear"
+    assert type(converted.parametrizations.mix[0].lin) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(converted.mix, mix)
+    bound = assert_sound_or_refused(model, (4,))
+    assert bound is not None and bound >= float(torch.tensor(2.0).exp()) * float(mix.abs().max()) * 0.99
+
+
 # ----------------------------------------------------------------------------- unfixed: constants of the graph
 
 
