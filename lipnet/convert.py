@@ -1343,8 +1343,8 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self.rule[node] = ("exact", dependent[0])
             return self.bound[dependent[0]]
         if target in _SPLITS and single:
-            dim = node.args[2 if target not in (torch.unbind, "unbind") else 1] if len(node.args) > (
-                2 if target not in (torch.unbind, "unbind") else 1) else node.kwargs.get("dim", 0)
+            position = 1 if target in (torch.unbind, "unbind") else 2  # of dim: unbind(x, dim), split(x, size, dim)
+            dim = node.args[position] if len(node.args) > position else node.kwargs.get("dim", 0)
             if not isinstance(dim, int) or dim % self.env[dependent[0]].dim() == 0:
                 self.fail(node, "a split along the batch dimension (at other batch sizes its parts hold other "
                                 "examples, or some of them)")
