@@ -824,9 +824,10 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
     """Sound Lipschitz bound of a module with its own ``forward``, from its ``torch.fx`` graph.
 
-    The forward is traced with every child as a leaf, run in eval mode on two batches (of
-    sizes 2 and 3, to see which operations keep the batch dimension), and each node ``v``
-    gets a bound ``L(v)`` on the Lipschitz constant of its value as a function of the input:
+    The forward is traced with every child as a leaf, run in eval mode on batches of sizes 2
+    and 3 (to see which operations keep the batch dimension) and 1 (where ``contiguous()`` or a
+    reshape may return its input, and ``squeeze()`` drop the batch), and each node ``v`` gets a
+    bound ``L(v)`` on the Lipschitz constant of its value as a function of the input:
 
     * input: 1; constants (parameters read directly, shapes): 0;
     * child ``m`` applied to ``u``: ``lipschitz_bound(m, shape of u) * L(u)``;
@@ -858,7 +859,7 @@ def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
     graph that does not reproduce the module's output. All float arithmetic rounds upwards.
 
     The graph holds the forward's tensor operations only: Python values it reads (attributes,
-    globals) are those at tracing, and the graph is compared with the forward on two batches
+    globals) are those at tracing, and the graph is compared with the forward on three batches
     here, and on the inputs certified by the certification pass (``propagate_rounding``). A
     Python value that only other inputs would change (a flag a child sets for inputs above
     some size) is not caught.
@@ -898,8 +899,11 @@ def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=l
                 cache[key] = child_bound(child, shape)
         return cache[key]
 
-    bound = math.inf
-    for batch in (2, 3):
+    bounds = {}
+    # Batch 1 last: there operations may return their input (contiguous() of x[:, 1:2], a reshape
+    # that is a view only when the batch has one example), so an in-place write may reach a value
+    # read later, and squeeze() may take the batch away. Its bound is checked, not used.
+    for batch in (2, 3, 1):
         run = _BoundInterpreter(traced, module, batch, cached_child_bound)
         x = example_input(module, input_shape, batch=batch, seed=batch)
         with torch.no_grad(), writes.watching():
@@ -910,8 +914,8 @@ def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=l
             raise LipschitzBoundError(module, "the torch.fx graph of its forward does not reproduce its output "
                                               "(in-place operations on shared tensors?); register a bound with "
                                               "lipnet.certify.register_lipschitz_bound")
-        bound = run.result
-    return bound
+        bounds[batch] = run.result
+    return bounds[3]
 
 
 #: The attributes a Gram convolution assigns in its forward (the size of the input it received).

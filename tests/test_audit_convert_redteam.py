@@ -180,6 +180,37 @@ def test_the_batch_size_read_as_it_is_stays_accepted():
     assert 3.0 <= traced(model, (4,)) <= 3.0 * (1 + 1e-5)
 
 
+class DoublesAtBatchOne(nn.Module):
+    """``y = x[:, 1:2].contiguous(); y += y``: a copy at every batch but 1, where ``contiguous()``
+    returns the slice itself and the sum doubles what the child then reads (found by
+    tests/fuzz_convert.py, seed 526264: certified 1.000001, Jacobian norm 1.72 at batch 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(1, 2)
+
+    def forward(self, x):
+        v = x[:, 1:2]
+        y = v.contiguous()
+        y += y
+        return self.lin(v)
+
+
+def test_an_alias_that_only_a_batch_of_one_makes_is_refused():
+    model = DoublesAtBatchOne().double().eval()
+    x = torch.randn(2, 3, dtype=F64)
+    with torch.no_grad():  # the same example, alone or with another: another output
+        assert not torch.allclose(model(x[:1].clone()), model(x.clone())[:1])
+    with pytest.raises(LipschitzBoundError, match="in-place"):
+        traced(model, (3,))
+
+
+def test_a_squeeze_that_drops_a_batch_of_one_is_refused():
+    model = Container(lambda self, x: self.lin(x[:, None].squeeze()))
+    with pytest.raises(LipschitzBoundError):
+        traced(model.double().eval(), (4,))
+
+
 # ----------------------------------------------------------------------------- found: Python state
 
 
