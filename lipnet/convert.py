@@ -1187,8 +1187,8 @@ class _BoundInterpreter(torch.fx.Interpreter):
         torch.fx.node.map_arg((node.args[1:], node.kwargs), lambda n: sizes.append(n) or n)
         for n in sizes:
             if n in self.batch_numbers and not (n is first and n in self.batch_sizes):
-                self.fail(node, f"a size or dimension computed from the batch size (%{n.name}): the graph is traced "
-                                "at two batch sizes, and such a number may put several examples in one row at "
+                self.fail(node, f"a size or dimension computed from the batch size (%{n.name}): the graph is checked "
+                                "at batch sizes 1 to 3, and such a number may put several examples in one row at "
                                 "others; give the batch size as x.shape[0], x.size(0) or -1, first, and other "
                                 "sizes from the other dimensions")
 
