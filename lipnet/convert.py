@@ -23,6 +23,7 @@ import copy
 import inspect
 import math
 import operator
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -918,6 +919,10 @@ def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=l
     return bounds[3]
 
 
+#: Held while nn.Module's attribute methods are patched: two threads certifying at once would
+#: otherwise each restore what the other patched (one missing writes, one leaving its wrapper in).
+_PATCHING = threading.RLock()
+
 #: The attributes a Gram convolution assigns in its forward (the size of the input it received).
 _FORWARD_NOTES = ("_last_input_size",)
 
@@ -948,23 +953,25 @@ class _AttributeWrites:
 
     @contextmanager
     def watching(self):
-        set_attribute, delete_attribute = nn.Module.__setattr__, nn.Module.__delattr__
+        with _PATCHING:
+            # torch's methods, or an outer watcher's (a traced container inside another)
+            set_attribute, delete_attribute = nn.Module.__setattr__, nn.Module.__delattr__
 
-        def recording_set(module, name, value):
-            self._note(module, name)
-            set_attribute(module, name, value)
+            def recording_set(module, name, value):
+                self._note(module, name)
+                set_attribute(module, name, value)
 
-        def recording_delete(module, name):
-            self._note(module, name)
-            delete_attribute(module, name)
+            def recording_delete(module, name):
+                self._note(module, name)
+                delete_attribute(module, name)
 
-        nn.Module.__setattr__, nn.Module.__delattr__ = recording_set, recording_delete
-        self.active = True
-        try:
-            yield
-        finally:
-            self.active = False
-            nn.Module.__setattr__, nn.Module.__delattr__ = set_attribute, delete_attribute
+            nn.Module.__setattr__, nn.Module.__delattr__ = recording_set, recording_delete
+            self.active = True
+            try:
+                yield
+            finally:
+                self.active = False
+                nn.Module.__setattr__, nn.Module.__delattr__ = set_attribute, delete_attribute
         if self.writes:
             owner, name = self.writes[0]
             raise LipschitzBoundError(self.module, (

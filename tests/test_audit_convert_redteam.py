@@ -12,6 +12,7 @@ regression tests.
 """
 
 import importlib
+import threading
 from fractions import Fraction
 
 import pytest
@@ -306,6 +307,27 @@ def test_state_kept_on_a_torch_child_or_its_mode_is_refused():
     for model in (CountedOnAChild().double(), SetsAChildsMode().double()):
         with pytest.raises(LipschitzBoundError, match="assigns the attribute '(calls|training)'"):
             traced(model, (4,))
+
+
+def test_two_threads_watching_attribute_writes_take_turns():
+    """The watch patches nn.Module.__setattr__ process-wide: a second thread patching while the
+    first watched was undone by the first's restore (its writes unseen), and its own restore put
+    the first's wrapper back for good."""
+    original = nn.Module.__setattr__
+    first = convert_module._AttributeWrites(nn.Linear(2, 2))
+    second = convert_module._AttributeWrites(nn.Linear(2, 2))
+    entered = threading.Event()
+
+    def watch_second():
+        with second.watching():
+            entered.set()
+
+    with first.watching():
+        other = threading.Thread(target=watch_second)
+        other.start()
+        assert not entered.wait(0.3)  # the second waits for the first
+    other.join(5)
+    assert entered.is_set() and nn.Module.__setattr__ is original
 
 
 def test_lipnet_layers_that_note_their_input_size_stay_accepted():
