@@ -410,8 +410,11 @@ class GramNormalizedConv(GramNormalized):
         if type(self)._operator_norm is not owner._operator_norm:
             return None
         weight = self.weight
-        return (owner, tuple(weight.shape), weight.dtype, weight.device, *self._geometry(), self.n_iter,
-                self.screen_iter)
+        # The padding a non-zero padding mode applies (fixed at construction) besides ``padding``, which
+        # the stack's bound reads: a layer whose padding was changed since must not share another's bound.
+        applied_padding = tuple(self._reversed_padding_repeated_twice)
+        return (owner, tuple(weight.shape), weight.dtype, weight.device, *self._geometry(), applied_padding,
+                self.n_iter, self.screen_iter)
 
     def extra_repr(self) -> str:
         screen = "" if self.screen_iter == DEFAULT_SCREEN_ITER else f", screen_iter={self.screen_iter}"
