@@ -137,8 +137,19 @@ class ConvexResidual(nn.Module):
             self.alpha_logit.fill_(math.log(value / (1 - value)))
 
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(1 - alpha, alpha)`` exactly as the forward pass applies them."""
-        alpha = torch.sigmoid(self.alpha_logit)
+        """``(1 - alpha, alpha)`` exactly as the forward pass applies them.
+
+        Raises ``ValueError`` when ``alpha_logit`` is not one number: one mixing weight per
+        channel or entry mixes each output coordinate differently, which is not a convex
+        combination of the two maps (with ``alpha`` near 0 and 1 on two channels that the
+        branch swaps, the block has norm about ``sqrt(2)``)."""
+        logit = self.alpha_logit
+        if logit.numel() != 1:
+            raise ValueError(f"ConvexResidual: alpha_logit must hold one number, got shape {tuple(logit.shape)}; "
+                             "a mixing weight per channel or entry is not a convex combination of x and f(x) "
+                             "and can exceed the Lipschitz bound (1 - alpha) + alpha Lip(f). Use one ConvexResidual "
+                             "per mixing weight, or set alpha_logit to a single value")
+        alpha = torch.sigmoid(logit)
         return 1 - alpha, alpha
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
