@@ -102,8 +102,11 @@ class GramConvTranspose2d(GramNormalizedConv, nn.ConvTranspose2d):
                 raise ValueError(f"{type(self).__name__}: the bound depends on the input's spatial size; pass "
                                  "input_size=(h, w) or run a forward pass first")
             return self._last_input_size
+        output_padding = self.output_padding
+        if isinstance(output_padding, (tuple, list)) and len(output_padding) == 1:  # both axes, as in the forward
+            output_padding = (output_padding[0],) * 2
         return OutputSize(*conv_transpose2d_output_size(input_size, self.kernel_size, stride=self.stride,
-                                                        padding=self.padding, output_padding=self.output_padding,
+                                                        padding=self.padding, output_padding=output_padding,
                                                         dilation=self.dilation))
 
     def _operator_norm(self, weight, input_size, n_iter, exhaustive=False):
