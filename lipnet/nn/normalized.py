@@ -154,9 +154,17 @@ class GramNormalized:
         """The weight shape that the layer's settings describe (channels, features, kernel size),
         which its bound reads besides the weight; ``None`` for a layer without such settings."""
         if isinstance(self, nn.modules.conv._ConvNd):
+            name, groups, kernel_size = type(self).__name__, self.groups, self.kernel_size
+            if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+                raise ValueError(f"{name}: groups must be an integer >= 1, got {groups!r}")
+            dims = len(self._reversed_padding_repeated_twice) // 2
+            if (not isinstance(kernel_size, (tuple, list)) or len(kernel_size) != dims
+                    or not all(isinstance(k, int) and not isinstance(k, bool) for k in kernel_size)):
+                raise ValueError(f"{name}: kernel_size must be a tuple of {dims} ints, as the constructor stores it "
+                                 f"(its bound and forward read it per axis), got {kernel_size!r}")
             rows, cols = ((self.in_channels, self.out_channels) if self.transposed
                           else (self.out_channels, self.in_channels))
-            return (rows, cols // self.groups, *self.kernel_size)
+            return (rows, cols // groups, *kernel_size)
         if isinstance(self, nn.Linear):
             return (self.out_features, self.in_features)
         return None

@@ -133,6 +133,8 @@ def test_conv2d_settings_changed_after_construction(name, value, mode):
     ("stride", 2.0, "int or a pair"), ("dilation", -1, "dilation must be"), ("padding_mode", "bogus", "padding_mode"),
     ("n_iter", -1, "n_iter"), ("n_iter", 1.5, "n_iter"), ("screen_iter", -1, "screen_iter"),
     ("groups", 2, "describe"), ("kernel_size", (5, 5), "describe"), ("in_channels", 4, "describe"),
+    ("groups", 0, "groups must be"), ("groups", True, "groups must be"), ("groups", 1.0, "groups must be"),
+    ("kernel_size", 3, "kernel_size must be"), ("kernel_size", (3,), "kernel_size must be"),
 ])
 def test_conv2d_bad_settings_after_construction_are_refused(name, value, error, mode):
     layer = in_mode(GramConv2d(2, 3, 3, padding=1, dtype=F64), (2, 5, 5), mode)
@@ -178,7 +180,8 @@ def test_conv_transpose2d_settings_changed_after_construction(name, value, mode)
 @pytest.mark.parametrize("name, value, error", [("padding", "same", "int or a pair"),
                                                 ("padding_mode", "circular", "'zeros' only"),
                                                 ("output_padding", 2, "smaller than the stride"),
-                                                ("kernel_size", (3, 3), "describe")])
+                                                ("kernel_size", (3, 3), "describe"),
+                                                ("groups", 0, "groups must be"), ("kernel_size", 4, "kernel_size must be")])
 def test_conv_transpose2d_bad_settings_are_refused(name, value, error, mode):
     layer = in_mode(GramConvTranspose2d(2, 3, 4, stride=2, padding=1, dtype=F64), (2, 4, 4), mode)
     setattr(layer, name, value)
