@@ -129,7 +129,10 @@ class GramSequential(nn.Sequential):
             if index not in stackable:
                 x = module(x)
                 continue
-            size = tuple(int(n) for n in x.shape[-len(module.kernel_size):])  # spatial size: (h, w), or (n,) in 1-D
+            # The spatial size, (h, w) or (n,) in 1-D, by the padding torch fixes per axis at construction:
+            # kernel_size may have been set to something else since (the weight-shape check names it).
+            spatial_dims = len(module._reversed_padding_repeated_twice) // 2
+            size = tuple(int(n) for n in x.shape[-spatial_dims:])
             entry = ready.pop(index, None)
             if entry is None or entry[0] != size:
                 key = stackable[index]

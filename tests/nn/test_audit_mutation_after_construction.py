@@ -406,3 +406,12 @@ def test_unbatched_empty_and_channels_last_inputs(mode):
         assert layer(x[:0]).shape == (0, 3, 5, 5)
     assert_sound(layer, (2, 5, 5))
     assert_sound(layer.to(memory_format=torch.channels_last), (2, 5, 5))
+
+
+def test_a_bad_kernel_size_in_a_stacked_sequential_is_named():
+    # The stacked path read len(kernel_size) of its first layer for the spatial size: TypeError "object of type
+    # 'int' has no len()" instead of the layer's own refusal.
+    convs = [GramConv2d(2, 2, 3, padding=1, dtype=F64) for _ in range(2)]
+    convs[0].kernel_size = 3
+    with pytest.raises(ValueError, match="kernel_size must be"):
+        GramSequential(*convs, stack_bounds=True).train()(torch.randn(1, 2, 5, 5, dtype=F64))
