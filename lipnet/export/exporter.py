@@ -72,7 +72,8 @@ def export(model: nn.Module, input_shape: Sequence[int], *, certify: bool = True
 
     Raises:
         ValueError: bad ``input_shape``, a model that does not accept it, a parameter or
-            buffer with NaN or inf, a layer applied to two spatial sizes, or an operator
+            buffer on the meta device or with NaN or inf, a layer applied to two spatial sizes, a Gram layer
+            whose ``forward`` is overridden, or an operator
             outside the runtime's allowlist.
         RuntimeError: the rebuilt model does not reproduce the original (a bug: report it).
 
@@ -126,10 +127,14 @@ def example_input(model: nn.Module, input_shape, *, batch: int, seed: int) -> to
 
 
 def _check_finite_tensors(model: nn.Module) -> None:
-    """A ``ValueError`` naming the first parameter or buffer with NaN or inf (a Gram layer's
-    bound, and so every weight it would bake, is then NaN; any other tensor makes the outputs
-    NaN), instead of the forward's error blamed on the input or the runtime's on the archive."""
+    """A ``ValueError`` naming the first parameter or buffer on the meta device (no values to
+    bake) or with NaN or inf (a Gram layer's bound, and so every weight it would bake, is then
+    NaN; any other tensor makes the outputs NaN), instead of the forward's error blamed on the
+    input or the runtime's on the archive."""
     for path, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise ValueError(f"cannot export: {path!r} is on the meta device, where tensors hold no values; "
+                             "materialize the model (model.to_empty(device='cpu')) and load its weights first")
         if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor.detach()).all()):
             what = "NaN" if bool(torch.isnan(tensor.detach()).any()) else "inf"
             owner = model.get_submodule(path.rpartition(".")[0])
@@ -178,11 +183,23 @@ def _bake(reference: nn.Module, probe: torch.Tensor) -> nn.Module:
     sizes = _input_sizes(reference, probe)
     replacements = {}
     with torch.no_grad():
-        for layer in reference.modules():
+        for path, layer in reference.named_modules():
             if isinstance(layer, GramLinear) or (isinstance(layer, _GRAM_CONVS) and id(layer) in sizes):
+                _check_forward_as_written(layer, path)
                 replacements[id(layer)] = _plain_layer(layer, sizes.get(id(layer)))
     # deepcopy substitutes the objects its memo already maps, wherever (and however often) they occur.
     return copy.deepcopy(reference, memo=replacements)
+
+
+def _check_forward_as_written(layer: nn.Module, path: str) -> None:
+    """Refuse a Gram layer whose ``forward`` is not its Gram class's: the plain layer that replaces
+    it computes that class's ``forward`` as written, with the normalized weight."""
+    gram = next(cls for cls in (GramConvTranspose2d, GramConv1d, GramConv2d, GramLinear) if isinstance(layer, cls))
+    if type(layer).forward is not gram.forward or "forward" in vars(layer):
+        raise ValueError(f"cannot export layer {path or 'the model'!r} ({type(layer).__name__}): it overrides "
+                         f"{gram.__name__}.forward, and export replaces a {gram.__name__} by a plain "
+                         f"nn.{_plain_type(layer).__name__} of its normalized weight, which computes "
+                         f"{gram.__name__}.forward only; put the extra computation in a module around the layer")
 
 
 def _plain_layer(layer: nn.Module, input_size) -> nn.Module:

@@ -1,0 +1,173 @@
+"""Red-team of lipnet.export: false certificates, tampered archives, unsafe loading.
+
+What the round-trip fuzz (tests/fuzz_export.py) does not cover: the stored bound against the
+exported network's exact Jacobian norm (float64, at random and adversarial inputs), low
+precision models, archives edited in ways the existing tests do not try (overlapping tensors,
+training-mode operators, a lowered bound, scaled weights), and models export must refuse.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from lipnet import export
+from lipnet.certify import certified_radius, lipschitz_bound
+from lipnet.export import runtime
+from lipnet.nn import (
+    ConvexResidual,
+    GlobalL2NormPool2d,
+    GramConv1d,
+    GramConv2d,
+    GramConvTranspose2d,
+    GramLinear,
+    GramResidualConv2d,
+    GramSequential,
+    GroupSort,
+    InputNormalization,
+    L2NormPool2d,
+    MaxMin,
+    ScaledAvgPool2d,
+)
+
+SHAPE = (2, 6, 6)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _nets():
+    """``(name, model, input shape)``: each layer kind lipnet certifies, in small networks."""
+    flat = 8 * 3 * 3
+    yield "zeros, stride 2, dilation 2, groups 2", nn.Sequential(
+        GramConv2d(2, 4, 3, padding=2, dilation=2), MaxMin(), GramConv2d(4, 8, 3, stride=2, padding=1, groups=2),
+        GroupSort(4), nn.Flatten(), GramLinear(flat, 5)), SHAPE
+    yield "circular, residual, convex residual, L2 pool", nn.Sequential(
+        InputNormalization([0.4, 0.6], [0.3, 0.2]), GramConv2d(2, 4, 3, padding=1, padding_mode="circular"), MaxMin(),
+        GramResidualConv2d(4, 3), MaxMin(),
+        ConvexResidual(nn.Sequential(GramConv2d(4, 4, 3, padding=1), MaxMin()), 0.3),
+        L2NormPool2d(2), GramConv2d(4, 8, 1), GlobalL2NormPool2d(), nn.Flatten(), GramLinear(8, 5)), SHAPE
+    yield "transposed, batch norm, upsample, scaled avg pool", nn.Sequential(
+        GramConv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), MaxMin(),
+        GramConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1), MaxMin(), ScaledAvgPool2d(2),
+        nn.Upsample(scale_factor=2), nn.Flatten(), nn.Unflatten(1, (4, 6, 6)), nn.Flatten(), GramLinear(144, 5)), SHAPE
+    yield "GramSequential stacked, 1-D", GramSequential(
+        GramConv1d(3, 4, 3, padding=1), GramConv1d(4, 4, 3, padding=1, stride=2), nn.Flatten(),
+        GramLinear(16, 6), GramLinear(6, 5), stack_bounds=True), (3, 8)
+
+
+def _train(model, shape, seed):
+    """A few Adam steps: random initial weights leave most bounds far from tight."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, *shape, generator=generator)
+    y = torch.randint(0, 5, (32,), generator=generator)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(5):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for module in model.modules():  # BatchNorm statistics away from (0, 1)
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.uniform_(-1, 1, generator=generator)
+                module.running_var.uniform_(0.3, 3, generator=generator)
+    return model.eval()
+
+
+def _jacobian_norm(network, x):
+    jacobian = torch.autograd.functional.jacobian(lambda v: network(v.unsqueeze(0))[0], x)
+    return float(torch.linalg.matrix_norm(jacobian.reshape(-1, x.numel()), ord=2))
+
+
+def _adversarial_quotient(network, x, steps=25):
+    """The largest ``||f(a) - f(b)|| / ||a - b||`` met by gradient ascent from ``a = x``, ``b`` near it
+    (a lower bound of the Lipschitz constant that needs no derivative: lipnet's networks are
+    piecewise linear, so ``||J(x) v||`` has zero gradient in ``x``)."""
+    a = x.clone()
+    b = x + 0.1 * torch.randn_like(x)
+    best = 0.0
+    for _ in range(steps):
+        a, b = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+        quotient = (network(a.unsqueeze(0)) - network(b.unsqueeze(0))).norm() / (a - b).norm()
+        best = max(best, float(quotient.detach()))
+        grad_a, grad_b = torch.autograd.grad(quotient, (a, b))
+        a = a + 0.05 * grad_a / (grad_a.norm() + 1e-12)
+        b = b + 0.05 * grad_b / (grad_b.norm() + 1e-12)
+    return best
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_stored_bound_is_at_least_the_exported_networks_float64_jacobian_norm(index):
+    """Every layer kind: the exported float64 network computes the model's function bitwise, its
+    stored bound equals lipnet.certify's and is >= the exact Jacobian norm at random inputs and at
+    inputs pushed towards a larger norm; the metadata's radius is never above lipnet's."""
+    name, model, shape = list(_nets())[index]
+    torch.manual_seed(index)
+    model = _train(model, shape, seed=index).double()
+    exported = export(model, shape)
+    generator = torch.Generator().manual_seed(10 + index)
+    xs = torch.randn(6, *shape, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(exported(xs), model(xs)), name
+    assert exported.lipschitz_bound == float(lipschitz_bound(model, shape)), name
+    norms = [_jacobian_norm(exported.network, x) for x in xs[:3]]
+    norms.append(_adversarial_quotient(exported.network, xs[3]))
+    assert max(norms) <= exported.lipschitz_bound, (name, norms, exported.lipschitz_bound)
+    assert max(norms) >= 0.02 * exported.lipschitz_bound, (name, norms)  # the check is not vacuous
+    logits = exported(xs)
+    radius = exported.certified_radius(logits)
+    assert bool((radius <= certified_radius(logits, logits.argmax(1), lipschitz_bound(model, shape))).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_models_export_bitwise_with_the_bound_of_their_weights(dtype):
+    name, model, shape = list(_nets())[1]
+    torch.manual_seed(0)
+    model = _train(model, shape, seed=0).to(dtype)
+    exported = export(model, shape)
+    x = torch.randn(4, *shape).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(exported(x), model(x))
+    assert exported.lipschitz_bound == float(lipschitz_bound(model, shape))
+    assert runtime.build(exported.archive()).lipschitz_bound == exported.lipschitz_bound
+
+
+def _plain_net():
+    torch.manual_seed(0)
+    return _train(nn.Sequential(GramConv2d(2, 4, 3, padding=1), MaxMin(), nn.Flatten(), GramLinear(144, 5)), SHAPE, 0)
+
+
+def test_a_model_on_the_meta_device_is_a_value_error_naming_a_tensor():
+    """It was a RuntimeError from Tensor.item() inside the finiteness check."""
+    with pytest.raises(ValueError, match="'0.weight' is on the meta device"):
+        export(nn.Sequential(GramLinear(4, 3)).to("meta"), (4,))
+
+
+class _DoubledLinear(GramLinear):
+    def forward(self, input):
+        return 2 * super().forward(input)
+
+
+def test_a_gram_layer_with_its_own_forward_is_refused_with_a_value_error():
+    """Export bakes GramLinear.forward as written: with certify=False this raised RuntimeError
+    'please report this as a bug' (the baked copy computed half the model's output)."""
+    with pytest.raises(ValueError, match=r"layer '1' \(_DoubledLinear\): it overrides GramLinear.forward"):
+        export(nn.Sequential(nn.Flatten(), _DoubledLinear(6, 3)), (6,), certify=False)
+    shared = GramLinear(6, 6)  # a layer used twice: one plain layer, bounded twice
+    model = nn.Sequential(shared, MaxMin(), shared).eval()
+    exported = export(model, (6,))
+    x = torch.randn(3, 6)
+    assert torch.equal(exported(x), model(x)) and exported.lipschitz_bound == float(lipschitz_bound(model, (6,)))
+
+
+def test_reordered_or_dangling_graph_nodes_are_value_errors():
+    archive = export(_plain_net(), SHAPE).archive()
+    first, *body, output = archive["nodes"]
+    for nodes in ([first, *reversed(body), output], [first, *body[1:], output], [first, output, *body]):
+        with pytest.raises(ValueError):
+            runtime.build({**archive, "nodes": nodes})
