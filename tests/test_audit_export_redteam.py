@@ -6,6 +6,8 @@ precision models, archives edited in ways the existing tests do not try (overlap
 training-mode operators, a lowered bound, scaled weights), and models export must refuse.
 """
 
+import resource
+
 import pytest
 import torch
 from torch import nn
@@ -140,6 +142,108 @@ def test_low_precision_models_export_bitwise_with_the_bound_of_their_weights(dty
 def _plain_net():
     torch.manual_seed(0)
     return _train(nn.Sequential(GramConv2d(2, 4, 3, padding=1), MaxMin(), nn.Flatten(), GramLinear(144, 5)), SHAPE, 0)
+
+
+def test_tensors_overlapping_in_their_storage_are_refused_before_any_allocation():
+    """A stride-0 tensor is a few bytes in the file but 1 GiB to the finiteness check: loading
+    such an 8 KiB file took 1.8 GiB before the check; two names for one storage are refused too."""
+    archive = export(_plain_net(), SHAPE).archive()
+    bomb = {**archive["state_dict"], "bomb": torch.zeros(1).expand(2 ** 14, 2 ** 14)}
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="overlap"):
+        runtime.build({**archive, "state_dict": bomb})
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # Linux: KiB
+    assert grown_mib < 128, f"refusing the archive took {grown_mib:.0f} MiB"
+    name, weight = next((k, v) for k, v in archive["state_dict"].items() if v.dim() == 2)
+    expanded = {**archive["state_dict"], name: torch.zeros(1).expand_as(weight)}  # 4 bytes for 2880
+    aliased = {**archive["state_dict"], "alias": archive["state_dict"][name].view(-1)}
+    for state_dict in (expanded, aliased):
+        with pytest.raises(ValueError, match="overlap"):
+            runtime.build({**archive, "state_dict": state_dict})
+
+
+def _with_first_node(archive, node, stored=None):
+    """The archive with ``node`` (named like the input) applied to the input before the graph."""
+    placeholder, *body = archive["nodes"]
+    raw = dict(placeholder, name="raw_input")
+    gets = [{"name": k, "op": "get_attr", "target": k, "args": [], "kwargs": {}} for k in stored or {}]
+    node = {"name": placeholder["name"], "op": "call_function", "kwargs": {}, **node}
+    return {**archive, "nodes": [raw, *gets, node, *body], "state_dict": {**archive["state_dict"], **(stored or {})}}
+
+
+def _training_mode_nodes(train):
+    raw = {"$node": "raw_input"}
+    stats = {"mean": torch.zeros(2), "var": torch.ones(2)}
+    return [
+        ({"target": "aten.dropout.default", "args": [raw, 0.5, train]}, None),
+        ({"target": "aten.dropout.default", "args": [raw, 0.5], "kwargs": {"train": train}}, None),
+        ({"target": "aten.feature_alpha_dropout.default", "args": [raw, 0.5, train]}, None),
+        ({"target": "aten.rrelu.default", "args": [raw, 0.1, 0.3, train]}, None),
+        ({"target": "aten.batch_norm.default",
+          "args": [raw, None, None, {"$node": "mean"}, {"$node": "var"}, train, 0.5, 1e-5, False]}, stats),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_operators_in_training_mode_are_refused_in_a_certified_archive(case):
+    """Dropout (random at every call) and batch norm with training=True (the batch's statistics)
+    in a file that claims a bound were loaded; an uncertified one may keep them."""
+    archive = export(_plain_net(), SHAPE).archive()
+    node, stored = _training_mode_nodes(True)[case]
+    with pytest.raises(ValueError, match="training"):  # batch norm: also its write to the statistics
+        runtime.build(_with_first_node(archive, node, stored))
+    node, stored = _training_mode_nodes(False)[case]  # the same graph in eval mode loads and is a function
+    model = runtime.build(_with_first_node(archive, node, stored))
+    x = torch.rand(3, *SHAPE)
+    assert torch.equal(model(x), model(x))
+
+
+def test_batch_norm_in_training_mode_on_stored_statistics_is_refused_even_without_a_bound():
+    """aten.batch_norm(training=True) updates running_mean and running_var in place, which its
+    schema does not mark, so the write check missed it: the loaded network's outputs changed at
+    every call. The same operator without stored statistics (BatchNorm2d(track_running_stats=
+    False), exported with certify=False) still loads."""
+    archive = {**export(_plain_net(), SHAPE).archive(), "lipschitz_bound": None}
+    node, stored = _training_mode_nodes(True)[4]
+    with pytest.raises(ValueError, match="writes to the stored tensor it takes as running_mean"):
+        runtime.build(_with_first_node(archive, node, stored))
+    node = dict(node, args=[{"$node": "raw_input"}, None, None, None, None, True, 0.5, 1e-5, False])
+    model = runtime.build(_with_first_node(archive, node))
+    x = torch.rand(3, *SHAPE)
+    assert torch.equal(model(x), model(x))
+    dropout, _ = _training_mode_nodes(True)[0]  # Monte Carlo dropout in an inference-only export
+    assert runtime.build(_with_first_node(archive, dropout)).lipschitz_bound is None
+
+
+def test_a_bound_or_weights_edited_by_a_large_factor_are_refused_at_load(tmp_path):
+    """A checksum-consistent file can claim any bound, but not one below a norm of the
+    network's Jacobian that load computes: lowering the bound 10 times, or scaling the weights
+    by 3 (Jacobian norm 5.03 against a bound of 1.00; 0.56 against 0.10), were loaded and certified radii 10 or 3
+    times too large."""
+    exported = export(_plain_net(), SHAPE)
+    archive = exported.archive()
+    assert runtime.build(archive).lipschitz_bound == exported.lipschitz_bound
+    with pytest.raises(ValueError, match="lipschitz_bound .* is false"):
+        runtime.build({**archive, "lipschitz_bound": exported.lipschitz_bound / 10})
+    scaled = {k: v * 3 if k.endswith("weight") else v for k, v in archive["state_dict"].items()}
+    path = tmp_path / "scaled.pt"
+    torch.save({**archive, "state_dict": scaled}, path)  # consistent checksums: only the content lies
+    with pytest.raises(ValueError, match="lipschitz_bound .* is false"):
+        runtime.load(path)
+    assert runtime.build({**archive, "lipschitz_bound": None}).lipschitz_bound is None  # nothing to check
+
+
+def test_a_network_whose_outputs_are_all_checked_gets_its_exact_jacobian_norm():
+    """Up to JACOBIAN_ROWS outputs, the load-time check computes ``||J||`` itself (Q orthogonal):
+    a linear network claiming 0.999 of its exact norm is refused, one claiming the norm loads."""
+    torch.manual_seed(0)
+    model = nn.Sequential(GramLinear(6, 4)).double().eval()
+    exported = export(model, (6,))
+    exact = float(torch.linalg.matrix_norm(exported.network.state_dict()["0.weight"], ord=2))
+    archive = exported.archive()
+    assert runtime.build({**archive, "lipschitz_bound": exact * (1 + 1e-9)}).lipschitz_bound > 0
+    with pytest.raises(ValueError, match="is false"):
+        runtime.build({**archive, "lipschitz_bound": exact * 0.99})
 
 
 def test_a_model_on_the_meta_device_is_a_value_error_naming_a_tensor():

@@ -33,10 +33,13 @@ the allowlist :data:`ATEN_OPS` (and must be real overloads of them), layers are
 instantiated from ``torch.nn`` by name with the arguments of their constructors, and the
 graph is rebuilt with names of the runtime's own (the archive's node names, module paths
 and keyword names are checked as plain identifiers, never pasted into generated code). The
-layers are created on the meta device and receive the archive's tensors, which must be finite
-and are never written to by the graph. A file whose bytes changed after it was written (its
-zip records no longer match their CRC-32) is refused. A file edited on purpose, with matching checksums, can claim any bound:
-the certificate is as trustworthy as the file's origin.
+layers are created on the meta device and receive the archive's tensors, which must be finite,
+must not overlap, and are never written to by the graph; no operator of a certified archive
+runs in training mode. A file whose bytes changed after it was written (its zip records no
+longer match their CRC-32) is refused, and so is a bound below the norm of the network's
+Jacobian at a random input (:func:`build`). A file edited on purpose, with matching
+checksums, can still claim a bound that is false by less than that catches: the certificate
+is as trustworthy as the file's origin.
 """
 
 from __future__ import annotations
@@ -71,6 +74,12 @@ LOGIT_ROUNDING_ULPS = 1024
 #: The default limit of the check at load: the bytes that the results of one example's
 #: forward pass may take in all (see :func:`build`).
 MAX_CHECK_BYTES = 2 ** 30
+
+# The most rows of the network's Jacobian :func:`build` computes to check the stored bound.
+_JACOBIAN_ROWS = 16
+
+# Units of the dtype's epsilon by which that check lets the Jacobian's norm exceed the bound.
+_JACOBIAN_SLACK = 1024
 
 #: Layer types the archive's ``modules`` may name.
 MODULES = {"torch.nn.Conv1d": nn.Conv1d, "torch.nn.Conv2d": nn.Conv2d, "torch.nn.ConvTranspose2d": nn.ConvTranspose2d,
@@ -365,6 +374,9 @@ def build(archive: dict, *, max_check_bytes: int = MAX_CHECK_BYTES) -> ExportedM
     node) would make that run's results take more than ``max_check_bytes`` in all (the sum of
     the sizes of every intermediate result; default :data:`MAX_CHECK_BYTES`).
 
+    Then the stored bound is checked against a lower bound of the network's Lipschitz constant
+    (the norm of its Jacobian at a seeded random input; see ``_check_bound``).
+
     Raises ``ValueError`` for anything but a well-formed archive of this format version."""
     if type(max_check_bytes) is not int or max_check_bytes < 1:
         raise ValueError(f"max_check_bytes must be a positive int, got {max_check_bytes!r}")
@@ -401,6 +413,7 @@ def _build(archive: dict, max_check_bytes: int) -> ExportedModel:
     state_dict, modules, nodes = archive["state_dict"], archive["modules"], archive["nodes"]
     if not (isinstance(state_dict, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state_dict.items())):
         raise ValueError("the archive's state_dict must map names to tensors")
+    _check_tensor_bytes(state_dict)
     non_finite = [k for k, v in state_dict.items()
                   if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
     if non_finite:
@@ -436,18 +449,37 @@ def _build(archive: dict, max_check_bytes: int) -> ExportedModel:
             raise ValueError(f"node {index}: its name {name!r} is not a string, or not unique")
         env[name] = _make_node(graph, spec, index, env, root, state_dict)
         _check_writes(env[name], stored, name)
+        if bound is not None:
+            _check_eval_mode(env[name], name)
     dtype, _ = _probe_kind(state_dict.values())
     # The layers in ``root`` are on the meta device until the real tensors are assigned below.
     meta_root = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in root.items()}
     meta_network = torch.fx.GraphModule(meta_root, graph, class_name="ExportedNetwork")
     meta_network.load_state_dict({k: v.to("meta") for k, v in state_dict.items()}, strict=True, assign=True)
-    _check_sizes(meta_network, input_shape, dtype, max_check_bytes)
+    example_bytes = _check_sizes(meta_network, input_shape, dtype, max_check_bytes)
     network = torch.fx.GraphModule(root, graph, class_name="ExportedNetwork")
     network.load_state_dict(state_dict, strict=True, assign=True)
     model = ExportedModel(network, input_shape=input_shape, lipschitz_bound=bound, metadata=metadata, modules=modules,
                           nodes=nodes)
     _check_runs(model)
+    _check_bound(model, example_bytes, max_check_bytes)
     return model
+
+
+def _check_tensor_bytes(state_dict: dict) -> None:
+    """Refuse tensors whose elements take more bytes than the storages that hold them: a
+    tensor of stride 0 (``torch.zeros(1).expand(2**16, 2**16)``), or many tensors viewing one
+    storage, is a few bytes in the file but 16 GiB to every operation that reads it (the
+    finiteness check first). An export saves each tensor dense and apart from the others."""
+    stored, claimed = {}, 0
+    for v in state_dict.values():
+        storage = v.untyped_storage()
+        stored[(v.device, storage.data_ptr())] = storage.nbytes()
+        claimed += v.numel() * v.element_size()
+    held = sum(stored.values())
+    if claimed > held:
+        raise ValueError(f"the archive's tensors claim {claimed:,} bytes but their storages hold {held:,}: they "
+                         "overlap (a stride of 0, or views of one storage), which no export writes")
 
 
 class _MetaRun(torch.fx.Interpreter):
@@ -488,9 +520,10 @@ class _TooLarge(Exception):
         self.what = what  # torch.fx appends the graph's listing to the message
 
 
-def _check_sizes(network: torch.fx.GraphModule, input_shape: list, dtype: torch.dtype, limit: int) -> None:
+def _check_sizes(network: torch.fx.GraphModule, input_shape: list, dtype: torch.dtype, limit: int) -> int:
     """Refuse a graph whose run on one zero example would take more than ``limit`` bytes
-    (the sum of its results' sizes), measured on the meta device before any real run."""
+    (the sum of its results' sizes), measured on the meta device before any real run; else
+    return those bytes."""
     x = torch.empty(1, *input_shape, dtype=dtype, device="meta")
     run = _MetaRun(network, limit)
     try:
@@ -498,6 +531,7 @@ def _check_sizes(network: torch.fx.GraphModule, input_shape: list, dtype: torch.
             raise _TooLarge(f"{x.numel() * x.element_size() / 2 ** 20:,.0f} MiB for the input alone")
         with torch.no_grad():
             run.run(x)
+        return run.total
     except _TooLarge as exc:
         raise ValueError(f"checking the archive's graph on one example of its input_shape {tuple(input_shape)} "
                          f"would take more than max_check_bytes = {limit:,} bytes ({exc.what}): the file claims a "
@@ -529,6 +563,45 @@ def _check_runs(model: ExportedModel) -> None:
     if not (torch.is_tensor(out) and out.dim() >= 1 and out.shape[0] == 1):
         raise ValueError(f"the archive's graph must return one tensor with the input's batch dimension, got "
                          f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}")
+
+
+def _check_bound(model: ExportedModel, example_bytes: int, limit: int) -> None:
+    """Refuse a stored bound below a lower bound of the network's Lipschitz constant: the
+    spectral norm of ``Q^T J``, where ``J`` is the network's Jacobian at a seeded normal input
+    and ``Q`` has up to ``_JACOBIAN_ROWS`` orthonormal columns (all of them, so the exact
+    norm of ``J``, for outputs that small), from one backward pass of a batch of that many
+    rows (fewer when their results would pass ``limit`` bytes). ``||Q^T J|| <= ||J|| <= L`` for
+    a true bound ``L``; ``_JACOBIAN_SLACK`` units of the dtype's epsilon (at least 1e-3,
+    relative) allow for the rounding of the computed Jacobian. A network autograd cannot
+    differentiate, or whose Jacobian there is not finite, is not checked. This catches a bound
+    or weights edited by a large factor, not every false bound: the certificate is still as
+    trustworthy as the file's origin."""
+    dtype, device = _probe_kind(model.network.state_dict().values())
+    if model.lipschitz_bound is None or not dtype.is_floating_point:
+        return
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, *model.input_shape, generator=generator, dtype=dtype).to(device)
+    with torch.no_grad():
+        outputs = model(x)[0].numel()
+    if outputs == 0:
+        return
+    rows = max(1, min(outputs, _JACOBIAN_ROWS, limit // max(1, 3 * example_bytes)))
+    q = torch.linalg.qr(torch.randn(outputs, rows, generator=generator, dtype=torch.float64)).Q
+    x = x.expand(rows, *model.input_shape).clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            y = model(x)
+            (rows_of_qj,) = torch.autograd.grad(y, x, q.T.reshape(y.shape).to(y.dtype))
+    except Exception:  # noqa: BLE001 - an operator without a derivative: no lower bound from here
+        return
+    lower = float(torch.linalg.matrix_norm(rows_of_qj.reshape(rows, -1).double(), ord=2))
+    if not math.isfinite(lower):  # a non-differentiable point (sqrt at 0): no evidence either way
+        return
+    slack = max(1e-3, _JACOBIAN_SLACK * torch.finfo(dtype).eps)
+    if not lower <= model.lipschitz_bound * (1 + slack):
+        raise ValueError(f"the archive's lipschitz_bound {model.lipschitz_bound!r} is false: the network's Jacobian "
+                         f"at an input has spectral norm >= {lower:.6g}; its weights, graph or bound were edited, "
+                         "so no radius it gives can be trusted: export the model again")
 
 
 def _check_path(path, what: str) -> None:
@@ -585,6 +658,28 @@ def _make_node(graph: torch.fx.Graph, spec: dict, index: int, env: dict, root: d
     return graph.create_node(op, target, args, kwargs, name=f"n{index}")
 
 
+def _training_flag(node: torch.fx.Node):
+    """The value of ``node``'s argument ``train`` or ``training`` (``False`` if it has none)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    for i, argument in enumerate(node.target._schema.arguments):
+        if argument.name in ("train", "training"):
+            return node.args[i] if i < len(node.args) else node.kwargs.get(argument.name, argument.default_value)
+    return False
+
+
+def _check_eval_mode(node: torch.fx.Node, name: str) -> None:
+    """Refuse, in a certified archive, an operator called in training mode (an argument ``train``
+    or ``training`` that is not ``False``): dropout is then random and batch norm normalizes by
+    the batch's statistics, so no bound on one example's function holds. A model exported with
+    ``certify=False`` may keep them (``BatchNorm2d(track_running_stats=False)``)."""
+    flag = _training_flag(node)
+    if flag is not False:
+        raise ValueError(f"node {name!r}: {node.target} is called with training={flag!r}: it is then random or "
+                         "depends on the batch, so the archive's lipschitz_bound cannot hold; a certified export "
+                         "is always in eval mode")
+
+
 def _check_writes(node: torch.fx.Node, stored: set, name: str) -> None:
     """Refuse an operator that writes to a stored tensor or a view of one (the network would
     change at every call, away from the weights its bound was computed for), and record in
@@ -601,6 +696,12 @@ def _check_writes(node: torch.fx.Node, stored: set, name: str) -> None:
             value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
             inputs: list = []
             torch.fx.node.map_arg(value, inputs.append)
+            # Batch norm in training mode updates its running statistics in place, unmarked in its schema.
+            writes_stats = argument.name in ("running_mean", "running_var") and _training_flag(node) is not False
+            if writes_stats and any(n in stored for n in inputs):
+                raise ValueError(f"node {name!r}: {node.target} in training mode writes to the stored tensor it "
+                                 f"takes as {argument.name}: the network would change at every call; an export "
+                                 "never does this")
             if argument.alias_info is None or not any(n in stored for n in inputs):
                 continue
             if argument.alias_info.is_write:
