@@ -269,6 +269,23 @@ def test_a_gram_layer_with_its_own_forward_is_refused_with_a_value_error():
     assert torch.equal(exported(x), model(x)) and exported.lipschitz_bound == float(lipschitz_bound(model, (6,)))
 
 
+class _BatchDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = GramLinear(4, 3)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return 100 * y if x.shape[0] == 1 else y
+
+
+def test_a_forward_that_depends_on_the_batch_size_is_refused():
+    """torch.export traces at batch 2 and assumes a dynamic size is never 1: the export computed
+    y where the model computed 100 y at batch size 1, and the self-check (batches 2 and 3) passed."""
+    with pytest.raises(ValueError, match="batch size 1"):
+        export(_BatchDependent().eval(), (4,), certify=False)
+
+
 def test_reordered_or_dangling_graph_nodes_are_value_errors():
     archive = export(_plain_net(), SHAPE).archive()
     first, *body, output = archive["nodes"]
