@@ -160,6 +160,11 @@ def test_tensors_overlapping_in_their_storage_are_refused_before_any_allocation(
     for state_dict in (expanded, aliased):
         with pytest.raises(ValueError, match="overlap"):
             runtime.build({**archive, "state_dict": state_dict})
+    indices = torch.zeros(2, 1, dtype=torch.long)  # one value, 2**40 elements once densified
+    sparse = {**archive["state_dict"], name: torch.sparse_coo_tensor(indices, torch.ones(1), (2 ** 20, 2 ** 20),
+                                                                  check_invariants=True)}
+    with pytest.raises(ValueError, match="not dense"):
+        runtime.build({**archive, "state_dict": sparse})
 
 
 def _with_first_node(archive, node, stored=None):

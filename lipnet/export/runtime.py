@@ -472,7 +472,9 @@ def _check_tensor_bytes(state_dict: dict) -> None:
     storage, is a few bytes in the file but 16 GiB to every operation that reads it (the
     finiteness check first). An export saves each tensor dense and apart from the others."""
     stored, claimed = {}, 0
-    for v in state_dict.values():
+    for k, v in state_dict.items():
+        if v.layout != torch.strided:
+            raise ValueError(f"the archive's tensor {k!r} is {v.layout}, not dense: an export holds dense tensors")
         storage = v.untyped_storage()
         stored[(v.device, storage.data_ptr())] = storage.nbytes()
         claimed += v.numel() * v.element_size()
