@@ -181,7 +181,8 @@ def test_conv_transpose2d_settings_changed_after_construction(name, value, mode)
                                                 ("padding_mode", "circular", "'zeros' only"),
                                                 ("output_padding", 2, "smaller than the stride"),
                                                 ("kernel_size", (3, 3), "describe"),
-                                                ("groups", 0, "groups must be"), ("kernel_size", 4, "kernel_size must be")])
+                                                ("groups", 0, "groups must be"),
+                                                ("kernel_size", 4, "kernel_size must be")])
 def test_conv_transpose2d_bad_settings_are_refused(name, value, error, mode):
     layer = in_mode(GramConvTranspose2d(2, 3, 4, stride=2, padding=1, dtype=F64), (2, 4, 4), mode)
     setattr(layer, name, value)
