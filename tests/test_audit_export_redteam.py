@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from lipnet import export
+from lipnet import convert, export
 from lipnet.certify import certified_radius, lipschitz_bound
 from lipnet.export import runtime
 from lipnet.nn import (
@@ -42,6 +42,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+class _Skip(nn.Module):
+    """A container with its own forward, which lipnet.convert bounds by tracing."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return (x + self.conv(x).relu()) / 2
+
+
 def _nets():
     """``(name, model, input shape)``: each layer kind lipnet certifies, in small networks."""
     flat = 8 * 3 * 3
@@ -60,6 +71,9 @@ def _nets():
     yield "GramSequential stacked, 1-D", GramSequential(
         GramConv1d(3, 4, 3, padding=1), GramConv1d(4, 4, 3, padding=1, stride=2), nn.Flatten(),
         GramLinear(16, 6), GramLinear(6, 5), stack_bounds=True), (3, 8)
+    yield "lipnet.convert of a residual container", convert(nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), _Skip(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(36, 5)),
+        input_shape=SHAPE).model, SHAPE
 
 
 def _train(model, shape, seed):
@@ -103,7 +117,7 @@ def _adversarial_quotient(network, x, steps=25):
     return best
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_stored_bound_is_at_least_the_exported_networks_float64_jacobian_norm(index):
     """Every layer kind: the exported float64 network computes the model's function bitwise, its
     stored bound equals lipnet.certify's and is >= the exact Jacobian norm at random inputs and at
@@ -297,3 +311,30 @@ def test_reordered_or_dangling_graph_nodes_are_value_errors():
     for nodes in ([first, *reversed(body), output], [first, *body[1:], output], [first, output, *body]):
         with pytest.raises(ValueError):
             runtime.build({**archive, "nodes": nodes})
+
+
+def test_a_certified_network_that_mixes_the_examples_of_a_batch_is_refused():
+    """Adding the batch mean to each output (a network with no per-example function, so no
+    bound of one) loaded with the file's bound; without a bound it still loads."""
+    archive = export(_plain_net(), SHAPE).archive()
+    *body, output = archive["nodes"]
+    mixed = [{"name": "batch_mean", "op": "call_function", "target": "aten.mean.dim",
+              "args": [output["args"][0], [0], True], "kwargs": {}},
+             {"name": "mixed", "op": "call_function", "target": "aten.add.Tensor",
+              "args": [output["args"][0], {"$node": "batch_mean"}], "kwargs": {}},
+             {**output, "args": [{"$node": "mixed"}]}]
+    with pytest.raises(ValueError, match="other examples of its batch"):
+        runtime.build({**archive, "nodes": [*body, *mixed]})
+    assert runtime.build({**archive, "nodes": [*body, *mixed], "lipschitz_bound": None}).lipschitz_bound is None
+
+
+def test_the_load_checks_run_on_a_network_that_writes_to_its_input():
+    """A first module in place (SiLU(inplace=True)) overwrites its input: the load checks run on
+    copies (else the batch check compared different inputs, and the Jacobian's leaf refused the
+    in-place write, which skipped the bound check)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.SiLU(inplace=True), GramLinear(6, 4), MaxMin(), GramLinear(4, 3)).eval()
+    archive = export(model, (6,)).archive()
+    assert runtime.build(archive).lipschitz_bound == archive["lipschitz_bound"]
+    with pytest.raises(ValueError, match="is false"):
+        runtime.build({**archive, "lipschitz_bound": archive["lipschitz_bound"] / 10})

@@ -35,7 +35,7 @@ graph is rebuilt with names of the runtime's own (the archive's node names, modu
 and keyword names are checked as plain identifiers, never pasted into generated code). The
 layers are created on the meta device and receive the archive's tensors, which must be finite,
 must not overlap, and are never written to by the graph; no operator of a certified archive
-runs in training mode. A file whose bytes changed after it was written (its zip records no
+runs in training mode, nor mixes the examples of a batch. A file whose bytes changed after it was written (its zip records no
 longer match their CRC-32) is refused, and so is a bound below the norm of the network's
 Jacobian at a random input (:func:`build`). A file edited on purpose, with matching
 checksums, can still claim a bound that is false by less than that catches: the certificate
@@ -462,7 +462,9 @@ def _build(archive: dict, max_check_bytes: int) -> ExportedModel:
     model = ExportedModel(network, input_shape=input_shape, lipschitz_bound=bound, metadata=metadata, modules=modules,
                           nodes=nodes)
     _check_runs(model)
-    _check_bound(model, example_bytes, max_check_bytes)
+    if bound is not None:
+        _check_per_example(model, example_bytes, max_check_bytes)
+        _check_bound(model, example_bytes, max_check_bytes)
     return model
 
 
@@ -567,32 +569,54 @@ def _check_runs(model: ExportedModel) -> None:
                          f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}")
 
 
+def _check_per_example(model: ExportedModel, example_bytes: int, limit: int) -> None:
+    """Refuse a certified network whose output for one example depends on the rest of its batch
+    (two seeded examples run together and apart differ by more than rounding): its bound is a
+    bound of one example's function, which such a network does not have. Skipped when a batch
+    of two would take more than ``limit`` bytes."""
+    dtype, device = _probe_kind(model.network.state_dict().values())
+    if not dtype.is_floating_point or 2 * example_bytes > limit:
+        return
+    x = torch.randn(2, *model.input_shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
+    with torch.no_grad():  # copies: a graph may write to its input (ReLU(inplace=True) first)
+        together, apart = model(x.clone()), torch.cat([model(x[:1].clone()), model(x[1:].clone())])
+    if together.shape != apart.shape or not together.is_floating_point():
+        return  # the check at load refuses the first; the second has no gradient to bound
+    same = (together == apart) | (together.isnan() & apart.isnan())  # inf and NaN outputs alike
+    difference = float(torch.where(same, 0.0, (together - apart).abs()).max())
+    scale = 1 + float(together.nan_to_num(0.0, 0.0, 0.0).abs().max())
+    if not difference <= max(1e-3, 64 * torch.finfo(dtype).eps) * scale:
+        raise ValueError("the archive's network computes an example's output from the other examples of its batch "
+                         "as well: a Lipschitz bound of one example's function cannot hold for it, and no export "
+                         "with a bound does this (a model that needs it can be exported with certify=False)")
+
+
 def _check_bound(model: ExportedModel, example_bytes: int, limit: int) -> None:
     """Refuse a stored bound below a lower bound of the network's Lipschitz constant: the
     spectral norm of ``Q^T J``, where ``J`` is the network's Jacobian at a seeded normal input
     and ``Q`` has up to ``_JACOBIAN_ROWS`` orthonormal columns (all of them, so the exact
     norm of ``J``, for outputs that small), from one backward pass of a batch of that many
-    rows (fewer when their results would pass ``limit`` bytes). ``||Q^T J|| <= ||J|| <= L`` for
-    a true bound ``L``; ``_JACOBIAN_SLACK`` units of the dtype's epsilon (at least 1e-3,
-    relative) allow for the rounding of the computed Jacobian. A network autograd cannot
-    differentiate, or whose Jacobian there is not finite, is not checked. This catches a bound
-    or weights edited by a large factor, not every false bound: the certificate is still as
-    trustworthy as the file's origin."""
+    rows (fewer when their results would pass ``limit`` bytes; no check when one row would).
+    ``||Q^T J|| <= ||J|| <= L`` for a true bound ``L``; ``_JACOBIAN_SLACK`` units of the dtype's
+    epsilon (at least 1e-3, relative) allow for the rounding of the computed Jacobian. A
+    network autograd cannot differentiate, or whose Jacobian there is not finite, is not
+    checked. This catches a bound or weights edited by a large factor, not every false bound:
+    the certificate is still as trustworthy as the file's origin."""
     dtype, device = _probe_kind(model.network.state_dict().values())
-    if model.lipschitz_bound is None or not dtype.is_floating_point:
+    if not dtype.is_floating_point or 3 * example_bytes > limit:
         return
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, *model.input_shape, generator=generator, dtype=dtype).to(device)
     with torch.no_grad():
-        outputs = model(x)[0].numel()
+        outputs = model(x.clone())[0].numel()
     if outputs == 0:
         return
-    rows = max(1, min(outputs, _JACOBIAN_ROWS, limit // max(1, 3 * example_bytes)))
+    rows = min(outputs, _JACOBIAN_ROWS, limit // max(1, 3 * example_bytes))
     q = torch.linalg.qr(torch.randn(outputs, rows, generator=generator, dtype=torch.float64)).Q
     x = x.expand(rows, *model.input_shape).clone().requires_grad_(True)
     try:
         with torch.enable_grad():
-            y = model(x)
+            y = model(x.clone())  # a graph may write to its input, not to a leaf that requires grad
             (rows_of_qj,) = torch.autograd.grad(y, x, q.T.reshape(y.shape).to(y.dtype))
     except Exception:  # noqa: BLE001 - an operator without a derivative: no lower bound from here
         return
