@@ -140,6 +140,31 @@ def test_stored_bound_is_at_least_the_exported_networks_float64_jacobian_norm(in
     assert bool((radius <= certified_radius(logits, logits.argmax(1), lipschitz_bound(model, shape))).all())
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular", "reflect", "replicate"])
+def test_every_padding_mode_exports_with_a_bound_at_least_its_exact_norm(padding_mode):
+    """Reflect and replicate padding read border pixels twice (deel-torchlip's export lost its
+    1-Lipschitz guarantee there): single-tap kernels at each position, which concentrate the
+    copies (norm up to sqrt 2 under the zero-padding normalization), and random ones with stride,
+    dilation and groups; exact norm of the exported float64 operator <= stored bound."""
+    kernels = []
+    for tap in ((0, 0), (0, 1), (1, 1), (2, 2)):
+        kernel = torch.zeros(2, 1, 3, 3, dtype=torch.float64)
+        kernel[:, 0, tap[0], tap[1]] = 1.0
+        kernels.append((dict(padding=1, groups=2), kernel))
+    generator = torch.Generator().manual_seed(0)
+    for options in (dict(padding=1, stride=2), dict(padding=2, dilation=2), dict(padding=1, groups=2)):
+        kernels.append((options, torch.randn(2, 2 // options.get("groups", 1), 3, 3, generator=generator,
+                                             dtype=torch.float64)))
+    for options, kernel in kernels:
+        conv = GramConv2d(2, 2, 3, padding_mode=padding_mode, bias=False, **options).double()
+        with torch.no_grad():
+            conv.weight.copy_(kernel)
+        exported = export(nn.Sequential(conv).eval(), (2, 5, 5))
+        exact = _jacobian_norm(exported.network, torch.zeros(2, 5, 5, dtype=torch.float64))  # linear: any point
+        assert exact <= exported.lipschitz_bound, (options, kernel, exact, exported.lipschitz_bound)
+        assert exact >= 0.2, (options, exact)  # not a vacuous check
+
+
 @pytest.mark.parametrize("index", range(5))
 def test_float32_radii_are_at_most_lipnets_proven_radii(index):
     """The runtime's radius of a float32 forward (a heuristic rounding allowance) against
