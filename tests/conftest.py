@@ -17,6 +17,16 @@ def _deterministic():
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one thread: torch.export's tracing and small tensors are several times
+    faster without OpenMP's waits (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def stack_calls(monkeypatch):
     """``(number of layers, input size)`` of every stacked bound computation of a GramSequential."""
     from lipnet.nn import sequential

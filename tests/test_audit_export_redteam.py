@@ -34,12 +34,7 @@ from lipnet.nn import (
 SHAPE = (2, 6, 6)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Skip(nn.Module):

@@ -10,13 +10,7 @@ from lipnet.export import exporter
 from lipnet.nn import GramLinear
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """torch.export's tracing of small networks is several times faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_random_networks_export_bitwise_with_their_bound_and_isolated_from_the_source():
