@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 import fuzz_export
-import lipnet
 from lipnet.export import exporter
 from lipnet.nn import GramLinear
 
