@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from lipnet.bounds.autocast import ieee_float32_matmuls
-from lipnet.certify.copy_map_bounds import NEAREST_MODES, _copied_entries
+from lipnet.certify.copy_map_bounds import _INDEX_DTYPES, NEAREST_MODES, _copied_entries
 from lipnet.certify.lipschitz import _REGISTRY, _lookup, _unwrap, has_forward_hooks, overridden_forward_part
 from lipnet.nn.normalized import GramNormalized
 from lipnet.nn.pooling import sqrt_up
@@ -139,7 +139,8 @@ class UpsampleAsApplied(nn.Module):
             index = torch.arange(math.prod(spatial)).reshape(1, 1, *spatial)
             with torch.no_grad():
                 size = tuple(self.upsample(torch.zeros(index.shape)).shape[2:])
-            self._maps[spatial] = size, _copied_entries(self.upsample, index, torch.float32, 2 ** 24)
+            self._maps[spatial] = size, _copied_entries(self.upsample, index, torch.float32,
+                                                            dict(_INDEX_DTYPES)[torch.float32])
         return self._maps[spatial]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
