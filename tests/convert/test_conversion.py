@@ -356,7 +356,7 @@ def test_custom_containers_get_registered_bounds():
 
 
 def _registered_types():
-    from lipnet.convert import _TRACED_TYPES
+    from lipnet.convert.conversion import _TRACED_TYPES
 
     return _TRACED_TYPES
 

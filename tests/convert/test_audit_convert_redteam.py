@@ -11,7 +11,6 @@ constant in their docstrings); the rest are patterns that were already right, ke
 regression tests.
 """
 
-import importlib
 import threading
 from fractions import Fraction
 
@@ -25,8 +24,9 @@ from lipnet import convert
 from lipnet.certify import LipschitzBoundError, certified_accuracy, lipschitz_bound, register_lipschitz_bound
 from lipnet.certify.lipschitz import _REGISTRY
 from lipnet.convert import traced_lipschitz_bound
+from lipnet.convert.attribute_writes import _AttributeWrites
+from lipnet.convert.conversion import _TRACED_TYPES
 
-convert_module = importlib.import_module("lipnet.convert")  # (lipnet.convert is also the function)
 
 F64 = torch.float64
 #: Relative allowance for float64 rounding in a Jacobian or a finite difference.
@@ -37,12 +37,12 @@ SLACK = 1e-9
 def restore_registry():
     """convert registers traced bounds for the container types it meets, process-wide: these tests
     leave the registry as they found it (tests/certify/test_network_fuzz.py reads it)."""
-    registry, traced = dict(_REGISTRY), set(convert_module._TRACED_TYPES)
+    registry, traced = dict(_REGISTRY), set(_TRACED_TYPES)
     yield
     _REGISTRY.clear()
     _REGISTRY.update(registry)
-    convert_module._TRACED_TYPES.clear()
-    convert_module._TRACED_TYPES.update(traced)
+    _TRACED_TYPES.clear()
+    _TRACED_TYPES.update(traced)
 
 
 def jacobian_norm(model, x):
@@ -314,8 +314,8 @@ def test_two_threads_watching_attribute_writes_take_turns():
     first watched was undone by the first's restore (its writes unseen), and its own restore put
     the first's wrapper back for good."""
     original = nn.Module.__setattr__
-    first = convert_module._AttributeWrites(nn.Linear(2, 2))
-    second = convert_module._AttributeWrites(nn.Linear(2, 2))
+    first = _AttributeWrites(nn.Linear(2, 2))
+    second = _AttributeWrites(nn.Linear(2, 2))
     entered = threading.Event()
 
     def watch_second():
