@@ -14,9 +14,9 @@ about 56.5 MB each, so each fits one device call's 64 MiB beside the checkout.
 ``--webp`` (two calls): every image compressed losslessly as WebP (Pillow, 58% of the raw
 bytes): ``DEST/w1/webp-train-1-of-2.npz`` (images 0-29,999) and ``DEST/w2/webp-train-2-of-2.npz``
 plus ``DEST/w2/webp-test.npz``, about 54 MB per folder. ``--unpack`` (on the device, by
-``benchmarks/gpu_check.sh stage``) decodes one such file into the plain shard of the same name
-without the ``webp-`` prefix, and refuses it unless the decoded images hash to the SHA-256
-recorded at packing (lossless, checked).
+``benchmarks/gpu_check.sh stage``) decodes one such file (Pillow, or OpenCV where Pillow lacks
+WebP) into the plain shard of the same name without the ``webp-`` prefix, and refuses it
+unless the decoded images hash to the SHA-256 recorded at packing (lossless, checked).
 
 Put together in one folder, the shards of either kind are read back as the original data set
 (same images, same order). See "Taking the GPU figures" in docs/benchmarks.md.
@@ -37,6 +37,8 @@ SPLITS = ((0, 20_000), (20_000, 40_000), (40_000, 50_000))
 WEBP_SPLITS = ((0, 30_000), (30_000, 50_000))
 #: Prefix of a WebP-packed file; unpacked, the file keeps its name without it.
 WEBP_PREFIX = "webp-"
+#: What one device call carries in all: the working tree, the data folder and .data/site.
+CALL_LIMIT_MIB = 64
 
 
 def _parts(source: Path, splits):
@@ -88,18 +90,41 @@ def pack_webp(source: Path, dest: Path, splits=WEBP_SPLITS) -> list[Path]:
     return written
 
 
+def webp_decoder():
+    """``bytes -> (H, W, 3) uint8 RGB array`` for one WebP image: Pillow's where it was built with
+    WebP, else OpenCV's (the device image has both; a Pillow without libwebp would otherwise
+    waste the call that carried the data). Lossless either way: the SHA-256 check tells."""
+    try:
+        from PIL import Image, features
+
+        if features.check("webp"):
+            return lambda blob: np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+    except ImportError:
+        pass
+    try:
+        import cv2
+    except ImportError:
+        raise SystemExit("decoding WebP needs Pillow built with WebP support or OpenCV (cv2); neither is here") from None
+
+    def decode(blob: bytes) -> np.ndarray:
+        image = cv2.imdecode(np.frombuffer(blob, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise SystemExit("OpenCV could not decode a WebP image")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)  # OpenCV's channel order is BGR
+    return decode
+
+
 def unpack_webp(path: Path, dest_dir: Path) -> Path:
     """Decode one ``webp-*.npz`` file into ``dest_dir`` as the plain shard it was packed from."""
-    from PIL import Image
-
     path = Path(path)
     if not path.name.startswith(WEBP_PREFIX):
         raise SystemExit(f"{path} is not a WebP pack (its name does not start with {WEBP_PREFIX!r})")
+    decode = webp_decoder()
     with np.load(path) as packed:
         blobs, offsets, shape, y, digest = (packed[k] for k in ("blobs", "offsets", "shape", "y", "sha256"))
     x = np.empty(tuple(int(s) for s in shape), dtype=np.uint8)
     for i in range(len(x)):
-        x[i] = np.asarray(Image.open(io.BytesIO(blobs[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
+        x[i] = decode(blobs[offsets[i]:offsets[i + 1]].tobytes())
     if hashlib.sha256(x.tobytes()).digest() != digest.tobytes():
         raise SystemExit(f"{path}: the decoded images do not match the SHA-256 recorded at packing")
     out = Path(dest_dir) / path.name[len(WEBP_PREFIX):]
@@ -120,8 +145,13 @@ def main(argv=None) -> int:
     args = args[1:] if webp else args
     source = Path(args[0]) if args else Path("../shared/data/cifar10")
     dest = Path(args[1]) if len(args) > 1 else Path(".data")
-    for path in (pack_webp if webp else pack)(source, dest):
+    written = (pack_webp if webp else pack)(source, dest)
+    for path in written:
         print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
+    for folder in sorted({path.parent for path in written}):
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        print(f"{folder}: {size / 2**20:.1f} MiB of the {CALL_LIMIT_MIB} MiB a device call carries, with the "
+              "checkout and .data/site")
     return 0
 
 

@@ -1,5 +1,7 @@
 """benchmarks/pack_cifar10.py: the three device folders read back as the original data set."""
 
+import sys
+
 import pytest
 import torch
 
@@ -63,3 +65,38 @@ def test_a_damaged_webp_pack_is_refused(tmp_path, pack_module):
         pack_module.unpack_webp(path, tmp_path / "together")
     with pytest.raises(SystemExit, match="not a WebP pack"):
         pack_module.unpack_webp(tmp_path / "src" / "train.npz", tmp_path / "together")
+
+
+def test_webp_packs_decode_with_opencv_where_pillow_lacks_webp(tmp_path, pack_module, monkeypatch):
+    """The device image has OpenCV beside Pillow: a Pillow built without WebP falls back to it
+    (OpenCV decodes to BGR; the unpacked shard must still be RGB, as the SHA-256 check demands)."""
+    import io
+    import types
+
+    import numpy as np
+    from PIL import Image, features
+
+    train = synthetic_dataset("cifar10", 4, split="train")
+    write_npz(train, tmp_path / "src" / "train.npz")
+    write_npz(synthetic_dataset("cifar10", 2, split="test"), tmp_path / "src" / "test.npz")
+    (path, _) = pack_module.pack_webp(tmp_path / "src", tmp_path / "out", splits=((0, 4),))
+
+    def imdecode(buffer, flags):  # OpenCV's contract: BGR, or None for bytes it cannot read
+        return np.asarray(Image.open(io.BytesIO(buffer.tobytes())).convert("RGB"))[..., ::-1].copy()
+
+    fake_cv2 = types.SimpleNamespace(IMREAD_COLOR=1, COLOR_BGR2RGB=4, imdecode=imdecode,
+                                     cvtColor=lambda image, code: image[..., ::-1].copy())
+    monkeypatch.setitem(sys.modules, "cv2", fake_cv2)
+    monkeypatch.setattr(features, "check", lambda name: False)
+    out = pack_module.unpack_webp(path, tmp_path / "together")
+    with np.load(out) as unpacked:
+        assert np.array_equal(unpacked["x"], train.images.permute(0, 2, 3, 1).numpy())
+
+
+def test_without_pillow_webp_or_opencv_unpacking_says_what_is_missing(pack_module, monkeypatch):
+    from PIL import features
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 raises ImportError
+    monkeypatch.setattr(features, "check", lambda name: False)
+    with pytest.raises(SystemExit, match="Pillow built with WebP support or OpenCV"):
+        pack_module.webp_decoder()
