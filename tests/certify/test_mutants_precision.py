@@ -1,0 +1,105 @@
+"""Mutation-testing gaps of lipnet.certify.precision: each test compares the proven error bound of
+the float64 pass with the exact distance, in rational arithmetic, on a case built to need the
+full allowance."""
+
+from fractions import Fraction
+
+import torch
+from torch import nn
+
+from lipnet.nn import ConvexResidual, GramConv1d, GramLinear
+
+from lipnet.certify.lipschitz import lipschitz_bound, module_lipschitz_bounds
+from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_error_bound
+
+
+def exact_linear(weight: torch.Tensor, x: torch.Tensor) -> list[list[Fraction]]:
+    w = [[Fraction(float(v)) for v in row] for row in weight.tolist()]
+    return [[sum((wi * Fraction(float(v)) for wi, v in zip(row, example)), Fraction(0)) for row in w]
+            for example in x.tolist()]
+
+
+def squared_distance(computed: torch.Tensor, exact: list[list[Fraction]]) -> list[Fraction]:
+    return [sum(((Fraction(float(c)) - e) ** 2 for c, e in zip(row, ex)), Fraction(0))
+            for row, ex in zip(computed.tolist(), exact)]
+
+
+def test_underflow_of_every_product_of_every_output_is_covered():
+    """A GramLinear whose entries are all equal applies ``w ~ 2^-6`` (its norm is 1); every product
+    ``w * 31 2^-1074`` (a subnormal input) is just below half the smallest subnormal and rounds to
+    0: each of the ``n`` outputs is off by ``(31 / 64) n 2^-1074``, ``0.48 n^1.5 2^-1074`` in L2,
+    while the relative model of rounding sees nothing (every output is 0). The allowance for
+    underflow must grow as ``K^1.5`` (``K`` outputs of ``K`` products), not as ``K``."""
+    n = 64
+    layer = GramLinear(n, n, bias=False).double()
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    model = nn.Sequential(layer).eval()
+    x = torch.full((1, n), 31 * 2.0 ** -1074, dtype=torch.float64)
+    _, bounds = module_lipschitz_bounds(model, (n,))
+    with exact_kernels(), torch.no_grad():
+        y, err = forward_with_error_bound(model, x, bounds)
+    assert bool((y == 0).all())  # every product underflowed to 0
+    (distance2,) = squared_distance(y, exact_linear(layer.normalized_weight(), x))
+    assert distance2 > (Fraction(2) ** -1074 * 200) ** 2  # the case needs more than K 2^-1074 (K = 65)
+    assert Fraction(float(err[0])) ** 2 >= distance2
+
+
+def test_tiny_activations_keep_their_relative_rounding_in_the_bound():
+    """Inputs near ``1e-170``: their squares underflow to 0, so norms computed naively are 0 and the
+    relative term ``4 u K^1.5 (lam ||h|| + ||y||)`` would vanish, leaving only the underflow term
+    (``~1e-321``), while the rounding of the products and sums is relative (``~1e-186``)."""
+    torch.manual_seed(0)
+    n = 16
+    layer = GramLinear(n, n, bias=False).double()
+    model = nn.Sequential(layer).eval()
+    x = torch.randn(3, n, dtype=torch.float64) * 1e-170
+    _, bounds = module_lipschitz_bounds(model, (n,))
+    with exact_kernels(), torch.no_grad():
+        y, err = forward_with_error_bound(model, x, bounds)
+    distances = squared_distance(y, exact_linear(layer.normalized_weight(), x))
+    assert max(distances) > (Fraction(10) ** -200) ** 2  # the case has rounding far above the underflow term
+    for e, d2 in zip(err.tolist(), distances):
+        assert Fraction(e) ** 2 >= d2
+
+
+def test_a_kernel_reading_copies_is_covered_for_any_summation_order():
+    """Replicate padding 150 on a one-sample input: the output sums the 301 products ``w_t x`` of
+    copies of one sample. The kernel's summation order is unknown, so the allowance must cover
+    Higham's bound for any order, ``gamma_301 sum |w_t x|`` (section 3.1), which counts the 301
+    products, not the single input and output entries (with ``K = 2`` the allowance is ~0.7 of it)."""
+    k = 301
+    conv = GramConv1d(1, 1, k, padding=k // 2, padding_mode="replicate", bias=False).double()
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    model = nn.Sequential(conv).eval()
+    x = torch.tensor([[[0.7]]], dtype=torch.float64)
+    _, bounds = module_lipschitz_bounds(model, (1, 1))
+    with exact_kernels(), torch.no_grad():
+        y, err = forward_with_error_bound(model, x, bounds)
+    assert y.shape == (1, 1, 1)
+    u = Fraction(2) ** -53
+    gamma = k * u / (1 - k * u)
+    weights = conv.normalized_weight().flatten().tolist()
+    worst = gamma * sum(abs(Fraction(w) * Fraction(0.7)) for w in weights)
+    assert Fraction(float(err[0])) >= worst
+
+
+def test_the_float64_copy_of_a_bfloat16_convex_residual_bounds_the_mix_it_applies():
+    """In bfloat16, ``1 - sigmoid(l)`` and ``sigmoid(l)`` for ``alpha = 0.025`` sum to ``1 + 0.0017``:
+    the block with an identity branch applies ``(keep + alpha) x``, of norm above 1. The certificate
+    is computed on :func:`float64_copy`, which must mix with those coefficients, not with the ones
+    float64 would compute from the logit (summing to 1)."""
+    n = 4
+    branch = GramLinear(n, n, bias=False)
+    with torch.no_grad():
+        branch.weight.copy_(torch.eye(n))
+    block = ConvexResidual(branch, alpha=0.025, learnable=False).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        keep, alpha = (Fraction(float(c)) for c in block.coefficients())
+        applied = block.branch.normalized_weight().double()
+    scale = Fraction(float(applied[0, 0]))
+    assert torch.equal(applied, float(scale) * torch.eye(n, dtype=torch.float64))  # the branch applies scale * I
+    exact_norm = abs(keep + alpha * scale)  # the block applies (keep + alpha * scale) I
+    assert exact_norm > 1 + Fraction(1, 1000)
+    assert Fraction(lipschitz_bound(float64_copy(block), (n,))) >= exact_norm
