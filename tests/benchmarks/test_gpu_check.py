@@ -73,10 +73,17 @@ def test_two_stage_calls_put_the_original_data_set_together(device_like, packs):
     assert "stage:" in (out / "steps.txt").read_text()
 
 
-def test_an_empty_stage_folder_fails_the_call(device_like, tmp_path):
+def test_a_failed_stage_is_reported_and_the_other_steps_still_run(device_like, tmp_path, packs):
+    """The first call's tests and benchmarks need no data: a stage that fails must not cost them."""
     (tmp_path / "empty").mkdir()
-    result = run(device_like, "stage", STAGE=str(tmp_path / "empty"))
+    result = run(device_like, "stage", "stage", STAGE=str(tmp_path / "empty"))
     assert result.returncode == 1 and "no shards" in result.stderr
+    assert (Path(device_like["OUT"]) / "steps.txt").read_text().count("STAGE FAILED") == 2  # both ran
+    folder, _, _ = packs
+    damaged = folder / "w2" / "webp-test.npz"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    result = run(device_like, "stage", STAGE=str(folder / "w2"))
+    assert result.returncode == 1 and "STAGE FAILED" in (Path(device_like["OUT"]) / "steps.txt").read_text()
 
 
 def test_a_misspelt_step_fails_before_anything_runs(device_like, packs):
