@@ -7,10 +7,10 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from lipnet.nn import ConvexResidual, GramConv1d, GramLinear
+from lipnet.nn import GramConv1d, GramLinear
 
-from lipnet.certify.lipschitz import lipschitz_bound, module_lipschitz_bounds
-from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_error_bound
+from lipnet.certify.lipschitz import module_lipschitz_bounds
+from lipnet.certify.precision import exact_kernels, forward_with_error_bound
 
 
 def exact_linear(weight: torch.Tensor, x: torch.Tensor) -> list[list[Fraction]]:
@@ -84,22 +84,3 @@ def test_a_kernel_reading_copies_is_covered_for_any_summation_order():
     worst = gamma * sum(abs(Fraction(w) * Fraction(0.7)) for w in weights)
     assert Fraction(float(err[0])) >= worst
 
-
-def test_the_float64_copy_of_a_bfloat16_convex_residual_bounds_the_mix_it_applies():
-    """In bfloat16, ``1 - sigmoid(l)`` and ``sigmoid(l)`` for ``alpha = 0.025`` sum to ``1 + 0.0017``:
-    the block with an identity branch applies ``(keep + alpha) x``, of norm above 1. The certificate
-    is computed on :func:`float64_copy`, which must mix with those coefficients, not with the ones
-    float64 would compute from the logit (summing to 1)."""
-    n = 4
-    branch = GramLinear(n, n, bias=False)
-    with torch.no_grad():
-        branch.weight.copy_(torch.eye(n))
-    block = ConvexResidual(branch, alpha=0.025, learnable=False).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        keep, alpha = (Fraction(float(c)) for c in block.coefficients())
-        applied = block.branch.normalized_weight().double()
-    scale = Fraction(float(applied[0, 0]))
-    assert torch.equal(applied, float(scale) * torch.eye(n, dtype=torch.float64))  # the branch applies scale * I
-    exact_norm = abs(keep + alpha * scale)  # the block applies (keep + alpha * scale) I
-    assert exact_norm > 1 + Fraction(1, 1000)
-    assert Fraction(lipschitz_bound(float64_copy(block), (n,))) >= exact_norm
