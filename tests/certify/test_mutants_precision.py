@@ -83,4 +83,3 @@ def test_a_kernel_reading_copies_is_covered_for_any_summation_order():
     weights = conv.normalized_weight().flatten().tolist()
     worst = gamma * sum(abs(Fraction(w) * Fraction(0.7)) for w in weights)
     assert Fraction(float(err[0])) >= worst
-
