@@ -19,7 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
-from lipnet.checkpoint import CheckpointError
+from lipnet.checkpoint import CheckpointError, load_checkpoint
 from lipnet.data import DatasetError, DatasetNotFoundError
 from lipnet.training import train
 from recipes import DEFAULT, RECIPES, describe, get_recipe
@@ -102,9 +102,12 @@ def main(argv: list[str] | None = None) -> int:
 def _stopped(how: str, checkpoint: Path) -> str:
     """What a stopped run left, and how to continue it."""
     if checkpoint.exists():
-        return (f"\n{how}; the last finished epoch is saved in {checkpoint}: run the same command with --resume to "
-                "continue")
-    return f"\n{how} before the first epoch finished: nothing was saved"
+        try:
+            saved = f"epoch {int(load_checkpoint(checkpoint)['training']['epochs_done'])} is saved"
+        except Exception:  # noqa: BLE001 - unreadable: --resume will say why
+            saved = "its last checkpoint is"
+        return f"\n{how}; {saved} in {checkpoint}: run the same command with --resume to continue from there"
+    return f"\n{how} before its first checkpoint was written: nothing was saved"
 
 
 class Terminated(KeyboardInterrupt):

@@ -69,8 +69,11 @@ class TrainConfig:
         costs more than it saves), compile_mode (torch.compile's ``mode``: "default",
         "reduce-overhead" for CUDA graphs, which replay the many small kernels of the bounds
         without launch overhead, "max-autotune", "max-autotune-no-cudagraphs"), out_dir (one
-        run at a time: a second run into it is refused), resume, certify (final report),
-        progress (bars).
+        run at a time: a second run into it is refused), resume (from the last checkpoint
+        written), save_every (the checkpoint and ``metrics.jsonl`` are written every
+        ``save_every`` epochs and after the last one: on a GPU an epoch of a small model can take
+        less than a few saves of its checkpoint, which training waits for), certify (final
+        report), progress (bars).
     """
 
     dataset: str = "fashion-mnist"
@@ -110,13 +113,14 @@ class TrainConfig:
     compile_mode: str = "default"
     out_dir: str = "runs/run"
     resume: bool = False
+    save_every: int = 1
     certify: bool = True
     progress: bool = True
 
     #: Fields that may change when a run is resumed (they do not change what is computed).
     OPERATIONAL: typing.ClassVar[frozenset] = frozenset(
         {"data_dir", "download", "threads", "device", "compile", "compile_mode", "out_dir", "resume", "certify", "progress",
-         "eval_batch_size", "eval_eps", "eval_every", "test_subset"})
+         "eval_batch_size", "eval_eps", "eval_every", "test_subset", "save_every"})
 
     def __post_init__(self):
         for name in ("data_dir", "out_dir"):  # paths are stored as text (checkpoints hold plain values)
@@ -130,7 +134,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "temperature", "train_eps", "weight_decay", "warmup_epochs", "offset", "time_budget",

@@ -265,7 +265,7 @@ class _Run:
                     start = time.perf_counter()
                     record["test_acc"], record["test_margin_acc"] = self._test_metrics()
                     record["eval_seconds"] += time.perf_counter() - start
-            if env.is_main:
+            if env.is_main and ((epoch + 1) % config.save_every == 0 or epoch + 1 >= self.epochs):
                 self._save(epoch + 1, history)
             self.log(_summary(record, self.epochs))
             if on_epoch_end is not None:

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from lipnet.certify.cli import main as certify_main
+from lipnet.checkpoint import load_checkpoint
 from lipnet.data import DATASETS, synthetic_dataset, write_npz
 from lipnet.models import MODELS, model_spec
 from lipnet.training import build_run_model
@@ -103,6 +104,8 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
     _, err = run.communicate(timeout=60)
     assert run.returncode == 143, err
     assert "stopped by SIGTERM" in err and "--resume" in err
+    saved = load_checkpoint(out / "checkpoint.pt")["training"]["epochs_done"]
+    assert f"epoch {saved} is saved in" in err, err
     assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists()
 
 
@@ -132,7 +135,7 @@ def test_under_torchrun_only_the_main_process_says_how_to_resume(tmp_path, capsy
     for rank, said in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
         assert main(["mnist", "--out-dir", str(tmp_path / "run")]) == 130
-        assert ("interrupted before the first epoch finished" in capsys.readouterr().err) is said
+        assert ("interrupted before its first checkpoint was written" in capsys.readouterr().err) is said
 
 
 def test_ctrl_c_while_torch_is_imported_exits_quietly(tmp_path):

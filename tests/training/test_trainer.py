@@ -97,6 +97,41 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(data_dir, tmp_
     assert without_timing(full.history) == without_timing(resumed.history)
 
 
+def test_checkpoints_every_few_epochs_and_after_the_last_resume_exactly(data_dir, tmp_path):
+    """save_every=2 of 5 epochs: saves after epochs 2, 4 and 5; a run stopped after epoch 3 resumes
+    from 2 (with another save_every: it changes nothing computed) and ends as an uninterrupted run."""
+    full = train(tiny(data_dir, tmp_path / "full", certify=False, epochs=5), log=quiet)
+    checkpoint = tmp_path / "cut" / "checkpoint.pt"
+    saves = []
+
+    def saved(epoch, record):
+        saves.append(load_checkpoint(checkpoint)["training"]["epochs_done"] if checkpoint.exists() else None)
+
+    def stop_after_third(epoch, record):
+        saved(epoch, record)
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(data_dir, tmp_path / "cut", certify=False, epochs=5, save_every=2), on_epoch_end=stop_after_third,
+              log=quiet)
+    assert saves == [None, 2, 2]
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]  # the metrics of the checkpoint
+
+    saves.clear()
+    resumed = train(tiny(data_dir, tmp_path / "cut", certify=False, epochs=5, save_every=3, resume=True),
+                    on_epoch_end=saved, log=quiet)
+    assert saves == [3, 3, 5]  # epochs 3, 4, 5: every third epoch, and the last
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_timing(full.history) == without_timing(resumed.history)
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="save_every"):
+        tiny(data_dir, tmp_path, save_every=0)
+
+
 def test_the_seed_makes_cpu_runs_reproducible(data_dir, tmp_path):
     runs = [train(tiny(data_dir, tmp_path / name, epochs=1, certify=False, flip=True, seed=seed), log=quiet).model
             for name, seed in (("a", 7), ("b", 7), ("c", 8))]
