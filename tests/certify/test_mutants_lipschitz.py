@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lipnet.certify import lipschitz_bound, register_lipschitz_bound
-from lipnet.nn import ConvexResidual
+from lipnet.nn import ConvexResidual, GramLinear
 
 
 class _Scale(nn.Module):
@@ -42,3 +42,24 @@ def test_a_product_of_bounds_rounds_upwards():
     exact = Fraction(c) ** 2
     assert Fraction(c * c) < exact
     assert Fraction(lipschitz_bound(model, (3,))) >= exact
+
+
+def test_a_convex_residual_is_bounded_with_its_coefficients_cast_as_the_forward_casts_them():
+    """A float32 ``alpha_logit`` mixing a bfloat16 branch: the forward casts ``0.975`` and ``0.025``
+    to bfloat16 (``0.9765625`` and ``0.0250244...``, summing to ``1 + 0.0016``), so with an identity
+    branch ``s I`` the block applies ``(keep + alpha s) I``, of norm above 1."""
+    n = 4
+    branch = GramLinear(n, n, bias=False)
+    with torch.no_grad():
+        branch.weight.copy_(torch.eye(n))
+    block = ConvexResidual(branch, alpha=0.025, learnable=False).eval()
+    block.branch.to(torch.bfloat16)
+    assert block.alpha_logit.dtype == torch.float32
+    with torch.no_grad():
+        applied = block.branch.normalized_weight().double()
+        keep, alpha = (Fraction(float(c.to(torch.bfloat16))) for c in block.coefficients())
+    scale = Fraction(float(applied[0, 0]))
+    assert torch.equal(applied, float(scale) * torch.eye(n, dtype=torch.float64))
+    exact = keep + alpha * scale
+    assert exact > 1 + Fraction(1, 1000)
+    assert Fraction(lipschitz_bound(block, (n,))) >= exact
