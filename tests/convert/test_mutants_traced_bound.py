@@ -1,0 +1,45 @@
+"""Mutation-testing gaps of lipnet.convert's traced bounds: bounds of small graphs against their
+exact Lipschitz constants in rational arithmetic."""
+
+from fractions import Fraction
+
+import pytest
+import torch
+from torch import nn
+
+from lipnet.convert import traced_lipschitz_bound
+
+
+class TimesOneTenth(nn.Module):
+    """``x * 0.1`` in the dtype of an unused buffer."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.inner = nn.Identity()
+        self.register_buffer("unused", torch.zeros(1, dtype=dtype))
+
+    def forward(self, x):
+        return self.inner(x) * 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_product_is_bounded_by_the_float32_factor_it_applies(dtype):
+    """Half-precision products with a Python number compute in float32: ``x * 0.1`` multiplies by
+    float32's ``0.1`` (``0.100000001490...``, above the float64 ``0.1`` and the half ones)."""
+    bound = traced_lipschitz_bound(TimesOneTenth(dtype).eval(), (4,))
+    assert Fraction(bound) >= Fraction(float(torch.tensor(0.1, dtype=torch.float32)))
+
+
+class DividedByThree(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Identity()
+        self.register_buffer("unused", torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.inner(x) / 3
+
+
+def test_a_quotient_is_bounded_by_the_reciprocal_rounded_upwards():
+    """``x / 3``: Lipschitz exactly ``1 / 3``, which float64 rounds down (to ``0.33333333333333331``)."""
+    assert Fraction(traced_lipschitz_bound(DividedByThree().eval(), (4,))) >= Fraction(1, 3)
