@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from lipnet.certify import LipschitzBoundError
 from lipnet.convert import traced_lipschitz_bound
 
 
@@ -43,3 +44,25 @@ class DividedByThree(nn.Module):
 def test_a_quotient_is_bounded_by_the_reciprocal_rounded_upwards():
     """``x / 3``: Lipschitz exactly ``1 / 3``, which float64 rounds down (to ``0.33333333333333331``)."""
     assert Fraction(traced_lipschitz_bound(DividedByThree().eval(), (4,))) >= Fraction(1, 3)
+
+
+class OneOver(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Identity()
+
+    def forward(self, x):
+        return 2.0 / self.inner(x)
+
+
+def test_a_number_divided_by_the_input_is_not_bounded_as_a_scaling():
+    """``2 / x`` is not Lipschitz (slope ``2 / x^2``): refused, or bounded above every slope seen."""
+    module = OneOver().eval()
+    try:
+        bound = traced_lipschitz_bound(module, (4,))
+    except LipschitzBoundError:
+        return
+    a, b = torch.full((1, 4), 0.01), torch.full((1, 4), 0.02)
+    with torch.no_grad():
+        slope = float((module(a) - module(b)).norm() / (a - b).norm())
+    assert slope <= bound
