@@ -9,6 +9,7 @@ from torch import nn
 
 from lipnet.nn import GramConv1d, GramLinear
 
+from lipnet.certify import LipschitzBoundError, certified_accuracy
 from lipnet.certify.lipschitz import module_lipschitz_bounds
 from lipnet.certify.precision import exact_kernels, forward_with_error_bound
 
@@ -83,3 +84,21 @@ def test_a_kernel_reading_copies_is_covered_for_any_summation_order():
     weights = conv.normalized_weight().flatten().tolist()
     worst = gamma * sum(abs(Fraction(w) * Fraction(0.7)) for w in weights)
     assert Fraction(float(err[0])) >= worst
+
+
+def test_nearest_upsampling_with_a_forward_hook_is_not_certified_without_it():
+    """A float32 model whose nearest upsampling has a hook doubling its output, on a one-pixel input
+    (where the doubled indices are still the input's one index, 0): the model is ``x -> 2 U x``,
+    Lipschitz exactly ``2 sqrt(4) = 4``. Certification must refuse it or bound that map, not the
+    upsampling without its hook."""
+    upsample = nn.Upsample(scale_factor=2, mode="nearest")
+    upsample.register_forward_hook(lambda module, inputs, output: output * 2)
+    model = nn.Sequential(upsample, nn.Flatten()).eval()
+    x = torch.ones(2, 1, 1, 1)
+    with torch.no_grad():
+        assert torch.equal(model(x), torch.full((2, 4), 2.0))
+    try:
+        result = certified_accuracy(model, [(x, torch.zeros(2, dtype=torch.long))], eps=0.1)
+    except LipschitzBoundError:
+        return
+    assert result.lipschitz >= 4
