@@ -102,3 +102,23 @@ def test_nearest_upsampling_with_a_forward_hook_is_not_certified_without_it():
     except LipschitzBoundError:
         return
     assert result.lipschitz >= 4
+
+
+class _DoublingUpsample(nn.Upsample):
+    """Nearest upsampling whose own forward doubles the result."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_an_upsampling_subclass_with_its_own_forward_is_not_certified_as_nn_upsample():
+    """As above, with the doubling in a subclass's forward: ``x -> 2 U x``, Lipschitz 4 on one pixel."""
+    model = nn.Sequential(_DoublingUpsample(scale_factor=2, mode="nearest"), nn.Flatten()).eval()
+    x = torch.ones(2, 1, 1, 1)
+    with torch.no_grad():
+        assert torch.equal(model(x), torch.full((2, 4), 2.0))
+    try:
+        result = certified_accuracy(model, [(x, torch.zeros(2, dtype=torch.long))], eps=0.1)
+    except LipschitzBoundError:
+        return
+    assert result.lipschitz >= 4
