@@ -66,3 +66,29 @@ def test_a_number_divided_by_the_input_is_not_bounded_as_a_scaling():
     with torch.no_grad():
         slope = float((module(a) - module(b)).norm() / (a - b).norm())
     assert slope <= bound
+
+
+class LastThree(nn.Module):
+    """``x[-3:]``: the whole batch at the traced batch sizes 1 to 3, the last three examples at 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Identity()
+
+    def forward(self, x):
+        return self.inner(x)[-3:]
+
+
+def test_slicing_the_batch_is_refused_or_a_per_example_function():
+    """A bound holds for one example's function: a graph that slices the batch dimension gives
+    the example at position ``i`` the output of another at batch sizes it was not checked at."""
+    module = LastThree().eval()
+    try:
+        traced_lipschitz_bound(module, (4,))
+    except LipschitzBoundError:
+        return
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        together = module(x)
+        apart = torch.cat([module(x[i:i + 1]) for i in range(len(x))])
+    assert together.shape == apart.shape and torch.equal(together, apart)
