@@ -138,9 +138,18 @@ def _certify(args, model, info, data, device, screened: bool) -> int:
         subset = certified_accuracy(model, (x, y), args.eps, device=device, batch_size=args.batch_size,
                                     progress=False)
         for eps in args.eps:
+            # One line before and after each radius: an audit takes minutes, and a log cut off by a
+            # time limit keeps the radii already audited.
+            print(f"AutoAttack ({args.attack_version}) at eps {eps:.6g}: attacking the correctly classified of the "
+                  f"first {len(y)} examples", file=sys.stderr, flush=True)
+            started = time.perf_counter()
             audits.append(audit(model, x, y, eps, version=args.attack_version, certification=subset,
                                 attack="correct", on_failure="warn", batch_size=min(args.batch_size, 250),
                                 device=device))
+            done = audits[-1]
+            print(f"AutoAttack at eps {eps:.6g}: {done.n_broken} of {done.n_attacked} attacked broken within eps, "
+                  f"{done.n_failures} certified point(s) broken ({time.perf_counter() - started:.0f} s)",
+                  file=sys.stderr, flush=True)
     print(format_table(result, audits))
     summary = {"checkpoint": str(args.checkpoint), "data": data.info.name, "split": args.split,
                "device": str(device), "screening_alone": screened, "seconds": seconds, **result.to_dict(),

@@ -48,9 +48,13 @@ def test_cli_writes_table_json_and_plot(checkpoint, tmp_path, capsys):
     code = main(["--checkpoint", str(checkpoint), "--data", "fashion-mnist", "--eps", "36/255,0.5", "--limit", "64",
                  "--autoattack", "--attack-version", "apgd", "--attack-limit", "16", "--out", str(out),
                  "--no-progress", "--device", "cpu", "--threads", "1"])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert code == 0
     assert "36/255" in printed and "0.5" in printed and "clean accuracy" in printed and "AutoAttack" in printed
+    # Each radius is logged as it is audited (a log cut off by a time limit keeps them).
+    logged = [line for line in captured.err.splitlines() if line.startswith("AutoAttack at eps")]
+    assert len(logged) == 2 and all(", 0 certified point(s) broken (" in line for line in logged), captured.err
     summary = json.loads((out / "certify.json").read_text())
     assert summary["n"] == 64 and summary["data"] == "fashion-mnist"
     assert [e["eps"] for e in summary["certified_accuracy"]] == [36 / 255, 0.5]
