@@ -3,10 +3,11 @@ constants of maps whose constants are known in rational arithmetic."""
 
 from fractions import Fraction
 
+import pytest
 import torch
 from torch import nn
 
-from lipnet.certify import lipschitz_bound, register_lipschitz_bound
+from lipnet.certify import LipschitzBoundError, lipschitz_bound, register_lipschitz_bound
 from lipnet.nn import ConvexResidual, GramLinear
 
 
@@ -63,3 +64,13 @@ def test_a_convex_residual_is_bounded_with_its_coefficients_cast_as_the_forward_
     exact = keep + alpha * scale
     assert exact > 1 + Fraction(1, 1000)
     assert Fraction(lipschitz_bound(block, (n,))) >= exact
+
+
+def test_a_layer_whose_output_is_nan_gets_no_bound():
+    """A GramLinear with a NaN bias: its Gram bound reads the weight only, and is finite, but the
+    layer computes NaN, which no Lipschitz constant bounds."""
+    layer = GramLinear(4, 4)
+    with torch.no_grad():
+        layer.bias.fill_(float("nan"))
+    with pytest.raises(LipschitzBoundError):
+        lipschitz_bound(nn.Sequential(layer, nn.Identity()).eval(), (4,))
