@@ -171,21 +171,34 @@ def _coefficients_applied_by(block: ConvexResidual) -> Callable:
 
 @contextmanager
 def exact_kernels():
-    """No cuDNN, and full float32 matrix products (:func:`~lipnet.bounds.autocast.ieee_float32_matmuls`).
+    """No cuDNN, full float32 matrix products (:func:`~lipnet.bounds.autocast.ieee_float32_matmuls`),
+    and gradual underflow on the CPU.
 
     cuDNN may pick FFT or Winograd convolutions, whose rounding does not follow the
     sum-of-products bound of this module; the native kernels do (the certification pass is
-    float64, which TF32 never touches). Settings are restored. Only ``cudnn.enabled`` and the
+    float64, which TF32 never touches). ``torch.set_flush_denormal(True)`` makes every subnormal
+    result 0, an error of up to ``2^-1022`` where :func:`underflow_bound` allows ``2^-1075``: it is
+    turned off here and back on afterwards. Settings are restored. Only ``cudnn.enabled`` and the
     backends' ``fp32_precision`` are read and set: the legacy TF32 settings raise when read
     once a caller used both kinds.
     """
     before = torch.backends.cudnn.enabled
+    flushing = flushes_denormals()
     torch.backends.cudnn.enabled = False
     try:
+        if flushing:
+            torch.set_flush_denormal(False)
         with ieee_float32_matmuls():
             yield
     finally:
         torch.backends.cudnn.enabled = before
+        if flushing:
+            torch.set_flush_denormal(True)
+
+
+def flushes_denormals() -> bool:
+    """Whether this thread's CPU arithmetic flushes subnormal results to 0 (``torch.set_flush_denormal``)."""
+    return bool(torch.tensor(2.0 ** -1022, dtype=torch.float64) / 2 == 0)
 
 
 def local_rounding_bound(h: torch.Tensor, y: torch.Tensor, lipschitz: float, products: int = 0) -> torch.Tensor:

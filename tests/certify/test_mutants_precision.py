@@ -4,6 +4,7 @@ full allowance."""
 
 from fractions import Fraction
 
+import pytest
 import torch
 from torch import nn
 
@@ -122,3 +123,48 @@ def test_an_upsampling_subclass_with_its_own_forward_is_not_certified_as_nn_upsa
     except LipschitzBoundError:
         return
     assert result.lipschitz >= 4
+
+
+def flushed_underflow_network(n=4096):
+    """``x -> s <w, x> -> (b - y, y)``: ``w ~ 2^-6`` (a GramLinear of ones), ``x_i = 2^-1017`` (normal), so
+    every product is a subnormal ``~2^-1023`` and ``<w, x> ~ 2^-1011``; BatchNorm scales it by ``2^1000``
+    to ``2^-11``, and the head's bias ``b = 1.5 2^-12`` puts the exact decision at class 1."""
+    gram = GramLinear(n, 1, bias=False).double()
+    with torch.no_grad():
+        gram.weight.fill_(1.0)
+    bn = nn.BatchNorm1d(1, eps=0.25).double()
+    with torch.no_grad():
+        bn.running_mean.zero_()
+        bn.running_var.fill_(0.75)  # scale = weight / sqrt(0.75 + 0.25)
+        bn.weight.fill_(2.0 ** 1000)
+        bn.bias.zero_()
+    head = nn.Linear(1, 2).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+        head.bias.copy_(torch.tensor([1.5 * 2.0 ** -12, 0.0]))
+    return nn.Sequential(gram, bn, head).eval(), torch.full((1, n), 2.0 ** -1017, dtype=torch.float64)
+
+
+def test_certification_with_denormals_flushed_to_zero_is_still_sound():
+    """``torch.set_flush_denormal(True)`` (a CPU speed setting) makes every subnormal product 0, an
+    error of up to ``2^-1022`` each, where the proven bound allows ``2^-1075``: the float64 pass then
+    predicted class 0 with margin ``3 2^-12`` and an error bound of 0, certifying a radius where the
+    exact model predicts class 1. Certification must run with gradual underflow whatever the
+    setting, and leave the setting as it found it."""
+    model, x = flushed_underflow_network()
+    with torch.no_grad():
+        w = Fraction(float(model[0].normalized_weight()[0, 0]))
+    assert w * Fraction(2.0 ** -1017) < Fraction(2.0 ** -1022)  # every product is subnormal
+    dot = w * Fraction(2.0 ** -1017) * x.shape[1]  # ~ 2^-1011
+    scaled = dot * Fraction(2.0 ** 1000)  # BatchNorm, exactly (sqrt(1) = 1)
+    exact_logits = (Fraction(1.5 * 2.0 ** -12) - scaled, scaled)
+    assert exact_logits[1] > exact_logits[0]  # the exact model predicts class 1
+    if not torch.set_flush_denormal(True):
+        pytest.skip("flushing denormals is not supported on this CPU")
+    try:
+        result = certified_accuracy(model, [(x, torch.zeros(1, dtype=torch.long))], eps=0.0)
+        still_flushing = bool(torch.tensor(2.0 ** -1022, dtype=torch.float64) / 2 == 0)
+    finally:
+        torch.set_flush_denormal(False)
+    assert float(result.radii[0]) == 0.0  # label 0 is not the exact prediction: no radius
+    assert still_flushing  # the caller's setting is restored
