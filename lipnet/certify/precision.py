@@ -183,15 +183,25 @@ def exact_kernels():
     once a caller used both kinds.
     """
     before = torch.backends.cudnn.enabled
-    flushing = flushes_denormals()
     torch.backends.cudnn.enabled = False
     try:
-        if flushing:
-            torch.set_flush_denormal(False)
-        with ieee_float32_matmuls():
+        with gradual_underflow(), ieee_float32_matmuls():
             yield
     finally:
         torch.backends.cudnn.enabled = before
+
+
+@contextmanager
+def gradual_underflow():
+    """Subnormal results kept on the CPU while it runs: ``torch.set_flush_denormal(True)`` (a speed
+    setting) is turned off, and back on afterwards. With it, ``x / 2`` of ``x = 2^-1022`` is 0 and
+    ``nextafter(0, inf)`` is 0, which the error bounds and directed roundings do not allow for."""
+    flushing = flushes_denormals()
+    if flushing:
+        torch.set_flush_denormal(False)
+    try:
+        yield
+    finally:
         if flushing:
             torch.set_flush_denormal(True)
 

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from lipnet.certify.precision import times_power_of_two
+from lipnet.certify.precision import gradual_underflow, times_power_of_two
 from lipnet.nn.normalized import GramNormalized
 
 #: Units of the logits' machine epsilon by which each logit is assumed uncertain.
@@ -79,6 +79,12 @@ def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz: floa
         >>> certified_radius(logits, torch.tensor([0, 0]), lipschitz=1.0).round(decimals=3)
         tensor([1.4140, 0.0000], dtype=torch.float64)
     """
+    with gradual_underflow():  # the directed roundings below need subnormals (nextafter(0, inf) > 0)
+        return _certified_radius(logits, labels, lipschitz, last_layer=last_layer, body_lipschitz=body_lipschitz,
+                                 rounding=rounding)
+
+
+def _certified_radius(logits, labels, lipschitz, *, last_layer, body_lipschitz, rounding) -> torch.Tensor:
     _check_logits(logits, labels)
     if (lipschitz is None) == (last_layer is None):
         raise ValueError("give either lipschitz=L (generic form) or last_layer=... and body_lipschitz=L_body "

@@ -4,6 +4,7 @@ arithmetic."""
 import math
 from fractions import Fraction
 
+import pytest
 import torch
 
 from lipnet.certify.radius import certified_radius, row_distance_upper_bound
@@ -80,3 +81,22 @@ def test_a_nan_bound_certifies_nothing():
         except ValueError:
             continue
         assert radii.tolist() == [0.0, 0.0], kwargs
+
+
+def test_radii_with_denormals_flushed_to_zero_are_still_upper_bounded():
+    """``torch.set_flush_denormal(True)`` (a CPU speed setting) reads the subnormal difference
+    ``1e-310`` of two rows of the last layer as 0, and its rounding up (``nextafter(0, inf)``) gives 0:
+    the radius was infinite where it is ``1e-10 / 1e-310``. The setting is restored afterwards."""
+    logits = torch.tensor([[1e-10, 0.0]], dtype=torch.float64)
+    weight = torch.tensor([[1e-310, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("flushing denormals is not supported on this CPU")
+    try:
+        radius = certified_radius(logits, torch.tensor([0]), last_layer=weight, body_lipschitz=1.0,
+                                  rounding=torch.zeros(1, dtype=torch.float64))
+        still_flushing = bool(torch.tensor(2.0 ** -1022, dtype=torch.float64) / 2 == 0)
+    finally:
+        torch.set_flush_denormal(False)
+    assert math.isfinite(float(radius[0]))
+    assert Fraction(float(radius[0])) * Fraction(1e-310) <= Fraction(1e-10)
+    assert still_flushing
