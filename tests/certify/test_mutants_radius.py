@@ -27,7 +27,8 @@ def test_a_tie_is_not_certified_even_where_the_logits_cannot_change():
     """With ``L = 0`` (generic form) or two equal rows of the last layer, ``f_y - f_j`` never changes;
     a tie ``f_y = f_j`` (exact logits, no rounding allowance) is still not a prediction of ``y``, so
     its radius is 0, while a strict margin holds everywhere. With denormals flushed to zero (a
-    setting users turn on for speed) the rounded-up denominator of ``L = 0`` is exactly 0."""
+    setting users turn on for speed, which certified_radius turns off while it runs) the rounded-up
+    denominator of ``L = 0`` would be exactly 0."""
     logits = torch.tensor([[1.0, 1.0, 0.0], [2.0, 1.0, 0.0]], dtype=torch.float64)
     labels = torch.tensor([0, 0])
     exact = torch.zeros(2, dtype=torch.float64)
