@@ -27,6 +27,18 @@ def one_thread():
 
 
 @pytest.fixture
+def flushed_denormals():
+    """``torch.set_flush_denormal(True)`` (a CPU speed setting: subnormal results and operands read as
+    0) during the test, off again after; skipped where the CPU cannot flush."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("flushing denormals is not supported on this CPU")
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@pytest.fixture
 def stack_calls(monkeypatch):
     """``(number of layers, input size)`` of every stacked bound computation of a GramSequential."""
     from lipnet.nn import sequential

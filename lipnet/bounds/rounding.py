@@ -24,11 +24,16 @@ rounding. With unit roundoff ``u`` and standard error bounds for sums and produc
 ``relative_rounding_margin`` returns ten times the sum of these worst cases, and never
 less than ``1e-6``: multiplying a float64 bound by ``1 + margin`` gives a certified upper
 bound. (For layers with up to ~10^4 channels in float64 the worst case is below 1e-9.)
+
+These error bounds, and the directed roundings of :mod:`lipnet.certify`, assume IEEE arithmetic
+with gradual underflow; :func:`gradual_underflow` keeps it while they run, whatever
+``torch.set_flush_denormal`` says.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -61,3 +66,23 @@ def with_rounding_margin(bound: float, dtype: torch.dtype, *, inner: int, rank: 
     log_bound = abs(math.log(bound)) if bound > 0 else 0.0
     margin = relative_rounding_margin(dtype, inner=inner, rank=rank, taps=taps, n_iter=n_iter, log_bound=log_bound)
     return bound * (1 + margin)
+
+
+@contextmanager
+def gradual_underflow():
+    """Subnormal results kept on the CPU while it runs: ``torch.set_flush_denormal(True)`` (a speed
+    setting) is turned off, and back on afterwards. With it, ``x / 2`` of ``x = 2^-1022`` is 0 and
+    ``nextafter(0, inf)`` is 0, which the error bounds and directed roundings do not allow for."""
+    flushing = flushes_denormals()
+    if flushing:
+        torch.set_flush_denormal(False)
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(True)
+
+
+def flushes_denormals() -> bool:
+    """Whether this thread's CPU arithmetic flushes subnormal results to 0 (``torch.set_flush_denormal``)."""
+    return bool(torch.tensor(2.0 ** -1022, dtype=torch.float64) / 2 == 0)

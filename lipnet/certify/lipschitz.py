@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from lipnet.bounds.circulant import pair
+from lipnet.bounds.rounding import gradual_underflow
 from lipnet.certify.modes import evaluating
 from lipnet.nn.activations import GroupSort, MaxMin
 from lipnet.nn.pooling import adaptive_pooling_lipschitz_bound, pooling_lipschitz_bound, sqrt_up, window_multiplicity
@@ -156,7 +157,9 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
                          f"(3, 32, 32), got {tuple(input_shape)}")
     dtype, device = _dtype_and_device(model)
     try:
-        with evaluating(model), torch.no_grad():
+        # Gradual underflow: with subnormals flushed to 0, a bound below 2^-1022 became 0 (two BatchNorms
+        # of gain 1e-160: 0 for a Lipschitz constant of 1e-320).
+        with evaluating(model), torch.no_grad(), gradual_underflow():
             bound, _ = _module_bound(model, torch.zeros((1, *shape), dtype=dtype, device=device))
     except LipschitzBoundError as error:
         names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}

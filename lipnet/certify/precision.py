@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from lipnet.bounds.autocast import ieee_float32_matmuls
+from lipnet.bounds.rounding import gradual_underflow
 from lipnet.certify.copy_map_bounds import _INDEX_DTYPES, NEAREST_MODES, _copied_entries
 from lipnet.certify.lipschitz import _REGISTRY, _lookup, _unwrap, has_forward_hooks, overridden_forward_part
 from lipnet.nn.normalized import GramNormalized
@@ -189,26 +190,6 @@ def exact_kernels():
             yield
     finally:
         torch.backends.cudnn.enabled = before
-
-
-@contextmanager
-def gradual_underflow():
-    """Subnormal results kept on the CPU while it runs: ``torch.set_flush_denormal(True)`` (a speed
-    setting) is turned off, and back on afterwards. With it, ``x / 2`` of ``x = 2^-1022`` is 0 and
-    ``nextafter(0, inf)`` is 0, which the error bounds and directed roundings do not allow for."""
-    flushing = flushes_denormals()
-    if flushing:
-        torch.set_flush_denormal(False)
-    try:
-        yield
-    finally:
-        if flushing:
-            torch.set_flush_denormal(True)
-
-
-def flushes_denormals() -> bool:
-    """Whether this thread's CPU arithmetic flushes subnormal results to 0 (``torch.set_flush_denormal``)."""
-    return bool(torch.tensor(2.0 ** -1022, dtype=torch.float64) / 2 == 0)
 
 
 def local_rounding_bound(h: torch.Tensor, y: torch.Tensor, lipschitz: float, products: int = 0) -> torch.Tensor:

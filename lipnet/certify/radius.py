@@ -31,7 +31,8 @@ import math
 import torch
 from torch import nn
 
-from lipnet.certify.precision import gradual_underflow, times_power_of_two
+from lipnet.bounds.rounding import gradual_underflow
+from lipnet.certify.precision import times_power_of_two
 from lipnet.nn.normalized import GramNormalized
 
 #: Units of the logits' machine epsilon by which each logit is assumed uncertain.

@@ -206,6 +206,18 @@ class ExportedModel(nn.Module):
             raise ValueError(f"expected logits of shape (batch, classes >= 2), got {tuple(logits.shape)}")
         if not bool(torch.isfinite(logits).all()):
             raise ValueError("logits contain NaN or inf: no radius can be certified")
+        # Subnormals flushed to 0 (torch.set_flush_denormal(True), a CPU speed setting) would make a
+        # bound below 2^-1022 a zero denominator and the radius infinite: flushing is off meanwhile.
+        flushing = bool(torch.tensor(2.0 ** -1022, dtype=torch.float64) / 2 == 0)
+        if flushing:
+            torch.set_flush_denormal(False)
+        try:
+            return self._radius(logits)
+        finally:
+            if flushing:
+                torch.set_flush_denormal(True)
+
+    def _radius(self, logits: torch.Tensor) -> torch.Tensor:
         f = logits.detach().double()
         largest = f.abs().amax(dim=1)
         if logits.is_floating_point():

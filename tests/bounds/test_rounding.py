@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lipnet.bounds.reference import conv2d_operator_matrix
-from lipnet.bounds.rounding import MIN_RELATIVE_MARGIN, relative_rounding_margin
+from lipnet.bounds.rounding import MIN_RELATIVE_MARGIN, flushes_denormals, gradual_underflow, relative_rounding_margin
 from lipnet.nn import GramConv2d, GramLinear
 from lipnet.nn.normalized import CERTIFICATION_N_ITER
 
@@ -111,3 +111,16 @@ def test_an_orthogonal_circular_convolution_is_certified_above_its_exact_norm_wi
     exact = float(torch.linalg.matrix_norm(applied, ord=2))
     assert bound >= exact * (1 + MIN_RELATIVE_MARGIN) * (1 - 1e-12)
     assert bound <= exact * (1 + 2 * MIN_RELATIVE_MARGIN)
+
+
+def test_gradual_underflow_keeps_subnormals_and_gives_the_setting_back(flushed_denormals):
+    tiny = torch.tensor(2.0 ** -1022, dtype=torch.float64)
+    assert flushes_denormals() and float(tiny / 2) == 0.0
+    with gradual_underflow():
+        assert not flushes_denormals() and float(tiny / 2) == 2.0 ** -1023
+    assert flushes_denormals()
+    with gradual_underflow():  # nested, as certified_accuracy runs lipschitz_bound and certified_radius
+        with gradual_underflow():
+            pass
+        assert not flushes_denormals()
+    assert flushes_denormals()

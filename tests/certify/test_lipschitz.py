@@ -391,3 +391,19 @@ def test_a_composed_bound_beyond_the_largest_float_rounds_up_to_inf():
     assert mul_up(math.inf, 2.0) == mul_up(0.5, math.inf) == add_up(math.inf, 1.0) == add_up(1.0, math.inf) == math.inf
     assert lipschitz_bound(nn.Sequential(_Scale(1e200), _Scale(1e200), _Scale(1e-300)), (3,)) == math.inf
     assert lipschitz_bound(ConvexResidual(nn.Sequential(_Scale(1e200), _Scale(1e200)), 0.5), (3,)) == math.inf
+
+
+def test_a_bound_below_the_smallest_normal_float_survives_flushed_denormals(flushed_denormals):
+    """Two eval-mode BatchNorms of gain 1e-160: the network is (1e-160)^2 / (1 + 1e-5)-Lipschitz, a
+    subnormal constant, which flushing denormals to 0 made a bound of 0."""
+    def batch_norm():
+        layer = nn.BatchNorm1d(2).double().eval()
+        with torch.no_grad():
+            layer.weight.fill_(1e-160)
+        return layer
+
+    bound = lipschitz_bound(nn.Sequential(batch_norm(), batch_norm()), (2,))
+    assert float(torch.tensor(2.0 ** -1022, dtype=torch.float64) / 2) == 0.0  # still flushing after
+    torch.set_flush_denormal(False)  # to compare: a flushing CPU reads the subnormal bound as 0
+    exact_squared = (Fraction(1e-160) ** 2) ** 2 / Fraction(1 + 1e-5) ** 2  # of (|w| / sqrt(var + eps))^2
+    assert bound > 0 and Fraction(bound) ** 2 >= exact_squared

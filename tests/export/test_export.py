@@ -625,3 +625,13 @@ def test_an_archive_whose_check_run_would_exhaust_memory_is_refused_before_alloc
     # the untampered archive's run takes a few KiB
     model = runtime.build(archive, max_check_bytes=2 ** 16)
     assert model(torch.zeros(1, *SHAPE)).shape == (1, 10)
+
+
+def test_the_runtime_radius_of_a_subnormal_bound_survives_flushed_denormals(flushed_denormals):
+    """A stored bound of 1e-310: with subnormals flushed to 0, ``sqrt(2) L`` was a zero denominator and
+    every radius infinite; the radius is ``(1e-9 - 2 delta) / (sqrt(2) 1e-310)``, about 7.07e300."""
+    exported = export(nn.Sequential(GramLinear(2, 2)), (2,))
+    exported.lipschitz_bound = 1e-310
+    radius = float(exported.certified_radius(torch.tensor([[1e-9, 0.0]], dtype=torch.float64))[0])
+    assert 7.0e300 < radius < 7.0711e300
+    assert float(torch.tensor(2.0 ** -1022, dtype=torch.float64) / 2) == 0.0  # still flushing after
