@@ -83,6 +83,31 @@ def gradual_underflow():
             torch.set_flush_denormal(True)
 
 
+@contextmanager
+def cpu_default_device():
+    """Tensors created without a device on the CPU while it runs, as lipnet's code assumes, whatever
+    ``torch.set_default_device`` (or a ``with torch.device(...)`` block) of the caller says: under
+    ``"meta"`` they would hold no values to read, under ``"cuda"`` they would meet CPU tensors. Restored
+    on exit (nothing is pushed where the default is already the CPU)."""
+    if torch.get_default_device().type == "cpu":
+        yield
+        return
+    with torch.device("cpu"):
+        yield
+
+
+@contextmanager
+def certification_arithmetic():
+    """:func:`gradual_underflow` and :func:`cpu_default_device`: the arithmetic the proofs assume,
+    whatever the caller set, and the caller's settings back on exit."""
+    with cpu_default_device(), gradual_underflow():
+        yield
+
+
 def flushes_denormals() -> bool:
-    """Whether this thread's CPU arithmetic flushes subnormal results to 0 (``torch.set_flush_denormal``)."""
-    return bool(torch.tensor(2.0 ** -1022, dtype=torch.float64) / 2 == 0)
+    """Whether this thread's CPU arithmetic flushes subnormal results to 0 (``torch.set_flush_denormal``).
+
+    Asked of the CPU explicitly: under ``torch.set_default_device("cuda")`` a tensor created without a
+    device is a GPU one, whose arithmetic ignores the CPU's flushing (the answer would be "no" while
+    the CPU flushes), and under ``"meta"`` it holds no value to read."""
+    return bool(torch.tensor(2.0 ** -1022, dtype=torch.float64, device="cpu") / 2 == 0)

@@ -240,13 +240,30 @@ class ExactLogits:
     """
 
     def __init__(self, model: nn.Module, last_layer: str = "auto"):
-        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-        self.model = float64_copy(model)
-        self.split = split_last_linear(self.model) if last_layer == "auto" else None
-        self.bounds = None
+        # A model without floating parameters sees its inputs in their own dtype (uint8 images scaled
+        # in float32), not in torch's default dtype: under torch.set_default_dtype(torch.float16) a
+        # float32 input cast to it would be certified for another point (0.5003 and 0.5002 both
+        # round to a multiple of 2^-11, and the radius, 7e-5, read as 3.5e-4). Its copy is made
+        # for the first batch's dtype and device, which its nearest upsampling's index arithmetic follows.
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        self._original, self._last_layer = model, last_layer
+        self.model = self.split = self.bounds = None
+        if self.dtype is not None:
+            self._copy(None)
+
+    def _copy(self, inputs: torch.Tensor | None) -> None:
+        self.model = float64_copy(self._original, inputs=inputs)
+        self.split = split_last_linear(self.model) if self._last_layer == "auto" else None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = model_input(x, self.dtype).to(torch.float64, copy=True)  # an in-place first module must not write to x
+        seen = model_input(x, self.dtype)
+        if self.model is None:
+            self._copy(seen)
+            self._input_dtype = seen.dtype
+        elif self.dtype is None and seen.dtype != self._input_dtype:
+            raise ValueError(f"inputs of {seen.dtype} after inputs of {self._input_dtype}: a model without floating "
+                             "parameters computes in its inputs' dtype, and its copy was made for the first")
+        x = seen.to(torch.float64, copy=True)  # an in-place first module must not write to x
         shape = tuple(x.shape[1:])
         if self.bounds is None:
             self.bounds = {"input_shape": shape, **self._bounds(shape, x.device)}
@@ -285,16 +302,17 @@ class ExactLogits:
         return {"lipschitz": mul_up(body_lipschitz, own), "modules": modules, "body_lipschitz": body_lipschitz}
 
 
-def model_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` as a model of ``dtype`` sees it: ``uint8`` images scaled to ``[0, 1]``, floats cast.
+def model_input(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``x`` as a model of ``dtype`` sees it: ``uint8`` images scaled to ``[0, 1]``, floats cast
+    (``dtype=None``, a model without floating parameters: floats as they are, images scaled in float32).
 
     Complex inputs are refused: casting them to a real dtype drops their imaginary parts, and a
     real model does not take them."""
     if x.is_complex():
         raise TypeError(f"inputs must be real, got {x.dtype}: casting would certify their real parts only")
     if x.dtype == torch.uint8:
-        return x.to(dtype) / 255
-    return x.to(dtype) if x.is_floating_point() else x
+        return x.to(dtype or torch.float32) / 255
+    return x.to(dtype) if x.is_floating_point() and dtype is not None else x
 
 
 def _batches(data, batch_size: int) -> Iterable:

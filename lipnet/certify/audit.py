@@ -254,8 +254,20 @@ def _run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     adversary.fab.n_target_classes = min(9, n_classes - 1)
     adversary.square.n_queries = 5000
     logging.getLogger("auto-attack").setLevel(logging.WARNING)
-    x_adv = adversary.run_standard_evaluation(x.to(device), y.to(device), batch_size=batch_size)[0]
+    # AutoAttack seeds torch's global generators (torch.manual_seed(seed), and CUDA's) at each attack:
+    # the caller's random state is put back afterwards.
+    with torch.random.fork_rng(devices=_cuda_devices(device)):
+        x_adv = adversary.run_standard_evaluation(x.to(device), y.to(device), batch_size=batch_size)[0]
     return x_adv.detach().float().cpu()
+
+
+def _cuda_devices(device) -> list[int]:
+    """The CUDA devices whose generators AutoAttack may reseed: ``device``'s, and every one once CUDA is
+    initialized (it seeds the current device's whatever ``device`` is)."""
+    device = torch.device(device)
+    if not (device.type == "cuda" or (torch.cuda.is_available() and torch.cuda.is_initialized())):
+        return []
+    return list(range(torch.cuda.device_count()))
 
 
 def _report(result: AuditResult, on_failure: str) -> None:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from lipnet.bounds.circulant import pair
-from lipnet.bounds.rounding import gradual_underflow
+from lipnet.bounds.rounding import certification_arithmetic
 from lipnet.certify.modes import evaluating
 from lipnet.nn.activations import GroupSort, MaxMin
 from lipnet.nn.pooling import adaptive_pooling_lipschitz_bound, pooling_lipschitz_bound, sqrt_up, window_multiplicity
@@ -159,7 +159,7 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
     try:
         # Gradual underflow: with subnormals flushed to 0, a bound below 2^-1022 became 0 (two BatchNorms
         # of gain 1e-160: 0 for a Lipschitz constant of 1e-320).
-        with evaluating(model), torch.no_grad(), gradual_underflow():
+        with certification_arithmetic(), evaluating(model), torch.no_grad():
             bound, _ = _module_bound(model, torch.zeros((1, *shape), dtype=dtype, device=device))
     except LipschitzBoundError as error:
         names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}

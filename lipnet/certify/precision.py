@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from lipnet.bounds.autocast import ieee_float32_matmuls
-from lipnet.bounds.rounding import gradual_underflow
+from lipnet.bounds.rounding import certification_arithmetic
 from lipnet.certify.copy_map_bounds import _INDEX_DTYPES, NEAREST_MODES, _copied_entries
 from lipnet.certify.lipschitz import _REGISTRY, _lookup, _unwrap, has_forward_hooks, overridden_forward_part
 from lipnet.nn.normalized import GramNormalized
@@ -69,7 +69,7 @@ from lipnet.nn.residual import ConvexResidual, GramResidualConv2d
 UNIT_ROUNDOFF = 2.0 ** -53
 
 
-def float64_copy(model: nn.Module) -> nn.Module:
+def float64_copy(model: nn.Module, inputs: torch.Tensor | None = None) -> nn.Module:
     """A float64 copy of ``model`` computing, in exact arithmetic, the same function.
 
     Gram layers of the copy apply the original's normalized weight (computed by the original
@@ -83,7 +83,9 @@ def float64_copy(model: nn.Module) -> nn.Module:
     CPU kernels compute the source indices in double arithmetic for float64 inputs and in float
     arithmetic otherwise (its CUDA kernels in float always), and the maps differ (2 samples
     upsampled to 82: output 41 copies the second in float64, the first in float32).
-    Everything else is cast with ``.double()`` (exact for float32, bfloat16 and float16).
+    Everything else is cast with ``.double()`` (exact for float32, bfloat16 and float16). A model
+    without floating parameters computes in the dtype, and on the device, of its ``inputs`` (an
+    example batch as the model sees it; without one, float32 on the CPU), whatever torch's default dtype.
     """
     model = _unwrap(model)
     twin = copy.deepcopy(model)
@@ -92,7 +94,7 @@ def float64_copy(model: nn.Module) -> nn.Module:
             module.normalized_weight = _weight_applied_by(original)
         if isinstance(original, ConvexResidual):
             module.coefficients = _coefficients_applied_by(original)
-    if _index_arithmetic(model) != torch.float64:
+    if _index_arithmetic(model, inputs) != torch.float64:
         if _plain_nearest_upsampling(twin):
             twin = UpsampleAsApplied(twin)
         for parent in list(twin.modules()):
@@ -109,12 +111,15 @@ def _plain_nearest_upsampling(module: nn.Module) -> bool:
             and overridden_forward_part(module, nn.Upsample) is None)
 
 
-def _index_arithmetic(model: nn.Module) -> torch.dtype:
+def _index_arithmetic(model: nn.Module, inputs: torch.Tensor | None = None) -> torch.dtype:
     """The dtype of the index arithmetic of ``model``'s nearest upsampling: float64 for a float64
-    model on the CPU (the dtype of its first floating parameter, else torch's default), else float32."""
-    first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    dtype = torch.get_default_dtype() if first is None else first.dtype
-    on_cpu = first is None or first.device.type == "cpu"
+    model on the CPU (the dtype and device of its first floating parameter, else of ``inputs``),
+    else float32."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), inputs)
+    if first is None:
+        return torch.float32
+    dtype = first.dtype
+    on_cpu = first.device.type == "cpu"
     return torch.float64 if dtype == torch.float64 and on_cpu else torch.float32
 
 
@@ -186,7 +191,7 @@ def exact_kernels():
     before = torch.backends.cudnn.enabled
     torch.backends.cudnn.enabled = False
     try:
-        with gradual_underflow(), ieee_float32_matmuls():
+        with certification_arithmetic(), ieee_float32_matmuls():
             yield
     finally:
         torch.backends.cudnn.enabled = before

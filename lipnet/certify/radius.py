@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from lipnet.bounds.rounding import gradual_underflow
+from lipnet.bounds.rounding import certification_arithmetic
 from lipnet.certify.precision import times_power_of_two
 from lipnet.nn.normalized import GramNormalized
 
@@ -80,7 +80,7 @@ def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz: floa
         >>> certified_radius(logits, torch.tensor([0, 0]), lipschitz=1.0).round(decimals=3)
         tensor([1.4140, 0.0000], dtype=torch.float64)
     """
-    with gradual_underflow():  # the directed roundings below need subnormals (nextafter(0, inf) > 0)
+    with certification_arithmetic():  # the directed roundings below need subnormals (nextafter(0, inf) > 0)
         return _certified_radius(logits, labels, lipschitz, last_layer=last_layer, body_lipschitz=body_lipschitz,
                                  rounding=rounding)
 

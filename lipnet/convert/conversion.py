@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from lipnet.bounds.gram import DEFAULT_N_ITER
+from lipnet.bounds.rounding import cpu_default_device
 from lipnet.certify import LipschitzBoundError, UnknownModuleError, lipschitz_bound, register_lipschitz_bound
 from lipnet.convert.diagnosis import _ATTENTION, _diagnose, _is_custom_container
 from lipnet.convert.graph import _trace
@@ -20,6 +23,19 @@ from lipnet.export.exporter import check_input_shape
 ACTIVATIONS = ("maxmin", None)
 
 
+def _outside_inference_mode(function):
+    """``function`` run outside a caller's ``torch.inference_mode()`` and with tensors made without a
+    device on the CPU: in inference mode the copy, and the new layers, would get inference tensors as
+    parameters (not trainable afterwards; the Gram layers' weight cache, which reads version
+    counters, failed on them with a misleading "does not accept inputs of shape ...")."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False), cpu_default_device():
+            return function(*args, **kwargs)
+    return wrapper
+
+
+@_outside_inference_mode
 def convert(
     model: nn.Module,
     *,

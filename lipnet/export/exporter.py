@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import lipnet
+from lipnet.bounds.rounding import cpu_default_device
 from lipnet.certify import LipschitzBoundError, lipschitz_bound
 from lipnet.export import runtime
 from lipnet.nn.gram_conv import GramConv2d
@@ -87,6 +88,14 @@ def export(model: nn.Module, input_shape: Sequence[int], *, certify: bool = True
         >>> float((exported(x) - net(x)).abs().max())
         0.0
     """
+    # Outside inference mode: under a caller's torch.inference_mode() the copy's parameters would be
+    # inference tensors, which keep no version counter for the Gram layers' weight cache.
+    # And tensors created without a device on the CPU, whatever torch.set_default_device says.
+    with torch.inference_mode(False), cpu_default_device():
+        return _export(model, input_shape, certify)
+
+
+def _export(model: nn.Module, input_shape: Sequence[int], certify: bool) -> runtime.ExportedModel:
     input_shape = check_input_shape(input_shape)
     _check_finite_tensors(model)
     reference = copy.deepcopy(model).eval()
@@ -132,7 +141,8 @@ def example_input(model: nn.Module, input_shape, *, batch: int, seed: int) -> to
     dtype = torch.get_default_dtype() if tensor is None else tensor.dtype
     device = torch.device("cpu") if tensor is None else tensor.device
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *input_shape, generator=generator, dtype=dtype).to(device)
+    # On the CPU explicitly (the generator's device), whatever torch.set_default_device says.
+    return torch.randn(batch, *input_shape, generator=generator, dtype=dtype, device="cpu").to(device)
 
 
 def _check_finite_tensors(model: nn.Module) -> None:

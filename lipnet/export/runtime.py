@@ -208,7 +208,8 @@ class ExportedModel(nn.Module):
             raise ValueError("logits contain NaN or inf: no radius can be certified")
         # Subnormals flushed to 0 (torch.set_flush_denormal(True), a CPU speed setting) would make a
         # bound below 2^-1022 a zero denominator and the radius infinite: flushing is off meanwhile.
-        flushing = bool(torch.tensor(2.0 ** -1022, dtype=torch.float64) / 2 == 0)
+        # Asked of the CPU (a default device of "cuda" would answer for the GPU, "meta" not at all).
+        flushing = bool(torch.tensor(2.0 ** -1022, dtype=torch.float64, device="cpu") / 2 == 0)
         if flushing:
             torch.set_flush_denormal(False)
         try:
@@ -401,7 +402,10 @@ def build(archive: dict, *, max_check_bytes: int = MAX_CHECK_BYTES) -> ExportedM
     if missing:
         raise ValueError(f"the archive lacks {', '.join(missing)}: it is damaged or was not written by lipnet.export")
     try:
-        return _build(archive, max_check_bytes)
+        # Outside inference mode, where the bound's check takes a gradient (under a caller's
+        # torch.inference_mode() none could be taken, and a bound edited to 1/100 was accepted).
+        with torch.inference_mode(False):
+            return _build(archive, max_check_bytes)
     except ValueError:
         raise
     except Exception as exc:  # noqa: BLE001 - a malformed archive fails somewhere in torch: say so, uniformly
@@ -470,6 +474,9 @@ def _build(archive: dict, max_check_bytes: int) -> ExportedModel:
     meta_network.load_state_dict({k: v.to("meta") for k, v in state_dict.items()}, strict=True, assign=True)
     example_bytes = _check_sizes(meta_network, input_shape, dtype, max_check_bytes)
     network = torch.fx.GraphModule(root, graph, class_name="ExportedNetwork")
+    # Tensors loaded under the caller's torch.inference_mode() are inference tensors, which cannot be
+    # parameters outside it: copies that can.
+    state_dict = {k: v.clone() if torch.is_tensor(v) and v.is_inference() else v for k, v in state_dict.items()}
     network.load_state_dict(state_dict, strict=True, assign=True)
     model = ExportedModel(network, input_shape=input_shape, lipschitz_bound=bound, metadata=metadata, modules=modules,
                           nodes=nodes)
@@ -589,7 +596,8 @@ def _check_per_example(model: ExportedModel, example_bytes: int, limit: int) -> 
     dtype, device = _probe_kind(model.network.state_dict().values())
     if not dtype.is_floating_point or 2 * example_bytes > limit:
         return
-    x = torch.randn(2, *model.input_shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
+    x = torch.randn(2, *model.input_shape, generator=torch.Generator().manual_seed(1), dtype=dtype,
+                    device="cpu").to(device)
     with torch.no_grad():  # copies: a graph may write to its input (ReLU(inplace=True) first)
         together, apart = model(x.clone()), torch.cat([model(x[:1].clone()), model(x[1:].clone())])
     if together.shape != apart.shape or not together.is_floating_point():
@@ -618,13 +626,13 @@ def _check_bound(model: ExportedModel, example_bytes: int, limit: int) -> None:
     if not dtype.is_floating_point or 3 * example_bytes > limit:
         return
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, *model.input_shape, generator=generator, dtype=dtype).to(device)
+    x = torch.randn(1, *model.input_shape, generator=generator, dtype=dtype, device="cpu").to(device)
     with torch.no_grad():
         outputs = model(x.clone())[0].numel()
     if outputs == 0:
         return
     rows = min(outputs, _JACOBIAN_ROWS, limit // max(1, 3 * example_bytes))
-    q = torch.linalg.qr(torch.randn(outputs, rows, generator=generator, dtype=torch.float64)).Q
+    q = torch.linalg.qr(torch.randn(outputs, rows, generator=generator, dtype=torch.float64, device="cpu")).Q
     x = x.expand(rows, *model.input_shape).clone().requires_grad_(True)
     try:
         with torch.enable_grad():
