@@ -21,7 +21,7 @@ from lipnet.certify.lipschitz import (
 )
 from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_error_bound, rounding_allowance
 from lipnet.certify.modes import evaluating
-from lipnet.certify.radius import certified_radius
+from lipnet.certify.radius import certified_radius, refuse_functorch_transforms
 from lipnet.nn.gram_linear import GramLinear
 from lipnet.nn.normalized import CERTIFICATION_N_ITER, GramNormalized
 from lipnet.nn.sequential import GramSequential
@@ -256,6 +256,7 @@ class ExactLogits:
         self.split = split_last_linear(self.model) if self._last_layer == "auto" else None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        refuse_functorch_transforms(x)
         seen = model_input(x, self.dtype)
         if self.model is None:
             self._copy(seen)

@@ -86,6 +86,7 @@ def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz: floa
 
 
 def _certified_radius(logits, labels, lipschitz, *, last_layer, body_lipschitz, rounding) -> torch.Tensor:
+    refuse_functorch_transforms(logits, labels, rounding)
     _check_logits(logits, labels)
     if (lipschitz is None) == (last_layer is None):
         raise ValueError("give either lipschitz=L (generic form) or last_layer=... and body_lipschitz=L_body "
@@ -122,6 +123,17 @@ def _certified_radius(logits, labels, lipschitz, *, last_layer, body_lipschitz, 
     radii = torch.where(denominator == 0, torch.where(margins > 0, math.inf, 0.0), radii)
     # A wrong (or tied) prediction has a margin <= -2 delta < 0 for some j, hence radius 0.
     return radii.masked_fill(own, math.inf).amin(dim=1).clamp_min(0.0)
+
+
+def refuse_functorch_transforms(*tensors) -> None:
+    """A ``TypeError`` for tensors of a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``): a
+    certificate is computed from concrete values with data-dependent steps (rescaling, overflow and
+    zero-denominator branches), which ``vmap`` cannot run (it raised its own "data-dependent control
+    flow" error) and which no transform should differentiate; call lipnet.certify outside it."""
+    if any(torch.is_tensor(t) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        raise TypeError("lipnet.certify cannot run inside a torch.func transform (vmap, grad, jacrev, ...): its "
+                        "certificates are computed from concrete values, one call per batch; call it outside the "
+                        "transform (on the whole batch: every radius is per example)")
 
 
 def applied_weight(layer: nn.Linear | torch.Tensor) -> torch.Tensor:

@@ -158,3 +158,15 @@ def test_audit_gives_the_callers_random_state_back(net, data):
     state = torch.get_rng_state()
     audit(net, x, y, 0.05, version="apgd", attack="correct")
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_torch_func_transforms_are_refused_with_a_message(net, data):
+    """Under torch.func.vmap, certified_radius and certified_accuracy failed with vmap's own "data-dependent
+    control flow" error, which does not say that certification runs outside transforms."""
+    x, y = data
+    with pytest.raises(TypeError, match="torch.func transform"):
+        torch.func.vmap(lambda row: certified_radius(row[None], torch.tensor([0]), 1.0))(torch.rand(3, 2))
+    with pytest.raises(TypeError, match="torch.func transform"):
+        torch.func.vmap(lambda xb: certified_accuracy(net, (xb, y[:2]), progress=False).radii)(x[:6].reshape(3, 2, 1, 2, 2))
+    with pytest.raises(TypeError, match="torch.func transform"):
+        torch.func.grad(lambda z: certified_radius(z[None], torch.tensor([0]), 1.0).sum())(torch.tensor([1.0, 0.0]))
