@@ -133,8 +133,17 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, ver
         batch_size, device, seed: passed to AutoAttack.
 
     Parameters are frozen (``requires_grad=False``) and the model is in eval mode during
-    the attack, so Gram layers use their cached normalized weights; both are restored.
+    the attack, so Gram layers use their cached normalized weights; both are restored. The
+    attack takes gradients, so the audit runs outside a caller's ``torch.inference_mode()``
+    (and the caller's random state is restored after AutoAttack's seeding).
     """
+    # Under inference mode AutoAttack's gradients failed ("element 0 of tensors does not require grad").
+    with torch.inference_mode(False):
+        return _audit(model, x, y, eps, version=version, certification=certification, attack=attack,
+                      on_failure=on_failure, batch_size=batch_size, device=device, seed=seed)
+
+
+def _audit(model, x, y, eps, *, version, certification, attack, on_failure, batch_size, device, seed) -> AuditResult:
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {sorted(VERSIONS)}, got {version!r}")
     if attack not in ("correct", "certified"):
@@ -149,6 +158,8 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, ver
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.shape != x.shape[:1]:
         raise ValueError(f"y must hold {x.shape[0]} integer labels, got {y.dtype} {tuple(y.shape)}")
     x, y = x.detach().float().cpu(), y.detach().cpu().long()
+    if x.is_inference():  # made under inference mode: a copy autograd can use
+        x = x.clone()
     if x.shape[0] == 0:
         raise ValueError("x holds no inputs: nothing to audit")
     if x.min() < 0 or x.max() > 1:
@@ -281,4 +292,4 @@ def _report(result: AuditResult, on_failure: str) -> None:
     )
     if on_failure == "raise":
         raise SoundnessError(message)
-    warnings.warn(message, SoundnessWarning, stacklevel=3)
+    warnings.warn(message, SoundnessWarning, stacklevel=4)  # _report, _audit, audit, its caller

@@ -170,3 +170,38 @@ def test_torch_func_transforms_are_refused_with_a_message(net, data):
         torch.func.vmap(lambda xb: certified_accuracy(net, (xb, y[:2]), progress=False).radii)(x[:6].reshape(3, 2, 1, 2, 2))
     with pytest.raises(TypeError, match="torch.func transform"):
         torch.func.grad(lambda z: certified_radius(z[None], torch.tensor([0]), 1.0).sum())(torch.tensor([1.0, 0.0]))
+
+
+def test_audit_attacks_under_the_callers_inference_mode(net, data):
+    """AutoAttack takes gradients: under torch.inference_mode() the audit failed with "element 0 of
+    tensors does not require grad" (and inputs made there are inference tensors)."""
+    pytest.importorskip("pyautoattack")
+    from lipnet.certify import audit
+
+    x, y = data
+    plain = audit(net, x, y, 2.0, version="apgd")
+    with torch.inference_mode():
+        result = audit(net, x.clone(), y, 2.0, version="apgd")
+    assert result.n_broken == plain.n_broken > 0 and result.sound
+
+
+def test_a_soundness_warning_points_at_the_callers_line(trained_net, blobs):
+    """_report warns with a stacklevel that must name the caller of audit, not lipnet's own frames
+    (audit now runs its body in _audit, one frame deeper)."""
+    pytest.importorskip("pyautoattack")
+    from lipnet.certify import SoundnessWarning, audit, register_lipschitz_bound
+    from lipnet.certify.lipschitz import _REGISTRY
+
+    class Amplify(nn.Module):
+        def forward(self, x):
+            return 20 * x
+
+    register_lipschitz_bound(Amplify, lambda module, shape: 1.0)  # false: it is 20-Lipschitz
+    try:
+        broken = nn.Sequential(*list(trained_net)[:-1], Amplify(), trained_net[-1]).eval()
+        x, y = blobs(32, seed=12)
+        with pytest.warns(SoundnessWarning, match="broke") as record:
+            audit(broken, x, y, 1.0, version="apgd", on_failure="warn")
+    finally:
+        del _REGISTRY[Amplify]
+    assert [w.filename for w in record if issubclass(w.category, SoundnessWarning)] == [__file__]
