@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from lipnet.bounds.gram import max_gram_bound_of_grams
@@ -63,3 +64,14 @@ def test_screening_refines_the_largest_candidates():
         bound = float(max_matrix_spectral_norm(batch, n_iter=14, screen_iter=2, n_candidates=4))
     assert screened > exact * 1.01
     assert exact <= bound <= exact * (1 + 1e-6)
+
+
+def test_an_indefinite_first_iterate_falls_back_to_the_frobenius_form():
+    """A first Gram iterate built from the autocorrelation (not as ``A^H A``) can be indefinite by
+    rounding where the symbol nearly vanishes, and with one Gram step its trace form is read off it
+    directly: a negative trace form (here ``-1e-30 I``, whose exact matrix is about 0) must give way
+    to the Frobenius form, not a NaN that hides the batch's maximum (the identity's, 1)."""
+    gram = torch.stack([torch.eye(4, dtype=torch.float64), -1e-30 * torch.eye(4, dtype=torch.float64)])[None]
+    found = max_gram_bound_of_grams(gram, torch.zeros(1, 2, dtype=torch.float64), 1, 1, 1)
+    assert float(found.value[0]) == pytest.approx(1.0, rel=1e-7)
+    assert int(found.best[0]) == 0
