@@ -30,3 +30,16 @@ def test_embeddings_called_exact_have_the_operators_norm():
         else:
             not_exact += 1
     assert called_exact and not_exact
+
+
+def test_copying_padding_on_one_side_only_counts_its_copies():
+    """``padding='same'`` with an even kernel pads one side only (``(0, 1)``): reflect and replicate
+    padding then still copy input samples (the last one is read twice), so the bound must carry the
+    copies and stay above the dense operator's norm, for kernels that favour the copied sample."""
+    for mode in ("reflect", "replicate"):
+        for kernel_size in ((2, 2), (4, 4), (2, 1)):
+            weight = torch.ones(1, 1, *kernel_size, dtype=torch.float64)
+            kwargs = dict(padding="same", padding_mode=mode)
+            norm = float(torch.linalg.matrix_norm(conv2d_operator_matrix(weight, 5, **kwargs), ord=2))
+            bound = float(conv2d_spectral_norm(weight, 5, n_iter=14, **kwargs))
+            assert bound >= norm, (mode, kernel_size)
