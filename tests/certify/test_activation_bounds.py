@@ -29,12 +29,19 @@ def slope(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+#: More open cells than this after a round: the target is below the supremum (the sound constants leave at
+#: most 154,000, in the flat tops of their slopes, and a target below the supremum grows them tenfold a round).
+MAX_OPEN_CELLS = 1_000_000
+
+
 def certified_sup_abs_slope(module, second_derivative_bound, target, lo=-30.0, hi=30.0):
     """``(upper, sampled)``: a proven upper bound on ``sup |f'|`` over ``[lo, hi]`` and the largest sampled value.
 
     On a cell ``[a, b]``, ``|f'(x)| <= max(|f'(a)|, |f'(b)|) + M (b - a) / 2`` for ``M >= sup |f''|``
     (``x`` is within ``(b - a) / 2`` of an endpoint). Cells whose bound exceeds ``target`` are split
-    in ten until none does (then ``upper <= target``) or they are too small to settle.
+    in ten until none does (then ``upper <= target``), they are too small to settle, or more than
+    :data:`MAX_OPEN_CELLS` stay open (a target below the supremum: the refinement would grow tenfold
+    each round instead of failing).
     """
     edges = torch.linspace(lo, hi, 60_001, dtype=torch.float64)
     a, b = edges[:-1], edges[1:]
@@ -44,7 +51,7 @@ def certified_sup_abs_slope(module, second_derivative_bound, target, lo=-30.0, h
         sampled = max(sampled, float(ends.max()))
         cell_bound = ends + second_derivative_bound * (b - a) / 2 + EVALUATION_ERROR
         open_cells = cell_bound > target
-        if not bool(open_cells.any()):
+        if not bool(open_cells.any()) or int(open_cells.sum()) > MAX_OPEN_CELLS:
             return max(upper, float(cell_bound.max())), sampled
         upper = max(upper, float(torch.cat((cell_bound[~open_cells], cell_bound.new_zeros(1))).max()))
         a, b = a[open_cells], b[open_cells]
