@@ -1,7 +1,6 @@
 """Mutation-testing gaps of lipnet.nn.normalization and lipnet.nn.pooling: their constants against
 exact rational arithmetic."""
 
-import math
 import random
 from fractions import Fraction
 
