@@ -204,6 +204,9 @@ class ExportedModel(nn.Module):
             raise ValueError("this model was exported with certify=False: it has no Lipschitz bound")
         if logits.dim() != 2 or logits.shape[1] < 2:
             raise ValueError(f"expected logits of shape (batch, classes >= 2), got {tuple(logits.shape)}")
+        if torch._C._functorch.is_functorch_wrapped_tensor(logits):  # vmap, grad: not concrete values
+            raise TypeError("certified_radius cannot run inside a torch.func transform (vmap, grad, ...): the radii "
+                            "are computed from concrete logits; call it outside the transform, on the whole batch")
         if not bool(torch.isfinite(logits).all()):
             raise ValueError("logits contain NaN or inf: no radius can be certified")
         # Subnormals flushed to 0 (torch.set_flush_denormal(True), a CPU speed setting) would make a

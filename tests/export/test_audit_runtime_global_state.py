@@ -4,6 +4,7 @@
 import contextlib
 import io
 
+import pytest
 import torch
 from torch import nn
 
@@ -89,3 +90,14 @@ def test_export_and_the_runtime_radius_under_a_default_device():
     assert exported.lipschitz_bound == plain.lipschitz_bound
     assert torch.equal(radii, plain.certified_radius(logits))
     assert converted.report.lipschitz_bound is not None
+
+
+def test_the_runtime_radius_refuses_torch_func_transforms():
+    """Under torch.func.vmap the runtime's radius failed with vmap's own "data-dependent control flow"
+    error (``bool`` of a batched tensor), which does not say to compute radii outside the transform."""
+    exported = lipnet.export(_net(), (1, 4, 4))
+    logits = exported(torch.rand(3, 1, 4, 4))
+    with pytest.raises(TypeError, match="torch.func transform"):
+        torch.func.vmap(lambda row: exported.certified_radius(row[None]))(logits)
+    with pytest.raises(TypeError, match="torch.func transform"):
+        torch.func.grad(lambda z: exported.certified_radius(z[None]).sum())(logits[0])
