@@ -1,3 +1,4 @@
+import contextlib
 import sys
 from pathlib import Path
 
@@ -36,6 +37,21 @@ def flushed_denormals():
         yield
     finally:
         torch.set_flush_denormal(False)
+
+
+@pytest.fixture
+def default_device():
+    """``with default_device("meta"): ...``: ``torch.set_default_device`` for a block of the test (the
+    models and data built before it stay where they are), back to none after it."""
+    @contextlib.contextmanager
+    def setting(device):
+        torch.set_default_device(device)
+        try:
+            yield
+        finally:
+            torch.set_default_device(None)
+
+    return setting
 
 
 @pytest.fixture

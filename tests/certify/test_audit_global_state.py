@@ -32,15 +32,6 @@ def data():
 
 
 @contextlib.contextmanager
-def default_device(device):
-    torch.set_default_device(device)
-    try:
-        yield
-    finally:
-        torch.set_default_device(None)
-
-
-@contextlib.contextmanager
 def default_dtype(dtype):
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -50,7 +41,8 @@ def default_dtype(dtype):
         torch.set_default_dtype(before)
 
 
-def test_denormal_flushing_is_asked_of_the_cpu_whatever_the_default_device(flushed_denormals, net, data):
+def test_denormal_flushing_is_asked_of_the_cpu_whatever_the_default_device(flushed_denormals, net, data,
+                                                                           default_device):
     """flushes_denormals() created its probe tensor on the default device: under "meta" every certify
     call raised "Tensor.item() cannot be called on meta tensors", and under "cuda" the GPU, which does
     not flush, would have answered "no" while the CPU flushed (the false certificates of flushing back)."""

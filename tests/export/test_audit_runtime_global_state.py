@@ -1,7 +1,6 @@
 """Red team: export, the runtime and convert under torch state the caller set first
 (inference mode, a default device)."""
 
-import contextlib
 import io
 
 import pytest
@@ -16,15 +15,6 @@ from lipnet.nn import GramConv2d, GramLinear, MaxMin
 def _net():
     torch.manual_seed(0)
     return nn.Sequential(GramConv2d(1, 4, 3, padding=1), MaxMin(), nn.Flatten(), GramLinear(4 * 4 * 4, 3)).eval()
-
-
-@contextlib.contextmanager
-def default_device(device):
-    torch.set_default_device(device)
-    try:
-        yield
-    finally:
-        torch.set_default_device(None)
 
 
 def test_a_bound_edited_to_a_hundredth_is_refused_under_inference_mode():
@@ -72,7 +62,7 @@ def test_export_and_convert_work_under_inference_mode():
     converted.model(torch.rand(2, 1, 5, 5)).sum().backward()  # trainable
 
 
-def test_export_and_the_runtime_radius_under_a_default_device():
+def test_export_and_the_runtime_radius_under_a_default_device(default_device):
     """Under torch.set_default_device("meta") export drew its probe inputs on the meta device ("Cannot
     copy out of meta tensor"), the runtime's checks too (reported as a malformed archive), and the
     runtime's radius asked the default device whether the CPU flushes subnormals (under "cuda" the
