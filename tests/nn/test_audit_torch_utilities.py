@@ -318,8 +318,8 @@ def test_vector_to_parameters_from_new_vectors_refreshes_the_eval_cache():
 @pytest.mark.xfail(strict=True, reason="vector_to_parameters sets param.data to a view of the vector: editing that "
                                        "vector in place and calling it again keeps the parameter's address, "
                                        "version, shape and strides, so the eval cache keeps serving the normalized "
-                                       "old weight (outputs off by up to 2.2 here; lipschitz_bound, which calls eval() and "
-                                       "so empties the cache, certifies the new weight instead)")
+                                       "old weight (outputs off by up to 2.2 here; lipschitz_bound, which calls "
+                                       "eval() and so empties the cache, certifies the new weight instead)")
 def test_vector_to_parameters_from_a_vector_edited_in_place_refreshes_the_eval_cache():
     torch.manual_seed(7)
     layer = GramConv2d(2, 3, 3, padding=1, dtype=F64).eval()
