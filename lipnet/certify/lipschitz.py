@@ -255,11 +255,38 @@ def check_no_forward_hooks(module: nn.Module) -> None:
 
     own = has_forward_hooks(module)
     anywhere = bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+    if own and not module._forward_hooks and (advice := _weight_hook_advice(module)) is not None:
+        raise LipschitzBoundError(module, advice)
     if own or anywhere:
         where = "has forward hooks" if own else "would run global forward hooks (nn.modules.module.register_module_forward_hook)"
         raise LipschitzBoundError(module, (
             f"{type(module).__name__} {where}, which may change its output, and no Lipschitz bound accounts for "
             "them; remove the hooks (handle.remove()) before certifying"))
+
+
+def _weight_hook_advice(module: nn.Module) -> str | None:
+    """What to do about forward pre-hooks that are all torch's weight reparametrizations by hook
+    (``torch.nn.utils.prune``, the legacy ``torch.nn.utils.spectral_norm`` and ``weight_norm``),
+    which recompute a weight before each call; ``None`` for any other hook."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    advice = []
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            advice.append(f"it is pruned (torch.nn.utils.prune): make the pruning permanent with "
+                          f"torch.nn.utils.prune.remove(module, {hook._tensor_name!r})")
+        elif isinstance(hook, SpectralNorm):
+            advice.append(f"it has torch.nn.utils.spectral_norm's hook: use torch.nn.utils.parametrizations.spectral_norm "
+                          f"instead, or torch.nn.utils.remove_spectral_norm(module, {hook.name!r})")
+        elif isinstance(hook, WeightNorm):
+            advice.append(f"it has torch.nn.utils.weight_norm's hook: use torch.nn.utils.parametrizations.weight_norm "
+                          f"instead, or torch.nn.utils.remove_weight_norm(module, {hook.name!r})")
+        else:
+            return None
+    return (f"{type(module).__name__} has forward pre-hooks that recompute its weight before each call, and its "
+            f"Lipschitz bound is computed before the call: " + "; ".join(advice) + " before certifying")
 
 
 def check_runs_own_forward(module: nn.Module) -> None:
@@ -374,11 +401,18 @@ def _checked_output(module: nn.Module, out):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``torch.compile`` and (Distributed)DataParallel wrappers."""
+    """The module inside ``torch.compile``, (Distributed)DataParallel and
+    ``torch.optim.swa_utils.AveragedModel`` (EMA, SWA) wrappers, whose forward is their module's;
+    a wrapper with forward hooks is refused (they would change what the wrapper computes)."""
+    from torch.optim.swa_utils import AveragedModel
+
     while True:
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
-        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        elif (isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel)
+              or isinstance(model, AveragedModel) and type(model).forward is AveragedModel.forward):
+            check_no_forward_hooks(model)
+            check_runs_own_forward(model)
             model = model.module
         else:
             return model

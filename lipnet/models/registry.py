@@ -79,11 +79,14 @@ def model_spec(model: nn.Module) -> dict:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``torch.compile`` wrappers."""
+    """The module inside ``DistributedDataParallel`` / ``torch.compile`` /
+    ``torch.optim.swa_utils.AveragedModel`` (EMA, SWA) wrappers."""
+    from torch.optim.swa_utils import AveragedModel
+
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel | AveragedModel):
             model = model.module
         else:
             return model

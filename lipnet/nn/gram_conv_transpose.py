@@ -123,6 +123,7 @@ class GramConvTranspose2d(GramNormalizedConv, nn.ConvTranspose2d):
         return self.in_channels // self.groups, self.out_channels // self.groups * stride, taps
 
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        self._refuse_symbolic_tracing(input)
         self._check_padding_unchanged()
         size, _ = self._output_size(input, output_size)
         return self._forward_normalized(input, self.normalized_weight(size), output_size)

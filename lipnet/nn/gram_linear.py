@@ -39,6 +39,7 @@ class GramLinear(GramNormalized, nn.Linear):
         return self.out_features, self.in_features, 1
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._refuse_symbolic_tracing(input)
         return nn.functional.linear(input, self.normalized_weight(), self.bias)
 
     def extra_repr(self) -> str:

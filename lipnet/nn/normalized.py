@@ -126,9 +126,11 @@ class GramNormalized:
         """``(rows, cols, taps)`` of the matrices whose norms are bounded."""
         raise NotImplementedError
 
-    def _operator_weight(self) -> torch.Tensor:
-        """The weight whose operator is bounded and normalized (``self.weight`` by default)."""
-        return self.weight
+    def _operator_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight whose operator is bounded and normalized (``self.weight`` by default), from
+        ``weight``, a read of ``self.weight`` already made (a parametrization computes the weight anew
+        at each read: one read per forward, as torch's layers make), or ``None`` to read it."""
+        return self.weight if weight is None else weight
 
     def _geometry(self) -> tuple:
         """The layer's settings besides the weight that its bound and forward read (stride,
@@ -142,9 +144,10 @@ class GramNormalized:
         self._eval_cache: dict = {}
         self._refuse_complex()
 
-    def _refuse_complex(self) -> None:
-        """Raise ``TypeError`` for a complex weight: the bounds are for real operators."""
-        dtype = self.weight.dtype
+    def _refuse_complex(self, weight: torch.Tensor | None = None) -> None:
+        """Raise ``TypeError`` for a complex weight (``weight``, or ``self.weight`` read now): the
+        bounds are for real operators."""
+        dtype = (self.weight if weight is None else weight).dtype
         if dtype.is_complex:
             raise TypeError(f"{type(self).__name__}: complex weights ({dtype}) are not supported: the Gram bound and "
                             "its certificate are for real operators (a complex weight's imaginary part would be "
@@ -188,9 +191,9 @@ class GramNormalized:
         """``(bound, zero)``: the bound of ``weight`` (by default :meth:`_operator_weight`), checked
         (:func:`unusable_bounds`: a non-finite one raises), and whether it is zero with a tracked
         weight gradient (then refuse that gradient)."""
-        self._refuse_complex()
         if weight is None:
             weight = self._operator_weight()
+        self._refuse_complex(weight)
         self._check_weight_shape(weight)
         if weight.numel() == 0:  # no input or no output features: the zero map
             return weight.sum(), False
@@ -198,13 +201,14 @@ class GramNormalized:
         if not (self.check_finite and can_check_values(bound)) or not bool(unusable_bounds(bound, weight.requires_grad)):
             return bound, False
         if not bool(torch.isfinite(bound)):
-            self._raise_not_finite(bound)
+            self._raise_not_finite(bound, weight)
         return bound, True
 
-    def _raise_not_finite(self, bound: torch.Tensor) -> None:
-        if bool(torch.isnan(self.weight).any()):
+    def _raise_not_finite(self, bound: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        weight = self.weight if weight is None else weight
+        if bool(torch.isnan(weight).any()):
             state = "contains NaN"
-        elif bool(torch.isinf(self.weight).any()):
+        elif bool(torch.isinf(weight).any()):
             state = "contains inf"
         else:
             state = "is finite but too large for its dtype"
@@ -231,6 +235,7 @@ class GramNormalized:
                             "input_shape); for speed, torch.compile")
         input_size = self._input_size(input_size)
         cacheable = not self.training and not torch.compiler.is_compiling()
+        weight = None
         if cacheable:
             weight = self.weight  # a parametrization computes a new tensor at every access: read it once
             self._check_weight_shape(weight)  # settings may change without the weight (not in the cache key)
@@ -240,11 +245,14 @@ class GramNormalized:
         if cacheable:
             key = self._cache_key(weight, input_size)
             cached = self._eval_cache.get(input_size)
-            if cached is not None and cached[0] == key and cached[1] is weight:
-                return cached[2]
+            if (cached is not None and cached[0] == key and cached[1] is weight
+                    and (weight.is_meta or torch.equal(cached[4], weight))):
+                # A copy: the caller may edit the tensor it gets (or wrap it in an nn.Parameter and train
+                # that), which must not change what this layer applies.
+                return cached[2].clone()
         # One read of the operator weight for the bound and the quotient: a parametrization computes
         # the weight anew at each access, and a random one (DropConnect) draws another each time.
-        operator_weight = self._operator_weight()
+        operator_weight = self._operator_weight(weight)
         bound, zero = self._checked_bound(input_size, operator_weight)
         normalized = self._divide(operator_weight, bound, input_size)
         if zero:
@@ -257,7 +265,10 @@ class GramNormalized:
             # references. And its storage: ``weight.data = t`` moves the parameter to other memory
             # without a new version, and while the cached storage is held no later tensor can
             # take its address.
-            self._eval_cache[input_size] = (key, weight, normalized.detach(), weight.untyped_storage())
+            # And a copy of its values: writes that bypass the version counter (``weight.data`` in place,
+            # ``vector_to_parameters`` into a vector edited in place, another process's) change them alone.
+            self._eval_cache[input_size] = (key, weight, normalized.detach().clone(), weight.untyped_storage(),
+                                            weight.detach().clone())
         return normalized
 
     def _divide(self, weight: torch.Tensor, bound: torch.Tensor, input_size) -> torch.Tensor:
@@ -332,6 +343,17 @@ class GramNormalized:
         rows, cols, taps = self._matrix_shape()
         return with_rounding_margin(bound, torch.float64, inner=max(rows, cols), rank=min(rows, cols), taps=taps,
                                     n_iter=CERTIFICATION_N_ITER)
+
+    def _refuse_symbolic_tracing(self, input) -> None:
+        """Raise a ``TypeError`` that says what to do when ``torch.fx.symbolic_trace`` (or a tool
+        built on it) traces into the layer: its bound needs the input's size and values as numbers."""
+        if isinstance(input, torch.fx.Proxy):
+            raise TypeError(
+                f"{type(self).__name__} cannot be traced through by torch.fx.symbolic_trace: its forward computes a "
+                "Gram bound in Python from the input's size and checks its value. Trace lipnet's layers as leaves: a "
+                "torch.fx.Tracer whose is_leaf_module(m, name) is True for type(m).__module__.startswith('lipnet.') "
+                "(torchvision's create_feature_extractor: tracer_kwargs={'leaf_modules': [...]}); or trace the "
+                "plain-PyTorch copy from lipnet.export(model, input_shape)")
 
     def __prepare_scriptable__(self):
         raise TypeError(f"{type(self).__name__} cannot be compiled by TorchScript (torch.jit.script): its forward computes "

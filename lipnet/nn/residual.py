@@ -74,8 +74,8 @@ class GramResidualConv2d(GramConv2d):
         super().__init__(channels, channels, kernel_size, stride=1, padding="same", groups=groups, bias=bias,
                          padding_mode=padding_mode, device=device, dtype=dtype, n_iter=n_iter, screen_iter=screen_iter)
 
-    def _operator_weight(self) -> torch.Tensor:
-        weight = self.weight
+    def _operator_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
         self._check_weight_shape(weight)  # before the identity of the declared kernel size is added
         identity = identity_kernel(self.out_channels, self.kernel_size, self.groups,
                                    dtype=weight.dtype, device=weight.device)

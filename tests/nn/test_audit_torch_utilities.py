@@ -4,8 +4,7 @@ torch.fx tools and fusions, flat parameter vectors, state dicts, hooks, torch.ex
 
 Each test checks values: the operator norm of a layer as it runs (its dense float64 matrix from
 impulse responses, SVD) is at most 1, outputs equal those of a fresh copy (nothing cached), and
-refusals name the way out. Tests marked ``xfail(strict=True)`` are findings: they pass while the
-problem is there and fail once it is fixed (then drop the mark)."""
+refusals name the way out."""
 
 import copy
 
@@ -81,20 +80,12 @@ def test_ema_of_averaged_model_follows_updates_and_each_layer_stays_one_lipschit
     assert lipschitz_bound(ema.module, (2, 5, 5)) <= CERTIFIED
 
 
-@pytest.mark.xfail(strict=True, raises=UnknownModuleError,
-                   reason="lipnet.certify unwraps DDP and torch.compile wrappers but not "
-                          "torch.optim.swa_utils.AveragedModel, whose forward is its module's: certifying an EMA or "
-                          "SWA model raises UnknownModuleError('no Lipschitz bound is known for AveragedModel')")
 def test_an_averaged_model_is_certified_as_the_model_it_averages():
     torch.manual_seed(1)
     ema = AveragedModel(small_net(), multi_avg_fn=get_ema_multi_avg_fn(0.9))
     assert lipschitz_bound(ema, (2, 5, 5)) == lipschitz_bound(ema.module, (2, 5, 5))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="lipnet.models.unwrap (used by lipnet.checkpoint.save_model) unwraps DDP and torch.compile "
-                          "but not AveragedModel: saving the EMA of a built model raises 'AveragedModel was not built "
-                          "by lipnet.models.build_model', though the model inside was")
 def test_an_averaged_model_is_saved_as_the_model_it_averages(tmp_path):
     from lipnet.checkpoint import load_model, save_model
     from lipnet.models import build_model
@@ -163,10 +154,6 @@ def test_a_pruned_model_is_refused_by_certification_and_certified_after_prune_re
     assert dense_norm(net[0], (2, 5, 5)) <= SLACK
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="certifying a pruned model says 'remove the hooks (handle.remove())', but the hook is "
-                          "torch.nn.utils.prune's: the way out is prune.remove(module, 'weight') (removing the hook "
-                          "by hand would leave a stale plain 'weight' attribute)")
 def test_the_refusal_of_a_pruned_model_names_prune_remove():
     net = small_net()
     prune.l1_unstructured(net[0], "weight", amount=0.5)
@@ -204,12 +191,6 @@ def test_parametrized_layers_are_certified_as_they_run(name, training):
         assert lipschitz_bound(layer, shape) <= CERTIFIED
 
 
-@pytest.mark.xfail(strict=True, reason="a parametrized Gram layer computes its weight 2 times per training forward "
-                                       "and 3 times per eval forward (_refuse_complex and the eval cache read "
-                                       "self.weight besides _operator_weight), where nn.Conv2d computes it once: "
-                                       "spectral_norm's power iteration advances twice per step (its _u differs from "
-                                       "nn.Conv2d's by 4e-5 after one step), and costly parametrizations (orthogonal) "
-                                       "run 2-3 times")
 @pytest.mark.parametrize("name", LAYERS)
 def test_a_parametrization_is_computed_once_per_forward(name):
     make, shape = LAYERS[name]
@@ -230,12 +211,6 @@ class LipnetLeaves(torch.fx.Tracer):
         return type(module).__module__.startswith("lipnet.") or super().is_leaf_module(module, qualified_name)
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, torch.fx.proxy.TraceError),
-                   reason="torch.fx.symbolic_trace (and what is built on it: torch.fx.experimental.optimization.fuse, "
-                          "torchvision's create_feature_extractor, FX quantization) traces into the Gram layers, "
-                          "which are not leaves (their module is not torch.nn), and fails with "
-                          "\"TypeError: int() argument must be ... not 'Proxy'\" (convolutions) or TraceError "
-                          "(linear, transposed): no hint that the layers must be leaves of the tracer")
 @pytest.mark.parametrize("name", LAYERS)
 def test_symbolic_tracing_through_a_gram_layer_is_refused_with_a_hint(name):
     make, _ = LAYERS[name]
@@ -315,11 +290,6 @@ def test_vector_to_parameters_from_new_vectors_refreshes_the_eval_cache():
         torch.testing.assert_close(after, copy.deepcopy(layer)(x), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="vector_to_parameters sets param.data to a view of the vector: editing that "
-                                       "vector in place and calling it again keeps the parameter's address, "
-                                       "version, shape and strides, so the eval cache keeps serving the normalized "
-                                       "old weight (outputs off by up to 2.2 here; lipschitz_bound, which calls "
-                                       "eval() and so empties the cache, certifies the new weight instead)")
 def test_vector_to_parameters_from_a_vector_edited_in_place_refreshes_the_eval_cache():
     torch.manual_seed(7)
     layer = GramConv2d(2, 3, 3, padding=1, dtype=F64).eval()
@@ -347,11 +317,6 @@ def wrap_and_step(weight):
         parameter.sub_(5 * torch.ones_like(parameter))
 
 
-@pytest.mark.xfail(strict=True, reason="in eval mode without a weight gradient, normalized_weight() returns the eval "
-                                       "cache's tensor itself: editing it in place (or a plain layer's nn.Parameter "
-                                       "made from it, trained by hand) changes what the Gram layer applies from then "
-                                       "on: operator norms of 2.7 to 1e9 measured, and lipnet.certify.lipschitz_bound, "
-                                       "which calls eval() and so empties the cache, still certifies 1")
 @pytest.mark.parametrize("edit", [edit_in_place, wrap_and_step], ids=["in_place", "parameter"])
 @pytest.mark.parametrize("name", LAYERS)
 def test_editing_the_returned_normalized_weight_leaves_the_layer_alone(name, edit):
