@@ -15,7 +15,8 @@ Sections (all in one run, so the ratios compare like with like):
             peers: lipnet with autograd through every iteration and frequency (the 2023
             algorithm's cost model), torch's spectral_norm parametrization (power
             iteration on the reshaped kernel: cheap but not a bound of the conv
-            operator), deel-torchlip's SpectralConv2d if installed.
+            operator), deel-torchlip's SpectralConv2d and orthogonium's AdaptiveOrthoConv2d
+            (zero padding) if installed.
   gaps      the Gram gap of the training bound for Gaussian, orthogonal and near-identity
             (residual-block) kernels: near-isometries have flat spectra, where Gram
             iteration converges slowly and screening is loosest; on the CPU also with
@@ -184,6 +185,11 @@ def layer_times(c: int, n: int, batch: int, device, repeat: int, compile_: bool 
     try:
         from deel.torchlip import SpectralConv2d
         layers["deel_torchlip"] = SpectralConv2d(c, c, 3, padding=1)
+    except ImportError:
+        pass
+    try:
+        from orthogonium.layers.conv.AOC import AdaptiveOrthoConv2d
+        layers["orthogonium_aoc"] = AdaptiveOrthoConv2d(c, c, 3, padding=1, padding_mode="zeros")
     except ImportError:
         pass
 

@@ -34,3 +34,8 @@ def bounds_module():
 @pytest.fixture(scope="module")
 def activations_module():
     return load_script("activations")
+
+
+@pytest.fixture(scope="module")
+def peers_module():
+    return load_script("peers")
