@@ -21,6 +21,7 @@ from lipnet.convert.graph import (
     _SCALINGS,
     _SHAPE_ATTRIBUTES,
     _SHAPE_METHODS,
+    _SORTS,
     _SPLITS,
     _SUMS,
     _is_input,
@@ -408,6 +409,14 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self._check_rearrangement(node, self.env[dependent[0]], *value)
             self._batched(node, self.env[dependent[0]], *value)
             self.rule[node] = ("exact", dependent[0])
+            return self.bound[dependent[0]]
+        if target in _SORTS and single:
+            position = _SORTS[target]
+            dim = node.args[position] if len(node.args) > position else node.kwargs.get("dim", 1)
+            if not isinstance(dim, int) or dim % self.env[dependent[0]].dim() == 0:
+                self.fail(node, "a sort along the batch dimension (it would exchange entries between examples)")
+            self._batched(node, self.env[dependent[0]], value)
+            self.rule[node] = ("exact", dependent[0])  # a permutation of the entries: no rounding
             return self.bound[dependent[0]]
         if target is operator.getitem and single:
             source = self.env[dependent[0]]

@@ -9,9 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipnet.nn.activations import group_sort, max_min
+
 
 class _ChildrenAsLeaves(torch.fx.Tracer):
-    """Trace one module's own forward: every submodule call is a leaf."""
+    """Trace one module's own forward: every submodule call is a leaf, and so is every call of
+    lipnet's functional sorting activations (:data:`_SORTS`) that the forward's module imported."""
+
+    def __init__(self):
+        super().__init__(autowrap_functions=tuple(_SORTS))
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return True
@@ -54,6 +60,9 @@ _REARRANGEMENTS = {torch.flatten, "flatten", "view", "reshape", torch.reshape, "
                    "transpose", torch.transpose, "contiguous", "squeeze", torch.squeeze, "unsqueeze", torch.unsqueeze,
                    "clone"}
 _SPLITS = {torch.chunk, "chunk", torch.split, "split", torch.unbind, "unbind"}
+#: Sorting activations: a permutation of the entries along a channel dimension, so 1-Lipschitz and
+#: exact in floating point; the position of that dimension among their arguments.
+_SORTS = {max_min: 1, group_sort: 2}
 _CATS = {torch.cat, torch.concat}
 #: Elementwise operations: applied to constants that are the same for every example, they give such constants.
 _ELEMENTWISE = _SUMS | _SCALINGS | (_ONE_LIPSCHITZ - {F.dropout}) | {"to"}

@@ -176,6 +176,14 @@ def _check_group_size(group_size) -> None:
         raise ValueError(f"GroupSort's group_size must be at least 2 (a group of 1 is the identity), got {group_size}")
 
 
+# torch.fx traces calls of these two as leaves (one call_function node each) in any module whose
+# code calls them through this module's globals, such as MaxMin and GroupSort below: tracing into
+# them fails on their shape checks, and a graph that keeps them whole says what they are (lipnet's
+# traced bounds read them as the permutations they are).
+torch.fx.wrap("max_min")
+torch.fx.wrap("group_sort")
+
+
 class GroupSort(nn.Module):
     """Module form of :func:`group_sort` (Lipschitz constant 1).
 

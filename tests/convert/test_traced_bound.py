@@ -530,3 +530,57 @@ def test_the_most_negative_integer_factor_counts_in_full(dtype):
     assert traced_lipschitz_bound(module, (4,)) >= -float(low)
     quotient = Container(lambda self, x: x / self.buf, buffer=torch.tensor([low, low], dtype=dtype)).double()
     assert traced_lipschitz_bound(quotient, (2,)) >= 1 / -float(low)
+
+
+# Functional sorting activations -------------------------------------------------------------------------------------
+
+from lipnet.nn.activations import group_sort, max_min  # noqa: E402
+
+
+class FunctionalSorts(nn.Module):
+    """A hand-written block calling lipnet's functional activations on a channel dimension."""
+
+    def __init__(self, dim: int = 1, scale: float = 3.0):
+        super().__init__()
+        self.conv = GramConv2d(2, 4, 3, padding=1)
+        self.dim, self.scale = dim, scale
+
+    def forward(self, x):
+        return group_sort(max_min(self.conv(x), dim=self.dim), 2) * self.scale
+
+
+register_lipschitz_bound(FunctionalSorts, traced_lipschitz_bound)  # as convert registers a traced container
+
+
+def test_functional_max_min_and_group_sort_are_bounded_as_permutations():
+    """Each is a permutation of the entries along a channel dimension: Lipschitz constant 1, so the
+    block's bound is its convolution's times its scale (traced as leaves: tracing into them fails)."""
+    torch.manual_seed(0)
+    block = FunctionalSorts()
+    assert traced_lipschitz_bound(block, (2, 5, 5)) == pytest.approx(3 * lipschitz_bound(block.conv, (2, 5, 5)),
+                                                                        rel=1e-12)
+    assert lipschitz_bound(nn.Sequential(block), (2, 5, 5)) == traced_lipschitz_bound(block, (2, 5, 5))
+
+
+@pytest.mark.parametrize("dim", [0, -4])
+def test_a_functional_sort_along_the_batch_dimension_is_refused(dim):
+    with pytest.raises(LipschitzBoundError, match="sort along the batch dimension"):
+        traced_lipschitz_bound(FunctionalSorts(dim=dim), (2, 5, 5))
+
+
+def test_a_network_with_functional_sorts_is_certified_as_with_the_modules():
+    """certified_accuracy's float64 pass propagates the rounding through the functional sorts
+    (exact: a permutation), so its radii are those of the same network built from the modules."""
+    from lipnet.nn import GroupSort, MaxMin
+
+    torch.manual_seed(1)
+    block = FunctionalSorts(scale=1.0)
+    functional = nn.Sequential(block, nn.Flatten(), GramLinear(100, 3))
+    modules = nn.Sequential(block.conv, MaxMin(), GroupSort(2), nn.Flatten(), functional[2])
+    x, y = torch.rand(16, 2, 5, 5), torch.randint(0, 3, (16,))
+    with torch.no_grad():
+        torch.testing.assert_close(functional(x), modules(x), rtol=0, atol=0)
+    radii = certified_accuracy(functional, (x, y), eps=[0.01], progress=False).radii
+    expected = certified_accuracy(modules, (x, y), eps=[0.01], progress=False).radii
+    assert (expected > 0).sum() >= 4
+    torch.testing.assert_close(radii, expected, rtol=1e-9, atol=0)

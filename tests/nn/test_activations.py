@@ -105,3 +105,17 @@ def test_compiled_gradient_equals_eager():
     compiled_fn = torch.compile(max_min, backend="aot_eager", fullgraph=True)
     (compiled,) = torch.autograd.grad(compiled_fn(x), x, g)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+def test_symbolic_tracing_keeps_the_sorting_activations_whole():
+    """torch.fx traces MaxMin and GroupSort (and tools built on it, such as torchvision's feature
+    extractor) as one call of the functional form each, which computes what the modules compute."""
+    from lipnet.nn import GroupSort
+    from lipnet.nn.activations import group_sort
+
+    net = torch.nn.Sequential(MaxMin(), GroupSort(2, dim=-1))
+    traced = torch.fx.symbolic_trace(net)
+    targets = [node.target for node in traced.graph.nodes if node.op == "call_function"]
+    assert targets == [max_min, group_sort]
+    x = torch.randn(3, 8)
+    assert torch.equal(traced(x), net(x))
