@@ -34,6 +34,7 @@ from torch import nn
 from fuzz_networks import jacobian, top_singular
 from lipnet import convert
 from lipnet.certify import LipschitzBoundError, lipschitz_bound
+from lipnet.nn.activations import group_sort, max_min
 
 F64 = torch.float64
 #: Relative allowance for float64 rounding in the Jacobian and in finite differences.
@@ -41,7 +42,7 @@ JACOBIAN_SLACK = 1e-9
 PAIR_SLACK = 1e-6
 SCALARS = ("2.5", "-1.0", "-3", "0", "0.0", "1e6", "1e-3", "0.5", "-0.25")
 #: Statements that make the graph nonlinear: the bound must not certify them as linear.
-NONLINEAR = ("relu", "pool", "mul2", "div2", "tanh", "pad", "hardtanh")
+NONLINEAR = ("relu", "pool", "mul2", "div2", "tanh", "pad", "hardtanh", "max_min", "group_sort")
 
 
 @dataclass
@@ -99,7 +100,8 @@ class Builder:
                          "sub", "alpha", "scale", "scale", "tensor_scale", "cat", "chunk", "split", "slice",
                          "index", "view", "reshape", "permute", "transpose", "contiguous", "fn_relu",
                          "torch_relu", "tanh", "hardtanh", "pad", "detach", "neg", "dropout", "const", "double",
-                         "mul2", "square", "div2", "shape_scale", "inplace_relu", "iadd", "add_", "mul_", "unused"])
+                         "mul2", "square", "div2", "shape_scale", "inplace_relu", "iadd", "add_", "mul_", "unused",
+                         "max_min", "group_sort"])
         if kind in ("conv", "tconv"):
             co = r.choice([2, 4])
             layer = nn.Conv2d if kind == "conv" else nn.ConvTranspose2d  # both keep the size
@@ -179,6 +181,16 @@ class Builder:
             self.emit(kind, f"torch.tanh({a})", c, [a])
         elif kind == "hardtanh":
             self.emit(kind, f"F.hardtanh({a})", c, [a])
+        elif kind == "max_min":  # lipnet's functional sorts, on the channels or along a spatial axis
+            dim = r.choice([d for d in (1, -3, 2, 3) if (c, h, w)[d % 4 - 1] % 2 == 0] or [None])
+            if dim is None:
+                return
+            self.emit(kind, r.choice([f"max_min({a}, {dim})", f"max_min({a}, dim={dim})"]), c, [a])
+        elif kind == "group_sort":
+            size = r.choice([k for k in (2, c) if k >= 2 and c % k == 0] or [None])
+            if size is None:
+                return
+            self.emit(kind, f"group_sort({a}, {size})", c, [a])
         elif kind == "pad":
             self.emit(kind, f"F.pad({a}, (1, 1, 1, 1))[:, :, 1:-1, 1:-1]", c, [a])
         elif kind == "detach":
@@ -236,7 +248,7 @@ def draw_case(seed: int) -> tuple[nn.Module, Case]:
     for _ in range(rng.randrange(1, 7)):
         builder.step()
     source = builder.source()
-    namespace = {"torch": torch, "F": F, "nn": nn}
+    namespace = {"torch": torch, "F": F, "nn": nn, "max_min": max_min, "group_sort": group_sort}
     exec(source, namespace)
     cls = type(f"Fuzz{seed}", (nn.Module,), {"forward": namespace["forward"], "__module__": __name__})
     model = cls()
