@@ -214,7 +214,6 @@ class Builder:
             self.emit(kind, fn.format(a=a), c, [a])
         elif kind in ("iadd", "add_", "mul_"):
             b, _ = self.pick(c)
-            name = f"v{len(self.values)}"
             if kind == "iadd":
                 self.lines.append(f"{a} += {b}")
                 self.emit(kind, a, c, [a, b])
