@@ -221,7 +221,6 @@ class Builder:
                 self.emit(kind, f"{a}.add_({b})", c, [a, b])
             else:
                 self.emit(kind, f"{a}.mul_({r.choice(SCALARS)})", c, [a])
-            del name
         elif kind == "unused":
             self.lines.append(f"_ = self.{self.module(nn.Conv2d(c, 2, 1))}({a})")
             self.kinds.append(kind)
