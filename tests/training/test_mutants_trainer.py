@@ -360,3 +360,24 @@ def test_resume_without_a_checkpoint_leaves_no_folder_behind(data_dir, tmp_path)
     with pytest.raises(FileNotFoundError, match="--resume: there is no checkpoint at"):
         train(tiny(data_dir, tmp_path / "a" / "run", resume=True), log=quiet)
     assert not (tmp_path / "a").exists()
+
+
+def test_a_non_finite_loss_with_finite_weights_is_divergence(data_dir, tmp_path):
+    """An infinite loss sum stops the run even when no weight has become NaN yet (the next step's
+    would); the message names the epoch and what was kept."""
+    run = trainer._Run(tiny(data_dir, tmp_path / "run"), one_process(), quiet)
+    run._check_finite(1, 12.5)  # finite: nothing to say
+    with pytest.raises(FloatingPointError, match=r"diverged in epoch 2 \(loss sum inf, non-finite weights: none\); "
+                                                 r"the checkpoint of epoch 1 is kept at"):
+        run._check_finite(1, float("inf"))
+    with pytest.raises(FloatingPointError, match=r"diverged in epoch 1 \(loss sum nan.*no checkpoint was written"):
+        run._check_finite(0, float("nan"))
+
+
+def test_the_train_loss_is_the_mean_over_examples(data_dir, tmp_path):
+    """Each batch's mean loss is weighted by its size: a constant loss of 2.5 per batch gives a
+    train_loss of 2.5 (not 2.5 per batch summed over 96 examples)."""
+    run = trainer._Run(tiny(data_dir, tmp_path / "run", epochs=1), one_process(), quiet)
+    run._first_epoch, run._cuda_graphs = 0, False
+    run.loss_fn = lambda logits, targets: logits.sum() * 0 + 2.5
+    assert run._epoch(run.model, 0)["train_loss"] == 2.5
