@@ -381,3 +381,15 @@ def test_the_train_loss_is_the_mean_over_examples(data_dir, tmp_path):
     run._first_epoch, run._cuda_graphs = 0, False
     run.loss_fn = lambda logits, targets: logits.sum() * 0 + 2.5
     assert run._epoch(run.model, 0)["train_loss"] == 2.5
+
+
+def test_an_epoch_the_budget_makes_the_last_gets_its_estimate(data_dir, tmp_path, monkeypatch):
+    """eval_every=5 of 10 epochs, and a plan (stubbed: no wall clock) of 10 after epoch 1, then 2
+    after epoch 2: epoch 2 trained without an estimate becomes the last, so it takes one then,
+    and its rate is that of the re-planned schedule's end (0)."""
+    monkeypatch.setattr(trainer, "plan_epochs", lambda *args, epochs_done, **kwargs: 10 if epochs_done == 1 else 2)
+    result = train(tiny(data_dir, tmp_path / "run", epochs=10, eval_every=5, time_budget=100.0), log=quiet)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert all(h["test_acc"] is not None and h["test_margin_acc"] is not None for h in result.history)
+    assert result.history[-1]["lr"] == 0.0
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["training"]["history"] == result.history
