@@ -163,12 +163,27 @@ def _check_out_dir(out_dir: Path) -> None:
                               "choose another --out-dir")
 
 
+def _check_run_folder(out_dir: Path, resume: bool) -> None:
+    """Refuse to start a new run over an earlier one's files, or to resume without a checkpoint."""
+    if not resume:
+        earlier = [name for name in (CHECKPOINT, MODEL, METRICS, REPORT) if (out_dir / name).exists()]
+        if earlier:
+            hint = "pass --resume to continue it, or " if CHECKPOINT in earlier else ""
+            raise FileExistsError(f"{out_dir} holds an earlier run ({', '.join(earlier)}): {hint}choose "
+                                  "another --out-dir (nothing was overwritten)")
+    elif not (out_dir / CHECKPOINT).exists():
+        raise FileNotFoundError(f"--resume: there is no checkpoint at {(out_dir / CHECKPOINT).absolute()} to continue")
+
+
 class _Run:
     def __init__(self, config: TrainConfig, env: Distributed, log: Callable[[str], None]):
         self.config, self.env = config, env
         self.log = log if env.is_main else (lambda message: None)
         self.out_dir = Path(config.out_dir)
         _check_out_dir(self.out_dir)
+        # Before the data is read and the lock creates the folder: a run that cannot start
+        # leaves nothing behind. _restore checks again, under the lock.
+        _check_run_folder(self.out_dir, config.resume)
         if config.batch_size % env.world_size:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {env.world_size} processes")
         torch.manual_seed(config.seed)
@@ -467,15 +482,9 @@ class _Run:
 
     def _restore(self) -> tuple[int, list[dict]]:
         path = self.out_dir / CHECKPOINT
+        _check_run_folder(self.out_dir, self.config.resume)
         if not self.config.resume:
-            earlier = [name for name in (CHECKPOINT, MODEL, METRICS, REPORT) if (self.out_dir / name).exists()]
-            if earlier:
-                hint = "pass --resume to continue it, or " if CHECKPOINT in earlier else ""
-                raise FileExistsError(f"{self.out_dir} holds an earlier run ({', '.join(earlier)}): {hint}choose "
-                                      "another --out-dir (nothing was overwritten)")
             return 0, []
-        if not path.exists():
-            raise FileNotFoundError(f"--resume: there is no checkpoint at {path.absolute()} to continue")
         # On the CPU: the optimizer keeps its step counters there (on the GPU they would cost
         # host syncs every step); load_state_dict moves the rest to the parameters' device.
         payload = load_checkpoint(path, map_location="cpu")

@@ -353,10 +353,10 @@ def test_a_margin_of_exactly_the_offset_counts_as_met(data_dir, tmp_path, monkey
     assert (record["test_acc"], record["test_margin_acc"]) == (10 / 16, 5 / 16)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (found by mutation testing): --resume into a folder without a "
-                   "checkpoint creates the folder (FolderLock's mkdir) before _restore refuses, and only after "
-                   "loading the data; _check_out_dir promises a run that fails early leaves nothing behind")
-def test_resume_without_a_checkpoint_leaves_no_folder_behind(data_dir, tmp_path):
+def test_resume_without_a_checkpoint_leaves_no_folder_behind(data_dir, tmp_path, monkeypatch):
+    """Refused before the data is read and before the lock creates the folder (found by mutation
+    testing: the folder was left behind, after the whole data set had been loaded)."""
+    monkeypatch.setattr(trainer._Run, "_load_data", lambda self: pytest.fail("the data was read"))
     with pytest.raises(FileNotFoundError, match="--resume: there is no checkpoint at"):
         train(tiny(data_dir, tmp_path / "a" / "run", resume=True), log=quiet)
     assert not (tmp_path / "a").exists()
