@@ -105,3 +105,8 @@ def test_without_drop_last_a_larger_shard_gets_its_extra_batch():
         assert len(loader) == len(sizes) and sizes == ([7, 7, 1] if rank == 0 else [7, 7])
         seen += [int(image[0, 0, 0] * 255) for x, _ in loader.epoch(0) for image in x]
     assert sorted(seen) == list(range(43))
+
+
+def test_exactly_one_batch_of_data_is_enough_for_drop_last():
+    loader = DeviceLoader(indexed(8), 8, seed=0)
+    assert len(loader) == 1 and [sorted(y.tolist()) for _, y in loader.epoch(0)] == [[0, 1, 2, 3, 4, 5, 6, 7]]

@@ -79,3 +79,9 @@ def test_write_npz_appends_the_suffix_as_numpy_does(tmp_path):
     assert write_npz(data, tmp_path / "train") == tmp_path / "train.npz"
     assert write_npz(data, tmp_path / "test.npz") == tmp_path / "test.npz"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test.npz", "train.npz"]
+
+
+def test_an_image_dataset_refuses_images_that_are_not_uint8():
+    """Float images would be divided by 255 a second time by the loader."""
+    with pytest.raises(ValueError, match=r"images must be a uint8 tensor \(N, C, H, W\), got torch.float32"):
+        ImageDataset(torch.zeros(2, 1, 28, 28), torch.tensor([0, 1]), DATASETS["mnist"], "test", "hand-made")

@@ -55,3 +55,11 @@ def test_the_not_found_message_lists_every_folder_searched_in_order(tmp_path, mo
         load_dataset("mnist", "test", data_dir=tmp_path)
     looked = str(error.value).split("Looked in:\n")[1].split("\nfor any of:")[0]
     assert looked.splitlines() == [f"  - {tmp_path.absolute() / 'mnist'}", f"  - {tmp_path.absolute()}"]
+
+
+def test_a_data_dir_that_is_a_file_is_called_not_a_folder(tmp_path):
+    (tmp_path / "data").write_text("")
+    with pytest.raises(DatasetNotFoundError, match=r"the data folder .*data is not a folder\. Point --data-dir"):
+        load_dataset("mnist", "test", data_dir=tmp_path / "data")
+    with pytest.raises(DatasetNotFoundError, match=r"the data folder .*missing does not exist\. Point --data-dir"):
+        load_dataset("mnist", "test", data_dir=tmp_path / "missing")
