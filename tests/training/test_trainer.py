@@ -458,26 +458,51 @@ def test_a_tiny_input_std_is_warned_about_and_counted_by_the_certificate():
     assert lipschitz_bound(model, (1, 28, 28)) == pytest.approx(usual * 308.1, rel=1e-4)
 
 
-def _slow_estimates(monkeypatch, seconds):
-    """Make the per-epoch test-set estimates take ``seconds(call)`` more (call counts from 0)."""
-    import time
+class FakeClock:
+    """The trainer's ``time.perf_counter``, made deterministic: each reading advances it by a
+    tenth of a millisecond, and ``advance`` adds what a test says an operation took (real time
+    on a shared 2-core machine made the time-budget tests fail under load)."""
 
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1e-4
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import types
+
+    from lipnet.training import trainer
+
+    fake = FakeClock()
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
+    return fake
+
+
+def _slow_estimates(monkeypatch, clock, seconds):
+    """Make the per-epoch test-set estimates take ``seconds(call)`` more (call counts from 0)."""
     from lipnet.training.trainer import _Run
 
     original, calls = _Run._test_metrics, []
 
     def slow(self):
-        time.sleep(seconds(len(calls)))
+        clock.advance(seconds(len(calls)))
         calls.append(1)
         return original(self)
 
     monkeypatch.setattr(_Run, "_test_metrics", slow)
 
 
-def test_a_time_budget_counts_the_test_set_estimates_of_later_epochs(data_dir, tmp_path, monkeypatch):
+def test_a_time_budget_counts_the_test_set_estimates_of_later_epochs(data_dir, tmp_path, monkeypatch, clock):
     """With eval_every=3 the first epoch takes no estimate; the budget must still count those of
     epochs 3, 6, ... (here 0.4 s each: all 12 epochs would take over 1.6 s of a 1-s budget)."""
-    _slow_estimates(monkeypatch, lambda call: 0.4)
+    _slow_estimates(monkeypatch, clock, lambda call: 0.4)
     result = train(tiny(data_dir, tmp_path / "run", certify=False, epochs=12, eval_every=3, time_budget=1.0),
                    log=quiet)
     spent = sum(h["train_seconds"] + h["eval_seconds"] for h in result.history)
@@ -485,10 +510,10 @@ def test_a_time_budget_counts_the_test_set_estimates_of_later_epochs(data_dir, t
     assert result.history[-1]["lr"] == pytest.approx(0, abs=1e-12) and result.history[-1]["test_acc"] is not None
 
 
-def test_a_time_budget_is_checked_after_every_epoch(data_dir, tmp_path, monkeypatch):
+def test_a_time_budget_is_checked_after_every_epoch(data_dir, tmp_path, monkeypatch, clock):
     """Estimates that become slow after the plan (the first is instant) lower the epochs again, and
     the re-planned schedule still ends at 0."""
-    _slow_estimates(monkeypatch, lambda call: 0.0 if call == 0 else 0.5)
+    _slow_estimates(monkeypatch, clock, lambda call: 0.0 if call == 0 else 0.5)
     messages = []
     result = train(tiny(data_dir, tmp_path / "run", certify=False, epochs=8, time_budget=1.2), log=messages.append)
     spent = sum(h["train_seconds"] + h["eval_seconds"] for h in result.history)
@@ -498,7 +523,7 @@ def test_a_time_budget_is_checked_after_every_epoch(data_dir, tmp_path, monkeypa
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["training"]["epochs"] == len(result.history)
 
 
-def test_one_slow_epoch_does_not_cut_a_time_budgeted_run(data_dir, tmp_path, monkeypatch):
+def test_one_slow_epoch_does_not_cut_a_time_budgeted_run(data_dir, tmp_path, monkeypatch, clock):
     """The further epochs are planned at the mean speed of the epochs since the first, not at the last
     epoch's: one slow epoch (here 1 s among 0.1-s ones) would otherwise lower the plan for good."""
     from lipnet.training.trainer import _Run
