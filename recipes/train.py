@@ -17,11 +17,12 @@ import os
 import signal
 import sys
 import threading
+import typing
 from pathlib import Path
 
 from lipnet.checkpoint import CheckpointError, load_checkpoint
 from lipnet.data import DatasetError, DatasetNotFoundError
-from lipnet.training import train
+from lipnet.training import TrainConfig, train
 from recipes import DEFAULT, RECIPES, describe, get_recipe
 
 
@@ -29,8 +30,13 @@ def parse(argv: list[str]):
     """``(recipe name, config)`` from the command line."""
     name = argv[0] if argv and not argv[0].startswith("-") else DEFAULT
     overrides = argv[1:] if argv and not argv[0].startswith("-") else argv
+    flags = {key for key, kind in typing.get_type_hints(TrainConfig).items() if kind is bool}
+
+    def value_of(option: str) -> bool:  # a recipe's name after --out-dir is that setting's value
+        return option.startswith("--") and "=" not in option and option[2:].replace("-", "_") not in flags
+
     for i, arg in enumerate(overrides):
-        if arg in RECIPES and not (i and overrides[i - 1].startswith("--") and "=" not in overrides[i - 1]):
+        if arg in RECIPES and not (i and value_of(overrides[i - 1])):
             rest = " ".join(overrides[:i] + overrides[i + 1:])
             raise ValueError(f"the recipe name comes first: python -m recipes.train {arg} {rest}")
     return name, get_recipe(name).with_overrides(overrides)

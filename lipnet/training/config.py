@@ -214,7 +214,8 @@ class TrainConfig:
 
         Keys are field names with ``-`` or ``_``. Values are parsed by the field's type:
         numbers accept fractions (``36/255``), lists are comma separated, ``none`` clears an
-        optional field, ``model_kwargs`` takes JSON (``'{"width": 64}'``, merged).
+        optional field, ``model_kwargs`` takes JSON (``'{"width": 64}'``, merged, also when
+        given more than once).
         """
         types_ = typing.get_type_hints(type(self))
         changes, i = {}, 0
@@ -227,16 +228,19 @@ class TrainConfig:
                 raise ValueError(f"unknown setting {option}; known: "
                                  + ", ".join("--" + k.replace("_", "-") for k in self.to_dict()))
             if equals:
-                changes[key] = _parse(inline, types_[key], key)
+                value = _parse(inline, types_[key], key)
                 i += 1
             elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-                changes[key] = _parse(args[i + 1], types_[key], key)
+                value = _parse(args[i + 1], types_[key], key)
                 i += 2
             elif types_[key] is bool:
-                changes[key] = True
+                value = True
                 i += 1
             else:
                 raise ValueError(f"{option} needs a value")
+            if key == "model_kwargs" and key in changes:
+                value = {**changes[key], **value}
+            changes[key] = value
         return self.replace(**changes)
 
 

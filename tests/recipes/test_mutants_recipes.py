@@ -61,6 +61,8 @@ def test_a_flag_followed_by_another_option_is_set_to_true():
 @pytest.mark.parametrize("argv, command", [
     (["--out-dir=runs/x", "cifar10"], "cifar10 --out-dir=runs/x"),
     (["mnist", "cifar10", "--resume"], "cifar10 --resume"),
+    (["--resume", "cifar10"], "cifar10 --resume"),  # a flag takes no recipe name as its value
+    (["--resume", "cifar10", "--epochs", "2"], "cifar10 --resume --epochs 2"),
 ])
 def test_a_recipe_name_after_a_complete_setting_is_explained(argv, command):
     """``--key=value`` takes no next argument, and neither does the recipe's own slot: a recipe

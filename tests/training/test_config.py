@@ -14,6 +14,12 @@ def test_overrides_are_parsed_by_field_type():
     assert config.model_kwargs == {"width": 16, "depth": 2}
 
 
+def test_model_kwargs_given_twice_are_merged():
+    config = TrainConfig(model_kwargs={"width": 8, "depth": 2}).with_overrides(
+        ["--model-kwargs", '{"width": 32, "dense": [16]}', "--model-kwargs={\"depth\": 3, \"width\": 64}"])
+    assert config.model_kwargs == {"width": 64, "depth": 3, "dense": [16]}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--epoch", "3"], "unknown setting --epoch"),
     (["--epochs"], "needs a value"),
