@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lipnet.checkpoint import CheckpointError, load_checkpoint, load_model
-from lipnet.data import DeviceLoader, dataset_info, synthetic_dataset, write_npz
+from lipnet.data import DeviceLoader, dataset_info
 from lipnet.training import TrainConfig, build_run_model, train
 from lipnet.training import trainer
 from lipnet.training.distributed import Distributed
@@ -16,14 +16,6 @@ from lipnet.training.distributed import Distributed
 
 def quiet(message):
     pass
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    write_npz(synthetic_dataset("mnist", 96, split="train", seed=0), folder / "train.npz")
-    write_npz(synthetic_dataset("mnist", 16, split="test", seed=1), folder / "test.npz")
-    return folder
 
 
 def tiny(data_dir, out_dir, **changes):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from lipnet.checkpoint import load_checkpoint
-from lipnet.data import synthetic_dataset, write_npz
 from lipnet.training import CertifiedMarginLoss, TrainConfig, train
 
 
@@ -29,14 +28,6 @@ class NoisyLoss(CertifiedMarginLoss):
 
 def quiet(message):
     pass
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    write_npz(synthetic_dataset("mnist", 96, split="train", seed=0), folder / "train.npz")
-    write_npz(synthetic_dataset("mnist", 16, split="test", seed=1), folder / "test.npz")
-    return folder
 
 
 def config(data_dir, out_dir, device, **changes):
