@@ -11,6 +11,7 @@ from lipnet.bounds.gram import (
 )
 from lipnet.bounds.graphs import cuda_graphs, release_cuda_graphs, set_cuda_graphs
 from lipnet.bounds.reference import (
+    affine_map_matrix,
     conv2d_operator_matrix,
     conv2d_power_iteration,
     exact_conv1d_spectral_norm,
@@ -22,6 +23,7 @@ __all__ = [
     "DEFAULT_N_ITER",
     "conv1d_spectral_norm",
     "conv2d_embedding",
+    "affine_map_matrix",
     "conv2d_operator_matrix",
     "conv2d_power_iteration",
     "conv2d_spectral_norm",

@@ -7,6 +7,8 @@ norm from below and is therefore only a lower bound.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +24,21 @@ def conv2d_apply(x, weight, *, stride=1, padding=0, dilation=1, groups=1, paddin
     return F.conv2d(x, weight, None, stride, 0, dilation, groups)
 
 
+def affine_map_matrix(fn, shape, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """The dense matrix of the linear part of an affine map, from its impulse responses, in float64.
+
+    ``fn`` takes a batch of inputs of ``shape`` (without the batch dimension); it is applied in
+    ``dtype`` to the ``n = prod(shape)`` unit inputs and to zero, and column ``j`` is the
+    flattened response to the ``j``-th unit input minus the response to zero (which removes a
+    bias). Size ``(outputs, n)``: small inputs only. Differentiable; wrap it in
+    ``torch.no_grad()`` where no gradient is wanted.
+    """
+    n = math.prod(shape)
+    impulses = torch.eye(n, dtype=dtype, device=device).reshape(n, *shape)
+    zero = torch.zeros(1, *shape, dtype=dtype, device=device)
+    return (fn(impulses).to(torch.float64) - fn(zero).to(torch.float64)).reshape(n, -1).T
+
+
 def conv2d_operator_matrix(weight, input_size, **conv_kwargs) -> torch.Tensor:
     """The dense matrix of the convolution, built from impulse responses in float64.
 
@@ -29,13 +46,9 @@ def conv2d_operator_matrix(weight, input_size, **conv_kwargs) -> torch.Tensor:
     ``(c_in, h, w)``. Size ``(c_out * h_out * w_out, c_in * h * w)``: small inputs only.
     """
     h, w = pair(input_size)
-    groups = conv_kwargs.get("groups", 1)
     weight = weight.detach().to(torch.float64)
-    c_in = weight.shape[1] * groups
-    dim = c_in * h * w
-    impulses = torch.eye(dim, dtype=torch.float64, device=weight.device).reshape(dim, c_in, h, w)
-    out = conv2d_apply(impulses, weight, **conv_kwargs)
-    return out.reshape(dim, -1).T
+    c_in = weight.shape[1] * conv_kwargs.get("groups", 1)
+    return affine_map_matrix(lambda x: conv2d_apply(x, weight, **conv_kwargs), (c_in, h, w), device=weight.device)
 
 
 def exact_conv2d_spectral_norm(weight, input_size, *, stride=1, padding=0, dilation=1, groups=1,

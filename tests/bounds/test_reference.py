@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lipnet.bounds import reference
-from lipnet.bounds.reference import conv2d_operator_matrix, exact_conv2d_spectral_norm
+from lipnet.bounds.reference import affine_map_matrix, conv2d_operator_matrix, exact_conv2d_spectral_norm
 
 
 def circular_cases():
@@ -50,3 +50,18 @@ def test_circulant_fast_path_equals_the_dense_norm(kernel, dilation, groups, siz
     monkeypatch.setattr(reference, "conv2d_operator_matrix", no_dense)
     fast = exact_conv2d_spectral_norm(weight, size, **kw)
     assert fast == pytest.approx(dense, rel=1e-10, abs=0)
+
+
+def test_affine_map_matrix_is_the_linear_part_in_float64():
+    """Column j is fn(e_j) - fn(0): a dense layer's weight, its bias removed, whatever dtype the
+    map runs in (float32 here, the entries exact in float64), and differentiable."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 4)
+    torch.nn.init.uniform_(layer.bias, 1.0, 2.0)
+    matrix = affine_map_matrix(layer, (6,), torch.float32)
+    assert matrix.dtype == torch.float64
+    torch.testing.assert_close(matrix, layer.weight.detach().double(), rtol=0, atol=0)
+    matrix.sum().backward()
+    torch.testing.assert_close(layer.weight.grad, torch.ones(4, 6))
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1, bias=False).double()
+    torch.testing.assert_close(affine_map_matrix(conv, (2, 4, 5)), conv2d_operator_matrix(conv.weight, (4, 5), padding=1))

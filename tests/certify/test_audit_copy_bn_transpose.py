@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from lipnet.bounds import affine_map_matrix
 from lipnet.certify import LipschitzBoundError, lipschitz_bound
 from lipnet.certify.lipschitz import module_lipschitz_bounds
 from lipnet.certify.precision import exact_kernels, forward_with_error_bound
@@ -25,12 +26,10 @@ D = decimal.Decimal
 
 
 def dense_matrix(module: nn.Module, shape, dtype=torch.float64) -> torch.Tensor:
-    """The matrix of an affine map applied in ``dtype``, in float64: responses to each basis
-    vector minus the response to 0."""
-    n = math.prod(shape)
+    """The matrix of an affine map applied in ``dtype``, in float64 (transposed: a row per basis
+    vector)."""
     with torch.no_grad():
-        basis = torch.eye(n, dtype=dtype).reshape(n, *shape)
-        return (module(basis).double() - module(torch.zeros(1, *shape, dtype=dtype)).double()).reshape(n, -1)
+        return affine_map_matrix(module, shape, dtype).T
 
 
 def dense_norm(module: nn.Module, shape, dtype=torch.float64) -> float:

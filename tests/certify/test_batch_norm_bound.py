@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lipnet.bounds import affine_map_matrix
 from lipnet.certify import LipschitzBoundError, certified_accuracy, lipschitz_bound
 from lipnet.certify.batch_norm_bound import channel_scale_bound, shift_rounding_bound
 from lipnet.certify.lipschitz import module_lipschitz_bounds
@@ -18,10 +19,8 @@ from lipnet.nn import GramConv2d, GramLinear
 def dense_matrix(module: nn.Module, shape) -> torch.Tensor:
     """The matrix of an affine map in float64: responses to each basis vector minus the response to 0."""
     module = copy.deepcopy(module).double().eval()
-    n = math.prod(shape)
     with torch.no_grad():
-        basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
-        return (module(basis) - module(torch.zeros(1, *shape, dtype=torch.float64))).reshape(n, -1).T
+        return affine_map_matrix(module, shape)
 
 
 def exact_norm(module, shape) -> float:

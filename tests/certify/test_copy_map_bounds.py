@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from lipnet.bounds import affine_map_matrix
 from lipnet.certify import LipschitzBoundError, lipschitz_bound
 from lipnet.certify.copy_map_bounds import copy_multiplicity
 from lipnet.nn import GramConv2d
@@ -14,11 +15,8 @@ from lipnet.nn import GramConv2d
 
 def dense_matrix(module: nn.Module, shape) -> torch.Tensor:
     """The map's matrix in float64, from the responses to each basis vector (minus the response to 0)."""
-    n = math.prod(shape)
     with torch.no_grad():
-        basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
-        offset = module(torch.zeros(1, *shape, dtype=torch.float64))
-        return (module(basis) - offset).reshape(n, -1).T
+        return affine_map_matrix(module, shape)
 
 
 def exact_norm(module: nn.Module, shape) -> float:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrizations
 
+from lipnet.bounds import affine_map_matrix
 from lipnet.certify import lipschitz_bound
 from lipnet.nn import (
     ConvexResidual,
@@ -36,11 +37,8 @@ SLACK = 1 + 1e-5
 def dense_norm(apply, shape) -> float:
     """The spectral norm of the linear part of ``apply`` on inputs of ``shape`` (no batch), from
     its impulse responses in float64."""
-    n = torch.Size(shape).numel()
     with torch.no_grad():
-        impulses = torch.eye(n, dtype=F64).reshape(n, *shape)
-        responses = apply(impulses) - apply(torch.zeros(1, *shape, dtype=F64))
-    return float(torch.linalg.matrix_norm(responses.reshape(n, -1), 2))
+        return float(torch.linalg.matrix_norm(affine_map_matrix(apply, shape), 2))
 
 
 def assert_sound(layer, shape):

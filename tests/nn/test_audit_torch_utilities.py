@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, parametrizations, parametrize, prune, vector_to_parameters
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
+from lipnet.bounds import affine_map_matrix
 from lipnet.certify import LipschitzBoundError, UnknownModuleError, lipschitz_bound
 from lipnet.convert import traced_lipschitz_bound
 from lipnet.nn import GramConv1d, GramConv2d, GramConvTranspose2d, GramLinear, GramResidualConv2d, MaxMin
@@ -27,11 +28,8 @@ CERTIFIED = 1 + 1e-5  # lipnet's certified bound of a normalized layer: 1 up to 
 def dense_norm(fn, shape):
     """The exact operator norm of the linear part of ``fn`` on inputs of ``shape`` (one example),
     from its float64 impulse responses."""
-    n = torch.Size(shape).numel()
-    basis = torch.eye(n, dtype=F64).reshape(n, *shape)
     with torch.no_grad():
-        columns = fn(basis) - fn(torch.zeros(1, *shape, dtype=F64))
-    return float(torch.linalg.matrix_norm(columns.reshape(n, -1).T, 2))
+        return float(torch.linalg.matrix_norm(affine_map_matrix(fn, shape), 2))
 
 
 def small_net(in_channels=2, size=5):
