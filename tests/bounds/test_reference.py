@@ -53,15 +53,18 @@ def test_circulant_fast_path_equals_the_dense_norm(kernel, dilation, groups, siz
 
 
 def test_affine_map_matrix_is_the_linear_part_in_float64():
-    """Column j is fn(e_j) - fn(0): a dense layer's weight, its bias removed, whatever dtype the
-    map runs in (float32 here, the entries exact in float64), and differentiable."""
+    """Column j is fn(e_j) - fn(0): a dense layer's weight with its bias removed (float64), the
+    weight itself when the map runs in float32 without a bias (each entry one exact product),
+    differentiable, and a convolution module's matrix is the reference convolution's."""
     torch.manual_seed(0)
-    layer = torch.nn.Linear(6, 4)
+    layer = torch.nn.Linear(6, 4).double()
     torch.nn.init.uniform_(layer.bias, 1.0, 2.0)
-    matrix = affine_map_matrix(layer, (6,), torch.float32)
+    torch.testing.assert_close(affine_map_matrix(layer, (6,)), layer.weight.detach(), rtol=1e-15, atol=0)
+    plain = torch.nn.Linear(6, 4, bias=False)
+    matrix = affine_map_matrix(plain, (6,), torch.float32)
     assert matrix.dtype == torch.float64
-    torch.testing.assert_close(matrix, layer.weight.detach().double(), rtol=0, atol=0)
+    torch.testing.assert_close(matrix, plain.weight.detach().double(), rtol=0, atol=0)
     matrix.sum().backward()
-    torch.testing.assert_close(layer.weight.grad, torch.ones(4, 6))
+    torch.testing.assert_close(plain.weight.grad, torch.ones(4, 6))
     conv = torch.nn.Conv2d(2, 3, 3, padding=1, bias=False).double()
     torch.testing.assert_close(affine_map_matrix(conv, (2, 4, 5)), conv2d_operator_matrix(conv.weight, (4, 5), padding=1))
