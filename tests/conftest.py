@@ -62,9 +62,9 @@ def stack_calls(monkeypatch):
     calls = []
     original = sequential.stacked_normalized_weights
 
-    def counted(layers, size):
+    def counted(layers, size, weights=None):
         calls.append((len(layers), size))
-        return original(layers, size)
+        return original(layers, size, weights)
 
     monkeypatch.setattr(sequential, "stacked_normalized_weights", counted)
     return calls

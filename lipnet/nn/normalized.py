@@ -217,11 +217,12 @@ class GramNormalized:
             "Training has probably diverged: lower the learning rate or restore the last checkpoint."
         )
 
-    def stack_key(self) -> tuple | None:
+    def stack_key(self, weight: torch.Tensor | None = None) -> tuple | None:
         """Layers with equal keys can be bounded together on inputs of one size
         (:func:`lipnet.nn.stacked_normalized_weights`): their :meth:`_operator_norm` accepts a
         stack ``(L, ...)`` of operator weights and returns their ``L`` bounds in one
-        computation. ``None``: this layer is bounded on its own (the default)."""
+        computation. ``None``: this layer is bounded on its own (the default). ``weight``: a read
+        of ``self.weight`` already made (as :meth:`_operator_weight` takes it), or ``None`` to read it."""
         return None
 
     def normalized_weight(self, input_size=None) -> torch.Tensor:
@@ -252,11 +253,7 @@ class GramNormalized:
                 return cached[2].clone()
         # One read of the operator weight for the bound and the quotient: a parametrization computes
         # the weight anew at each access, and a random one (DropConnect) draws another each time.
-        operator_weight = self._operator_weight(weight)
-        bound, zero = self._checked_bound(input_size, operator_weight)
-        normalized = self._divide(operator_weight, bound, input_size)
-        if zero:
-            normalized = refuse_weight_gradient(normalized, self)
+        normalized = self._normalize(self._operator_weight(weight), input_size)
         if cacheable:
             if len(self._eval_cache) > 16:
                 self._eval_cache.clear()
@@ -269,6 +266,16 @@ class GramNormalized:
             # ``vector_to_parameters`` into a vector edited in place, another process's) change them alone.
             self._eval_cache[input_size] = (key, weight, normalized.detach().clone(), weight.untyped_storage(),
                                             weight.detach().clone())
+        return normalized
+
+    def _normalize(self, operator_weight: torch.Tensor, input_size) -> torch.Tensor:
+        """``operator_weight`` (a read of :meth:`_operator_weight`) divided by its checked bound for
+        ``input_size`` (as :meth:`_input_size` returns it), uncached: the normalized weight of one
+        training step."""
+        bound, zero = self._checked_bound(input_size, operator_weight)
+        normalized = self._divide(operator_weight, bound, input_size)
+        if zero:
+            normalized = refuse_weight_gradient(normalized, self)
         return normalized
 
     def _divide(self, weight: torch.Tensor, bound: torch.Tensor, input_size) -> torch.Tensor:
@@ -432,14 +439,14 @@ class GramNormalizedConv(GramNormalized):
                              f"{tuple(self._reversed_padding_repeated_twice)} (nn.{torch_class.__name__} fixes it at "
                              "construction); build a new layer with the padding you want")
 
-    def stack_key(self):
+    def stack_key(self, weight=None):
         # Only the bound of the class right below this mixin (GramConv2d, GramConv1d) is known
         # to take stacks (conv2d_spectral_norm and conv1d_spectral_norm do); a subclass may
         # override it.
         owner = next(cls for cls in type(self).__mro__ if GramNormalizedConv in cls.__bases__)
         if type(self)._operator_norm is not owner._operator_norm:
             return None
-        weight = self.weight
+        weight = self._operator_weight(weight)
         # The padding a non-zero padding mode applies (fixed at construction) besides ``padding``, which
         # the stack's bound reads: a layer whose padding was changed since must not share another's bound.
         applied_padding = tuple(self._reversed_padding_repeated_twice)

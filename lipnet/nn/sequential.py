@@ -29,12 +29,16 @@ from lipnet.nn.normalized import (
 )
 
 
-def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size) -> list[torch.Tensor]:
+def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size,
+                               weights: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The normalized weights of ``layers``, all of one :meth:`~GramNormalized.stack_key`, bounded together.
 
     Args:
         layers: Gram layers whose ``stack_key()`` are equal and not ``None``.
         input_size: the spatial size of the input each of them is applied to.
+        weights: one read of each layer's ``weight`` already made, or ``None`` to read them. A
+            parametrization computes the weight anew at each read (and ``spectral_norm``'s
+            advances its power iteration), so a caller that has read them passes them here.
 
     Returns:
         One tensor per layer: its ``_operator_weight() / max(bound, TINY)``, the weight its
@@ -50,11 +54,14 @@ def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size) -> 
     layers = list(layers)
     if not layers:
         return []
-    key = layers[0].stack_key()
-    if key is None or any(layer.stack_key() != key for layer in layers[1:]):
+    read = [layer.weight for layer in layers] if weights is None else list(weights)
+    if len(read) != len(layers):
+        raise ValueError(f"stacked_normalized_weights: {len(read)} weights for {len(layers)} layers")
+    keys = [layer.stack_key(weight) for layer, weight in zip(layers, read)]
+    if keys[0] is None or any(key != keys[0] for key in keys[1:]):
         raise ValueError("stacked_normalized_weights: the layers must share one stack_key (same class, "
                          "weight shape, dtype, device, geometry and n_iter) for this input size")
-    own = [layer._operator_weight() for layer in layers]
+    own = [layer._operator_weight(weight) for layer, weight in zip(layers, read)]
     for layer, weight in zip(layers, own):
         layer._check_weight_shape(weight)
     weights = torch.stack(own)
@@ -129,19 +136,22 @@ class GramSequential(nn.Sequential):
             if index not in stackable:
                 x = module(x)
                 continue
+            key, weight = stackable[index]
             # The spatial size, (h, w) or (n,) in 1-D, by the padding torch fixes per axis at construction:
             # kernel_size may have been set to something else since (the weight-shape check names it).
             spatial_dims = len(module._reversed_padding_repeated_twice) // 2
             size = tuple(int(n) for n in x.shape[-spatial_dims:])
             entry = ready.pop(index, None)
             if entry is None or entry[0] != size:
-                key = stackable[index]
-                members = [j for j, other in stackable.items() if j >= index and other == key]
-                if len(members) == 1:
-                    x = module(x)
+                members = [j for j, other in stackable.items() if j >= index and other[0] == key]
+                if len(members) == 1:  # bounded alone, on the weight already read (what forward computes)
+                    module._refuse_symbolic_tracing(x)
+                    normalized = module._normalize(module._operator_weight(weight), module._input_size(size))
+                    x = module._forward_normalized(x, normalized)
                     continue
-                weights = stacked_normalized_weights([self[j] for j in members], size)
-                ready.update((j, (size, weight)) for j, weight in zip(members, weights))
+                weights = stacked_normalized_weights([self[j] for j in members], size,
+                                                     [stackable[j][1] for j in members])
+                ready.update((j, (size, normalized)) for j, normalized in zip(members, weights))
                 entry = ready.pop(index)
             x = module._forward_normalized(x, entry[1])
         return x
@@ -156,14 +166,17 @@ class GramSequential(nn.Sequential):
         return "" if self.stack_bounds is None else f"stack_bounds={self.stack_bounds}"
 
     def _stackable(self) -> dict[int, tuple]:
-        """``{index: stack key}`` of the children that may be bounded with others: Gram layers
-        with a stack key whose call :func:`stackable_call` allows."""
+        """``{index: (stack key, weight)}`` of the children that may be bounded with others: Gram
+        layers with a stack key whose call :func:`stackable_call` allows, each with the one read of
+        its ``weight`` that this forward uses (a parametrization computes it anew at each read)."""
         if _global_hooks():
             return {}
         found = {}
         for index, module in enumerate(self):
-            if stackable_call(module) and (key := module.stack_key()) is not None:
-                found[index] = key
+            if stackable_call(module) and type(module).stack_key is not GramNormalized.stack_key:
+                weight = module.weight
+                if (key := module.stack_key(weight)) is not None:
+                    found[index] = (key, weight)
         return found if len(found) > 1 else {}
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lipnet.bounds import exact_conv2d_spectral_norm
+from lipnet.bounds import conv2d_spectral_norm, exact_conv2d_spectral_norm
 from lipnet.certify import lipschitz_bound
 from lipnet.nn import (
     GramConv2d,
@@ -224,3 +224,49 @@ def test_stacked_bounds_under_torch_func_ensembles_and_per_example_gradients():
         nets[0](x[i:i + 1]).sin().sum().backward()
         for name, p in nets[0].named_parameters():
             torch.testing.assert_close(per_example[name][i], p.grad, msg=name)
+
+
+class CountReads(nn.Module):
+    """An identity parametrization that counts how often the weight is computed."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def forward(self, weight):
+        self.reads += 1
+        return weight
+
+
+@pytest.mark.parametrize("stack_bounds", [True, False, None])
+def test_a_parametrized_weight_is_computed_once_per_training_forward(stack_bounds):
+    """A parametrization computes its weight anew at every read, and some advance a state at each
+    (``spectral_norm``'s power iteration) or draw anew (DropConnect): a stacked forward must read each
+    weight once, as ``nn.Sequential`` does, whether the layer is stacked (the two equal residual
+    convolutions at 8 x 8), bounded alone after all (the third, which sees 4 x 4, and the plain
+    convolution, whose key no other layer shares) or not a Gram layer with a key (the dense head)."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    layers = trunk()
+    del layers[6:8]  # two equal residual convolutions at 8 x 8, then one at 4 x 4 and one alone
+    counters = {}
+    for index, layer in enumerate(layers):
+        if isinstance(layer, (GramConv2d, GramLinear)):
+            counters[index] = CountReads()
+            parametrize.register_parametrization(layer, "weight", counters[index])
+    net = GramSequential(*layers, stack_bounds=stack_bounds).train()
+    for counter in counters.values():
+        counter.reads = 0  # registering computes the weight once
+    net(torch.randn(2, 3, 8, 8))
+    assert {index: counter.reads for index, counter in counters.items()} == dict.fromkeys(counters, 1)
+
+
+def test_stacked_weights_take_one_read_per_layer():
+    """Weights passed in are the ones bounded and divided (not a new read of ``conv.weight``)."""
+    convs = [GramConv2d(4, 4, 3, padding=1) for _ in range(2)]
+    with pytest.raises(ValueError, match="1 weights for 2 layers"):
+        stacked_normalized_weights(convs, (8, 8), [convs[0].weight])
+    given = [torch.randn_like(conv.weight) for conv in convs]
+    for weight, normalized in zip(given, stacked_normalized_weights(convs, (8, 8), given)):
+        torch.testing.assert_close(normalized, weight / conv2d_spectral_norm(weight, (8, 8), padding=1))

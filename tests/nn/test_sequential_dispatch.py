@@ -47,9 +47,9 @@ def stacked_calls(monkeypatch):
     calls = []
     stack = sequential.stacked_normalized_weights
 
-    def spy(layers, input_size):
+    def spy(layers, input_size, weights=None):
         calls.append(list(layers))
-        return stack(layers, input_size)
+        return stack(layers, input_size, weights)
 
     monkeypatch.setattr(sequential, "stacked_normalized_weights", spy)
     return calls
