@@ -9,15 +9,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lipnet.nn
+import lipnet.nn.activations
 from lipnet.nn.activations import group_sort, max_min
 
 
 class _ChildrenAsLeaves(torch.fx.Tracer):
     """Trace one module's own forward: every submodule call is a leaf, and so is every call of
-    lipnet's functional sorting activations (:data:`_SORTS`) that the forward's module imported."""
+    lipnet's functional sorting activations (:data:`_SORTS`), whether the forward's module imported
+    them or calls them as attributes of the packages that export them (``lipnet.nn.max_min``)."""
 
     def __init__(self):
         super().__init__(autowrap_functions=tuple(_SORTS))
+        # torch.fx patches these functions, while it traces, in the forward's globals and in the
+        # dictionaries of the modules listed here (its autowrap_modules argument would also add
+        # every other public callable of those modules, the layer classes included).
+        self._autowrap_search.extend(_SORT_MODULES)
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return True
@@ -63,6 +70,8 @@ _SPLITS = {torch.chunk, "chunk", torch.split, "split", torch.unbind, "unbind"}
 #: Sorting activations: a permutation of the entries along a channel dimension, so 1-Lipschitz and
 #: exact in floating point; the position of that dimension among their arguments.
 _SORTS = {max_min: 1, group_sort: 2}
+#: The packages that export the sorting activations as attributes.
+_SORT_MODULES = (lipnet.nn, lipnet.nn.activations)
 _CATS = {torch.cat, torch.concat}
 #: Elementwise operations: applied to constants that are the same for every example, they give such constants.
 _ELEMENTWISE = _SUMS | _SCALINGS | (_ONE_LIPSCHITZ - {F.dropout}) | {"to"}

@@ -562,6 +562,32 @@ def test_functional_max_min_and_group_sort_are_bounded_as_permutations():
     assert lipschitz_bound(nn.Sequential(block), (2, 5, 5)) == traced_lipschitz_bound(block, (2, 5, 5))
 
 
+class SortsAsAttributes(FunctionalSorts):
+    """The same block calling the sorts through the packages that export them."""
+
+    def forward(self, x):
+        import lipnet.nn.activations
+
+        return lipnet.nn.group_sort(lipnet.nn.activations.max_min(self.conv(x), dim=self.dim), 2) * self.scale
+
+
+register_lipschitz_bound(SortsAsAttributes, traced_lipschitz_bound)
+
+
+def test_functional_sorts_called_as_attributes_of_their_packages_are_bounded_as_permutations():
+    """``lipnet.nn.max_min(x)`` is the same function as an imported ``max_min``: torch.fx must see it as
+    the same leaf (tracing into it fails on its shape checks)."""
+    torch.manual_seed(0)
+    block = SortsAsAttributes()
+    assert traced_lipschitz_bound(block, (2, 5, 5)) == pytest.approx(3 * lipschitz_bound(block.conv, (2, 5, 5)),
+                                                                        rel=1e-12)
+    with pytest.raises(LipschitzBoundError, match="sort along the batch dimension"):
+        traced_lipschitz_bound(SortsAsAttributes(dim=0), (2, 5, 5))
+    import lipnet.nn.activations
+
+    assert lipnet.nn.max_min is max_min and lipnet.nn.activations.group_sort is group_sort  # unpatched after tracing
+
+
 @pytest.mark.parametrize("dim", [0, -4])
 def test_a_functional_sort_along_the_batch_dimension_is_refused(dim):
     with pytest.raises(LipschitzBoundError, match="sort along the batch dimension"):
