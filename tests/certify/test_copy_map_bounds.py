@@ -130,3 +130,37 @@ def test_a_map_that_is_not_a_copy_is_refused():
 
     with pytest.raises(LipschitzBoundError, match="not a copy"):
         copy_multiplicity(Averaging(1), (1, 4))
+
+
+@pytest.mark.parametrize("module", [nn.ReflectionPad2d((2, 3, 1, 2)), nn.ReplicationPad2d(3), nn.CircularPad2d(2),
+                                    nn.Upsample(scale_factor=1.7, mode="nearest"),
+                                    nn.Upsample(size=(71, 90), mode="nearest-exact")],
+                         ids=["reflect", "replicate", "circular", "nearest", "nearest-exact"])
+def test_indices_beyond_a_dtypes_exact_integers_are_read_digit_by_digit(module):
+    """Above ``2^24`` entries float32 cannot hold every index, so the copy map is read in base-``2^12`` digits.
+    Pretending float32 holds integers only up to 100 takes that path on ``2 x 45 x 50 = 4500`` entries (two
+    digits, the high one 0 or 1): the map must be the one read in one pass, and the one the module applies."""
+    from lipnet.certify.copy_map_bounds import _copied_entries
+
+    shape = (2, 45, 50)
+    index = torch.arange(math.prod(shape)).reshape(1, *shape)
+    one_pass = _copied_entries(module, index, torch.float32, 2 ** 24)
+    by_digits = _copied_entries(module, index, torch.float32, 100)
+    assert torch.equal(by_digits, one_pass)
+    x = torch.randn(1, *shape)
+    assert torch.equal(module(x).flatten(), x.flatten()[by_digits])
+    assert by_digits.max() >= 2 ** 12  # the high digit mattered
+
+
+def test_a_map_that_is_not_a_copy_is_refused_digit_by_digit():
+    """The check that every output is one of the digits given holds for each digit: a map that adds 1
+    reads digits up to ``2^12``, one past the largest given (``2^12 - 1``)."""
+    from lipnet.certify.copy_map_bounds import _copied_entries
+
+    class Shifted(nn.ReflectionPad2d):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    index = torch.arange(2 * 45 * 50).reshape(1, 2, 45, 50)
+    with pytest.raises(LipschitzBoundError, match="not a copy"):
+        _copied_entries(Shifted(1), index, torch.float32, 100)
