@@ -139,12 +139,15 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] | float = DE
     device = resolve_device(model, device)
     radii, correct = [], []
     batches = _batches(data, batch_size)
+    seen = 0  # examples before this batch, to name the bad ones by their index in data
     with evaluating(model), torch.no_grad(), exact_kernels():
         exact = ExactLogits(model, last_layer)
         for x, y in tqdm(batches, desc="certify", disable=not progress, total=_length(data, batch_size)):
             if len(x) == 0:  # an empty batch (a loader's last one, a filtered one): nothing to certify in it
                 continue
             logits, rounding = exact(x.to(device))
+            _refuse_non_finite_logits(logits, x, seen)
+            seen += len(x)
             y = y.to(device)
             if exact.split is None:
                 r = certified_radius(logits, y, exact.bounds["lipschitz"], rounding=rounding)
@@ -168,6 +171,21 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] | float = DE
         input_shape=bounds["input_shape"],
         module_bounds=module_bound_table(exact.model, bounds["modules"]),
     )
+
+
+def _refuse_non_finite_logits(logits: torch.Tensor, x: torch.Tensor, seen: int) -> None:
+    """Raise ``ValueError`` naming the examples (by index in the data, ``seen`` before this batch)
+    whose float64 logits hold NaN or inf, and saying whether their inputs do."""
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero()[:, 0].cpu()
+    inputs = x.flatten(1)[rows]
+    bad_inputs = int((~torch.isfinite(inputs).all(dim=1)).sum()) if inputs.is_floating_point() else 0
+    listed = ", ".join(str(seen + int(i)) for i in rows[:10]) + (", ..." if len(rows) > 10 else "")
+    raise ValueError(f"the model's float64 logits contain NaN or inf for {len(rows)} example(s) (index in data: "
+                     f"{listed}), of which {bad_inputs} have NaN or inf inputs: no radius can be certified for them; "
+                     "check the model and those inputs, or leave them out to certify the others")
 
 
 def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:

@@ -284,3 +284,22 @@ def test_each_layer_is_bounded_once_per_certification(trained_net, blobs, monkey
     result = certified_accuracy(trained_net, (x, y), eps=[0.1], progress=False)
     gram_layers = [m for m in trained_net.modules() if isinstance(m, GramNormalized)]
     assert len(calls) == len(gram_layers) and result.body_lipschitz is not None
+
+
+def test_examples_with_non_finite_logits_are_named_by_their_index_in_the_data():
+    """A NaN pixel in one example of a large data set: the error names that example (its index across
+    batches) and says its input is at fault, instead of only refusing the batch."""
+    from lipnet.nn import GramLinear
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), GramLinear(4, 3))
+    x, y = torch.rand(10, 1, 2, 2), torch.randint(0, 3, (10,))
+    x[7, 0, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf for 1 example\(s\) \(index in data: 7\), of which 1 have NaN"):
+        certified_accuracy(net, (x, y), eps=[0.1], batch_size=3, progress=False)
+    x = x.double()
+    x[7] = 1.7e308  # finite inputs whose logits overflow: 4 x 1.7e308 / sqrt(12) each
+    with torch.no_grad():
+        net[1].weight.fill_(1.0)
+    with pytest.raises(ValueError, match=r"index in data: 7\), of which 0 have"):
+        certified_accuracy(net.double(), (x, y), eps=[0.1], batch_size=4, progress=False)
