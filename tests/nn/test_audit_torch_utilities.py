@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.fx
 from torch import nn
-from torch.nn.utils import parameters_to_vector, parametrizations, parametrize, prune, vector_to_parameters
+from torch.nn.utils import parameters_to_vector, parametrizations, prune, vector_to_parameters
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from lipnet.bounds import affine_map_matrix
@@ -161,18 +161,6 @@ def test_the_refusal_of_a_pruned_model_names_prune_remove():
 
 # Parametrizations ---------------------------------------------------------------------------------------------------
 
-class CountReads(nn.Module):
-    """An identity parametrization that counts how often the weight is computed."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def forward(self, weight):
-        self.reads += 1
-        return weight
-
-
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", LAYERS)
 def test_parametrized_layers_are_certified_as_they_run(name, training):
@@ -190,14 +178,12 @@ def test_parametrized_layers_are_certified_as_they_run(name, training):
 
 
 @pytest.mark.parametrize("name", LAYERS)
-def test_a_parametrization_is_computed_once_per_forward(name):
+def test_a_parametrization_is_computed_once_per_forward(name, count_weight_reads):
     make, shape = LAYERS[name]
     x = torch.randn(2, *shape, dtype=F64)
     for training in (True, False):
         layer = make().train(training)
-        counter = CountReads()
-        parametrize.register_parametrization(layer, "weight", counter)
-        counter.reads = 0
+        counter = count_weight_reads(layer)
         layer(x)
         assert counter.reads == 1, (training, counter.reads)
 

@@ -226,38 +226,19 @@ def test_stacked_bounds_under_torch_func_ensembles_and_per_example_gradients():
             torch.testing.assert_close(per_example[name][i], p.grad, msg=name)
 
 
-class CountReads(nn.Module):
-    """An identity parametrization that counts how often the weight is computed."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def forward(self, weight):
-        self.reads += 1
-        return weight
-
-
 @pytest.mark.parametrize("stack_bounds", [True, False, None])
-def test_a_parametrized_weight_is_computed_once_per_training_forward(stack_bounds):
+def test_a_parametrized_weight_is_computed_once_per_training_forward(stack_bounds, count_weight_reads):
     """A parametrization computes its weight anew at every read, and some advance a state at each
     (``spectral_norm``'s power iteration) or draw anew (DropConnect): a stacked forward must read each
     weight once, as ``nn.Sequential`` does, whether the layer is stacked (the two equal residual
     convolutions at 8 x 8), bounded alone after all (the third, which sees 4 x 4, and the plain
     convolution, whose key no other layer shares) or not a Gram layer with a key (the dense head)."""
-    from torch.nn.utils import parametrize
-
     torch.manual_seed(0)
     layers = trunk()
     del layers[6:8]  # two equal residual convolutions at 8 x 8, then one at 4 x 4 and one alone
-    counters = {}
-    for index, layer in enumerate(layers):
-        if isinstance(layer, (GramConv2d, GramLinear)):
-            counters[index] = CountReads()
-            parametrize.register_parametrization(layer, "weight", counters[index])
+    counters = {index: count_weight_reads(layer) for index, layer in enumerate(layers)
+                if isinstance(layer, (GramConv2d, GramLinear))}
     net = GramSequential(*layers, stack_bounds=stack_bounds).train()
-    for counter in counters.values():
-        counter.reads = 0  # registering computes the weight once
     net(torch.randn(2, 3, 8, 8))
     assert {index: counter.reads for index, counter in counters.items()} == dict.fromkeys(counters, 1)
 
