@@ -161,5 +161,6 @@ class ConvexResidual(nn.Module):
         return keep.to(x.dtype) * x + alpha.to(out.dtype) * out
 
     def extra_repr(self) -> str:
-        keep, alpha = self.coefficients()
-        return f"alpha={float(alpha):.4g}"
+        if self.alpha_logit.numel() != 1:  # refused by forward and the bound (coefficients); shown, not raised
+            return f"alpha_logit of shape {tuple(self.alpha_logit.shape)}"
+        return f"alpha={self.alpha:.4g}"

@@ -152,3 +152,16 @@ def test_convex_residual_rejects_bad_input():
 def test_identity_kernel_rejects_bad_groups():
     with pytest.raises(ValueError, match="divisible"):
         identity_kernel(3, 3, groups=2)
+
+
+def test_repr_neither_warns_nor_raises():
+    """``repr`` of a block with a learnable alpha read it without detaching (a UserWarning about a tensor
+    that requires grad), and one whose alpha_logit holds several numbers raised in ``repr``."""
+    import warnings
+
+    block = ConvexResidual(nn.Sequential(GramConv2d(2, 2, 3, padding=1)), alpha=0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "alpha=0.25" in repr(block)
+    block.alpha_logit = nn.Parameter(torch.zeros(2))
+    assert "alpha_logit of shape (2,)" in repr(block)
