@@ -21,7 +21,7 @@ from lipnet.certify.lipschitz import (
 )
 from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_error_bound, rounding_allowance
 from lipnet.certify.modes import evaluating
-from lipnet.certify.radius import certified_radius, refuse_functorch_transforms
+from lipnet.certify.radius import certified_radius, refuse_functorch_transforms, refuse_inside_functorch_transforms
 from lipnet.nn.gram_linear import GramLinear
 from lipnet.nn.normalized import CERTIFICATION_N_ITER, GramNormalized
 from lipnet.nn.sequential import GramSequential
@@ -263,6 +263,7 @@ class ExactLogits:
         # float32 input cast to it would be certified for another point (0.5003 and 0.5002 both
         # round to a multiple of 2^-11, and the radius, 7e-5, read as 3.5e-4). Its copy is made
         # for the first batch's dtype and device, which its nearest upsampling's index arithmetic follows.
+        refuse_inside_functorch_transforms()
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         self._original, self._last_layer = model, last_layer
         self.model = self.split = self.bounds = None

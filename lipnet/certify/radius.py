@@ -131,9 +131,21 @@ def refuse_functorch_transforms(*tensors) -> None:
     zero-denominator branches), which ``vmap`` cannot run (it raised its own "data-dependent control
     flow" error) and which no transform should differentiate; call lipnet.certify outside it."""
     if any(torch.is_tensor(t) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-        raise TypeError("lipnet.certify cannot run inside a torch.func transform (vmap, grad, jacrev, ...): its "
-                        "certificates are computed from concrete values, one call per batch; call it outside the "
-                        "transform (on the whole batch: every radius is per example)")
+        _refuse_transform()
+
+
+def refuse_inside_functorch_transforms() -> None:
+    """The ``TypeError`` of :func:`refuse_functorch_transforms` whenever a ``torch.func`` transform is
+    running, for work done before any transformed tensor is seen (copying a model to float64 writes
+    parameters through ``.data``, which a transform refuses with an error of its own)."""
+    if torch._C._functorch.maybe_current_level() is not None:
+        _refuse_transform()
+
+
+def _refuse_transform():
+    raise TypeError("lipnet.certify cannot run inside a torch.func transform (vmap, grad, jacrev, ...): its "
+                    "certificates are computed from concrete values, one call per batch; call it outside the "
+                    "transform (on the whole batch: every radius is per example)")
 
 
 def applied_weight(layer: nn.Linear | torch.Tensor) -> torch.Tensor:

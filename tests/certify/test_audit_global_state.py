@@ -162,6 +162,11 @@ def test_torch_func_transforms_are_refused_with_a_message(net, data):
         torch.func.vmap(lambda xb: certified_accuracy(net, (xb, y[:2]), progress=False).radii)(x[:6].reshape(3, 2, 1, 2, 2))
     with pytest.raises(TypeError, match="torch.func transform"):
         torch.func.grad(lambda z: certified_radius(z[None], torch.tensor([0]), 1.0).sum())(torch.tensor([1.0, 0.0]))
+    # Under grad the model's float64 copy, made before any input is seen, failed with torch's "mutating
+    # directly with .data inside functorch transform" (found by helper 56's docs audit).
+    with pytest.raises(TypeError, match="torch.func transform"):
+        torch.func.grad(lambda xb: torch.tensor(certified_accuracy(net, (xb, y[:1]), progress=False).clean_accuracy)
+                        )(x[:1].clone())
 
 
 def test_audit_attacks_under_the_callers_inference_mode(net, data):
