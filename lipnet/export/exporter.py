@@ -108,7 +108,14 @@ def _export(model: nn.Module, input_shape: Sequence[int], certify: bool) -> runt
         for batch, seed in ((2, 1), (3, 2), (1, 3)):
             x = example_input(reference, input_shape, batch=batch, seed=seed)
             # Copies: a model whose first module is in place (ReLU(inplace=True)) overwrites its input.
-            expected = reference(x.clone())
+            try:
+                expected = reference(x.clone())
+            except ValueError:
+                if batch != 1:
+                    raise
+                # The model itself refuses one example (BatchNorm with batch statistics over flat features:
+                # "Expected more than 1 value per channel"): there is no output at batch size 1 to compare.
+                continue
             _check_same(plain(x.clone()), expected, "the baked copy")
             try:
                 _check_same(exported(x.clone()), expected, "the exported model")

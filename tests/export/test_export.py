@@ -230,6 +230,17 @@ def test_uncertifiable_models_need_certify_false():
         exported.certified_radius(torch.randn(2, 10))
 
 
+def test_a_model_that_refuses_one_example_exports_without_the_batch_size_1_check():
+    """BatchNorm1d with batch statistics over flat features refuses a batch of one ("Expected more than 1
+    value per channel"): the export's check at batch size 1 has no output to compare and is skipped; the
+    checks at 2 and 3 still run."""
+    torch.manual_seed(0)
+    net = nn.Sequential(GramLinear(4, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    exported = export(net, (4,), certify=False)
+    x = torch.randn(5, 4)
+    assert max_diff(exported(x), net.eval()(x)) <= 1e-6
+
+
 def test_certified_radius_matches_lipnet_certify():
     net = train_steps(plain_net())
     exported = export(net, SHAPE)
