@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuzz_networks import jacobian, top_singular
+import lipnet.nn.activations
 from lipnet import convert
 from lipnet.certify import LipschitzBoundError, lipschitz_bound
 from lipnet.nn.activations import group_sort, max_min
@@ -185,12 +186,14 @@ class Builder:
             dim = r.choice([d for d in (1, -3, 2, 3) if (c, h, w)[d % 4 - 1] % 2 == 0] or [None])
             if dim is None:
                 return
-            self.emit(kind, r.choice([f"max_min({a}, {dim})", f"max_min({a}, dim={dim})"]), c, [a])
+            self.emit(kind, r.choice([f"max_min({a}, {dim})", f"max_min({a}, dim={dim})",
+                                      f"lipnet.nn.max_min({a}, dim={dim})"]), c, [a])
         elif kind == "group_sort":
             size = r.choice([k for k in (2, c) if k >= 2 and c % k == 0] or [None])
             if size is None:
                 return
-            self.emit(kind, f"group_sort({a}, {size})", c, [a])
+            self.emit(kind, r.choice([f"group_sort({a}, {size})", f"lipnet.nn.activations.group_sort({a}, {size})"]),
+                      c, [a])
         elif kind == "pad":
             self.emit(kind, f"F.pad({a}, (1, 1, 1, 1))[:, :, 1:-1, 1:-1]", c, [a])
         elif kind == "detach":
@@ -246,7 +249,7 @@ def draw_case(seed: int) -> tuple[nn.Module, Case]:
     for _ in range(rng.randrange(1, 7)):
         builder.step()
     source = builder.source()
-    namespace = {"torch": torch, "F": F, "nn": nn, "max_min": max_min, "group_sort": group_sort}
+    namespace = {"torch": torch, "F": F, "nn": nn, "max_min": max_min, "group_sort": group_sort, "lipnet": lipnet}
     exec(source, namespace)
     cls = type(f"Fuzz{seed}", (nn.Module,), {"forward": namespace["forward"], "__module__": __name__})
     model = cls()
