@@ -25,7 +25,8 @@ is bounded by the product over both axes (Kronecker structure). The bound is *ex
 Zero padding: the polyphase rewrite (space-to-depth) turns a stride-``s`` convolution into
 a stride-1 convolution over ``s`` phases, which is what keeps strided bounds tight. The
 FFT size is the smallest ``N`` for which nothing wraps around onto the input's support
-(checked explicitly, tap by tap). For stride 1 and padding ``p`` this is ``N = n + p``;
+(checked explicitly, tap by tap). For stride 1 and padding ``p < k`` this is usually ``N = n + p``
+(the search also covers larger padding and inputs smaller than the kernel, where it differs);
 ``N = n`` (the FFT at the input size) is NOT sound once ``p > 0``.
 
 References:

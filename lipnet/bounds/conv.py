@@ -290,7 +290,7 @@ def conv2d_spectral_norm(
     groups=groups)`` for inputs of spatial size ``input_size``, with ``pad`` as
     ``nn.Conv2d`` applies ``padding`` and ``padding_mode``. Every combination is sound:
 
-    * ``'zeros'``: FFT size chosen so that nothing wraps onto the input (``n + p`` for
+    * ``'zeros'``: FFT size chosen so that nothing wraps onto the input (usually ``n + p`` for
       stride 1), stride handled by the polyphase rewrite of the kernel;
     * ``'circular'``: exact circulant spectrum when the output is a permutation of the
       circulant's (stride 1 'same', or stride dividing ``n`` with ``n / s`` outputs);

@@ -27,13 +27,15 @@ Numerical Algorithms*, 2nd ed., 2002, section 3.1): each computed output is a su
 ``K`` products, so ``|fl(y) - y| <= gamma_K (|A| |h| + |b|)`` elementwise, with
 ``gamma_K = K u / (1 - K u)``. In L2, ``|| |A| ||_2 <= sqrt(||A||_1 ||A||_inf) <= sqrt(K) ||A||_2``
 (each row and each column has at most ``K`` entries), and ``||b|| <= ||y|| + ||A h||``.
-A convolution whose taps read copies of one input sample (padding that copies, on an input
-smaller than the kernel) sums one product per tap, not per entry of ``A``: there ``A`` is the
+A convolution whose taps read copies of one input sample (reflect and replicate padding at any
+input size: with a 3-tap kernel and padding 1, output 0 reads ``x1, x0, x1``; circular padding on
+an input smaller than the kernel) sums one product per tap, not per entry of ``A``: there ``A`` is the
 valid convolution ``V`` (one entry per tap) after the copy operator ``P``, and the same argument
 holds with ``|V| |P h|`` and ``lam >= ||V|| ||P||``, which is how :mod:`lipnet.bounds.circulant`
 bounds such layers (circular padding included: its circulant would add the aliased taps). So
 ``r <= gamma_K ((sqrt(K) + 1) lam ||h|| + ||y||) <= 4 u K^{3/2} (lam ||h|| + ||y||)`` for
-``K u < 1/2``. That model of rounding ignores underflow: a product or quotient whose result is
+``K u <= 1/4``, where the computed ``||y||`` (which the bound reads) may stand for the exact one:
+it exceeds ``(1 - gamma_K)`` times it. That model of rounding ignores underflow: a product or quotient whose result is
 subnormal has an absolute error up to ``2^-1075`` however small it is (``2^-1070 / 64`` rounds
 to 0), which later layers can scale up to the size of the logits. Sums of subnormals are exact,
 so each output gains at most ``K 2^-1074`` (``K`` products, the error amplified by at most 2 in
@@ -203,11 +205,11 @@ def local_rounding_bound(h: torch.Tensor, y: torch.Tensor, lipschitz: float, pro
 
     ``K = max(numel(h), numel(y), products) + 1``, with ``products`` the number of products
     summed into one output where that can exceed the input's size: a convolution whose kernel
-    reads copies of its input (circular, reflect or replicate padding on an input smaller than
-    the kernel) sums ``c_in / groups * k_h * k_w`` of them (:func:`products_per_output`).
+    reads copies of its input (reflect or replicate padding, or circular padding on an input
+    smaller than the kernel) sums ``c_in / groups * k_h * k_w`` of them (:func:`products_per_output`).
     """
     terms = max(h[0].numel(), y[0].numel(), products) + 1
-    if terms * UNIT_ROUNDOFF >= 0.5:
+    if terms * UNIT_ROUNDOFF > 0.25:
         raise ValueError(f"a module with {terms} inputs or outputs per example is too large for the rounding bound")
     return 4 * UNIT_ROUNDOFF * terms ** 1.5 * (lipschitz * example_norms(h) + example_norms(y)) + underflow_bound(terms)
 
@@ -221,11 +223,13 @@ def underflow_bound(terms: int) -> float:
 
 
 def products_per_output(module: nn.Module) -> int:
-    """Products a convolution sums into one output (``c_in / groups * k_h * k_w``, plus one for
-    the identity of :class:`~lipnet.nn.GramResidualConv2d`); 0 for other modules."""
+    """At least the products a convolution sums into one output: ``c_in / groups * k_h * k_w`` (for
+    a transposed one too, whose weight is ``(c_in, c_out / groups, ...)``), plus one for the identity
+    of :class:`~lipnet.nn.GramResidualConv2d`; 0 for other modules."""
     if not isinstance(module, nn.modules.conv._ConvNd):
         return 0
-    return module.weight.shape[1] * math.prod(module.kernel_size) + int(isinstance(module, GramResidualConv2d))
+    return (module.in_channels // module.groups * math.prod(module.kernel_size)
+            + int(isinstance(module, GramResidualConv2d)))
 
 
 def forward_with_error_bound(model: nn.Module, x: torch.Tensor, bounds: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,6 +297,8 @@ def times_power_of_two(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
 
 
 def rounding_allowance(logits: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
-    """Per-example uncertainty of each float64 logit: the propagated error plus the logit's own ulp."""
+    """Per-example uncertainty of each float64 logit: the propagated error plus ``4 u max(1, max |f|)
+    + 2^-1074``, which covers the rounding of the margin arithmetic of the radius (a difference of
+    two logits, rounded)."""
     scale = logits.detach().double().abs().amax(dim=1).clamp_min(1.0)
     return err + 4 * UNIT_ROUNDOFF * scale + math.ulp(0.0)

@@ -118,3 +118,23 @@ def test_inputs_must_be_float64_and_bounds_recorded():
         forward_with_error_bound(net, torch.zeros(1, 1, 4, 4), {})
     with pytest.raises(ValueError, match="no Lipschitz bound was recorded"):
         forward_with_error_bound(net, torch.zeros(1, 1, 4, 4, dtype=torch.float64), {})
+
+
+@pytest.mark.parametrize("module, shape", [
+    (nn.Conv2d(6, 4, 3, padding=1, groups=2), (6, 5, 5)),
+    (nn.Conv2d(3, 4, (2, 3), padding=1, padding_mode="reflect"), (3, 4, 4)),
+    (nn.ConvTranspose2d(6, 2, 3, groups=2), (6, 4, 4)),
+    (nn.ConvTranspose2d(4, 8, 3, stride=2, padding=1), (4, 3, 3)),
+    (nn.Conv1d(5, 2, 4, dilation=2, padding=3), (5, 9)),
+], ids=["grouped", "reflect", "transposed-grouped", "transposed-strided", "1d"])
+def test_products_per_output_counts_at_least_the_products_of_any_output(module, shape):
+    """The number of nonzero entries in a row of the operator (all weights 1: no cancellation), i.e. of
+    products summed into that output, is at most products_per_output (a transposed convolution's weight
+    is (c_in, c_out / groups, ...): its shape[1] is not the inputs per output)."""
+    from lipnet.bounds import affine_map_matrix
+    from lipnet.certify.precision import products_per_output
+
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+        matrix = affine_map_matrix(module.double(), shape)
+    assert int((matrix != 0).sum(dim=1).max()) <= products_per_output(module)
