@@ -110,7 +110,9 @@ def _certified_radius(logits, labels, lipschitz, *, last_layer, body_lipschitz, 
         distances = row_distance_upper_bound(applied_weight(last_layer).to(f.device))
         if distances.shape[0] != f.shape[1]:
             raise ValueError(f"last_layer has {distances.shape[0]} outputs but the logits have {f.shape[1]} classes")
-        denominator = _round_up(_check_bound(body_lipschitz, "body_lipschitz") * distances[labels])
+        body = _check_bound(body_lipschitz, "body_lipschitz")
+        # A constant body (bound 0) fixes every logit difference, also where a distance overflowed (0 * inf).
+        denominator = torch.zeros_like(f) if body == 0 else _round_up(body * distances[labels])
     radii = _quotient_down(margins, denominator)
     # A margin beyond the largest float (logits near +-1e308) overflows to inf: halve it (exact
     # for logits that large), divide, and double back; beyond the largest float, the largest float.

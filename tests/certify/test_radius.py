@@ -162,3 +162,13 @@ def test_labels_of_any_integer_dtype_give_the_int64_radii(dtype):
 def test_boolean_labels_are_refused():
     with pytest.raises(ValueError, match="integer labels"):
         certified_radius(torch.randn(2, 2), torch.tensor([True, False]), lipschitz=1.0)
+
+
+def test_a_constant_body_certifies_every_right_prediction_at_any_radius():
+    """``body_lipschitz=0``: the features, hence the logits, never change, so every right prediction holds
+    everywhere (radius inf), also when the last layer's row distances overflow to inf (``0 * inf`` made
+    the radius NaN, which no comparison counts as certified)."""
+    weight = torch.tensor([[1e308, 0.0], [-1e308, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]], dtype=torch.float64)
+    radii = certified_radius(logits, torch.tensor([0, 0]), last_layer=weight, body_lipschitz=0.0)
+    assert radii.tolist() == [math.inf, 0.0]
