@@ -26,7 +26,6 @@ float32, in eval mode. It is exported on its input shape and checked:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import subprocess
 import sys
@@ -110,6 +109,7 @@ class NoLipnet(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, NoLipnet())
 sys.path = [p for p in sys.path if p not in ("", ".")]
 import importlib.util, torch
+torch.set_num_threads(int(sys.argv[5]))  # as the checking process: more threads may sum in another order
 spec = importlib.util.spec_from_file_location("deployed_runtime", sys.argv[1])
 rt = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(rt)
@@ -130,7 +130,8 @@ def deploy_outputs(exported, xs) -> tuple[list[torch.Tensor], float]:
         torch.save({"xs": xs}, folder / "xs.pt")
         (folder / "deploy.py").write_text(_DEPLOY)
         result = subprocess.run([sys.executable, "-I", str(folder / "deploy.py"), runtime.__file__,
-                                 str(folder / "model.pt"), str(folder / "xs.pt"), str(folder / "out.pt")],
+                                 str(folder / "model.pt"), str(folder / "xs.pt"), str(folder / "out.pt"),
+                                 str(torch.get_num_threads())],
                                 capture_output=True, text=True, cwd=folder, timeout=300)
         if result.returncode != 0:
             raise Violation(f"deploy: the fresh process failed:\n{result.stderr[-3000:]}")
