@@ -30,12 +30,14 @@ def test_negative_padding_or_output_padding_is_refused_as_pytorch_refuses_it(kw)
     ((1, 2, 0, 4), (2, 2, 3, 3), {}),
     ((1, 2, 4, 4), (2, 2, 0, 3), {}),
     ((1, 2, 4, 4), (2, 2, 3, 3), dict(dilation=(1, 0))),
-], ids=["empty input", "empty kernel", "dilation 0"])
-def test_empty_inputs_kernels_and_zero_dilations_are_refused_as_pytorch_refuses_them(input_shape, weight_shape, kw):
-    """``F.conv_transpose2d`` refuses an input or kernel of size 0 and a dilation of 0; the output
-    size refuses them too (each would otherwise still give a positive size here: with an empty
-    input ``-s + d (k - 1) + 1 = 2``)."""
-    with pytest.raises(RuntimeError, match="zero"):
+    ((1, 2, 4, 4), (2, 2, 3, 3), dict(stride=(0, 1))),
+], ids=["empty input", "empty kernel", "dilation 0", "stride 0"])
+def test_empty_inputs_kernels_and_zero_dilations_or_strides_are_refused_as_pytorch_refuses_them(
+        input_shape, weight_shape, kw):
+    """``F.conv_transpose2d`` refuses an input or kernel of size 0 and a dilation or stride of 0;
+    the output size refuses them too (each would otherwise still give a positive size here:
+    with an empty input ``-s + d (k - 1) + 1 = 2``)."""
+    with pytest.raises(RuntimeError, match="zero|non-positive"):
         F.conv_transpose2d(torch.zeros(input_shape), torch.zeros(weight_shape), **kw)
     with pytest.raises(ValueError, match="must be >= 1"):
         conv_transpose2d_output_size(input_shape[-2:], weight_shape[-2:], **kw)
