@@ -72,3 +72,14 @@ def test_autocast_disabled_does_nothing_on_a_device_without_autocast():
     with autocast_disabled("meta"):
         x = torch.zeros(3, 3, device="meta")
         assert (x @ x).dtype == torch.float32
+
+
+def test_a_compiled_function_traces_the_full_float32_context_in_one_graph():
+    """Under ``torch.compile`` the context does nothing (a traced function cannot switch global
+    settings, and Dynamo cannot trace the settings' getters): a function using it compiles
+    into one graph (``fullgraph=True``) and computes what it does in eager mode."""
+    def square(x):
+        with ieee_float32_matmuls():
+            return x @ x
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(torch.compile(square, fullgraph=True, backend="eager")(x), x @ x)
