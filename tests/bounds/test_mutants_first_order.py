@@ -48,6 +48,17 @@ def test_error_on_backward_returns_a_copy():
     assert value.tolist() == [1.0, 1.0, 1.0]
 
 
+def test_error_on_backward_without_a_tie_raises_for_the_gradient_of_value():
+    """Without ``tie`` (as for the normalized weight of a zero layer) the copy is linked to
+    ``value``'s own graph: a gradient through it raises the given error, even when another
+    path gives ``value`` a gradient of its own (which would otherwise be returned alone,
+    silently missing the copy's part)."""
+    value = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    loss = error_on_backward(value, ValueError("no derivative here")).sum() + value.sum()
+    with pytest.raises(ValueError, match="no derivative here"):
+        torch.autograd.grad(loss, value)
+
+
 def test_a_gradient_that_depends_on_nothing_tracked_is_returned_under_create_graph():
     """With ``create_graph=True`` and an incoming gradient that does not require grad (the
     default ``ones``) the toy map's gradient ``3`` depends on nothing: there is no curvature to
