@@ -65,6 +65,8 @@ def first_order_backward(name: str):
                 "by a derivative of the gradient with respect to the weight, e.g. a Hessian-vector product or a penalty "
                 "on the weight's gradient) is not available. Penalties on gradients with respect to the input are "
                 "supported.")
+            if isinstance(grads, torch.Tensor):  # a backward may return its one gradient bare
+                return error_on_backward(grads, error, tie=tracked[0])
             return tuple(error_on_backward(g, error, tie=tracked[0]) if isinstance(g, torch.Tensor) else g
                          for g in grads)
         return wrapper

@@ -90,14 +90,12 @@ def test_a_gradient_without_create_graph_carries_no_graph():
     assert not grad.requires_grad and grad.grad_fn is None
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="first_order_backward iterates over the gradients it "
-                   "returns; a bare tensor (one input) is iterated over its first dimension, giving autograd one "
-                   "gradient per row")
 def test_a_bare_gradient_is_wrapped_as_one_gradient():
     """A backward may return the gradient of a Function's one input bare. When a second
     derivative is possible (the incoming gradient ``2 y`` requires grad) the decorator must
-    wrap that one tensor, not each of its rows: the gradient ``18 x`` is still given, and
-    only its derivative raises."""
+    wrap that one tensor, not each of its rows (it did, and autograd failed with "returned an
+    incorrect number of gradients"): the gradient ``18 x`` is still given, and only its
+    derivative raises."""
     x = torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=torch.float64, requires_grad=True)  # 18 x exact
     (grad,) = torch.autograd.grad(_TripleBare.apply(x).square().sum(), x, create_graph=True)
     torch.testing.assert_close(grad.detach(), 18 * x.detach(), rtol=0, atol=0)
