@@ -43,7 +43,9 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
+import traceback
 
 import torch
 from torch import nn
@@ -67,6 +69,8 @@ def timed(fn, device, repeat: int, warmup: int = 2) -> float:
     """Median wall time of ``fn()`` in milliseconds (device-synchronized)."""
     for _ in range(warmup):
         fn()
+    if device.type == "cuda":  # the warm-up's queued work must not run inside the first timed region
+        torch.cuda.synchronize()
     times = []
     for _ in range(repeat):
         if device.type == "cuda":
@@ -211,8 +215,16 @@ def layer_times(c: int, n: int, batch: int, device, repeat: int, compile_: bool 
         cuda_graphs = compile_mode in CUDA_GRAPH_MODES
         for name, layer in {"conv2d": nn.Conv2d(c, c, 3, padding=1), "gram": GramConv2d(c, c, 3, padding=1)}.items():
             layer = layer.to(device)
-            step = step_of(layer, torch.compile(layer, mode=compile_mode), cuda_graphs)
-            out[f"{name}_compiled_step_ms"] = timed(step, device, repeat, warmup=3)
+            # dynamic=False: after the first shape a recompile would mark the nn.Conv2d input's sizes
+            # dynamic (automatic dynamic shapes) while GramConv2d specializes them (int(input.shape)):
+            # the reference of every later shape would be a dynamic-shape compile, unlike a recipe's.
+            step = step_of(layer, torch.compile(layer, mode=compile_mode, dynamic=False), cuda_graphs)
+            try:
+                out[f"{name}_compiled_step_ms"] = timed(step, device, repeat, warmup=3)
+            except Exception as error:  # a failed compilation keeps this shape's eager figures
+                out["compile_error"] = f"{name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+                print(f"  FAILED compiled {name} step at c={c}, n={n}: {out['compile_error']}", flush=True)
+                return out
         out["gram_compiled_ratio"] = out["gram_compiled_step_ms"] / out["conv2d_compiled_step_ms"]
     return out
 
@@ -286,12 +298,14 @@ def with_screen_iter(net: nn.Module, steps: int) -> nn.Module:
 
 
 def network_throughput(nets: dict[str, nn.Module], batch: int, device, repeat: int, compile_: bool,
-                       compile_mode: str = "default") -> dict:
-    """Images/s of each network, eager first, then compiled; each figure is printed as soon
-    as it is measured (a compilation cut off by a time limit loses only its own)."""
+                       compile_mode: str = "default", out: dict | None = None, save=None) -> dict:
+    """Images/s of each network, eager first, then compiled; each figure is printed (and stored
+    in ``out``, then ``save()`` called) as soon as it is measured, so a compilation cut off by a
+    time limit loses only its own; one that fails is printed and recorded in ``out["errors"]``."""
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    out = {"params": sum(p.numel() for p in nets["gram"].parameters())}
+    out = {} if out is None else out
+    out["params"] = sum(p.numel() for p in nets["gram"].parameters())
     for mode in ("eager", "compiled") if compile_ else ("eager",):
         for name, net in nets.items():
             if mode == "compiled" and name.endswith("_graphs"):
@@ -312,14 +326,44 @@ def network_throughput(nets: dict[str, nn.Module], batch: int, device, repeat: i
                 step = with_bound_graphs(step)
             if name.endswith("_fewer_ops"):
                 step = with_launch_bound_choices(step)
-            ms = timed(step, device, repeat, warmup=3 if mode == "compiled" else 1)
             key = f"{name}_{mode}_img_per_s"
+            try:
+                ms = timed(step, device, repeat, warmup=3 if mode == "compiled" else 1)
+            except Exception as error:  # e.g. a compilation: the other networks still run
+                message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+                out.setdefault("errors", {})[key] = message
+                print(f"  FAILED {key}: {message}", flush=True)
+                continue
             out[key] = batch / ms * 1e3
             print(f"  measured {key}: {out[key]:.1f}", flush=True)
+            if save is not None:
+                save()
         for name in nets:
-            if name != "plain" and f"{name}_{mode}_img_per_s" in out:
+            if name != "plain" and f"{name}_{mode}_img_per_s" in out and f"plain_{mode}_img_per_s" in out:
                 out[f"{mode}_{name}_over_plain"] = out[f"{name}_{mode}_img_per_s"] / out[f"plain_{mode}_img_per_s"]
     return out
+
+
+class Section:
+    """Context of one part of :func:`main`: an exception in it is printed (with its traceback)
+    and recorded in ``results["errors"]``, and the run goes on to the next part (one unattended
+    GPU run must not lose every section to one failure); ``save`` runs as it ends."""
+
+    def __init__(self, name: str, results: dict, save):
+        self.name, self.results, self.save = name, results, save
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        failed = isinstance(error, Exception)
+        if failed:
+            traceback.print_exception(kind, error, tb)
+            message = f"{kind.__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+            self.results.setdefault("errors", {})[self.name] = message
+            print(f"SECTION {self.name} FAILED: {message}", flush=True)
+        self.save()
+        return failed
 
 
 def machine() -> str:
@@ -348,85 +392,116 @@ def main(argv=None):
     repeat = args.repeat or (3 if cpu else 50)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     sections = set(args.sections.split(","))
+    networks = args.networks.split(",")
+    unknown = sorted(set(networks) - {"convnet", "liresnet-s"})
+    if "network" in sections and unknown:  # before minutes of other sections, not after
+        raise SystemExit(f"unknown network(s) {unknown} (convnet, liresnet-s)")
     torch.manual_seed(0)
     results = dict(machine=machine(), torch=torch.__version__, device=str(device))
     print(f"# lipnet bound benchmark on {results['machine']} (torch {torch.__version__})")
 
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+
+    def section(name):
+        """A section (or part of one) whose failure is printed and recorded in ``results["errors"]``
+        while the next runs; the numbers so far are written to ``--json`` as each ends."""
+        return Section(name, results, save)
+
     if "accuracy" in sections:
-        rows = [bound_accuracy(c, n, device) for c, n in shapes]
-        results["accuracy"] = rows
-        print("\n## bound vs exact (zero padding 1, 3x3, random Gaussian kernel)")
-        print(f"{'c':>4} {'n':>3} {'bound':>10} {'circulant exact':>16} {'gram gap':>9} {'zero-pad lower':>15} {'bound/lower':>11}")
-        for r in rows:
-            print(f"{r['c']:>4} {r['n']:>3} {r['bound']:>10.5f} {r['circulant_exact']:>16.5f} {r['gram_gap']:>9.1e} "
-                  f"{r['power_lower']:>15.5f} {r['ratio_to_lower']:>11.5f}")
+        with section("accuracy"):
+            rows = results["accuracy"] = []
+            for c, n in shapes:
+                rows.append(bound_accuracy(c, n, device))
+            print("\n## bound vs exact (zero padding 1, 3x3, random Gaussian kernel)")
+            print(f"{'c':>4} {'n':>3} {'bound':>10} {'circulant exact':>16} {'gram gap':>9} {'zero-pad lower':>15} {'bound/lower':>11}")
+            for r in rows:
+                print(f"{r['c']:>4} {r['n']:>3} {r['bound']:>10.5f} {r['circulant_exact']:>16.5f} {r['gram_gap']:>9.1e} "
+                      f"{r['power_lower']:>15.5f} {r['ratio_to_lower']:>11.5f}", flush=True)
 
     if "gaps" in sections:
-        rows = [gram_gaps(c, n, device) for c, n in shapes]
-        results["gaps"] = rows
-        print("\n## gram gap of the training bound by kernel (bound / circulant exact - 1)")
-        for suffix, title in (("", "default"), ("/screened", "screening alone (as on a GPU or compiled)")):
-            if suffix and f"{GAP_KINDS[0]}{suffix}" not in rows[0]:
-                continue
-            print(f"# {title}")
-            print(f"{'c':>4} {'n':>3} " + " ".join(f"{k:>11}" for k in GAP_KINDS))
-            for r in rows:
-                print(f"{r['c']:>4} {r['n']:>3} " + " ".join(f"{r[k + suffix]:>11.1e}" for k in GAP_KINDS))
+        with section("gaps"):
+            rows = results["gaps"] = []
+            for c, n in shapes:
+                rows.append(gram_gaps(c, n, device))
+            print("\n## gram gap of the training bound by kernel (bound / circulant exact - 1)")
+            for suffix, title in (("", "default"), ("/screened", "screening alone (as on a GPU or compiled)")):
+                if suffix and f"{GAP_KINDS[0]}{suffix}" not in rows[0]:
+                    continue
+                print(f"# {title}")
+                print(f"{'c':>4} {'n':>3} " + " ".join(f"{k:>11}" for k in GAP_KINDS))
+                for r in rows:
+                    print(f"{r['c']:>4} {r['n']:>3} " + " ".join(f"{r[k + suffix]:>11.1e}" for k in GAP_KINDS), flush=True)
 
     if "ops" in sections:
-        rows = [operation_counts(c, n, device) for c, n in shapes]
-        results["ops"] = rows
-        print("\n## aten operations of one bound (forward; forward+backward)")
-        for r in rows:
-            print(f"{r['c']:>4} {r['n']:>3} {r['forward']:>6} {r['forward_backward']:>6}")
+        with section("ops"):
+            rows = results["ops"] = []
+            for c, n in shapes:
+                rows.append(operation_counts(c, n, device))
+            print("\n## aten operations of one bound (forward; forward+backward)")
+            for r in rows:
+                print(f"{r['c']:>4} {r['n']:>3} {r['forward']:>6} {r['forward_backward']:>6}", flush=True)
 
     if "layer" in sections:
-        rows = [layer_times(c, n, args.batch, device, repeat, args.compile, args.compile_mode) for c, n in shapes]
-        results["layer"] = rows
-        peers = [k[: -len("_ratio")] for k in rows[0] if k.endswith("_ratio") and k != "conv2d_ratio"]
-        print(f"\n## one layer, batch {args.batch}: bound time and training step over nn.Conv2d")
-        print(f"{'c':>4} {'n':>3} {'bound fwd':>10} {'fwd+bwd':>9} {'conv2d step':>12} " + " ".join(f"{p:>14}" for p in peers))
-        for r in rows:
-            print(f"{r['c']:>4} {r['n']:>3} {r['bound_fwd_ms']:>8.2f}ms {r['bound_fwd_bwd_ms']:>7.2f}ms {r['conv2d_step_ms']:>10.2f}ms "
-                  + " ".join(f"{r[p + '_ratio']:>13.2f}x" for p in peers))
-        if args.compile:
+        # Each shape's row is printed (and saved) as soon as it is measured: a time limit or a
+        # failed compilation loses only the shapes not yet done.
+        rows = results["layer"] = []
+        print(f"\n## one layer, batch {args.batch}: bound time and training step over nn.Conv2d", flush=True)
+        peers = None
+        for c, n in shapes:
+            with section(f"layer/{c}x{n}"):
+                r = layer_times(c, n, args.batch, device, repeat, args.compile, args.compile_mode)
+                rows.append(r)
+                if "compile_error" in r:
+                    results.setdefault("errors", {})[f"layer/{c}x{n}/compiled"] = r["compile_error"]
+                if peers is None:
+                    peers = [k[: -len("_ratio")] for k in r if k.endswith("_ratio") and k != "conv2d_ratio"]
+                    print(f"{'c':>4} {'n':>3} {'bound fwd':>10} {'fwd+bwd':>9} {'conv2d step':>12} "
+                          + " ".join(f"{p:>14}" for p in peers))
+                print(f"{r['c']:>4} {r['n']:>3} {r['bound_fwd_ms']:>8.2f}ms {r['bound_fwd_bwd_ms']:>7.2f}ms {r['conv2d_step_ms']:>10.2f}ms "
+                      + " ".join(f"{r[p + '_ratio']:>13.2f}x" if p + "_ratio" in r else f"{'-':>14}" for p in peers), flush=True)
+        if args.compile and rows:
             print(f"(gram_compiled: the GramConv2d step over the nn.Conv2d step, both torch.compile'd, "
-                  f"mode {args.compile_mode}; compiled nn.Conv2d step "
-                  + ", ".join(f"{r['conv2d_compiled_step_ms']:.2f}" for r in rows) + " ms)")
+                  f"mode {args.compile_mode}, static shapes; compiled nn.Conv2d step "
+                  + ", ".join(f"{r['conv2d_compiled_step_ms']:.2f}" if "conv2d_compiled_step_ms" in r else "-" for r in rows)
+                  + " ms)")
 
     if "network" in sections:
         batch = args.net_batch or (64 if cpu else 512)
         net_repeat = max(2, repeat // 5) if cpu else repeat
         results["network"] = {}
-        for network in args.networks.split(","):
-            if network == "convnet":
-                nets = {"plain": reference_convnet(False).to(device), "gram": reference_convnet(True).to(device)}
-                title = "reference ConvNet"
-            elif network == "liresnet-s":
-                nets, title = recipe_networks(device), "the CIFAR-10 recipe's liresnet-s"
-                if device.type == "cuda":  # the stacked network again: old compiled choices; 7 screening
-                    # steps (a GPU screens alone); bounds replayed. The A/Bs right after their reference,
-                    # in case a time limit cuts the section short.
-                    nets = {"plain": nets["plain"], "gram": nets["gram"], "gram_fewer_ops": nets["gram"],
-                            "gram_screen7": with_screen_iter(nets["gram"], 7),
-                            "gram_per_layer": nets["gram_per_layer"], "gram_graphs": nets["gram"]}
-            else:
-                raise SystemExit(f"unknown network {network!r} (convnet, liresnet-s)")
-            print(f"\n## {title}: training images/s, batch {batch}", flush=True)
-            r = network_throughput(nets, batch, device, net_repeat, args.compile, args.compile_mode)
-            results["network"][network] = dict(batch=batch, **r)
-            print(f"{title} ({r['params'] / 1e6:.2f}M parameters)")
-            for mode in ("eager", "compiled") if args.compile else ("eager",):
-                names = [name for name in nets if f"{name}_{mode}_img_per_s" in r]
-                print(f"{mode:>9}: " + "  ".join(f"{name} {r[f'{name}_{mode}_img_per_s']:9.1f}" for name in names)
-                      + "  " + "  ".join(f"{name}/plain {r[f'{mode}_{name}_over_plain']:.2f}"
-                                         for name in names if name != "plain"))
+        for network in networks:
+            with section(f"network/{network}"):
+                if network == "convnet":
+                    nets = {"plain": reference_convnet(False).to(device), "gram": reference_convnet(True).to(device)}
+                    title = "reference ConvNet"
+                else:
+                    nets, title = recipe_networks(device), "the CIFAR-10 recipe's liresnet-s"
+                    if device.type == "cuda":  # the stacked network again: old compiled choices; 7 screening
+                        # steps (a GPU screens alone); bounds replayed. The A/Bs right after their reference,
+                        # in case a time limit cuts the section short.
+                        nets = {"plain": nets["plain"], "gram": nets["gram"], "gram_fewer_ops": nets["gram"],
+                                "gram_screen7": with_screen_iter(nets["gram"], 7),
+                                "gram_per_layer": nets["gram_per_layer"], "gram_graphs": nets["gram"]}
+                print(f"\n## {title}: training images/s, batch {batch}", flush=True)
+                r = results["network"][network] = dict(batch=batch)
+                network_throughput(nets, batch, device, net_repeat, args.compile, args.compile_mode, out=r, save=save)
+                for key, error in r.get("errors", {}).items():
+                    results.setdefault("errors", {})[f"network/{network}/{key}"] = error
+                print(f"{title} ({r['params'] / 1e6:.2f}M parameters)")
+                for mode in ("eager", "compiled") if args.compile else ("eager",):
+                    names = [name for name in nets if f"{name}_{mode}_img_per_s" in r]
+                    print(f"{mode:>9}: " + "  ".join(f"{name} {r[f'{name}_{mode}_img_per_s']:9.1f}" for name in names)
+                          + "  " + "  ".join(f"{name}/plain {r[f'{mode}_{name}_over_plain']:.2f}"
+                                             for name in names if f"{mode}_{name}_over_plain" in r), flush=True)
 
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    save()
+    if results.get("errors"):
+        print("FAILED: " + "; ".join(f"{name}: {error}" for name, error in results["errors"].items()), flush=True)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main().get("errors") else 0)

@@ -50,3 +50,87 @@ def test_with_screen_iter_copies_the_network(bounds_module):
     screened.load_state_dict(net.state_dict())
     # The same network: its bounds differ by the screening (at initialization the trace form's smoothing, ~2e-4).
     torch.testing.assert_close(screened.eval()(x), net.eval()(x), rtol=1e-3, atol=1e-4)
+
+
+def test_cuda_timing_waits_for_the_warmup_and_for_each_timed_call(bounds_module, monkeypatch):
+    """On CUDA the first timed start event must not be queued behind the warm-up's work (it would
+    be stamped when the GPU reached it, after the host had launched much of the timed call)."""
+    import torch
+
+    log = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            log.append("record")
+
+        def elapsed_time(self, end):
+            return 1.5
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: log.append("sync"))
+    assert bounds_module.timed(lambda: log.append("call"), torch.device("cuda"), repeat=2, warmup=2) == 1.5
+    assert log == ["call", "call", "sync"] + ["record", "call", "record", "sync"] * 2
+
+
+def test_compiled_layer_steps_keep_static_shapes(bounds_module, monkeypatch):
+    """Each shape's compiled nn.Conv2d and GramConv2d steps are static-shape compilations, as a
+    recipe's: without dynamic=False, the second shape's recompile marks the nn.Conv2d input's
+    sizes dynamic (automatic dynamic shapes) while GramConv2d specializes them."""
+    import torch
+
+    real_compile, symbolic = torch.compile, []
+
+    def backend(gm, example_inputs):
+        symbolic.append(any(isinstance(a, torch.SymInt) for a in example_inputs)
+                        or any(isinstance(node.meta.get("example_value"), torch.SymInt)
+                               for node in gm.graph.nodes if node.op == "placeholder"))
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kwargs: real_compile(model, backend=backend, **kwargs))
+    torch._dynamo.reset()
+    try:
+        for c, n in ((4, 4), (2, 6)):
+            row = bounds_module.layer_times(c, n, 2, torch.device("cpu"), repeat=1, compile_=True)
+            assert row["gram_compiled_ratio"] > 0
+    finally:
+        torch._dynamo.reset()
+    assert symbolic and not any(symbolic)
+
+
+def test_a_failure_keeps_the_other_figures(bounds_module, monkeypatch, tmp_path, capsys):
+    """One unattended GPU run: a shape or network that fails is reported, the rest still runs,
+    and every figure measured is in --json (written as each part ends)."""
+    import json
+
+    import pytest
+    from torch import nn
+
+    def layer_times(c, n, *args, **kwargs):
+        if c == 2:
+            raise RuntimeError("compilation failed")
+        return dict(c=c, n=n, bound_fwd_ms=1.0, bound_fwd_bwd_ms=2.0, conv2d_step_ms=1.0, conv2d_ratio=1.0,
+                    gram_step_ms=3.0, gram_ratio=3.0)
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("broken network")
+
+    monkeypatch.setattr(bounds_module, "layer_times", layer_times)
+    monkeypatch.setattr(bounds_module, "reference_convnet", lambda gram: nn.Sequential(
+        nn.Flatten(), nn.Linear(3 * 32 * 32, 10), *([Broken()] if gram else [])))
+    path = tmp_path / "out.json"
+    results = bounds_module.main(["--device", "cpu", "--sections", "layer,network", "--networks", "convnet",
+                                  "--shapes", "4x4,2x4,8x2", "--repeat", "1", "--net-batch", "2", "--json", str(path)])
+    assert [row["c"] for row in results["layer"]] == [4, 8]
+    network = results["network"]["convnet"]
+    assert network["plain_eager_img_per_s"] > 0 and "gram_eager_img_per_s" not in network
+    assert set(results["errors"]) == {"layer/2x4", "network/convnet/gram_eager_img_per_s"}
+    assert json.loads(path.read_text()) == json.loads(json.dumps(results))
+    out = capsys.readouterr().out
+    assert "SECTION layer/2x4 FAILED: RuntimeError: compilation failed" in out
+    assert "FAILED gram_eager_img_per_s: RuntimeError: broken network" in out
+    with pytest.raises(SystemExit, match="resnet"):  # a misspelt network stops the run before it starts
+        bounds_module.main(["--device", "cpu", "--sections", "layer,network", "--networks", "convnet,resnet"])
