@@ -18,6 +18,7 @@ import argparse
 import copy
 import statistics
 import time
+import traceback
 
 import torch
 from torch import nn
@@ -112,8 +113,15 @@ def main(argv=None):
     print(f"{'variant':>15} {'wall ms':>8} {'kernel ms':>10} {'kernels':>8} {'img/s':>9}")
     tops, rows = {}, {}
     for name, model in variants(args.model, device).items():
-        step = step_function(model, args.batch, device, args.compile, graphs=name.endswith("graphs"))
-        wall, kernel, count, top = measure(step, device, args.repeat)
+        try:  # one variant that fails (a CUDA-graph capture, a compilation) must not lose the others
+            step = step_function(model, args.batch, device, args.compile, graphs=name.endswith("graphs"))
+            wall, kernel, count, top = measure(step, device, args.repeat)
+        except Exception as error:
+            traceback.print_exc()
+            message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+            rows[name] = dict(error=message)
+            print(f"{name:>15} FAILED: {message}", flush=True)
+            continue
         tops[name] = top
         rows[name] = dict(wall_ms=wall, kernel_ms=kernel, kernels=count)
         print(f"{name:>15} {wall:8.2f} {kernel:10.2f} {count:8d} {args.batch / wall * 1e3:9.0f}", flush=True)
