@@ -242,6 +242,10 @@ def with_bound_graphs(step):
     return graphed
 
 
+def _launches_never_free(device) -> bool:
+    return False
+
+
 def with_launch_bound_choices(step):
     """``step`` with the bounds choosing as an eager GPU bound does (fewer operations unless
     it is large), even where launches are free (compiled, replayed): the library's own rule,
@@ -250,7 +254,8 @@ def with_launch_bound_choices(step):
 
     def patched():
         previous = gram_module.launches_are_free
-        gram_module.launches_are_free = lambda device: False
+        gram_module.launches_are_free = _launches_never_free  # one object: a new one per step could fail
+        # a compiled step's guards on it (an identity guard recompiles every step, then runs eager)
         try:
             step()
         finally:

@@ -134,3 +134,17 @@ def test_a_failure_keeps_the_other_figures(bounds_module, monkeypatch, tmp_path,
     assert "FAILED gram_eager_img_per_s: RuntimeError: broken network" in out
     with pytest.raises(SystemExit, match="resnet"):  # a misspelt network stops the run before it starts
         bounds_module.main(["--device", "cpu", "--sections", "layer,network", "--networks", "convnet,resnet"])
+
+
+def test_launch_bound_choices_patch_one_function_object(bounds_module):
+    """The compiled gram_fewer_ops step sees the same patched function at every step (a new
+    lambda per step could fail an identity guard and recompile each time), and the library's
+    own is restored after each."""
+    import lipnet.bounds.gram as gram_module
+
+    original, seen = gram_module.launches_are_free, []
+    step = bounds_module.with_launch_bound_choices(lambda: seen.append(gram_module.launches_are_free))
+    step()
+    step()
+    assert seen[0] is seen[1] is not original and not seen[0](None)
+    assert gram_module.launches_are_free is original
