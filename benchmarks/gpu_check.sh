@@ -85,8 +85,10 @@ for step in "$@"; do
             ls -la "$data" ;;
         profile)
             timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} 2>&1 | tee "$out/profile.txt"
+            [ "${PIPESTATUS[0]}" = 124 ] && echo "CUT OFF after ${PROFILE_TIMEOUT:-120} s" | tee -a "$out/profile.txt"
             timeout 60 python3 benchmarks/activations.py --dtype bfloat16 --shapes 512x64x32x32,512x128x8x8 2>&1 \
-                | tee -a "$out/profile.txt" ;;
+                | tee -a "$out/profile.txt"
+            [ "${PIPESTATUS[0]}" = 124 ] && echo "CUT OFF after 60 s (activations)" | tee -a "$out/profile.txt" ;;
         tests)
             timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py \
                 tests/certify/test_accuracy.py -k "cuda or gpu" 2>&1 | tee "$out/tests.txt"
@@ -97,7 +99,8 @@ for step in "$@"; do
             [ "${PIPESTATUS[0]}" = 124 ] && echo "CUT OFF after ${BOUNDS_TIMEOUT:-300} s" | tee -a "$out/bounds.txt" ;;
         compiled)
             timeout 400 python3 benchmarks/bounds.py --device cuda --sections network --compile \
-                --json "$out/compiled.json" 2>&1 | tee "$out/compiled.txt" ;;
+                --json "$out/compiled.json" 2>&1 | tee "$out/compiled.txt"
+            [ "${PIPESTATUS[0]}" = 124 ] && echo "CUT OFF after 400 s" | tee -a "$out/compiled.txt" ;;
         cifar10)
             rm -rf "$runs/cifar10" "$runs/cifar10-audit"
             train_data=$data
