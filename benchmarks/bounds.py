@@ -63,6 +63,7 @@ from lipnet.nn import GramConv2d, GramLinear, MaxMin
 from lipnet.training.config import CUDA_GRAPH_MODES
 
 SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]
+SECTIONS = ("accuracy", "gaps", "ops", "layer", "network")
 
 
 def timed(fn, device, repeat: int, warmup: int = 2) -> float:
@@ -385,7 +386,7 @@ def machine() -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sections", default="accuracy,gaps,ops,layer,network")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--batch", type=int, default=256, help="batch of the layer benchmark")
     parser.add_argument("--net-batch", type=int, default=None, help="batch of the network benchmark (512 on GPU, 64 on CPU)")
     parser.add_argument("--repeat", type=int, default=None, help="timed repetitions (median)")
@@ -402,6 +403,8 @@ def main(argv=None):
     repeat = args.repeat or (3 if cpu else 50)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     sections = set(args.sections.split(","))
+    if sections - set(SECTIONS):  # a misspelt section would run nothing, silently
+        raise SystemExit(f"unknown section(s) {sorted(sections - set(SECTIONS))} ({', '.join(SECTIONS)})")
     networks = args.networks.split(",")
     unknown = sorted(set(networks) - {"convnet", "liresnet-s"})
     if "network" in sections and unknown:  # before minutes of other sections, not after

@@ -134,6 +134,8 @@ def test_a_failure_keeps_the_other_figures(bounds_module, monkeypatch, tmp_path,
     assert "FAILED gram_eager_img_per_s: RuntimeError: broken network" in out
     with pytest.raises(SystemExit, match="resnet"):  # a misspelt network stops the run before it starts
         bounds_module.main(["--device", "cpu", "--sections", "layer,network", "--networks", "convnet,resnet"])
+    with pytest.raises(SystemExit, match="layers"):  # and a misspelt section (it would run nothing)
+        bounds_module.main(["--device", "cpu", "--sections", "layers,network"])
 
 
 def test_launch_bound_choices_patch_one_function_object(bounds_module):
