@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -414,9 +415,10 @@ def main(argv=None):
     print(f"# lipnet bound benchmark on {results['machine']} (torch {torch.__version__})")
 
     def save():
-        if args.json:
-            with open(args.json, "w") as f:
+        if args.json:  # written whole, then renamed: a run killed by its time limit mid-write keeps the last file
+            with open(args.json + ".tmp", "w") as f:
                 json.dump(results, f, indent=2)
+            os.replace(args.json + ".tmp", args.json)
 
     def section(name):
         """A section (or part of one) whose failure is printed and recorded in ``results["errors"]``

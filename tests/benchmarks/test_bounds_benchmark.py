@@ -129,6 +129,7 @@ def test_a_failure_keeps_the_other_figures(bounds_module, monkeypatch, tmp_path,
     assert network["plain_eager_img_per_s"] > 0 and "gram_eager_img_per_s" not in network
     assert set(results["errors"]) == {"layer/2x4", "network/convnet/gram_eager_img_per_s"}
     assert json.loads(path.read_text()) == json.loads(json.dumps(results))
+    assert not path.with_name(path.name + ".tmp").exists()  # written whole, then renamed
     out = capsys.readouterr().out
     assert "SECTION layer/2x4 FAILED: RuntimeError: compilation failed" in out
     assert "FAILED gram_eager_img_per_s: RuntimeError: broken network" in out
