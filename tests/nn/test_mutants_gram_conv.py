@@ -3,6 +3,7 @@ the input size it is told (an int is a square input)."""
 
 import pytest
 import torch
+from torch import nn
 
 from lipnet.bounds.reference import affine_map_matrix, exact_conv2d_spectral_norm
 from lipnet.nn import GramConv2d
@@ -63,3 +64,12 @@ def test_a_padding_mode_with_other_paddings_per_axis_runs_and_is_1_lipschitz(pad
     torch.manual_seed(0)
     conv = GramConv2d(2, 2, (3, 1), padding=(1, 0), padding_mode=padding_mode).double()
     assert _applied_norm(conv, (2, 4, 3)) <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("setting", [dict(stride=0), dict(padding=-1), dict(dilation=0)])
+def test_geometry_that_nn_conv2d_accepts_until_its_first_batch_is_refused_at_construction(setting):
+    """``nn.Conv2d`` stores a zero stride, a negative padding or a zero dilation and fails only at
+    the first forward; the Gram layer, whose bound needs a valid geometry, says so when it is built."""
+    nn.Conv2d(2, 2, 3, **setting)
+    with pytest.raises(ValueError, match=next(iter(setting))):
+        GramConv2d(2, 2, 3, **setting)

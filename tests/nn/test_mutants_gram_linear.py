@@ -36,3 +36,8 @@ def test_autocast_does_not_lower_the_bound_to_its_dtype():
     assert autocast.dtype == torch.float32
     torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=0)
     assert float(autocast) >= _exact_norm(layer.weight) * (1 - 1e-6)
+
+
+def test_repr_is_that_of_nn_linear_with_its_gram_steps():
+    """The repr reads as ``nn.Linear``'s, plus the one setting the layer adds (``n_iter``)."""
+    assert repr(GramLinear(3, 2, bias=False, n_iter=7)) == "GramLinear(in_features=3, out_features=2, bias=False, n_iter=7)"
