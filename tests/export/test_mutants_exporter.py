@@ -1,0 +1,73 @@
+"""Mutation-testing gaps of lipnet.export.exporter: the input shape is validated, and the export's
+self-check refuses a rebuilt model that does not reproduce the original."""
+
+import pytest
+import torch
+from torch import nn
+
+from lipnet import export
+from lipnet.nn import GramLinear
+
+
+def test_a_bool_in_the_input_shape_is_refused():
+    """``True`` is an int in Python, but not a size: ``(True, 4)`` is refused with the advice,
+    before any tracing."""
+    with pytest.raises(ValueError, match="input_shape must be a non-empty sequence of positive ints"):
+        export(nn.Sequential(nn.Flatten(), GramLinear(4, 2)), (True, 4))
+
+
+class _Rebuilt(nn.Module):
+    """The model the runtime rebuilt, with ``change`` applied to its output: a stand-in for a
+    runtime that does not reproduce the original."""
+
+    def __init__(self, model, change):
+        super().__init__()
+        self.model, self.change = model, change
+
+    def forward(self, x):
+        return self.change(self.model(x))
+
+
+@pytest.mark.parametrize("change", [
+    lambda y: y + 1e-3,
+    lambda y: torch.full_like(y, float("nan")),
+    lambda y: y[None],  # another shape with the same values (broadcasts against the original)
+], ids=["off", "nan", "shape"])
+def test_a_rebuilt_model_that_differs_from_the_original_is_a_runtime_error(monkeypatch, change):
+    """The export compares the rebuilt model with the original at batch sizes 2, 3 and 1. Outputs
+    off by more than a few ulps, NaN outputs (no difference is small) and outputs of another shape
+    are a bug of the export, reported as a ``RuntimeError``, and not blamed on the model's batch-1
+    behaviour (the ``ValueError`` for a difference at batch size 1 only)."""
+    from lipnet.export import runtime
+
+    build = runtime.build
+    monkeypatch.setattr(runtime, "build", lambda archive: _Rebuilt(build(archive), change))
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        export(nn.Sequential(GramLinear(4, 2)), (4,), certify=False)
+
+
+def test_a_rebuilt_model_within_a_few_ulps_of_large_outputs_is_accepted(monkeypatch):
+    """Kernels that are not bitwise reproducible (accelerators) move an output by a few units in
+    the last place of its magnitude: the self-check's tolerance scales with the outputs (here
+    about 1000), so a relative difference of two ulps passes."""
+    from lipnet.export import runtime
+
+    model = nn.Sequential(GramLinear(4, 2))
+    with torch.no_grad():
+        model[0].bias.fill_(1000.0)
+    build = runtime.build
+    monkeypatch.setattr(runtime, "build", lambda archive: _Rebuilt(build(archive),
+                                                                   lambda y: y * (1 + 2 * torch.finfo(y.dtype).eps)))
+    x = torch.randn(3, 4)
+    exported = export(model, (4,), certify=False)
+    torch.testing.assert_close(exported(x), model(x), rtol=1e-6, atol=0)
+
+
+def test_a_gram_layer_with_a_forward_assigned_to_the_instance_is_refused():
+    """Export replaces a Gram layer by a plain one of its normalized weight, which computes the
+    class's ``forward``: a ``forward`` assigned to the instance (a wrapper's patch) would be
+    dropped silently, so it is refused, naming the layer."""
+    model = nn.Sequential(GramLinear(4, 2))
+    model[0].forward = lambda x: 2 * GramLinear.forward(model[0], x)
+    with pytest.raises(ValueError, match="overrides GramLinear.forward"):
+        export(model, (4,), certify=False)
