@@ -1,6 +1,7 @@
 """Mutation-testing gaps of lipnet.nn.gram_linear: GramLinear's bound of its weight must be an upper
 bound of the weight's exact spectral norm whatever the weight's dtype and an enclosing autocast."""
 
+import pytest
 import torch
 
 from lipnet.nn import GramLinear
@@ -41,3 +42,10 @@ def test_autocast_does_not_lower_the_bound_to_its_dtype():
 def test_repr_is_that_of_nn_linear_with_its_gram_steps():
     """The repr reads as ``nn.Linear``'s, plus the one setting the layer adds (``n_iter``)."""
     assert repr(GramLinear(3, 2, bias=False, n_iter=7)) == "GramLinear(in_features=3, out_features=2, bias=False, n_iter=7)"
+
+
+def test_symbolic_tracing_is_refused_with_what_to_do():
+    """``torch.fx.symbolic_trace`` traces into lipnet's layers; the bound needs the weight's values,
+    so the layer says how to trace it as a leaf instead of failing inside the bound."""
+    with pytest.raises(TypeError, match="cannot be traced through by torch.fx.symbolic_trace"):
+        torch.fx.symbolic_trace(torch.nn.Sequential(GramLinear(4, 2)))
