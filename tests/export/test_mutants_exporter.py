@@ -71,3 +71,12 @@ def test_a_gram_layer_with_a_forward_assigned_to_the_instance_is_refused():
     model[0].forward = lambda x: 2 * GramLinear.forward(model[0], x)
     with pytest.raises(ValueError, match="overrides GramLinear.forward"):
         export(model, (4,), certify=False)
+
+
+def test_the_metadata_records_the_dtype_and_the_model():
+    """The archive's metadata says in which dtype the exported weights are (the dtype its inputs
+    must have) and which model class was exported."""
+    model = nn.Sequential(GramLinear(4, 2)).double()
+    exported = export(model, (4,), certify=False)
+    assert exported.metadata["dtype"] == "float64"
+    assert exported.metadata["model"] == "Sequential"
