@@ -80,3 +80,16 @@ def test_the_metadata_records_the_dtype_and_the_model():
     exported = export(model, (4,), certify=False)
     assert exported.metadata["dtype"] == "float64"
     assert exported.metadata["model"] == "Sequential"
+
+
+def test_grouped_convolutions_export_and_reproduce_the_model():
+    """A grouped convolution's weight holds ``in_channels / groups`` input channels (a transposed
+    one's, ``out_channels / groups`` outputs): the archive must declare the layers' full channel
+    counts, so that the runtime rebuilds them with the weights' shapes and the same outputs."""
+    from lipnet.nn import GramConv2d, GramConvTranspose2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(GramConv2d(4, 4, 3, padding=1, groups=2), GramConvTranspose2d(4, 4, 2, stride=2, groups=2))
+    exported = export(model, (4, 3, 3), certify=False)
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(exported(x), model.eval()(x), rtol=0, atol=0)
