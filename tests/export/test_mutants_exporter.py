@@ -93,3 +93,36 @@ def test_grouped_convolutions_export_and_reproduce_the_model():
     exported = export(model, (4, 3, 3), certify=False)
     x = torch.randn(2, 4, 3, 3)
     torch.testing.assert_close(exported(x), model.eval()(x), rtol=0, atol=0)
+
+
+class _TiedLinear(nn.Module):
+    """A linear layer whose weight is used a second time, without its bias (weight tying)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) + nn.functional.linear(x, self.fc.weight)
+
+
+def test_a_weight_used_by_two_calls_exports_both_calls():
+    """A weight used by two calls (one with the layer's bias, one without) is not one module: each
+    call is exported as it is, and the export reproduces the model."""
+    torch.manual_seed(0)
+    model = _TiedLinear()
+    exported = export(model, (4,), certify=False)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(exported(x), model(x), rtol=0, atol=0)
+
+
+def test_a_convolution_with_other_strides_per_axis_reproduces_the_model():
+    """A stride of ``(1, 2)`` (rows, then columns) is declared in the archive as the layer has it:
+    the rebuilt layer gives the model's output shape and values."""
+    from lipnet.nn import GramConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(GramConv2d(2, 2, 3, stride=(1, 2), padding=1))
+    exported = export(model, (2, 4, 6), certify=False)
+    x = torch.randn(2, 2, 4, 6)
+    torch.testing.assert_close(exported(x), model.eval()(x), rtol=0, atol=0)
