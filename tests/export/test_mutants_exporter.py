@@ -126,3 +126,24 @@ def test_a_convolution_with_other_strides_per_axis_reproduces_the_model():
     exported = export(model, (2, 4, 6), certify=False)
     x = torch.randn(2, 2, 4, 6)
     torch.testing.assert_close(exported(x), model.eval()(x), rtol=0, atol=0)
+
+
+class _BorrowedBias(nn.Module):
+    """A call with one layer's weight and another layer's bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.a.weight, self.b.bias)
+
+
+def test_a_call_with_another_layers_bias_keeps_that_bias():
+    """A linear call whose bias is another layer's is not that weight's layer: exported as it is,
+    it adds ``b.bias``, not ``a.bias``, and the export reproduces the model."""
+    torch.manual_seed(0)
+    model = _BorrowedBias()
+    exported = export(model, (4,), certify=False)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(exported(x), model(x), rtol=0, atol=0)
