@@ -147,3 +147,23 @@ def test_a_call_with_another_layers_bias_keeps_that_bias():
     exported = export(model, (4,), certify=False)
     x = torch.randn(3, 4)
     torch.testing.assert_close(exported(x), model(x), rtol=0, atol=0)
+
+
+class _Twice(nn.Module):
+    """One Gram convolution applied at two spatial sizes (8 x 8, then 4 x 4)."""
+
+    def __init__(self):
+        super().__init__()
+        from lipnet.nn import GramConv2d
+
+        self.conv = GramConv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.conv(x)[..., ::2, ::2])
+
+
+def test_a_layer_applied_at_two_sizes_is_named_not_blamed_on_the_input_shape():
+    """The error names the layer and its two sizes, as it is raised; it is not wrapped in the
+    message for a model that does not accept the input shape (which is fine here)."""
+    with pytest.raises(ValueError, match=r"^layer 'conv' is applied with inputs of spatial sizes \(8, 8\) and \(4, 4\)"):
+        export(_Twice(), (2, 8, 8), certify=False)
