@@ -167,3 +167,47 @@ def test_a_layer_applied_at_two_sizes_is_named_not_blamed_on_the_input_shape():
     message for a model that does not accept the input shape (which is fine here)."""
     with pytest.raises(ValueError, match=r"^layer 'conv' is applied with inputs of spatial sizes \(8, 8\) and \(4, 4\)"):
         export(_Twice(), (2, 8, 8), certify=False)
+
+
+class _ToFloat32(nn.Module):
+    """A dtype conversion, which torch.export records with a metadata assertion on its input."""
+
+    def forward(self, x):
+        return x.to(torch.float32)
+
+
+def test_a_model_that_converts_its_input_exports():
+    """torch.export pins a ``.to(dtype)`` with an ``_assert_tensor_metadata`` node (device and
+    dtype of the export): the exporter drops these assertions, which are not computations."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_ToFloat32(), GramLinear(4, 2))
+    exported = export(model, (4,), certify=False)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(exported(x), model(x), rtol=0, atol=0)
+
+
+class _Shift(nn.Module):
+    """A buffer used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("s", torch.tensor([1.0, 2.0, 3.0, 4.0]))
+
+    def forward(self, x):
+        return x * self.s + self.s
+
+
+def test_a_buffer_used_twice_exports():
+    """A stored tensor read by two operations is stored, and read, once in the archive."""
+    model = nn.Sequential(_Shift(), GramLinear(4, 2))
+    exported = export(model, (4,), certify=False)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(exported(x), model(x), rtol=0, atol=0)
+
+
+def test_a_complex_buffer_with_nan_is_named():
+    """A complex buffer with NaN makes the outputs NaN as a real one does: it is named at export."""
+    model = nn.Sequential(GramLinear(4, 2))
+    model.register_buffer("phase", torch.tensor([complex(float("nan"), 0.0)]))
+    with pytest.raises(ValueError, match="'phase' .* contains NaN"):
+        export(model, (4,), certify=False)
