@@ -211,3 +211,13 @@ def test_a_complex_buffer_with_nan_is_named():
     model.register_buffer("phase", torch.tensor([complex(float("nan"), 0.0)]))
     with pytest.raises(ValueError, match="'phase' .* contains NaN"):
         export(model, (4,), certify=False)
+
+
+@pytest.mark.parametrize("value, what", [(float("nan"), "NaN"), (float("inf"), "inf")])
+def test_a_non_finite_weight_is_named_with_what_it_holds(value, what):
+    """The error says whether the weight holds NaN or inf."""
+    model = nn.Sequential(GramLinear(4, 2))
+    with torch.no_grad():
+        model[0].weight[0, 0] = value
+    with pytest.raises(ValueError, match=f"contains {what},"):
+        export(model, (4,), certify=False)
