@@ -221,3 +221,15 @@ def test_a_non_finite_weight_is_named_with_what_it_holds(value, what):
         model[0].weight[0, 0] = value
     with pytest.raises(ValueError, match=f"contains {what},"):
         export(model, (4,), certify=False)
+
+
+def test_an_export_under_inference_mode_reproduces_the_model():
+    """Called under ``torch.inference_mode()`` (as serving code may be), the export copies the
+    model outside it: the Gram layers' weight cache needs version counters, which inference
+    tensors lack."""
+    torch.manual_seed(0)
+    model = nn.Sequential(GramLinear(4, 2))
+    with torch.inference_mode():
+        exported = export(model, (4,), certify=False)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(exported(x), model(x), rtol=0, atol=0)
