@@ -67,6 +67,12 @@ SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]
 SECTIONS = ("accuracy", "gaps", "ops", "layer", "network")
 
 
+def error_line(error: BaseException) -> str:
+    """``"Type: first line of the message"``, at most 300 characters: how a failed part is reported."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
 def timed(fn, device, repeat: int, warmup: int = 2) -> float:
     """Median wall time of ``fn()`` in milliseconds (device-synchronized)."""
     for _ in range(warmup):
@@ -211,7 +217,7 @@ def layer_times(c: int, n: int, batch: int, device, repeat: int, compile_: bool 
         try:  # a failed capture keeps this shape's other figures
             out["gram_graphs_step_ms"] = timed(with_bound_graphs(step_of(layers["gram_graphs"])), device, repeat)
         except Exception as error:
-            out["graphs_error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+            out["graphs_error"] = error_line(error)
             print(f"  FAILED gram_graphs step at c={c}, n={n}: {out['graphs_error']}", flush=True)
     base = out["conv2d_step_ms"]
     for name in layers:
@@ -229,7 +235,7 @@ def layer_times(c: int, n: int, batch: int, device, repeat: int, compile_: bool 
             try:
                 out[f"{name}_compiled_step_ms"] = timed(step, device, repeat, warmup=3)
             except Exception as error:  # a failed compilation keeps this shape's eager figures
-                out["compile_error"] = f"{name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+                out["compile_error"] = f"{name}: {error_line(error)}"[:300]
                 print(f"  FAILED compiled {name} step at c={c}, n={n}: {out['compile_error']}", flush=True)
                 return out
         out["gram_compiled_ratio"] = out["gram_compiled_step_ms"] / out["conv2d_compiled_step_ms"]
@@ -344,7 +350,7 @@ def network_throughput(nets: dict[str, nn.Module], batch: int, device, repeat: i
             try:
                 ms = timed(step, device, repeat, warmup=3 if mode == "compiled" else 1)
             except Exception as error:  # e.g. a compilation: the other networks still run
-                message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+                message = error_line(error)
                 out.setdefault("errors", {})[key] = message
                 print(f"  FAILED {key}: {message}", flush=True)
                 continue
@@ -373,7 +379,7 @@ class Section:
         failed = isinstance(error, Exception)
         if failed:
             traceback.print_exception(kind, error, tb)
-            message = f"{kind.__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+            message = error_line(error)
             self.results.setdefault("errors", {})[self.name] = message
             print(f"SECTION {self.name} FAILED: {message}", flush=True)
         self.save()
