@@ -229,21 +229,26 @@ def resolve_padding(padding, kernel_size: tuple[int, int], dilation: tuple[int, 
                 pads.append((total // 2, total - total // 2))
             return tuple(pads)
         raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-    ph, pw = pair(padding)
+    ph, pw = pair(padding, "padding")
     return ((ph, ph), (pw, pw))
 
 
-def pair(value) -> tuple[int, int]:
+def pair(value, name: str = "value") -> tuple[int, int]:
     """``int`` or pair -> pair of ints (like ``torch.nn.modules.utils._pair``); any integer type
-    (``numpy.int64``, ...) counts, floats do not."""
-    if isinstance(value, numbers.Integral):
+    (``numpy.int64``, ...) counts, floats and bools do not (``F.conv2d`` refuses ``stride=True``);
+    ``name`` says in the error what the value was."""
+    if _is_int(value):
         return (operator.index(value), operator.index(value))
     if isinstance(value, str) or not hasattr(value, "__len__"):
-        raise ValueError(f"expected an int or a pair of ints, got {value!r}")
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     value = tuple(value)
-    if len(value) != 2 or not all(isinstance(v, numbers.Integral) for v in value):
-        raise ValueError(f"expected an int or a pair of ints, got {value!r}")
+    if len(value) != 2 or not all(_is_int(v) for v in value):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     return tuple(operator.index(v) for v in value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def axis_norm_factor(h: AxisEmbedding, w: AxisEmbedding) -> float:

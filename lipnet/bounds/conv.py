@@ -27,6 +27,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -78,8 +79,8 @@ def conv2d_embedding(
     padding_mode: str = "zeros",
 ) -> ConvEmbedding:
     """Circulant embedding of a 2-D convolution (arguments as in ``nn.Conv2d``)."""
-    kernel_size, input_size = pair(kernel_size), pair(input_size)
-    stride, dilation = pair(stride), pair(dilation)
+    kernel_size, input_size = pair(kernel_size, "kernel size"), pair(input_size, "input size")
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
     pads = resolve_padding(padding, kernel_size, dilation, stride)
     # The cache is for eager calls; a compiled graph computes the embedding once anyway
     # (and dynamo would warn that it ignores the cache wrapper).
@@ -329,6 +330,8 @@ def conv2d_spectral_norm(
                          f"groups, k_h, k_w) for L stacked kernels, got {tuple(weight.shape)}")
     if weight.is_complex():
         raise TypeError("conv2d_spectral_norm expects a real kernel")
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"conv2d: groups must be a positive int, got {groups!r}")
     embedding = conv2d_embedding(weight.shape[-2:], input_size, stride=stride, padding=padding,
                                  dilation=dilation, padding_mode=padding_mode)
     with autocast_disabled(weight.device.type), ieee_float32_matmuls():
@@ -361,6 +364,8 @@ def conv1d_as_conv2d(stride=1, padding=0, dilation=1) -> dict:
             if len(value) != 1:
                 raise ValueError(f"a 1-D convolution's {name} must be an int or a 1-tuple, got {value!r}")
             (value,) = value
+        if isinstance(value, bool):
+            raise ValueError(f"a 1-D convolution's {name} must be an int or a 1-tuple, got {value!r}")
         return value
 
     padding = padding if isinstance(padding, str) else (0, single(padding, "padding"))

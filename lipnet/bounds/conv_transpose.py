@@ -16,6 +16,8 @@ arXiv:1603.07285 (2016), section 4 (transposed convolution as the adjoint of the
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from lipnet.bounds.circulant import pair
@@ -36,11 +38,9 @@ def conv_transpose2d_output_size(input_size, kernel_size, *, stride=1, padding=0
         (32, 32)
     """
     sizes = []
-    for axis, (n, k, s, p, o, d) in enumerate(zip(*(pair(value) for value in (
-            input_size, kernel_size, stride, padding, output_padding, dilation)))):
-        if any(isinstance(value, bool) or not isinstance(value, int) for value in (n, k, s, p, o, d)):
-            raise TypeError(f"conv_transpose2d: sizes and settings must be ints, got input size {n!r}, kernel "
-                            f"{k!r}, stride {s!r}, padding {p!r}, output_padding {o!r}, dilation {d!r}")
+    for axis, (n, k, s, p, o, d) in enumerate(zip(*(pair(value, name) for value, name in (
+            (input_size, "input size"), (kernel_size, "kernel size"), (stride, "stride"), (padding, "padding"),
+            (output_padding, "output_padding"), (dilation, "dilation"))))):
         if n < 1 or k < 1 or s < 1 or d < 1 or p < 0 or o < 0:
             raise ValueError(f"conv_transpose2d: axis {axis} has input size {n}, kernel {k}, stride {s}, dilation "
                              f"{d}, padding {p}, output_padding {o}; sizes, kernel, stride and dilation must be >= 1, "
@@ -96,7 +96,7 @@ def conv_transpose2d_spectral_norm(
         >>> bool(out.norm() <= bound * y.norm())
         True
     """
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
         raise ValueError(f"conv_transpose2d: groups must be a positive int, got {groups!r}")
     if weight.dim() in (4, 5) and weight.shape[-4] % groups:
         raise ValueError(f"conv_transpose2d: in_channels ({weight.shape[-4]}, the first dimension of a weight of shape "

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lipnet.bounds import (
+    conv1d_spectral_norm,
     conv2d_embedding,
     conv2d_power_iteration,
     conv2d_spectral_norm,
@@ -409,3 +410,39 @@ def test_integer_arguments_of_any_integer_type_are_accepted_as_nn_conv2d_does():
         assert torch.equal(got, reference)
     with pytest.raises(ValueError, match="pair of ints"):
         conv2d_spectral_norm(w, 8, stride=2.0)
+
+
+@pytest.mark.parametrize("bound, setting, value, name", [
+    ("conv2d", "stride", True, "stride"),
+    ("conv2d", "padding", True, "padding"),
+    ("conv2d", "dilation", (1, True), "dilation"),
+    ("conv2d", "input_size", True, "input size"),
+    ("conv2d", "groups", True, "groups"),
+    ("conv2d", "groups", 0, "groups"),
+    ("conv2d", "groups", -1, "groups"),
+    ("conv1d", "stride", True, "stride"),
+    ("conv1d", "padding", (True,), "padding"),
+    ("conv1d", "groups", False, "groups"),
+    ("conv_transpose2d", "stride", True, "stride"),
+    ("conv_transpose2d", "output_padding", False, "output_padding"),
+    ("conv_transpose2d", "groups", True, "groups"),
+])
+def test_settings_pytorch_refuses_are_refused_by_name(bound, setting, value, name):
+    """``F.conv2d`` and ``F.conv_transpose2d`` refuse a bool stride, padding, dilation or groups
+    (and groups below 1): the bounds refuse them too, naming the setting, rather than bound an
+    operator PyTorch never applies (a bool was taken as 1, groups 0 divided by zero)."""
+    from lipnet.bounds.conv_transpose import conv_transpose2d_spectral_norm
+
+    functions = dict(conv2d=conv2d_spectral_norm, conv1d=conv1d_spectral_norm,
+                     conv_transpose2d=conv_transpose2d_spectral_norm)
+    weight = torch.randn(4, 4, 3) if bound == "conv1d" else torch.randn(4, 4, 3, 3)
+    kwargs = {"input_size": 8, setting: value}
+    with pytest.raises(ValueError, match=name):
+        functions[bound](weight, **kwargs)
+
+
+def test_groups_of_any_integer_type_are_accepted():
+    import numpy as np
+
+    weight = torch.randn(4, 2, 3, 3)
+    assert torch.equal(conv2d_spectral_norm(weight, 8, groups=np.int64(2)), conv2d_spectral_norm(weight, 8, groups=2))
