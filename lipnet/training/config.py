@@ -284,7 +284,12 @@ def _is_plain(value) -> bool:
 
 def parse_number(text: str) -> float:
     """``"0.5"``, ``"36/255"`` -> float."""
-    return float(Fraction(text.strip())) if "/" in text else float(text)
+    if "/" not in text:
+        return float(text)
+    try:
+        return float(Fraction(text.strip()))
+    except ZeroDivisionError:
+        raise ValueError("the fraction's denominator is 0") from None
 
 
 def _parse(text: str, kind, key: str):

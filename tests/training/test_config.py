@@ -24,6 +24,7 @@ def test_model_kwargs_given_twice_are_merged():
     (["--epoch", "3"], "unknown setting --epoch"),
     (["--epochs"], "needs a value"),
     (["--epochs", "three"], "cannot parse 'three'"),
+    (["--train-eps", "36/0"], "cannot parse '36/0': the fraction's denominator is 0"),
     (["--flip", "maybe"], "expected true or false"),
     (["--loss", "mse"], "loss must be one of"),
     (["--model-kwargs", "[1]"], "JSON object"),
