@@ -56,6 +56,9 @@ class AuditResult:
     Attributes:
         eps: the attack radius (L2).
         version: ``"standard"`` AutoAttack or ``"apgd"`` (APGD-CE + APGD-T only).
+        attacks: the attacks that ran, AutoAttack's names: ``version``'s, less those that do not
+            apply (APGD-T with fewer than 4 classes; Square on inputs that are not images at least
+            5 pixels high); empty when no point was attacked.
         n: examples audited.
         n_correct, n_certified: correctly classified, and certified at ``eps`` (radius ``> eps``).
         n_robust: correct points the attack did not break within ``eps`` (``None`` when only
@@ -70,6 +73,7 @@ class AuditResult:
 
     eps: float
     version: str
+    attacks: tuple[str, ...]
     n: int
     n_correct: int
     n_certified: int
@@ -104,7 +108,7 @@ class AuditResult:
 
     def to_dict(self) -> dict:
         return {
-            "eps": self.eps, "version": self.version, "n": self.n, "clean_accuracy": self.clean_accuracy,
+            "eps": self.eps, "version": self.version, "attacks": list(self.attacks), "n": self.n, "clean_accuracy": self.clean_accuracy,
             "certified_accuracy": self.certified_accuracy, "robust_accuracy": self.robust_accuracy,
             "n_correct": self.n_correct, "n_certified": self.n_certified, "n_robust": self.n_robust,
             "n_attacked": self.n_attacked, "n_broken": self.n_broken, "n_certified_broken": self.n_failures,
@@ -123,7 +127,8 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, ver
         x, y: inputs (float in ``[0, 1]``, or uint8 images scaled by 1/255) and labels.
         eps: L2 attack radius.
         version: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square) or ``"apgd"`` (APGD-CE and
-            APGD-T: a quick check).
+            APGD-T: a quick check). APGD-T needs 4 classes and Square images ``(C, H, W)`` with
+            ``H >= 5``; each is left out where it does not apply (``AuditResult.attacks``).
         certification: result of :func:`certified_accuracy` on exactly ``(x, y)``; computed
             if not given.
         attack: ``"correct"`` attacks every correctly classified point (gives the robust
@@ -176,9 +181,9 @@ def _audit(model, x, y, eps, *, version, certification, attack, on_failure, batc
     attacked = _FloatLogits(model)
     with evaluating(model), frozen(model):
         if index.numel():
-            x_adv = _run_autoattack(attacked, x[index], y[index], eps, version, batch_size, device, seed)
+            x_adv, attacks = _run_autoattack(attacked, x[index], y[index], eps, version, batch_size, device, seed)
         else:
-            x_adv = x[index]
+            x_adv, attacks = x[index], ()
         misclassified, provably = _exact_misclassification(model, x_adv, y[index], batch_size, device)
 
     # Distances between the inputs as the model sees them (its dtype), as certified.
@@ -193,6 +198,7 @@ def _audit(model, x, y, eps, *, version, certification, attack, on_failure, batc
     result = AuditResult(
         eps=float(eps),
         version=version,
+        attacks=attacks,
         n=x.shape[0],
         n_correct=n_correct,
         n_certified=int((radii > eps).sum()),
@@ -241,22 +247,28 @@ class _FloatLogits(nn.Module):
         return self.model(x.to(self.dtype)).float()
 
 
-def _attacks(version: str, n_classes: int) -> list[str]:
-    """The attacks of ``version`` that make sense with ``n_classes`` (DLR losses need >= 3 or 4)."""
-    attacks = list(VERSIONS[version])
+def _attacks(version: str, n_classes: int, example_shape: tuple[int, ...]) -> tuple[str, ...]:
+    """The attacks of ``version`` that apply to ``n_classes`` and inputs of ``example_shape``: the
+    targeted DLR loss of APGD-T needs 4 classes; Square's L2 initialization tiles images ``(C, H, W)``
+    with squares of side ``H // 5`` (it fails on vectors and on images under 5 pixels high)."""
+    attacks = VERSIONS[version]
     if n_classes < 4:
-        attacks = [a for a in attacks if a not in ("apgd-t",)]
+        attacks = tuple(a for a in attacks if a != "apgd-t")
+    if len(example_shape) != 3 or example_shape[1] < 5:
+        attacks = tuple(a for a in attacks if a != "square")
     return attacks
 
 
 def _run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str,
-                    batch_size: int, device, seed: int) -> torch.Tensor:
+                    batch_size: int, device, seed: int) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """Adversarial examples of ``x`` and the names of the attacks that made them."""
     from pyautoattack import AutoAttack  # imported here: ``import lipnet`` does not need it
 
     with torch.no_grad():
         n_classes = model(x[:1].to(device)).shape[1]
+    attacks = _attacks(version, n_classes, tuple(x.shape[1:]))
     adversary = AutoAttack(model, norm="L2", eps=float(eps), version="custom", seed=seed, device=device,
-                           attacks=_attacks(version, n_classes))
+                           attacks=list(attacks))
     # The settings of AutoAttack's standard L2 version, with as many targets as there are classes.
     adversary.apgd.n_restarts = 1
     adversary.apgd_targeted.n_restarts = 1
@@ -269,7 +281,7 @@ def _run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     # the caller's random state is put back afterwards.
     with torch.random.fork_rng(devices=_cuda_devices(device)):
         x_adv = adversary.run_standard_evaluation(x.to(device), y.to(device), batch_size=batch_size)[0]
-    return x_adv.detach().float().cpu()
+    return x_adv.detach().float().cpu(), attacks
 
 
 def _cuda_devices(device) -> list[int]:

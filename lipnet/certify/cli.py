@@ -147,8 +147,9 @@ def _certify(args, model, info, data, device, screened: bool) -> int:
                                 attack="correct", on_failure="warn", batch_size=min(args.batch_size, 250),
                                 device=device))
             done = audits[-1]
-            print(f"AutoAttack at eps {eps:.6g}: {done.n_broken} of {done.n_attacked} attacked broken within eps, "
-                  f"{done.n_failures} certified point(s) broken ({time.perf_counter() - started:.0f} s)",
+            print(f"AutoAttack at eps {eps:.6g} ({', '.join(done.attacks) or 'no attack'}): {done.n_broken} of "
+                  f"{done.n_attacked} attacked broken within eps, {done.n_failures} certified point(s) broken "
+                  f"({time.perf_counter() - started:.0f} s)",
                   file=sys.stderr, flush=True)
     print(format_table(result, audits))
     summary = {"checkpoint": str(args.checkpoint), "data": data.info.name, "split": args.split,

@@ -8,7 +8,7 @@ from torch import nn
 
 from lipnet.certify import SoundnessError, SoundnessWarning, audit, certified_accuracy, register_lipschitz_bound
 from lipnet.certify.lipschitz import _REGISTRY
-from lipnet.nn import GramConv2d
+from lipnet.nn import GramConv2d, GramLinear
 
 
 class Amplify(nn.Module):
@@ -111,7 +111,7 @@ def test_breaks_just_past_eps_by_float32_projection_count(trained_net, blobs, mo
     x, y = blobs(32, seed=17)
     j = int((y != y[0]).nonzero()[0])  # an example of another class: misclassified as y[0]
     distance = (x[j].double() - x[0].double()).norm().item()
-    monkeypatch.setattr(audit_module, "_run_autoattack", lambda model, xs, *args: x[j:j + 1].clone())
+    monkeypatch.setattr(audit_module, "_run_autoattack", lambda model, xs, *args: (x[j:j + 1].clone(), ("apgd-ce",)))
     x0, y0 = x[:1], y[:1]
     just_past = audit(trained_net, x0, y0, distance * (1 - 1e-7), version="apgd")
     assert just_past.n_broken == 1 and just_past.robust_accuracy == 0.0 and just_past.sound
@@ -164,7 +164,41 @@ def test_labels_of_any_integer_dtype_are_audited_alike(trained_net, blobs):
 def test_a_device_naming_the_models_device_is_accepted(trained_net, blobs, monkeypatch):
     """device='cpu:0' for a CPU model: certified_accuracy inside the audit refused it."""
     audit_module = importlib.import_module("lipnet.certify.audit")
-    monkeypatch.setattr(audit_module, "_run_autoattack", lambda model, xs, *args: xs.clone())
+    monkeypatch.setattr(audit_module, "_run_autoattack", lambda model, xs, *args: (xs.clone(), ("apgd-ce",)))
     x, y = blobs(4, seed=19)
     result = audit(trained_net, x, y, 0.1, version="apgd", device="cpu:0")
     assert result.sound and result.n_broken == 0
+
+
+@pytest.mark.parametrize("example_shape, n_classes, expected", [
+    ((3, 32, 32), 10, ("apgd-ce", "apgd-t", "fab-t", "square")),
+    ((1, 5, 2), 10, ("apgd-ce", "apgd-t", "fab-t", "square")),
+    ((1, 4, 4), 10, ("apgd-ce", "apgd-t", "fab-t")),
+    ((64,), 10, ("apgd-ce", "apgd-t", "fab-t")),
+    ((1, 1, 8, 8), 10, ("apgd-ce", "apgd-t", "fab-t")),
+    ((3, 32, 32), 3, ("apgd-ce", "fab-t", "square")),
+])
+def test_attacks_that_cannot_run_on_the_inputs_are_left_out(example_shape, n_classes, expected):
+    """Square's L2 initialization tiles images (C, H, W) in squares of side H // 5, and fails on
+    anything else; APGD-T's targeted loss needs 4 classes."""
+    audit_module = importlib.import_module("lipnet.certify.audit")
+    assert audit_module._attacks("standard", n_classes, example_shape) == expected
+
+
+@pytest.mark.parametrize("shape", [(16,), (1, 4, 4)])
+def test_standard_audit_of_inputs_square_cannot_attack_runs_the_other_attacks(shape):
+    """Vectors and images under 5 pixels high: the standard audit runs without Square, which
+    failed inside AutoAttack on them (ZeroDivisionError, or a shape that does not unpack), and says so."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), GramLinear(16, 4)).eval()
+    x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(0))
+    y = net(x).argmax(dim=1)
+    result = audit(net, x, y, 0.05, version="standard")
+    assert result.sound and result.n_attacked == 3
+    assert result.attacks == ("apgd-ce", "apgd-t", "fab-t") and result.to_dict()["attacks"] == list(result.attacks)
+
+
+def test_an_audit_that_attacks_no_point_ran_no_attack(trained_net, blobs):
+    x, y = blobs(8, seed=3)
+    wrong = (y + 1) % 4
+    assert audit(trained_net, x, wrong, 0.1, version="apgd", attack="certified").attacks == ()

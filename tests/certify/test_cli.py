@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -55,12 +56,16 @@ def test_cli_writes_table_json_and_plot(checkpoint, tmp_path, capsys):
     # Each radius is logged as it is audited (a log cut off by a time limit keeps them).
     logged = [line for line in captured.err.splitlines() if line.startswith("AutoAttack at eps")]
     assert len(logged) == 2 and all(", 0 certified point(s) broken (" in line for line in logged), captured.err
+    # ... with the attacks that ran (none when the untrained model classifies none of the 16 right).
+    assert all(re.match(rf"AutoAttack at eps {eps} \((apgd-ce, apgd-t|no attack)\): ", line)
+               for line, eps in zip(logged, ["0.141176", "0.5"])), logged
     summary = json.loads((out / "certify.json").read_text())
     assert summary["n"] == 64 and summary["data"] == "fashion-mnist"
     assert [e["eps"] for e in summary["certified_accuracy"]] == [36 / 255, 0.5]
     assert len(summary["autoattack"]) == 2
     for attack, certified in zip(summary["autoattack"], summary["certified_accuracy"]):
         assert attack["n"] == 16 and attack["n_certified_broken"] == 0 and attack["sound"]
+        assert attack["attacks"] == (["apgd-ce", "apgd-t"] if attack["n_attacked"] else [])
     png = (out / "certified_accuracy.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
