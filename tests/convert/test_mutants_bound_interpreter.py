@@ -227,3 +227,91 @@ def test_a_broadcast_constant_operand_of_a_sum_is_allowed():
     c = torch.ones(4, dtype=torch.float64)
     assert bound_of(lambda m, x: x + m.c, c=c) == 1.0
     assert bound_of(lambda m, x: m.c - x, c=c) == 1.0
+
+
+def _tanh_into_a_constant(m, x):
+    c = torch.zeros(x.shape, dtype=x.dtype)
+    torch.tanh(x * 1.0, out=c)  # c, a constant node (bound 0), now holds tanh(x)
+    return x * 1e-3 + c
+
+
+def test_a_result_written_into_a_constant_with_out_is_refused():
+    """``torch.tanh(x, out=c)`` into a factory's tensor ``c``: the graph reads ``c`` as a constant
+    (bound 0), but it holds ``tanh(x)``; ``x / 1000 + c`` has Lipschitz about 1, not ``1e-3``. No
+    parameter, buffer or input is written, so only the refusal of ``out=`` stands in the way."""
+    module = Graph(_tanh_into_a_constant).eval()
+    a = torch.zeros(1, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert float((module(a + 1e-3) - module(a)).norm() / (1e-3 * 2)) > 0.5
+    with pytest.raises(LipschitzBoundError, match=r"out="):
+        traced_lipschitz_bound(module, (4,))
+
+
+def _resized_factor(m, x):
+    c = torch.ones(x.shape[1:], dtype=x.dtype).resize_(8)  # entries 4 to 7: whatever memory held
+    return x * c[4:]
+
+
+def test_a_constant_resized_in_place_is_refused():
+    """``resize_`` gives a constant new entries holding arbitrary memory: a factor read from them
+    differs from run to run, so no bound taken from one run holds; refused as a memory change."""
+    with pytest.raises(LipschitzBoundError, match=r"resize_"):
+        bound_of(_resized_factor)
+
+
+def test_a_factor_of_uninitialized_memory_is_refused():
+    """``x * torch.empty(x.shape)``: the factor holds whatever memory was there, a different value
+    for every example and every call, so it is refused like a factor read from the batch's shape
+    (``torch.full(x.shape, 2.0)`` would be a constant the same for every example)."""
+    with pytest.raises(LipschitzBoundError, match="computed from the shape"):
+        bound_of(lambda m, x: x * torch.empty(x.shape, dtype=x.dtype))
+    assert bound_of(lambda m, x: x * torch.full(x.shape, 2.0, dtype=x.dtype)) == 2.0
+
+
+def _scales_examples_from_the_fourth(m, x):
+    c = torch.ones(x.shape, dtype=x.dtype)
+    c[3:].mul_(100.0)  # empty at the traced batch sizes 1 to 3
+    return x * c
+
+
+def test_a_constant_written_in_part_along_the_batch_is_refused():
+    """``c = torch.ones(x.shape); c[3:].mul_(100)``: the same for every example at batch sizes 1 to
+    3, where the graph is checked, but 100 for the fourth example of a larger batch; ``x * c``
+    then has Lipschitz 100 there. Refused, not bounded by 1."""
+    module = Graph(_scales_examples_from_the_fourth).eval()
+    x = torch.zeros(4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert float((module(x + 1) - module(x))[3].norm() / 2) == 100.0
+    with pytest.raises(LipschitzBoundError, match="computed from the shape"):
+        traced_lipschitz_bound(module, (4,))
+
+
+
+def _scaled_in_place_through_an_alias(m, x):
+    h = x * 2.0
+    g = h.contiguous()  # the same tensor as h, which is not read again
+    return g.mul_(3.0)
+
+
+def test_an_in_place_write_into_memory_no_later_node_reads_is_allowed():
+    """``g = h.contiguous(); g.mul_(3)``: ``g`` is ``h`` itself, but ``h`` is read by no node after
+    the write, so no bound is invalidated: allowed, with bound ``2 * 3``."""
+    module = Graph(_scaled_in_place_through_an_alias).eval()
+    assert traced_lipschitz_bound(module, (4,)) == 6.0
+    # The rounding pass keeps every value (h among them) while it runs: the same graph is accepted.
+    h = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y, error = traced_lipschitz_bound.propagate_rounding(
+        module, h, torch.zeros(2, dtype=torch.float64), {}, lambda child, x, e, bounds: (child(x), e))
+    assert torch.equal(y, h * 2.0 * 3.0) and bool((error >= 0).all())
+
+
+@pytest.mark.xfail(strict=True, reason="bound_interpreter.py:355 refuses every keyword of a product or quotient "
+                                       "with the message for two input-dependent operands; the rounding_mode "
+                                       "check at line 382 is unreachable")
+def test_a_rounded_division_by_a_constant_is_refused_for_its_rounding_mode():
+    """``x.div(2, rounding_mode='floor')`` is a step function (not Lipschitz): refused, and the
+    message should say why (its rounding mode), not that it is a product or quotient of two values
+    that depend on the input (only ``x`` does)."""
+    with pytest.raises(LipschitzBoundError) as info:
+        bound_of(lambda m, x: x.div(2, rounding_mode="floor"))
+    assert "two values that depend on the input" not in str(info.value)
