@@ -315,3 +315,22 @@ def test_a_rounded_division_by_a_constant_is_refused_for_its_rounding_mode():
     with pytest.raises(LipschitzBoundError) as info:
         bound_of(lambda m, x: x.div(2, rounding_mode="floor"))
     assert "two values that depend on the input" not in str(info.value)
+
+
+@pytest.mark.xfail(strict=True, reason="bound_interpreter.py:392-397 gives tanh the bound L(u) of its operand "
+                                       "for complex values too; complex tanh has poles at i*pi/2 (i*tan on the "
+                                       "imaginary axis), so it is not Lipschitz at all")
+def test_tanh_of_a_complex_value_is_refused_or_bounded_above_its_slopes():
+    """``tanh(1j * x)`` is ``1j * tan(x)``: slope ``1 / cos(x)^2``, about 200 at ``x = 1.5`` and
+    unbounded near ``pi / 2``. The rule "tanh is 1-Lipschitz" holds for real values only."""
+    c = torch.tensor(1j, dtype=torch.complex128)
+    module = Graph(lambda m, x: torch.tanh(x * m.c), c=c).eval()
+    a, step = torch.full((1, 4), 1.5, dtype=torch.float64), 1e-6
+    with torch.no_grad():
+        slope = float((module(a + step) - module(a)).abs().norm() / (step * 2))  # |d| = step * sqrt(4)
+    assert slope > 100
+    try:
+        bound = traced_lipschitz_bound(module, (4,))
+    except LipschitzBoundError:
+        return
+    assert bound >= slope
