@@ -305,6 +305,19 @@ def test_an_in_place_write_into_memory_no_later_node_reads_is_allowed():
     assert torch.equal(y, h * 2.0 * 3.0) and bool((error >= 0).all())
 
 
+
+def _factor_of_the_dtype_of_a_reshaped_value(m, x):
+    y = x.reshape(x.shape[0], 4)  # the batch size as read, where a reshape may take it
+    return y * torch.full((4,), 2.0, dtype=y.dtype)
+
+
+def test_a_factor_given_the_dtype_of_a_value_shaped_by_the_batch_size_is_allowed():
+    """The search for shape numbers behind a factor stops at values that depend on the input: the
+    factor ``torch.full((4,), 2.0, dtype=y.dtype)`` reads ``y``'s dtype, not the batch size that
+    ``y``'s reshape was given, so ``y * factor`` is bounded by 2, not refused."""
+    assert bound_of(_factor_of_the_dtype_of_a_reshaped_value) == 2.0
+
+
 @pytest.mark.xfail(strict=True, reason="bound_interpreter.py:355 refuses every keyword of a product or quotient "
                                        "with the message for two input-dependent operands; the rounding_mode "
                                        "check at line 382 is unreachable")
