@@ -16,6 +16,7 @@ from lipnet.convert.graph import (
     _ELEMENTWISE,
     _FACTORIES,
     _MEMORY_CHANGES,
+    _LINEAR_ONE_LIPSCHITZ,
     _ONE_LIPSCHITZ,
     _REARRANGEMENTS,
     _SCALINGS,
@@ -352,8 +353,10 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self.rule[node] = ("linear", terms)
             return total
         if target in _SCALINGS:
-            if len(dependent) != 1 or len(node.args) != 2 or node.kwargs:
+            if len(dependent) != 1:
                 self.fail(node, "a product or quotient of two values that depend on the input")
+            if len(node.args) != 2 or set(node.kwargs) - {"rounding_mode"}:
+                self.fail(node, "a product or quotient with arguments other than its two operands")
             u = dependent[0]
             other = node.args[1] if node.args[0] is u else node.args[0]
             if isinstance(other, torch.fx.Node) and self._reads_shape_number(other):
@@ -379,8 +382,11 @@ class _BoundInterpreter(torch.fx.Interpreter):
             if self.env[u].shape != value.shape:
                 self.fail(node, "a non-constant operand is broadcast (its entries are copied)")
             if target in (operator.truediv, operator.itruediv, torch.div, "div", "div_"):
-                if node.args[0] is not u or node.kwargs.get("rounding_mode") is not None:
+                if node.args[0] is not u:
                     self.fail(node, "division by a value that depends on the input")
+                if node.kwargs.get("rounding_mode") is not None:
+                    self.fail(node, f"a division that rounds (rounding_mode={node.kwargs['rounding_mode']!r}): a step "
+                                    "function, not Lipschitz")
                 factor = math.inf if small == 0 else math.nextafter(1 / small, math.inf)
             else:
                 factor = big
@@ -390,6 +396,9 @@ class _BoundInterpreter(torch.fx.Interpreter):
             return mul_up(factor, self.bound[u])
         single = len(dependent) == 1 and node.args and node.args[0] is dependent[0]
         if target in _ONE_LIPSCHITZ and single:
+            if target not in _LINEAR_ONE_LIPSCHITZ and self.env[dependent[0]].is_complex():
+                self.fail(node, "an activation of a complex value (complex tanh has poles on the imaginary axis: it "
+                                "is not Lipschitz); only real activations have a rule")
             if target is F.dropout and not (node.kwargs.get("training") is False or
                                             (len(node.args) > 2 and node.args[2] is False)):
                 self.fail(node, "dropout that may be active (training not False)")

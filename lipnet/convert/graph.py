@@ -61,8 +61,9 @@ def _trace(module: nn.Module) -> torch.fx.GraphModule:
 _SUMS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, "add", "sub", "add_", "sub_"}
 _SCALINGS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", operator.truediv, operator.itruediv, torch.div,
              "div", "div_"}
-_ONE_LIPSCHITZ = {torch.relu, F.relu, "relu", "relu_", torch.tanh, F.tanh, "tanh", F.hardtanh, operator.neg,
-                  torch.neg, "neg", F.dropout}
+#: 1-Lipschitz for real values; the linear ones (negation, inactive dropout) for complex values too.
+_LINEAR_ONE_LIPSCHITZ = {operator.neg, torch.neg, "neg", F.dropout}
+_ONE_LIPSCHITZ = {torch.relu, F.relu, "relu", "relu_", torch.tanh, F.tanh, "tanh", F.hardtanh, *_LINEAR_ONE_LIPSCHITZ}
 _REARRANGEMENTS = {torch.flatten, "flatten", "view", "reshape", torch.reshape, "permute", torch.permute,
                    "transpose", torch.transpose, "contiguous", "squeeze", torch.squeeze, "unsqueeze", torch.unsqueeze,
                    "clone"}
