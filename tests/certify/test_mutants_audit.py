@@ -294,3 +294,25 @@ def test_frozen_and_evaluating_restore_the_model_after_an_exception():
             raise RuntimeError("attack failed")
     assert [p.requires_grad for p in net.parameters()] == flags
     assert [m.training for m in net.modules()] == modes
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: version='standard' (the default) runs pyautoattack's L2 Square attack, "
+                   "which needs images (N, C, H, W) of at least 5 pixels a side; other inputs crash inside it "
+                   "(ValueError: not enough values to unpack; ZeroDivisionError for h // 5 == 0) instead of being "
+                   "refused with a message or audited without Square")
+@pytest.mark.parametrize("shape", [(6,), (1, 4, 4)])
+def test_standard_audit_of_inputs_square_cannot_attack_is_refused_or_runs(linear_bound, shape):
+    """Vectors or 4x4 images under version='standard': the audit either runs (without Square) or
+    refuses with a ValueError that points at version='apgd'; no error from inside AutoAttack."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6 if len(shape) == 1 else 16, 4)).eval()
+    with torch.no_grad():
+        net[1].weight.div_(torch.linalg.matrix_norm(net[1].weight, ord=2))
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+    y = net(x).argmax(dim=1)
+    try:
+        result = audit(net, x, y, 0.3, version="standard")
+    except ValueError as error:
+        assert "apgd" in str(error), error
+    else:
+        assert result.sound and result.n_attacked == 2
