@@ -316,3 +316,18 @@ def test_standard_audit_of_inputs_square_cannot_attack_is_refused_or_runs(linear
         assert "apgd" in str(error), error
     else:
         assert result.sound and result.n_attacked == 2
+
+
+def test_distances_are_those_between_the_inputs_the_model_sees(monkeypatch, linear_bound):
+    """A bfloat16 model sees its inputs rounded to bfloat16 (8 bits), as certified: the distance of an
+    attack is measured there, not between the float32 points. With a radius between the two
+    distances, only the one the model sees decides whether the break is a failure."""
+    net = identity_net(dtype=torch.bfloat16)
+    x_adv = torch.tensor([[0.2013, 0.8017]])
+    seen = float((x_adv.to(torch.bfloat16).double() - X.to(torch.bfloat16).double()).norm())
+    raw = float((x_adv.double() - X.double()).norm())
+    assert seen < raw - 1e-4  # the premise: rounding to bfloat16 shortens the distance
+    radius = (seen + raw) / 2
+    with pytest.warns(SoundnessWarning, match="broke 1 certified"):
+        result = run(monkeypatch, net, X, Y, 2.0, [radius], lambda xs: x_adv, on_failure="warn")
+    assert result.failures.tolist() == [0] and float(result.failure_distances[0]) == seen

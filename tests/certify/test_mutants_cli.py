@@ -212,3 +212,24 @@ def test_errors_while_loading_or_certifying_exit_2(tmp_path, checkpoint, monkeyp
     monkeypatch.setattr(importlib.import_module("lipnet.data"), "load_dataset", value_error)
     assert run_main(checkpoint, tmp_path / "d", "--eps", "0.1") == 2
     assert "labels must lie in [0, 10)" in capsys.readouterr().err
+
+
+def test_the_plotted_curve_is_the_certified_accuracy_up_to_the_largest_finite_radius(tmp_path, small_net, blobs,
+                                                                                     monkeypatch):
+    """The curve is the share of radii strictly above each eps (radius 0 is not certified at 0), and
+    the axis runs 5% past the largest finite radius (an infinite one is left out) or the largest eps."""
+    from matplotlib.axes import Axes
+
+    from lipnet.certify.cli import plot_certified_accuracy
+
+    calls = []
+    original = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *args, **kwargs: calls.append(args) or original(self, *args, **kwargs))
+    result = certified_accuracy(small_net, blobs(10), eps=[0.1], progress=False)
+    result.radii[:] = torch.tensor([0, 0, 0.05, 0.05, 0.2, 0.2, 0.3, 0.3, 0.3, float("inf")], dtype=result.radii.dtype)
+    plot_certified_accuracy(result, [], tmp_path / "plot.png")
+    grid, curve = calls[0]
+    assert grid[0] == 0 and grid[-1] == pytest.approx(0.3 * 1.05, rel=1e-12)
+    assert curve[0] == 80.0 and curve[-1] == 10.0
+    at = {e: c for e, c in zip(grid, curve)}
+    assert all(c == 100 * sum(r > e for r in result.radii.tolist()) / 10 for e, c in at.items())
