@@ -331,3 +331,23 @@ def test_distances_are_those_between_the_inputs_the_model_sees(monkeypatch, line
     with pytest.warns(SoundnessWarning, match="broke 1 certified"):
         result = run(monkeypatch, net, X, Y, 2.0, [radius], lambda xs: x_adv, on_failure="warn")
     assert result.failures.tolist() == [0] and float(result.failure_distances[0]) == seen
+
+
+def test_the_attack_runs_on_the_frozen_eval_mode_model(monkeypatch, linear_bound):
+    """During the attack every module is in eval mode (dropout off: the certified function) and no
+    parameter requires grad (Gram layers then use their cached weights); afterwards both are back."""
+    net = nn.Sequential(nn.Dropout(0.5), nn.Linear(2, 2)).train()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.eye(2))
+        net[1].bias.zero_()
+    seen = []
+
+    def attack(model, xs, *args):
+        seen.append(([m.training for m in net.modules()], [p.requires_grad for p in model.parameters()]))
+        return xs.clone()
+
+    monkeypatch.setattr(audit_module, "_run_autoattack", attack)
+    audit(net, X, Y, 0.1, version="apgd")
+    ((training, requires_grad),) = seen
+    assert not any(training) and not any(requires_grad) and len(requires_grad) == 2
+    assert all(m.training for m in net.modules()) and all(p.requires_grad for p in net.parameters())
