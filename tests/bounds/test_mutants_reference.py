@@ -104,3 +104,11 @@ def test_scoped_restores_the_previous_value_when_it_equals_the_one_set():
         with switch.scoped(not value):
             assert switch.enabled is (not value)
         assert switch.enabled is value
+
+
+@pytest.mark.parametrize("kwargs", [dict(padding=1, padding_mode="circular"), dict(padding=1, stride=2)])
+def test_a_float32_kernel_gets_the_norm_of_its_exact_float64_value(kwargs):
+    """The oracle computes in float64 whatever the kernel's dtype (fast and dense paths alike)."""
+    weight = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(4))
+    assert exact_conv2d_spectral_norm(weight, (6, 6), **kwargs) == exact_conv2d_spectral_norm(weight.double(), (6, 6),
+                                                                                            **kwargs)
