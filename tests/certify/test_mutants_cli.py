@@ -52,7 +52,7 @@ def predicted(tmp_path, checkpoint):
     write_npz(dataclasses.replace(data, labels=labels), tmp_path / "data" / "test.npz")
 
     def attack(model, xs, ys, *args):
-        return torch.stack([images[int((labels != label).nonzero()[0])] for label in ys.tolist()])
+        return torch.stack([images[int((labels != label).nonzero()[0])] for label in ys.tolist()]), ("apgd-ce",)
 
     return tmp_path / "data", attack
 
@@ -99,7 +99,8 @@ def test_points_broken_within_eps_but_not_certified_exit_0(tmp_path, checkpoint,
                     "--attack-limit", "8", "--out", str(out))
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "AutoAttack at eps 30: 8 of 8 attacked broken within eps, 0 certified point(s) broken" in captured.err
+    assert "AutoAttack at eps 30 (apgd-ce): 8 of 8 attacked broken within eps, 0 certified point(s) broken" in (
+        captured.err)
     (attack_summary,) = json.loads((out / "certify.json").read_text())["autoattack"]
     assert attack_summary["version"] == "apgd" and attack_summary["n_broken"] == 8
     assert attack_summary["robust_accuracy"] == 0.0 and attack_summary["sound"] is True
@@ -177,7 +178,7 @@ def test_table_columns_of_an_audit(small_net, blobs):
     """The audited radius's row gives robust accuracy, then certified accuracy, then the number of
     certified points broken; a radius without audit has no such columns."""
     result = certified_accuracy(small_net, blobs(4), eps=[72 / 255, 0.3], progress=False)
-    audited = AuditResult(eps=0.3, version="apgd", n=4, n_correct=4, n_certified=1, n_robust=3, n_attacked=4,
+    audited = AuditResult(eps=0.3, version="apgd", attacks=("apgd-ce", "apgd-t"), n=4, n_correct=4, n_certified=1, n_robust=3, n_attacked=4,
                           n_broken=1, failures=torch.tensor([2]), failure_distances=torch.tensor([0.1]),
                           failure_radii=torch.tensor([0.2]))
     lines = format_table(result, [audited]).splitlines()
