@@ -650,3 +650,13 @@ def test_a_container_bounded_by_a_gram_layer_is_not_reported_as_bound_1_not_1(dt
     torch.manual_seed(0)
     _, report = convert(nn.Sequential(Switch()).to(dtype), input_shape=(4,))
     assert not any("Lipschitz bound 1, not 1" in o.problem for o in report.obstacles), report.obstacles
+
+
+def test_a_module_called_at_two_shapes_is_bounded_at_both():
+    """A shared adaptive pooling that downsamples 8x8 to 4x4 (bound 1/2) and upsamples 2x2 to 4x4
+    (each input copied 4 times: bound 2): the obstacle gives the larger bound."""
+    pool = nn.AdaptiveAvgPool2d(4)
+    net = nn.Sequential(pool, nn.AvgPool2d(2), pool)
+    _, report = convert(net, input_shape=(1, 8, 8))
+    (found,) = report.obstacles
+    assert found.path == "0" and not found.blocking and "Lipschitz bound 2, not 1" in found.problem
