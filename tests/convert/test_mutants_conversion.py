@@ -134,9 +134,10 @@ def test_with_an_input_shape_the_report_does_not_say_the_channels_were_unchecked
 # ----------------------------------------------------------------------------- registration
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def registry():
-    """The registry of lipnet.certify, restored afterwards (convert registers traced bounds process-wide)."""
+    """The registry of lipnet.certify, restored after each test (convert registers traced bounds
+    process-wide, and tests/certify/test_network_fuzz.py reads the registry)."""
     from lipnet.certify.lipschitz import _REGISTRY
     from lipnet.convert.conversion import _TRACED_TYPES
 
