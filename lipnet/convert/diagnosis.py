@@ -57,9 +57,16 @@ _ONE_LIPSCHITZ_MODULES = (*_GRAM_LAYERS, GramResidualConv2d, MaxMin, GroupSort, 
 #: (``nn.Flatten(0, ...)``, ``MaxMin(dim=0)``, ``GroupSort(k, dim=0)``): checked like the others.
 _MAY_ACT_ON_THE_BATCH = (nn.Flatten, MaxMin, GroupSort)
 
-#: Bounds up to this count as 1 (they are 1 up to the rounding margins of float64 bounds).
-_ONE = 1 + 1e-6
+#: Bounds up to this count as 1: a Gram layer's certified bound is 1 times ``1 +`` its float64
+#: rounding margin (at least ``MIN_RELATIVE_MARGIN = 1e-6``, more for very wide layers), rounded up
+#: in the layer's dtype; the report is a diagnosis, the certificate uses the bound itself.
+_ONE = 1 + 1e-4
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _above_one(bound: float) -> str:
+    """A bound above :data:`_ONE` in 4 significant digits, or 7 where 4 would print 1."""
+    return f"{bound:.4g}" if f"{bound:.4g}" != "1" else f"{bound:.7g}"
 
 
 def _diagnose(model: nn.Module, shapes, report: ConversionReport) -> None:
@@ -118,7 +125,7 @@ def _obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None:
         return Obstacle(path, name, f"{problem}: Lipschitz bound {bound:.4g} with its current values, which training "
                         "may raise above 1", fix, blocking=False)
     if bound > _ONE:
-        return Obstacle(path, name, f"{problem + ': ' if problem else ''}Lipschitz bound {bound:.4g}, not 1", fix,
+        return Obstacle(path, name, f"{problem + ': ' if problem else ''}Lipschitz bound {_above_one(bound)}, not 1", fix,
                         blocking=False)
     return None
 
@@ -184,7 +191,7 @@ def _container_obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None
                         _RESIDUAL_FIX, blocking=False)
     if own > _ONE:
         return Obstacle(path, name, f"its forward scales or copies values (constant factors, concatenations of a "
-                        f"value with itself): Lipschitz bound {own:.4g} with 1-Lipschitz children, not 1",
+                        f"value with itself): Lipschitz bound {_above_one(own)} with 1-Lipschitz children, not 1",
                         "scale by factors of at most 1, and concatenate distinct values (or divide their copies by "
                         "sqrt(number of copies))", blocking=False)
     return None
