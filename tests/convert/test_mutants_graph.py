@@ -5,7 +5,6 @@ the attribute writes of a forward (deletions included, and lipnet's own note onl
 convolutions) are refused, naming the first one."""
 
 import pytest
-import torch
 from torch import nn
 
 from lipnet import convert
