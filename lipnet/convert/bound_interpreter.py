@@ -329,6 +329,9 @@ class _BoundInterpreter(torch.fx.Interpreter):
             x = self.env[first]
             if not torch.is_tensor(x):
                 self.fail(node, f"a child called with a {type(x).__name__}, not a tensor")
+            if x.is_complex():
+                self.fail(node, "a child module applied to a complex value: the bounds of modules hold for real inputs "
+                                "(complex tanh, for one, has poles on the imaginary axis)")
             self._batched(node, x, value)
             self.rule[node] = ("child", child, first)
             return mul_up(self.child_bound(child, tuple(x.shape[1:])), self.bound[first])

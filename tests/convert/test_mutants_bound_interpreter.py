@@ -339,3 +339,21 @@ def test_tanh_of_a_complex_value_is_refused():
     assert slope > 100
     with pytest.raises(LipschitzBoundError, match="activation of a complex value"):
         traced_lipschitz_bound(module, (4,))
+
+
+@pytest.mark.parametrize("child", [nn.Tanh(), nn.Sigmoid(), nn.SiLU()])
+def test_a_child_module_applied_to_a_complex_value_is_refused(child):
+    """Modules' bounds hold for real inputs: complex tanh(1j * x) = 1j * tan(x) has slope 200 at
+    x = 1.5, where nn.Tanh's bound is 1 (and nn.Sigmoid's 1/4 against a slope of 0.47)."""
+    c = torch.tensor(1j, dtype=torch.complex64)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = child
+
+        def forward(self, x):
+            return self.act(x * c)
+
+    with pytest.raises(LipschitzBoundError, match="child module applied to a complex value"):
+        traced_lipschitz_bound(Wrapped().eval(), (4,))
