@@ -138,7 +138,8 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
             relies on) but inherits the bound; a module acts on the batch dimension
             (``nn.Flatten(0, ...)``, ``nn.Unflatten(0, ...)``, ``MaxMin(dim=0)``,
             ``GroupSort(k, dim=0)``), so that an example's output depends on the rest of its
-            batch; a module's output on the dry run has entries that are not finite; a module
+            batch; a module's output on the dry run has entries that are not finite; a module is
+            applied to a complex value (an earlier module's output: bounds hold for real inputs); a module
             passes something else than a tensor to the next one of an ``nn.Sequential``; or a
             :class:`~lipnet.nn.ConvexResidual`'s branch overwrites its input in place.
 
@@ -206,6 +207,11 @@ def _module_bound(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tens
     """``(bound, module(x))`` for the dummy input ``x``."""
     check_no_forward_hooks(module)
     check_runs_own_forward(module)
+    if x.is_complex():
+        raise LipschitzBoundError(module, (
+            f"it is applied to a complex value ({x.dtype}, the output of an earlier module): the bounds of modules "
+            "hold for real inputs (complex tanh, for one, has poles on the imaginary axis), and the bound rules see "
+            "only the input's shape"))
     shape = tuple(x.shape[1:])
     fn = _lookup(_REGISTRY, module)
     record = _RECORD.get()
@@ -577,8 +583,9 @@ def _elu(module: nn.ELU, shape) -> float:
 @register_lipschitz_bound(nn.MaxPool2d)
 def _max_pool(module: nn.MaxPool2d, shape) -> float:
     """``sqrt(m)`` (see :mod:`lipnet.nn.pooling`); valid for any padding and ceil_mode."""
-    kernel = _pool_pair(module.kernel_size)
-    return pooling_lipschitz_bound(kernel, _pool_pair(module.stride, kernel), _pool_pair(module.dilation))
+    kernel = _pool_pair(module.kernel_size, "kernel_size")
+    return pooling_lipschitz_bound(kernel, _pool_pair(module.stride, "stride", kernel),
+                                   _pool_pair(module.dilation, "dilation"))
 
 
 def _unset_stride(value) -> bool:
@@ -586,23 +593,23 @@ def _unset_stride(value) -> bool:
     return value is None or isinstance(value, tuple | list) and len(value) == 0
 
 
-def _pool_pair(value, default=None) -> tuple[int, int]:
+def _pool_pair(value, name: str, default=None) -> tuple[int, int]:
     """A 2-D pooling setting as torch's functional pooling reads it: one value for both axes
     (``2``, ``(2,)``), a pair, or, for the stride only, ``None`` or empty for ``default`` (the
-    kernel size)."""
+    kernel size); ``name`` says in an error which setting it was."""
     if default is not None and _unset_stride(value):
         return default
     if isinstance(value, tuple | list) and len(value) == 1:
         value = value[0]
-    return pair(value)
+    return pair(value, name)
 
 
 @register_lipschitz_bound(nn.AvgPool2d)
 def _avg_pool(module: nn.AvgPool2d, shape) -> float:
     """``sqrt(m) * sqrt(k_h k_w) / divisor``: average pooling is a scaled sum over each window."""
-    kernel = _pool_pair(module.kernel_size)
-    stride = _pool_pair(module.stride, kernel)
-    padding = _pool_pair(module.padding)
+    kernel = _pool_pair(module.kernel_size, "kernel_size")
+    stride = _pool_pair(module.stride, "stride", kernel)
+    padding = _pool_pair(module.padding, "padding")
     if module.ceil_mode or (not module.count_include_pad and any(padding)):
         raise LipschitzBoundError(module, "AvgPool2d with ceil_mode=True, or with padding and "
                                           "count_include_pad=False, divides some windows by fewer entries; "

@@ -407,3 +407,20 @@ def test_a_bound_below_the_smallest_normal_float_survives_flushed_denormals(flus
     torch.set_flush_denormal(False)  # to compare: a flushing CPU reads the subnormal bound as 0
     exact_squared = (Fraction(1e-160) ** 2) ** 2 / Fraction(1 + 1e-5) ** 2  # of (|w| / sqrt(var + eps))^2
     assert bound > 0 and Fraction(bound) ** 2 >= exact_squared
+
+
+def test_a_module_applied_to_a_complex_value_is_refused_by_path():
+    """A module that makes its output complex (``x * 1j``, bound 1) followed by ``nn.Tanh``: the
+    module bounds hold for real inputs (tanh(1j * x) = 1j * tan(x) has slope 200 at x = 1.5, where
+    nn.Tanh's bound is 1), and the rules see only shapes, so the product 1 was wrong; refused."""
+    class TimesI(nn.Module):
+        def forward(self, x):
+            return x * 1j
+
+        def lipschitz_bound(self):
+            return 1.0
+
+    assert lipschitz_bound(TimesI(), (4,)) == 1.0  # a complex output of a real input is fine
+    with pytest.raises(LipschitzBoundError, match="applied to a complex value") as info:
+        lipschitz_bound(nn.Sequential(TimesI(), nn.Tanh()), (4,))
+    assert info.value.path == "1"
