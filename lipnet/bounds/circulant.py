@@ -240,10 +240,10 @@ def pair(value, name: str = "value") -> tuple[int, int]:
     if _is_int(value):
         return (operator.index(value), operator.index(value))
     if isinstance(value, str) or not hasattr(value, "__len__"):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise ValueError(f"{name} must be an int or a pair of ints (not bools), got {value!r}")
     value = tuple(value)
     if len(value) != 2 or not all(_is_int(v) for v in value):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise ValueError(f"{name} must be an int or a pair of ints (not bools), got {value!r}")
     return tuple(operator.index(v) for v in value)
 
 

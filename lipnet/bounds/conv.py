@@ -92,6 +92,12 @@ def conv2d_embedding(
     return ConvEmbedding(*axes)
 
 
+def check_groups(groups, operator_name: str) -> None:
+    """A ``ValueError`` unless ``groups`` is an int >= 1, as ``F.conv2d`` requires (it refuses a bool)."""
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"{operator_name}: groups must be a positive int, got {groups!r}")
+
+
 def conv2d_symbol(weight: torch.Tensor, embedding: ConvEmbedding, groups: int = 1) -> torch.Tensor:
     """Per-frequency symbol matrices of the circulant embedding of a convolution.
 
@@ -105,6 +111,7 @@ def conv2d_symbol(weight: torch.Tensor, embedding: ConvEmbedding, groups: int = 
         over the ``F`` frequencies of :func:`~lipnet.bounds.circulant.distinct_frequencies`
         (one of each conjugate pair, row-major).
     """
+    check_groups(groups, "conv2d")
     k_h, k_w = weight.shape[-2:]
     h, w = embedding
     if len(h.tap_phase) != k_h or len(w.tap_phase) != k_w:
@@ -330,8 +337,7 @@ def conv2d_spectral_norm(
                          f"groups, k_h, k_w) for L stacked kernels, got {tuple(weight.shape)}")
     if weight.is_complex():
         raise TypeError("conv2d_spectral_norm expects a real kernel")
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
-        raise ValueError(f"conv2d: groups must be a positive int, got {groups!r}")
+    check_groups(groups, "conv2d")
     embedding = conv2d_embedding(weight.shape[-2:], input_size, stride=stride, padding=padding,
                                  dilation=dilation, padding_mode=padding_mode)
     with autocast_disabled(weight.device.type), ieee_float32_matmuls():

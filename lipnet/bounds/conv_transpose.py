@@ -16,12 +16,10 @@ arXiv:1603.07285 (2016), section 4 (transposed convolution as the adjoint of the
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from lipnet.bounds.circulant import pair
-from lipnet.bounds.conv import conv2d_spectral_norm
+from lipnet.bounds.conv import check_groups, conv2d_spectral_norm
 from lipnet.bounds.gram import DEFAULT_N_CANDIDATES, DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
 
 
@@ -96,8 +94,7 @@ def conv_transpose2d_spectral_norm(
         >>> bool(out.norm() <= bound * y.norm())
         True
     """
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
-        raise ValueError(f"conv_transpose2d: groups must be a positive int, got {groups!r}")
+    check_groups(groups, "conv_transpose2d")
     if weight.dim() in (4, 5) and weight.shape[-4] % groups:
         raise ValueError(f"conv_transpose2d: in_channels ({weight.shape[-4]}, the first dimension of a weight of shape "
                          f"{tuple(weight.shape[-4:])}) must be divisible by groups ({groups})")

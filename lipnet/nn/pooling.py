@@ -69,9 +69,9 @@ def pooling_lipschitz_bound(kernel_size, stride=None, dilation=1) -> float:
     Valid for L2-norm, scaled average and max pooling with any padding (see the module
     docstring). ``stride`` defaults to ``kernel_size`` as in ``nn.MaxPool2d``.
     """
-    kernel_size = pair(kernel_size)
-    stride = kernel_size if stride is None else pair(stride)
-    dilation = pair(dilation)
+    kernel_size = pair(kernel_size, "kernel_size")
+    stride = kernel_size if stride is None else pair(stride, "stride")
+    dilation = pair(dilation, "dilation")
     m = math.prod(window_multiplicity(k, s, d) for k, s, d in zip(kernel_size, stride, dilation))
     return sqrt_up(m)
 
@@ -97,7 +97,7 @@ def adaptive_pooling_lipschitz_bound(input_size, output_size, average: bool) -> 
     Global average pooling (``output_size=1``) gets ``1 / sqrt(h * w)``, its exact norm.
     """
     factor = Fraction(1)
-    for n, out in zip(pair(input_size), pair(output_size)):
+    for n, out in zip(pair(input_size, "input size"), pair(output_size, "output_size")):
         weights = [Fraction(0)] * n
         for start, end in adaptive_windows(n, out):
             for q in range(start, end):
@@ -117,8 +117,8 @@ def l2_norm_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0) -> torc
     Computed in at least float32; a window sum of squares below :data:`SQUARED_FLOOR` is
     raised to it, so the gradient is finite (zero) for all-zero windows.
     """
-    kernel_size = pair(kernel_size)
-    stride = kernel_size if stride is None else pair(stride)
+    kernel_size = pair(kernel_size, "kernel_size")
+    stride = kernel_size if stride is None else pair(stride, "stride")
     work = x if x.dtype == torch.float64 else x.float()
     sums = F.avg_pool2d(work.square(), kernel_size, stride, padding) * math.prod(kernel_size)
     return sums.clamp_min(SQUARED_FLOOR).sqrt().to(x.dtype)
@@ -149,17 +149,17 @@ def scaled_avg_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0) -> t
     dtype. ``math.sqrt`` rounds up for some areas (``sqrt(2)`` in float64, ``sqrt(6)`` once
     rounded to float32), which made those windows' maps slightly more than 1-Lipschitz.
     """
-    kernel_size = pair(kernel_size)
-    stride = kernel_size if stride is None else pair(stride)
+    kernel_size = pair(kernel_size, "kernel_size")
+    stride = kernel_size if stride is None else pair(stride, "stride")
     return F.avg_pool2d(x, kernel_size, stride, padding) * float32_sqrt_down(math.prod(kernel_size))
 
 
 class _WindowPool2d(nn.Module):
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
-        self.kernel_size = pair(kernel_size)
-        self.stride = self.kernel_size if stride is None else pair(stride)
-        self.padding = pair(padding)
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else pair(stride, "stride")
+        self.padding = pair(padding, "padding")
         for k, p in zip(self.kernel_size, self.padding):
             if not 0 <= 2 * p <= k:
                 raise ValueError(f"padding must be between 0 and half the kernel size, got padding "

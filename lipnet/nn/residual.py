@@ -38,7 +38,7 @@ def identity_kernel(channels: int, kernel_size, groups: int = 1, *, dtype=None, 
     aligns with the output position, ``((k_h - 1) // 2, (k_w - 1) // 2)`` (PyTorch puts the
     extra zero of an even kernel after the input), for the channel's own input.
     """
-    k_h, k_w = pair(kernel_size)
+    k_h, k_w = pair(kernel_size, "kernel_size")
     if channels % groups:
         raise ValueError(f"channels ({channels}) must be divisible by groups ({groups})")
     per_group = channels // groups

@@ -446,3 +446,10 @@ def test_groups_of_any_integer_type_are_accepted():
 
     weight = torch.randn(4, 2, 3, 3)
     assert torch.equal(conv2d_spectral_norm(weight, 8, groups=np.int64(2)), conv2d_spectral_norm(weight, 8, groups=2))
+
+
+@pytest.mark.parametrize("groups", [0, -1, True])
+def test_the_symbol_refuses_groups_pytorch_refuses(groups):
+    weight = torch.randn(4, 4, 3, 3)
+    with pytest.raises(ValueError, match="conv2d: groups must be a positive int"):
+        conv2d_symbol(weight, conv2d_embedding((3, 3), 8, padding=1), groups=groups)

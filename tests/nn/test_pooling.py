@@ -181,3 +181,13 @@ def test_bad_padding_is_rejected_with_a_reason():
         L2NormPool2d(2, padding=2)
     with pytest.raises(ValueError, match="stride"):
         ScaledAvgPool2d(2, stride=0)
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: ScaledAvgPool2d(True), "kernel_size"),
+    (lambda: L2NormPool2d(2, stride=(2, True)), "stride"),
+])
+def test_a_bool_setting_is_refused_by_name(make, name):
+    """torch's pooling refuses bools: so do lipnet's, naming the setting."""
+    with pytest.raises(ValueError, match=f"{name} must be an int or a pair of ints \\(not bools\\)"):
+        make()
