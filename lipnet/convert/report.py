@@ -43,7 +43,8 @@ class ConversionReport:
     Attributes:
         changes: the replaced modules.
         obstacles: modules that are not certifiably 1-Lipschitz (blocking: no bound at all;
-            non-blocking: a sound bound above 1, or a condition such as eval mode).
+            non-blocking: a sound bound above 1 + 1e-4, which leaves room for the rounding margins
+            of Gram layers' bounds, or a condition such as eval mode).
         notes: everything else worth knowing (modules left unchanged and why).
         registered: module types whose bound :func:`convert` registered with
             :func:`lipnet.certify.register_lipschitz_bound` (:func:`traced_lipschitz_bound`).

@@ -318,6 +318,6 @@ def _parse(text: str, kind, key: str):
                 raise ValueError("an empty item (two commas in a row, or one at either end); list the values "
                                  "separated by single commas, e.g. 0.1,36/255")
             return tuple(parse_number(item) for item in items)
-    except (ValueError, ZeroDivisionError, json.JSONDecodeError) as exc:
+    except (ValueError, OverflowError, json.JSONDecodeError) as exc:
         raise ValueError(f"--{key.replace('_', '-')}: cannot parse {text!r}: {exc}") from exc
     raise TypeError(f"no parser for {key}: {kind}")

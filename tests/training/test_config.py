@@ -25,6 +25,7 @@ def test_model_kwargs_given_twice_are_merged():
     (["--epochs"], "needs a value"),
     (["--epochs", "three"], "cannot parse 'three'"),
     (["--train-eps", "36/0"], "cannot parse '36/0': the fraction's denominator is 0"),
+    (["--train-eps", "1" + "0" * 400 + "/1"], "cannot parse '10000.*too large"),
     (["--flip", "maybe"], "expected true or false"),
     (["--loss", "mse"], "loss must be one of"),
     (["--model-kwargs", "[1]"], "JSON object"),
