@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
-
 from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
 from lipnet.models.init import orthogonal_init_
 from lipnet.models.parts import check_count, dense_head, input_layers
