@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from lipnet.checkpoint import save_model
+from lipnet.models import build_model
 from lipnet.nn import GramConv2d, GramLinear, InputNormalization, MaxMin
 
 
@@ -76,3 +78,12 @@ def _trained_once():
 def trained_net(_trained_once):
     """A fresh copy of a network trained once per session (tests may change it)."""
     return copy.deepcopy(_trained_once)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """An untrained Fashion-MNIST ConvNet saved by lipnet.checkpoint (for the certify command line)."""
+    torch.manual_seed(0)
+    model = build_model("convnet", in_channels=1, num_classes=10, input_size=28, widths=[8], depths=[0],
+                        dense=[16], mean=[0.29], std=[0.35])
+    return save_model(tmp_path / "model.pt", model, dataset="fashion-mnist")

@@ -28,14 +28,6 @@ def fashion_mnist_available():
 needs_data = pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST not found")
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("convnet", in_channels=1, num_classes=10, input_size=28, widths=[8], depths=[0],
-                        dense=[16], mean=[0.29], std=[0.35])
-    return save_model(tmp_path / "model.pt", model, dataset="fashion-mnist")
-
-
 def test_parse_eps():
     assert parse_eps("36/255, 0.5,1") == [36 / 255, 0.5, 1.0]
     for bad in ("abc", "1/0", "-0.1", "0", "inf"):

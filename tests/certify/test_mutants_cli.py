@@ -32,14 +32,6 @@ audit_module = importlib.import_module("lipnet.certify.audit")
 
 
 @pytest.fixture
-def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("convnet", in_channels=1, num_classes=10, input_size=28, widths=[8], depths=[0],
-                        dense=[16], mean=[0.29], std=[0.35])
-    return save_model(tmp_path / "model.pt", model, dataset="fashion-mnist")
-
-
-@pytest.fixture
 def predicted(tmp_path, checkpoint):
     """A synthetic Fashion-MNIST test split labelled with the model's own predictions (every point
     correct), and an 'attack' that replaces each image by one the model puts in another class."""

@@ -22,10 +22,8 @@ from torch import nn
 
 from lipnet import convert
 from lipnet.certify import LipschitzBoundError, certified_accuracy, lipschitz_bound, register_lipschitz_bound
-from lipnet.certify.lipschitz import _REGISTRY
 from lipnet.convert import traced_lipschitz_bound
 from lipnet.convert.attribute_writes import _AttributeWrites
-from lipnet.convert.conversion import _TRACED_TYPES
 
 
 F64 = torch.float64
@@ -33,16 +31,8 @@ F64 = torch.float64
 SLACK = 1e-9
 
 
-@pytest.fixture(autouse=True)
-def restore_registry():
-    """convert registers traced bounds for the container types it meets, process-wide: these tests
-    leave the registry as they found it (tests/certify/test_network_fuzz.py reads it)."""
-    registry, traced = dict(_REGISTRY), set(_TRACED_TYPES)
-    yield
-    _REGISTRY.clear()
-    _REGISTRY.update(registry)
-    _TRACED_TYPES.clear()
-    _TRACED_TYPES.update(traced)
+#: convert registers traced bounds process-wide: each test restores the registry (tests/convert/conftest.py).
+pytestmark = pytest.mark.usefixtures("registry")
 
 
 def jacobian_norm(model, x):

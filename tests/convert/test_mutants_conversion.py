@@ -134,19 +134,8 @@ def test_with_an_input_shape_the_report_does_not_say_the_channels_were_unchecked
 # ----------------------------------------------------------------------------- registration
 
 
-@pytest.fixture(autouse=True)
-def registry():
-    """The registry of lipnet.certify, restored after each test (convert registers traced bounds
-    process-wide, and tests/certify/test_network_fuzz.py reads the registry)."""
-    from lipnet.certify.lipschitz import _REGISTRY
-    from lipnet.convert.conversion import _TRACED_TYPES
-
-    saved, traced = dict(_REGISTRY), set(_TRACED_TYPES)
-    yield _REGISTRY
-    _REGISTRY.clear()
-    _REGISTRY.update(saved)
-    _TRACED_TYPES.clear()
-    _TRACED_TYPES.update(traced)
+#: convert registers traced bounds process-wide: each test restores the registry (tests/convert/conftest.py).
+pytestmark = pytest.mark.usefixtures("registry")
 
 
 class Unknown(nn.Module):

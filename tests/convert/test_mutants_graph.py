@@ -13,18 +13,8 @@ from lipnet.convert import traced_lipschitz_bound
 from lipnet.nn import GramLinear
 
 
-@pytest.fixture(autouse=True)
-def registry():
-    """convert registers traced bounds process-wide: restore the registry afterwards."""
-    from lipnet.certify.lipschitz import _REGISTRY
-    from lipnet.convert.conversion import _TRACED_TYPES
-
-    saved, traced = dict(_REGISTRY), set(_TRACED_TYPES)
-    yield
-    _REGISTRY.clear()
-    _REGISTRY.update(saved)
-    _TRACED_TYPES.clear()
-    _TRACED_TYPES.update(traced)
+#: convert registers traced bounds process-wide: each test restores the registry (tests/convert/conftest.py).
+pytestmark = pytest.mark.usefixtures("registry")
 
 
 class VarArgs(nn.Module):
