@@ -146,6 +146,9 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] | float = DE
             if len(x) == 0:  # an empty batch (a loader's last one, a filtered one): nothing to certify in it
                 continue
             logits, rounding = exact(x.to(device))
+            if logits.is_complex():
+                raise ValueError(f"the model's logits are complex ({logits.dtype}): a margin compares real scores, so "
+                                 "no radius can be certified; end the model with real outputs")
             _refuse_non_finite_logits(logits, x, seen)
             seen += len(x)
             y = y.to(device)

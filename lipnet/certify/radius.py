@@ -218,6 +218,8 @@ def _check_bound(value, name: str) -> float:
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must have shape (N, K) with K >= 2 classes, got {tuple(logits.shape)}")
+    if logits.is_complex():
+        raise ValueError(f"logits must be real, got {logits.dtype}: a margin compares real scores")
     if (labels.shape != logits.shape[:1] or labels.is_floating_point() or labels.is_complex()
             or labels.dtype == torch.bool):
         raise ValueError(f"labels must be {logits.shape[0]} integer labels, got {labels.dtype} {tuple(labels.shape)}")

@@ -303,3 +303,19 @@ def test_examples_with_non_finite_logits_are_named_by_their_index_in_the_data():
         net[1].weight.fill_(1.0)
     with pytest.raises(ValueError, match=r"index in data: 7\), of which 0 have"):
         certified_accuracy(net.double(), (x, y), eps=[0.1], batch_size=4, progress=False)
+
+
+def test_a_model_with_complex_logits_is_refused_with_a_reason():
+    """Logits made complex by the last module: refused with lipnet's reason, not torch's
+    "argmax(): does not support complex input" after radii of the real parts."""
+    class TimesI(nn.Module):
+        def forward(self, x):
+            return x * 1j
+
+        def lipschitz_bound(self):
+            return 1.0
+
+    net = nn.Sequential(GramLinear(4, 4), TimesI())
+    x, y = torch.rand(6, 4), torch.randint(0, 4, (6,))
+    with pytest.raises(ValueError, match="logits are complex"):
+        certified_accuracy(net, (x, y), eps=[0.1], progress=False)

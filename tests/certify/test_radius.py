@@ -172,3 +172,11 @@ def test_a_constant_body_certifies_every_right_prediction_at_any_radius():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]], dtype=torch.float64)
     radii = certified_radius(logits, torch.tensor([0, 0]), last_layer=weight, body_lipschitz=0.0)
     assert radii.tolist() == [math.inf, 0.0]
+
+
+def test_complex_logits_are_refused():
+    """A margin compares real scores: complex logits were cast to their real parts (with a
+    warning) and given radii; they are refused."""
+    logits = torch.tensor([[2.0 + 1j, 0.5], [0.1, 1.0 - 3j]])
+    with pytest.raises(ValueError, match="logits must be real"):
+        certified_radius(logits, torch.tensor([0, 1]), 1.0)
