@@ -108,7 +108,8 @@ class AuditResult:
 
     def to_dict(self) -> dict:
         return {
-            "eps": self.eps, "version": self.version, "attacks": list(self.attacks), "n": self.n, "clean_accuracy": self.clean_accuracy,
+            "eps": self.eps, "version": self.version, "attacks": list(self.attacks), "n": self.n,
+            "clean_accuracy": self.clean_accuracy,
             "certified_accuracy": self.certified_accuracy, "robust_accuracy": self.robust_accuracy,
             "n_correct": self.n_correct, "n_certified": self.n_certified, "n_robust": self.n_robust,
             "n_attacked": self.n_attacked, "n_broken": self.n_broken, "n_certified_broken": self.n_failures,

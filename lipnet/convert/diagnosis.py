@@ -125,8 +125,8 @@ def _obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None:
         return Obstacle(path, name, f"{problem}: Lipschitz bound {bound:.4g} with its current values, which training "
                         "may raise above 1", fix, blocking=False)
     if bound > _ONE:
-        return Obstacle(path, name, f"{problem + ': ' if problem else ''}Lipschitz bound {_above_one(bound)}, not 1", fix,
-                        blocking=False)
+        return Obstacle(path, name, f"{problem + ': ' if problem else ''}Lipschitz bound {_above_one(bound)}, not 1",
+                        fix, blocking=False)
     return None
 
 
