@@ -237,17 +237,18 @@ def pair(value, name: str = "value") -> tuple[int, int]:
     """``int`` or pair -> pair of ints (like ``torch.nn.modules.utils._pair``); any integer type
     (``numpy.int64``, ...) counts, floats and bools do not (``F.conv2d`` refuses ``stride=True``);
     ``name`` says in the error what the value was."""
-    if _is_int(value):
+    if is_int(value):
         return (operator.index(value), operator.index(value))
     if isinstance(value, str) or not hasattr(value, "__len__"):
         raise ValueError(f"{name} must be an int or a pair of ints (not bools), got {value!r}")
     value = tuple(value)
-    if len(value) != 2 or not all(_is_int(v) for v in value):
+    if len(value) != 2 or not all(is_int(v) for v in value):
         raise ValueError(f"{name} must be an int or a pair of ints (not bools), got {value!r}")
     return tuple(operator.index(v) for v in value)
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """Any integer type (``int``, ``numpy.int64``, ...) except ``bool``, as PyTorch's convolutions take them."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 

@@ -27,14 +27,20 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
 
 from lipnet.bounds.autocast import autocast_disabled, ieee_float32_matmuls
 from lipnet.bounds.batching import vmap_into_stack
-from lipnet.bounds.circulant import AxisEmbedding, axis_embedding, distinct_frequencies, pair, resolve_padding
+from lipnet.bounds.circulant import (
+    AxisEmbedding,
+    axis_embedding,
+    distinct_frequencies,
+    is_int,
+    pair,
+    resolve_padding,
+)
 from lipnet.bounds.gram import (
     DEFAULT_N_CANDIDATES,
     DEFAULT_N_ITER,
@@ -94,7 +100,7 @@ def conv2d_embedding(
 
 def check_groups(groups, operator_name: str) -> None:
     """A ``ValueError`` unless ``groups`` is an int >= 1, as ``F.conv2d`` requires (it refuses a bool)."""
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+    if not is_int(groups) or groups < 1:
         raise ValueError(f"{operator_name}: groups must be a positive int, got {groups!r}")
 
 
