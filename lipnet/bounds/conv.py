@@ -371,17 +371,22 @@ def conv1d_as_conv2d(stride=1, padding=0, dilation=1) -> dict:
     the height axis untouched: stride, dilation and padding 1, 1 and 0 there (a string padding
     keeps its meaning, which for a kernel of height 1 adds nothing on that axis).
     """
-    def single(value, name):
-        if isinstance(value, (tuple, list)):
-            if len(value) != 1:
-                raise ValueError(f"a 1-D convolution's {name} must be an int or a 1-tuple, got {value!r}")
-            (value,) = value
-        if isinstance(value, bool):
-            raise ValueError(f"a 1-D convolution's {name} must be an int or a 1-tuple, got {value!r}")
-        return value
+    padding = padding if isinstance(padding, str) else (0, _single(padding, "padding"))
+    return dict(stride=(1, _single(stride, "stride")), padding=padding, dilation=(1, _single(dilation, "dilation")))
 
-    padding = padding if isinstance(padding, str) else (0, single(padding, "padding"))
-    return dict(stride=(1, single(stride, "stride")), padding=padding, dilation=(1, single(dilation, "dilation")))
+
+def conv1d_length(input_size) -> int:
+    """The length ``n`` of a 1-D convolution's input, given as an int or a 1-tuple."""
+    return _single(input_size, "input size (its length n)")
+
+
+def _single(value, name: str) -> int:
+    """An int or a 1-tuple of one (not a bool, which ``F.conv1d`` refuses) -> that int."""
+    if isinstance(value, (tuple, list, torch.Size)) and len(value) == 1:
+        (value,) = value
+    if not is_int(value):
+        raise ValueError(f"a 1-D convolution's {name} must be an int or a 1-tuple of one (not a bool), got {value!r}")
+    return int(value)
 
 
 def conv1d_spectral_norm(
@@ -420,11 +425,8 @@ def conv1d_spectral_norm(
     if weight.dim() not in (3, 4):
         raise ValueError("conv1d weight must have shape (c_out, c_in // groups, k), or (L, c_out, c_in // groups, "
                          f"k) for L stacked kernels, got {tuple(weight.shape)}")
-    if isinstance(input_size, (tuple, list)):
-        if len(input_size) != 1:
-            raise ValueError(f"the input size of a 1-D convolution is its length n, got {input_size!r}")
-        (input_size,) = input_size
-    return conv2d_spectral_norm(weight.unsqueeze(-2), (1, input_size), groups=groups, padding_mode=padding_mode,
+    return conv2d_spectral_norm(weight.unsqueeze(-2), (1, conv1d_length(input_size)), groups=groups,
+                                padding_mode=padding_mode,
                                 n_iter=n_iter, screen_iter=screen_iter, n_candidates=n_candidates,
                                 **conv1d_as_conv2d(stride, padding, dilation))
 

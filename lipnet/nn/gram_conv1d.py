@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lipnet.bounds.circulant import resolve_padding
-from lipnet.bounds.conv import conv1d_as_conv2d, conv1d_spectral_norm, conv2d_embedding
+from lipnet.bounds.conv import conv1d_as_conv2d, conv1d_length, conv1d_spectral_norm, conv2d_embedding
 from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
 from lipnet.nn.normalized import GramNormalizedConv
 
@@ -57,12 +57,7 @@ class GramConv1d(GramNormalizedConv, nn.Conv1d):
             if input_size is None:
                 raise ValueError(f"{type(self).__name__}: the bound depends on the input's length; pass "
                                  "input_size=n or run a forward pass first")
-        if isinstance(input_size, (tuple, list, torch.Size)):
-            if len(input_size) != 1:
-                raise ValueError(f"{type(self).__name__}: the input size is the input's length n (an int or a "
-                                 f"1-tuple), got {tuple(input_size)!r}")
-            (input_size,) = input_size
-        return (int(input_size),)
+        return (conv1d_length(input_size),)
 
     def _operator_norm(self, weight, input_size, n_iter, exhaustive=False):
         self._check_padding_unchanged()

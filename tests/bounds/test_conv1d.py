@@ -125,6 +125,11 @@ def test_gradient_matches_finite_differences():
     (dict(stride=(1, 2)), "1-tuple"),
     (dict(padding=(1, 1)), "1-tuple"),
     (dict(dilation=(2, 2)), "1-tuple"),
+    (dict(input_size=True), r"input size \(its length n\) must be an int .*got True$"),
+    (dict(input_size=(True,)), "got True$"),
+    (dict(input_size=8.5), "got 8.5$"),
+    (dict(stride=2.5), "stride must be an int .*got 2.5$"),
+    (dict(dilation=(False,)), "dilation must be an int .*got False$"),
 ])
 def test_clear_errors(kwargs, message):
     args = dict(weight=torch.randn(2, 2, 3), input_size=8) | kwargs

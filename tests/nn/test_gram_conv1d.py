@@ -66,6 +66,9 @@ def test_clear_errors():
         GramConv1d(2, 2, 3).lipschitz_bound()
     with pytest.raises(ValueError, match="length n"):
         GramConv1d(2, 2, 3).normalized_weight((4, 4))
+    for size in (8.7, True, (8.7,)):  # not bounded as a length of 8 or 1
+        with pytest.raises(ValueError, match=r"input size \(its length n\) must be an int"):
+            GramConv1d(2, 2, 3).lipschitz_bound(size)
     layer = GramConv1d(2, 2, 3, padding=1, padding_mode="reflect")
     layer.padding = (2,)
     with pytest.raises(ValueError, match="after construction"):
