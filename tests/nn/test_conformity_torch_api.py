@@ -430,3 +430,41 @@ def test_a_float8_linear_layer_runs_soundly_or_is_refused_with_a_type_error():
         return
     weight = layer.normalized_weight().double()
     assert float(torch.linalg.matrix_norm(weight, 2)) <= 1 + 1e-5
+
+
+WRONG_RANK = {
+    "conv2d 1-D": (lambda: GramConv2d(2, 3, 3), lambda: nn.Conv2d(2, 3, 3), (5,)),
+    "conv2d 0-D": (lambda: GramConv2d(2, 3, 3), lambda: nn.Conv2d(2, 3, 3), ()),
+    "residual 1-D": (lambda: GramResidualConv2d(2, 3), lambda: nn.Conv2d(2, 2, 3, padding="same"), (5,)),
+    "conv1d 0-D": (lambda: GramConv1d(2, 3, 3), lambda: nn.Conv1d(2, 3, 3), ()),
+    "conv_transpose2d 1-D": (lambda: GramConvTranspose2d(2, 3, 3), lambda: nn.ConvTranspose2d(2, 3, 3), (5,)),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="an input of too few dimensions fails in forward's input.shape[-2] (IndexError: "
+                                       "tuple index out of range) or in the bound's size check, not with torch's "
+                                       "'Expected 3D (unbatched) or 4D (batched) input'")
+@pytest.mark.parametrize("case", WRONG_RANK)
+def test_an_input_of_too_few_dimensions_is_refused_as_torch_refuses_it(case):
+    make, make_plain, shape = WRONG_RANK[case]
+    x = torch.randn(shape)
+    with pytest.raises(RuntimeError, match=r"[234]D"):
+        make_plain()(x)
+    with pytest.raises((RuntimeError, ValueError), match=r"[234]D|dimension"):
+        make()(x)
+
+
+@pytest.mark.xfail(strict=True, reason="InputNormalization normalizes dim 1 of an unbatched (C, H, W) image when "
+                                       "H == C (silently per row) while it refuses one with H != C")
+def test_input_normalization_of_an_unbatched_image_is_per_channel_or_refused():
+    from lipnet.nn import InputNormalization
+
+    mean, std = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.2, 0.3, 0.4])
+    norm, image = InputNormalization(mean, std), torch.rand(3, 3, 3)
+    with pytest.raises(ValueError):
+        norm(torch.rand(3, 4, 4))  # H != C: refused
+    try:
+        out = norm(image)
+    except ValueError:
+        return  # refused as the 4 x 4 image is
+    torch.testing.assert_close(out, (image - mean.view(3, 1, 1)) / std.view(3, 1, 1))
