@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lipnet.bounds.circulant import is_int
+
 
 #: How to pair the channels of inputs with or without a batch dimension.
 _UNBATCHED = ("For inputs with or without a batch dimension, count dim from the end: -1 for features (N, C) or (C,), "
@@ -170,7 +172,7 @@ def group_sort(x: torch.Tensor, group_size: int, dim: int = 1) -> torch.Tensor:
 
 def _check_group_size(group_size) -> None:
     """Refuse a ``group_size`` of :func:`group_sort` that is not an int ``>= 2``."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
+    if not is_int(group_size):
         raise ValueError(f"GroupSort's group_size must be an int, got {type(group_size).__name__} {group_size!r}")
     if group_size < 2:
         raise ValueError(f"GroupSort's group_size must be at least 2 (a group of 1 is the identity), got {group_size}")
@@ -201,7 +203,7 @@ class GroupSort(nn.Module):
     def __init__(self, group_size: int, dim: int = 1):
         super().__init__()
         _check_group_size(group_size)
-        self.group_size = group_size
+        self.group_size = int(group_size)
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

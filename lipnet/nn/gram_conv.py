@@ -91,7 +91,7 @@ class GramConv2d(GramNormalizedConv, nn.Conv2d):
         return self.out_channels // self.groups, self.in_channels // self.groups * stride, taps
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._refuse_symbolic_tracing(input)
+        self._check_input(input)
         return self._forward_normalized(input, self.normalized_weight((int(input.shape[-2]), int(input.shape[-1]))))
 
     def _forward_normalized(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,7 @@ class GramConv1d(GramNormalizedConv, nn.Conv1d):
         return self.out_channels // self.groups, self.in_channels // self.groups * stride, self.kernel_size[0]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._refuse_symbolic_tracing(input)
+        self._check_input(input)
         return self._forward_normalized(input, self.normalized_weight((int(input.shape[-1]),)))
 
     def _forward_normalized(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

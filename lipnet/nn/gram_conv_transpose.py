@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipnet.bounds.circulant import pair
+from lipnet.bounds.circulant import is_int, pair
 from lipnet.bounds.conv import conv2d_spectral_norm
 from lipnet.bounds.conv_transpose import conv_transpose2d_output_size
 from lipnet.bounds.gram import DEFAULT_N_ITER, DEFAULT_SCREEN_ITER
@@ -68,7 +68,7 @@ class GramConvTranspose2d(GramNormalizedConv, nn.ConvTranspose2d):
         self._init_conv_normalization(n_iter, screen_iter)
         # Reject unsupported settings now rather than at the first batch: an input of 2p + 1
         # samples has a non-empty output whatever the kernel.
-        if isinstance(padding, str) or not all(isinstance(p, int) for p in self.padding):
+        if isinstance(padding, str) or not all(is_int(p) for p in self.padding):
             raise ValueError(f"{type(self).__name__}: padding must be an int or a pair of ints, got {padding!r} "
                              "(nn.ConvTranspose2d has no 'same' or 'valid' padding)")
         conv_transpose2d_output_size(tuple(2 * p + 1 for p in self.padding), self.kernel_size, stride=self.stride,
@@ -123,7 +123,7 @@ class GramConvTranspose2d(GramNormalizedConv, nn.ConvTranspose2d):
         return self.in_channels // self.groups, self.out_channels // self.groups * stride, taps
 
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        self._refuse_symbolic_tracing(input)
+        self._check_input(input)
         self._check_padding_unchanged()
         size, _ = self._output_size(input, output_size)
         return self._forward_normalized(input, self.normalized_weight(size), output_size)

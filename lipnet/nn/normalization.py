@@ -38,6 +38,11 @@ class InputNormalization(nn.Module):
     Putting the normalization inside the model makes the certified radius a radius in
     the raw input space (e.g. pixels in [0, 1]).
 
+    Inputs are batched, ``(N, C, ...)``, with the channels in dimension 1 (as for
+    ``nn.BatchNorm2d``): a 3-D input is a batch of 1-D signals ``(N, C, L)``, so an unbatched
+    image ``(C, H, W)`` is given as ``x[None]`` (one with ``H != C`` is refused, one with
+    ``H == C`` would be normalized along its rows).
+
     The map is computed in the wider of the input's and the buffers' dtypes (float32 at least
     for integer inputs), so it divides by the stored ``std`` itself, whose bound is the one
     reported: ``std`` rounded to a bfloat16 input's dtype can be 2^-8 below it, a larger gain.

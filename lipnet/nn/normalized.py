@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from lipnet.bounds.circulant import is_int
 from lipnet.bounds.first_order import error_on_backward
 from lipnet.bounds.gram import DEFAULT_SCREEN_ITER, refines_exceeding
 from lipnet.bounds.rounding import with_rounding_margin
@@ -22,6 +23,9 @@ from lipnet.bounds.rounding import with_rounding_margin
 #: Bounds below this are treated as this value: ``W / max(bound, TINY)`` keeps zero and
 #: tiny weights finite and is still 1-Lipschitz (its norm is ``bound / max(bound, TINY)``).
 TINY = 1e-12
+
+#: The weight dtypes of Gram layers.
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 _OPTIMIZER_STEPS = [0]
 
@@ -142,27 +146,31 @@ class GramNormalized:
             raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
         self.n_iter = n_iter
         self._eval_cache: dict = {}
-        self._refuse_complex()
+        self._refuse_unsupported_dtype()
 
-    def _refuse_complex(self, weight: torch.Tensor | None = None) -> None:
-        """Raise ``TypeError`` for a complex weight (``weight``, or ``self.weight`` read now): the
-        bounds are for real operators."""
+    def _refuse_unsupported_dtype(self, weight: torch.Tensor | None = None) -> None:
+        """Raise ``TypeError`` for a weight (``weight``, or ``self.weight`` read now) of a dtype
+        other than :data:`SUPPORTED_DTYPES`: the bounds are for real operators, and the weight
+        a half-precision layer applies is rounded so that its bound stays <= 1 (:meth:`_divide`),
+        which float8's 3 or 2 mantissa bits leave no room for."""
         dtype = (self.weight if weight is None else weight).dtype
-        if dtype.is_complex:
-            raise TypeError(f"{type(self).__name__}: complex weights ({dtype}) are not supported: the Gram bound and "
-                            "its certificate are for real operators (a complex weight's imaginary part would be "
-                            "dropped). Use a real dtype: float32, float64, bfloat16 or float16")
+        if dtype in SUPPORTED_DTYPES:
+            return
+        why = ("the Gram bound and its certificate are for real operators (a complex weight's imaginary part "
+               "would be dropped)" if dtype.is_complex else "its normalized weight is not computed in that dtype")
+        raise TypeError(f"{type(self).__name__}: weights of dtype {dtype} are not supported: {why}. Use float32, "
+                        "float64, bfloat16 or float16")
 
     def _declared_weight_shape(self) -> tuple[int, ...] | None:
         """The weight shape that the layer's settings describe (channels, features, kernel size),
         which its bound reads besides the weight; ``None`` for a layer without such settings."""
         if isinstance(self, nn.modules.conv._ConvNd):
             name, groups, kernel_size = type(self).__name__, self.groups, self.kernel_size
-            if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            if not is_int(groups) or groups < 1:
                 raise ValueError(f"{name}: groups must be an integer >= 1, got {groups!r}")
             dims = len(self._reversed_padding_repeated_twice) // 2
             if (not isinstance(kernel_size, (tuple, list)) or len(kernel_size) != dims
-                    or not all(isinstance(k, int) and not isinstance(k, bool) for k in kernel_size)):
+                    or not all(is_int(k) for k in kernel_size)):
                 raise ValueError(f"{name}: kernel_size must be a tuple of {dims} ints, as the constructor stores it "
                                  f"(its bound and forward read it per axis), got {kernel_size!r}")
             rows, cols = ((self.in_channels, self.out_channels) if self.transposed
@@ -193,7 +201,7 @@ class GramNormalized:
         weight gradient (then refuse that gradient)."""
         if weight is None:
             weight = self._operator_weight()
-        self._refuse_complex(weight)
+        self._refuse_unsupported_dtype(weight)
         self._check_weight_shape(weight)
         if weight.numel() == 0:  # no input or no output features: the zero map
             return weight.sum(), False
@@ -376,7 +384,7 @@ class GramNormalized:
         cache first; a conversion to a complex dtype raises ``TypeError``."""
         self._eval_cache.clear()
         module = super()._apply(fn, recurse)
-        self._refuse_complex()
+        self._refuse_unsupported_dtype()
         return module
 
     def __getstate__(self):
@@ -409,6 +417,16 @@ class GramNormalizedConv(GramNormalized):
     LIPSCHITZ_BOUND_DEPENDS_ON = (*GramNormalized.LIPSCHITZ_BOUND_DEPENDS_ON, "_forward_normalized", "_conv_forward",
                                   "_input_size")
     screen_iter: int
+
+    def _check_input(self, input) -> None:
+        """Refuse what the convolution cannot take before its bound reads the input's size: a
+        traced proxy (:meth:`_refuse_symbolic_tracing`), or an input without a channel axis and
+        the spatial axes (torch's own check comes later, in the convolution)."""
+        self._refuse_symbolic_tracing(input)
+        dims = len(self._reversed_padding_repeated_twice) // 2
+        if input.dim() not in (dims + 1, dims + 2):
+            raise RuntimeError(f"{type(self).__name__}: Expected {dims + 1}D (unbatched) or {dims + 2}D (batched) "
+                               f"input, but got input of shape {tuple(input.shape)}")
 
     def _init_conv_normalization(self, n_iter: int, screen_iter: int) -> None:
         self._init_normalization(n_iter)

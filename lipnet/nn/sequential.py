@@ -145,7 +145,7 @@ class GramSequential(nn.Sequential):
             if entry is None or entry[0] != size:
                 members = [j for j, other in stackable.items() if j >= index and other[0] == key]
                 if len(members) == 1:  # bounded alone, on the weight already read (what forward computes)
-                    module._refuse_symbolic_tracing(x)
+                    module._check_input(x)
                     normalized = module._normalize(module._operator_weight(weight), module._input_size(size))
                     x = module._forward_normalized(x, normalized)
                     continue

