@@ -1,0 +1,21 @@
+"""``certified_accuracy`` takes a list of radii, so a new user's first ``audit`` call passes one too:
+``audit`` takes one radius, and must say so by name instead of failing in a comparison."""
+
+import pytest
+
+from lipnet.certify import audit
+
+
+@pytest.mark.xfail(strict=True, reason="audit(eps=[0.1]) fails in `not eps > 0` (audit.py) with \"'>' not supported "
+                                       "between instances of 'list' and 'int'\", which does not name eps")
+@pytest.mark.parametrize("eps", [[0.1], (0.1, 0.2), "0.1"], ids=["list", "tuple", "string"])
+def test_an_eps_that_is_not_one_number_is_refused_by_name(small_net, blobs, eps):
+    x, y = blobs(8)
+    with pytest.raises((TypeError, ValueError), match="eps"):
+        audit(small_net, x, y, eps, version="apgd")
+
+
+def test_a_zero_radius_is_refused_by_name(small_net, blobs):
+    x, y = blobs(8)  # (inf, nan and negative radii: tests/certify/test_mutants_audit.py)
+    with pytest.raises(ValueError, match="eps must be a finite radius > 0"):
+        audit(small_net, x, y, 0.0, version="apgd")
