@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -156,6 +157,9 @@ def _audit(model, x, y, eps, *, version, certification, attack, on_failure, batc
         raise ValueError(f"attack must be 'correct' or 'certified', got {attack!r}")
     if on_failure not in ("raise", "warn"):
         raise ValueError(f"on_failure must be 'raise' or 'warn', got {on_failure!r}")
+    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) or torch.is_tensor(eps) and eps.numel() == 1):
+        raise TypeError(f"eps must be one radius (a number), got {eps!r}; audit attacks at one radius per call (call "
+                        "it once per radius, as the CLI does)")
     if not eps > 0 or math.isinf(eps):
         raise ValueError(f"eps must be a finite radius > 0, got {eps}")
     device = resolve_device(model, device)
