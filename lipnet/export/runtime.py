@@ -290,6 +290,8 @@ def atomic_write(path, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):  # else the error would name the temporary file
         raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: no such folder (create it first)", folder)
+    if os.path.isdir(path):  # likewise
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: it is a folder; name a file in it", path)
     name = os.fsdecode(os.fsencode(os.path.basename(path))[:200])  # leaves room in a 255-byte name for the rest
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     # Mode 0o666 less the process umask, applied by the system (as open() does; reading the
@@ -336,7 +338,8 @@ def load(f, map_location=None, *, max_check_bytes: int = MAX_CHECK_BYTES) -> Exp
     ``f`` is a path or a file object; ``max_check_bytes`` as in :func:`build`. Raises
     ``ValueError`` for a damaged file (records that do not match their checksums, truncated, not
     a torch file) or an archive that is not a valid lipnet export; a file the system refuses to
-    read (permission denied, I/O error) is its ``OSError``, not called damaged."""
+    read (permission denied, I/O error), a missing file and a folder are their ``OSError``, not
+    called damaged."""
     damaged = damaged_record(f)
     if damaged is not None:
         where = os.fspath(f) if isinstance(f, (str, os.PathLike)) else "the exported model"
@@ -344,8 +347,8 @@ def load(f, map_location=None, *, max_check_bytes: int = MAX_CHECK_BYTES) -> Exp
     try:
         archive = torch.load(f, map_location=map_location, weights_only=True)
     except OSError as exc:
-        if isinstance(exc, PermissionError) or exc.errno == errno.EIO:  # the system refused: the file may be fine
-            raise
+        if isinstance(exc, (PermissionError, FileNotFoundError, IsADirectoryError)) or exc.errno == errno.EIO:
+            raise  # the system refused, or there is no such file: nothing says the file is damaged
         raise ValueError(f"cannot read the exported model: the file is truncated, corrupt or not a torch file "
                          f"({type(exc).__name__}: {exc})") from exc
     except Exception as exc:  # noqa: BLE001 - any failure to read means the file is unusable
