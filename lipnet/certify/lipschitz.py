@@ -167,6 +167,10 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
         if id(error.module) in names:
             error.path = names[id(error.module)]
         raise
+    except (ValueError, RuntimeError, IndexError) as error:  # most often a wrong input_shape: say which was given
+        raise ValueError(f"{error} (while bounding the model on one input of shape {shape}: input_shape is the shape "
+                         "of one input without the batch dimension, e.g. (3, 32, 32) for 3-channel 32x32 "
+                         "images)") from error
     return bound
 
 
