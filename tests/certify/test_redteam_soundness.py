@@ -1,0 +1,156 @@
+"""Soundness red team of lipnet.certify: models whose certificate describes another function than the
+one the model computes. Each xfail test is a bug (a false certificate) that currently passes silently;
+the passing ones are attacks that the library handles and no other test covers."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lipnet.certify import LipschitzBoundError, certified_accuracy, lipschitz_bound
+from lipnet.nn import GramLinear, MaxMin
+
+
+def small_net(last=GramLinear, out=2):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), GramLinear(4, 4), MaxMin(), last(4, out)).eval()
+
+
+def difference_quotient(model, shape, scale=1e-3, seed=0):
+    """``||f(x + d) - f(x)|| / ||d||`` at a random point: a lower bound on the Lipschitz constant."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((1, *shape), generator=gen)
+    d = scale * torch.randn((1, *shape), generator=gen)
+    with torch.no_grad():
+        return float((model(x + d) - model(x)).norm() / d.norm())
+
+
+def assert_refused_or_sound(model, x, attack):
+    """Either certification refuses the model, or no point of ``attack(x, radius)`` (one candidate
+    within the certified radius of ``x``) changes the model's prediction."""
+    with torch.no_grad():
+        label = model(x).argmax(1)
+    try:
+        result = certified_accuracy(model, (x, label), eps=[0.0], progress=False)
+    except LipschitzBoundError:
+        return
+    radius = float(result.radii[0])
+    assert radius > 0  # the point is certified
+    for candidate in attack(x, radius):
+        assert float((candidate - x).norm()) < radius
+        with torch.no_grad():
+            assert int(model(candidate).argmax(1)) == int(label), (
+                f"certified radius {radius:.4g}, but a point at distance {float((candidate - x).norm()):.4g} "
+                "changes the prediction")
+
+
+def along_ones(fraction=0.1):
+    """Two candidates at ``fraction`` of the radius, along +-(1, ..., 1)."""
+    def attack(x, radius):
+        d = torch.ones_like(x) / x.numel() ** 0.5 * radius * fraction
+        return [x + d, x - d]
+    return attack
+
+
+# ----------------------------------------------------------------------------- bugs
+
+
+def _sum_trigger(x0):
+    """A hook adding ``1000 (sum(x) - sum(x0)) * (-1, 1)`` to the logits: 0 at ``x0``, and a
+    gain of about 2000 along (1, 1, 1, 1)."""
+    s0 = float(x0.sum())
+
+    def hook(module, args, out):
+        return out + 1e3 * (args[0].flatten(1).sum(1, keepdim=True) - s0) * torch.tensor([-1.0, 1.0])
+    return hook
+
+
+@pytest.mark.xfail(strict=True, reason="certified_accuracy ignores forward hooks on a Sequential model ending in a "
+                                       "plain nn.Linear (only the split body is bounded)")
+def test_forward_hook_on_a_sequential_with_a_plain_linear_last_layer():
+    model = small_net(nn.Linear)
+    x = torch.rand(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    model.register_forward_hook(_sum_trigger(x))
+    assert_refused_or_sound(model, x, along_ones())
+
+
+def test_forward_hook_on_a_sequential_with_a_gram_linear_last_layer_is_refused():
+    # The same model with a GramLinear last layer is bounded as a whole, and refused.
+    model = small_net(GramLinear)
+    x = torch.rand(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    model.register_forward_hook(_sum_trigger(x))
+    with pytest.raises(LipschitzBoundError, match="forward hooks"):
+        certified_accuracy(model, (x, torch.zeros(1, dtype=torch.long)), progress=False)
+
+
+@pytest.mark.xfail(strict=True, reason="certified_accuracy ignores a forward pre-hook on a Sequential model ending "
+                                       "in a plain nn.Linear")
+def test_forward_pre_hook_on_a_sequential_with_a_plain_linear_last_layer():
+    model = small_net(nn.Linear)
+    x = torch.rand(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    model.register_forward_pre_hook(lambda module, args: (1e3 * (args[0] - x) + x,))
+    assert_refused_or_sound(model, x, along_ones(0.01))
+
+
+@pytest.mark.xfail(strict=True, reason="certified_accuracy ignores a forward assigned to the instance of a "
+                                       "Sequential model ending in a plain nn.Linear")
+def test_instance_forward_on_a_sequential_with_a_plain_linear_last_layer():
+    model = small_net(nn.Linear)
+    x = torch.rand(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    model.forward = lambda inputs: nn.Sequential.forward(model, 1e3 * (inputs - x) + x)
+    assert_refused_or_sound(model, x, along_ones(0.01))
+
+
+class Amplified(nn.Module):
+    """A user wrapper that happens to name its child ``_orig_mod`` (as torch.compile's does)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self._orig_mod = inner
+
+    def forward(self, x):
+        return self._orig_mod(100 * x)
+
+
+@pytest.mark.xfail(strict=True, reason="lipschitz_bound unwraps any module with an _orig_mod child as if it were "
+                                       "torch.compile's wrapper, ignoring its own forward")
+def test_a_module_with_an_orig_mod_child_is_not_taken_for_a_compiled_wrapper():
+    model = Amplified(nn.Sequential(GramLinear(4, 4), MaxMin(), GramLinear(4, 2)).eval())
+    empirical = difference_quotient(model, (4,))  # about 51
+    try:
+        bound = lipschitz_bound(model, (4,))  # 1.000002
+    except LipschitzBoundError:
+        return
+    assert bound >= empirical
+
+
+@pytest.mark.xfail(strict=True, reason="lipschitz_bound unwraps a torch.compile wrapper without checking the "
+                                       "wrapper's own forward hooks")
+@pytest.mark.parametrize("kind", ["forward_hook", "forward_pre_hook"])
+def test_hooks_on_a_compiled_wrapper_are_refused(kind):
+    torch.manual_seed(0)
+    compiled = torch.compile(nn.Sequential(GramLinear(4, 4), MaxMin(), GramLinear(4, 2)).eval(), backend="eager")
+    if kind == "forward_hook":
+        compiled.register_forward_hook(lambda module, args, out: 100 * out)
+    else:
+        compiled.register_forward_pre_hook(lambda module, args: (100 * args[0],))
+    with pytest.raises(LipschitzBoundError, match="hooks"):
+        lipschitz_bound(compiled, (4,))
+
+
+class AmplifiedDataParallel(nn.DataParallel):
+    def forward(self, x):
+        return super().forward(100 * x)
+
+
+@pytest.mark.xfail(strict=True, reason="lipschitz_bound unwraps a DataParallel subclass that overrides forward "
+                                       "(the AveragedModel branch checks this, the DataParallel one does not)")
+def test_a_data_parallel_subclass_with_its_own_forward_is_not_unwrapped():
+    model = AmplifiedDataParallel(nn.Sequential(GramLinear(4, 4), MaxMin(), GramLinear(4, 2)).eval())
+    empirical = difference_quotient(model, (4,))  # about 51
+    try:
+        bound = lipschitz_bound(model, (4,))  # 1.000002
+    except LipschitzBoundError:
+        return
+    assert bound >= empirical
