@@ -207,3 +207,27 @@ def test_certified_prediction_of_a_batch_norm_with_a_subnormal_scale(dtype):
         result = certified_accuracy(model, (x, torch.tensor([label])), eps=[0.0], progress=False)
         if float(result.radii[0]) > 0:  # certified: both the exact and the applied model must predict it
             assert label == exact and label == applied
+
+
+# ----------------------------------------------------------------------------- scalars applied in float32
+
+
+@pytest.mark.xfail(strict=True, reason="the bounds of LeakyReLU, ELU and RReLU read the Python float slope (1.1), "
+                                       "while a float32 model applies float32(1.1) = 1.1000000238")
+@pytest.mark.parametrize("make", [lambda: nn.LeakyReLU(1.1), lambda: nn.ELU(1.1), lambda: nn.RReLU(1.1, 1.1)],
+                         ids=["LeakyReLU", "ELU", "RReLU"])
+def test_a_slope_above_one_is_bounded_as_float32_applies_it(make):
+    model = nn.Sequential(nn.Flatten(), make()).eval()  # no parameters: float32, torch's default dtype
+    x, origin = torch.tensor([[-2.0 ** -30]]), torch.zeros(1, 1)  # products by 2^-30 are exact
+    with torch.no_grad():
+        quotient = float((model(x) - model(origin)).norm() / (x - origin).norm())  # 1.100000023841858
+    assert lipschitz_bound(model, (1,)) >= quotient  # 1.1
+
+
+def test_a_slope_below_one_applied_in_float32_needs_no_margin():
+    # Slopes up to 1 leave the bound 1 (the identity's slope), whatever float32 makes of them.
+    model = nn.Sequential(nn.Flatten(), nn.LeakyReLU(0.9999999999)).eval()
+    x, origin = torch.tensor([[-2.0 ** -30]]), torch.zeros(1, 1)
+    with torch.no_grad():
+        quotient = float((model(x) - model(origin)).norm() / (x - origin).norm())
+    assert lipschitz_bound(model, (1,)) >= quotient
