@@ -289,3 +289,74 @@ def test_certified_accuracy_of_a_model_returning_a_tuple_says_why():
     with pytest.raises((LipschitzBoundError, ValueError, TypeError)):
         certified_accuracy(_pool_with_indices(), (torch.rand(3, 1, 4), torch.zeros(3, dtype=torch.long)),
                            progress=False)
+
+
+# ----------------------------------------------------------------------------- attacks that held
+
+
+def _power_iteration(model, shape, steps=40, seed=0):
+    """A lower bound on the Lipschitz constant of a float64 model: ||J v|| after power iteration on J^T J."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, *shape), generator=gen, dtype=torch.float64)
+    v = torch.randn((1, *shape), generator=gen, dtype=torch.float64)
+    for _ in range(steps):
+        v = v / v.norm()
+        _, jv = torch.autograd.functional.jvp(model, x, v)
+        _, v = torch.autograd.functional.vjp(model, x, jv)
+    v = v / v.norm()
+    return float(torch.autograd.functional.jvp(model, x, v)[1].norm())
+
+
+class Triple(nn.Module):
+    def forward(self, weight):
+        return 3 * weight
+
+
+def _reused():
+    layer = GramLinear(4, 4)
+    return nn.Sequential(layer, nn.Tanh(), layer, nn.Tanh(), layer)
+
+
+def _tied():
+    first, second = GramLinear(4, 4), GramLinear(4, 4)
+    second.weight = first.weight
+    return nn.Sequential(first, MaxMin(), second)
+
+
+def _parametrized_gram():
+    layer = GramLinear(4, 4)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Triple())
+    return nn.Sequential(layer)
+
+
+def _parametrized_batch_norm():
+    layer = nn.BatchNorm1d(4)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Triple())
+    return nn.Sequential(layer)  # gain 3 / sqrt(1 + eps)
+
+
+@pytest.mark.parametrize("make", [_reused, _tied, _parametrized_gram, _parametrized_batch_norm],
+                         ids=["reused", "tied", "parametrized-gram", "parametrized-batchnorm"])
+def test_shared_and_parametrized_layers_are_bounded_as_applied(make):
+    torch.manual_seed(0)
+    model = make().double().eval()
+    bound = lipschitz_bound(model, (4,))
+    assert bound >= _power_iteration(model, (4,)) * (1 - 1e-12)
+    if make is _parametrized_batch_norm:
+        assert bound >= 2.99998
+
+
+def test_a_plain_data_parallel_and_averaged_model_are_bounded_as_their_module():
+    from torch.optim.swa_utils import AveragedModel
+
+    inner = small_net(GramLinear)
+    expected = lipschitz_bound(inner, (1, 2, 2))
+    assert lipschitz_bound(nn.DataParallel(inner), (1, 2, 2)) == expected
+    assert lipschitz_bound(AveragedModel(inner), (1, 2, 2)) == expected
+
+
+def test_a_hook_on_the_body_of_a_sequential_with_a_plain_linear_last_layer_is_refused():
+    model = small_net(nn.Linear)
+    model[2].register_forward_hook(lambda module, args, out: 100 * out)
+    with pytest.raises(LipschitzBoundError, match="forward hooks"):
+        certified_accuracy(model, (torch.rand(2, 1, 2, 2), torch.zeros(2, dtype=torch.long)), progress=False)
