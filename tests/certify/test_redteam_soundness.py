@@ -2,7 +2,6 @@
 one the model computes. Each xfail test is a bug (a false certificate) that currently passes silently;
 the passing ones are attacks that the library handles and no other test covers."""
 
-
 import pytest
 import torch
 from torch import nn
