@@ -126,3 +126,24 @@ def test_copying_masking_and_value_dependent_operations_are_refused(registry, mo
     register_lipschitz_bound(type(module), traced_lipschitz_bound)
     with pytest.raises(LipschitzBoundError, match="node"):  # refused by a rule of the graph, not as unknown
         lipschitz_bound(nn.Sequential(module).eval(), (4,))
+
+
+_NON_LIPSCHITZ_OR_COPYING = {
+    "square": lambda x: x.square(),  # not Lipschitz
+    "softmax": lambda x: 100 * x.softmax(1),
+    "repeat": lambda x: x.repeat(1, 2),  # copies: gain sqrt(2)
+    "stack": lambda x: torch.stack([x, x], 1).flatten(1),
+    "where": lambda x: torch.where(x > 0, x, 3 * x),
+    "topk": lambda x: x.topk(2, 1).values,
+    "cumsum": lambda x: x.cumsum(1),  # gain about 2.6 on 4 entries
+    "matmul": lambda x: x @ torch.ones(4, 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NON_LIPSCHITZ_OR_COPYING))
+def test_operations_without_a_rule_are_refused(registry, name):
+    op = _NON_LIPSCHITZ_OR_COPYING[name]
+    module_type = type(f"Op_{name}", (nn.Module,), {"forward": lambda self, x: op(x)})
+    register_lipschitz_bound(module_type, traced_lipschitz_bound)
+    with pytest.raises(LipschitzBoundError, match="node"):
+        lipschitz_bound(nn.Sequential(module_type()).eval(), (4,))
