@@ -430,3 +430,16 @@ def test_gradual_underflow_holds_on_intra_op_threads():
     # The exact model (and the float64 model with gradual underflow) predicts class 0 on every example:
     # none may be certified as class 1 (32 of 64 are, at radius 40.7, from logits (0, 0.9)).
     assert int(certified) == 0, f"{certified} examples certified as class 1, up to radius {radius}"
+
+
+def test_duplicate_and_zero_rows_of_a_plain_last_layer():
+    model = small_net(nn.Linear, out=3)
+    with torch.no_grad():
+        model[3].weight[1] = model[3].weight[0]  # classes 0 and 1 tie everywhere
+        model[3].bias[1] = model[3].bias[0]
+        model[3].weight[2] = 0.0  # class 2 is the constant bias[2]
+        model[3].bias[2] = -1e3
+    x = torch.rand(8, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    for label in (0, 1, 2):
+        result = certified_accuracy(model, (x, torch.full((8,), label)), eps=[0.0], progress=False)
+        assert bool((result.radii == 0).all())  # a tie (0 and 1) or a wrong class (2) is never certified
