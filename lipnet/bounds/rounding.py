@@ -71,17 +71,34 @@ def with_rounding_margin(bound: float, dtype: torch.dtype, *, inner: int, rank: 
     return bound * (1 + margin)
 
 
+def applied_scalar_magnitude(value: float) -> float:
+    """The largest ``|value|`` a kernel may apply for the Python float ``value``: itself, or rounded
+    to float32, float16 or bfloat16, in which torch's kernels take scalars such as
+    ``LeakyReLU(1.1)``'s slope (a float32 model multiplies by ``float32(1.1) = 1.1000000238``)."""
+    return max(abs(float(torch.tensor(float(value), dtype=dtype)))
+               for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16))
+
+
 @contextmanager
 def gradual_underflow():
     """Subnormal results kept on the CPU while it runs: ``torch.set_flush_denormal(True)`` (a speed
     setting) is turned off, and back on afterwards. With it, ``x / 2`` of ``x = 2^-1022`` is 0 and
-    ``nextafter(0, inf)`` is 0, which the error bounds and directed roundings do not allow for."""
+    ``nextafter(0, inf)`` is 0, which the error bounds and directed roundings do not allow for.
+
+    The setting is per thread, and torch's intra-op worker threads keep the one they started
+    with: where they flush (set before they started), the CPU work runs on this thread alone
+    (``torch.set_num_threads(1)``) and the thread count is restored afterwards."""
     flushing = flushes_denormals()
     if flushing:
         torch.set_flush_denormal(False)
+    threads = torch.get_num_threads()
+    if threads > 1 and workers_flush_denormals(threads):
+        torch.set_num_threads(1)
     try:
         yield
     finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         if flushing:
             torch.set_flush_denormal(True)
 
@@ -105,6 +122,14 @@ def certification_arithmetic():
     whatever the caller set, and the caller's settings back on exit."""
     with cpu_default_device(), gradual_underflow():
         yield
+
+
+def workers_flush_denormals(threads: int) -> bool:
+    """Whether any of torch's ``threads`` intra-op CPU threads flushes subnormal results to 0: an
+    elementwise division long enough to be split among all of them (``2^15`` elements, ATen's grain
+    size, twice per thread), each quotient subnormal."""
+    tiny = torch.full((threads * 2 ** 16,), 2.0 ** -1022, dtype=torch.float64, device="cpu")
+    return bool((tiny / 2 == 0).any())
 
 
 def flushes_denormals() -> bool:

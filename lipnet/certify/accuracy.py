@@ -14,6 +14,8 @@ from lipnet.bounds.gram import max_matrix_spectral_norm
 from lipnet.bounds.rounding import with_rounding_margin
 from lipnet.certify.lipschitz import (
     LipschitzBoundError,
+    check_no_forward_hooks,
+    check_runs_own_forward,
     has_forward_hooks,
     module_lipschitz_bounds,
     mul_up,
@@ -228,6 +230,11 @@ def split_last_linear(model: nn.Module) -> tuple[nn.Sequential, nn.Linear] | Non
     sequential_forwards = (nn.Sequential.forward, GramSequential.forward)
     if not isinstance(model, nn.Sequential) or type(model).forward not in sequential_forwards or len(model) < 1:
         return None
+    try:  # hooks (its own or global) or a forward of the instance: the model is not its body and last layer
+        check_no_forward_hooks(model)
+        check_runs_own_forward(model)
+    except LipschitzBoundError:
+        return None
     *body, last = list(model)
     if not is_plain_linear(last):
         return None
@@ -274,11 +281,16 @@ class ExactLogits:
             self._copy(None)
 
     def _copy(self, inputs: torch.Tensor | None) -> None:
+        self._state = _state_fingerprint(self._original)
         self.model = float64_copy(self._original, inputs=inputs)
         self.split = split_last_linear(self.model) if self._last_layer == "auto" else None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         refuse_functorch_transforms(x)
+        if self.model is not None and _state_fingerprint(self._original) != self._state:
+            raise ValueError("the model's parameters or buffers changed while it was being certified (written between "
+                             "two batches, e.g. by the data iterator or another thread): its copy and bounds are those "
+                             "of the model before; certify a model that does not change, or certify again")
         seen = model_input(x, self.dtype)
         if self.model is None:
             self._copy(seen)
@@ -323,6 +335,14 @@ class ExactLogits:
             torch.float64, inner=max(weight.shape), rank=min(weight.shape), taps=1, n_iter=CERTIFICATION_N_ITER)
         modules[(id(last), tuple(features.shape[1:]))] = own
         return {"lipschitz": mul_up(body_lipschitz, own), "modules": modules, "body_lipschitz": body_lipschitz}
+
+
+def _state_fingerprint(model: nn.Module) -> tuple:
+    """What changes when a parameter or buffer of ``model`` is written (in place: its version
+    counter; through ``.data`` or by assigning another tensor: its storage or identity)."""
+    return tuple((name, id(t), t._version, t.data_ptr() if not t.is_meta else 0)
+                 for name, t in (*model.named_parameters(remove_duplicate=False),
+                                 *model.named_buffers(remove_duplicate=False)))
 
 
 def model_input(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -25,6 +25,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from lipnet.bounds.rounding import applied_scalar_magnitude
 from lipnet.certify.lipschitz import LipschitzBoundError, _constant, _round_up_exact, mul_up, register_lipschitz_bound
 
 #: Relative margin on constants evaluated in float64 at a computed maximiser.
@@ -243,7 +244,7 @@ def _rrelu(module: nn.RReLU, shape) -> float:
         raise LipschitzBoundError(module, (
             f"RReLU(lower={lower}, upper={upper}) has a slope (lower + upper) / 2 that is not a finite number in eval "
             "mode, so no Lipschitz constant bounds it; use finite lower and upper"))
-    return max(1.0, float_up(abs(Fraction(lower) + Fraction(upper)) / 2), abs((lower + upper) / 2))
+    return max(1.0, float_up(abs(Fraction(lower) + Fraction(upper)) / 2), applied_scalar_magnitude((lower + upper) / 2))
 
 
 @register_lipschitz_bound(nn.Threshold)

@@ -92,10 +92,31 @@ def channel_scale_bounds(module: nn.modules.batchnorm._BatchNorm) -> list[float]
     return bounds
 
 
+def refuse_subnormal_scales(module: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype) -> None:
+    """Refuse a channel whose ``var + eps`` or scale ``s_c`` is a nonzero number below the smallest
+    normal float of ``dtype`` (float32's for float32 and narrower, whose kernels compute in float32).
+
+    torch computes ``s_c`` before it multiplies the input; a subnormal ``s_c`` is rounded by up to
+    half the smallest subnormal, a third of it for ``s_c = 1.5 * 2^-1074``, and that error is
+    relative to the input, not to the output, so gains elsewhere in the network can make it any
+    size: no rounding bound relative to the outputs covers it."""
+    tiny = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny
+    stats, eps = _statistics(module), _eps_applied(float(module.eps))
+    for channel, (gamma, var) in enumerate(zip(stats["weight"], stats["running_var"])):
+        total = var + eps
+        if 0 < total < tiny or (gamma != 0 and total >= tiny and abs(gamma) < tiny * math.sqrt(total)):
+            raise LipschitzBoundError(module, (
+                f"{type(module).__name__} scales channel {channel} by gamma / sqrt(running_var + eps) = {gamma!r} / "
+                f"sqrt({var!r} + {eps!r}), below the smallest normal {dtype} number, which {dtype} arithmetic "
+                "rounds by up to half its size; set that channel's weight to 0, use eps > 0, or remove the module"))
+
+
 @register_lipschitz_bound(nn.modules.batchnorm._BatchNorm)
 @register_lipschitz_bound(nn.SyncBatchNorm)
 def batch_norm_lipschitz_bound(module: nn.modules.batchnorm._BatchNorm, shape) -> float:
-    """``max_c |gamma_c| / sqrt(running_var_c + eps)``, rounded upwards."""
+    """``max_c |gamma_c| / sqrt(running_var_c + eps)``, rounded upwards (refused where a scale
+    is subnormal: :func:`refuse_subnormal_scales`)."""
+    refuse_subnormal_scales(module, module.running_var.dtype if module.running_var is not None else torch.float64)
     bounds = channel_scale_bounds(module)
     if not all(math.isfinite(b) for b in bounds):
         raise LipschitzBoundError(module, (

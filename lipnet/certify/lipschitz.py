@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from lipnet.bounds.circulant import pair
-from lipnet.bounds.rounding import certification_arithmetic
+from lipnet.bounds.rounding import applied_scalar_magnitude, certification_arithmetic
 from lipnet.certify.modes import evaluating
 from lipnet.nn.activations import GroupSort, MaxMin
 from lipnet.nn.pooling import adaptive_pooling_lipschitz_bound, pooling_lipschitz_bound, sqrt_up, window_multiplicity
@@ -149,6 +149,30 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
         >>> lipschitz_bound(net, (1, 4, 4)) <= 1 + 1e-5
         True
     """
+    try:
+        bound, out = _bound_and_output(model, input_shape)
+    except LipschitzBoundError:
+        raise
+    except (ValueError, RuntimeError, IndexError) as error:  # most often a wrong input_shape: say which was given
+        raise ValueError(f"{error} (while bounding the model on one input of shape {tuple(input_shape)}: "
+                         "input_shape is the shape of one input without the batch dimension, e.g. (3, 32, 32) for "
+                         "3-channel 32x32 images)") from error
+    if not torch.is_tensor(out):
+        raise LipschitzBoundError(_unwrap(model), (
+            f"the model returns a {type(out).__name__}, not one tensor: its Lipschitz bound is of a map to one "
+            "tensor (the logits), and what else it returns (max pooling's indices, for one) may jump; certify "
+            "a model that returns the logits alone"))
+    return bound
+
+
+def module_output_lipschitz_bound(module: nn.Module, input_shape) -> float:
+    """:func:`lipschitz_bound` of a module inside a traced forward, whose output may be a tuple
+    (max pooling's values and indices): the bound is that of its floating-point values, and the
+    caller bounds what it takes of it (:mod:`lipnet.convert` refuses integer results)."""
+    return _bound_and_output(module, input_shape)[0]
+
+
+def _bound_and_output(model: nn.Module, input_shape) -> tuple[float, object]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     model = _unwrap(model)
@@ -161,17 +185,13 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
         # Gradual underflow: with subnormals flushed to 0, a bound below 2^-1022 became 0 (two BatchNorms
         # of gain 1e-160: 0 for a Lipschitz constant of 1e-320).
         with certification_arithmetic(), evaluating(model), torch.no_grad():
-            bound, _ = _module_bound(model, torch.zeros((1, *shape), dtype=dtype, device=device))
+            bound, out = _module_bound(model, torch.zeros((1, *shape), dtype=dtype, device=device))
     except LipschitzBoundError as error:
         names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
         if id(error.module) in names:
             error.path = names[id(error.module)]
         raise
-    except (ValueError, RuntimeError, IndexError) as error:  # most often a wrong input_shape: say which was given
-        raise ValueError(f"{error} (while bounding the model on one input of shape {shape}: input_shape is the shape "
-                         "of one input without the batch dimension, e.g. (3, 32, 32) for 3-channel 32x32 "
-                         "images)") from error
-    return bound
+    return bound, out
 
 
 def mul_up(a: float, b: float) -> float:
@@ -414,18 +434,26 @@ def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside ``torch.compile``, (Distributed)DataParallel and
     ``torch.optim.swa_utils.AveragedModel`` (EMA, SWA) wrappers, whose forward is their module's;
     a wrapper with forward hooks is refused (they would change what the wrapper computes)."""
+    from torch._dynamo.eval_frame import OptimizedModule
     from torch.optim.swa_utils import AveragedModel
 
+    def is_wrapper(module):
+        # The wrapper classes' own forwards: a subclass's forward (or a user's module that names
+        # its child ``_orig_mod``) may compute something else than the module inside.
+        if type(module) is OptimizedModule:
+            return True
+        return any(isinstance(module, cls) and type(module).forward is cls.forward
+                   for cls in (nn.DataParallel, nn.parallel.DistributedDataParallel, AveragedModel))
+
     while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        if not is_wrapper(model):
+            return model
+        check_no_forward_hooks(model)
+        if isinstance(model, OptimizedModule):  # its forward is an instance attribute: the compiled call
             model = model._orig_mod
-        elif (isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel)
-              or isinstance(model, AveragedModel) and type(model).forward is AveragedModel.forward):
-            check_no_forward_hooks(model)
+        else:
             check_runs_own_forward(model)
             model = model.module
-        else:
-            return model
 
 
 def _dtype_and_device(model: nn.Module):
@@ -572,16 +600,17 @@ def _group_sort(module: GroupSort, shape) -> float:
 
 @register_lipschitz_bound(nn.LeakyReLU)
 def _leaky_relu(module: nn.LeakyReLU, shape) -> float:
-    """Slopes 1 and ``negative_slope`` (NaN refused: ``max(1, nan)`` is 1)."""
+    """Slopes 1 and ``negative_slope`` as a kernel may round it (NaN refused: ``max(1, nan)`` is 1)."""
     refuse_nan_parameters(module, negative_slope=module.negative_slope)
-    return max(1.0, abs(float(module.negative_slope)))
+    return max(1.0, applied_scalar_magnitude(module.negative_slope))
 
 
 @register_lipschitz_bound(nn.ELU)
 def _elu(module: nn.ELU, shape) -> float:
-    """Derivative 1 for ``x > 0`` and ``alpha * exp(x) <= alpha`` for ``x <= 0`` (NaN refused)."""
+    """Derivative 1 for ``x > 0`` and ``alpha * exp(x) <= alpha`` for ``x <= 0``, with ``alpha`` as a
+    kernel may round it (NaN refused)."""
     refuse_nan_parameters(module, alpha=module.alpha)
-    return max(1.0, abs(float(module.alpha)))
+    return max(1.0, applied_scalar_magnitude(module.alpha))
 
 
 @register_lipschitz_bound(nn.MaxPool2d)

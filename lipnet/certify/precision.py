@@ -89,9 +89,14 @@ def float64_copy(model: nn.Module, inputs: torch.Tensor | None = None) -> nn.Mod
     without floating parameters computes in the dtype, and on the device, of its ``inputs`` (an
     example batch as the model sees it; without one, float32 on the CPU), whatever torch's default dtype.
     """
+    from lipnet.certify.batch_norm_bound import refuse_subnormal_scales  # it imports this module
+
     model = _unwrap(model)
     twin = copy.deepcopy(model)
     for original, module in zip(model.modules(), twin.modules(), strict=True):
+        if (isinstance(original, nn.modules.batchnorm._BatchNorm) and original.running_var is not None
+                and not original.running_var.is_meta):
+            refuse_subnormal_scales(original, original.running_var.dtype)  # in the dtype it computes in
         if isinstance(original, GramNormalized):
             module.normalized_weight = _weight_applied_by(original)
         if isinstance(original, ConvexResidual):

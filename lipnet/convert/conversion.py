@@ -12,6 +12,7 @@ from torch import nn
 from lipnet.bounds.gram import DEFAULT_N_ITER
 from lipnet.bounds.rounding import cpu_default_device
 from lipnet.certify import LipschitzBoundError, UnknownModuleError, lipschitz_bound, register_lipschitz_bound
+from lipnet.certify.lipschitz import module_output_lipschitz_bound
 from lipnet.convert.diagnosis import _ATTENTION, _diagnose, _is_custom_container
 from lipnet.convert.graph import _trace
 from lipnet.convert.replacement import _input_shapes, _inside, _parametrizations, _plan, _qualname
@@ -161,7 +162,7 @@ def _register_traced_bounds(model: nn.Module, shapes, report: ConversionReport) 
             continue
         seen.add(type(module))
         try:
-            lipschitz_bound(module, calls[0][1:])
+            module_output_lipschitz_bound(module, calls[0][1:])
         except UnknownModuleError as error:
             if error.module is not module:
                 continue

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from lipnet.certify import LipschitzBoundError, UnknownModuleError, lipschitz_bound
+from lipnet.certify import LipschitzBoundError, UnknownModuleError
+from lipnet.certify.lipschitz import module_output_lipschitz_bound
 from lipnet.certify.lipschitz import _REGISTRY, _lookup, call_registered_bound
 from lipnet.convert.graph import _SUMS, _depends_on_input, _key, _tensor_args, _trace
 from lipnet.convert.replacement import _GRAM_LAYERS, _LINEAR, _inside, _parametrizations, _qualname
@@ -113,7 +114,7 @@ def _obstacle(path: str, module: nn.Module, shapes) -> Obstacle | None:
         return None  # not called by the forward pass / nothing known from the type alone
     try:
         if calls is not None:
-            bound = max(lipschitz_bound(module, shape[1:]) for shape in calls)
+            bound = max(module_output_lipschitz_bound(module, shape[1:]) for shape in calls)
         elif (bound := _bound_from_module(module)) is None:
             return Obstacle(path, name, problem, fix, blocking=True)
     except LipschitzBoundError as error:

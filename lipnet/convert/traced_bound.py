@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lipnet.certify import LipschitzBoundError, lipschitz_bound
+from lipnet.certify import LipschitzBoundError
+from lipnet.certify.lipschitz import module_output_lipschitz_bound
 from lipnet.certify.lipschitz import check_no_forward_hooks, check_runs_own_forward
 from lipnet.certify.precision import UNIT_ROUNDOFF, example_norms, underflow_bound
 from lipnet.convert.attribute_writes import _AttributeWrites
@@ -71,7 +72,7 @@ def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
             m.train(training)
 
 
-def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=lipschitz_bound) -> float:
+def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=module_output_lipschitz_bound) -> float:
     """:func:`traced_lipschitz_bound` in eval mode; ``child_bound(child, shape)`` bounds the leaves."""
     # torch.fx traces the class's forward, without hooks; the module must compute exactly that
     # (the check of the graph against the forward tolerates differences of 1e-6).
@@ -136,7 +137,7 @@ def _traced_rounding(module: nn.Module, h: torch.Tensor, err: torch.Tensor, boun
         if found is not None:
             return found
         with writes.paused():
-            return lipschitz_bound(child, shape)
+            return module_output_lipschitz_bound(child, shape)
 
     run = _BoundInterpreter(traced, module, len(h), child_bound, keep_values=True)
     with torch.no_grad(), writes.watching():

@@ -183,6 +183,13 @@ class ExportedModel(nn.Module):
                                "export it again")
         return super().train(False)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Reached by load_state_dict on this model or on a module holding it: other weights
+        # would keep a bound and radii computed for these.
+        raise RuntimeError("an exported model is a frozen inference snapshot: its lipschitz_bound holds for the "
+                           "weights it was exported with, so it loads no others; load them into the lipnet model and "
+                           "export it again")
+
     def certified_radius(self, logits: torch.Tensor) -> torch.Tensor:
         """Certified L2 radius of each prediction (the arg-max of its logits), float64.
 

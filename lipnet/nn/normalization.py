@@ -61,6 +61,9 @@ class InputNormalization(nn.Module):
         4.0
     """
 
+    # What the forward and the bound both read: an override could let std broadcast one channel to many.
+    LIPSCHITZ_BOUND_DEPENDS_ON = ("_check_channels",)
+
     def __init__(self, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor):
         super().__init__()
         mean, std = _statistics(mean, "mean"), _statistics(std, "std")

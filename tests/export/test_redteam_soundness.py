@@ -40,8 +40,6 @@ def test_a_wrapper_taken_for_a_compiled_model_is_caught_by_the_runtime_check():
         lipnet.export(Amplified(inner()), (4,))
 
 
-@pytest.mark.xfail(strict=True, reason="export certifies a module with an _orig_mod child as that child (lipschitz_"
-                                       "bound's unwrapping), and the runtime check at one input misses a gated gain")
 def test_the_exported_bound_holds_away_from_the_checked_input():
     try:
         exported = lipnet.export(Gated(inner()), (4,))
@@ -53,8 +51,6 @@ def test_the_exported_bound_holds_away_from_the_checked_input():
     assert exported.lipschitz_bound >= quotient  # 1.000002
 
 
-@pytest.mark.xfail(strict=True, reason="an exported model (a frozen snapshot that refuses train()) accepts "
-                                       "load_state_dict of other weights and keeps its lipschitz_bound and radii")
 def test_an_exported_model_does_not_keep_its_bound_for_other_weights():
     exported = lipnet.export(inner(), (4,))
     louder = {name: 10 * value for name, value in exported.state_dict().items()}
