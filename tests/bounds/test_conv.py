@@ -282,6 +282,11 @@ def test_half_precision_and_autocast():
     assert auto.item() == pytest.approx(ref.item(), rel=1e-6)
     half = conv2d_spectral_norm(weight.bfloat16(), 8, padding=1)
     assert half.dtype == torch.float32
+    # The value too, not only its dtype: the bound of the bfloat16 kernel (computed in float32) is that of
+    # the same values in float32, and at least the exact norm of the operator the rounded kernel applies.
+    rounded = weight.bfloat16()
+    assert half.item() == conv2d_spectral_norm(rounded.float(), 8, padding=1).item()
+    assert half.item() >= exact_conv2d_spectral_norm(rounded.double(), 8, padding=1) * (1 - 1e-5)
 
 
 @pytest.mark.parametrize(
