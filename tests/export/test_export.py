@@ -252,8 +252,11 @@ def test_certified_radius_matches_lipnet_certify():
     assert torch.equal(exported.certified_radius(integers),
                        certified_radius(integers, integers.argmax(1), exported.lipschitz_bound))
     # Beyond 2^53 integers round in float64; beyond the largest float the margin overflows: both
-    # as lipnet.certify takes them (a radius of 181 for the exact 91; 1.8e308 for the exact ~1e308 / L).
-    for extreme in (torch.tensor([[2**60 + 256, 2**60 + 127, 0]]), torch.tensor([[1.7e308, -1.7e308, 0.0]], dtype=torch.float64)):
+    # as lipnet.certify takes them (a radius of 181 for the exact 91; 1.8e308, the largest float, for the exact
+    # ~2.4e308 / L; ~1.4e308 / L for +-1e308). Two classes: with a third logit of 0 the margin is the top logit
+    # alone, which does not overflow, and the halved computation was never run.
+    for extreme in (torch.tensor([[2**60 + 256, 2**60 + 127, 0]]), torch.tensor([[1.7e308, -1.7e308]], dtype=torch.float64),
+                    torch.tensor([[1e308, -1e308]], dtype=torch.float64)):
         expected = certified_radius(extreme, extreme.argmax(1), exported.lipschitz_bound)
         assert torch.equal(exported.certified_radius(extreme), expected)
         margin = Fraction(int(extreme[0, 0])) - Fraction(int(extreme[0, 1]))  # exact
