@@ -39,10 +39,14 @@ def test_a_tie_is_not_certified_even_where_the_logits_cannot_change():
         try:
             generic = certified_radius(logits, labels, lipschitz=0.0, rounding=exact)
             last_layer = certified_radius(logits, labels, last_layer=weight, body_lipschitz=1.0, rounding=exact)
+            # A constant body: the one case whose denominator is exactly 0 (L = 0 and equal rows round it up
+            # to the smallest subnormal), where the sign of the margin alone decides.
+            constant = certified_radius(logits, labels, last_layer=weight, body_lipschitz=0.0, rounding=exact)
         finally:
             torch.set_flush_denormal(False)
         assert generic[0] == 0.0 and generic[1] > 1e300
         assert last_layer[0] == 0.0 and last_layer[1] > 0
+        assert constant.tolist() == [0.0, math.inf]
 
 
 def generic_radius_holds(radius: float, margin: Fraction, lipschitz: float) -> bool:
