@@ -366,9 +366,16 @@ def test_global_scaled_average_pooling_allows_for_its_rounded_scale():
 
     from lipnet.nn import GlobalScaledAvgPool2d
 
-    for h, w in ((1, 2), (3, 5)):  # fl(sqrt(hw)) rounds up for these
-        scale = Fraction(math.sqrt(h * w))
-        assert Fraction(GlobalScaledAvgPool2d().lipschitz_bound()) ** 2 >= scale ** 2 / (h * w)
+    pool = GlobalScaledAvgPool2d()
+    bound = Fraction(lipschitz_bound(nn.Sequential(pool), (1, 3, 5)))
+    assert bound == Fraction(pool.lipschitz_bound())
+    for h, w in ((1, 2), (3, 5), (2, 3)):  # sqrt(hw) is irrational: its float rounds one way or the other
+        for dtype in (torch.float32, torch.float64):
+            # The scale as the layer applies it (the mean of ones is exactly 1), not math.sqrt(h * w): the
+            # layer rounds sqrt(hw) to float32, downwards, so a float64 square root is not what it multiplies by.
+            scale = Fraction(float(pool(torch.ones(1, 1, h, w, dtype=dtype))))
+            assert scale != Fraction(math.sqrt(h * w))
+            assert bound ** 2 >= scale ** 2 / (h * w), (h, w, dtype)
 
 
 class _Scale(nn.Module):
