@@ -92,3 +92,65 @@ def test_slicing_the_batch_is_refused_or_a_per_example_function():
         together = module(x)
         apart = torch.cat([module(x[i:i + 1]) for i in range(len(x))])
     assert together.shape == apart.shape and torch.equal(together, apart)
+
+
+class _TwoHalves(nn.Module):
+    """``cat([a(x), b(x)])``: a traced container whose output concatenates two children."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.a, self.b = nn.Linear(n, n, bias=False), nn.Linear(n, n, bias=False)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], dim=1)
+
+
+CAT_BUG = ("library bug: lipnet.convert.bound_interpreter stores a concatenation's rule as ('cat', [parts]) and "
+           "lipnet/convert/traced_bound.py _traced_rounding unpacks it as ('cat', *parts): errors[[a, b]] raises "
+           "TypeError (unhashable type: 'list'), so certified_accuracy crashes on every converted model whose traced "
+           "forward concatenates. Unpacking it alone is not enough: the parts' errors are combined as "
+           "sqrt(sum e^2), and the squares of subnormal errors underflow to 0 (an error bound of 0 here)")
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason=CAT_BUG)
+@pytest.mark.usefixtures("registry")
+def test_a_converted_model_with_a_concatenation_is_certified():
+    from lipnet import convert
+    from lipnet.certify import certified_accuracy
+
+    torch.manual_seed(0)
+    model = convert(nn.Sequential(_TwoHalves(4), nn.Linear(8, 3)), input_shape=(4,)).model.eval()
+    x = torch.randn(5, 4)
+    result = certified_accuracy(model, (x, model(x).argmax(1)), eps=[0.1], progress=False)
+    assert result.clean_accuracy == 1.0 and bool((result.radii > 0).any())
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason=CAT_BUG)
+@pytest.mark.usefixtures("registry")  # convert registers the container's traced bound process-wide
+def test_the_rounding_errors_of_the_parts_of_a_traced_concatenation_are_carried():
+    """The certification's float64 pass carries each node's rounding error through a traced graph; a
+    concatenation's error is that of its parts together. Two Gram layers whose ``n`` products each
+    underflow to 0 (weights ``2^-6``, inputs ``31 2^-1074``, as in
+    tests/certify/test_mutants_precision.py): every output is 0 where the exact one is ``31 2^-1074``,
+    so the error bound at the concatenation must cover ``2n`` such misses. No other test ran the
+    concatenation's rule (an error of 0 there went unnoticed)."""
+    from lipnet import convert
+    from lipnet.certify.lipschitz import module_lipschitz_bounds
+    from lipnet.certify.precision import exact_kernels, forward_with_error_bound
+
+    n = 64
+    model = convert(nn.Sequential(_TwoHalves(n)), input_shape=(n,), activation=None).model.double().eval()
+    block = model[0]
+    with torch.no_grad():
+        block.a.weight.fill_(1.0)
+        block.b.weight.fill_(1.0)
+    x = torch.full((1, n), 31 * 2.0 ** -1074, dtype=torch.float64)
+    _, bounds = module_lipschitz_bounds(model, (n,))
+    with exact_kernels(), torch.no_grad():
+        y, err = forward_with_error_bound(model, x, bounds)
+        rows = [row for layer in (block.a, block.b) for row in layer.normalized_weight().tolist()]
+    assert y.shape == (1, 2 * n) and bool((y == 0).all())  # every product underflowed to 0
+    exact = [sum((Fraction(w) * Fraction(float(x[0, 0])) for w in row), Fraction(0)) for row in rows]
+    distance2 = sum(((Fraction(float(c)) - e) ** 2 for c, e in zip(y[0].tolist(), exact)), Fraction(0))
+    assert distance2 > 0
+    assert Fraction(float(err[0])) ** 2 >= distance2
