@@ -255,7 +255,8 @@ def test_certified_radius_matches_lipnet_certify():
     # as lipnet.certify takes them (a radius of 181 for the exact 91; 1.8e308, the largest float, for the exact
     # ~2.4e308 / L; ~1.4e308 / L for +-1e308). Two classes: with a third logit of 0 the margin is the top logit
     # alone, which does not overflow, and the halved computation was never run.
-    for extreme in (torch.tensor([[2**60 + 256, 2**60 + 127, 0]]), torch.tensor([[1.7e308, -1.7e308]], dtype=torch.float64),
+    for extreme in (torch.tensor([[2**60 + 256, 2**60 + 127, 0]]),
+                    torch.tensor([[1.7e308, -1.7e308]], dtype=torch.float64),
                     torch.tensor([[1e308, -1e308]], dtype=torch.float64)):
         expected = certified_radius(extreme, extreme.argmax(1), exported.lipschitz_bound)
         assert torch.equal(exported.certified_radius(extreme), expected)
