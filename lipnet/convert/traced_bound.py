@@ -128,7 +128,7 @@ def _traced_rounding(module: nn.Module, h: torch.Tensor, err: torch.Tensor, boun
     ``4 u (sum f_i ||a_i|| + ||y||)`` to ``sum f_i e(a_i)``, and the underflow of its products
     (:func:`~lipnet.certify.precision.underflow_bound` of its ``numel(y)`` outputs and operands:
     ``x / 64`` rounds ``2^-1070`` to 0, which a later layer may scale by ``2^1023``);
-    rearrangements and concatenations are exact (the latter combines its parts' errors in L2)."""
+    rearrangements and concatenations are exact (the latter sums its parts' errors)."""
     traced = _trace(module)
     writes = _AttributeWrites(module)
 
@@ -167,8 +167,10 @@ def _traced_rounding(module: nn.Module, h: torch.Tensor, err: torch.Tensor, boun
             errors[node] = total + 4 * UNIT_ROUNDOFF * size + underflow_bound(run.env[node][0].numel() + len(terms))
         elif kind == "exact":
             errors[node] = errors[parts[0]]
-        else:  # "cat"
-            errors[node] = torch.stack([errors[p] for p in parts]).square().sum(0).sqrt() * (1 + 4 * UNIT_ROUNDOFF)
+        else:  # "cat": the parts' errors summed (>= their L2 combination, whose squares underflow for tiny errors)
+            (pieces,) = parts
+            total = sum((errors[p] for p in pieces), torch.zeros_like(err))
+            errors[node] = total * (1 + 4 * UNIT_ROUNDOFF * (len(pieces) + 1))
     raise LipschitzBoundError(module, "its graph has no output")
 
 

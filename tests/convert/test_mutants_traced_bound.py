@@ -105,14 +105,11 @@ class _TwoHalves(nn.Module):
         return torch.cat([self.a(x), self.b(x)], dim=1)
 
 
-CAT_BUG = ("library bug: lipnet.convert.bound_interpreter stores a concatenation's rule as ('cat', [parts]) and "
-           "lipnet/convert/traced_bound.py _traced_rounding unpacks it as ('cat', *parts): errors[[a, b]] raises "
-           "TypeError (unhashable type: 'list'), so certified_accuracy crashes on every converted model whose traced "
-           "forward concatenates. Unpacking it alone is not enough: the parts' errors are combined as "
-           "sqrt(sum e^2), and the squares of subnormal errors underflow to 0 (an error bound of 0 here)")
+# Found as a bug: the concatenation's rule ('cat', [parts]) was unpacked as ('cat', *parts), a TypeError
+# on every converted model whose traced forward concatenates; and the parts' errors, combined as
+# sqrt(sum e^2), underflowed to 0 for subnormal errors. Now summed.
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=CAT_BUG)
 @pytest.mark.usefixtures("registry")
 def test_a_converted_model_with_a_concatenation_is_certified():
     from lipnet import convert
@@ -125,7 +122,6 @@ def test_a_converted_model_with_a_concatenation_is_certified():
     assert result.clean_accuracy == 1.0 and bool((result.radii > 0).any())
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=CAT_BUG)
 @pytest.mark.usefixtures("registry")  # convert registers the container's traced bound process-wide
 def test_the_rounding_errors_of_the_parts_of_a_traced_concatenation_are_carried():
     """The certification's float64 pass carries each node's rounding error through a traced graph; a
