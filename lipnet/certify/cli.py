@@ -8,9 +8,11 @@ Example::
 prints a table (clean accuracy, certified accuracy per eps, AutoAttack robust accuracy per
 eps if asked), and writes ``certify.json`` and ``certified_accuracy.png`` to ``--out``.
 The exit status is 0 on success, 1 if AutoAttack broke a certified prediction (a soundness
-failure, and nothing else) and 2 when nothing could be certified: bad arguments, a missing
+failure, and nothing else), 2 when nothing could be certified: bad arguments, a missing
 or unreadable checkpoint, missing data, data that does not fit the model, a model without a
-sound bound.
+sound bound, an ``--out`` holding earlier results (without ``--overwrite``); and 130 after
+Ctrl-C (during the AutoAttack audit, once the certification and the radii audited so far are
+printed and written).
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from lipnet.bounds.gram import refines_exceeding
 from lipnet.certify.accuracy import DEFAULT_EPS, CertificationResult, certified_accuracy
 from lipnet.certify.audit import VERSIONS, AuditResult, audit
 from lipnet.export.runtime import atomic_write
+
+#: What ``--out`` receives (an earlier run's are kept unless ``--overwrite``).
+OUTPUTS = ("certify.json", "certified_accuracy.png")
+#: The exit status after Ctrl-C, as a shell reports a process stopped by SIGINT.
+INTERRUPTED = 130
 
 
 def parse_eps(text: str) -> list[float]:
@@ -69,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (1 is often fastest on a busy machine)")
     parser.add_argument("--out", type=Path, default=None, help="folder for certify.json and certified_accuracy.png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace certify.json and certified_accuracy.png already in --out (else refused)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--screening-alone", action="store_true",
                         help="compute the Gram layers' bounds as a GPU or compiled training step does (no refinement "
@@ -97,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         return _fail(f"--out {args.out} exists and is not a folder")
+    earlier = [name for name in OUTPUTS if args.out is not None and (args.out / name).exists()]
+    if earlier and not args.overwrite:
+        return _fail(f"--out {args.out} holds earlier results ({', '.join(earlier)}): choose another folder, or pass "
+                     "--overwrite to replace them (nothing was overwritten)")
     try:
         model, info = load_model(args.checkpoint, map_location=device)
         data = load_dataset(args.data, args.split, data_dir=args.data_dir, download=args.download)
@@ -113,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with refine_exceeding(not screened):
             return _certify(args, model, info, data, device, screened)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): nothing was certified or written", file=sys.stderr)
+        return INTERRUPTED
     except (ValueError, TypeError, RuntimeError) as error:  # LipschitzBoundError is a ValueError
         return _fail(f"cannot certify {args.checkpoint} on {data.info.name}: {error}")
 
@@ -132,29 +148,18 @@ def _certify(args, model, info, data, device, screened: bool) -> int:
     result = certified_accuracy(model, (images, labels), args.eps, device=device, batch_size=args.batch_size,
                                 progress=not args.no_progress)
     seconds = time.perf_counter() - start
-    audits = []
-    if args.autoattack:
-        x, y = images[:args.attack_limit], labels[:args.attack_limit]
-        subset = certified_accuracy(model, (x, y), args.eps, device=device, batch_size=args.batch_size,
-                                    progress=False)
-        for eps in args.eps:
-            # One line before and after each radius: an audit takes minutes, and a log cut off by a
-            # time limit keeps the radii already audited.
-            print(f"AutoAttack ({args.attack_version}) at eps {eps:.6g}: attacking the correctly classified of the "
-                  f"first {len(y)} examples", file=sys.stderr, flush=True)
-            started = time.perf_counter()
-            audits.append(audit(model, x, y, eps, version=args.attack_version, certification=subset,
-                                attack="correct", on_failure="warn", batch_size=min(args.batch_size, 250),
-                                device=device))
-            done = audits[-1]
-            print(f"AutoAttack at eps {eps:.6g} ({', '.join(done.attacks) or 'no attack'}): {done.n_broken} of "
-                  f"{done.n_attacked} attacked broken within eps, {done.n_failures} certified point(s) broken "
-                  f"({time.perf_counter() - started:.0f} s)",
-                  file=sys.stderr, flush=True)
+    audits, interrupted = [], False
+    try:
+        if args.autoattack:
+            _audit_each_radius(args, model, images, labels, device, audits)
+    except KeyboardInterrupt:  # the certification is done: report it, with the radii audited so far
+        interrupted = True
+        print(f"interrupted (Ctrl-C) during the AutoAttack audit: reporting the certification and the "
+              f"{len(audits)} radius/radii audited before", file=sys.stderr, flush=True)
     print(format_table(result, audits))
     summary = {"checkpoint": str(args.checkpoint), "data": data.info.name, "split": args.split,
                "device": str(device), "screening_alone": screened, "seconds": seconds, **result.to_dict(),
-               "autoattack": [a.to_dict() for a in audits]}
+               "autoattack": [a.to_dict() for a in audits], "autoattack_interrupted": interrupted}
     if args.out is not None:
         text = json.dumps(summary, indent=2) + "\n"
         try:  # each file appears whole or not at all; the summary last, once the plot is there
@@ -170,7 +175,7 @@ def _certify(args, model, info, data, device, screened: bool) -> int:
         print(f"SOUNDNESS FAILURE: AutoAttack broke {failures} certified prediction(s); see the warnings above",
               file=sys.stderr)
         return 1
-    return 0
+    return INTERRUPTED if interrupted else 0
 
 
 def format_table(result: CertificationResult, audits: list[AuditResult] = ()) -> str:
@@ -235,6 +240,27 @@ def plot_certified_accuracy(result: CertificationResult, audits: list[AuditResul
 def _eps_label(eps: float) -> str:
     steps = round(eps * 255)
     return f"{steps}/255" if steps % 255 and abs(steps / 255 - eps) < 1e-12 else f"{eps:.4g}"
+
+
+def _audit_each_radius(args, model, images, labels, device, audits: list) -> None:
+    """AutoAttack at each radius of ``args.eps``, appending to ``audits`` as each one ends."""
+    x, y = images[:args.attack_limit], labels[:args.attack_limit]
+    subset = certified_accuracy(model, (x, y), args.eps, device=device, batch_size=args.batch_size,
+                                progress=False)
+    for eps in args.eps:
+        # One line before and after each radius: an audit takes minutes, and a log cut off by a
+        # time limit keeps the radii already audited.
+        print(f"AutoAttack ({args.attack_version}) at eps {eps:.6g}: attacking the correctly classified of the "
+              f"first {len(y)} examples", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        audits.append(audit(model, x, y, eps, version=args.attack_version, certification=subset,
+                            attack="correct", on_failure="warn", batch_size=min(args.batch_size, 250),
+                            device=device))
+        done = audits[-1]
+        print(f"AutoAttack at eps {eps:.6g} ({', '.join(done.attacks) or 'no attack'}): {done.n_broken} of "
+              f"{done.n_attacked} attacked broken within eps, {done.n_failures} certified point(s) broken "
+              f"({time.perf_counter() - started:.0f} s)",
+              file=sys.stderr, flush=True)
 
 
 def _fail(message: str) -> int:

@@ -19,6 +19,8 @@ from lipnet.export.runtime import atomic_write
 
 #: File name of the certification report in a run's folder.
 REPORT = "report.json"
+#: The plots written beside it (a run refuses a folder holding any of them: it would replace them).
+PLOTS = ("certified_accuracy.png", "radius_histogram.png", "training_curves.png")
 
 def certification_report(model: nn.Module, data, eps, out_dir: str | Path, *, history: list[dict] = (),
                          extra: dict | None = None, device=None, batch_size: int = 1000, progress: bool = True,
@@ -42,10 +44,10 @@ def certification_report(model: nn.Module, data, eps, out_dir: str | Path, *, hi
               "certify_seconds": time.perf_counter() - start, **(extra or {})}
     text = json.dumps(report, indent=2) + "\n"
     atomic_write(out_dir / REPORT, lambda out: out.write(text.encode()))
-    plot_certified_accuracy(result, [], out_dir / "certified_accuracy.png", title="certified accuracy (test)")
-    plot_radius_histogram(report["radius_histogram"], out_dir / "radius_histogram.png")
+    plot_certified_accuracy(result, [], out_dir / PLOTS[0], title="certified accuracy (test)")
+    plot_radius_histogram(report["radius_histogram"], out_dir / PLOTS[1])
     if history:
-        plot_training_curves(list(history), out_dir / "training_curves.png")
+        plot_training_curves(list(history), out_dir / PLOTS[2])
     return {**report, "table": format_table(result)}
 
 

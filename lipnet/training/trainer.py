@@ -41,7 +41,7 @@ from lipnet.training.config import CUDA_GRAPH_MODES, TrainConfig
 from lipnet.training.distributed import Distributed, init_distributed, shutdown_distributed
 from lipnet.training.lock import FolderLock
 from lipnet.training.losses import CertifiedMarginLoss
-from lipnet.training.report import REPORT, certification_report
+from lipnet.training.report import PLOTS, REPORT, certification_report
 from lipnet.training.schedule import make_scheduler, plan_epochs
 
 CHECKPOINT, MODEL, METRICS = "checkpoint.pt", "model.pt", "metrics.jsonl"
@@ -166,7 +166,7 @@ def _check_out_dir(out_dir: Path) -> None:
 def _check_run_folder(out_dir: Path, resume: bool) -> None:
     """Refuse to start a new run over an earlier one's files, or to resume without a checkpoint."""
     if not resume:
-        earlier = [name for name in (CHECKPOINT, MODEL, METRICS, REPORT) if (out_dir / name).exists()]
+        earlier = [name for name in (CHECKPOINT, MODEL, METRICS, REPORT, *PLOTS) if (out_dir / name).exists()]
         if earlier:
             hint = "pass --resume to continue it, or " if CHECKPOINT in earlier else ""
             raise FileExistsError(f"{out_dir} holds an earlier run ({', '.join(earlier)}): {hint}choose "

@@ -23,18 +23,18 @@ def common(checkpoint, data):
             "--no-progress", "--device", "cpu"]
 
 
-@pytest.mark.xfail(strict=True, reason="--out overwrites an earlier certify.json and a run's certified_accuracy.png "
-                                       "without a word (recipes.train refuses to overwrite a run)")
 def test_out_into_a_folder_with_earlier_results_keeps_them(tmp_path, checkpoint, data, capsys):
     # A recipe's run folder: its report's plot, and the results of an earlier (full) certification.
     run = tmp_path / "run"
     run.mkdir()
     (run / "certified_accuracy.png").write_bytes(b"the recipe's plot")
     (run / "certify.json").write_text('{"n": 10000}\n')
-    main([*common(checkpoint, data), "--limit", "4", "--out", str(run)])
-    capsys.readouterr()
+    assert main([*common(checkpoint, data), "--limit", "4", "--out", str(run)]) == 2
+    assert "holds earlier results (certify.json, certified_accuracy.png)" in capsys.readouterr().err
     assert (run / "certified_accuracy.png").read_bytes() == b"the recipe's plot"
     assert json.loads((run / "certify.json").read_text()) == {"n": 10000}
+    assert main([*common(checkpoint, data), "--limit", "4", "--out", str(run), "--overwrite"]) == 0
+    assert json.loads((run / "certify.json").read_text())["n"] == 4
 
 
 def _truncated(tmp_path, checkpoint):
@@ -98,9 +98,6 @@ def test_certifying_twice_into_a_new_folder_gives_the_same_numbers(tmp_path, che
     assert first["certified_accuracy"] == second["certified_accuracy"] and first["n"] == second["n"] == 16
 
 
-@pytest.mark.xfail(strict=True, reason="Ctrl-C during the (minutes-long) AutoAttack audit is a KeyboardInterrupt "
-                                       "traceback, and the certification already computed is neither printed nor "
-                                       "written to --out")
 def test_ctrl_c_during_the_audit_exits_130_and_keeps_the_certification(tmp_path, checkpoint, data, capsys,
                                                                         monkeypatch):
     import lipnet.certify.cli as cli
@@ -114,6 +111,19 @@ def test_ctrl_c_during_the_audit_exits_130_and_keeps_the_certification(tmp_path,
         code = main([*common(checkpoint, data), "--autoattack", "--attack-limit", "4", "--out", str(out)])
     except KeyboardInterrupt:
         code = "KeyboardInterrupt escaped (a traceback)"
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
     assert code == 130
-    assert "clean accuracy" in printed or (out / "certify.json").is_file()
+    assert "clean accuracy" in captured.out and "interrupted (Ctrl-C) during the AutoAttack audit" in captured.err
+    summary = json.loads((out / "certify.json").read_text())
+    assert summary["autoattack_interrupted"] is True and summary["autoattack"] == [] and summary["n"] > 0
+
+
+def test_ctrl_c_during_the_certification_exits_130_with_a_line(checkpoint, data, capsys, monkeypatch):
+    import lipnet.certify.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "certified_accuracy", interrupted)
+    assert main(common(checkpoint, data)) == 130
+    assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C): nothing was certified or written"

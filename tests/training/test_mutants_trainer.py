@@ -140,7 +140,8 @@ def test_the_optimizer_gets_the_weight_decay_and_the_warmup_is_rounded(data_dir,
     assert [run.scheduler.lr_lambdas[0](step) for step in (0, 1, 2)] == [0.5, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("name", ["metrics.jsonl", "report.json", "model.pt"])
+@pytest.mark.parametrize("name", ["metrics.jsonl", "report.json", "model.pt", "certified_accuracy.png",
+                                  "training_curves.png"])
 def test_any_file_of_an_earlier_run_refuses_a_new_run(data_dir, tmp_path, name):
     """Not only checkpoint.pt: a folder with only metrics.jsonl, report.json or model.pt holds an
     earlier run, which a new run would overwrite; it is refused and the file is kept."""
