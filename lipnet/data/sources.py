@@ -107,6 +107,7 @@ def load_dataset(name: str, split: str = "test", *, data_dir: str | os.PathLike 
         raise DatasetError(f"{exc}: is this file another data set, or damaged? Get it again ({info.how_to_get})") \
             from exc
     _warn_if_classes_are_missing(dataset)
+    _warn_if_brightness_differs(dataset)
     return dataset
 
 
@@ -120,6 +121,24 @@ def _warn_if_classes_are_missing(dataset: ImageDataset) -> None:
     if present < classes:
         warnings.warn(f"{dataset.info.name} {dataset.split} from {dataset.source} has {len(dataset.labels)} examples "
                       f"but only {present} of its {classes} classes: is this the right data set?", stacklevel=3)
+
+
+#: Examples whose mean pixel :func:`_warn_if_brightness_differs` compares, and by how much it may differ.
+BRIGHTNESS_EXAMPLES, BRIGHTNESS_TOLERANCE = 1000, 0.05
+
+
+def _warn_if_brightness_differs(dataset: ImageDataset) -> None:
+    """Warn when the mean pixel of the first 1000 examples is more than 0.05 from the data set's
+    (``info.mean``, in ``[0, 1]``): files of another data set of the same shape, names and class
+    count (Fashion-MNIST's, mean 0.29, read as MNIST's, 0.13)."""
+    if len(dataset.labels) < BRIGHTNESS_EXAMPLES:
+        return
+    seen = float(dataset.images[:BRIGHTNESS_EXAMPLES].double().mean()) / 255
+    expected = sum(dataset.info.mean) / len(dataset.info.mean)
+    if abs(seen - expected) > BRIGHTNESS_TOLERANCE:
+        warnings.warn(f"{dataset.info.name} {dataset.split} from {dataset.source}: the mean pixel of its first "
+                      f"{BRIGHTNESS_EXAMPLES} examples is {seen:.3f}, {dataset.info.name}'s is {expected:.3f}: are these "
+                      "the files of another data set?", stacklevel=3)
 
 
 def search_folders(info: DatasetInfo, root: Path) -> list[Path]:

@@ -95,9 +95,6 @@ def test_running_twice_into_a_finished_run_overwrites_nothing(data, finished_run
 
 @pytest.mark.skipif(not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
                     reason="Debian's dataset-fashion-mnist is not installed")
-@pytest.mark.xfail(strict=True, reason="MNIST and Fashion-MNIST share IDX file names, shapes and 10 classes: "
-                                       "`recipes.train mnist --data-dir` on Fashion-MNIST's files trains and "
-                                       "certifies 'mnist' without a word")
 def test_the_fashion_mnist_files_are_not_taken_for_mnist():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -106,3 +103,11 @@ def test_the_fashion_mnist_files_are_not_taken_for_mnist():
         except DatasetError:
             return  # refused: right
     assert any("mnist" in str(w.message).lower() for w in caught), [str(w.message) for w in caught]
+
+
+@pytest.mark.skipif(not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_the_fashion_mnist_files_read_as_fashion_mnist_raise_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_dataset("fashion-mnist", "test", data_dir=FASHION_DIR)) == 10000
