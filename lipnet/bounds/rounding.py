@@ -75,8 +75,12 @@ def applied_scalar_magnitude(value: float) -> float:
     """The largest ``|value|`` a kernel may apply for the Python float ``value``: itself, or rounded
     to float32, float16 or bfloat16, in which torch's kernels take scalars such as
     ``LeakyReLU(1.1)``'s slope (a float32 model multiplies by ``float32(1.1) = 1.1000000238``)."""
-    return max(abs(float(torch.tensor(float(value), dtype=dtype)))
-               for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16))
+    value = float(value)
+    rounded = [abs(float(torch.tensor(value, dtype=dtype)))
+               for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)]
+    # A finite value beyond a narrow type's range rounds to inf there: a model computing in that type
+    # has infinite outputs (refused on its dry run), and the others apply a finite value.
+    return max(r for r in rounded if math.isfinite(r) or not math.isfinite(value))
 
 
 @contextmanager

@@ -281,13 +281,13 @@ class ExactLogits:
             self._copy(None)
 
     def _copy(self, inputs: torch.Tensor | None) -> None:
-        self._state = _state_fingerprint(self._original)
+        self._state = ModelState(self._original)
         self.model = float64_copy(self._original, inputs=inputs)
         self.split = split_last_linear(self.model) if self._last_layer == "auto" else None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         refuse_functorch_transforms(x)
-        if self.model is not None and _state_fingerprint(self._original) != self._state:
+        if self.model is not None and not self._state.unchanged():
             raise ValueError("the model's parameters or buffers changed while it was being certified (written between "
                              "two batches, e.g. by the data iterator or another thread): its copy and bounds are those "
                              "of the model before; certify a model that does not change, or certify again")
@@ -337,12 +337,41 @@ class ExactLogits:
         return {"lipschitz": mul_up(body_lipschitz, own), "modules": modules, "body_lipschitz": body_lipschitz}
 
 
-def _state_fingerprint(model: nn.Module) -> tuple:
-    """What changes when a parameter or buffer of ``model`` is written (in place: its version
-    counter; through ``.data`` or by assigning another tensor: its storage or identity)."""
-    return tuple((name, id(t), t._version, t.data_ptr() if not t.is_meta else 0)
-                 for name, t in (*model.named_parameters(remove_duplicate=False),
-                                 *model.named_buffers(remove_duplicate=False)))
+class ModelState:
+    """The values of a model's parameters and buffers and its modules' settings (their public
+    attributes of plain types: stride, n_iter, negative_slope, ...), to tell whether anything its
+    function depends on was changed since: in place, through ``.data`` (which counts no version),
+    by assigning other tensors, or by setting an attribute."""
+
+    def __init__(self, model: nn.Module):
+        self._model = model
+        self._tensors, self._settings = self._read()
+
+    def _read(self):
+        tensors = [(name, t.detach().clone()) for name, t in (*self._model.named_parameters(remove_duplicate=False),
+                                                                *self._model.named_buffers(remove_duplicate=False))]
+        settings = [(name, sorted((key, value) for key, value in vars(module).items()
+                                  if not key.startswith("_") and key != "training" and _plain(value)))
+                    for name, module in self._model.named_modules(remove_duplicate=False)]
+        return tensors, settings
+
+    def unchanged(self) -> bool:
+        """Whether the model holds the values and settings it held when this was made."""
+        tensors, settings = self._read()
+        return settings == self._settings and len(tensors) == len(self._tensors) and all(
+            name == old_name and value.shape == old.shape and value.dtype == old.dtype and value.device == old.device
+            and (value.is_meta or bool(torch.equal(value, old)) or _equal_with_nans(value, old))
+            for (name, value), (old_name, old) in zip(tensors, self._tensors))
+
+
+def _plain(value) -> bool:
+    if isinstance(value, tuple | list):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def _equal_with_nans(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def model_input(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -150,6 +150,17 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, ver
                       on_failure=on_failure, batch_size=batch_size, device=device, seed=seed)
 
 
+def _is_number(value) -> bool:
+    """A real number of one element (``float``, ``Fraction``, a 0-d tensor or numpy array)."""
+    if isinstance(value, numbers.Real):
+        return True
+    try:
+        float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a complex tensor
+        return False
+    return (value.numel() if torch.is_tensor(value) else getattr(value, "size", 1)) == 1
+
+
 def _audit(model, x, y, eps, *, version, certification, attack, on_failure, batch_size, device, seed) -> AuditResult:
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {sorted(VERSIONS)}, got {version!r}")
@@ -157,9 +168,11 @@ def _audit(model, x, y, eps, *, version, certification, attack, on_failure, batc
         raise ValueError(f"attack must be 'correct' or 'certified', got {attack!r}")
     if on_failure not in ("raise", "warn"):
         raise ValueError(f"on_failure must be 'raise' or 'warn', got {on_failure!r}")
-    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) or torch.is_tensor(eps) and eps.numel() == 1):
+    if isinstance(eps, str | bytes | bool | list | tuple) or not _is_number(eps):
         raise TypeError(f"eps must be one radius (a number), got {eps!r}; audit attacks at one radius per call (call "
                         "it once per radius, as the CLI does)")
+    if not isinstance(eps, numbers.Real):  # a 0-d tensor or array: its value
+        eps = float(eps)
     if not eps > 0 or math.isinf(eps):
         raise ValueError(f"eps must be a finite radius > 0, got {eps}")
     device = resolve_device(model, device)

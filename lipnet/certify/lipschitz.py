@@ -151,18 +151,22 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
     """
     try:
         bound, out = _bound_and_output(model, input_shape)
-    except LipschitzBoundError:
+    except (LipschitzBoundError, NotImplementedError, torch.OutOfMemoryError):
         raise
     except (ValueError, RuntimeError, IndexError) as error:  # most often a wrong input_shape: say which was given
-        raise ValueError(f"{error} (while bounding the model on one input of shape {tuple(input_shape)}: "
-                         "input_shape is the shape of one input without the batch dimension, e.g. (3, 32, 32) for "
-                         "3-channel 32x32 images)") from error
+        if _INPUT_SHAPE_NOTE in str(error):  # a bound that called lipschitz_bound: noted once
+            raise
+        raise ValueError(f"{error} ({_INPUT_SHAPE_NOTE} {tuple(input_shape)}: input_shape is the shape of one input "
+                         "without the batch dimension, e.g. (3, 32, 32) for 3-channel 32x32 images)") from error
     if not torch.is_tensor(out):
         raise LipschitzBoundError(_unwrap(model), (
             f"the model returns a {type(out).__name__}, not one tensor: its Lipschitz bound is of a map to one "
             "tensor (the logits), and what else it returns (max pooling's indices, for one) may jump; certify "
             "a model that returns the logits alone"))
     return bound
+
+
+_INPUT_SHAPE_NOTE = "while bounding the model on one input of shape"
 
 
 def module_output_lipschitz_bound(module: nn.Module, input_shape) -> float:

@@ -62,7 +62,14 @@ from torch import nn
 from lipnet.bounds.autocast import ieee_float32_matmuls
 from lipnet.bounds.rounding import certification_arithmetic
 from lipnet.certify.copy_map_bounds import _INDEX_DTYPES, NEAREST_MODES, _copied_entries
-from lipnet.certify.lipschitz import _REGISTRY, _lookup, _unwrap, has_forward_hooks, overridden_forward_part
+from lipnet.certify.lipschitz import (
+    _REGISTRY,
+    LipschitzBoundError,
+    _lookup,
+    _unwrap,
+    has_forward_hooks,
+    overridden_forward_part,
+)
 from lipnet.nn.normalized import GramNormalized
 from lipnet.nn.pooling import sqrt_up
 from lipnet.nn.residual import ConvexResidual, GramResidualConv2d
@@ -93,10 +100,14 @@ def float64_copy(model: nn.Module, inputs: torch.Tensor | None = None) -> nn.Mod
 
     model = _unwrap(model)
     twin = copy.deepcopy(model)
-    for original, module in zip(model.modules(), twin.modules(), strict=True):
+    for (path, original), module in zip(model.named_modules(), twin.modules(), strict=True):
         if (isinstance(original, nn.modules.batchnorm._BatchNorm) and original.running_var is not None
                 and not original.running_var.is_meta):
-            refuse_subnormal_scales(original, original.running_var.dtype)  # in the dtype it computes in
+            try:
+                refuse_subnormal_scales(original, original.running_var.dtype)  # in the dtype it computes in
+            except LipschitzBoundError as error:
+                error.path = path
+                raise
         if isinstance(original, GramNormalized):
             module.normalized_weight = _weight_applied_by(original)
         if isinstance(original, ConvexResidual):

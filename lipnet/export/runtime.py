@@ -184,11 +184,16 @@ class ExportedModel(nn.Module):
         return super().train(False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Reached by load_state_dict on this model or on a module holding it: other weights
-        # would keep a bound and radii computed for these.
-        raise RuntimeError("an exported model is a frozen inference snapshot: its lipschitz_bound holds for the "
-                           "weights it was exported with, so it loads no others; load them into the lipnet model and "
-                           "export it again")
+        # Reached by load_state_dict on this model or on a module holding it, before its children
+        # load: other weights would keep a bound and radii computed for these (its own are fine).
+        for name, tensor in self.state_dict(prefix=prefix).items():
+            loaded = state_dict.get(name)
+            if loaded is not None and not (torch.is_tensor(loaded) and loaded.shape == tensor.shape
+                                           and torch.equal(loaded.to(tensor.device, tensor.dtype), tensor)):
+                raise RuntimeError(f"an exported model is a frozen inference snapshot: its lipschitz_bound holds for "
+                                   f"the weights it was exported with, so it loads no others ({name} differs); load "
+                                   "them into the lipnet model and export it again")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def certified_radius(self, logits: torch.Tensor) -> torch.Tensor:
         """Certified L2 radius of each prediction (the arg-max of its logits), float64.

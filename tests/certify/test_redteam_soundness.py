@@ -253,6 +253,42 @@ def test_weights_changed_between_batches_are_not_certified_with_stale_bounds():
             assert float(result.radii[i]) <= flips[0]  # radius inf
 
 
+@pytest.mark.parametrize("change", ["data", "setting", "residual"])
+def test_changes_between_batches_that_count_no_version_are_refused(change):
+    # Found by review (helper 68): a write through .data bumps no version counter, and a Gram
+    # layer's n_iter is no tensor; the float64 copy reads the original's applied weights and
+    # coefficients at every batch, while the bounds are those of the first batch.
+    from lipnet.nn import ConvexResidual
+
+    torch.manual_seed(0)
+    if change == "residual":
+        model = nn.Sequential(ConvexResidual(nn.Sequential(GramLinear(4, 4), MaxMin()), alpha=0.1),
+                              GramLinear(4, 2)).eval()
+    else:
+        model = nn.Sequential(GramLinear(4, 4, n_iter=1), MaxMin(), GramLinear(4, 2)).eval()
+    x = torch.rand(8, 4, generator=torch.Generator().manual_seed(0))
+
+    def data():
+        yield x[:4], torch.zeros(4, dtype=torch.long)
+        if change == "data":
+            model[0].weight.data.normal_()
+        elif change == "setting":
+            model[0].n_iter = 50
+        else:
+            model[0].alpha_logit.data.fill_(-2.0)
+        yield x[4:], torch.zeros(4, dtype=torch.long)
+
+    with pytest.raises(ValueError, match="changed while it was being certified"):
+        certified_accuracy(model, data(), eps=[0.0], progress=False)
+
+
+def test_a_model_that_does_not_change_is_certified_over_many_batches():
+    model = small_net()
+    x = torch.rand(12, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    batches = [(x[i:i + 3], model(x[i:i + 3]).argmax(1)) for i in range(0, 12, 3)]
+    assert certified_accuracy(model, batches, eps=[0.0], progress=False).n == 12
+
+
 # ----------------------------------------------------------------------------- outputs that are not one tensor
 
 
@@ -422,3 +458,28 @@ def test_duplicate_and_zero_rows_of_a_plain_last_layer():
     for label in (0, 1, 2):
         result = certified_accuracy(model, (x, torch.full((8,), label)), eps=[0.0], progress=False)
         assert bool((result.radii == 0).all())  # a tie (0 and 1) or a wrong class (2) is never certified
+
+
+# ----------------------------------------------------------------------------- review of the fixes (helper 68)
+
+
+def test_a_slope_beyond_float16s_range_keeps_a_finite_bound_in_float64():
+    model = nn.Sequential(GramLinear(2, 2), nn.LeakyReLU(7e4)).double()
+    assert 7e4 <= lipschitz_bound(model, (2,)) < 7.1e4
+
+
+def test_an_error_that_is_not_about_the_input_shape_is_not_dressed_as_one():
+    class NoKernel(nn.Module):
+        def forward(self, x):
+            raise NotImplementedError("custom op has no CPU kernel")
+
+    register = pytest.importorskip("lipnet.certify").register_lipschitz_bound
+    register(NoKernel, lambda module, shape: 1.0)
+    with pytest.raises(NotImplementedError, match="^custom op has no CPU kernel$"):
+        lipschitz_bound(nn.Sequential(NoKernel()), (2,))
+
+
+def test_a_subnormal_batch_norm_scale_met_by_certified_accuracy_names_its_path():
+    model = _subnormal_scale_net(torch.float32)
+    with pytest.raises(LipschitzBoundError, match="module '1'"):
+        certified_accuracy(model, (torch.ones(1, 2), torch.zeros(1, dtype=torch.long)), progress=False)

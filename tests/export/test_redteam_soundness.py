@@ -63,3 +63,11 @@ def test_an_exported_model_does_not_keep_its_bound_for_other_weights():
     with torch.no_grad():
         quotient = float((exported(x + d) - exported(x)).norm() / d.norm())  # about 22
     assert exported.lipschitz_bound >= quotient  # 1.000002
+
+
+def test_an_exported_model_reloads_its_own_weights_and_lets_its_holder_load_others():
+    exported = lipnet.export(inner(), (4,))
+    exported.load_state_dict(exported.state_dict())
+    holder = nn.Sequential(exported, nn.Linear(2, 2))
+    holder.load_state_dict({"1.weight": torch.zeros(2, 2), "1.bias": torch.zeros(2)}, strict=False)
+    assert bool((holder[1].weight == 0).all())
