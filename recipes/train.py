@@ -118,8 +118,9 @@ def _stopped(how: str, checkpoint: Path) -> str:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, a job scheduler preempting the run), raised like Ctrl-C's KeyboardInterrupt
-    so that the run stops the same way: a save in progress is abandoned (the previous checkpoint
-    stays), the folder's lock is released and the message says how to resume."""
+    so that the run stops the same way: a checkpoint being written is finished first
+    (:func:`lipnet.training.interrupts.interrupts_deferred`), the folder's lock is released and the
+    message says how to resume."""
 
 
 def _terminate(signum, frame):

@@ -39,6 +39,7 @@ from lipnet.nn import InputNormalization
 from lipnet.nn.normalized import GramNormalized
 from lipnet.training.config import CUDA_GRAPH_MODES, TrainConfig
 from lipnet.training.distributed import Distributed, init_distributed, shutdown_distributed
+from lipnet.training.interrupts import interrupts_deferred
 from lipnet.training.lock import FolderLock
 from lipnet.training.losses import CertifiedMarginLoss
 from lipnet.training.report import PLOTS, REPORT, certification_report
@@ -475,10 +476,11 @@ class _Run:
                                "optimizer": self.optimizer.state_dict(),
                                "scheduler": self.scheduler.state_dict(), "rng": rng, "history": history,
                                "world_size": self.env.world_size}
-        save_checkpoint(self.out_dir / CHECKPOINT, payload)
-        # After the checkpoint, so the metrics never run ahead of what --resume restores.
         lines = "".join(json.dumps(record) + "\n" for record in history)
-        atomic_write(self.out_dir / METRICS, lambda out: out.write(lines.encode()))
+        with interrupts_deferred():  # a checkpoint is written whole, then Ctrl-C or SIGTERM stops the run
+            save_checkpoint(self.out_dir / CHECKPOINT, payload)
+            # After the checkpoint, so the metrics never run ahead of what --resume restores.
+            atomic_write(self.out_dir / METRICS, lambda out: out.write(lines.encode()))
 
     def _restore(self) -> tuple[int, list[dict]]:
         path = self.out_dir / CHECKPOINT
