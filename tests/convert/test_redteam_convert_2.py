@@ -321,7 +321,7 @@ class FxTracingBranch(nn.Module):
 
 @pytest.mark.parametrize("kind", [FourthThroughData, CounterInAList, FxTracingBranch])
 def test_state_and_branches_that_the_checks_see_are_refused(kind):
-    with pytest.raises(LipschitzBoundError):
+    with pytest.raises(LipschitzBoundError, match="factor computed from the shape|does not reproduce"):
         traced_lipschitz_bound(kind(), (2,))
 
 
@@ -345,3 +345,26 @@ def test_odd_hardtanh_bounds_and_positional_dropout_are_bounded_soundly():
     x = torch.randn(64, 3, dtype=torch.float64)
     jacobians = torch.func.vmap(torch.func.jacrev(lambda v: module(v[None])[0]))(x)
     assert float(torch.linalg.matrix_norm(jacobians, 2).max()) <= bound
+
+
+class Forwarded(nn.Module):
+    def __init__(self, forward):
+        super().__init__()
+        self.act = nn.Tanh()
+        self._forward = forward
+
+    def forward(self, x):
+        return self._forward(self, x)
+
+
+@pytest.mark.parametrize("forward", [
+    lambda self, x: torch.ops.aten.mul.Tensor(self.act(x), 3.0),  # an overload: no rule, even for a scaling
+    lambda self, x: (lambda y: (torch.ops.aten.mul_.Scalar(y, 100.0), y)[1])(self.act(x)),
+    lambda self, x: (lambda y: (torch._foreach_mul_([y], 100.0), y)[1])(self.act(x)),
+    lambda self, x: self.act(x) * torch.ones(x.shape).cumsum(1)[:, :1],
+    lambda self, x: self.act(x) * (1 + torch.ones(x.shape).numpy().sum()),
+], ids=["aten-overload", "aten-in-place-on-input-dependent", "foreach-on-input-dependent", "cumsum-of-batch-constant",
+        "numpy-of-batch-constant"])
+def test_writes_and_numbers_the_rules_see_are_refused(forward):
+    with pytest.raises(LipschitzBoundError, match="no Lipschitz rule|factor computed from the shape"):
+        traced_lipschitz_bound(Forwarded(forward), (2,))
