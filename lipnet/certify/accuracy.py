@@ -22,6 +22,7 @@ from lipnet.certify.lipschitz import (
     overridden_forward_part,
 )
 from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_error_bound, rounding_allowance
+from lipnet.certify.model_state import ModelState
 from lipnet.certify.modes import evaluating
 from lipnet.certify.radius import certified_radius, refuse_functorch_transforms, refuse_inside_functorch_transforms
 from lipnet.nn.gram_linear import GramLinear
@@ -335,43 +336,6 @@ class ExactLogits:
             torch.float64, inner=max(weight.shape), rank=min(weight.shape), taps=1, n_iter=CERTIFICATION_N_ITER)
         modules[(id(last), tuple(features.shape[1:]))] = own
         return {"lipschitz": mul_up(body_lipschitz, own), "modules": modules, "body_lipschitz": body_lipschitz}
-
-
-class ModelState:
-    """The values of a model's parameters and buffers and its modules' settings (their public
-    attributes of plain types: stride, n_iter, negative_slope, ...), to tell whether anything its
-    function depends on was changed since: in place, through ``.data`` (which counts no version),
-    by assigning other tensors, or by setting an attribute."""
-
-    def __init__(self, model: nn.Module):
-        self._model = model
-        self._tensors, self._settings = self._read()
-
-    def _read(self):
-        tensors = [(name, t.detach().clone()) for name, t in (*self._model.named_parameters(remove_duplicate=False),
-                                                                *self._model.named_buffers(remove_duplicate=False))]
-        settings = [(name, sorted((key, value) for key, value in vars(module).items()
-                                  if not key.startswith("_") and key != "training" and _plain(value)))
-                    for name, module in self._model.named_modules(remove_duplicate=False)]
-        return tensors, settings
-
-    def unchanged(self) -> bool:
-        """Whether the model holds the values and settings it held when this was made."""
-        tensors, settings = self._read()
-        return settings == self._settings and len(tensors) == len(self._tensors) and all(
-            name == old_name and value.shape == old.shape and value.dtype == old.dtype and value.device == old.device
-            and (value.is_meta or bool(torch.equal(value, old)) or _equal_with_nans(value, old))
-            for (name, value), (old_name, old) in zip(tensors, self._tensors))
-
-
-def _plain(value) -> bool:
-    if isinstance(value, tuple | list):
-        return all(_plain(v) for v in value)
-    return value is None or isinstance(value, bool | int | float | str)
-
-
-def _equal_with_nans(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def model_input(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

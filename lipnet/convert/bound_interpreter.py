@@ -23,6 +23,7 @@ from lipnet.convert.graph import (
     _SHAPE_ATTRIBUTES,
     _SHAPE_METHODS,
     _SORTS,
+    _UNTRACKED_ALIASES,
     _SPLITS,
     _SUMS,
     _is_input,
@@ -164,6 +165,13 @@ class _BoundInterpreter(torch.fx.Interpreter):
                             "constant; use the returned value")
         if node.op in ("call_function", "call_method") and node.target in _MEMORY_CHANGES:
             self.fail(node, "changes the size or memory of a tensor in place (resize_, set_); build a new tensor")
+        if node.op == "call_method" and node.target in _UNTRACKED_ALIASES:
+            self.fail(node, f"takes .{node.target}() of a tensor: writes through it change no version counter and "
+                            "escape the checks of the graph; use tensor operations")
+        if (_writes_into_first_argument(node, self.module) and node.args
+                and not isinstance(node.args[0], torch.fx.Node)):
+            self.fail(node, "an in-place operation on something else than one value of the graph (a list of tensors, "
+                            "as torch._foreach_mul_ takes); use the out-of-place form")
         if not (_writes_into_first_argument(node, self.module) and node.args and
                 isinstance(node.args[0], torch.fx.Node) and torch.is_tensor(self.env[node.args[0]])):
             return

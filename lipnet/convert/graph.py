@@ -137,6 +137,9 @@ _IN_PLACE_DUNDERS = {f"__i{name}__" for name in _IN_PLACE_OPERATIONS} | {"__seti
 #: In-place methods that change the size or memory of a tensor, not only its values.
 _MEMORY_CHANGES = {"resize_", "resize_as_", "set_", "as_strided_", torch.Tensor.resize_, torch.Tensor.resize_as_,
                    torch.Tensor.set_, torch.Tensor.as_strided_}
+#: Methods that give another handle on a tensor's memory (a numpy array, a storage, an address),
+#: through which writes move no version counter and escape every check of the graph.
+_UNTRACKED_ALIASES = {"numpy", "untyped_storage", "storage", "_typed_storage", "data_ptr", "__dlpack__", "__array__"}
 
 
 def _writes_into_first_argument(node: torch.fx.Node, module: nn.Module) -> bool:
@@ -149,6 +152,8 @@ def _writes_into_first_argument(node: torch.fx.Node, module: nn.Module) -> bool:
     if node.op not in ("call_function", "call_method"):
         return False
     target = node.target
+    if isinstance(target, torch._ops.OpOverload):  # torch.ops.aten.mul_.Scalar: named "mul_.Scalar"
+        return target._schema.is_mutable
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
     if target in _IN_PLACE_OPERATORS or name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.endswith("__")):
         return True

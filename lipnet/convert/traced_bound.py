@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lipnet.certify import LipschitzBoundError
-from lipnet.certify.lipschitz import module_output_lipschitz_bound
-from lipnet.certify.lipschitz import check_no_forward_hooks, check_runs_own_forward
+from lipnet.certify.lipschitz import check_no_forward_hooks, check_runs_own_forward, module_output_lipschitz_bound
+from lipnet.certify.model_state import ModelState
 from lipnet.certify.precision import UNIT_ROUNDOFF, example_norms, underflow_bound
 from lipnet.convert.attribute_writes import _AttributeWrites
 from lipnet.convert.bound_interpreter import _BoundInterpreter
@@ -79,11 +79,21 @@ def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=m
     check_no_forward_hooks(module)
     check_runs_own_forward(module)
     try:
-        traced = _trace(module)
+        # In both grad modes: a branch on torch.is_grad_enabled() would otherwise never be bounded
+        # (certification runs without gradients, a plain call of the model with them).
+        with torch.no_grad():
+            traced = _trace(module)
+        with torch.enable_grad():
+            with_gradients = _trace(module)
     except Exception as error:
         raise LipschitzBoundError(module, f"its forward cannot be traced by torch.fx ({type(error).__name__}: "
                                           f"{error}); register a bound with lipnet.certify.register_lipschitz_bound"
                                   ) from error
+    if traced.code != with_gradients.code:
+        raise LipschitzBoundError(module, "its forward traces to another graph with gradients enabled than without "
+                                          "(a branch on torch.is_grad_enabled(), or state that each call changes), "
+                                          "and a bound would hold for one of them only; compute the same function "
+                                          "in both modes, without side effects")
     cache: dict = {}
     writes = _AttributeWrites(module)
 
@@ -101,9 +111,11 @@ def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=m
     for batch in (2, 3, 1):
         run = _BoundInterpreter(traced, module, batch, cached_child_bound)
         x = example_input(module, input_shape, batch=batch, seed=batch)
+        state = ModelState(module, traced)
         with torch.no_grad(), writes.watching():
             out = run.run(x.clone())
             expected = module(x.clone())
+        _check_state_kept(module, state)
         if not (torch.is_tensor(out) and torch.is_tensor(expected) and out.shape == expected.shape
                 and torch.allclose(out, expected, rtol=1e-5, atol=1e-6)):
             raise LipschitzBoundError(module, "the torch.fx graph of its forward does not reproduce its output "
@@ -111,6 +123,18 @@ def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=m
                                               "lipnet.certify.register_lipschitz_bound")
         bounds[batch] = run.result
     return bounds[3]
+
+
+def _check_state_kept(module: nn.Module, state: ModelState) -> None:
+    """Refuse a forward that changed the module's tensors or settings, or a tensor of its graph's
+    (a global the forward reads): torch.fx records no write it makes outside the graph
+    (``self.s.mul_(2)`` on a buffer, a write through ``.numpy()``), so each call would compute
+    another function than the one bounded."""
+    if not state.unchanged():
+        raise LipschitzBoundError(module, (
+            "its forward changes its own state (a parameter, buffer, tensor attribute or global tensor written in "
+            "place, or a setting assigned), so each call computes another function than the one bounded; keep "
+            "the forward free of side effects"))
 
 
 def _traced_rounding(module: nn.Module, h: torch.Tensor, err: torch.Tensor, bounds: dict, propagate):
@@ -140,9 +164,11 @@ def _traced_rounding(module: nn.Module, h: torch.Tensor, err: torch.Tensor, boun
             return module_output_lipschitz_bound(child, shape)
 
     run = _BoundInterpreter(traced, module, len(h), child_bound, keep_values=True)
+    state = ModelState(module, traced)
     with torch.no_grad(), writes.watching():
         y = run.run(h)
         expected = module(h.clone())
+    _check_state_kept(module, state)
     if not (torch.is_tensor(expected) and torch.equal(y, expected)):
         raise LipschitzBoundError(module, "its forward computes other values than its torch.fx graph on the inputs "
                                           "being certified (a Python value the graph froze, such as an attribute set "
