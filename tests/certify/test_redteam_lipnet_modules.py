@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from lipnet.certify import certified_accuracy, lipschitz_bound
-from lipnet.nn import ConvexResidual, GramLinear, MaxMin
+from lipnet.nn import (ConvexResidual, GlobalScaledAvgPool2d, GramConv2d, GramConvTranspose2d, GramLinear,
+                       GramResidualConv2d, GroupSort, L2NormPool2d, MaxMin, ScaledAvgPool2d)
 from lipnet.nn.activations import max_min
 
 
@@ -50,3 +51,53 @@ def test_convex_residual_coefficients_cast_by_the_forward_are_certified_as_appli
     # below lipschitz_bound(model) = 0.99380 (which casts the coefficients as the forward does).
     assert result.certified == (0.0,)
     assert result.lipschitz >= lipschitz_bound(model, (2,))
+
+
+# ----------------------------------------------------------------------------- attacks that held
+
+
+def _jacobian(model, x):
+    shape = x.shape[1:]
+    return torch.autograd.functional.jacobian(lambda z: model(z.view(1, *shape)).flatten(), x.flatten(),
+                                              create_graph=torch.is_grad_enabled())
+
+
+_UNUSUAL_NETWORKS = {
+    # a strided convolution whose zero padding exceeds its kernel, then a non-square global pool
+    "padding_beyond_kernel": (lambda: nn.Sequential(
+        GramConv2d(2, 4, 2, stride=3, padding=3), MaxMin(), GlobalScaledAvgPool2d(), nn.Flatten(), GramLinear(4, 3)),
+        (2, 5, 7)),
+    # a transposed convolution with dilation above its stride and an output padding, then L2-norm pooling
+    "dilated_transpose": (lambda: nn.Sequential(
+        GramConvTranspose2d(3, 2, 3, stride=2, padding=2, output_padding=1, dilation=2), MaxMin(dim=-1),
+        L2NormPool2d(2, padding=1), nn.Flatten(), GramLinear(32, 3)), (3, 3, 3)),
+    # grouped circular and replicate residual convolutions, a convex residual around a 1-D convolution's
+    # neighbour, scaled average pooling and GroupSort along the height
+    "residual_mix": (lambda: nn.Sequential(
+        GramResidualConv2d(4, 3, groups=2, padding_mode="circular"), GroupSort(2, dim=2),
+        ConvexResidual(nn.Sequential(GramResidualConv2d(4, 2, padding_mode="replicate"), MaxMin()), alpha=0.8),
+        ScaledAvgPool2d((1, 2), stride=(1, 1)), nn.Flatten(), GramLinear(4 * 4 * 4, 4)), (4, 4, 5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_UNUSUAL_NETWORKS))
+def test_weights_trained_to_maximize_the_jacobian_stay_below_the_certificate(name):
+    """Gradient ascent on every parameter (mixing weight included) of the norm of the exact float64
+    Jacobian at a point, for unusual geometries in one network: the certified bound stays above
+    the norm of the Jacobian (computed exactly by an SVD) of the model as it then applies."""
+    make, shape = _UNUSUAL_NETWORKS[name]
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(1, *shape, dtype=torch.float64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(40):
+        model.train()
+        loss = -torch.linalg.matrix_norm(_jacobian(model, x), 2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    bound = lipschitz_bound(model, shape)
+    with torch.no_grad():
+        exact = float(torch.linalg.matrix_norm(_jacobian(model, x), 2))
+    assert 0.5 < exact <= bound
