@@ -101,3 +101,65 @@ def test_weights_trained_to_maximize_the_jacobian_stay_below_the_certificate(nam
     with torch.no_grad():
         exact = float(torch.linalg.matrix_norm(_jacobian(model, x), 2))
     assert 0.5 < exact <= bound
+
+
+@pytest.mark.parametrize("settings", [
+    # output padding 2 >= stride 2, allowed by a dilation of 3: the adjoint convolution on the output size
+    # has more outputs than the transposed convolution's input
+    dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), output_padding=(2, 0), dilation=(3, 1), groups=2),
+    dict(kernel_size=4, stride=3, padding=3, output_padding=1, dilation=1, groups=1),
+])
+def test_a_transposed_convolution_trained_to_its_largest_norm_stays_below_its_certificate(settings):
+    """Ascent on the weight of the exact norm of a transposed convolution (dense Jacobian) on a tiny
+    input: the certified bound of the layer stays above the exact norm of what it then applies."""
+    torch.manual_seed(1)
+    layer = GramConvTranspose2d(2, 4, **settings, dtype=torch.float64)
+    x = torch.randn(1, 2, 3, 2, dtype=torch.float64)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=5e-2)
+    for _ in range(30):
+        layer.train()
+        loss = -torch.linalg.matrix_norm(_jacobian(layer, x), 2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    layer.eval()
+    with torch.no_grad():
+        exact = float(torch.linalg.matrix_norm(_jacobian(layer, x), 2))
+    bound = lipschitz_bound(layer, (2, 3, 2))
+    assert 0.9 < exact <= bound <= 1 + 1e-5
+
+
+def test_pgd_on_the_float64_model_finds_no_counterexample_within_the_certified_radius():
+    """A small LiResNet from build_model with perturbed (non-orthogonal) weights and non-identity residual
+    branches, certified on random inputs; projected gradient descent on the margin of its float64
+    copy, inside 0.999 of each certified radius, never changes a certified prediction."""
+    from lipnet.certify.precision import float64_copy
+    from lipnet.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("liresnet", in_channels=1, num_classes=3, input_size=8, width=4, depth=2, stem_stride=1,
+                        neck_stride=4, dense=[8])
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    model.eval()
+    x = torch.rand(32, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    result = certified_accuracy(model, (x, y), eps=[0.0], progress=False)
+    radii = result.radii.view(-1, 1, 1, 1)
+    assert result.certified[0] == 1.0
+    twin = float64_copy(model).eval()
+    rows = torch.arange(len(y))
+    delta = torch.zeros_like(x, dtype=torch.float64, requires_grad=True)
+    for _ in range(30):
+        logits = twin(x.double() + delta)
+        others = logits.masked_fill(nn.functional.one_hot(y, 3).bool(), -math.inf)
+        margin = logits[rows, y] - others.amax(1)
+        (grad,) = torch.autograd.grad(margin.sum(), delta)
+        with torch.no_grad():
+            delta -= 0.2 * radii * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)
+            norms = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1).clamp_min(1e-30)
+            delta *= (0.999 * radii / norms).clamp(max=1.0)
+    with torch.no_grad():
+        assert bool((twin(x.double() + delta).argmax(1) == y).all())
