@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from lipnet.certify import certified_accuracy, lipschitz_bound
-from lipnet.nn import (ConvexResidual, GlobalScaledAvgPool2d, GramConv2d, GramConvTranspose2d, GramLinear,
-                       GramResidualConv2d, GroupSort, L2NormPool2d, MaxMin, ScaledAvgPool2d)
+from lipnet.nn import (ConvexResidual, GlobalL2NormPool2d, GlobalScaledAvgPool2d, GramConv2d, GramConvTranspose2d,
+                       GramLinear, GramResidualConv2d, GroupSort, InputNormalization, L2NormPool2d, MaxMin,
+                       ScaledAvgPool2d)
 from lipnet.nn.activations import max_min
 
 
@@ -166,3 +167,19 @@ def test_pgd_on_the_float64_model_finds_no_counterexample_within_the_certified_r
             delta *= (0.999 * radii / norms).clamp(max=1.0)
     with torch.no_grad():
         assert bool((twin(x.double() + delta).argmax(1) == y).all())
+
+
+@pytest.mark.parametrize("pool", [GlobalL2NormPool2d, GlobalScaledAvgPool2d])
+def test_extreme_stds_odd_activation_axes_and_non_square_global_pools(pool):
+    """Input normalization with stds 1e-3 and 1e3, GroupSort in groups of 3 along the width and MaxMin
+    along the height, a global pool over a 2 x 6 map: the certified bound (about 1000, the gain of
+    the smaller std) stays above the exact Jacobian norm at random points."""
+    torch.manual_seed(0)
+    model = nn.Sequential(InputNormalization([0.5, -3.0], [1e-3, 1e3]), GramConv2d(2, 4, (1, 3), padding=(0, 1)),
+                          GroupSort(3, dim=-1), MaxMin(dim=-2), pool(), nn.Flatten(), GramLinear(4, 3)).double()
+    bound = lipschitz_bound(model, (2, 2, 6))
+    assert 999 < bound < 1000 * (1 + 1e-4)
+    with torch.no_grad():
+        norms = [float(torch.linalg.matrix_norm(_jacobian(model, torch.randn(1, 2, 2, 6, dtype=torch.float64)), 2))
+                 for _ in range(20)]
+    assert 300 < max(norms) <= bound
