@@ -14,6 +14,7 @@ from lipnet.bounds.gram import max_matrix_spectral_norm
 from lipnet.bounds.rounding import with_rounding_margin
 from lipnet.certify.lipschitz import (
     LipschitzBoundError,
+    as_compiled,
     check_no_forward_hooks,
     check_runs_own_forward,
     has_forward_hooks,
@@ -143,7 +144,7 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] | float = DE
     radii, correct = [], []
     batches = _batches(data, batch_size)
     seen = 0  # examples before this batch, to name the bad ones by their index in data
-    with evaluating(model), torch.no_grad(), exact_kernels():
+    with evaluating(model), torch.no_grad(), exact_kernels(), as_compiled(model):
         exact = ExactLogits(model, last_layer)
         for x, y in tqdm(batches, desc="certify", disable=not progress, total=_length(data, batch_size)):
             if len(x) == 0:  # an empty batch (a loader's last one, a filtered one): nothing to certify in it

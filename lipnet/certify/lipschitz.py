@@ -30,6 +30,7 @@ the model and its type: there is no default of 1. Bounds are for the model in ev
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import operator
@@ -41,9 +42,11 @@ import torch
 from torch import nn
 
 from lipnet.bounds.circulant import pair
+from lipnet.bounds.gram import refine_exceeding
 from lipnet.bounds.rounding import applied_scalar_magnitude, certification_arithmetic
 from lipnet.certify.modes import evaluating
 from lipnet.nn.activations import GroupSort, MaxMin
+from lipnet.nn.normalized import GramNormalized
 from lipnet.nn.pooling import adaptive_pooling_lipschitz_bound, pooling_lipschitz_bound, sqrt_up, window_multiplicity
 from lipnet.nn.residual import ConvexResidual
 from lipnet.nn.sequential import GramSequential, call_override
@@ -176,9 +179,38 @@ def module_output_lipschitz_bound(module: nn.Module, input_shape) -> float:
     return _bound_and_output(module, input_shape)[0]
 
 
+def as_compiled(model: nn.Module):
+    """The bounds the model applies: for a ``torch.compile`` wrapper, its Gram layers' bounds as a
+    compiled forward computes them (screened alone, without the CPU's refinement of exceeding
+    frequencies, :func:`~lipnet.bounds.refine_exceeding`), else as they are. A compiled model
+    whose Gram layers hold half-precision weights is refused: its graph applies the rounded
+    quotient ``W / bound`` without the check that rescales it to a norm <= 1."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    *wrappers, inner = _wrapper_chain(model)
+    if not any(type(wrapper) is OptimizedModule for wrapper in wrappers):
+        return contextlib.nullcontext()
+    for path, module in inner.named_modules():
+        weight = getattr(module, "weight", None) if isinstance(module, GramNormalized) else None
+        if torch.is_tensor(weight) and weight.dtype in (torch.bfloat16, torch.float16):
+            error = LipschitzBoundError(module, (
+                f"the model is compiled (torch.compile) and this Gram layer's weight is {weight.dtype}: a compiled "
+                "forward applies its rounded normalized weight without the check that keeps its norm <= 1; certify "
+                "the model inside (model._orig_mod), which applies the checked weight, or keep the weights in "
+                "float32 (autocast computes in bfloat16 all the same)"))
+            error.path = path
+            raise error
+    return refine_exceeding(False)
+
+
 def _bound_and_output(model: nn.Module, input_shape) -> tuple[float, object]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    with as_compiled(model):
+        return _bound_and_output_of(model, input_shape)
+
+
+def _bound_and_output_of(model: nn.Module, input_shape) -> tuple[float, object]:
     model = _unwrap(model)
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s < 1 for s in shape):
@@ -438,6 +470,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside ``torch.compile``, (Distributed)DataParallel and
     ``torch.optim.swa_utils.AveragedModel`` (EMA, SWA) wrappers, whose forward is their module's;
     a wrapper with forward hooks is refused (they would change what the wrapper computes)."""
+    return _wrapper_chain(model)[-1]
+
+
+def _wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``[model, ..., the module inside]``: the wrappers :func:`_unwrap` goes through, then what it returns."""
     from torch._dynamo.eval_frame import OptimizedModule
     from torch.optim.swa_utils import AveragedModel
 
@@ -449,15 +486,16 @@ def _unwrap(model: nn.Module) -> nn.Module:
         return any(isinstance(module, cls) and type(module).forward is cls.forward
                    for cls in (nn.DataParallel, nn.parallel.DistributedDataParallel, AveragedModel))
 
-    while True:
-        if not is_wrapper(model):
-            return model
-        check_no_forward_hooks(model)
-        if isinstance(model, OptimizedModule):  # its forward is an instance attribute: the compiled call
-            model = model._orig_mod
+    chain = [model]
+    while is_wrapper(chain[-1]):
+        wrapper = chain[-1]
+        check_no_forward_hooks(wrapper)
+        if isinstance(wrapper, OptimizedModule):  # its forward is an instance attribute: the compiled call
+            chain.append(wrapper._orig_mod)
         else:
-            check_runs_own_forward(model)
-            model = model.module
+            check_runs_own_forward(wrapper)
+            chain.append(wrapper.module)
+    return chain
 
 
 def _dtype_and_device(model: nn.Module):
@@ -491,7 +529,7 @@ def _sequential_bound(module: nn.Sequential, x: torch.Tensor):
 
 def _convex_residual_bound(module: ConvexResidual, x: torch.Tensor):
     """``|1 - alpha| + |alpha| * Lip(branch)`` with the coefficients the forward applies: those
-    of ``module.coefficients()`` cast, as the forward casts them, to its operands' dtypes.
+    of ``module.coefficients()`` as it holds them (the forward mixes in the widest dtype).
 
     The forward computes ``branch(x)`` before it reads ``x`` again, so a branch that overwrites
     its input in place (``nn.LeakyReLU(5, inplace=True)`` as its first module) makes the block
@@ -510,7 +548,7 @@ def _convex_residual_bound(module: ConvexResidual, x: torch.Tensor):
             "the bound |1 - alpha| + |alpha| Lip(f) does not hold. Use inplace=False for the modules that act on the "
             "branch's input"))
     keep, alpha = module.coefficients()
-    keep, alpha = (abs(float(c.detach().to(t.dtype).double())) for c, t in ((keep, x), (alpha, out)))
+    keep, alpha = (abs(float(c.detach().double())) for c in (keep, alpha))  # as held: the forward casts them up only
     if math.isnan(keep) or math.isnan(alpha):
         raise LipschitzBoundError(module, (
             "its mixing weight is NaN (alpha_logit is NaN: training diverged), so the block's output is NaN and no "

@@ -158,9 +158,27 @@ class ConvexResidual(nn.Module):
             raise ValueError(f"ConvexResidual: the branch maps shape {tuple(x.shape)} to {tuple(out.shape)}; "
                              "it must preserve the shape")
         keep, alpha = self.coefficients()
-        return keep.to(x.dtype) * x + alpha.to(out.dtype) * out
+        # Mixed in the widest of the dtypes, the coefficients exactly as held (cast down to bfloat16
+        # activations, 1 - alpha and alpha could sum to 1 + 2^-9: another function than the one
+        # certified), and the result in the activations' dtype.
+        dtype = _widest(x.dtype, out.dtype)
+        wide = _widest(dtype, keep.dtype)
+        return (keep.to(wide) * x.to(wide) + alpha.to(wide) * out.to(wide)).to(dtype)
 
     def extra_repr(self) -> str:
         if self.alpha_logit.numel() != 1:  # refused by forward and the bound (coefficients); shown, not raised
             return f"alpha_logit of shape {tuple(self.alpha_logit.shape)}"
         return f"alpha={self.alpha:.4g}"
+
+
+def _widest(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types`` of two floating dtypes, in Python (``torch.export`` would record a
+    call of it as an operator): the wider, and float32 for bfloat16 with float16."""
+    if a == b:
+        return a
+    if not (a.is_floating_point and b.is_floating_point):  # complex or integer values: torch's rule
+        return torch.promote_types(a, b)
+    bits_a, bits_b = torch.finfo(a).bits, torch.finfo(b).bits
+    if bits_a == bits_b:
+        return torch.float32
+    return a if bits_a > bits_b else b

@@ -45,10 +45,11 @@ def test_a_product_of_bounds_rounds_upwards():
     assert Fraction(lipschitz_bound(model, (3,))) >= exact
 
 
-def test_a_convex_residual_is_bounded_with_its_coefficients_cast_as_the_forward_casts_them():
-    """A float32 ``alpha_logit`` mixing a bfloat16 branch: the forward casts ``0.975`` and ``0.025``
-    to bfloat16 (``0.9765625`` and ``0.0250244...``, summing to ``1 + 0.0016``), so with an identity
-    branch ``s I`` the block applies ``(keep + alpha s) I``, of norm above 1."""
+def test_a_convex_residual_is_bounded_with_its_coefficients_as_the_forward_applies_them():
+    """A float32 ``alpha_logit`` mixing a bfloat16 branch: the forward mixes in float32 with the
+    coefficients as held (cast to bfloat16 they would be ``0.9765625`` and ``0.0250244...``, summing
+    to ``1 + 0.0016``: another function), so with an identity branch ``s I`` the block applies
+    ``(keep + alpha s) I`` with the float32 ``keep`` and ``alpha``, rounded to bfloat16 at the end."""
     n = 4
     branch = GramLinear(n, n, bias=False)
     with torch.no_grad():
@@ -58,11 +59,13 @@ def test_a_convex_residual_is_bounded_with_its_coefficients_cast_as_the_forward_
     assert block.alpha_logit.dtype == torch.float32
     with torch.no_grad():
         applied = block.branch.normalized_weight().double()
-        keep, alpha = (Fraction(float(c.to(torch.bfloat16))) for c in block.coefficients())
+        keep, alpha = (Fraction(float(c)) for c in block.coefficients())
+        out = block(torch.eye(n, dtype=torch.bfloat16))
     scale = Fraction(float(applied[0, 0]))
     assert torch.equal(applied, float(scale) * torch.eye(n, dtype=torch.float64))
     exact = keep + alpha * scale
-    assert exact > 1 + Fraction(1, 1000)
+    assert out.dtype == torch.bfloat16
+    assert float(out[0, 0]) == float(torch.tensor(float(exact)).to(torch.bfloat16))  # mixed in float32, rounded once
     assert Fraction(lipschitz_bound(block, (n,))) >= exact
 
 
