@@ -159,8 +159,11 @@ def test_ctrl_c_while_torch_is_imported_exits_quietly(tmp_path):
         "sys.meta_path.insert(0, HoldTorch())\n")
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    # Ctrl-C's default action in the child even where this process ignores SIGINT (a background
+    # job of a script inherits SIG_IGN, and Python then never raises KeyboardInterrupt).
     run = subprocess.Popen([sys.executable, "-m", "recipes.train", "mnist", "--epochs", "1"], cwd=root, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not importing.exists() and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.02)

@@ -11,6 +11,15 @@ from lipnet.training import trainer
 from lipnet.training.interrupts import interrupts_deferred
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler while a test runs, also where pytest was started with SIGINT
+    ignored (a background job of a script inherits SIG_IGN)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_inside_the_block_is_raised_when_it_ends():
     done = []
     with pytest.raises(KeyboardInterrupt):
