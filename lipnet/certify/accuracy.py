@@ -22,9 +22,9 @@ from lipnet.certify.lipschitz import (
     mul_up,
     overridden_forward_part,
 )
-from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_error_bound, rounding_allowance
 from lipnet.certify.model_state import ModelState
 from lipnet.certify.modes import evaluating
+from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_error_bound, rounding_allowance
 from lipnet.certify.radius import certified_radius, refuse_functorch_transforms, refuse_inside_functorch_transforms
 from lipnet.nn.gram_linear import GramLinear
 from lipnet.nn.normalized import CERTIFICATION_N_ITER, GramNormalized
@@ -290,9 +290,10 @@ class ExactLogits:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         refuse_functorch_transforms(x)
         if self.model is not None and not self._state.unchanged():
-            raise ValueError("the model's parameters or buffers changed while it was being certified (written between "
-                             "two batches, e.g. by the data iterator or another thread): its copy and bounds are those "
-                             "of the model before; certify a model that does not change, or certify again")
+            raise ValueError("the model's parameters, buffers or settings changed while it was being certified "
+                             "(written between two batches, e.g. by the data iterator or another thread): its copy and "
+                             "bounds are those of the model before; certify a model that does not change, or certify "
+                             "again")
         seen = model_input(x, self.dtype)
         if self.model is None:
             self._copy(seen)
