@@ -17,9 +17,12 @@ class ModelState:
         self._tensors, self._settings = self._read()
 
     def _read(self):
-        tensors, settings = [], []
+        tensors, settings, seen = [], [], set()
         for index, model in enumerate(self._models):
             for path, module in model.named_modules(remove_duplicate=False):
+                if id(module) in seen:  # shared by two models (a traced graph holds the module's children)
+                    continue
+                seen.add(id(module))
                 own = [*module._parameters.items(), *module._buffers.items(),
                        *((key, value) for key, value in vars(module).items() if torch.is_tensor(value))]
                 tensors += [(f"{index}.{path}.{key}", t.detach().clone()) for key, t in own if t is not None]
