@@ -45,6 +45,7 @@ from lipnet.bounds.circulant import pair
 from lipnet.bounds.gram import refine_exceeding
 from lipnet.bounds.rounding import applied_scalar_magnitude, certification_arithmetic
 from lipnet.certify.modes import evaluating
+from lipnet.models.wrappers import wrapped_module
 from lipnet.nn.activations import GroupSort, MaxMin
 from lipnet.nn.normalized import GramNormalized
 from lipnet.nn.pooling import adaptive_pooling_lipschitz_bound, pooling_lipschitz_bound, sqrt_up, window_multiplicity
@@ -474,27 +475,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _wrapper_chain(model: nn.Module) -> list[nn.Module]:
-    """``[model, ..., the module inside]``: the wrappers :func:`_unwrap` goes through, then what it returns."""
+    """``[model, ..., the module inside]``: the wrappers :func:`_unwrap` goes through (torch's own
+    classes running their own forwards: :func:`lipnet.models.wrappers.wrapped_module`), then what
+    it returns; each wrapper's hooks are checked on the way."""
     from torch._dynamo.eval_frame import OptimizedModule
-    from torch.optim.swa_utils import AveragedModel
-
-    def is_wrapper(module):
-        # The wrapper classes' own forwards: a subclass's forward (or a user's module that names
-        # its child ``_orig_mod``) may compute something else than the module inside.
-        if type(module) is OptimizedModule:
-            return True
-        return any(isinstance(module, cls) and type(module).forward is cls.forward
-                   for cls in (nn.DataParallel, nn.parallel.DistributedDataParallel, AveragedModel))
 
     chain = [model]
-    while is_wrapper(chain[-1]):
-        wrapper = chain[-1]
-        check_no_forward_hooks(wrapper)
-        if isinstance(wrapper, OptimizedModule):  # its forward is an instance attribute: the compiled call
-            chain.append(wrapper._orig_mod)
-        else:
-            check_runs_own_forward(wrapper)
-            chain.append(wrapper.module)
+    while (inner := wrapped_module(chain[-1])) is not None:
+        check_no_forward_hooks(chain[-1])
+        if not isinstance(chain[-1], OptimizedModule):  # its forward is an instance attribute: the compiled call
+            check_runs_own_forward(chain[-1])
+        chain.append(inner)
     return chain
 
 

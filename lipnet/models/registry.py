@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from lipnet.models.wrappers import unwrap
+
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 _SPEC_ATTR = "lipnet_spec"
@@ -76,20 +78,6 @@ def model_spec(model: nn.Module) -> dict:
         raise ValueError(f"{type(model).__name__} was not built by lipnet.models.build_model, so it has no spec; "
                          "register its architecture with @register_model and build it with build_model(name, ...)")
     return {"name": spec["name"], "kwargs": copy.deepcopy(spec["kwargs"])}  # the caller may change it
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``torch.compile`` /
-    ``torch.optim.swa_utils.AveragedModel`` (EMA, SWA) wrappers."""
-    from torch.optim.swa_utils import AveragedModel
-
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel | AveragedModel):
-            model = model.module
-        else:
-            return model
 
 
 def _plain(value, key):
