@@ -16,7 +16,6 @@ tightness on inputs smaller than the kernel's reach.
 
 from fractions import Fraction
 
-import pytest
 import torch
 from torch import nn
 

@@ -21,7 +21,6 @@ stay <= 1 and the argument above holds with the valid convolution's matrix
 
 from fractions import Fraction
 
-import pytest
 import torch
 from torch import nn
 

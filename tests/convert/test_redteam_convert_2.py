@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipnet
-from lipnet.certify import LipschitzBoundError, certified_accuracy, lipschitz_bound
+from lipnet.certify import LipschitzBoundError, certified_accuracy
 from lipnet.convert import traced_lipschitz_bound
 
 
