@@ -113,8 +113,13 @@ def _traced_bound(module: nn.Module, input_shape: tuple[int, ...], child_bound=m
         x = example_input(module, input_shape, batch=batch, seed=batch)
         state = ModelState(module, traced)
         with torch.no_grad(), writes.watching():
-            out = run.run(x.clone())
-            expected = module(x.clone())
+            out = run.run(x.clone())  # first: it refuses a write into the module's state before the forward makes it
+            try:
+                expected = module(x.clone())
+            except RuntimeError as error:  # e.g. an in-place write torch refuses once a reshape is a view
+                raise LipschitzBoundError(module, (
+                    f"its forward raises on a batch of {batch} ({type(error).__name__}: {error}); a certificate "
+                    "holds for every batch size, so the forward must run on each")) from error
         _check_state_kept(module, state)
         if not (torch.is_tensor(out) and torch.is_tensor(expected) and out.shape == expected.shape
                 and torch.allclose(out, expected, rtol=1e-5, atol=1e-6)):

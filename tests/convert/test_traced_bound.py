@@ -610,3 +610,28 @@ def test_a_network_with_functional_sorts_is_certified_as_with_the_modules():
     expected = certified_accuracy(modules, (x, y), eps=[0.01], progress=False).radii
     assert (expected > 0).sum() >= 4
     torch.testing.assert_close(radii, expected, rtol=1e-9, atol=0)
+
+
+class AliasedAtBatchOne(nn.Module):
+    """A forward torch runs on batches of 2 and more but refuses on a batch of 1: there the reshape
+    is a view of the split, and the in-place add reads memory it writes (found by fuzz_convert)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()  # a child: convert diagnoses a container by tracing its forward
+
+    def forward(self, x):
+        part = x.split(2, dim=1)[1]
+        part += part.flatten(1).view(-1, 2, 3, 3)
+        return part + self.act(x[:, :2])
+
+
+def test_a_forward_that_raises_on_one_batch_size_is_refused_with_that_size():
+    module = AliasedAtBatchOne()
+    module(torch.randn(2, 4, 3, 3))  # runs
+    with pytest.raises(RuntimeError):
+        module(torch.randn(1, 4, 3, 3))
+    with pytest.raises(LipschitzBoundError, match="raises on a batch of 1 .*RuntimeError"):
+        traced_lipschitz_bound(module, (4, 3, 3))
+    _, report = convert(module, input_shape=(4, 3, 3))
+    assert "raises on a batch of 1" in str(report)
