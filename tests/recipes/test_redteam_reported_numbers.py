@@ -11,6 +11,7 @@ The confirmed bugs are ``xfail(strict=True)`` tests that pass once fixed.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -289,25 +290,46 @@ def test_a_budgeted_run_reports_the_epochs_it_trained_everywhere(data_dir, tmp_p
 # -- the audit -----------------------------------------------------------------------------------
 
 
-def test_the_audit_counts_mean_what_they_say(emma_run):
-    """A real APGD audit at one radius: its certified count is the report's rule (radius > eps) on
-    the audited points, every point it calls certified is truly certifiable, robust >= certified,
-    and no certified point is broken."""
+def test_the_audit_counts_mean_what_they_say(emma_run, monkeypatch):
+    """A real APGD audit at one radius, its adversarial examples intercepted: they lie in [0, 1]
+    and within eps in pixel space; its broken count is the attacked points that the float64 model
+    misclassifies there (recounted independently), its certified count the report's rule (radius
+    > eps) and a subset of what is truly certifiable, robust >= certified, no certified point broken."""
+    audit_module = importlib.import_module("lipnet.certify.audit")  # the package's `audit` is the function
+
     out, result = emma_run
     test = load_dataset("mnist", "test", data_dir=json.loads((out / "report.json").read_text())["config"]["data_dir"])
     x, y = test.images[:12], test.labels[:12]
     mine = Independent(out / "model.pt", x, y)
-    eps = 0.1
-    done = audit(result.model, x, y, eps, version="apgd", batch_size=12)
-    summary = done.to_dict()
+    eps = 0.2
+    captured, original = [], audit_module._run_autoattack
+
+    def intercepted(model, inputs, labels, *args, **kwargs):
+        adversarial, attacks = original(model, inputs, labels, *args, **kwargs)
+        captured.append((inputs.clone(), labels.clone(), adversarial.clone()))
+        return adversarial, attacks
+
+    monkeypatch.setattr(audit_module, "_run_autoattack", intercepted)
+    summary = audit(result.model, x, y, eps, version="apgd", batch_size=12, on_failure="warn").to_dict()
+    (inputs, labels, adversarial), = captured
+    assert torch.equal(inputs, x[mine.correct].float() / 255) and torch.equal(labels, y[mine.correct].long())
+    assert float(adversarial.min()) >= 0 and float(adversarial.max()) <= 1
+    distances = (adversarial.double() - inputs.double()).flatten(1).norm(dim=1)
+    assert bool((distances <= eps * (1 + 1e-5)).all())
+    h = adversarial.double()
+    for op in mine.ops:
+        h = apply(op, h)
+    broken = h.argmax(1) != labels
+    assert 0 < int(broken.sum()) < len(labels)  # the attack has teeth, and not everything breaks
+    lipnet = certified_accuracy(result.model, (x, y), [eps], progress=False)
     assert summary["n"] == 12 and summary["n_correct"] == int(mine.correct.sum())
-    assert summary["n_certified"] == int((certified_accuracy(result.model, (x, y), [eps], progress=False).radii
-                                          > eps).sum())
-    assert summary["n_certified"] <= int((mine.radii > eps).sum())
-    assert summary["n_certified_broken"] == 0 and summary["sound"]
+    assert summary["n_certified"] == int((lipnet.radii > eps).sum()) <= int((mine.radii > eps).sum())
+    assert summary["n_broken"] == int(broken.sum())
+    assert summary["n_certified_broken"] == 0 and summary["sound"] and summary["failures"] == []
     assert summary["n_attacked"] == summary["n_correct"]
     assert summary["n_certified"] <= summary["n_robust"] == summary["n_correct"] - summary["n_broken"]
     assert summary["robust_accuracy"] == summary["n_robust"] / 12
+    assert summary["certified_accuracy"] == summary["n_certified"] / 12
 
 
 # -- confirmed bugs --------------------------------------------------------------------------------
