@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from lipnet.certify import CertificationResult, certified_accuracy
 from lipnet.certify.audit import audit
 from lipnet.certify.cli import main as certify_main
-from lipnet.checkpoint import load_model
+from lipnet.checkpoint import CheckpointError, load_model
 from lipnet.data import dataset_info, load_dataset, synthetic_dataset, write_npz
 from lipnet.training import build_run_model, train
 from recipes import RECIPES
@@ -221,14 +221,15 @@ def test_the_subset_and_the_epochs_are_named_in_the_report(emma_run):
 # -- the per-epoch metrics ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss", ["ce", "hinge", "emma"])
-def test_epoch_metrics_are_the_pre_step_train_batch_and_the_post_epoch_eval_model(data_dir, tmp_path, loss):
+@pytest.mark.parametrize("loss, temperature", [("ce", 1.0), ("ce", 0.25), ("hinge", 1.0), ("emma", 0.5)])
+def test_epoch_metrics_are_the_pre_step_train_batch_and_the_post_epoch_eval_model(data_dir, tmp_path, loss,
+                                                                                   temperature):
     """One step per epoch (the whole 128 training images in one batch, no augmentation): the
     training loss and accuracies are those of the model before the step, in train mode, on the
     training images, with the margin and the loss the docs describe; the test estimates are the
     float32 eval-mode accuracies of the model after the epoch on the test subset."""
     config = tiny(data_dir, tmp_path / loss, epochs=1, batch_size=128, loss=loss, certify=False, test_subset=48,
-                  train_eps=0.1)
+                  train_eps=0.1, temperature=temperature)
     torch.manual_seed(config.seed)
     before = build_run_model(config, dataset_info("mnist"))
     record = train(config, log=quiet).history[0]
@@ -242,7 +243,7 @@ def test_epoch_metrics_are_the_pre_step_train_batch_and_the_post_epoch_eval_mode
     true = logits.gather(1, y[:, None])
     gaps = (true - logits).masked_fill(F.one_hot(y, 10).bool(), math.inf).amin(1)
     if loss == "ce":
-        expected = F.cross_entropy(logits - margin * F.one_hot(y, 10), y)
+        expected = F.cross_entropy((logits - margin * F.one_hot(y, 10)) / temperature, y) * temperature
     elif loss == "hinge":
         expected = (F.relu(margin - (true - logits)).sum(1) - margin).div(9).mean()  # the true class adds `margin`
     else:  # f_j + min(eps, max(0, (f_y - f_j) / K_yj)) K_yj, K_yj = L ||w_y - w_j||, never past f_y
@@ -251,7 +252,7 @@ def test_epoch_metrics_are_the_pre_step_train_batch_and_the_post_epoch_eval_mode
         pairs = torch.cdist(weight, weight)[y] / std
         reach = ((true - logits) / pairs).nan_to_num(0.0).clamp(0, config.train_eps)
         raised = torch.where(true >= logits, torch.minimum(logits + reach * pairs, true), logits)
-        expected = F.cross_entropy(raised, y)
+        expected = F.cross_entropy(raised / temperature, y) * temperature
     assert record["margin"] == pytest.approx(margin, rel=1e-6)
     assert record["train_loss"] == pytest.approx(float(expected), rel=1e-5)
     assert record["train_acc"] == float((gaps > 0).double().mean())
@@ -277,6 +278,7 @@ def test_a_budgeted_run_reports_the_epochs_it_trained_everywhere(data_dir, tmp_p
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     _, info = load_model(tmp_path / "run" / "model.pt")
     from lipnet.checkpoint import load_checkpoint
+
     training = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["training"]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert report["epochs"] == info["epoch"] == training["epochs_done"] == training["epochs"] == len(lines) == 2
@@ -358,7 +360,7 @@ def test_resuming_with_another_test_subset_keeps_each_estimates_test_set_named(d
         train(tiny(data_dir, tmp_path / "run", certify=False, test_subset=8), on_epoch_end=stop, log=quiet)
     try:
         result = train(tiny(data_dir, tmp_path / "run", certify=False, test_subset=16, resume=True), log=quiet)
-    except ValueError:
+    except (ValueError, CheckpointError):
         return  # refusing the other test subset is a fix too
     first, second = result.history
     assert first["test_acc"] * 8 == round(first["test_acc"] * 8)  # (it was measured on 8 images)
