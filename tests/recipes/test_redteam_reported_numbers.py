@@ -209,6 +209,39 @@ def test_the_certify_command_and_the_final_checkpoint_give_the_reports_numbers(e
         assert torch.equal(final.eval()(x), saved.eval()(x))
 
 
+def test_the_certified_accuracy_plot_draws_the_reports_points_and_the_radii_curve(emma_run, tmp_path, monkeypatch):
+    """certified_accuracy.png as the report draws it (lipnet.training.report calls the certify
+    command's plot): its dots are report.json's certified accuracies, its curve the fraction of
+    radii > eps at every eps of its grid, its dashed line the clean accuracy (in %)."""
+    from lipnet.training import report as report_module
+
+    out, result = emma_run
+    report = json.loads((out / "report.json").read_text())
+    test = load_dataset("mnist", "test", data_dir=report["config"]["data_dir"]).subset(64)
+    lipnet = certified_accuracy(result.model, (test.images, test.labels), EPS, progress=False)
+    drawn, lines = [], []
+    original_plot, original_axhline = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.axhline
+
+    def plot(self, *args, **kwargs):
+        drawn.append((list(args[0]), list(args[1])))
+        return original_plot(self, *args, **kwargs)
+
+    def axhline(self, y=0, *args, **kwargs):
+        lines.append(y)
+        return original_axhline(self, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", axhline)
+    report_module.plot_certified_accuracy(lipnet, [], tmp_path / "plot.png")
+    (grid, curve), (dots_x, dots_y) = drawn
+    assert dots_x == list(EPS)
+    assert dots_y == pytest.approx([100 * e["accuracy"] for e in report["certified_accuracy"]], abs=1e-9)
+    radii = lipnet.radii.numpy()
+    assert curve == pytest.approx([100 * float((radii > e).mean()) for e in grid], abs=1e-9)
+    assert grid[0] == 0 and grid[-1] >= max(EPS) and grid[-1] >= float(radii.max())
+    assert lines == [pytest.approx(100 * report["clean_accuracy"])]
+
+
 def test_the_subset_and_the_epochs_are_named_in_the_report(emma_run):
     out, result = emma_run
     report = json.loads((out / "report.json").read_text())
