@@ -87,7 +87,7 @@ class CertificationResult:
             "lipschitz": self.lipschitz,
             "body_lipschitz": self.body_lipschitz,
             "radius": "last-layer" if self.body_lipschitz is not None else "generic",
-            "median_radius_of_correct": float(radii.median()) if radii.numel() else None,
+            "median_radius_of_correct": _median(radii),
             "input_shape": list(self.input_shape),
             "module_bounds": [dict(entry, input_shape=list(entry["input_shape"])) for entry in self.module_bounds],
         }
@@ -381,3 +381,13 @@ def _length(data, batch_size: int) -> int | None:
         return len(data)
     except TypeError:
         return None
+
+
+def _median(values: torch.Tensor) -> float | None:
+    """The median of a 1-D tensor (the mean of the two middle values for an even count: ``torch.median``
+    takes the lower one); ``None`` for no values."""
+    n = values.numel()
+    if n == 0:
+        return None
+    ordered = values.sort().values
+    return float((ordered[(n - 1) // 2] + ordered[n // 2]) / 2)

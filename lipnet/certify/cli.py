@@ -158,7 +158,7 @@ def _certify(args, model, info, data, device, screened: bool) -> int:
               f"{len(audits)} radius/radii audited before", file=sys.stderr, flush=True)
     print(format_table(result, audits))
     summary = {"checkpoint": str(args.checkpoint), "data": data.info.name, "split": args.split,
-               "device": str(device), "screening_alone": screened, "seconds": seconds, **result.to_dict(),
+               "split_size": len(data.labels), "limit": args.limit, "device": str(device), "screening_alone": screened, "seconds": seconds, **result.to_dict(),
                "autoattack": [a.to_dict() for a in audits], "autoattack_interrupted": interrupted}
     if args.out is not None:
         text = json.dumps(summary, indent=2) + "\n"

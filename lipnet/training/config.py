@@ -59,7 +59,7 @@ class TrainConfig:
         temperature: of the cross-entropies.
     Evaluation
         eval_eps: the radii of the final certification report. eval_batch_size.
-        eval_every: the per-epoch test-set estimates (clean and margin accuracy, float32) are
+        eval_every: the per-epoch test-set estimates (clean and margin accuracy, float32 without autocast) are
             taken every ``eval_every`` epochs and after the last one (``null`` in the metrics
             of the others); they are for monitoring only and do not change training.
     Operations

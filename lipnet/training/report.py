@@ -100,7 +100,9 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     acc_ax.set_ylabel("%")
     acc_ax.set_ylim(0, 100)
     acc_ax.grid(alpha=0.3)
-    acc_ax.legend(fontsize=8, title="* margin >= sqrt(2) L train_eps (estimate)", title_fontsize=7)
+    margins = sorted({h["margin"] for h in history if h.get("margin") is not None})
+    asked = f"{margins[0]:.3g}" if len(margins) == 1 else "the epoch's margin"  # --offset, or sqrt(2) L train_eps
+    acc_ax.legend(fontsize=8, title=f"* margin >= {asked} (estimate)", title_fontsize=7)
     figure.tight_layout()
     atomic_write(path, lambda out: figure.savefig(out, format="png"))
 

@@ -279,7 +279,7 @@ class _Run:
                 record["lr"] = self.scheduler.get_last_lr()[0]  # the rate the re-planned schedule goes on with
                 if record["test_acc"] is None and epoch + 1 >= self.epochs:  # the plan made it the last epoch
                     start = time.perf_counter()
-                    record["test_acc"], record["test_margin_acc"] = self._test_metrics()
+                    record["test_acc"], record["test_margin_acc"], record["test_images"] = self._test_metrics()
                     record["eval_seconds"] += time.perf_counter() - start
             if env.is_main and ((epoch + 1) % config.save_every == 0 or epoch + 1 >= self.epochs):
                 self._save(epoch + 1, history)
@@ -357,9 +357,9 @@ class _Run:
         # their cost is measured before the plan.
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 >= self.epochs or (
                 epoch == 0 and config.time_budget is not None):
-            test_acc, test_margin_acc = self._test_metrics()
+            test_acc, test_margin_acc, test_images = self._test_metrics()
         else:
-            test_acc = test_margin_acc = None
+            test_acc = test_margin_acc = test_images = None
         return {
             "epoch": epoch + 1,
             "lr": self.scheduler.get_last_lr()[0],
@@ -368,6 +368,7 @@ class _Run:
             "train_margin_acc": margin_ok / count,
             "test_acc": test_acc,
             "test_margin_acc": test_margin_acc,
+            "test_images": test_images,
             "margin": self.margin,
             "train_seconds": train_seconds,
             "eval_seconds": time.perf_counter() - start,
@@ -375,20 +376,20 @@ class _Run:
         }
 
     @torch.no_grad()
-    def _test_metrics(self) -> tuple[float, float]:
-        """Clean and margin accuracy on the test set (float32 estimates, not certificates)."""
+    def _test_metrics(self) -> tuple[float, float, int]:
+        """Clean and margin accuracy on the test set, and its size (float32 estimates without the
+        training's autocast; not certificates)."""
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)
         count = 0
         for x, y in self.test_loader.epoch(0):
-            with torch.autocast(self.env.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                                enabled=self.amp_dtype is not None):
+            with torch.autocast(self.env.device.type, enabled=False):
                 logits = self.model(x)
             margins = logit_margins(logits.float(), y)
             totals += torch.stack([(margins > 0).sum().double(), (margins >= self.margin).sum().double()])
             count += len(y)
         correct, margin_ok, count = self.env.sum([*totals.tolist(), count])
-        return correct / count, margin_ok / count
+        return correct / count, margin_ok / count, int(count)
 
     def _synchronized_time(self) -> float:
         if self.env.device.type == "cuda":

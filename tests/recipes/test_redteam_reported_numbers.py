@@ -6,7 +6,7 @@ bounds: the weights each layer applies are read from the saved ``model.pt`` (and
 reproduce the model's own forward pass), each layer's exact operator norm comes from the SVD
 of its explicit matrix on the run's input size, and the radii from the logit margins.
 
-The confirmed bugs are ``xfail(strict=True)`` tests that pass once fixed.
+The last section holds the bugs it found, fixed since; each test failed before its fix.
 """
 
 from __future__ import annotations
@@ -367,12 +367,9 @@ def test_the_audit_counts_mean_what_they_say(emma_run, monkeypatch):
     assert summary["certified_accuracy"] == summary["n_certified"] / 12
 
 
-# -- confirmed bugs --------------------------------------------------------------------------------
+# -- bugs found (fixed) ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: report.json's 'median_radius_of_correct' is torch.median, the LOWER of "
-                                       "the two middle radii for an even count, not the median (their mean) that the "
-                                       "name and numpy/statistics.median give")
 def test_the_median_radius_of_an_even_count_is_the_mean_of_the_two_middle_radii():
     result = CertificationResult(eps=(0.1,), clean_accuracy=1.0, certified=(1.0,),
                                  radii=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64),
@@ -381,10 +378,6 @@ def test_the_median_radius_of_an_even_count_is_the_mean_of_the_two_middle_radii(
     assert result.to_dict()["median_radius_of_correct"] == 2.5  # is 2.0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `--resume` accepts another --test-subset (an operational setting) and "
-                                       "metrics.jsonl then mixes test estimates of different test sets, none saying "
-                                       "which: epoch 1's test_acc is of 8 images, epoch 2's of 16, and the report "
-                                       "names only the 16")
 def test_resuming_with_another_test_subset_keeps_each_estimates_test_set_named(data_dir, tmp_path):
     def stop(epoch, record):
         raise KeyboardInterrupt
@@ -402,9 +395,6 @@ def test_resuming_with_another_test_subset_keeps_each_estimates_test_set_named(d
     assert any("test" in key and value == 16 for key, value in second.items() if key != "epoch")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `python -m lipnet.certify --limit N` writes certify.json with "
-                                       "'data' and 'split' and the accuracies of the first N examples only, without "
-                                       "naming the limit or the split's size (the training report says '(first N)')")
 def test_certify_json_of_a_limit_says_it_is_the_first_n_examples(emma_run, tmp_path):
     out, _ = emma_run
     data_dir = json.loads((out / "report.json").read_text())["config"]["data_dir"]
@@ -428,10 +418,6 @@ def _values(tree):
         yield tree
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with --amp bf16 (the default 'auto' on CUDA) the per-epoch test-set "
-                                       "estimates run under bfloat16 autocast, but TrainConfig documents them as "
-                                       "'(clean and margin accuracy, float32)' and docs/recipes.md metrics.jsonl as "
-                                       "float32 estimates")
 def test_the_per_epoch_test_estimates_are_float32_as_documented_under_amp(data_dir, tmp_path, monkeypatch):
     from lipnet.training import TrainConfig
     from lipnet.training.trainer import _Run
@@ -453,9 +439,6 @@ def test_the_per_epoch_test_estimates_are_float32_as_documented_under_amp(data_d
     assert not documented_float32 or all(dtype == torch.float32 and not autocast for autocast, dtype in seen)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: training_curves.png labels the margin accuracies 'margin >= sqrt(2) L "
-                                       "train_eps' even when --offset sets another margin (they count margin >= "
-                                       "offset)")
 def test_the_training_curves_name_the_margin_an_offset_sets(data_dir, tmp_path, monkeypatch):
     titles = []
     original = matplotlib.axes.Axes.legend
