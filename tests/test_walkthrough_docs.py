@@ -31,17 +31,37 @@ def _tiny_net():
     return nn.Sequential(GramConv2d(1, 4, 3, padding=1), MaxMin(), nn.Flatten(), GramLinear(4 * 8 * 8, 3))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: certified_accuracy(model, (x, y)) with NumPy arrays (or labels as a "
-                   "list) fails with 'too many values to unpack (expected 2)': the pair is taken for an "
-                   "iterable of batches; it should be accepted or refused with a message naming the forms `data` takes")
-def test_certified_accuracy_names_the_data_it_takes():
+def _forms():
+    x, y = torch.rand(10, 1, 8, 8), torch.arange(10) % 3
+    return {
+        "numpy pair": (x.numpy(), y.numpy()),
+        "labels as a list": (x, y.tolist()),
+        "a Dataset of single examples": torch.utils.data.TensorDataset(x, y),
+        "batches as dicts": [{"image": x, "label": y}],
+        "an int label per batch": [(x[i:i + 1], int(y[i])) for i in range(10)],
+    }
+
+
+_WHY = {
+    "numpy pair": "'too many values to unpack (expected 2)': the pair is taken for an iterable of batches",
+    "labels as a list": "'too many values to unpack (expected 2)'",
+    "a Dataset of single examples": "each example is taken for a batch: 'input size must be an int or a pair of "
+                                    "ints ... got (8,)', with no word of DataLoader",
+    "batches as dicts": "AttributeError: 'str' object has no attribute 'to'",
+    "an int label per batch": "AttributeError: 'int' object has no attribute 'to'",
+}
+
+
+@pytest.mark.parametrize("form", [pytest.param(name, marks=pytest.mark.xfail(
+    strict=True, reason=f"BUG: certified_accuracy(model, data) with {name}: {why}")) for name, why in _WHY.items()])
+def test_certified_accuracy_names_the_data_it_takes(form):
+    """api.md: `data` is `(x, y)` tensors, an iterable of `(x, y)` batches such as a `DataLoader`, or an
+    `ImageDataset`. Other forms are certified as meant, or refused with a message that names those forms."""
     from lipnet.certify import certified_accuracy
 
-    x, y = torch.rand(10, 1, 8, 8), torch.arange(10) % 3
-    for data in [(x.numpy(), y.numpy()), (x, y.tolist())]:
-        try:
-            result = certified_accuracy(_tiny_net(), data, eps=[0.1], progress=False)
-        except (TypeError, ValueError) as error:
-            assert "tensor" in str(error), str(error)
-        else:
-            assert len(result.radii) == 10
+    try:
+        result = certified_accuracy(_tiny_net(), _forms()[form], eps=[0.1], progress=False)
+    except (TypeError, ValueError) as error:
+        assert "(x, y)" in str(error) or "DataLoader" in str(error), str(error)
+    else:
+        assert len(result.radii) == 10
