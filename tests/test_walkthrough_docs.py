@@ -1,6 +1,7 @@
 """Places where a user following the docs meets behaviour the code should change (helper 72's
 walkthrough of the documentation). Each test passes once the code is fixed."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ def test_runtime_imports_with_as():
     Run in a fresh interpreter, so that no earlier import changes the outcome."""
     code = "import lipnet.export.runtime as rt; import lipnet.convert.report as rep; print(rt.load, rep.ConversionReport)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-500:]
 
 
@@ -65,3 +66,24 @@ def test_certified_accuracy_names_the_data_it_takes(form):
         assert "(x, y)" in str(error) or "DataLoader" in str(error), str(error)
     else:
         assert len(result.radii) == 10
+
+
+@pytest.mark.parametrize("form", [
+    pytest.param("numpy", marks=pytest.mark.xfail(strict=True, reason="BUG: certified_radius(numpy_logits, numpy_labels, L) "
+                                                  "raises AttributeError: 'numpy.ndarray' object has no attribute 'dim'")),
+    pytest.param("labels as a list", marks=pytest.mark.xfail(strict=True, reason="BUG: certified_radius(logits, [0, 1, 2], L) "
+                                                             "raises AttributeError: 'list' object has no attribute 'shape'")),
+])
+def test_certified_radius_names_the_types_it_takes(form):
+    """Logits and labels that are not tensors are converted, or refused with a TypeError or ValueError that says
+    tensors are expected, not an AttributeError from inside."""
+    from lipnet.certify import certified_radius
+
+    logits, labels = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]]), torch.arange(3)
+    args = (logits.numpy(), labels.numpy()) if form == "numpy" else (logits, labels.tolist())
+    try:
+        radii = certified_radius(*args, 1.0)
+    except (TypeError, ValueError) as error:
+        assert "tensor" in str(error).lower(), str(error)
+    else:
+        assert torch.allclose(radii, certified_radius(logits, labels, 1.0))
