@@ -87,3 +87,18 @@ def test_certified_radius_names_the_types_it_takes(form):
         assert "tensor" in str(error).lower(), str(error)
     else:
         assert torch.allclose(radii, certified_radius(logits, labels, 1.0))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: lipschitz_bound(model, 4) raises \"TypeError: 'int' object is not "
+                   "iterable\", where export(model, 4) and convert(model, input_shape=4) say what input_shape must be")
+def test_lipschitz_bound_names_input_shape_when_given_an_int():
+    from lipnet.certify import lipschitz_bound
+    from lipnet.nn import GramLinear
+
+    model = nn.Sequential(GramLinear(4, 3))
+    try:
+        bound = lipschitz_bound(model, 4)
+    except (TypeError, ValueError) as error:
+        assert "input_shape" in str(error), str(error)
+    else:
+        assert bound == lipschitz_bound(model, (4,))
