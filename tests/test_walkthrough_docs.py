@@ -132,6 +132,9 @@ def test_plain_last_linear_is_bounded_as_certified_accuracy_bounds_it():
     pytest.param("DataParallel", marks=pytest.mark.xfail(strict=True, reason=(
         "BUG: export(nn.DataParallel(net), shape) fails with the same torch.export error, though lipschitz_bound "
         "takes the wrapped model"))),
+    pytest.param("torch.compile", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG: export(torch.compile(net), shape) fails with the same torch.export error, though lipschitz_bound "
+        "takes a compiled model (api.md)"))),
 ])
 def test_export_takes_the_wrappers_certify_takes(wrapper):
     from torch.optim.swa_utils import AveragedModel
@@ -141,7 +144,7 @@ def test_export_takes_the_wrappers_certify_takes(wrapper):
     from lipnet.nn import GramLinear, MaxMin
 
     net = nn.Sequential(nn.Flatten(), GramLinear(16, 8), MaxMin(), GramLinear(8, 3))
-    wrapped = AveragedModel(net) if wrapper == "AveragedModel" else nn.DataParallel(net)
+    wrapped = {"AveragedModel": AveragedModel, "DataParallel": nn.DataParallel, "torch.compile": torch.compile}[wrapper](net)
     exported = export(wrapped, input_shape=(1, 4, 4))
     assert exported.lipschitz_bound == lipschitz_bound(wrapped, (1, 4, 4))
     x = torch.rand(3, 1, 4, 4)
