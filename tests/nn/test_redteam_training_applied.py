@@ -158,33 +158,51 @@ def test_a_cached_eval_layer_applies_the_weight_of_a_fresh_forward_after_each_ch
     assert _norm_of_call(call) <= 1 + TOL
 
 
-def _circular_layer_with_a_tight_bound():
-    layer = GramConv2d(2, 2, 3, padding=1, padding_mode="circular", bias=False)
+def _rank_one_circular(kind):
+    """A circular layer with a rank-one weight (tight bound) and an input for it."""
+    layer, x = {
+        "conv2d": (lambda: GramConv2d(2, 2, 3, padding=1, padding_mode="circular", bias=False), (1, 2, 4, 4)),
+        "conv1d": (lambda: GramConv1d(2, 2, 3, padding=1, padding_mode="circular", bias=False), (1, 2, 6)),
+        "residual": (lambda: GramResidualConv2d(2, 3, padding_mode="circular", bias=False), (1, 2, 4, 4)),
+    }[kind]
+    layer = layer()
+    w = layer.weight
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(2, 1, 1, 1) * torch.randn(1, 2, 3, 3))  # rank one: the bound is tight
-    return layer, torch.randn(1, 2, 4, 4)
+        w.copy_(torch.randn(w.shape[0], *([1] * (w.dim() - 1))) * torch.randn(1, *w.shape[1:]))
+    return layer, torch.randn(x)
 
 
+def _wider_padding(layer):
+    """The padding nn.Conv2d / nn.Conv1d apply for non-zero padding modes, widened (wraps twice)."""
+    layer._reversed_padding_repeated_twice = tuple(2 for _ in layer._reversed_padding_repeated_twice)
+
+
+CIRCULAR = ["conv2d", "conv1d", "residual"]
+
+
+@pytest.mark.parametrize("kind", CIRCULAR)
 @pytest.mark.parametrize("mode", ["train", "cold_eval"])
-def test_padding_applied_by_the_forward_changed_after_construction_is_refused(mode):
-    layer, x = _circular_layer_with_a_tight_bound()
+def test_padding_applied_by_the_forward_changed_after_construction_is_refused(mode, kind):
+    layer, x = _rank_one_circular(kind)
     layer.train(mode == "train")
-    layer._reversed_padding_repeated_twice = (2, 2, 2, 2)
+    _wider_padding(layer)
     with torch.no_grad(), pytest.raises(ValueError, match="padding"):
         layer(x)
 
 
 @pytest.mark.xfail(strict=True, reason=(
     "BUG: the eval cache key (_cache_key / _geometry) omits _reversed_padding_repeated_twice, by which "
-    "nn.Conv2d._conv_forward pads for non-zero padding modes. A training forward and a cold eval forward "
-    "refuse a changed one (_check_padding_unchanged: ValueError), but a warm eval cache serves the weight "
-    "normalized for the old padding: a rank-one circular 3x3 layer on 4x4 inputs then applies norm 1.567 "
-    "(a private attribute, but the layer's only check of it is skipped on a cache hit)"))
-def test_padding_applied_by_the_forward_changed_after_a_cached_eval_forward_is_refused_or_bounded():
-    layer, x = _circular_layer_with_a_tight_bound()
+    "nn.Conv2d / nn.Conv1d._conv_forward pad for non-zero padding modes. A training forward and a cold eval "
+    "forward refuse a changed one (_check_padding_unchanged: ValueError), but a warm eval cache serves the "
+    "weight normalized for the old padding: rank-one circular layers then apply norm 1.567 (GramConv2d, "
+    "3x3 on 4x4), 1.225 (GramConv1d, 3 taps on 6), 1.571 (GramResidualConv2d). A private attribute, but the layer's "
+    "only check of it is skipped on a cache hit"))
+@pytest.mark.parametrize("kind", CIRCULAR)
+def test_padding_applied_by_the_forward_changed_after_a_cached_eval_forward_is_refused_or_bounded(kind):
+    layer, x = _rank_one_circular(kind)
     layer.eval()
     assert max(applied_norms(layer, x)) <= 1 + TOL  # and cached
-    layer._reversed_padding_repeated_twice = (2, 2, 2, 2)
+    _wider_padding(layer)
     try:
         norms = applied_norms(layer, x)
     except ValueError:
