@@ -382,3 +382,33 @@ def test_a_stacked_sequential_of_bfloat16_layers_runs_under_float16_autocast():
         nn.Sequential(*layers)(x)  # works
         norms = applied_norms(GramSequential(*layers, stack_bounds=True).train(), x)
     assert max(norms) <= 1 + TOL
+
+
+def test_a_module_repeated_in_a_stacked_sequential_is_bounded_for_each_input_size_it_sees():
+    """The same GramConv2d twice in one GramSequential (weight tying by reuse), a padding between
+    them that changes the second input's size: the stacked weight computed for the first size must
+    not be applied at the second (it is bounded again), and both applications have norm <= 1."""
+    conv = _rank_one(GramConv2d(3, 3, 3, stride=2, padding=1, padding_mode="circular", bias=False))
+    seq = GramSequential(conv, nn.ZeroPad2d((0, 3, 1, 0)), conv, stack_bounds=True).train()
+    x = torch.randn(1, 3, 4, 4)
+    calls = recorded(seq, x)
+    assert [call[1][-2:] for call in calls] == [(4, 4), (3, 5)]
+    norms = [_norm_of_call(call) for call in calls]
+    assert max(norms) <= 1 + TOL and min(norms) > 0.5
+    assert not torch.equal(calls[0][2], calls[1][2])  # another input size, another bound
+
+
+def test_a_compiled_forward_under_cpu_autocast_normalizes_with_a_float32_bound():
+    """Under torch.compile the bound's own autocast exit (autocast_disabled) must be traced too: a bound
+    computed in bfloat16 would leave the float32 weight handed to the product above norm 1 by ~1e-3
+    (measured: the compiled normalized weight equals the eager one exactly)."""
+    layer = GramLinear(64, 48, bias=False)
+    with torch.no_grad():
+        q, _ = torch.linalg.qr(torch.randn(64, 64))
+        layer.weight.copy_(q[:48] * torch.linspace(1, 0.99, 48)[:, None])  # nearly flat: a tight bound
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = layer.normalized_weight().detach()
+        compiled = torch.compile(lambda: layer.normalized_weight(), fullgraph=True)().detach()
+    assert compiled.dtype == torch.float32
+    assert float(torch.linalg.matrix_norm(compiled.double(), ord=2)) <= 1 + TOL
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=0)
