@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.overrides import TorchFunctionMode
 
+import lipnet.bounds.conv as conv_bounds
 from lipnet.nn import GramConv1d, GramConv2d, GramConvTranspose2d, GramLinear, GramResidualConv2d, GramSequential
 
 TOL = 1e-5
@@ -412,3 +413,52 @@ def test_a_compiled_forward_under_cpu_autocast_normalizes_with_a_float32_bound()
     assert compiled.dtype == torch.float32
     assert float(torch.linalg.matrix_norm(compiled.double(), ord=2)) <= 1 + TOL
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------- inference mode first
+
+INFERENCE_FIRST = {
+    "conv2d": (lambda: GramConv2d(3, 4, 3, padding=1), (2, 3, 7, 13)),
+    "conv1d": (lambda: GramConv1d(3, 4, 3, stride=2), (2, 3, 13)),
+    "conv_transpose2d": (lambda: GramConvTranspose2d(3, 2, 3, stride=2, padding=1), (1, 3, 3, 5)),
+    "residual": (lambda: GramResidualConv2d(3, 3), (2, 3, 7, 13)),
+    "stacked": (lambda: GramSequential(GramConv2d(3, 3, 3, padding=1), GramConv2d(3, 3, 3, padding=1),
+                                       stack_bounds=True), (2, 3, 7, 13)),
+}
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "BUG (a crash): lipnet.bounds.conv._cached_constant caches the tap DFT and symbol lags of a geometry in a "
+    "process-wide dict; when their first use is under torch.inference_mode() (a shape probe, a validation "
+    "pass, an evaluation at a new input size) they are inference tensors, and every later training forward "
+    "of any convolution of that geometry and input size raises 'Inference tensors cannot be saved for "
+    "backward' (the same layer, or any other, for the rest of the process). Building them under "
+    "torch.inference_mode(False), or not caching them there, would fix it"))
+@pytest.mark.parametrize("training_first", [True, False])
+@pytest.mark.parametrize("kind", INFERENCE_FIRST)
+def test_a_first_forward_under_inference_mode_does_not_break_later_training(kind, training_first, monkeypatch):
+    monkeypatch.setattr(conv_bounds, "_DFT_CACHE", {})  # as in a fresh process
+    make, shape = INFERENCE_FIRST[kind]
+    model = make().train(training_first)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        model(x)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).square().sum().backward()
+    opt.step()
+    assert max(applied_norms(model, x)) <= 1 + TOL
+
+
+@pytest.mark.parametrize("kind", INFERENCE_FIRST)
+def test_a_first_forward_under_no_grad_does_not_break_later_training(kind, monkeypatch):
+    """The held counterpart: a first forward under torch.no_grad() leaves ordinary tensors behind."""
+    monkeypatch.setattr(conv_bounds, "_DFT_CACHE", {})
+    make, shape = INFERENCE_FIRST[kind]
+    model = make()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        model(x)
+    model(x).square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert max(applied_norms(model, x)) <= 1 + TOL
