@@ -462,3 +462,24 @@ def test_a_first_forward_under_no_grad_does_not_break_later_training(kind, monke
     model(x).square().sum().backward()
     assert all(p.grad is not None for p in model.parameters())
     assert max(applied_norms(model, x)) <= 1 + TOL
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (a crash): a forward under torch._subclasses.FakeTensorMode (shape and memory estimators run models "
+    "so) fails on a data-dependent check (can_check_values does not treat fake tensors as valueless, as it does "
+    "meta ones), and leaves a FakeTensor in lipnet.bounds.conv's process-wide constant cache first: every later "
+    "real forward of that geometry and input size raises DynamicOutputShapeException (same root cause as the "
+    "inference-mode one: _cached_constant caches what it builds under whatever mode is active)"))
+def test_a_forward_under_fake_tensor_mode_leaves_real_forwards_working(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(conv_bounds, "_DFT_CACHE", {})
+    layer = GramConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 7, 11)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            layer(torch.empty(2, 3, 7, 11))
+    except Exception:  # noqa: BLE001 - the probe may fail; what matters is what it leaves behind
+        pass
+    layer(x).sum().backward()
+    assert max(applied_norms(layer, x)) <= 1 + TOL
