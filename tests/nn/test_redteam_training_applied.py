@@ -483,3 +483,39 @@ def test_a_forward_under_fake_tensor_mode_leaves_real_forwards_working(monkeypat
         pass
     layer(x).sum().backward()
     assert max(applied_norms(layer, x)) <= 1 + TOL
+
+
+@pytest.mark.parametrize("first", ["autocast_bf16", "func_grad", "jacrev_over_input", "jvp"])
+def test_constants_first_built_under_autocast_or_a_torch_func_transform_give_the_bound_of_a_fresh_process(
+        first, monkeypatch):
+    """The held counterparts of the inference-mode and fake-tensor cases: the process-wide DFT constants
+    built first under autocast (they stay complex64), or inside torch.func.grad / jacrev / jvp (they are
+    cached as functorch wrappers of a level that has exited, which later plain forwards unwrap), give
+    later forwards exactly the normalized weight and gradient of freshly built ones."""
+    from torch.func import grad, jacrev, jvp
+
+    monkeypatch.setattr(conv_bounds, "_DFT_CACHE", {})
+    layer = GramConv2d(4, 4, 3, padding=1)
+    size = (20, 20)  # large enough for the symbol-lag constants too
+    x = torch.randn(1, 4, *size)
+    weight = layer.weight.detach().clone()
+    if first == "autocast_bf16":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+    elif first == "func_grad":
+        grad(lambda w: functional_call(layer, {"weight": w}, (x,)).square().sum())(weight)
+    elif first == "jacrev_over_input":
+        jacrev(lambda z: layer(z).sum())(x)
+    else:
+        jvp(lambda w: functional_call(layer, {"weight": w}, (x,)), (weight,), (torch.randn_like(weight),))
+
+    def normalized_and_gradient():
+        layer.weight.grad = None
+        layer(x).square().sum().backward()
+        return layer.normalized_weight(size).detach().clone(), layer.weight.grad.clone()
+
+    after = normalized_and_gradient()
+    monkeypatch.setattr(conv_bounds, "_DFT_CACHE", {})
+    fresh = normalized_and_gradient()
+    assert torch.equal(after[0], fresh[0]) and torch.equal(after[1], fresh[1])
+    assert max(applied_norms(layer, x)) <= 1 + TOL
