@@ -10,7 +10,13 @@ from lipnet.nn import GramConv1d, GramConv2d, GramConvTranspose2d, GramLinear
 __version__ = "0.1.0"
 
 # After the layers and the version: convert and export import lipnet.certify, which uses them.
-from lipnet.convert import convert  # noqa: E402
-from lipnet.export import export  # noqa: E402
+# Each function is bound under its package's name, and answers for the package too
+# (``lipnet.export.load``, ``import lipnet.export.runtime as rt``).
+from lipnet.convert import convert as _convert  # noqa: E402
+from lipnet.export import export as _export  # noqa: E402
+from lipnet.package_function import PackageFunction  # noqa: E402
+
+convert = PackageFunction(_convert, "lipnet.convert")
+export = PackageFunction(_export, "lipnet.export")
 
 __all__ = ["GramConv1d", "GramConv2d", "GramConvTranspose2d", "GramLinear", "__version__", "convert", "export"]
