@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -111,8 +112,10 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] | float = DE
     Args:
         model: the network, mapping inputs in the certified space (e.g. pixels in
             ``[0, 1]``) to logits.
-        data: ``(x, y)`` tensors, an iterable of ``(x, y)`` batches (e.g. a ``DataLoader``),
-            or an object with ``images`` and ``labels`` (``lipnet.data.ImageDataset``).
+        data: ``(x, y)`` tensors (or numpy arrays, ``y`` also a list), an iterable of ``(x, y)``
+            batches of tensors (e.g. a ``DataLoader``), a map-style ``Dataset`` of ``(example,
+            label)`` pairs (batched in order), or an object with ``images`` and ``labels``
+            (``lipnet.data.ImageDataset``); anything else is a ``TypeError`` naming these.
             ``uint8`` images are scaled to ``[0, 1]``; other inputs are used as they are.
         eps: L2 radii at which certified accuracy is reported (or a single radius).
         last_layer: ``"auto"`` uses the tighter last-layer radius when the model is an
@@ -120,7 +123,7 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] | float = DE
             always uses the generic radius ``margin / (sqrt(2) L)``.
         device: where the batches are sent; the model must already be there (default: the
             model's device).
-        batch_size: batch size when ``data`` is a pair of tensors or a data set.
+        batch_size: batch size when ``data`` is a pair of tensors, a ``Dataset`` or an ``ImageDataset``.
         progress: show a tqdm progress bar.
 
     Example:
@@ -357,20 +360,60 @@ def _batches(data, batch_size: int) -> Iterable:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pair = _as_pair(data)
-    if pair is None:
-        return data
-    x, y = pair
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"{x.shape[0]} inputs but {y.shape[0]} labels")
-    return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size))
+    if pair is not None:
+        x, y = pair
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{x.shape[0]} inputs but {y.shape[0]} labels")
+        return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size))
+    if _is_example_dataset(data):  # single (example, label) pairs: batched in order, as a DataLoader would
+        return torch.utils.data.DataLoader(data, batch_size=batch_size)
+    if torch.is_tensor(data) or isinstance(data, dict | str | bytes):
+        raise TypeError(f"data must be {_DATA_FORMS}; got a {type(data).__name__}")
+    return (_checked_batch(batch) for batch in data)
+
+
+_DATA_FORMS = ("(x, y) tensors (or numpy arrays), an iterable of (x, y) batches such as a DataLoader, a Dataset of "
+               "(example, label) pairs, or an object with images and labels (lipnet.data.ImageDataset)")
 
 
 def _as_pair(data):
+    """``(x, y)`` tensors when ``data`` is one pair (tensors, or numpy arrays and label lists) or
+    holds ``images`` and ``labels``; ``None`` for an iterable of batches."""
     if hasattr(data, "images") and hasattr(data, "labels"):
         return data.images, data.labels
-    if isinstance(data, tuple | list) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        return data
+    if isinstance(data, tuple | list) and len(data) == 2 and _is_array(data[0]):
+        x, y = data
+        if isinstance(y, list):  # on the CPU, as numpy arrays are, whatever torch.set_default_device says
+            y = torch.tensor(y, device="cpu") if y else torch.zeros(0, dtype=torch.long, device="cpu")
+        if _is_array(y):
+            return _as_tensor(x), _as_tensor(y)
     return None
+
+
+def _is_array(value) -> bool:
+    return torch.is_tensor(value) or isinstance(value, np.ndarray)
+
+
+def _as_tensor(value) -> torch.Tensor:
+    return value if torch.is_tensor(value) else torch.as_tensor(value, device="cpu")
+
+
+def _is_example_dataset(data) -> bool:
+    return isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
+
+
+def _checked_batch(batch):
+    """A batch of an iterable ``data``: a pair of tensors ``(x, y)``, ``y`` with one label per example."""
+    if isinstance(batch, tuple | list) and len(batch) == 2 and all(torch.is_tensor(t) for t in batch):
+        if batch[1].dim() == 1:
+            return batch
+        what = f"labels of shape {tuple(batch[1].shape)}"
+    elif isinstance(batch, tuple | list) and len(batch) == 2:
+        what = f"a pair of {type(batch[0]).__name__} and {type(batch[1]).__name__}"
+    else:
+        what = f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, tuple | list) else "")
+    raise TypeError(f"data must be {_DATA_FORMS}; a batch here is {what}, where each batch must be a pair (x, y) "
+                    "of tensors, y holding one class index per example")
 
 
 def _length(data, batch_size: int) -> int | None:
@@ -378,7 +421,7 @@ def _length(data, batch_size: int) -> int | None:
     if pair is not None:
         return -(-pair[0].shape[0] // batch_size)
     try:
-        return len(data)
+        return -(-len(data) // batch_size) if _is_example_dataset(data) else len(data)
     except TypeError:
         return None
 

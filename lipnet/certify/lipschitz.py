@@ -153,6 +153,7 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
         >>> lipschitz_bound(net, (1, 4, 4)) <= 1 + 1e-5
         True
     """
+    input_shape = _input_shape(input_shape)
     try:
         bound, out = _bound_and_output(model, input_shape)
     except (LipschitzBoundError, NotImplementedError, torch.OutOfMemoryError):
@@ -160,10 +161,10 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
     except (ValueError, RuntimeError, IndexError) as error:  # most often a wrong input_shape: say which was given
         if _INPUT_SHAPE_NOTE in str(error):  # a bound that called lipschitz_bound: noted once
             raise
-        raise ValueError(f"{error} ({_INPUT_SHAPE_NOTE} {tuple(input_shape)}: input_shape is the shape of one input "
+        raise ValueError(f"{error} ({_INPUT_SHAPE_NOTE} {input_shape}: input_shape is the shape of one input "
                          "without the batch dimension, e.g. (3, 32, 32) for 3-channel 32x32 images)") from error
     if not torch.is_tensor(out):
-        raise LipschitzBoundError(_unwrap(model), (
+        raise LipschitzBoundError(unwrap_checked(model), (
             f"the model returns a {type(out).__name__}, not one tensor: its Lipschitz bound is of a map to one "
             "tensor (the logits), and what else it returns (max pooling's indices, for one) may jump; certify "
             "a model that returns the logits alone"))
@@ -212,11 +213,8 @@ def _bound_and_output(model: nn.Module, input_shape) -> tuple[float, object]:
 
 
 def _bound_and_output_of(model: nn.Module, input_shape) -> tuple[float, object]:
-    model = _unwrap(model)
-    shape = tuple(int(s) for s in input_shape)
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"input_shape must be the shape of one input without the batch dimension, e.g. "
-                         f"(3, 32, 32), got {tuple(input_shape)}")
+    model = unwrap_checked(model)
+    shape = _input_shape(input_shape)
     dtype, device = _dtype_and_device(model)
     try:
         # Gradual underflow: with subnormals flushed to 0, a bound below 2^-1022 became 0 (two BatchNorms
@@ -229,6 +227,20 @@ def _bound_and_output_of(model: nn.Module, input_shape) -> tuple[float, object]:
             error.path = names[id(error.module)]
         raise
     return bound, out
+
+
+def _input_shape(input_shape) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of positive ints (numpy's and torch's integers included), or a
+    ``ValueError`` saying what it must be: ``4`` for ``(4,)``, or ``(3, 8.7)`` truncated to
+    ``(3, 8)``, would bound another input than the one meant."""
+    try:
+        shape = tuple(operator.index(s) if not isinstance(s, bool) else None for s in input_shape)
+    except TypeError:
+        shape = None
+    if not shape or any(s is None or s < 1 for s in shape):
+        raise ValueError(f"input_shape must be the shape of one input without the batch dimension, a sequence of "
+                         f"positive ints such as (3, 32, 32) or (4,); got {input_shape!r}")
+    return shape
 
 
 def mul_up(a: float, b: float) -> float:
@@ -467,7 +479,7 @@ def _checked_output(module: nn.Module, out):
     return out
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_checked(model: nn.Module) -> nn.Module:
     """The module inside ``torch.compile``, (Distributed)DataParallel and
     ``torch.optim.swa_utils.AveragedModel`` (EMA, SWA) wrappers, whose forward is their module's;
     a wrapper with forward hooks is refused (they would change what the wrapper computes)."""
@@ -475,7 +487,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _wrapper_chain(model: nn.Module) -> list[nn.Module]:
-    """``[model, ..., the module inside]``: the wrappers :func:`_unwrap` goes through (torch's own
+    """``[model, ..., the module inside]``: the wrappers :func:`unwrap_checked` goes through (torch's own
     classes running their own forwards: :func:`lipnet.models.wrappers.wrapped_module`), then what
     it returns; each wrapper's hooks are checked on the way."""
     from torch._dynamo.eval_frame import OptimizedModule

@@ -66,7 +66,7 @@ from lipnet.certify.lipschitz import (
     _REGISTRY,
     LipschitzBoundError,
     _lookup,
-    _unwrap,
+    unwrap_checked,
     has_forward_hooks,
     overridden_forward_part,
 )
@@ -98,7 +98,7 @@ def float64_copy(model: nn.Module, inputs: torch.Tensor | None = None) -> nn.Mod
     """
     from lipnet.certify.batch_norm_bound import refuse_subnormal_scales  # it imports this module
 
-    model = _unwrap(model)
+    model = unwrap_checked(model)
     twin = copy.deepcopy(model)
     for (path, original), module in zip(model.named_modules(), twin.modules(), strict=True):
         if (isinstance(original, nn.modules.batchnorm._BatchNorm) and original.running_var is not None

@@ -216,6 +216,12 @@ def _check_bound(value, name: str) -> float:
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    for name, value in (("logits", logits), ("labels", labels)):
+        if not torch.is_tensor(value):
+            # Not converted here: a list of Python floats would become float32, rounded below the
+            # values given, and the rounding allowance is taken from the logits' dtype.
+            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}; convert numpy arrays with "
+                            "torch.from_numpy and lists with torch.tensor(..., dtype=...)")
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must have shape (N, K) with K >= 2 classes, got {tuple(logits.shape)}")
     if logits.is_complex():

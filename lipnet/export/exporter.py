@@ -33,6 +33,7 @@ from torch import nn
 import lipnet
 from lipnet.bounds.rounding import cpu_default_device
 from lipnet.certify import LipschitzBoundError, lipschitz_bound
+from lipnet.certify.lipschitz import as_compiled, unwrap_checked
 from lipnet.export import runtime
 from lipnet.nn.gram_conv import GramConv2d
 from lipnet.nn.gram_conv1d import GramConv1d
@@ -57,7 +58,9 @@ def export(model: nn.Module, input_shape: Sequence[int], *, certify: bool = True
 
     Args:
         model: a network of lipnet and ``torch.nn`` layers taking one tensor. It is not
-            modified (its train/eval mode included); the eval-mode function is exported.
+            modified (its train/eval mode included); the eval-mode function is exported. torch's
+            wrappers (``torch.compile``, ``DataParallel``, DDP, ``AveragedModel``) export the
+            module inside, a compiled one with the weights its compiled forward applies.
         input_shape: shape of one input without the batch dimension, e.g. ``(3, 32, 32)``.
             A Gram convolution's normalized weight depends on its input's spatial size
             (zero padding), so the export is valid, and only accepts inputs, of this shape.
@@ -91,8 +94,10 @@ def export(model: nn.Module, input_shape: Sequence[int], *, certify: bool = True
     # Outside inference mode: under a caller's torch.inference_mode() the copy's parameters would be
     # inference tensors, which keep no version counter for the Gram layers' weight cache.
     # And tensors created without a device on the CPU, whatever torch.set_default_device says.
-    with torch.inference_mode(False), cpu_default_device():
-        return _export(model, input_shape, certify)
+    # The module inside torch's wrappers (compile, DataParallel, AveragedModel), after their hooks are
+    # checked; a compiled model's Gram layers bake the weights its compiled forward applies.
+    with torch.inference_mode(False), cpu_default_device(), as_compiled(model):
+        return _export(unwrap_checked(model), input_shape, certify)
 
 
 def _export(model: nn.Module, input_shape: Sequence[int], certify: bool) -> runtime.ExportedModel:
