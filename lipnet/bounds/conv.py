@@ -456,21 +456,31 @@ def _tap_dft(embedding: ConvEmbedding, dtype: torch.dtype, device: torch.device)
 def _cached_constant(key, dtype: torch.dtype, device: torch.device, build):
     """``build(device)`` (a tensor or a tuple of tensors, in float64 or complex128) in ``dtype``
     on ``device``, cached per ``key`` (not while compiling: a compiled graph computes it once
-    anyway, and cache writes would break the graph)."""
+    anyway, and cache writes would break the graph).
+
+    Only plain tensors are cached: built outside inference mode (an inference tensor cannot be
+    saved for a later training step's backward), and not a fake tensor of ``FakeTensorMode`` or
+    a ``torch.func`` transform's wrapper, which hold no values for later calls."""
     compiling = torch.compiler.is_compiling()
     cached = None if compiling else _DFT_CACHE.get(key)
     if cached is not None:
         return cached
     # Built on the CPU and cached; while compiling, built on the device itself, so that a
     # compiled CUDA graph holds no CPU work or host-to-device copy (CUDA graphs need that).
-    built = build(device if compiling else torch.device("cpu"))
-    value = (type(built)(*(part.to(device=device, dtype=dtype) for part in built)) if isinstance(built, tuple)
-             else built.to(device=device, dtype=dtype))
-    if not compiling:
+    with torch.inference_mode(False):
+        built = build(device if compiling else torch.device("cpu"))
+        value = (type(built)(*(part.to(device=device, dtype=dtype) for part in built)) if isinstance(built, tuple)
+                 else built.to(device=device, dtype=dtype))
+    if not compiling and all(_is_plain(part) for part in (value if isinstance(value, tuple) else (value,))):
         if len(_DFT_CACHE) > 256:
             _DFT_CACHE.clear()
         _DFT_CACHE[key] = value
     return value
+
+
+def _is_plain(tensor: torch.Tensor) -> bool:
+    return (type(tensor) is torch.Tensor and not tensor.is_inference()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
 
 
 def _axis_dft(axis: AxisEmbedding, half: bool, device: torch.device) -> torch.Tensor:

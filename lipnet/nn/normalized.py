@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lipnet.bounds.circulant import is_int
@@ -43,8 +44,8 @@ def can_check_values(tensor: torch.Tensor) -> bool:
     """Whether the value of ``tensor`` can steer Python now (e.g. a check that a bound is
     finite): not while ``torch.compile`` traces, nor for a tensor batched by ``torch.func.vmap``
     at some level (a check of each copy would be data-dependent control flow), nor on the meta
-    device (no values)."""
-    if torch.compiler.is_compiling() or tensor.is_meta:
+    device or under ``FakeTensorMode`` (no values: shape and memory estimators run models so)."""
+    if torch.compiler.is_compiling() or tensor.is_meta or isinstance(tensor, FakeTensor):
         return False
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(tensor):
@@ -436,8 +437,11 @@ class GramNormalizedConv(GramNormalized):
         self._last_input_size = None
 
     def _geometry(self):
+        # With the padding a non-zero padding mode applies (fixed at construction, besides ``padding``, which
+        # the bound reads): a layer whose padding was changed since must neither reuse a cached normalized
+        # weight (the forward's check of it runs when the bound is computed) nor share another's stacked bound.
         return tuple(snapshot(value) for value in (self.stride, self.padding, self.dilation, self.groups,
-                                                   self.padding_mode))
+                                                   self.padding_mode, self._reversed_padding_repeated_twice))
 
     def _fixed_padding(self) -> tuple[int, ...]:
         """The ``_reversed_padding_repeated_twice`` that the ``nn.Conv2d`` or ``nn.Conv1d``
@@ -465,11 +469,8 @@ class GramNormalizedConv(GramNormalized):
         if type(self)._operator_norm is not owner._operator_norm:
             return None
         weight = self._operator_weight(weight)
-        # The padding a non-zero padding mode applies (fixed at construction) besides ``padding``, which
-        # the stack's bound reads: a layer whose padding was changed since must not share another's bound.
-        applied_padding = tuple(self._reversed_padding_repeated_twice)
-        return (owner, tuple(weight.shape), weight.dtype, weight.device, *self._geometry(), applied_padding,
-                self.n_iter, self.screen_iter)
+        return (owner, tuple(weight.shape), weight.dtype, weight.device, *self._geometry(), self.n_iter,
+                self.screen_iter)
 
     def extra_repr(self) -> str:
         screen = "" if self.screen_iter == DEFAULT_SCREEN_ITER else f", screen_iter={self.screen_iter}"

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lipnet.bounds.autocast import autocast_disabled
 from lipnet.nn.normalized import (
     GramNormalized,
     can_check_values,
@@ -64,7 +65,10 @@ def stacked_normalized_weights(layers: Sequence[GramNormalized], input_size,
     own = [layer._operator_weight(weight) for layer, weight in zip(layers, read)]
     for layer, weight in zip(layers, own):
         layer._check_weight_shape(weight)
-    weights = torch.stack(own)
+    # Outside the caller's autocast: it would cast the weights to its dtype (torch.stack is one of its
+    # promoting ops), and a float16 region refuses bfloat16 weights outright.
+    with autocast_disabled(own[0].device.type):
+        weights = torch.stack(own)
     bounds = layers[0]._operator_norm(weights, input_size, layers[0].n_iter)
     checked = [i for i, layer in enumerate(layers) if layer.check_finite]
     zero = []

@@ -8,8 +8,9 @@ the exact norm of what was applied, independent of lipnet's bounds. The promise 
 ``norm <= 1 + 1e-5`` (float32 rounding), and for the eval-mode cache that the weight applied is
 the one a fresh training-mode forward of the same layer would apply (no stale normalized weight).
 
-Attacks that held are kept as regression tests; a confirmed bug is an ``xfail(strict=True)``
-test that passes once fixed.
+Attacks that held are kept as regression tests, and so are the four bugs it found (fixed since):
+a warm eval cache that ignored a changed applied padding, DFT constants cached under inference mode
+or FakeTensorMode that broke later training, and a stacked bound under a float16 autocast region.
 """
 
 from __future__ import annotations
@@ -191,13 +192,6 @@ def test_padding_applied_by_the_forward_changed_after_construction_is_refused(mo
         layer(x)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the eval cache key (_cache_key / _geometry) omits _reversed_padding_repeated_twice, by which "
-    "nn.Conv2d / nn.Conv1d._conv_forward pad for non-zero padding modes. A training forward and a cold eval "
-    "forward refuse a changed one (_check_padding_unchanged: ValueError), but a warm eval cache serves the "
-    "weight normalized for the old padding: rank-one circular layers then apply norm 1.567 (GramConv2d, "
-    "3x3 on 4x4), 1.225 (GramConv1d, 3 taps on 6), 1.571 (GramResidualConv2d). A private attribute, but the layer's "
-    "only check of it is skipped on a cache hit"))
 @pytest.mark.parametrize("kind", CIRCULAR)
 def test_padding_applied_by_the_forward_changed_after_a_cached_eval_forward_is_refused_or_bounded(kind):
     layer, x = _rank_one_circular(kind)
@@ -372,10 +366,6 @@ def test_under_cpu_autocast_the_weight_handed_to_torch_has_norm_at_most_one(kind
         assert _norm_of_call(call) <= 1 + TOL
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "BUG (a crash, not unsound): GramSequential's stacked path torch.stack()s bfloat16 weights inside the "
-    "caller's float16 CPU autocast region, where torch raises 'Unexpected floating ScalarType in "
-    "at::autocast::prioritize'; the same layers run one by one (or in nn.Sequential) work"))
 def test_a_stacked_sequential_of_bfloat16_layers_runs_under_float16_autocast():
     layers = [_rank_one(GramConv2d(4, 4, 3, padding=1, dtype=torch.bfloat16)) for _ in range(2)]
     x = torch.randn(1, 4, 5, 5, dtype=torch.bfloat16)
@@ -427,13 +417,6 @@ INFERENCE_FIRST = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "BUG (a crash): lipnet.bounds.conv._cached_constant caches the tap DFT and symbol lags of a geometry in a "
-    "process-wide dict; when their first use is under torch.inference_mode() (a shape probe, a validation "
-    "pass, an evaluation at a new input size) they are inference tensors, and every later training forward "
-    "of any convolution of that geometry and input size raises 'Inference tensors cannot be saved for "
-    "backward' (the same layer, or any other, for the rest of the process). Building them under "
-    "torch.inference_mode(False), or not caching them there, would fix it"))
 @pytest.mark.parametrize("training_first", [True, False])
 @pytest.mark.parametrize("kind", INFERENCE_FIRST)
 def test_a_first_forward_under_inference_mode_does_not_break_later_training(kind, training_first, monkeypatch):
@@ -464,12 +447,6 @@ def test_a_first_forward_under_no_grad_does_not_break_later_training(kind, monke
     assert max(applied_norms(model, x)) <= 1 + TOL
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (a crash): a forward under torch._subclasses.FakeTensorMode (shape and memory estimators run models "
-    "so) fails on a data-dependent check (can_check_values does not treat fake tensors as valueless, as it does "
-    "meta ones), and leaves a FakeTensor in lipnet.bounds.conv's process-wide constant cache first: every later "
-    "real forward of that geometry and input size raises DynamicOutputShapeException (same root cause as the "
-    "inference-mode one: _cached_constant caches what it builds under whatever mode is active)"))
 def test_a_forward_under_fake_tensor_mode_leaves_real_forwards_working(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
