@@ -1,6 +1,5 @@
 """Places where a user following the docs met behaviour the code had to change (helper 72's
-walkthrough of the documentation). The bugs it found are fixed and tested here, except the strict
-xfail of a plain last ``nn.Linear``, which lipschitz_bound and export still refuse (documented)."""
+walkthrough of the documentation). The bugs it found are fixed, and tested here."""
 
 import os
 import subprocess
@@ -88,10 +87,6 @@ def test_lipschitz_bound_names_input_shape_when_given_an_int():
         assert bound == lipschitz_bound(model, (4,))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a Sequential ending in a plain nn.Linear (what coming-from-other-libraries.md "
-                   "suggests for unit-row last layers) is certified by certified_accuracy, which reports "
-                   "a whole-model bound (result.lipschitz, the layer's float64 Gram bound included), but "
-                   "lipschitz_bound raises UnknownModuleError on the same model and export refuses it")
 def test_plain_last_linear_is_bounded_as_certified_accuracy_bounds_it():
     from lipnet import export
     from lipnet.certify import certified_accuracy, lipschitz_bound

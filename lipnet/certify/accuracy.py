@@ -11,25 +11,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lipnet.bounds.gram import max_matrix_spectral_norm
-from lipnet.bounds.rounding import with_rounding_margin
-from lipnet.certify.lipschitz import (
-    LipschitzBoundError,
-    as_compiled,
-    check_no_forward_hooks,
-    check_runs_own_forward,
-    has_forward_hooks,
-    module_lipschitz_bounds,
-    mul_up,
-    overridden_forward_part,
-)
+from lipnet.certify.lipschitz import as_compiled, module_lipschitz_bounds, split_last_linear
 from lipnet.certify.model_state import ModelState
 from lipnet.certify.modes import evaluating
 from lipnet.certify.precision import exact_kernels, float64_copy, forward_with_error_bound, rounding_allowance
 from lipnet.certify.radius import certified_radius, refuse_functorch_transforms, refuse_inside_functorch_transforms
-from lipnet.nn.gram_linear import GramLinear
-from lipnet.nn.normalized import CERTIFICATION_N_ITER, GramNormalized
-from lipnet.nn.sequential import GramSequential
+from lipnet.nn.normalized import GramNormalized
 
 #: The L2 radii (pixels in [0, 1]) most papers report on CIFAR-10.
 DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
@@ -226,39 +213,6 @@ def module_bound_table(model: nn.Module, modules: dict) -> tuple[dict, ...]:
     return tuple(table)
 
 
-def split_last_linear(model: nn.Module) -> tuple[nn.Sequential, nn.Linear] | None:
-    """``(body, last)`` when ``model`` is an ``nn.Sequential`` ending in an ``nn.Linear``, else ``None``.
-
-    ``body`` is a plain ``nn.Sequential`` sharing the modules of ``model``. A
-    :class:`~lipnet.nn.GramSequential` counts (in eval mode its forward is ``nn.Sequential``'s).
-    """
-    sequential_forwards = (nn.Sequential.forward, GramSequential.forward)
-    if not isinstance(model, nn.Sequential) or type(model).forward not in sequential_forwards or len(model) < 1:
-        return None
-    try:  # hooks (its own or global) or a forward of the instance: the model is not its body and last layer
-        check_no_forward_hooks(model)
-        check_runs_own_forward(model)
-    except LipschitzBoundError:
-        return None
-    *body, last = list(model)
-    if not is_plain_linear(last):
-        return None
-    return nn.Sequential(*body), last
-
-
-def is_plain_linear(layer: nn.Module) -> bool:
-    """Whether ``layer`` computes exactly ``x W^T + b`` with the weight :func:`applied_weight` reads.
-
-    True for ``nn.Linear`` and :class:`~lipnet.nn.GramLinear` and subclasses that keep their
-    ``forward`` (and, for ``GramLinear``, the helpers its bound relies on) and have no forward
-    hooks. The last-layer radius reads the weight rows directly, so anything else falls back
-    to the generic radius.
-    """
-    if not isinstance(layer, nn.Linear) or has_forward_hooks(layer):
-        return False
-    return overridden_forward_part(layer, GramLinear if isinstance(layer, GramLinear) else nn.Linear) is None
-
-
 class ExactLogits:
     """The logits of ``model`` in exact arithmetic, up to a proven per-example allowance.
 
@@ -316,31 +270,15 @@ class ExactLogits:
 
 
     def _bounds(self, shape: tuple[int, ...], device: torch.device) -> dict:
-        """``lipschitz``, ``modules`` and, with a split, ``body_lipschitz`` for inputs of ``shape``.
-
-        A plain ``nn.Linear`` last layer (no rule of :mod:`lipnet.certify.lipschitz` bounds a
-        plain layer) is bounded here by the Gram bound of its weight in float64 with its rounding
-        margin: the last-layer radii do not use it, but the generic constant and the rounding
-        error of the logits do."""
+        """``lipschitz``, ``modules`` and, with a split, ``body_lipschitz`` for inputs of ``shape``
+        (a plain ``nn.Linear`` last layer is bounded as :func:`lipschitz_bound` bounds it: the
+        float64 Gram bound of its weight with its rounding margin; the last-layer radii do not use
+        it, but the generic constant and the rounding error of the logits do)."""
+        lipschitz, modules = module_lipschitz_bounds(self.model, shape)
         if self.split is None:
-            lipschitz, modules = module_lipschitz_bounds(self.model, shape)
             return {"lipschitz": lipschitz, "modules": modules}
-        body, last = self.split
-        if isinstance(last, GramLinear):
-            lipschitz, modules = module_lipschitz_bounds(self.model, shape)
-            body_lipschitz, _ = module_lipschitz_bounds(body, shape, reuse=modules)  # the body's units bounded once
-            return {"lipschitz": lipschitz, "modules": modules, "body_lipschitz": body_lipschitz}
-        body_lipschitz, modules = module_lipschitz_bounds(body, shape)
-        with torch.no_grad():
-            features = body(torch.zeros((1, *shape), dtype=torch.float64, device=device))
-        weight = last.weight.detach().double()
-        if not bool(torch.isfinite(weight).all()):
-            raise LipschitzBoundError(last, "the last linear layer's weight has NaN or inf entries")
-        own = 0.0 if weight.numel() == 0 else with_rounding_margin(
-            float(max_matrix_spectral_norm(weight[None], CERTIFICATION_N_ITER, screen_iter=CERTIFICATION_N_ITER)),
-            torch.float64, inner=max(weight.shape), rank=min(weight.shape), taps=1, n_iter=CERTIFICATION_N_ITER)
-        modules[(id(last), tuple(features.shape[1:]))] = own
-        return {"lipschitz": mul_up(body_lipschitz, own), "modules": modules, "body_lipschitz": body_lipschitz}
+        body_lipschitz, _ = module_lipschitz_bounds(self.split[0], shape, reuse=modules)  # its units bounded once
+        return {"lipschitz": lipschitz, "modules": modules, "body_lipschitz": body_lipschitz}
 
 
 def model_input(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -42,12 +42,13 @@ import torch
 from torch import nn
 
 from lipnet.bounds.circulant import pair
-from lipnet.bounds.gram import refine_exceeding
-from lipnet.bounds.rounding import applied_scalar_magnitude, certification_arithmetic
+from lipnet.bounds.gram import max_matrix_spectral_norm, refine_exceeding
+from lipnet.bounds.rounding import applied_scalar_magnitude, certification_arithmetic, with_rounding_margin
 from lipnet.certify.modes import evaluating
 from lipnet.models.wrappers import wrapped_module
 from lipnet.nn.activations import GroupSort, MaxMin
-from lipnet.nn.normalized import GramNormalized
+from lipnet.nn.gram_linear import GramLinear
+from lipnet.nn.normalized import CERTIFICATION_N_ITER, GramNormalized
 from lipnet.nn.pooling import adaptive_pooling_lipschitz_bound, pooling_lipschitz_bound, sqrt_up, window_multiplicity
 from lipnet.nn.residual import ConvexResidual
 from lipnet.nn.sequential import GramSequential, call_override
@@ -220,7 +221,12 @@ def _bound_and_output_of(model: nn.Module, input_shape) -> tuple[float, object]:
         # Gradual underflow: with subnormals flushed to 0, a bound below 2^-1022 became 0 (two BatchNorms
         # of gain 1e-160: 0 for a Lipschitz constant of 1e-320).
         with certification_arithmetic(), evaluating(model), torch.no_grad():
-            bound, out = _module_bound(model, torch.zeros((1, *shape), dtype=dtype, device=device))
+            x = torch.zeros((1, *shape), dtype=dtype, device=device)
+            split = split_last_linear(model)
+            if split is not None and not isinstance(split[1], GramLinear):
+                bound, out = _body_and_plain_last_bound(*split, x)
+            else:
+                bound, out = _module_bound(model, x)
     except LipschitzBoundError as error:
         names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
         if id(error.module) in names:
@@ -241,6 +247,74 @@ def _input_shape(input_shape) -> tuple[int, ...]:
         raise ValueError(f"input_shape must be the shape of one input without the batch dimension, a sequence of "
                          f"positive ints such as (3, 32, 32) or (4,); got {input_shape!r}")
     return shape
+
+
+def split_last_linear(model: nn.Module) -> tuple[nn.Sequential, nn.Linear] | None:
+    """``(body, last)`` when ``model`` is an ``nn.Sequential`` ending in an ``nn.Linear``, else ``None``.
+
+    ``body`` is a plain ``nn.Sequential`` sharing the modules of ``model``. A
+    :class:`~lipnet.nn.GramSequential` counts (in eval mode its forward is ``nn.Sequential``'s).
+    """
+    sequential_forwards = (nn.Sequential.forward, GramSequential.forward)
+    if not isinstance(model, nn.Sequential) or type(model).forward not in sequential_forwards or len(model) < 1:
+        return None
+    try:  # hooks (its own or global) or a forward of the instance: the model is not its body and last layer
+        check_no_forward_hooks(model)
+        check_runs_own_forward(model)
+    except LipschitzBoundError:
+        return None
+    *body, last = list(model)
+    if not is_plain_linear(last):
+        return None
+    return nn.Sequential(*body), last
+
+
+def is_plain_linear(layer: nn.Module) -> bool:
+    """Whether ``layer`` computes exactly ``x W^T + b`` with the weight :func:`applied_weight` reads.
+
+    True for ``nn.Linear`` and :class:`~lipnet.nn.GramLinear` and subclasses that keep their
+    ``forward`` (and, for ``GramLinear``, the helpers its bound relies on) and have no forward
+    hooks. The last-layer radius reads the weight rows directly, so anything else falls back
+    to the generic radius. A plain ``nn.Linear`` with a parametrization (``spectral_norm``,
+    ``weight_norm``, a random one) is not: each read of its weight computes it anew, so the
+    rows read need not be those a forward applies.
+    """
+    if not isinstance(layer, nn.Linear) or has_forward_hooks(layer):
+        return False
+    if not isinstance(layer, GramLinear) and torch.nn.utils.parametrize.is_parametrized(layer):
+        return False
+    return overridden_forward_part(layer, GramLinear if isinstance(layer, GramLinear) else nn.Linear) is None
+
+
+def plain_linear_lipschitz_bound(layer: nn.Linear) -> float:
+    """Certified float64 bound on the operator norm of a plain ``nn.Linear``'s weight: its Gram
+    bound with every frequency iterated :data:`~lipnet.nn.normalized.CERTIFICATION_N_ITER` times,
+    times ``1 + `` its rounding margin. Used for the plain last layer of :func:`split_last_linear`."""
+    weight = layer.weight.detach().double()
+    if not bool(torch.isfinite(weight).all()):
+        raise LipschitzBoundError(layer, "the last linear layer's weight has NaN or inf entries")
+    if weight.numel() == 0:
+        return 0.0
+    bound = float(max_matrix_spectral_norm(weight[None], CERTIFICATION_N_ITER, screen_iter=CERTIFICATION_N_ITER))
+    return with_rounding_margin(bound, torch.float64, inner=max(weight.shape), rank=min(weight.shape), taps=1,
+                                n_iter=CERTIFICATION_N_ITER)
+
+
+def _body_and_plain_last_bound(body: nn.Sequential, last: nn.Linear, x: torch.Tensor):
+    """``(bound, output)`` of a model :func:`split_last_linear` splits into ``body`` and a plain
+    ``nn.Linear`` (a last layer trained without normalization, whose rows the last-layer radius
+    reads): the body's bound times :func:`plain_linear_lipschitz_bound`, as
+    :func:`~lipnet.certify.certified_accuracy` takes it. A plain ``nn.Linear`` anywhere else has
+    no bound (it is what :func:`lipnet.convert` replaces)."""
+    body_bound, features = _module_bound(body, x)
+    if not torch.is_tensor(features):
+        raise LipschitzBoundError(body[-1] if len(body) else body, (
+            f"it returns a {type(features).__name__}, not a tensor, to the last linear layer"))
+    own = _checked(last, plain_linear_lipschitz_bound(last))
+    record = _RECORD.get()
+    if record is not None:
+        record[(id(last), tuple(features.shape[1:]))] = own
+    return mul_up(body_bound, own), _checked_output(last, last(features))
 
 
 def mul_up(a: float, b: float) -> float:

@@ -433,3 +433,24 @@ def test_a_module_applied_to_a_complex_value_is_refused_by_path():
     with pytest.raises(LipschitzBoundError, match="applied to a complex value") as info:
         lipschitz_bound(nn.Sequential(TimesI(), nn.Tanh()), (4,))
     assert info.value.path == "1"
+
+
+def test_a_plain_last_linear_of_a_sequential_is_bounded_by_its_weight_and_nowhere_else():
+    torch.manual_seed(0)
+    last = nn.Linear(8, 3)
+    with torch.no_grad():
+        last.weight.mul_(5)  # an unnormalized last layer: its norm counts
+    model = nn.Sequential(GramLinear(6, 8), MaxMin(), last)
+    exact = float(torch.linalg.matrix_norm(last.weight.double(), 2))
+    bound = lipschitz_bound(model, (6,))
+    assert exact * 0.999 <= bound <= exact * 1.001  # the body's bound is 1 up to 1e-5
+    with pytest.raises(UnknownModuleError):  # a plain Linear before another module
+        lipschitz_bound(nn.Sequential(nn.Linear(6, 8), MaxMin(), GramLinear(8, 3)), (6,))
+    torch.nn.utils.parametrize.register_parametrization(last, "weight", Doubled())
+    with pytest.raises(UnknownModuleError):  # each read of a parametrized weight computes it anew
+        lipschitz_bound(model, (6,))
+
+
+class Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
