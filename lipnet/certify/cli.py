@@ -58,13 +58,15 @@ def parse_eps(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lipnet.certify", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="model checkpoint written by lipnet.checkpoint")
-    parser.add_argument("--data", required=True, help="data set name (fashion-mnist, mnist, cifar10, cifar100)")
+    parser.add_argument("--data", default=None, help="data set name (fashion-mnist, mnist, cifar10, cifar100; "
+                                                     "default: the one the checkpoint was trained on)")
     parser.add_argument("--data-dir", default=None, help="folder searched first for the data set")
     parser.add_argument("--download", action="store_true",
                         help="download the data set with torchvision into --data-dir when it is not found")
     parser.add_argument("--split", default="test", choices=("train", "test"))
-    parser.add_argument("--eps", type=parse_eps, default=list(DEFAULT_EPS),
-                        help="L2 radii, comma-separated; fractions allowed (default 36/255,72/255,108/255)")
+    parser.add_argument("--eps", type=parse_eps, default=None,
+                        help="L2 radii, comma-separated; fractions allowed (default: the radii the checkpoint's "
+                             "recipe reported, else 36/255,72/255,108/255)")
     parser.add_argument("--limit", type=int, default=None, help="certify only the first N examples")
     parser.add_argument("--autoattack", action="store_true", help="audit the certificates with L2 AutoAttack")
     parser.add_argument("--attack-version", choices=sorted(VERSIONS), default="standard",
@@ -112,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
                      "--overwrite to replace them (nothing was overwritten)")
     try:
         model, info = load_model(args.checkpoint, map_location=device)
+        if args.data is None:
+            args.data = _recorded_dataset(info)
+            if args.data is None:
+                return _fail(f"--data is required: {args.checkpoint} does not record the data set it was trained on")
+            print(f"note: certifying on {args.data!r}, the data set the checkpoint was trained on (see --data)",
+                  file=sys.stderr)
+        if args.eps is None:
+            recorded = _recorded_eps(info)
+            args.eps = recorded or list(DEFAULT_EPS)
+            if recorded:
+                print(f"note: certifying at the radii the checkpoint's recipe reported, {_format_radii(recorded)} "
+                      "(see --eps)", file=sys.stderr)
         data = load_dataset(args.data, args.split, data_dir=args.data_dir, download=args.download)
     except (CheckpointError, DatasetError, DatasetNotFoundError, ValueError) as error:
         return _fail(str(error))
@@ -131,6 +145,28 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
     except (ValueError, TypeError, RuntimeError) as error:  # LipschitzBoundError is a ValueError
         return _fail(f"cannot certify {args.checkpoint} on {data.info.name}: {error}")
+
+
+def _recorded_dataset(info: dict) -> str | None:
+    """The data set a checkpoint of ``lipnet.training`` records (``info["dataset"]["name"]``)."""
+    recorded = info.get("dataset")
+    name = recorded.get("name") if isinstance(recorded, dict) else recorded
+    return name if isinstance(name, str) and name else None
+
+
+def _recorded_eps(info: dict) -> list[float] | None:
+    """The radii a recipe's report used (``info["config"]["eval_eps"]``), if they are positive numbers."""
+    config = info.get("config")
+    eps = config.get("eval_eps") if isinstance(config, dict) else None
+    if not (isinstance(eps, list) and eps):
+        return None
+    if not all(isinstance(e, int | float) and not isinstance(e, bool) and 0 < e < math.inf for e in eps):
+        return None
+    return [float(e) for e in eps]
+
+
+def _format_radii(eps: list[float]) -> str:
+    return ", ".join(f"{e:.4g}" for e in eps)
 
 
 def _certify(args, model, info, data, device, screened: bool) -> int:

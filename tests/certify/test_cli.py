@@ -177,3 +177,31 @@ def test_plot_with_the_largest_float_as_radius(tmp_path, small_net, blobs):
     result.radii[0] = torch.finfo(torch.float64).max
     plot_certified_accuracy(result, [], tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+@needs_data
+def test_data_set_and_radii_default_to_what_the_checkpoint_records(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_model("convnet", in_channels=1, num_classes=10, input_size=28, widths=[8], depths=[0], dense=[16])
+    recorded = save_model(tmp_path / "recorded.pt", model, dataset={"name": "fashion-mnist"},
+                          config={"eval_eps": [0.1, 0.25]})
+    common = ["--limit", "8", "--no-progress", "--device", "cpu", "--threads", "1"]
+    assert main(["--checkpoint", str(recorded), *common, "--out", str(tmp_path / "a")]) == 0
+    summary = json.loads((tmp_path / "a" / "certify.json").read_text())
+    assert summary["data"] == "fashion-mnist" and [e["eps"] for e in summary["certified_accuracy"]] == [0.1, 0.25]
+    err = capsys.readouterr().err
+    assert "the data set the checkpoint was trained on" in err and "radii the checkpoint's recipe reported" in err
+    # Given explicitly, --eps wins; without recorded radii the CIFAR ones are the default.
+    bare = save_model(tmp_path / "bare.pt", model, dataset="fashion-mnist")
+    assert main(["--checkpoint", str(bare), *common, "--out", str(tmp_path / "b")]) == 0
+    summary = json.loads((tmp_path / "b" / "certify.json").read_text())
+    assert [e["eps"] for e in summary["certified_accuracy"]] == [36 / 255, 72 / 255, 108 / 255]
+    assert main(["--checkpoint", str(recorded), "--eps", "0.5", *common, "--out", str(tmp_path / "c")]) == 0
+    assert [e["eps"] for e in json.loads((tmp_path / "c" / "certify.json").read_text())["certified_accuracy"]] == [0.5]
+
+
+def test_data_is_required_when_the_checkpoint_does_not_record_it(tmp_path, capsys):
+    model = build_model("convnet", in_channels=1, num_classes=10, input_size=28, widths=[8], depths=[0], dense=[16])
+    path = save_model(tmp_path / "anonymous.pt", model)
+    assert main(["--checkpoint", str(path), "--no-progress", "--device", "cpu"]) == 2
+    assert "--data is required" in capsys.readouterr().err
