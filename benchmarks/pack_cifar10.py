@@ -135,6 +135,9 @@ def unpack_webp(path: Path, dest_dir: Path) -> Path:
 
 def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help") for arg in args):
+        print(__doc__)
+        return 0
     if args[:1] == ["--unpack"]:
         if len(args) != 3:
             raise SystemExit("usage: pack_cifar10.py --unpack FILE DEST_DIR")

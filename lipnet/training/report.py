@@ -44,7 +44,7 @@ def certification_report(model: nn.Module, data, eps, out_dir: str | Path, *, hi
               "certify_seconds": time.perf_counter() - start, **(extra or {})}
     text = json.dumps(report, indent=2) + "\n"
     atomic_write(out_dir / REPORT, lambda out: out.write(text.encode()))
-    plot_certified_accuracy(result, [], out_dir / PLOTS[0], title="certified accuracy (test)")
+    plot_certified_accuracy(result, [], out_dir / PLOTS[0], title=f"certified accuracy ({result.n} test images)")
     plot_radius_histogram(report["radius_histogram"], out_dir / PLOTS[1])
     if history:
         plot_training_curves(list(history), out_dir / PLOTS[2])

@@ -68,7 +68,8 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | No
     Args:
         config: the run's settings (a recipe with overrides).
         on_epoch_end: called as ``on_epoch_end(epoch, metrics)`` on every process after each
-            epoch's checkpoint is written (``epoch`` counts from 1).
+            epoch, once its checkpoint is written if it has one (every ``save_every`` epochs and
+            after the last; ``epoch`` counts from 1).
         log: where the main process prints its one-line summaries.
     """
     if config.threads is not None:

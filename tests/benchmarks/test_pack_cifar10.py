@@ -100,3 +100,12 @@ def test_without_pillow_webp_or_opencv_unpacking_says_what_is_missing(pack_modul
     monkeypatch.setattr(features, "check", lambda name: False)
     with pytest.raises(SystemExit, match="Pillow built with WebP support or OpenCV"):
         pack_module.webp_decoder()
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_usage_instead_of_reading_a_folder_named_help(flag, pack_module, capsys, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a pack would write .data here
+    assert pack_module.main([flag]) == 0
+    assert "python benchmarks/pack_cifar10.py [SOURCE] [DEST]" in capsys.readouterr().out
+    assert not (tmp_path / ".data").exists()
