@@ -461,3 +461,37 @@ def test_a_data_parallel_whose_module_was_replaced_is_bounded_as_it_runs():
     wrapper = nn.DataParallel(_plain_last(100.0))
     wrapper.module = _plain_last(1.0)
     assert lipschitz_bound(wrapper, (4,)) >= _slope(wrapper, (4,))
+
+
+class _BatchesDataset(Dataset):
+    """A map-style Dataset whose items are whole batches ``(x_b, y_b)`` (iterating it yields them)."""
+
+    def __init__(self, x, y, size):
+        self.x, self.y, self.size = x, y, size
+
+    def __len__(self):
+        return -(-len(self.y) // self.size)
+
+    def __getitem__(self, i):
+        if i >= len(self):
+            raise IndexError(i)
+        return self.x[i * self.size:(i + 1) * self.size], self.y[i * self.size:(i + 1) * self.size]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (regression of 949718f): a map-style Dataset whose items are (x, y) batches, which a962ac2 certified "
+    "as the iterable of batches it is, is now batched again by a DataLoader (x of shape (4, 5, 4)) and fails "
+    "with an unrelated shape error (RuntimeError 'The size of tensor a (4) must match ...'), neither certified "
+    "nor refused with the TypeError naming the forms data may take"))
+def test_a_dataset_of_batches_is_certified_or_refused_naming_the_forms():
+    net = nn.Sequential(GramLinear(4, 3))
+    x, y = torch.rand(20, 4), torch.randint(0, 3, (20,))
+    expected = certified_accuracy(net, (x, y), eps=[0.1], progress=False).radii
+    assert torch.equal(certified_accuracy(net, list(_BatchesDataset(x, y, 5)), eps=[0.1], progress=False).radii,
+                       expected)  # held: the same batches in a list
+    try:
+        radii = certified_accuracy(net, _BatchesDataset(x, y, 5), eps=[0.1], progress=False).radii
+    except TypeError as error:
+        assert "data must be" in str(error)
+        return
+    assert torch.equal(radii, expected)
