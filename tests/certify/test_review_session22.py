@@ -26,7 +26,12 @@ from torch.utils.data import DataLoader, Dataset
 import lipnet
 from lipnet.certify import LipschitzBoundError, certified_accuracy, lipschitz_bound
 from lipnet.certify.accuracy import _median
-from lipnet.certify.lipschitz import module_lipschitz_bounds, plain_linear_lipschitz_bound, split_last_linear
+from lipnet.certify.lipschitz import (
+    module_lipschitz_bounds,
+    mul_up,
+    plain_linear_lipschitz_bound,
+    split_last_linear,
+)
 from lipnet.nn import GramLinear, GramSequential
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -260,8 +265,9 @@ def test_plain_last_bound_holds_and_matches_certified_accuracy_and_export():
     exported = lipnet.export(model, (4,))
     assert exported.lipschitz_bound == bound
     assert exported.lipschitz_bound >= _slope(exported, (4,))
-    # the bound is of the whole weight, body x last: a 5x larger last weight, a ~5x larger bound
-    assert bound > 4 * lipschitz_bound(_plain_last(1.0), (4,)) * 0.5
+    # body bound x the float64 Gram bound of the last weight, the product rounded up
+    assert bound == mul_up(lipschitz_bound(nn.Sequential(model[0]), (4,)), plain_linear_lipschitz_bound(model[1]))
+    assert plain_linear_lipschitz_bound(model[1]) >= float(torch.linalg.matrix_norm(model[1].weight.double(), 2))
 
 
 @pytest.mark.parametrize("wrap", ["data_parallel", "averaged", "gram_sequential", "sequential_subclass"])
@@ -495,3 +501,16 @@ def test_a_dataset_of_batches_is_certified_or_refused_naming_the_forms():
         assert "data must be" in str(error)
         return
     assert torch.equal(radii, expected)
+
+
+def test_averaged_model_of_a_compiled_model_is_bounded_as_it_runs(fresh_dynamo):
+    """Held: AveragedModel deep-copies the OptimizedModule, whose copy calls its own _orig_mod, the module
+    certify bounds (checked after the averaged copy's weights are scaled up 100x)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    averaged = AveragedModel(torch.compile(_plain_last(1.0), backend="eager"))
+    with torch.no_grad():
+        averaged.module._orig_mod[1].weight.mul_(100)
+    slope = _slope(averaged, (4,), n=8)
+    assert slope > 10
+    assert lipschitz_bound(averaged, (4,)) >= slope
