@@ -304,7 +304,7 @@ def _batches(data, batch_size: int) -> Iterable:
             raise ValueError(f"{x.shape[0]} inputs but {y.shape[0]} labels")
         return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size))
     if _is_example_dataset(data):  # single (example, label) pairs: batched in order, as a DataLoader would
-        return torch.utils.data.DataLoader(data, batch_size=batch_size)
+        return (_checked_batch(batch) for batch in torch.utils.data.DataLoader(data, batch_size=batch_size))
     if torch.is_tensor(data) or isinstance(data, dict | str | bytes):
         raise TypeError(f"data must be {_DATA_FORMS}; got a {type(data).__name__}")
     return (_checked_batch(batch) for batch in data)
@@ -316,8 +316,9 @@ _DATA_FORMS = ("(x, y) tensors (or numpy arrays), an iterable of (x, y) batches 
 
 def _as_pair(data):
     """``(x, y)`` tensors when ``data`` is one pair (tensors, or numpy arrays and label lists) or
-    holds ``images`` and ``labels``; ``None`` for an iterable of batches."""
-    if hasattr(data, "images") and hasattr(data, "labels"):
+    holds ``images`` and ``labels`` (a torch ``Dataset`` is read through its items: what it holds
+    under those names need not be what it yields); ``None`` for an iterable of batches."""
+    if hasattr(data, "images") and hasattr(data, "labels") and not isinstance(data, torch.utils.data.Dataset):
         return data.images, data.labels
     if isinstance(data, tuple | list) and len(data) == 2 and _is_array(data[0]):
         x, y = data
@@ -337,7 +338,20 @@ def _as_tensor(value) -> torch.Tensor:
 
 
 def _is_example_dataset(data) -> bool:
-    return isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
+    """A map-style ``Dataset`` whose first item is one example: a pair whose label is a number or a
+    0-dim tensor (a ``Dataset`` whose items are whole ``(x, y)`` batches is iterated as they are)."""
+    if not isinstance(data, torch.utils.data.Dataset) or isinstance(data, torch.utils.data.IterableDataset):
+        return False
+    try:
+        if len(data) == 0:
+            return False
+        first = data[0]
+    except (TypeError, IndexError, KeyError, NotImplementedError):
+        return False
+    if isinstance(first, tuple | list) and len(first) == 2:
+        label = first[1]
+        return (torch.is_tensor(label) and label.dim() == 0) or isinstance(label, int | np.integer)
+    return True  # another form of example (a dict, a triple): batched, then refused naming the forms
 
 
 def _checked_batch(batch):
@@ -371,4 +385,4 @@ def _median(values: torch.Tensor) -> float | None:
     if n == 0:
         return None
     ordered = values.sort().values
-    return float((ordered[(n - 1) // 2] + ordered[n // 2]) / 2)
+    return float(ordered[(n - 1) // 2] / 2 + ordered[n // 2] / 2)  # halves first: no overflow to inf

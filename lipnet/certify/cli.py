@@ -155,12 +155,13 @@ def _recorded_dataset(info: dict) -> str | None:
 
 
 def _recorded_eps(info: dict) -> list[float] | None:
-    """The radii a recipe's report used (``info["config"]["eval_eps"]``), if they are positive numbers."""
+    """The radii a recipe's report used (``info["config"]["eval_eps"]``), if they are finite numbers
+    ``>= 0`` (as ``TrainConfig`` takes them: 0 counts the correct predictions with a positive margin)."""
     config = info.get("config")
     eps = config.get("eval_eps") if isinstance(config, dict) else None
     if not (isinstance(eps, list) and eps):
         return None
-    if not all(isinstance(e, int | float) and not isinstance(e, bool) and 0 < e < math.inf for e in eps):
+    if not all(isinstance(e, int | float) and not isinstance(e, bool) and 0 <= e < math.inf for e in eps):
         return None
     return [float(e) for e in eps]
 

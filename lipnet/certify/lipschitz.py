@@ -191,7 +191,20 @@ def as_compiled(model: nn.Module):
     from torch._dynamo.eval_frame import OptimizedModule
 
     *wrappers, inner = _wrapper_chain(model)
-    if not any(type(wrapper) is OptimizedModule for wrapper in wrappers):
+    # nn.Module.compile() compiles in place: the module's calls run its compiled forward. The whole
+    # model so compiled is a compiled model; a part of it would compute its bounds otherwise than the
+    # rest (screened alone, against the CPU's eager refinement), and no one setting certifies both.
+    for path, module in inner.named_modules():
+        if getattr(module, "_compiled_call_impl", None) is not None and module is not inner:
+            error = LipschitzBoundError(module, (
+                "it is compiled in place (module.compile()) inside the model: its Gram bounds are computed as a "
+                "compiled forward computes them, the rest's as an eager one does, and a certificate takes one of "
+                "the two for the whole model; compile the whole model (model.compile() or torch.compile(model)), "
+                "or none of it"))
+            error.path = path
+            raise error
+    compiled_in_place = getattr(inner, "_compiled_call_impl", None) is not None
+    if not compiled_in_place and not any(type(wrapper) is OptimizedModule for wrapper in wrappers):
         return contextlib.nullcontext()
     for path, module in inner.named_modules():
         weight = getattr(module, "weight", None) if isinstance(module, GramNormalized) else None
@@ -290,6 +303,10 @@ def plain_linear_lipschitz_bound(layer: nn.Linear) -> float:
     """Certified float64 bound on the operator norm of a plain ``nn.Linear``'s weight: its Gram
     bound with every frequency iterated :data:`~lipnet.nn.normalized.CERTIFICATION_N_ITER` times,
     times ``1 + `` its rounding margin. Used for the plain last layer of :func:`split_last_linear`."""
+    if layer.weight.is_complex():  # .double() would keep the real part alone
+        raise LipschitzBoundError(layer, (
+            f"its weight is complex ({layer.weight.dtype}): the plain last layer's bound is of a real matrix; end "
+            "the model with real outputs"))
     weight = layer.weight.detach().double()
     if not bool(torch.isfinite(weight).all()):
         raise LipschitzBoundError(layer, "the last linear layer's weight has NaN or inf entries")
@@ -310,6 +327,10 @@ def _body_and_plain_last_bound(body: nn.Sequential, last: nn.Linear, x: torch.Te
     if not torch.is_tensor(features):
         raise LipschitzBoundError(body[-1] if len(body) else body, (
             f"it returns a {type(features).__name__}, not a tensor, to the last linear layer"))
+    if features.is_complex():
+        raise LipschitzBoundError(last, (
+            f"it is applied to a complex value ({features.dtype}, the output of an earlier module): its bound is "
+            "for real inputs"))
     own = _checked(last, plain_linear_lipschitz_bound(last))
     record = _RECORD.get()
     if record is not None:
