@@ -25,6 +25,7 @@ inputs of one shape:
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -136,12 +137,13 @@ def _export(model: nn.Module, input_shape: Sequence[int], certify: bool) -> runt
 
 
 def check_input_shape(input_shape) -> tuple[int, ...]:
-    """``input_shape`` as a tuple of positive ints, or a ``ValueError`` saying what is expected."""
+    """``input_shape`` as a tuple of positive ints (numpy's and torch's integers included, as
+    :func:`lipnet.certify.lipschitz_bound` takes them), or a ``ValueError`` saying what is expected."""
     try:
-        shape = tuple(input_shape)
+        shape = tuple(None if isinstance(s, bool) else operator.index(s) for s in input_shape)
     except TypeError:
         shape = None
-    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+    if not shape or not all(s is not None and s >= 1 for s in shape):
         raise ValueError(f"input_shape must be a non-empty sequence of positive ints without the batch dimension, "
                          f"e.g. (3, 32, 32); got {input_shape!r}")
     return shape

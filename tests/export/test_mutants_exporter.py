@@ -1,6 +1,7 @@
 """Mutation-testing gaps of lipnet.export.exporter: the input shape is validated, and the export's
 self-check refuses a rebuilt model that does not reproduce the original."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,6 +15,13 @@ def test_a_bool_in_the_input_shape_is_refused():
     before any tracing."""
     with pytest.raises(ValueError, match="input_shape must be a non-empty sequence of positive ints"):
         export(nn.Sequential(nn.Flatten(), GramLinear(4, 2)), (True, 4))
+
+
+def test_numpy_and_torch_integers_in_the_input_shape_are_sizes_as_lipschitz_bound_takes_them():
+    model = nn.Sequential(nn.Flatten(), GramLinear(4, 2))
+    assert export(model, (np.int64(1), torch.tensor(4))).input_shape == (1, 4)
+    with pytest.raises(ValueError, match="input_shape must be"):
+        export(model, (1, 4.0))  # not truncated to 4
 
 
 class _Rebuilt(nn.Module):
