@@ -132,11 +132,11 @@ def certified_accuracy(model: nn.Module, data, eps: Sequence[float] | float = DE
         raise ValueError(f"last_layer must be 'auto' or 'none', got {last_layer!r}")
     device = resolve_device(model, device)
     radii, correct = [], []
-    batches = _batches(data, batch_size)
+    batches, count = _batches(data, batch_size)
     seen = 0  # examples before this batch, to name the bad ones by their index in data
     with evaluating(model), torch.no_grad(), exact_kernels(), as_compiled(model):
         exact = ExactLogits(model, last_layer)
-        for x, y in tqdm(batches, desc="certify", disable=not progress, total=_length(data, batch_size)):
+        for x, y in tqdm(batches, desc="certify", disable=not progress, total=count):
             if len(x) == 0:  # an empty batch (a loader's last one, a filtered one): nothing to certify in it
                 continue
             logits, rounding = exact(x.to(device))
@@ -261,7 +261,7 @@ class ExactLogits:
         x = seen.to(torch.float64, copy=True)  # an in-place first module must not write to x
         shape = tuple(x.shape[1:])
         if self.bounds is None:
-            self.bounds = {"input_shape": shape, **self._bounds(shape, x.device)}
+            self.bounds = {"input_shape": shape, **self._bounds(shape)}
         elif shape != self.bounds["input_shape"]:
             raise ValueError(f"inputs of shape {shape} after inputs of shape {self.bounds['input_shape']}: the "
                              "Lipschitz bound holds for one input shape")
@@ -269,7 +269,7 @@ class ExactLogits:
         return logits, rounding_allowance(logits, err)
 
 
-    def _bounds(self, shape: tuple[int, ...], device: torch.device) -> dict:
+    def _bounds(self, shape: tuple[int, ...]) -> dict:
         """``lipschitz``, ``modules`` and, with a split, ``body_lipschitz`` for inputs of ``shape``
         (a plain ``nn.Linear`` last layer is bounded as :func:`lipschitz_bound` bounds it: the
         float64 Gram bound of its weight with its rounding margin; the last-layer radii do not use
@@ -294,7 +294,8 @@ def model_input(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return x.to(dtype) if x.is_floating_point() and dtype is not None else x
 
 
-def _batches(data, batch_size: int) -> Iterable:
+def _batches(data, batch_size: int) -> tuple[Iterable, int | None]:
+    """The ``(x, y)`` batches ``data`` stands for, and their number (``None`` if unknown)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pair = _as_pair(data)
@@ -302,12 +303,17 @@ def _batches(data, batch_size: int) -> Iterable:
         x, y = pair
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{x.shape[0]} inputs but {y.shape[0]} labels")
-        return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size))
+        batches = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size))
+        return batches, -(-x.shape[0] // batch_size)
     if _is_example_dataset(data):  # single (example, label) pairs: batched in order, as a DataLoader would
-        return (_checked_batch(batch) for batch in torch.utils.data.DataLoader(data, batch_size=batch_size))
-    if torch.is_tensor(data) or isinstance(data, dict | str | bytes):
+        data = torch.utils.data.DataLoader(data, batch_size=batch_size)
+    elif torch.is_tensor(data) or isinstance(data, dict | str | bytes):
         raise TypeError(f"data must be {_DATA_FORMS}; got a {type(data).__name__}")
-    return (_checked_batch(batch) for batch in data)
+    try:
+        count = len(data)
+    except TypeError:
+        count = None
+    return (_checked_batch(batch) for batch in data), count
 
 
 _DATA_FORMS = ("(x, y) tensors (or numpy arrays), an iterable of (x, y) batches such as a DataLoader, a Dataset of "
@@ -366,16 +372,6 @@ def _checked_batch(batch):
         what = f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, tuple | list) else "")
     raise TypeError(f"data must be {_DATA_FORMS}; a batch here is {what}, where each batch must be a pair (x, y) "
                     "of tensors, y holding one class index per example")
-
-
-def _length(data, batch_size: int) -> int | None:
-    pair = _as_pair(data)
-    if pair is not None:
-        return -(-pair[0].shape[0] // batch_size)
-    try:
-        return -(-len(data) // batch_size) if _is_example_dataset(data) else len(data)
-    except TypeError:
-        return None
 
 
 def _median(values: torch.Tensor) -> float | None:
