@@ -45,7 +45,7 @@ from lipnet.bounds.circulant import pair
 from lipnet.bounds.gram import max_matrix_spectral_norm, refine_exceeding
 from lipnet.bounds.rounding import applied_scalar_magnitude, certification_arithmetic, with_rounding_margin
 from lipnet.certify.modes import evaluating
-from lipnet.models.wrappers import wrapped_module
+from lipnet.models.wrappers import wrapper_chain
 from lipnet.nn.activations import GroupSort, MaxMin
 from lipnet.nn.gram_linear import GramLinear
 from lipnet.nn.normalized import CERTIFICATION_N_ITER, GramNormalized
@@ -154,7 +154,7 @@ def lipschitz_bound(model: nn.Module, input_shape) -> float:
         >>> lipschitz_bound(net, (1, 4, 4)) <= 1 + 1e-5
         True
     """
-    input_shape = _input_shape(input_shape)
+    input_shape = check_input_shape(input_shape)
     try:
         bound, out = _bound_and_output(model, input_shape)
     except (LipschitzBoundError, NotImplementedError, torch.OutOfMemoryError):
@@ -228,7 +228,7 @@ def _bound_and_output(model: nn.Module, input_shape) -> tuple[float, object]:
 
 def _bound_and_output_of(model: nn.Module, input_shape) -> tuple[float, object]:
     model = unwrap_checked(model)
-    shape = _input_shape(input_shape)
+    shape = check_input_shape(input_shape)
     dtype, device = _dtype_and_device(model)
     try:
         # Gradual underflow: with subnormals flushed to 0, a bound below 2^-1022 became 0 (two BatchNorms
@@ -248,17 +248,18 @@ def _bound_and_output_of(model: nn.Module, input_shape) -> tuple[float, object]:
     return bound, out
 
 
-def _input_shape(input_shape) -> tuple[int, ...]:
+def check_input_shape(input_shape) -> tuple[int, ...]:
     """``input_shape`` as a tuple of positive ints (numpy's and torch's integers included), or a
-    ``ValueError`` saying what it must be: ``4`` for ``(4,)``, or ``(3, 8.7)`` truncated to
-    ``(3, 8)``, would bound another input than the one meant."""
+    ``ValueError`` saying what it must be: ``4`` for ``(4,)``, ``(3, 8.7)`` truncated to
+    ``(3, 8)`` or ``True`` for 1 would bound another input than the one meant. (Also the check
+    of :func:`lipnet.export` and :func:`lipnet.convert`.)"""
     try:
-        shape = tuple(operator.index(s) if not isinstance(s, bool) else None for s in input_shape)
+        shape = tuple(None if isinstance(s, bool) else operator.index(s) for s in input_shape)
     except TypeError:
         shape = None
     if not shape or any(s is None or s < 1 for s in shape):
-        raise ValueError(f"input_shape must be the shape of one input without the batch dimension, a sequence of "
-                         f"positive ints such as (3, 32, 32) or (4,); got {input_shape!r}")
+        raise ValueError(f"input_shape must be a non-empty sequence of positive ints without the batch dimension, "
+                         f"e.g. (3, 32, 32) or (4,); got {input_shape!r}")
     return shape
 
 
@@ -583,16 +584,15 @@ def unwrap_checked(model: nn.Module) -> nn.Module:
 
 def _wrapper_chain(model: nn.Module) -> list[nn.Module]:
     """``[model, ..., the module inside]``: the wrappers :func:`unwrap_checked` goes through (torch's own
-    classes running their own forwards: :func:`lipnet.models.wrappers.wrapped_module`), then what
+    classes running their own forwards: :func:`lipnet.models.wrappers.wrapper_chain`), then what
     it returns; each wrapper's hooks are checked on the way."""
     from torch._dynamo.eval_frame import OptimizedModule
 
-    chain = [model]
-    while (inner := wrapped_module(chain[-1])) is not None:
-        check_no_forward_hooks(chain[-1])
-        if not isinstance(chain[-1], OptimizedModule):  # its forward is an instance attribute: the compiled call
-            check_runs_own_forward(chain[-1])
-        chain.append(inner)
+    chain = wrapper_chain(model)
+    for wrapper in chain[:-1]:
+        check_no_forward_hooks(wrapper)
+        if not isinstance(wrapper, OptimizedModule):  # its forward is an instance attribute: the compiled call
+            check_runs_own_forward(wrapper)
     return chain
 
 

@@ -12,13 +12,12 @@ from torch import nn
 from lipnet.bounds.gram import DEFAULT_N_ITER
 from lipnet.bounds.rounding import cpu_default_device
 from lipnet.certify import LipschitzBoundError, UnknownModuleError, lipschitz_bound, register_lipschitz_bound
-from lipnet.certify.lipschitz import module_output_lipschitz_bound
+from lipnet.certify.lipschitz import check_input_shape, module_output_lipschitz_bound
 from lipnet.convert.diagnosis import _ATTENTION, _diagnose, _is_custom_container
 from lipnet.convert.graph import _trace
 from lipnet.convert.replacement import _input_shapes, _inside, _parametrizations, _plan, _qualname
 from lipnet.convert.report import Conversion, ConversionReport
 from lipnet.convert.traced_bound import traced_lipschitz_bound
-from lipnet.export.exporter import check_input_shape
 
 #: Values of ``convert(..., activation=...)``.
 ACTIVATIONS = ("maxmin", None)

@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 from lipnet.certify import LipschitzBoundError
-from lipnet.certify.lipschitz import check_no_forward_hooks, check_runs_own_forward, module_output_lipschitz_bound
+from lipnet.certify.lipschitz import (
+    check_input_shape,
+    check_no_forward_hooks,
+    check_runs_own_forward,
+    module_output_lipschitz_bound,
+)
 from lipnet.certify.model_state import ModelState
 from lipnet.certify.precision import UNIT_ROUNDOFF, example_norms, underflow_bound
 from lipnet.convert.attribute_writes import _AttributeWrites
@@ -66,7 +71,7 @@ def traced_lipschitz_bound(module: nn.Module, input_shape) -> float:
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
-        return _traced_bound(module, tuple(int(s) for s in input_shape))
+        return _traced_bound(module, check_input_shape(input_shape))
     finally:
         for m, training in modes.items():
             m.train(training)

@@ -25,7 +25,6 @@ inputs of one shape:
 from __future__ import annotations
 
 import copy
-import operator
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +33,7 @@ from torch import nn
 import lipnet
 from lipnet.bounds.rounding import cpu_default_device
 from lipnet.certify import LipschitzBoundError, lipschitz_bound
-from lipnet.certify.lipschitz import as_compiled, unwrap_checked
+from lipnet.certify.lipschitz import as_compiled, check_input_shape, unwrap_checked
 from lipnet.export import runtime
 from lipnet.nn.gram_conv import GramConv2d
 from lipnet.nn.gram_conv1d import GramConv1d
@@ -134,19 +133,6 @@ def _export(model: nn.Module, input_shape: Sequence[int], certify: bool) -> runt
                                  "`if x.shape[0] == 1`), so the export would differ from it at batch size 1; make "
                                  "the forward independent of the batch size") from error
     return exported
-
-
-def check_input_shape(input_shape) -> tuple[int, ...]:
-    """``input_shape`` as a tuple of positive ints (numpy's and torch's integers included, as
-    :func:`lipnet.certify.lipschitz_bound` takes them), or a ``ValueError`` saying what is expected."""
-    try:
-        shape = tuple(None if isinstance(s, bool) else operator.index(s) for s in input_shape)
-    except TypeError:
-        shape = None
-    if not shape or not all(s is not None and s >= 1 for s in shape):
-        raise ValueError(f"input_shape must be a non-empty sequence of positive ints without the batch dimension, "
-                         f"e.g. (3, 32, 32); got {input_shape!r}")
-    return shape
 
 
 def example_input(model: nn.Module, input_shape, *, batch: int, seed: int) -> torch.Tensor:

@@ -635,3 +635,9 @@ def test_a_forward_that_raises_on_one_batch_size_is_refused_with_that_size():
         traced_lipschitz_bound(module, (4, 3, 3))
     _, report = convert(module, input_shape=(4, 3, 3))
     assert "raises on a batch of 1" in str(report)
+
+
+def test_an_input_shape_of_floats_is_refused_not_truncated():
+    # (3, 8.7) was bounded as (3, 8): lipschitz_bound, export, convert and this share one check.
+    with pytest.raises(ValueError, match=r"input_shape must be .*got \(3, 8.7\)"):
+        traced_lipschitz_bound(nn.ReLU(), (3, 8.7))
