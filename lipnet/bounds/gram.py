@@ -220,8 +220,10 @@ def refines_exceeding(device: torch.device) -> bool:
     its arithmetic sets its time, on the CPU outside ``torch.compile``, unless
     :func:`set_refine_exceeding` forbids it. On a GPU that read would wait for the device (and
     cannot happen in a compiled or captured graph), so there the refinement stops at the
-    candidates, whose number is fixed."""
-    return _REFINEMENT.enabled and device.type == "cpu" and not torch.compiler.is_compiling()
+    candidates, whose number is fixed. Under ``FakeTensorMode`` (shape and memory estimators) there
+    are no values to count, and the refinement stops there too."""
+    return (_REFINEMENT.enabled and device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None)
 
 
 def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidates: int,

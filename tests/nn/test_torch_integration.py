@@ -460,3 +460,23 @@ def test_a_random_parametrization_is_bounded_and_divided_as_one_draw(spec):
     x = inputs(spec, torch.float64)
     worst = max(operator_norm(layer, x) for _ in range(10))
     assert worst <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: GramLinear(4, 3), (2, 4)),
+    (lambda: GramConv2d(3, 4, 3, padding=1), (2, 3, 7, 11)),
+    (lambda: GramConv2d(3, 4, 3, stride=2, padding=1, padding_mode="circular"), (2, 3, 8, 8)),
+    (lambda: GramConv1d(3, 4, 3), (2, 3, 9)),
+    (lambda: GramConvTranspose2d(3, 4, 3, stride=2), (2, 3, 5, 5)),
+], ids=["linear", "conv2d", "conv2d-circular", "conv1d", "transposed"])
+def test_layers_run_under_fake_tensor_mode_as_shape_estimators_use_it(make, shape):
+    """Shape and memory estimators run models on fake tensors, which hold no values: the bound's
+    value checks and the CPU's refinement (which counts the frequencies to refine) are skipped there
+    (once: aten.nonzero raised DynamicOutputShapeException)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = make()
+    expected = layer(torch.randn(*shape)).shape
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert layer(torch.empty(*shape)).shape == expected
+    assert layer(torch.randn(*shape)).shape == expected  # and real forwards still run
