@@ -29,10 +29,27 @@ def wrapped_module(module: nn.Module) -> nn.Module | None:
 
     if type(module) is OptimizedModule:  # its forward is an instance attribute: the compiled call
         return module._orig_mod
-    for cls in (nn.DataParallel, nn.parallel.DistributedDataParallel, AveragedModel):
-        if isinstance(module, cls) and type(module).forward is cls.forward:
+    # The methods each wrapper's forward calls (None: any method of DDP's, whose forward runs many).
+    forward_path = {nn.DataParallel: ("forward", "scatter", "replicate", "parallel_apply", "gather"),
+                    nn.parallel.DistributedDataParallel: None, AveragedModel: ("forward",)}
+    for cls, methods in forward_path.items():
+        if isinstance(module, cls) and not _overrides(type(module), cls, methods):
             return module.module
     return None
+
+
+def _overrides(subclass: type, cls: type, methods) -> bool:
+    """Whether a class between ``subclass`` and ``cls`` defines one of ``methods`` (``None``: any
+    method but ``__init__``); an EMA's own ``update_parameters``, for one, changes no output."""
+    for klass in subclass.__mro__:
+        if klass is cls:
+            return False
+        defined = {name for name, value in vars(klass).items() if callable(value) and name != "__init__"}
+        if methods is not None:
+            defined &= set(methods)
+        if defined:
+            return True
+    return False
 
 
 def wrapper_chain(model: nn.Module) -> list[nn.Module]:

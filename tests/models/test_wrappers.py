@@ -49,3 +49,32 @@ def test_saving_a_look_alike_does_not_drop_its_weights():
     assert model_spec(torch.compile(net))["name"] == "convnet-xs"
     with pytest.raises(ValueError, match="OwnWeights was not built by lipnet.models.build_model"):
         model_spec(OwnWeights(net))
+
+
+class Gathered(nn.DataParallel):
+    """Keeps DataParallel's forward, but changes what it gathers from the replicas."""
+
+    def gather(self, outputs, output_device):
+        return 2 * super().gather(outputs, output_device)
+
+
+class Named(nn.DataParallel):
+    def __init__(self, module):
+        super().__init__(module)
+        self.label = "run 3"  # data, not behaviour
+
+
+def test_a_subclass_overriding_a_method_forward_calls_is_not_a_wrapper():
+    inner = nn.Linear(3, 2)
+    assert wrapped_module(Gathered(inner)) is None
+    assert wrapped_module(Named(inner)) is inner  # only __init__ and attributes: still the wrapper
+
+
+class Ema(AveragedModel):
+    def update_parameters(self, model):  # an EMA's own averaging: no output changes
+        super().update_parameters(model)
+
+
+def test_an_averaged_model_with_its_own_averaging_is_still_a_wrapper():
+    ema = Ema(nn.Linear(3, 2))
+    assert wrapped_module(ema) is ema.module
