@@ -223,7 +223,13 @@ def refines_exceeding(device: torch.device) -> bool:
     candidates, whose number is fixed. Under ``FakeTensorMode`` (shape and memory estimators) there
     are no values to count, and the refinement stops there too."""
     return (_REFINEMENT.enabled and device.type == "cpu" and not torch.compiler.is_compiling()
-            and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None)
+            and not fake_tensor_mode_active())
+
+
+def fake_tensor_mode_active() -> bool:
+    """Whether a ``FakeTensorMode`` is on (shape and memory estimators): tensors made now hold no
+    values, so nothing computed now may steer Python or be kept for later calls."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
 def max_gram_bound(mat: torch.Tensor, n_iter: int, screen_iter: int, n_candidates: int,

@@ -18,7 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lipnet.bounds.circulant import is_int
 from lipnet.bounds.first_order import error_on_backward
-from lipnet.bounds.gram import DEFAULT_SCREEN_ITER, refines_exceeding
+from lipnet.bounds.gram import DEFAULT_SCREEN_ITER, fake_tensor_mode_active, refines_exceeding
 from lipnet.bounds.rounding import with_rounding_margin
 
 #: Bounds below this are treated as this value: ``W / max(bound, TINY)`` keeps zero and
@@ -244,7 +244,9 @@ class GramNormalized:
                             "plain-PyTorch copy with the normalized weights baked in, use lipnet.export(model, "
                             "input_shape); for speed, torch.compile")
         input_size = self._input_size(input_size)
-        cacheable = not self.training and not torch.compiler.is_compiling()
+        # Not under FakeTensorMode either: a fake normalized weight kept for later real calls (where the
+        # refinement is off anyway: on a GPU, or under refine_exceeding(False)) broke them.
+        cacheable = not self.training and not torch.compiler.is_compiling() and not fake_tensor_mode_active()
         weight = None
         if cacheable:
             weight = self.weight  # a parametrization computes a new tensor at every access: read it once

@@ -480,3 +480,20 @@ def test_layers_run_under_fake_tensor_mode_as_shape_estimators_use_it(make, shap
     with FakeTensorMode(allow_non_fake_inputs=True):
         assert layer(torch.empty(*shape)).shape == expected
     assert layer(torch.randn(*shape)).shape == expected  # and real forwards still run
+
+
+def test_a_forward_under_fake_tensor_mode_leaves_no_fake_weight_in_the_eval_cache():
+    """Without the refinement (a GPU, or refine_exceeding(False)) a fake pass and a real one share a
+    cache key: the fake normalized weight was kept, and the next real eval forward raised."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lipnet.bounds import refine_exceeding
+
+    layer = GramConv2d(3, 4, 3, padding=1).eval()
+    x = torch.randn(2, 3, 7, 11)
+    with refine_exceeding(False), torch.no_grad():
+        expected = layer(x)
+        layer._eval_cache.clear()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            layer(torch.empty(2, 3, 7, 11))
+        assert torch.equal(layer(x), expected)
