@@ -307,6 +307,9 @@ def _batches(data, batch_size: int) -> tuple[Iterable, int | None]:
         return batches, -(-x.shape[0] // batch_size)
     if _is_example_dataset(data):  # single (example, label) pairs: batched in order, as a DataLoader would
         data = torch.utils.data.DataLoader(data, batch_size=batch_size)
+    elif _is_map_dataset(data):  # whole batches: items 0 to len - 1 (iterating reads on until an IndexError)
+        count = len(data)
+        return (_checked_batch(data[i]) for i in range(count)), count
     elif torch.is_tensor(data) or isinstance(data, dict | str | bytes):
         raise TypeError(f"data must be {_DATA_FORMS}; got a {type(data).__name__}")
     try:
@@ -343,10 +346,21 @@ def _as_tensor(value) -> torch.Tensor:
     return value if torch.is_tensor(value) else torch.as_tensor(value, device="cpu")
 
 
+def _is_map_dataset(data) -> bool:
+    """A map-style ``Dataset`` with a length (items ``data[i]``, ``0 <= i < len(data)``)."""
+    if not isinstance(data, torch.utils.data.Dataset) or isinstance(data, torch.utils.data.IterableDataset):
+        return False
+    try:
+        len(data)
+    except TypeError:
+        return False
+    return True
+
+
 def _is_example_dataset(data) -> bool:
     """A map-style ``Dataset`` whose first item is one example: a pair whose label is a number or a
-    0-dim tensor (a ``Dataset`` whose items are whole ``(x, y)`` batches is iterated as they are)."""
-    if not isinstance(data, torch.utils.data.Dataset) or isinstance(data, torch.utils.data.IterableDataset):
+    0-dim tensor or array (a ``Dataset`` whose items are whole ``(x, y)`` batches is read as they are)."""
+    if not _is_map_dataset(data):
         return False
     try:
         if len(data) == 0:
@@ -356,7 +370,8 @@ def _is_example_dataset(data) -> bool:
         return False
     if isinstance(first, tuple | list) and len(first) == 2:
         label = first[1]
-        return (torch.is_tensor(label) and label.dim() == 0) or isinstance(label, int | np.integer)
+        return ((torch.is_tensor(label) or isinstance(label, np.ndarray)) and label.ndim == 0) or isinstance(
+            label, int | np.integer)
     return True  # another form of example (a dict, a triple): batched, then refused naming the forms
 
 

@@ -203,7 +203,8 @@ def as_compiled(model: nn.Module):
                 "or none of it"))
             error.path = path
             raise error
-    compiled_in_place = getattr(inner, "_compiled_call_impl", None) is not None
+    # The model itself or a wrapper around it (AveragedModel(model).compile()) compiled in place is compiled.
+    compiled_in_place = any(getattr(m, "_compiled_call_impl", None) is not None for m in (*wrappers, inner))
     if not compiled_in_place and not any(type(wrapper) is OptimizedModule for wrapper in wrappers):
         return contextlib.nullcontext()
     for path, module in inner.named_modules():
@@ -254,7 +255,8 @@ def check_input_shape(input_shape) -> tuple[int, ...]:
     ``(3, 8)`` or ``True`` for 1 would bound another input than the one meant. (Also the check
     of :func:`lipnet.export` and :func:`lipnet.convert`.)"""
     try:
-        shape = tuple(None if isinstance(s, bool) else operator.index(s) for s in input_shape)
+        shape = tuple(None if isinstance(s, bool) or (torch.is_tensor(s) and s.dtype == torch.bool)
+                      else operator.index(s) for s in input_shape)
     except TypeError:
         shape = None
     if not shape or any(s is None or s < 1 for s in shape):

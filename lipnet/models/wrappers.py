@@ -25,29 +25,39 @@ def wrapped_module(module: nn.Module) -> nn.Module | None:
         True
     """
     from torch._dynamo.eval_frame import OptimizedModule
-    from torch.optim.swa_utils import AveragedModel
 
     if type(module) is OptimizedModule:  # its forward is an instance attribute: the compiled call
         return module._orig_mod
-    # The methods each wrapper's forward calls (None: any method of DDP's, whose forward runs many).
-    forward_path = {nn.DataParallel: ("forward", "scatter", "replicate", "parallel_apply", "gather"),
-                    nn.parallel.DistributedDataParallel: None, AveragedModel: ("forward",)}
-    for cls, methods in forward_path.items():
-        if isinstance(module, cls) and not _overrides(type(module), cls, methods):
+    for cls, methods in _FORWARD_PATHS.items():
+        if isinstance(module, cls) and not _overrides(module, cls, methods):
             return module.module
     return None
 
 
-def _overrides(subclass: type, cls: type, methods) -> bool:
-    """Whether a class between ``subclass`` and ``cls`` defines one of ``methods`` (``None``: any
-    method but ``__init__``); an EMA's own ``update_parameters``, for one, changes no output."""
-    for klass in subclass.__mro__:
+def _forward_paths() -> dict:
+    from torch.optim.swa_utils import AveragedModel
+
+    ddp = ("forward", "_pre_forward", "_run_ddp_forward", "_inside_ddp_forward", "_post_forward", "_to_kwargs",
+           "to_kwargs")
+    return {nn.DataParallel: ("forward", "scatter", "replicate", "parallel_apply", "gather"),
+            nn.parallel.DistributedDataParallel: ddp, AveragedModel: ("forward",)}
+
+
+#: The methods each wrapper's forward runs, on the module's inputs or outputs: a subclass, or the
+#: instance itself, that replaces one of them may compute something else than the module inside
+#: (an EMA's own ``update_parameters``, a ``__getattr__`` that forwards attributes, change no output).
+_FORWARD_PATHS = _forward_paths()
+
+
+def _overrides(module: nn.Module, cls: type, methods) -> bool:
+    """Whether ``module`` (its instance attributes) or a class between its type and ``cls``
+    defines one of ``methods``."""
+    if any(name in vars(module) for name in methods):
+        return True
+    for klass in type(module).__mro__:
         if klass is cls:
             return False
-        defined = {name for name, value in vars(klass).items() if callable(value) and name != "__init__"}
-        if methods is not None:
-            defined &= set(methods)
-        if defined:
+        if any(name in vars(klass) for name in methods):
             return True
     return False
 

@@ -2,7 +2,7 @@
 complex plain last Linear, certified_accuracy's data forms, one check_input_shape, Gram layers under
 FakeTensorMode, and the DataParallel/DDP/AveragedModel subclass rules of wrapped_module.
 
-Confirmed bugs are strict xfails (they pass once fixed); the rest are cheap regression tests of what held.
+The bugs it found are fixed and tested here (each failed before its fix), beside cheap regression tests of what held.
 """
 
 from __future__ import annotations
@@ -66,10 +66,6 @@ class _Examples(Dataset):
 # Bugs found
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (false certificate): as_compiled looks for _compiled_call_impl on the innermost module and its "
-    "children only, not on the wrappers: AveragedModel(model).compile() runs the compiled forward (bfloat16 "
-    "rounded quotient, no rescaling check) but is certified as eager (bound 0.9961 < measured slope 1.0)"))
 def test_wrapper_compiled_in_place_is_certified_as_compiled(fresh_dynamo):
     model = nn.Sequential(_ones_gram_linear(), nn.Identity()).to(torch.bfloat16).eval()
     ema = AveragedModel(model)
@@ -85,10 +81,6 @@ def test_wrapper_compiled_in_place_is_certified_as_compiled(fresh_dynamo):
     assert bound >= slope
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: as_compiled's refinement switch ignores a wrapper compiled in place: under as_compiled of "
-    "AveragedModel(net) after .compile(), the CPU refinement stays on, though the wrapper's compiled forward "
-    "computes the inner Gram bounds without it (as net.compile() does, which turns it off)"))
 def test_as_compiled_turns_refinement_off_for_a_wrapper_compiled_in_place():
     from lipnet.bounds.gram import refines_exceeding
     from lipnet.certify.lipschitz import as_compiled
@@ -116,21 +108,12 @@ class _SlicedBatches(Dataset):
         return self.x[i * self.bs:(i + 1) * self.bs], self.y[i * self.bs:(i + 1) * self.bs]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (hang; at 788ba4a a clear error): a map-style Dataset of whole batches is iterated with `for batch in data`, i.e. __getitem__ "
-    "until IndexError, not range(len(data)); one whose __getitem__ slices returns empty batches forever past "
-    "its length and certified_accuracy never returns (empty batches are skipped)"))
 def test_dataset_of_batches_is_read_up_to_its_length():
     x, y = _xy()
     result = certified_accuracy(_net(), _SlicedBatches(x, y, 3), eps=[0.01], progress=False)
     assert result.n == 8
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (GramNormalized eval cache under FakeTensorMode): the cache keys on data_ptr/version and checks "
-    "torch.equal(cached copy, weight); a model built under FakeTensorMode runs once in eval/no_grad, and the "
-    "second forward raises DataDependentOutputException (aten.equal) -- the commit's 'Gram layers run under "
-    "shape and memory estimators' holds for one call only"))
 def test_fake_model_runs_twice_in_eval_mode():
     with FakeTensorMode(), torch.no_grad():
         net = nn.Sequential(GramConv2d(3, 4, 3, padding=1), nn.Flatten(), GramLinear(4 * 8 * 8, 5)).eval()
@@ -139,11 +122,6 @@ def test_fake_model_runs_twice_in_eval_mode():
         assert net(x).shape == (2, 5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: with the refinement off (as on a GPU, where refines_exceeding is always False, or under "
-    "refine_exceeding(False)) the eval cache key is the same under FakeTensorMode and outside it: a fake pass "
-    "after a real one raises DataDependentOutputException (aten.equal), and a fake pass stores FakeTensors in "
-    "the cache, so the next real forward raises too"))
 def test_fake_pass_and_real_forward_share_no_cache_entries():
     net = nn.Sequential(GramConv2d(3, 4, 3, padding=1), nn.Flatten(), GramLinear(4 * 8 * 8, 5)).eval()
     x = torch.rand(2, 3, 8, 8)
@@ -175,10 +153,6 @@ class _AttrForwardingDDP(DistributedDataParallel):
             return getattr(self.module, name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (regression from 788ba4a, low): a DDP subclass with any method of its own is no longer unwrapped, so "
-    "the common __getattr__-forwarding DDP subclass (which changes no output: DDP's forward reads attributes set "
-    "in __init__) is refused by lipschitz_bound as an UnknownModuleError; the DataParallel analogue is unwrapped"))
 def test_ddp_subclass_forwarding_attributes_is_still_a_wrapper():
     net = _net()
     assert wrapped_module(_ddp_like(_AttrForwardingDDP, net)) is net
@@ -192,10 +166,6 @@ class _NumpyLabels(_Examples):
         return self.x[i].numpy(), np.array(int(self.y[i]))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (regression from 788ba4a, low): _is_example_dataset takes a label for one example only if it is an "
-    "int, np.integer or 0-dim tensor; a Dataset of (array, 0-dim numpy array) examples, which the DataLoader "
-    "collates fine (and 788ba4a certified), is now iterated as batches and refused with a TypeError"))
 def test_dataset_with_zero_dim_numpy_labels_is_read_as_examples():
     x, y = _xy()
     reference = certified_accuracy(_net(), (x, y), eps=[0.01], progress=False)
@@ -204,19 +174,11 @@ def test_dataset_with_zero_dim_numpy_labels_is_read_as_examples():
     assert torch.equal(result.radii, reference.radii)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low): check_input_shape refuses Python and numpy bools but takes a torch bool scalar, "
-    "torch.tensor(True), as 1 (operator.index accepts it): (tensor(True), 4) is read as the shape (1, 4)"))
 def test_check_input_shape_refuses_torch_bools():
     with pytest.raises(ValueError):
         check_input_shape((torch.tensor(True), 4))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low): wrapped_module refuses a DataParallel subclass overriding gather/scatter (it may change the "
-    "outputs), but unwraps a DataParallel whose gather is assigned to the instance (dp.gather = ...), which "
-    "DataParallel.forward calls all the same on several devices (scatter on one); check_runs_own_forward only "
-    "looks at an instance forward/_call_impl"))
 def test_dataparallel_with_instance_gather_is_not_a_wrapper():
     dp = nn.DataParallel(_net())
     original = dp.gather
