@@ -48,6 +48,7 @@ from lipnet.bounds.gram import (
     MaxBound,
     arithmetic_dominates,
     bound_steps,
+    fake_tensor_mode_active,
     max_gram_bound,
     max_gram_bound_grad,
     max_gram_bound_of_grams,
@@ -462,7 +463,8 @@ def _cached_constant(key, dtype: torch.dtype, device: torch.device, build):
     saved for a later training step's backward), and not a fake tensor of ``FakeTensorMode`` or
     a ``torch.func`` transform's wrapper, which hold no values for later calls."""
     compiling = torch.compiler.is_compiling()
-    cached = None if compiling else _DFT_CACHE.get(key)
+    # Under FakeTensorMode nothing is read from the cache either: its real tensors are foreign there.
+    cached = None if compiling or fake_tensor_mode_active() else _DFT_CACHE.get(key)
     if cached is not None:
         return cached
     # Built on the CPU and cached; while compiling, built on the device itself, so that a
