@@ -171,10 +171,8 @@ def _format_radii(eps: list[float]) -> str:
 
 
 def _certify(args, model, info, data, device, screened: bool) -> int:
-    trained_on = info.get("dataset")
-    if isinstance(trained_on, dict):
-        trained_on = trained_on.get("name")
-    if isinstance(trained_on, str) and trained_on != data.info.name:
+    trained_on = _recorded_dataset(info)
+    if trained_on is not None and trained_on != data.info.name:
         print(f"warning: the checkpoint was trained on {trained_on!r}, certifying on {data.info.name!r}",
               file=sys.stderr)
     images, labels = data.images, data.labels
@@ -195,7 +193,8 @@ def _certify(args, model, info, data, device, screened: bool) -> int:
               f"{len(audits)} radius/radii audited before", file=sys.stderr, flush=True)
     print(format_table(result, audits))
     summary = {"checkpoint": str(args.checkpoint), "data": data.info.name, "split": args.split,
-               "split_size": len(data.labels), "limit": args.limit, "device": str(device), "screening_alone": screened, "seconds": seconds, **result.to_dict(),
+               "split_size": len(data.labels), "limit": args.limit, "device": str(device),
+               "screening_alone": screened, "seconds": seconds, **result.to_dict(),
                "autoattack": [a.to_dict() for a in audits], "autoattack_interrupted": interrupted}
     if args.out is not None:
         text = json.dumps(summary, indent=2) + "\n"
