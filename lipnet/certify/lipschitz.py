@@ -236,8 +236,8 @@ def _bound_and_output_of(model: nn.Module, input_shape) -> tuple[float, object]:
         # of gain 1e-160: 0 for a Lipschitz constant of 1e-320).
         with certification_arithmetic(), evaluating(model), torch.no_grad():
             x = torch.zeros((1, *shape), dtype=dtype, device=device)
-            split = split_last_linear(model)
-            if split is not None and not isinstance(split[1], GramLinear):
+            split = split_plain_last_linear(model)
+            if split is not None:
                 bound, out = _body_and_plain_last_bound(*split, x)
             else:
                 bound, out = _module_bound(model, x)
@@ -283,6 +283,14 @@ def split_last_linear(model: nn.Module) -> tuple[nn.Sequential, nn.Linear] | Non
     if not is_plain_linear(last):
         return None
     return nn.Sequential(*body), last
+
+
+def split_plain_last_linear(model: nn.Module) -> tuple[nn.Sequential, nn.Linear] | None:
+    """:func:`split_last_linear` when its last layer is a plain ``nn.Linear`` (not a
+    :class:`~lipnet.nn.GramLinear`): the one place a plain layer is bounded
+    (:func:`plain_linear_lipschitz_bound`)."""
+    split = split_last_linear(model)
+    return split if split is not None and not isinstance(split[1], GramLinear) else None
 
 
 def is_plain_linear(layer: nn.Module) -> bool:

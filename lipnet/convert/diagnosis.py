@@ -5,14 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from lipnet.certify import LipschitzBoundError, UnknownModuleError
-from lipnet.certify.lipschitz import module_output_lipschitz_bound, split_last_linear
+from lipnet.certify.lipschitz import module_output_lipschitz_bound, split_plain_last_linear
 from lipnet.certify.lipschitz import _REGISTRY, _lookup, call_registered_bound
 from lipnet.convert.graph import _SUMS, _depends_on_input, _key, _tensor_args, _trace
 from lipnet.convert.replacement import _GRAM_LAYERS, _LINEAR, _inside, _parametrizations, _qualname
 from lipnet.convert.report import ConversionReport, Obstacle
 from lipnet.convert.traced_bound import _traced_bound
 from lipnet.nn.activations import GroupSort, MaxMin
-from lipnet.nn.gram_linear import GramLinear
 from lipnet.nn.pooling import pooling_lipschitz_bound
 from lipnet.nn.residual import ConvexResidual, GramResidualConv2d
 from lipnet.nn.sequential import GramSequential
@@ -81,8 +80,8 @@ def _diagnose(model: nn.Module, shapes, report: ConversionReport) -> None:
     are reported from their type alone.
     """
     opaque = _parametrizations(model)
-    split = split_last_linear(model)
-    plain_last = split[1] if split is not None and not isinstance(split[1], GramLinear) else None
+    split = split_plain_last_linear(model)
+    plain_last = split[1] if split is not None else None
     for path, module in model.named_modules():
         if _inside(path, opaque):
             continue
