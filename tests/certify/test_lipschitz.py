@@ -454,3 +454,32 @@ def test_a_plain_last_linear_of_a_sequential_is_bounded_by_its_weight_and_nowher
 class Doubled(nn.Module):
     def forward(self, weight):
         return 2 * weight
+
+
+def _weights_hard_for_gram_iteration():
+    generator = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=generator, dtype=torch.float64))
+    u, v = torch.randn(40, 1, generator=generator, dtype=torch.float64), torch.randn(1, 70, generator=generator,
+                                                                                     dtype=torch.float64)
+    a = torch.randn(30, 30, generator=generator, dtype=torch.float64)
+    return {
+        "orthogonal (flat spectrum)": q,
+        "rank one": u @ v,
+        "two equal top singular values": torch.diag(torch.tensor([1.0, 1.0, 1 - 1e-9, 0.5], dtype=torch.float64)),
+        "ill-conditioned": a @ torch.diag(torch.logspace(0, -12, 30, dtype=torch.float64)) @ a.T,
+        "wide": torch.randn(3, 500, generator=generator, dtype=torch.float64),
+        "tall": torch.randn(500, 3, generator=generator, dtype=torch.float64),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_weights_hard_for_gram_iteration()))
+def test_the_plain_last_linear_bound_is_at_least_the_exact_norm(kind):
+    from lipnet.certify.lipschitz import plain_linear_lipschitz_bound
+
+    weight = _weights_hard_for_gram_iteration()[kind]
+    layer = nn.Linear(weight.shape[1], weight.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    exact = float(torch.linalg.svdvals(weight)[0])
+    bound = plain_linear_lipschitz_bound(layer)
+    assert exact <= bound <= exact * (1 + 1e-4)
